@@ -1,0 +1,102 @@
+"""Artifact store helpers: atomic writes, content hashes, run-scoped folders.
+
+Every write goes to a temporary sibling first and is renamed into place, so a
+retried or killed task never leaves a half-written file where a reader looks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory that becomes ``final`` when the block succeeds.
+
+    If ``final`` already exists and ``replace`` is false (content-addressed
+    data), the temporary directory is discarded and the existing one kept.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        if final.exists():
+            if not replace:
+                shutil.rmtree(tmp)
+                return
+            old = final.with_name(f".{final.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def safe_name(value: str) -> str:
+    """A file-system-safe form of a run id or name (``manual__2026-01-01T00:00`` ...)."""
+    return _UNSAFE.sub("_", value).strip("._") or "run"
+
+
+def run_dir(artifact_root: str | os.PathLike, dag_id: str, run_id: str) -> Path:
+    """The folder for one DAG run's artifacts: ``<root>/runs/<dag_id>/<run_id>``."""
+    path = Path(artifact_root) / "runs" / safe_name(dag_id) / safe_name(run_id)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

@@ -1,0 +1,74 @@
+"""Domain exceptions. Each carries the evidence a user needs to act on it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class NightshiftError(Exception):
+    """Base class for every error Nightshift raises on purpose.
+
+    ``retryable`` says whether running the same task again could succeed: bad
+    data or config cannot; a daemon or container hiccup can.
+    """
+
+    retryable = False
+
+
+class ConfigError(NightshiftError):
+    """A setting, parameter or connection is missing or malformed."""
+
+
+class DataError(NightshiftError):
+    """The input data cannot be read or does not match what was configured."""
+
+
+class ValidationFailed(NightshiftError):
+    """Data validation found failed expectations.
+
+    :param failures: one dict per failed expectation (name, column, observed, details).
+    :param report_path: where the full validation result was saved.
+    """
+
+    def __init__(self, failures: list[dict[str, Any]], report_path: str | None = None):
+        self.failures = failures
+        self.report_path = report_path
+        lines = [f"{len(failures)} expectation(s) failed:"]
+        for f in failures:
+            col = f" [{f['column']}]" if f.get("column") else ""
+            lines.append(f"  - {f['expectation']}{col}: {f.get('summary', '')}")
+        if report_path:
+            lines.append(f"full result: {report_path}")
+        super().__init__("\n".join(lines))
+
+
+class GPUUnavailable(NightshiftError):
+    """``require_gpu=True`` but no CUDA device is visible."""
+
+
+class ParityError(NightshiftError):
+    """The exported ONNX model disagrees with the PyTorch model beyond tolerance."""
+
+    def __init__(self, message: str, report: dict[str, Any]):
+        self.report = report
+        super().__init__(message)
+
+
+class BuildError(NightshiftError):
+    """Building the inference image failed; ``logs`` holds the build output."""
+
+    retryable = True
+
+    def __init__(self, message: str, logs: str = ""):
+        self.logs = logs
+        super().__init__(f"{message}\n--- build log (tail) ---\n{logs[-4000:]}" if logs else message)
+
+
+class ServingError(NightshiftError):
+    """The inference container did not start, became unhealthy, or answered badly."""
+
+    retryable = True
+
+    def __init__(self, message: str, logs: str = ""):
+        self.logs = logs
+        super().__init__(f"{message}\n--- container log (tail) ---\n{logs[-4000:]}" if logs else message)

@@ -1,0 +1,100 @@
+"""Promotion gates: a pure function from evidence and thresholds to a decision.
+
+TFX-style: the decision names the candidate and the baseline (current champion),
+every gate records its observed value and threshold, and with no thresholds
+configured nothing is blessed (fail closed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+BLESSED = "BLESSED"
+NOT_BLESSED = "NOT_BLESSED"
+
+#: Thresholds every promotion needs. ``None`` (unset) means: do not promote.
+THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance")
+
+
+@dataclass
+class Evidence:
+    validation_passed: bool
+    offline_accuracy: float
+    parity_passed: bool
+    served_accuracy: float | None
+    p95_latency_ms: float | None
+    serving_errors: int | None
+    champion_accuracy: float | None = None  # None: there is no champion yet
+    champion_version: str | None = None
+
+
+@dataclass
+class Gate:
+    name: str
+    passed: bool
+    observed: Any
+    threshold: Any
+    detail: str
+
+
+@dataclass
+class Decision:
+    decision: str
+    candidate: str
+    baseline: str | None
+    gates: list[Gate] = field(default_factory=list)
+    reason: str = ""
+
+    @property
+    def blessed(self) -> bool:
+        return self.decision == BLESSED
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["blessed"] = self.blessed
+        return d
+
+
+def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> Decision:
+    """Evaluate every gate; BLESSED only if thresholds are all set and every gate passes."""
+    missing = [k for k in THRESHOLD_KEYS if thresholds.get(k) is None]
+    baseline = evidence.champion_version
+    if missing:
+        return Decision(NOT_BLESSED, candidate, baseline,
+                        reason=f"not promoted because no threshold is configured for: {', '.join(missing)} "
+                               "(Nightshift never promotes without explicit thresholds)")
+    t = {k: float(thresholds[k]) for k in THRESHOLD_KEYS}
+    e = evidence
+    gates = [
+        Gate("data_validation", bool(e.validation_passed), e.validation_passed, True,
+             "Great Expectations suite over the snapshot"),
+        Gate("offline_accuracy", e.offline_accuracy >= t["min_accuracy"], e.offline_accuracy, t["min_accuracy"],
+             f"test accuracy {e.offline_accuracy:.4f} vs floor {t['min_accuracy']:.4f}"),
+        Gate("onnx_parity", bool(e.parity_passed), e.parity_passed, True, "ONNX Runtime agrees with PyTorch"),
+    ]
+    if e.served_accuracy is None:
+        gates.append(Gate("served_accuracy", False, None, t["served_accuracy_tolerance"], "no served accuracy measured"))
+    else:
+        gap = abs(e.served_accuracy - e.offline_accuracy)
+        gates.append(Gate("served_accuracy", gap <= t["served_accuracy_tolerance"] + 1e-12, e.served_accuracy,
+                          t["served_accuracy_tolerance"],
+                          f"served {e.served_accuracy:.4f} vs offline {e.offline_accuracy:.4f}: gap {gap:.4f} "
+                          f"(tolerance {t['served_accuracy_tolerance']:.4f})"))
+    gates.append(Gate("p95_latency", e.p95_latency_ms is not None and e.p95_latency_ms <= t["max_p95_latency_ms"],
+                      e.p95_latency_ms, t["max_p95_latency_ms"],
+                      f"p95 {e.p95_latency_ms if e.p95_latency_ms is not None else 'n/a'} ms vs budget {t['max_p95_latency_ms']} ms"))
+    gates.append(Gate("serving_errors", e.serving_errors == 0, e.serving_errors, 0,
+                      f"{e.serving_errors} failed requests during system evaluation"))
+    if e.champion_accuracy is None:
+        gates.append(Gate("vs_champion", True, e.offline_accuracy, None, "no current champion: nothing to beat"))
+    else:
+        floor = e.champion_accuracy - t["champion_tolerance"]
+        gates.append(Gate("vs_champion", e.offline_accuracy >= floor, e.offline_accuracy, floor,
+                          f"accuracy {e.offline_accuracy:.4f} vs champion v{e.champion_version} "
+                          f"{e.champion_accuracy:.4f} − {t['champion_tolerance']:.4f}"))
+    failed = [g for g in gates if not g.passed]
+    if failed:
+        reason = "not promoted because " + "; ".join(f"{g.name} failed ({g.detail})" for g in failed)
+        return Decision(NOT_BLESSED, candidate, baseline, gates, reason)
+    return Decision(BLESSED, candidate, baseline, gates, "every gate passed")

@@ -1,0 +1,26 @@
+"""Airflow operators for Nightshift. Thin: resolve config, call the core, push small JSON.
+
+Importing this package is cheap (no torch, onnxruntime, GX, Evidently, MLflow or
+docker): the heavy libraries are imported inside ``execute``.
+"""
+
+from nightshift.operators.collect import SNAPSHOT_ASSET, CollectDataOperator
+from nightshift.operators.drift import DriftCheckOperator
+from nightshift.operators.export import ExportONNXOperator
+from nightshift.operators.image import BuildInferenceImageOperator
+from nightshift.operators.promote import PromoteModelOperator
+from nightshift.operators.system_eval import SystemEvalOperator
+from nightshift.operators.train import TrainGPUOperator
+from nightshift.operators.validate import ValidateDataOperator
+
+__all__ = [
+    "SNAPSHOT_ASSET",
+    "BuildInferenceImageOperator",
+    "CollectDataOperator",
+    "DriftCheckOperator",
+    "ExportONNXOperator",
+    "PromoteModelOperator",
+    "SystemEvalOperator",
+    "TrainGPUOperator",
+    "ValidateDataOperator",
+]

@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from nightshift.operators.base import NightshiftOperator
+
+
+class DriftCheckOperator(NightshiftOperator):
+    """Compare the new snapshot's profile with the current champion's training data
+    (Evidently). Saves an HTML and a JSON report. With no champion yet, records
+    ``no_reference`` and succeeds.
+
+    :param snapshot: the ``collect_data`` result (XCom). (templated)
+    :param model_name: registered model whose ``champion`` is the reference. (templated)
+    :param drift_share_threshold: share of drifted columns that counts as dataset drift. (templated)
+    """
+
+    template_fields: Sequence[str] = ("snapshot", "model_name", "drift_share_threshold")
+
+    def __init__(self, *, snapshot: Any, model_name: str = "nightshift-classifier",
+                 drift_share_threshold: float = 0.5, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.snapshot = snapshot
+        self.model_name = model_name
+        self.drift_share_threshold = drift_share_threshold
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from nightshift import registry
+        from nightshift.data.snapshot import load_snapshot
+        from nightshift.drift import check_drift
+        from nightshift.errors import DataError
+
+        current = load_snapshot(self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"])
+        champion = registry.get_champion(self.mlflow, self.model_name)
+        reference = None
+        ref_desc: dict[str, Any] = {"champion_version": None, "reference_snapshot": None}
+        if champion is not None:
+            ref_uri = champion["tags"].get("nightshift.snapshot_uri")
+            if not ref_uri:
+                raise DataError(f"champion v{champion['version']} of {self.model_name} has no "
+                                "'nightshift.snapshot_uri' tag: cannot find its training data")
+            ref_snap = load_snapshot(ref_uri)
+            reference = ref_snap.profile()
+            reference = reference[reference["split"] == "train"]
+            ref_desc = {"champion_version": champion["version"], "reference_snapshot": ref_uri}
+        cur = current.profile()
+        result = check_drift(reference, cur[cur["split"] == "train"], self.run_dir(context, "drift"),
+                             drift_share_threshold=float(self.drift_share_threshold))
+        result.update(ref_desc)
+        if result["status"] == "no_reference":
+            self.log.info("No champion for %s yet: drift check has no reference (not a failure)", self.model_name)
+        else:
+            self.log.info("Drift vs champion v%s: %d/%d columns drifted (share %.2f) -> drift_detected=%s; report %s",
+                          champion["version"], result["n_drifted"], result["n_columns"], result["drifted_share"],
+                          result["drift_detected"], result["report_html"])
+        return result

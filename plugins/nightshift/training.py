@@ -1,0 +1,278 @@
+"""Training: ``train(snapshot, out_dir, hparams) -> TrainResult``, usable as a library.
+
+airbench-style: the whole split is preloaded onto the device as uint8, augmentation
+is batched on the device, mixed precision (bf16 autocast) on CUDA, a warm-up step
+before timing, CUDA-event timing on GPU. No Airflow, no MLflow here: the caller
+gets per-epoch metrics through ``on_epoch`` and logs them where it likes.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import platform
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from nightshift.artifacts import atomic_write_bytes, atomic_write_json
+from nightshift.data.snapshot import Snapshot
+from nightshift.errors import ConfigError, DataError, GPUUnavailable
+
+#: Hyperparameters with their units. Unknown keys are rejected.
+DEFAULT_HPARAMS: dict[str, Any] = {
+    "model": "small_cnn",      # name in nightshift.models.ARCHITECTURES
+    "width": 32,               # channels of the first conv block
+    "epochs": 12,              # passes over the training split
+    "batch_size": 128,         # images per step
+    "lr": 3e-3,                # peak learning rate (AdamW, one-cycle)
+    "weight_decay": 5e-4,      # AdamW decoupled weight decay
+    "label_smoothing": 0.1,    # cross-entropy label smoothing
+    "crop_pad": 1,             # random-crop padding, pixels (0 = off)
+    "flip": False,             # random horizontal flips (off for digits/text)
+    "seed": 0,                 # torch/numpy/python RNG seed
+    "amp": True,               # bf16 autocast on CUDA (ignored on CPU)
+    "eval_batch_size": 1024,   # images per evaluation step
+}
+
+
+@dataclass
+class TrainResult:
+    checkpoint_path: Path
+    metrics: dict[str, float]
+    manifest: dict[str, Any]
+    history: list[dict[str, float]]
+
+
+def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
+    hp = dict(DEFAULT_HPARAMS)
+    unknown = sorted(set(overrides or {}) - set(hp))
+    if unknown:
+        raise ConfigError(f"unknown hyperparameter(s) {unknown}; known: {sorted(hp)}")
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        default = DEFAULT_HPARAMS[k]
+        try:
+            hp[k] = type(default)(v) if not isinstance(default, bool) else _to_bool(v)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"hyperparameter {k}={v!r} is not a valid {type(default).__name__}") from exc
+    if hp["epochs"] < 1 or hp["batch_size"] < 1 or hp["lr"] <= 0:
+        raise ConfigError(f"epochs, batch_size and lr must be positive (got {hp['epochs']}, {hp['batch_size']}, {hp['lr']})")
+    return hp
+
+
+def _to_bool(v: Any) -> bool:
+    if isinstance(v, str):
+        return v.strip().lower() in ("1", "true", "yes", "on")
+    return bool(v)
+
+
+def select_device(require_gpu: bool = False, device: str | None = None):
+    import torch
+
+    if device:
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if require_gpu:
+        raise GPUUnavailable(
+            "require_gpu=True but torch sees no CUDA device "
+            f"(torch {torch.__version__}, CUDA build {torch.version.cuda}). Run this task on a GPU worker "
+            "(Celery queue 'gpu' or a Kubernetes pod with nvidia.com/gpu) or set require_gpu=False."
+        )
+    return torch.device("cpu")
+
+
+def seed_everything(seed: int) -> None:
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-channel mean/std of uint8 NHWC images, in 0..1 units."""
+    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+    std = x.std(axis=0)
+    return x.mean(axis=0).tolist(), np.where(std < 1e-6, 1.0, std).tolist()
+
+
+def augment(x, crop_pad: int, flip: bool, gen):
+    """Batched augmentation on uint8 NHWC tensors already on the device."""
+    import torch
+
+    n, h, w, _ = x.shape
+    if crop_pad > 0:
+        padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (crop_pad,) * 4).permute(0, 2, 3, 1)
+        dy = torch.randint(0, 2 * crop_pad + 1, (n,), device=x.device, generator=gen)
+        dx = torch.randint(0, 2 * crop_pad + 1, (n,), device=x.device, generator=gen)
+        out = torch.empty_like(x)
+        for oy in range(2 * crop_pad + 1):  # one gather per shift, (2p+1)^2 groups in all
+            for ox in range(2 * crop_pad + 1):
+                m = (dy == oy) & (dx == ox)
+                if m.any():
+                    out[m] = padded[m, oy:oy + h, ox:ox + w]
+        x = out
+    if flip:
+        m = torch.rand(n, device=x.device, generator=gen) < 0.5
+        x = torch.where(m.view(-1, 1, 1, 1), x.flip(2), x)
+    return x
+
+
+def evaluate(model, images, labels, batch_size: int) -> dict[str, float]:
+    """Top-1 accuracy and mean loss of ``model`` on uint8 images (tensors on its device)."""
+    import torch
+
+    model.eval()
+    correct, loss_sum, n = 0, 0.0, len(labels)
+    with torch.inference_mode():
+        for i in range(0, n, batch_size):
+            logits, _ = model(images[i:i + batch_size])
+            y = labels[i:i + batch_size]
+            loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+
+
+class _Timer:
+    def __init__(self, device):
+        import torch
+
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.start_ev, self.end_ev = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def start(self):
+        if self.cuda:
+            self.start_ev.record()
+        else:
+            self.t0 = time.perf_counter()
+
+    def stop(self) -> float:
+        if self.cuda:
+            import torch
+
+            self.end_ev.record()
+            torch.cuda.synchronize()
+            return self.start_ev.elapsed_time(self.end_ev) / 1000.0
+        return time.perf_counter() - self.t0
+
+
+def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | None = None, *,
+          require_gpu: bool = False, device: str | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> TrainResult:
+    """Train a classifier on ``snapshot``'s train split; report val and test accuracy.
+
+    :param out_dir: where ``checkpoint.pt`` and ``train_manifest.json`` go (atomic).
+    :param hparams: overrides of :data:`DEFAULT_HPARAMS`.
+    :param require_gpu: fail with :class:`GPUUnavailable` when no CUDA device is visible.
+    :param on_epoch: called with ``(epoch, metrics)`` after every epoch.
+    :param should_stop: polled between steps; return True to abort (``on_kill``).
+    """
+    import torch
+
+    from nightshift.models import Classifier
+
+    hp = resolve_hparams(hparams)
+    dev = select_device(require_gpu, device)
+    seed_everything(hp["seed"])
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    xtr_np, ytr_np = snapshot.split("train")
+    xva_np, yva_np = snapshot.split("val")
+    xte_np, yte_np = snapshot.split("test")
+    if len(ytr_np) == 0 or len(yte_np) == 0:
+        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split: "
+                        f"{snapshot.manifest['counts']['per_split']}")
+    mean, std = channel_stats(xtr_np)
+    num_classes = len(snapshot.class_names)
+    model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"]).to(dev)
+    model = model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
+
+    def to_dev(a, dtype=None):
+        return torch.as_tensor(a, dtype=dtype).to(dev, non_blocking=True)
+
+    xtr, ytr = to_dev(xtr_np), to_dev(ytr_np, torch.long)
+    xva, yva = to_dev(xva_np), to_dev(yva_np, torch.long)
+    xte, yte = to_dev(xte_np), to_dev(yte_np, torch.long)
+
+    steps_per_epoch = math.ceil(len(ytr) / hp["batch_size"])
+    total_steps = steps_per_epoch * hp["epochs"]
+    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total_steps, pct_start=0.25)
+    loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
+    use_amp = bool(hp["amp"]) and dev.type == "cuda"
+    gen = torch.Generator(device=dev).manual_seed(hp["seed"])
+
+    def step(xb, yb):
+        with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            logits, _ = model(xb)
+            loss = loss_fn(logits.float(), yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        return loss
+
+    history: list[dict[str, float]] = []
+    timer = _Timer(dev)
+    train_seconds = 0.0
+    for epoch in range(1, hp["epochs"] + 1):
+        model.train()
+        perm = torch.randperm(len(ytr), device=dev, generator=gen)
+        timer.start()
+        loss_sum = torch.zeros((), device=dev)
+        for s in range(steps_per_epoch):
+            if should_stop and should_stop():
+                raise InterruptedError("training stopped on request")
+            idx = perm[s * hp["batch_size"]:(s + 1) * hp["batch_size"]]
+            xb = augment(xtr[idx], hp["crop_pad"], hp["flip"], gen)
+            loss_sum += step(xb, ytr[idx]).detach() * len(idx)
+        epoch_s = timer.stop()
+        train_seconds += epoch_s
+        val = evaluate(model, xva, yva, hp["eval_batch_size"]) if len(yva) else {"accuracy": float("nan"), "loss": float("nan")}
+        m = {"train_loss": loss_sum.item() / len(ytr), "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+             "epoch_seconds": epoch_s, "train_images_per_second": len(ytr) / max(epoch_s, 1e-9),
+             "lr": sched.get_last_lr()[0]}
+        history.append({"epoch": epoch, **m})
+        if on_epoch:
+            on_epoch(epoch, m)
+
+    test = evaluate(model, xte, yte, hp["eval_batch_size"])
+    metrics = {
+        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
+        "train_seconds": train_seconds,
+        "train_images_per_second": len(ytr) * hp["epochs"] / max(train_seconds, 1e-9),
+    }
+    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
+            "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    ckpt_path = atomic_write_bytes(out_dir / "checkpoint.pt", buf.getvalue())
+    manifest = {
+        "data_digest": snapshot.digest, "snapshot": str(snapshot.path), "hparams": hp, "seed": hp["seed"],
+        "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+        "amp": use_amp, "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                                     "cuda": torch.version.cuda, "numpy": np.__version__},
+        "counts": {"train": int(len(ytr)), "val": int(len(yva)), "test": int(len(yte))},
+        "metrics": metrics, "history": history,
+    }
+    atomic_write_json(out_dir / "train_manifest.json", manifest)
+    return TrainResult(checkpoint_path=ckpt_path, metrics=metrics, manifest=manifest, history=history)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Run nightly_retrain once, locally, with `airflow dags test`, then print the outcome.
+# Extra arguments are passed to the DAG as params, e.g.
+#   scripts/run_pipeline.sh '{"epochs": 20, "source": "/data/my_imagefolder"}'
+set -uo pipefail
+cd "$(dirname "$0")/.."
+. scripts/env.sh
+conf="${1:-{\}}"
+log="$NIGHTSHIFT_HOME/last_run.log"
+echo "== airflow dags test nightly_retrain (log: $log)"
+airflow dags test nightly_retrain --conf "$conf" >"$log" 2>&1
+rc=$?
+python scripts/summary.py nightly_retrain || rc=1
+[ $rc -eq 0 ] || echo "(see $log for the full task logs)"
+exit $rc

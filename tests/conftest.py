@@ -1,0 +1,61 @@
+"""Shared fixtures: real (tiny) data and a trained checkpoint, made once per session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+
+
+@pytest.fixture(scope="session")
+def digits_snapshot(tmp_path_factory):
+    """The bundled digits (1,797 real images) as a snapshot."""
+    from nightshift.data.snapshot import write_snapshot
+    from nightshift.data.sources import load_bundled
+
+    return write_snapshot(load_bundled(), tmp_path_factory.mktemp("snapshots"))
+
+
+@pytest.fixture(scope="session")
+def trained(digits_snapshot, tmp_path_factory):
+    """A small model trained on the digits snapshot (a few seconds on CPU)."""
+    from nightshift.training import train
+
+    return train(digits_snapshot, tmp_path_factory.mktemp("train"), {"epochs": 6, "width": 16})
+
+
+def write_png(path: Path, array: np.ndarray) -> Path:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array.squeeze() if array.ndim == 3 and array.shape[2] == 1 else array).save(path)
+    return path
+
+
+@pytest.fixture
+def make_imagefolder(tmp_path):
+    """Factory: an ImageFolder tree of real digit images (RGB 16×16 PNGs, upscaled)
+    with ``per_class`` images for each of ``classes``; ``corrupt`` adds broken files."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+
+    def make(classes=("0", "1", "2"), per_class=30, corrupt=0, name="imagefolder") -> Path:
+        root = tmp_path / name
+        for cls in classes:
+            idx = np.flatnonzero(digits.target == int(cls))[:per_class]
+            for i in idx:
+                g = np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8)
+                g = np.kron(g, np.ones((2, 2), np.uint8))  # 16×16
+                write_png(root / cls / f"{i:04d}.png", np.stack([g, g, g], axis=2))
+        for k in range(corrupt):
+            bad = root / classes[0] / f"corrupt_{k}.png"
+            bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"this is not really a png")
+        return root
+
+    return make

@@ -1,0 +1,120 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nightshift.data import sources
+from nightshift.data.snapshot import assign_splits, load_snapshot, pixel_hashes, write_snapshot
+from nightshift.errors import ConfigError, DataError
+
+
+def test_bundled_digits_are_real_uint8_images():
+    data = sources.load_bundled()
+    assert data.images.shape == (1797, 8, 8, 1) and data.images.dtype == np.uint8
+    assert data.images.max() == 255 and data.images.min() == 0
+    assert sorted(set(data.labels.tolist())) == list(range(10))
+    assert data.class_names == [str(i) for i in range(10)]
+
+
+def test_snapshot_is_content_addressed_and_reused(tmp_path):
+    data = sources.load_bundled()
+    a = write_snapshot(data, tmp_path)
+    b = write_snapshot(data, tmp_path)
+    assert a.path == b.path and a.path.name == a.digest
+    assert [p.name for p in tmp_path.iterdir()] == [a.digest]  # no temp leftovers
+    changed = sources.load_bundled()
+    changed.images[0, 0, 0, 0] ^= 1
+    assert write_snapshot(changed, tmp_path).digest != a.digest
+
+
+def test_snapshot_contents_and_profile(digits_snapshot):
+    snap = load_snapshot(digits_snapshot.path)
+    m = snap.manifest
+    assert m["counts"]["total"] == 1797 == sum(m["counts"]["per_split"].values())
+    assert m["image_shape"] == [8, 8, 1] and m["undecodable"] == []
+    assert 100 < m["counts"]["per_split"]["test"] < 300
+    prof = snap.profile()
+    assert len(prof) == 1797
+    row = prof.iloc[5]
+    img = snap.images[5]
+    assert row["brightness"] == pytest.approx(img.mean(), rel=1e-5)
+    assert row["contrast"] == pytest.approx(img.std(), rel=1e-4)
+    assert row["mean_ch0"] == pytest.approx(img.mean(), rel=1e-5)
+    assert row["label_name"] == str(snap.labels[5])
+    x, y = snap.split("test")
+    assert len(x) == len(y) == m["counts"]["per_split"]["test"] and x.dtype == np.uint8
+
+
+def test_split_is_stable_as_data_grows_and_duplicates_share_a_split():
+    data = sources.load_bundled()
+    hashes = pixel_hashes(data.images)
+    full = assign_splits(hashes, val_fraction=0.1, test_fraction=0.1)
+    part = assign_splits(hashes[:500], val_fraction=0.1, test_fraction=0.1)
+    assert (full[:500] == part).all()
+    dup = assign_splits([hashes[0], hashes[0]], val_fraction=0.3, test_fraction=0.3)
+    assert dup[0] == dup[1]
+    with pytest.raises(DataError):
+        assign_splits(hashes, val_fraction=0.6, test_fraction=0.5)
+
+
+def test_imagefolder_converts_and_lists_undecodable(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1"), per_class=10, corrupt=2)
+    (root / "1" / "notes.txt").write_text("not an image")
+    data = sources.load_imagefolder(root, (8, 8, 1))
+    assert data.images.shape == (20, 8, 8, 1)
+    assert data.class_names == ["0", "1"]
+    assert (data.orig_sizes == [16, 16, 3]).all()
+    bad = {b["path"]: b["error"] for b in data.undecodable}
+    assert set(bad) == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
+    assert "UnidentifiedImageError" in bad["0/corrupt_0.png"] or "cannot identify" in bad["0/corrupt_0.png"]
+    snap = write_snapshot(data, tmp_path / "snaps")
+    assert len(snap.manifest["undecodable"]) == 3
+
+
+def test_imagefolder_rejects_unknown_class_and_missing_root(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1", "7"), per_class=3)
+    with pytest.raises(DataError, match=r"\['7'\].*not in the configured classes"):
+        sources.load_imagefolder(root, (8, 8, 1), class_names=["0", "1"])
+    with pytest.raises(DataError, match="does not exist|not a directory"):
+        sources.load_imagefolder(tmp_path / "nope", (8, 8, 1))
+
+
+def test_imagefolder_through_object_storage_path(make_imagefolder):
+    from airflow.sdk import ObjectStoragePath
+
+    root = make_imagefolder(classes=("0", "1"), per_class=4)
+    data = sources.load_imagefolder(ObjectStoragePath(f"file://{root}"), (8, 8, 3))
+    assert data.images.shape == (8, 8, 8, 3)
+
+
+def test_torchvision_fakedata_source():
+    data = sources.load_torchvision("FakeData", "/nonexistent", (12, 12, 3), options={"size": 20, "num_classes": 4})
+    assert data.images.shape[1:] == (12, 12, 3)
+    assert set(data.predefined_split.tolist()) == {"train", "test"}
+    with pytest.raises(ConfigError):
+        sources.load_torchvision("NoSuchDataset", "/tmp", (8, 8, 1))
+
+
+def test_torchvision_download_failure_is_explained(tmp_path):
+    with pytest.raises(DataError, match="could not be loaded.*imagefolder"):
+        sources.load_torchvision("MNIST", tmp_path, (28, 28, 1), download=False)
+
+
+@pytest.mark.parametrize("raw,kind", [("bundled", "bundled"), ("/data/x", "imagefolder"),
+                                      ("s3://bucket/prefix", "imagefolder"), ("imagefolder:./x", "imagefolder"),
+                                      ("torchvision:CIFAR10", "torchvision")])
+def test_parse_source(raw, kind):
+    assert sources.parse_source(raw)["kind"] == kind
+
+
+def test_parse_source_rejects_nonsense():
+    with pytest.raises(ConfigError, match="not understood"):
+        sources.parse_source("cifar please")
+
+
+def test_to_shape_channel_conversions():
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 255
+    gray = sources.to_shape(rgb, (4, 4, 1))
+    assert gray.shape == (4, 4, 1) and int(gray[0, 0, 0]) == 76  # 0.299 * 255
+    assert sources.to_shape(gray, (2, 2, 3)).shape == (2, 2, 3)

@@ -1,0 +1,199 @@
+"""evaluate_endpoint against the in-process server, and InferenceContainer with the real image."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+import numpy as np
+import pytest
+
+from nightshift.errors import DataError, ServingError
+from nightshift.evaluation import InferenceContainer, evaluate_endpoint, free_port
+
+
+@pytest.fixture
+def serving_eval_set(tiny_onnx_forward):
+    """20 random 4x4x1 images; labels are the model's predictions except the first 5 (shifted), so accuracy is 0.75."""
+    images = np.random.default_rng(3).integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
+    pred = tiny_onnx_forward(images)[0].argmax(axis=1)
+    labels = pred.copy()
+    labels[:5] = (labels[:5] + 1) % 3
+    return images, labels.astype(np.int64)
+
+
+def test_free_port_is_bindable():
+    port = free_port()
+    assert 1024 <= port <= 65535
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 8])
+def test_accuracy_and_latency(serving_server, serving_eval_set, batch_size):
+    images, labels = serving_eval_set
+    res = evaluate_endpoint(serving_server.url, "tiny", images, labels, batch_size=batch_size)
+    assert res["n"] == 20 and res["errors"] == 0 and res["error_samples"] == []
+    assert res["requests"] == -(-20 // batch_size)
+    assert res["answered"] == 20 and res["correct"] == 15
+    assert res["accuracy"] == pytest.approx(0.75) and res["accuracy_all"] == pytest.approx(0.75)
+    lat = res["latency_ms"]
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"] and lat["mean"] > 0
+    assert res["throughput_ips"] > 0 and res["wall_s"] > 0
+
+
+def test_label_output_only_needs_class_names(serving_server, serving_eval_set, monkeypatch, tiny_onnx_spec):
+    # a server that answers only 'label' (no logits) is scored through class_names
+    import nightshift.evaluation as ev
+
+    real = ev._payload
+    monkeypatch.setattr(ev, "_payload", lambda batch, name: json.dumps(
+        {**json.loads(real(batch, name)), "outputs": [{"name": "label"}]}).encode())
+    images, labels = serving_eval_set
+    res = evaluate_endpoint(serving_server.url, "tiny", images, labels, batch_size=4,
+                            class_names=tiny_onnx_spec["class_names"])
+    assert res["errors"] == 0 and res["accuracy"] == pytest.approx(0.75)
+    res = evaluate_endpoint(serving_server.url, "tiny", images, labels, batch_size=4)  # no class names
+    assert res["errors"] == 5 and "neither 'logits' nor" in res["error_samples"][0]
+
+
+def test_wrong_shape_is_counted_not_raised(serving_server):
+    images = np.zeros((6, 5, 5, 1), dtype=np.uint8)  # the model wants 4x4x1
+    res = evaluate_endpoint(serving_server.url, "tiny", images, np.zeros(6, dtype=np.int64), batch_size=2)
+    assert res["requests"] == 3 and res["errors"] == 3 and res["errored_images"] == 6
+    assert res["answered"] == 0 and res["accuracy"] is None and res["accuracy_all"] == 0.0
+    assert res["latency_ms"]["p50"] is None
+    assert len(res["error_samples"]) == 3
+    assert "HTTP 400" in res["error_samples"][0] and "expected [n, 4, 4, 1]" in res["error_samples"][0]
+
+
+def test_some_batches_fail(serving_server, serving_eval_set):
+    # batches larger than the server's max (8) get 413; the rest are scored
+    images, labels = serving_eval_set
+    res = evaluate_endpoint(serving_server.url, "tiny", images, labels, batch_size=9, max_error_samples=1)
+    assert res["requests"] == 3 and res["errors"] == 2 and res["errored_images"] == 18
+    assert res["answered"] == 2 and len(res["error_samples"]) == 1 and "HTTP 413" in res["error_samples"][0]
+    assert res["accuracy_all"] == pytest.approx(res["correct"] / 20)
+
+
+def test_unknown_model_and_unreachable_server(serving_server, serving_eval_set):
+    images, labels = serving_eval_set
+    res = evaluate_endpoint(serving_server.url, "nope", images[:3], labels[:3])
+    assert res["errors"] == 3 and "HTTP 404" in res["error_samples"][0]
+    res = evaluate_endpoint(f"http://127.0.0.1:{free_port()}", "tiny", images[:2], labels[:2], timeout_s=2)
+    assert res["errors"] == 2 and "ConnectionError" in res["error_samples"][0]
+
+
+class _Garbage(BaseHTTPRequestHandler):
+    answers = [b"not json", b'{"outputs": 3}', b'{"outputs": [{"name": "logits", "shape": [7, 3], "data": []}]}']
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        body = self.answers[self.server.calls % len(self.answers)]
+        self.server.calls += 1
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *a):
+        pass
+
+
+def test_malformed_answers_are_counted():
+    server = HTTPServer(("127.0.0.1", 0), _Garbage)
+    server.calls = 0
+    t = threading.Thread(target=server.serve_forever, daemon=True)
+    t.start()
+    try:
+        res = evaluate_endpoint(f"http://127.0.0.1:{server.server_address[1]}", "m",
+                                np.zeros((3, 4, 4, 1), np.uint8), np.zeros(3, np.int64), warmup=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert res["errors"] == 3 and res["answered"] == 0
+    samples = " | ".join(res["error_samples"])
+    assert "malformed response" in samples and "no 'outputs' list" in samples and "logits shape is [7, 3]" in samples
+
+
+def test_bad_arguments():
+    with pytest.raises(DataError, match="uint8"):
+        evaluate_endpoint("http://127.0.0.1:1", "m", np.zeros((2, 4, 4, 1), np.float32), np.zeros(2, np.int64))
+    with pytest.raises(DataError, match=r"labels must have shape \(2,\)"):
+        evaluate_endpoint("http://127.0.0.1:1", "m", np.zeros((2, 4, 4, 1), np.uint8), np.zeros(3, np.int64))
+    with pytest.raises(DataError, match="batch_size"):
+        evaluate_endpoint("http://127.0.0.1:1", "m", np.zeros((2, 4, 4, 1), np.uint8), np.zeros(2, np.int64),
+                          batch_size=0)
+
+
+def test_stop_before_start_is_a_no_op():
+    c = InferenceContainer("whatever:1", docker_client=object())
+    c.stop()
+    c.stop()
+    assert c.url == f"http://127.0.0.1:{c.port}" and c.name.startswith("nightshift-eval-")
+
+
+# ----------------------------------------------------------------------------- real container
+
+
+def _gone(client, name: str) -> bool:
+    import docker
+
+    try:
+        client.containers.get(name)
+    except docker.errors.NotFound:
+        return True
+    return False
+
+
+@pytest.mark.docker
+def test_container_serves_and_is_removed(serving_image, serving_docker, serving_eval_set):
+    images, labels = serving_eval_set
+    with InferenceContainer(serving_image["image"], docker_client=serving_docker) as c:
+        waited = c.wait_ready(timeout_s=60)
+        assert waited >= 0
+        info = serving_docker.containers.get(c.name).attrs
+        assert info["HostConfig"]["NetworkMode"] == "host"
+        assert info["Config"]["Labels"]["ai.nightshift.role"] == "system-eval"
+        assert f"NIGHTSHIFT_PORT={c.port}" in info["Config"]["Env"]
+        assert "NIGHTSHIFT_HOST=127.0.0.1" in info["Config"]["Env"]
+        res = evaluate_endpoint(c.url, "tiny", images, labels, batch_size=4)
+        assert res["errors"] == 0 and res["accuracy"] == pytest.approx(0.75)
+        assert '"POST /v2/models/tiny/infer" 200' in c.logs()
+    assert _gone(serving_docker, c.name)
+    c.stop()  # idempotent
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize(
+    ("kwargs", "timeout", "needle", "log_needle"),
+    [
+        pytest.param({"command": ["python", "-c", "print('nightshift-crash'); raise SystemExit(3)"]}, 30,
+                     "exited with status 3", "nightshift-crash", id="crashes"),
+        pytest.param({"environment": {"NIGHTSHIFT_MODEL_DIR": "/models/missing"}}, 30,
+                     "exited with status 1", "missing/model.json does not exist", id="bad-model-dir"),
+        pytest.param({"command": ["sleep", "60"]}, 1.5, "was not ready", "", id="never-ready"),
+    ],
+)
+def test_container_removed_when_not_ready(serving_image, serving_docker, kwargs, timeout, needle, log_needle):
+    c = InferenceContainer(serving_image["image"], docker_client=serving_docker, **kwargs)
+    try:
+        c.start()
+        with pytest.raises(ServingError) as info:
+            c.wait_ready(timeout_s=timeout)
+        assert needle in str(info.value)
+        assert log_needle in info.value.logs
+    finally:
+        c.stop()
+    assert _gone(serving_docker, c.name)
+
+
+@pytest.mark.docker
+def test_missing_image(serving_docker):
+    c = InferenceContainer("nightshift-test/does-not-exist:0", docker_client=serving_docker)
+    with pytest.raises(ServingError, match="does not exist in the local daemon"):
+        with c:
+            pass
+    assert _gone(serving_docker, c.name)
