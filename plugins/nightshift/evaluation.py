@@ -124,6 +124,10 @@ class InferenceContainer:
             if self._started:
                 return self
             self._started = True
+        try:  # containers.run would try to *pull* a missing image; never do that
+            client.images.get(self.image)
+        except ImageNotFound:
+            raise ServingError(f"image {self.image} does not exist in the local daemon; build it first") from None
         log.info("starting %s from %s on %s", self.name, self.image, self.url)
         kwargs: dict[str, Any] = dict(
             detach=True, name=self.name, network_mode="host", environment=self.environment,
@@ -280,7 +284,8 @@ def _predictions(body: Any, n: int, class_names: Sequence[str] | None) -> np.nda
     if "label" in outputs and class_names is not None:
         data = outputs["label"].get("data")
         if not isinstance(data, list) or len(data) != n:
-            raise ValueError(f"label output has {len(data) if isinstance(data, list) else data!r} entries, expected {n}")
+            got = len(data) if isinstance(data, list) else repr(data)
+            raise ValueError(f"label output has {got} entries, expected {n}")
         index = {str(c): i for i, c in enumerate(class_names)}
         unknown = [d for d in data if str(d) not in index]
         if unknown:

@@ -229,15 +229,29 @@ class ImageBuilder:
     def __init__(self, docker_client: Any | None = None):
         self.client = docker_client
         self._cancelled = threading.Event()
+        self._step_container: str | None = None  # the classic builder's container for the running RUN step
 
     def cancel(self) -> None:
-        """Abort a running build: closing the connection makes the daemon stop it."""
+        """Abort a running build (thread-safe; for ``on_kill``).
+
+        The classic builder runs each ``RUN`` step in a container whose id it
+        logs (``Running in <id>``); killing it fails the step and so the build,
+        and ``forcerm`` removes it. The build loop also stops reading, which
+        closes the connection and makes the daemon give up between steps.
+        """
         self._cancelled.set()
-        if self.client is not None:
-            try:
-                self.client.close()
-            except Exception:  # noqa: BLE001 - best effort from on_kill
-                log.warning("closing the docker client failed", exc_info=True)
+        self._kill_step()
+
+    def _kill_step(self) -> None:
+        cid = self._step_container
+        if cid is None or self.client is None:
+            return
+        try:
+            self.client.api.kill(cid)
+            self._step_container = None
+            log.info("cancel: killed build step container %s", cid)
+        except Exception as exc:  # noqa: BLE001 - best effort: it may have finished already
+            log.info("cancel: could not kill build step container %s: %s", cid, exc)
 
     def build(
         self,
@@ -361,6 +375,10 @@ class ImageBuilder:
                 network_mode="host", decode=True, rm=True, forcerm=True, pull=False,
             )
             for chunk in stream:
+                if self._cancelled.is_set():
+                    self._kill_step()
+                    stream.close()  # drops the connection: the daemon stops the build
+                    break
                 if "stream" in chunk:
                     text = chunk["stream"]
                     lines.append(text)
@@ -370,6 +388,13 @@ class ImageBuilder:
                     m = re.search(r"Successfully built ([0-9a-f]+)", text)
                     if m:
                         image_id = m.group(1)
+                    m = re.search(r"---> Running in ([0-9a-f]+)", text)
+                    if m:
+                        self._step_container = m.group(1)
+                        if self._cancelled.is_set():  # cancel() came before we knew the id
+                            self._kill_step()
+                    elif "Removing intermediate container" in text:
+                        self._step_container = None
                 elif "aux" in chunk and isinstance(chunk["aux"], dict) and "ID" in chunk["aux"]:
                     image_id = chunk["aux"]["ID"]
                 elif "error" in chunk or "errorDetail" in chunk:

@@ -30,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from nightshift.artifacts import atomic_write_json
-from nightshift.errors import ConfigError, ValidationFailed
+from nightshift.errors import ConfigError, DataError, ValidationFailed
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,8 @@ def _row_names(rows: list[dict[str, Any]]) -> list[str]:
 class _Check:
     """One expectation plus how to phrase its failure.
 
-    ``summarize(result_dict, details)`` returns ``(observed, summary, details)``.
+    ``summarize(gx_result_dict)`` returns ``(observed, summary, details)``: the JSON-safe
+    observed value, one human sentence with the numbers, and the offending rows/files.
     """
 
     name: str
@@ -304,8 +305,7 @@ def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names
                 value_pairs_set=[(i, name) for i, name in enumerate(class_names)],
             ),
             "label_name",
-            _map_summary(
-                "label_name", n, "a (label, label_name) pair that does not match the class list"),
+            _map_summary("label_name", n, "a (label, label_name) pair that does not match the class list"),
         )
 
     if "split" in present:
@@ -330,9 +330,7 @@ def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names
             "brightness_range",
             gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi, mostly=config.mostly),
             "brightness",
-            _map_summary(
-                "brightness", n, f"brightness outside [{_fmt(lo)}, {_fmt(hi)}]", mostly=config.mostly,
-            ),
+            _map_summary("brightness", n, f"brightness outside [{_fmt(lo)}, {_fmt(hi)}]", mostly=config.mostly),
         )
     if "contrast" in present:
         add(
@@ -340,7 +338,10 @@ def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names
             gxe.ExpectColumnValuesToBeBetween(column="contrast", min_value=config.min_contrast, mostly=config.mostly),
             "contrast",
             _map_summary(
-                "contrast", n, f"contrast (pixel std) below {_fmt(config.min_contrast)} (blank or near-blank images)", mostly=config.mostly,
+                "contrast",
+                n,
+                f"contrast (pixel std) below {_fmt(config.min_contrast)} (blank or near-blank images)",
+                mostly=config.mostly,
             ),
         )
     return checks
@@ -374,6 +375,7 @@ def _overlap_frame(profile: pd.DataFrame) -> pd.DataFrame:
     has_source = "source" in profile.columns
     src = profile["source"].astype(str) if has_source else profile.index.astype(str)
     frame = pd.DataFrame({"sha256": profile["sha256"], "split": profile["split"], "source": src})
+    frame = frame.dropna(subset=["sha256"])  # null hashes are reported by the not-null check, not matched here
     train = frame[frame["split"] == "train"].drop_duplicates("sha256")
     test = frame[frame["split"] == "test"]
     merged = test.merge(train, on="sha256", suffixes=("_test", "_train"))
@@ -572,6 +574,7 @@ def validate_snapshot(
     :returns: ``{"success", "evaluated", "failed", "failures", "statistics", "report_path"}``;
         each failure is ``{"expectation", "check", "column", "observed", "summary", "details"}``.
     :raises ConfigError: no class list in ``config`` nor in ``manifest``.
+    :raises DataError: ``profile`` is not a DataFrame.
     """
     started = time.perf_counter()
     class_names = config.class_names if config.class_names is not None else manifest.get("class_names")
@@ -582,7 +585,7 @@ def validate_snapshot(
         )
     class_names = [str(c) for c in class_names]
     if not isinstance(profile, pd.DataFrame):
-        raise ConfigError(f"profile must be a pandas DataFrame, got {type(profile).__name__}")
+        raise DataError(f"profile must be a pandas DataFrame, got {type(profile).__name__}")
 
     _quiet_gx()
     profile = profile.reset_index(drop=True)

@@ -44,6 +44,13 @@ def test_accuracy_and_latency(serving_server, serving_eval_set, batch_size):
     assert res["throughput_ips"] > 0 and res["wall_s"] > 0
 
 
+def test_no_nagle_delay(serving_server, serving_eval_set):
+    # headers and body go out as two writes; without TCP_NODELAY each request waits ~40 ms for a delayed ACK
+    images, labels = serving_eval_set
+    res = evaluate_endpoint(serving_server.url, "tiny", images, labels, batch_size=1)
+    assert res["latency_ms"]["p50"] < 30, res["latency_ms"]
+
+
 def test_label_output_only_needs_class_names(serving_server, serving_eval_set, monkeypatch, tiny_onnx_spec):
     # a server that answers only 'label' (no logits) is scored through class_names
     import nightshift.evaluation as ev

@@ -89,9 +89,9 @@ def test_missing_onnx_file(tmp_path):
 def test_meta_sha_mismatch(tiny_onnx_model_dir, tmp_path):
     meta = json.loads((tiny_onnx_model_dir / "model.json").read_text())
     with pytest.raises(BuildError, match="does not match"):
-        build_inference_image(onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta={**meta, "onnx_sha256": "0" * 64},
-                              model_name="tiny", tag="x:y", base_image="b", wheelhouse=tmp_path,
-                              docker_client=object())
+        build_inference_image(onnx_path=tiny_onnx_model_dir / "model.onnx",
+                              model_meta={**meta, "onnx_sha256": "0" * 64}, model_name="tiny", tag="x:y",
+                              base_image="b", wheelhouse=tmp_path, docker_client=object())
 
 
 @pytest.mark.docker
@@ -118,6 +118,35 @@ def test_build_failure_carries_the_log(serving_docker, tiny_onnx_model_dir, tmp_
     assert "returned a non-zero code: 3" in str(info.value)
     assert "nightshift-boom" in info.value.logs
     assert remove_image(tag, serving_docker) is False  # nothing was tagged
+
+
+@pytest.mark.docker
+def test_cancel_stops_a_running_build(serving_docker, tiny_onnx_model_dir, tmp_path):
+    import threading
+    import time
+    import uuid
+
+    settings = Settings.from_env()
+    dockerfile = tmp_path / "Dockerfile"
+    # a unique echo defeats the build cache, so the slow step really runs
+    dockerfile.write_text(f"ARG BASE_IMAGE\nFROM ${{BASE_IMAGE}}\nRUN echo {uuid.uuid4().hex} && sleep 120\n")
+    meta = json.loads((tiny_onnx_model_dir / "model.json").read_text())
+    builder = ImageBuilder(serving_docker)
+
+    def cancel_when_step_runs() -> None:
+        deadline = time.monotonic() + 60
+        while builder._step_container is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        builder.cancel()
+
+    threading.Thread(target=cancel_when_step_runs, daemon=True).start()
+    t0 = time.monotonic()
+    with pytest.raises(BuildError, match="was cancelled"):
+        builder.build(onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta=meta, model_name="tiny",
+                      tag="nightshift-test/cancelled:1", base_image=settings.base_image,
+                      wheelhouse=settings.wheelhouse, dockerfile=dockerfile)
+    assert time.monotonic() - t0 < 60
+    assert remove_image("nightshift-test/cancelled:1", serving_docker) is False
 
 
 @pytest.mark.docker

@@ -215,7 +215,9 @@ def test_raise_for_failures_lists_every_failure(quality_profile, quality_manifes
     message = str(err)
     assert message.startswith("2 expectation(s) failed:")
     assert "expect_column_values_to_be_in_set [height]: 1 of 1797 rows have height != 8" in message
-    assert "expect_table_row_count_to_equal: 1 source file(s) could not be decoded: x/broken.png (bad header)" in message
+    assert (
+        "expect_table_row_count_to_equal: 1 source file(s) could not be decoded: x/broken.png (bad header)" in message
+    )
     assert f"full result: {tmp_path / 'validation.json'}" in message
 
     saved = json.loads((tmp_path / "validation.json").read_text())
@@ -233,5 +235,6 @@ def test_config_errors(quality_profile, quality_manifest, tmp_path):
     assert ValidationConfig(class_names=None, image_shape=[8, 8, 1]).image_shape == (8, 8, 1)  # type: ignore[arg-type]
 
     manifest = dict(quality_manifest, class_names=None)
+    config = ValidationConfig(class_names=None, image_shape=(8, 8, 1))
     with pytest.raises(ConfigError, match="no class list"):
-        validate_snapshot(quality_profile, manifest, ValidationConfig(class_names=None, image_shape=(8, 8, 1)), tmp_path)
+        validate_snapshot(quality_profile, manifest, config, tmp_path)

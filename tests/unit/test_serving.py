@@ -193,6 +193,15 @@ def test_infer_unknown_model_is_404(serving_server, http):
     assert r.status_code == 404 and "'nope'" in r.json()["error"]
 
 
+def test_errors_before_reading_the_body_keep_the_connection_usable(serving_server, http, pixels):
+    # the body of a refused request must not leak into the next request on the same connection
+    url = serving_server.url
+    for _ in range(2):
+        assert http.post(f"{url}/v2/models/nope/infer", json=_infer_body(pixels)).status_code == 404
+        assert http.post(f"{url}/v2/health/ready", json=_infer_body(pixels)).status_code == 405
+        assert http.post(f"{url}/v2/models/tiny/infer", json=_infer_body(pixels)).status_code == 200
+
+
 def test_body_too_large_is_413_without_reading_it(serving_server):
     status, body = _raw(serving_server.url, "POST", "/v2/models/tiny/infer",
                         {"Content-Type": "application/json", "Content-Length": str(2 << 20)})

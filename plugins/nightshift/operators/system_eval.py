@@ -49,10 +49,10 @@ class SystemEvalOperator(NightshiftOperator):
                                  result.get("error_samples"), container.logs(tail=50))
         result.update({"image": image, "ready_seconds": ready_s, "batch_size": int(self.batch_size)})
         atomic_write_json(self.run_dir(context, "system_eval") / "system_eval.json", result)
-        lat = result["latency_ms"]
-        self.log.info("served accuracy %.4f on %d images; latency p50 %.2f / p95 %.2f / p99 %.2f ms; "
-                      "%.0f images/s; %d errors", result["accuracy"] or 0.0, result["n"], lat["p50"], lat["p95"],
-                      lat["p99"], result["throughput_ips"], result["errors"])
+        lat = {k: (v if v is not None else float("nan")) for k, v in result["latency_ms"].items()}
+        self.log.info("served accuracy %s on %d images; latency p50 %.2f / p95 %.2f / p99 %.2f ms; "
+                      "%.0f images/s; %d errors", result["accuracy"], result["n"], lat["p50"], lat["p95"],
+                      lat["p99"], result["throughput_ips"] or 0.0, result["errors"])
         return result
 
     def on_kill(self) -> None:

@@ -52,7 +52,9 @@ class TrainGPUOperator(NightshiftOperator):
 
             result = training.train(snap, out_dir, hp, require_gpu=require_gpu, on_epoch=on_epoch,
                                     should_stop=lambda: self._stop)
-            registry.log_metrics(c, run_id, result.metrics)
+            per_epoch = set(result.history[-1])
+            registry.log_metrics(c, run_id, {k: v for k, v in result.metrics.items() if k not in per_epoch},
+                                 step=hp["epochs"])
             c.set_tag(run_id, "nightshift.device", result.manifest["device"])
             registry.log_artifacts(c, run_id, out_dir, "train")
         self.log.info("Trained on %s: test accuracy %.4f (%s)", result.manifest["device"],

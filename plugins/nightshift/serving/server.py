@@ -42,7 +42,6 @@ import argparse
 import ipaddress
 import json
 import logging
-import math
 import os
 import re
 import signal
@@ -275,7 +274,7 @@ class Model:
         dims = list(onnx_in.shape)
         if len(dims) != 4:
             raise ModelLoadError(f"{onnx_path}: input {onnx_in.name!r} has shape {dims}, expected [batch, H, W, C]")
-        for axis, (got, want) in enumerate(zip(dims[1:], shape), start=1):
+        for axis, (got, want) in enumerate(zip(dims[1:], shape, strict=True), start=1):
             if isinstance(got, int) and got != want:
                 raise ModelLoadError(
                     f"{meta_path}: input_shape {shape} disagrees with the ONNX input shape {dims} (axis {axis})"
@@ -386,7 +385,9 @@ class Model:
         if n < 1:
             raise InvalidInput(f"inputs[0].shape has batch size {n}; it must be at least 1")
         if n > self.max_batch:
-            raise PayloadTooLarge(f"batch size {n} exceeds this server's maximum of {self.max_batch}; split the request")
+            raise PayloadTooLarge(
+                f"batch size {n} exceeds this server's maximum of {self.max_batch}; split the request"
+            )
 
         data = tensor.get("data")
         if not isinstance(data, list):
@@ -404,7 +405,8 @@ class Model:
             raise InvalidInput("inputs[0].data must be a flat (or regularly nested) list of integers 0..255")
         if arr.size != expected:
             raise InvalidInput(
-                f"inputs[0].data has {arr.size} values but shape {shape} needs {expected} (= {' x '.join(map(str, shape))})"
+                f"inputs[0].data has {arr.size} values but shape {shape} needs {expected} "
+                f"(= {' x '.join(map(str, shape))})"
             )
         if arr.dtype.kind not in "iu":
             kind = {"b": "booleans", "f": "non-integer numbers", "U": "strings"}.get(arr.dtype.kind, str(arr.dtype))
@@ -430,7 +432,9 @@ class Model:
             if not isinstance(o, dict) or not isinstance(o.get("name"), str):
                 raise InvalidInput(f"outputs[{i}] must be an object with a string 'name', got {o!r}")
             if o["name"] not in available:
-                raise InvalidInput(f"outputs[{i}].name {o['name']!r} is not an output of this model; choose from {available}")
+                raise InvalidInput(
+                    f"outputs[{i}].name {o['name']!r} is not an output of this model; choose from {available}"
+                )
             if o["name"] not in names:
                 names.append(o["name"])
         return names
@@ -448,7 +452,7 @@ class Model:
             results = self._session.run(None, {self.input_name: pixels})
         except Exception as exc:  # noqa: BLE001 - any runtime failure is a 500
             raise InferenceFailed(f"ONNX Runtime failed on a batch of shape {list(pixels.shape)}: {exc}") from exc
-        return dict(zip(self.output_names, results))
+        return dict(zip(self.output_names, results, strict=True))
 
     def postprocess(self, outputs: dict[str, np.ndarray], wanted: list[str], n: int) -> list[dict[str, Any]]:
         """Turn model outputs into OIP output tensors (adds ``label``).
@@ -551,6 +555,9 @@ class InferenceHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive for clients that reuse connections
     server_version = f"nightshift-serving/{__version__}"
     timeout = 60  # seconds a client may stall while sending (socket timeout)
+    # Headers and body are separate writes; with Nagle's algorithm the body waits for
+    # the client's delayed ACK (~40 ms per request on Linux).
+    disable_nagle_algorithm = True
 
     # -- plumbing ------------------------------------------------------------------
 
@@ -596,10 +603,42 @@ class InferenceHandler(BaseHTTPRequestHandler):
                 "(send smaller batches)"
             )
         body = self.rfile.read(length)
+        self._body_read = True
         if len(body) != length:
             self.close_connection = True
             raise InvalidInput(f"request body ended after {len(body)} of {length} bytes (Content-Length)")
         return body
+
+    def _discard_body(self) -> None:
+        """Consume a body nobody read (error before the handler got to it), so the
+        next request on this keep-alive connection starts where it should; if
+        that is not possible, close the connection after answering."""
+        if self._body_read or self.close_connection:
+            return
+        self._body_read = True
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            return
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            return
+        try:
+            remaining = int(raw)
+        except ValueError:
+            self.close_connection = True
+            return
+        if remaining < 0 or remaining > self.server.max_body_bytes:
+            self.close_connection = True
+            return
+        try:
+            while remaining > 0:
+                chunk = self.rfile.read(min(remaining, 1 << 20))
+                if not chunk:
+                    self.close_connection = True
+                    return
+                remaining -= len(chunk)
+        except OSError:  # the client stalled or went away
+            self.close_connection = True
 
     # -- routing -------------------------------------------------------------------
 
@@ -621,19 +660,23 @@ class InferenceHandler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         start = time.perf_counter()
         self._status = 0
+        self._body_read = False
         extra = ""
         self.server.request_started()
         try:
             path = urlsplit(self.path).path.rstrip("/") or "/"
             status, obj, headers = self._dispatch(method, path)
-            extra = headers.get(TIMING_HEADER, "")
+            extra = f"model={headers[TIMING_HEADER]}ms" if TIMING_HEADER in headers else ""
+            self._discard_body()
             self._send_json(status, obj, headers)
         except InferenceError as exc:
             headers = {"Allow": exc.allowed} if isinstance(exc, MethodNotAllowed) else {}
+            self._discard_body()
             self._safe_error(int(exc.status), exc.message, headers)
             extra = exc.message
         except Exception as exc:  # noqa: BLE001 - never let a bug kill the connection silently
             log.exception("unhandled error on %s %s", method, self.path)
+            self.close_connection = True
             self._safe_error(500, f"internal server error: {type(exc).__name__}: {exc}", {})
             extra = f"{type(exc).__name__}: {exc}"
         finally:

@@ -1,0 +1,126 @@
+"""nightly_retrain end to end: real Airflow metadata DB, MLflow (SQLite), Docker
+daemon and ONNX Runtime, on the bundled digits and a small ImageFolder tree.
+
+Runs in order: first promotion, then an impossible accuracy floor (champion
+unchanged, reason recorded), then a corrupt image (fails at validation, trains
+nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.integration, pytest.mark.docker]
+
+ROOT = Path(__file__).resolve().parents[2]
+MODEL = "it-digits"
+FAST = {"epochs": 6, "model_name": MODEL}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """A fresh MLflow store and artifact root for this module (Airflow's DB is the project's)."""
+    home = tmp_path_factory.mktemp("nightshift")
+    saved = dict(os.environ)
+    os.environ.update({
+        "NIGHTSHIFT_ARTIFACT_ROOT": str(home / "artifacts"),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
+        "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
+    })
+    yield home
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def dag():
+    from airflow.dag_processing.dagbag import DagBag
+
+    bag = DagBag(dag_folder=str(ROOT / "dags"))
+    assert not bag.import_errors
+    return bag.dags["nightly_retrain"]
+
+
+@pytest.fixture(scope="module")
+def mlflow(env):
+    from nightshift import registry
+
+    return registry.client(os.environ["MLFLOW_TRACKING_URI"])
+
+
+def run(dag, conf):
+    from airflow.models import TaskInstance
+    from airflow.utils.session import create_session
+
+    dr = dag.test(run_conf=conf)
+    with create_session() as session:
+        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
+                                                 TaskInstance.run_id == dr.run_id).all()
+        states = {ti.task_id: str(ti.state) for ti in tis}
+    return dr, states
+
+
+def promotion(env, run_id) -> dict:
+    from nightshift.artifacts import run_dir
+
+    return json.loads((run_dir(env / "artifacts", "nightly_retrain", run_id) / "promotion.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def first_run(dag, env, mlflow):
+    return run(dag, FAST)
+
+
+def test_first_run_promotes_a_champion(first_run, env, mlflow):
+    from nightshift import registry
+
+    dr, states = first_run
+    assert str(dr.state) == "success", states
+    assert set(states.values()) == {"success"} and len(states) == 8, states
+    p = promotion(env, dr.run_id)
+    assert p["promoted"] is True and p["decision"] == "BLESSED", p["reason"]
+    champion = registry.get_champion(mlflow, MODEL)
+    assert champion is not None and champion["version"] == p["version"]
+    tags = champion["tags"]
+    assert float(tags["nightshift.offline_accuracy"]) >= 0.9
+    assert tags["nightshift.image"].startswith(f"nightshift/{MODEL}:")
+    assert json.loads(tags["gate.serving_errors"])["observed"] == 0
+    assert p["drift"]["status"] == "no_reference"
+
+
+def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, mlflow):
+    from nightshift import registry
+
+    before = registry.get_champion(mlflow, MODEL)["version"]
+    dr, states = run(dag, {**FAST, "min_accuracy": 1.01})
+    assert str(dr.state) == "success" and set(states.values()) == {"success"}, states
+    p = promotion(env, dr.run_id)
+    assert p["promoted"] is False and p["decision"] == "NOT_BLESSED"
+    assert "offline_accuracy failed" in p["reason"] and "1.0100" in p["reason"]
+    assert registry.get_champion(mlflow, MODEL)["version"] == before
+    mv = mlflow.get_model_version(MODEL, p["version"])
+    assert mv.tags["nightshift.decision"] == "NOT_BLESSED"
+    assert json.loads(mv.tags["gate.offline_accuracy"])["passed"] is False
+    assert p["drift"]["status"] == "ok"  # the champion's training data is now the reference
+
+
+def test_corrupt_image_fails_validation_and_trains_nothing(first_run, dag, env, mlflow, make_imagefolder):
+    root = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=1)
+    exp = mlflow.get_experiment_by_name(MODEL)
+    runs_before = len(mlflow.search_runs([exp.experiment_id]))
+    dr, states = run(dag, {**FAST, "source": str(root), "image_shape": [8, 8, 1]})
+    assert str(dr.state) == "failed"
+    assert states["collect_data"] == "success"
+    assert states["validate_data"] == "failed"
+    for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote"):
+        assert states[task] == "upstream_failed", states
+    assert len(mlflow.search_runs([exp.experiment_id])) == runs_before
+    from nightshift.artifacts import run_dir
+
+    report = json.loads((run_dir(env / "artifacts", "nightly_retrain", dr.run_id) / "validation" /
+                         "validation.json").read_text())
+    assert "corrupt_0.png" in json.dumps(report)

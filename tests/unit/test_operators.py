@@ -1,0 +1,96 @@
+"""Operators called directly with a minimal context: config resolution, XCom
+shape, and that errors a retry cannot fix fail the task at once."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from types import SimpleNamespace
+
+import pytest
+from airflow.sdk.exceptions import AirflowFailException
+
+from nightshift.operators import (
+    SNAPSHOT_ASSET,
+    CollectDataOperator,
+    PromoteModelOperator,
+    TrainGPUOperator,
+    ValidateDataOperator,
+)
+
+
+@pytest.fixture
+def ctx(tmp_path, monkeypatch):
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return {"run_id": "manual__test", "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
+
+
+def test_collect_bundled_pushes_small_json_and_asset_digest(ctx, tmp_path):
+    op = CollectDataOperator(task_id="collect")
+    out = op.execute(ctx)
+    assert out["counts"]["total"] == 1797 and out["image_shape"] == [8, 8, 1]
+    assert out["snapshot_uri"].startswith(str(tmp_path / "artifacts" / "snapshots"))
+    assert ctx["outlet_events"][SNAPSHOT_ASSET].extra["digest"] == out["digest"]
+    assert op.outlets == [SNAPSHOT_ASSET]
+
+
+def test_collect_unknown_class_fails_without_retry(ctx, make_imagefolder):
+    root = make_imagefolder(classes=("0", "1"), per_class=3)
+    op = CollectDataOperator(task_id="collect", source=str(root), classes=["0"])
+    with pytest.raises(AirflowFailException, match=r"DataError.*\['1'\]"):
+        op.execute(ctx)
+
+
+def test_validate_fails_on_corrupt_file_with_readable_list(ctx, make_imagefolder):
+    root = make_imagefolder(classes=("0", "1", "2"), per_class=30, corrupt=1)
+    snap = CollectDataOperator(task_id="collect", source=str(root), image_shape=[8, 8, 1]).execute(ctx)
+    assert snap["undecodable"] == 1
+    op = ValidateDataOperator(task_id="validate", snapshot=snap, min_rows=10)
+    with pytest.raises(AirflowFailException, match="corrupt_0.png"):
+        op.execute(ctx)
+
+
+def test_validate_passes_on_bundled(ctx):
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    out = ValidateDataOperator(task_id="validate", snapshot=snap).execute(ctx)
+    assert out["success"] is True and out["evaluated"] >= 8
+
+
+def test_validate_without_upstream_result_says_which_task(ctx):
+    with pytest.raises(AirflowFailException, match="collect_data"):
+        ValidateDataOperator(task_id="validate", snapshot=None).execute(ctx)
+
+
+def test_train_require_gpu_fails_fast_without_cuda(ctx):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    op = TrainGPUOperator(task_id="train", snapshot=snap, require_gpu=True, hparams={"epochs": 1})
+    with pytest.raises(AirflowFailException, match="GPUUnavailable.*require_gpu=True"):
+        op.execute(ctx)
+
+
+def test_train_logs_to_mlflow(ctx):
+    from nightshift import registry
+
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    op = TrainGPUOperator(task_id="train", snapshot=snap, model_name="op-test", hparams={"epochs": 2, "width": 8})
+    out = op.execute(ctx)
+    c = registry.client(op.settings.mlflow_tracking_uri)
+    run = c.get_run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["epochs"] == "2"
+    assert run.data.metrics["test_accuracy"] == pytest.approx(out["metrics"]["test_accuracy"])
+    assert len(c.get_metric_history(out["run_id"], "val_accuracy")) == 2
+    assert run.data.tags["nightshift.data_digest"] == snap["digest"]
+
+
+def test_promote_requires_upstream_results(ctx):
+    op = PromoteModelOperator(task_id="promote", snapshot={"snapshot_uri": "x"}, validation={"success": True},
+                              training=None, export={}, image={}, system_eval={})
+    with pytest.raises(AirflowFailException, match="train_gpu"):
+        op.execute(ctx)
