@@ -11,8 +11,12 @@ stamp=".venv/.nightshift-$(cat requirements.txt requirements-dev.txt constraints
 if [ ! -f "$stamp" ]; then
   echo "== virtualenv: installing pinned requirements into .venv (first time: a few minutes)"
   [ -x .venv/bin/python ] || "$PY" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-  .venv/bin/python -m pip install -q -r requirements-dev.txt -c constraints.txt
+  # (grep drops pip's notes about this machine's unused local index folders)
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored: it is neither" || true; }
+  .venv/bin/python -m pip install -q -r requirements-dev.txt -c constraints.txt 2>&1 \
+    | { grep -v "is ignored: it is neither" || true; }
+  .venv/bin/python -c "import airflow, torch, onnxruntime, great_expectations, evidently, mlflow" || {
+    echo "virtualenv: install incomplete (see pip output above)" >&2; exit 1; }
   rm -f .venv/.nightshift-*; touch "$stamp"
 else
   echo "== virtualenv: .venv up to date"

@@ -100,3 +100,28 @@ def run_dir(artifact_root: str | os.PathLike, dag_id: str, run_id: str) -> Path:
     path = Path(artifact_root) / "runs" / safe_name(dag_id) / safe_name(run_id)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def json_safe(value: Any) -> Any:
+    """Plain JSON values: numpy/pandas scalars and arrays, enums, sets and tuples
+    become Python values; NaN, inf, ``pd.NA`` and ``pd.NaT`` become None."""
+    import enum
+    import math
+
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [json_safe(v) for v in value]
+    if hasattr(value, "tolist") and hasattr(value, "dtype") and getattr(value, "ndim", 0) > 0:  # ndarray
+        return [json_safe(v) for v in value.tolist()]
+    if isinstance(value, enum.Enum):  # str-based status enums: keep the value, not "Cls.MEMBER"
+        value = value.value
+    if hasattr(value, "item") and hasattr(value, "dtype"):  # numpy scalar
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if type(value).__name__ in ("NAType", "NaTType"):
+        return None
+    return str(value)

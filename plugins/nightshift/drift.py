@@ -16,17 +16,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import re
 import time
-from enum import Enum
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
-from nightshift.artifacts import atomic_write_json, atomic_write_text
+from nightshift.artifacts import atomic_write_json, atomic_write_text, json_safe
 from nightshift.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -62,25 +59,6 @@ def drift_columns(profile: pd.DataFrame) -> list[str]:
         (int(m.group(1)), str(col)) for col in profile.columns if (m := _MEAN_CH.match(str(col)))
     )
     return list(BASE_NUMERICAL_COLUMNS) + [col for _, col in channels]
-
-
-def _json_safe(value: Any) -> Any:
-    """Plain JSON values (numpy scalars/arrays -> Python, NaN/inf -> None)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, Enum):  # e.g. str-based status enums: keep the value, not "Cls.MEMBER"
-        value = value.value
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
 
 
 def _to_float(value: Any) -> float | None:
@@ -238,7 +216,7 @@ def check_drift(
         include_tests=True,  # per-column pass/fail as Evidently decides it
     )
     snapshot = report.run(current_data=current_ds, reference_data=reference_ds)
-    evidently_dict = _json_safe(snapshot.dict())
+    evidently_dict = json_safe(snapshot.dict())
 
     parsed = _parse_snapshot(evidently_dict, column_types)
     columns = {c: parsed["columns"][c] for c in compared if c in parsed["columns"]}

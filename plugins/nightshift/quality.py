@@ -18,10 +18,8 @@ so importing this module for :class:`ValidationConfig` stays cheap.
 from __future__ import annotations
 
 import logging
-import math
 import os
 import time
-from enum import Enum
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,7 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import pandas as pd
 
-from nightshift.artifacts import atomic_write_json
+from nightshift.artifacts import atomic_write_json, json_safe
 from nightshift.errors import ConfigError, DataError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -118,27 +116,6 @@ class ValidationConfig:
 # --------------------------------------------------------------------------- helpers
 
 
-def _json_safe(value: Any) -> Any:
-    """Turn numpy/pandas scalars, arrays, sets and tuples into plain JSON values (NaN -> None)."""
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set, frozenset)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return [_json_safe(v) for v in value.tolist()]
-    if isinstance(value, Enum):  # e.g. str-based status enums: keep the value, not "Cls.MEMBER"
-        value = value.value
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
-
-
 def _fmt(value: Any) -> str:
     """Short human form of a number (``5``, ``250``, ``0.25``) or other value."""
     if isinstance(value, (float, np.floating)):
@@ -157,9 +134,9 @@ def _listing(items: Sequence[str], total: int | None = None, show: int = _SHOW) 
 def _offending(result: dict[str, Any], value_column: str | None) -> list[dict[str, Any]]:
     """The offending rows GX reported (``partial_unexpected_index_list``), JSON-safe."""
     rows = result.get("partial_unexpected_index_list") or []
-    out = [_json_safe(r) for r in rows if isinstance(r, dict)]
+    out = [json_safe(r) for r in rows if isinstance(r, dict)]
     if not out and value_column is not None:
-        out = [{value_column: _json_safe(v)} for v in result.get("partial_unexpected_list") or []]
+        out = [{value_column: json_safe(v)} for v in result.get("partial_unexpected_list") or []]
     return out
 
 
@@ -209,11 +186,11 @@ def _map_summary(
         rows = _offending(res, column)
         observed = {
             "unexpected_count": count,
-            "unexpected_percent": _json_safe(res.get("unexpected_percent")),
-            "partial_unexpected_list": _json_safe((res.get("partial_unexpected_list") or [])[:_PARTIAL]),
+            "unexpected_percent": json_safe(res.get("unexpected_percent")),
+            "partial_unexpected_list": json_safe((res.get("partial_unexpected_list") or [])[:_PARTIAL]),
         }
         text = f"{count} of {n_rows} rows have {condition}"
-        values = sorted({_fmt(v) for v in res.get("partial_unexpected_list") or [] if _json_safe(v) is not None})
+        values = sorted({_fmt(v) for v in res.get("partial_unexpected_list") or [] if json_safe(v) is not None})
         if show_values and values:
             text += f" (values {_listing(values)})"
         if rows and any(("source" in r or "image_id" in r) for r in rows):
@@ -422,7 +399,7 @@ def _derived_checks(
                 f"train images: {_listing(named, show=10)}"
             )
             observed = dict(zip(counts["label_name"], counts["count"].astype(int)))
-            return _json_safe(observed), text, _json_safe(short.to_dict("records"))
+            return json_safe(observed), text, json_safe(short.to_dict("records"))
 
         exp = gxe.ExpectColumnValuesToBeBetween(
             column="count", min_value=config.min_per_class, meta={"check": "min_per_class"}
@@ -531,16 +508,16 @@ def _statistics(
         "undecodable": int(len(frames[_UNDECODABLE])),
     }
     if "split" in profile.columns:
-        stats["per_split"] = _json_safe(profile["split"].value_counts(dropna=False).to_dict())
+        stats["per_split"] = json_safe(profile["split"].value_counts(dropna=False).to_dict())
     if _CLASS_COUNTS in frames:
         counts = frames[_CLASS_COUNTS]
-        stats["per_class_train"] = _json_safe(dict(zip(counts["label_name"], counts["count"])))
+        stats["per_class_train"] = json_safe(dict(zip(counts["label_name"], counts["count"])))
     if _OVERLAP in frames:
         stats["train_test_overlap"] = int(len(frames[_OVERLAP]))
     for col in ("brightness", "contrast"):
         if col in profile.columns and len(profile):
             values = pd.to_numeric(profile[col], errors="coerce")
-            stats[col] = _json_safe(
+            stats[col] = json_safe(
                 {"min": values.min(), "mean": values.mean(), "max": values.max(), "std": values.std()}
             )
     return stats
@@ -621,7 +598,7 @@ def validate_snapshot(
             if error is not None:
                 observed, summary, details = None, f"could not be evaluated: {error}", None
             elif check is None:
-                observed, summary, details = _json_safe(result_dict.get("observed_value")), "failed", None
+                observed, summary, details = json_safe(result_dict.get("observed_value")), "failed", None
             else:
                 observed, summary, details = check.summarize(result_dict)
             failures.append(
@@ -629,9 +606,9 @@ def validate_snapshot(
                     "expectation": cfg.type,
                     "check": check.name if check else None,
                     "column": column,
-                    "observed": _json_safe(observed),
+                    "observed": json_safe(observed),
                     "summary": summary,
-                    "details": _json_safe(details),
+                    "details": json_safe(details),
                 }
             )
     order = {c.name: i for i, c in enumerate(checks)}
@@ -656,7 +633,7 @@ def validate_snapshot(
         report_path,
         {
             "summary": result,
-            "config": _json_safe(asdict(config)),
+            "config": json_safe(asdict(config)),
             "class_names": class_names,
             "great_expectations_version": gx.__version__,
             "gx_results": {name: r.to_json_dict() for name, r in suite_results.items()},

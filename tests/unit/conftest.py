@@ -10,31 +10,15 @@ import pytest as _quality_pytest
 
 
 def _quality_make_profile(images, labels, splits, class_names, sources=None):
-    """Per-image profile table (docs/architecture.md) for uint8 NHWC ``images``."""
-    import pandas as pd
+    """Per-image profile table for uint8 NHWC ``images``, computed by the real snapshot code."""
+    from nightshift.data.snapshot import build_profile, pixel_hashes
 
     n, h, w, c = images.shape
-    flat = images.reshape(n, -1).astype(_quality_np.float64)
-    data = {
-        "image_id": _quality_np.arange(n, dtype=_quality_np.int64),
-        "sha256": [_quality_hashlib.sha256(im.tobytes()).hexdigest() for im in images],
-        "split": list(splits),
-        "label": _quality_np.asarray(labels, dtype=_quality_np.int64),
-        "label_name": [class_names[i] for i in labels],
-        "orig_height": _quality_np.full(n, h, _quality_np.int64),
-        "orig_width": _quality_np.full(n, w, _quality_np.int64),
-        "orig_channels": _quality_np.full(n, c, _quality_np.int64),
-        "height": _quality_np.full(n, h, _quality_np.int64),
-        "width": _quality_np.full(n, w, _quality_np.int64),
-        "channels": _quality_np.full(n, c, _quality_np.int64),
-        "brightness": flat.mean(axis=1),
-        "contrast": flat.std(axis=1),
-    }
-    ch_means = images.reshape(n, -1, c).astype(_quality_np.float64).mean(axis=1)
-    for k in range(c):
-        data[f"mean_ch{k}"] = ch_means[:, k]
-    data["source"] = list(sources) if sources is not None else [f"digits:{i}" for i in range(n)]
-    return pd.DataFrame(data)
+    return build_profile(
+        images, _quality_np.asarray(labels, dtype=_quality_np.int64), _quality_np.asarray(splits), list(class_names),
+        _quality_np.tile(_quality_np.array([[h, w, c]]), (n, 1)),
+        list(sources) if sources is not None else [f"digits:{i}" for i in range(n)], pixel_hashes(images),
+    )
 
 
 @_quality_pytest.fixture(scope="session")
