@@ -1,7 +1,8 @@
 """
 ### nightly_retrain — retrain, evaluate and (maybe) promote the image classifier
 
-Every night at 02:00 UTC (or on demand from **Trigger DAG w/ config**):
+Every night at 02:00 UTC, whenever the `nightshift_drift_detected` Asset is
+updated (drift in served traffic), or on demand from **Trigger DAG w/ config**:
 
 1. **collect_data** — read the source (`bundled` digits, an ImageFolder path or
    object-storage URI, or `torchvision:<Dataset>`) into a content-addressed
@@ -24,9 +25,10 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
 
 from nightshift.operators import (
+    DRIFT_DETECTED_ASSET,
     BuildInferenceImageOperator,
     CollectDataOperator,
     DriftCheckOperator,
@@ -50,7 +52,8 @@ default_args = {
 
 @dag(
     dag_id="nightly_retrain",
-    schedule="0 2 * * *",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"),
+                                 assets=DRIFT_DETECTED_ASSET),
     start_date=datetime(2026, 1, 1),
     catchup=False,
     max_active_runs=1,

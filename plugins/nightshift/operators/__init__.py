@@ -4,7 +4,8 @@ Importing this package is cheap (no torch, onnxruntime, GX, Evidently, MLflow or
 docker): the heavy libraries are imported inside ``execute``.
 """
 
-from nightshift.operators.collect import SNAPSHOT_ASSET, CollectDataOperator
+from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
+from nightshift.operators.collect import CollectDataOperator
 from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
@@ -14,6 +15,7 @@ from nightshift.operators.train import TrainGPUOperator
 from nightshift.operators.validate import ValidateDataOperator
 
 __all__ = [
+    "DRIFT_DETECTED_ASSET",
     "SNAPSHOT_ASSET",
     "BuildInferenceImageOperator",
     "CollectDataOperator",

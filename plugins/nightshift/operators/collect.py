@@ -2,12 +2,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from airflow.sdk import Asset
-
+from nightshift.operators.assets import SNAPSHOT_ASSET
 from nightshift.operators.base import NightshiftOperator, shape3
-
-#: Updated with ``extra={"digest": ...}`` every time a snapshot is collected.
-SNAPSHOT_ASSET = Asset(name="nightshift_snapshot", uri="nightshift://snapshot", group="nightshift")
 
 
 class CollectDataOperator(NightshiftOperator):
