@@ -14,7 +14,7 @@ run: setup
 	$(ENV) bash scripts/run_pipeline.sh
 
 test: setup
-	$(ENV) python -m pytest $(PYTEST_ARGS)
+	$(ENV) NIGHTSHIFT_REQUIRE_DOCKER=1 python -m pytest $(PYTEST_ARGS)
 
 # Unit + DAG tests only (no whole-DAG runs).
 test-fast: setup

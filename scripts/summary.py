@@ -27,6 +27,13 @@ def main(dag_id: str) -> int:
     print(f"\n=== {dag_id} {run_id}: {run_state.upper()}")
     for task, state in sorted(states.items()):
         print(f"  {task:<24} {state}")
+    validation = folder / "validation" / "validation.json"
+    if validation.exists():
+        v = json.loads(validation.read_text())["summary"]
+        if not v.get("success", True):
+            print(f"\nDATA VALIDATION FAILED ({v.get('failed')} of {v.get('evaluated')} expectations); nothing was trained:")
+            for f in v.get("failures", []):
+                print(f"  - {f.get('expectation')}{' [' + f['column'] + ']' if f.get('column') else ''}: {f.get('summary')}")
     promo = folder / "promotion.json"
     if promo.exists():
         p = json.loads(promo.read_text())

@@ -8,8 +8,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+# The same project-local state scripts/env.sh sets up, for a bare `pytest` too
+# (after `make setup` has created it). Must happen before Airflow is imported.
+_ROOT = Path(__file__).resolve().parents[1]
+_HOME = Path(os.environ.setdefault("NIGHTSHIFT_HOME", str(_ROOT / ".nightshift")))
+os.environ.setdefault("AIRFLOW_HOME", str(_HOME / "airflow"))
+os.environ.setdefault("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", f"sqlite:///{_HOME / 'airflow' / 'airflow.db'}")
+os.environ.setdefault("AIRFLOW__CORE__DAGS_FOLDER", str(_ROOT / "dags"))
+os.environ.setdefault("AIRFLOW__CORE__PLUGINS_FOLDER", str(_ROOT / "plugins"))
 os.environ.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 
 @pytest.fixture(scope="session")

@@ -40,6 +40,10 @@ def env(tmp_path_factory):
 def dag():
     from airflow.dag_processing.dagbag import DagBag
 
+    db = Path(os.environ["AIRFLOW_HOME"]) / "airflow.db"
+    if os.environ["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite") and not db.exists():
+        pytest.fail(f"Airflow metadata DB {db} does not exist: run `make setup` (or `make test`) first")
+
     bag = DagBag(dag_folder=str(ROOT / "dags"))
     assert not bag.import_errors
     return bag.dags["nightly_retrain"]

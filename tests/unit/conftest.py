@@ -222,20 +222,25 @@ def serving_server(tiny_onnx_model_dir):
 
 @_serving_pytest.fixture(scope="session")
 def serving_docker():
-    """A docker client, or skip when no daemon is reachable or the base image is missing."""
-    docker = _serving_pytest.importorskip("docker")
+    """A docker client. Without a daemon or the base image: skip, or fail when
+    ``NIGHTSHIFT_REQUIRE_DOCKER=1`` (``make test`` sets it, so CI never hides a missing daemon)."""
+    import os
+
+    import docker
+
     from nightshift.settings import Settings
 
+    missing = _serving_pytest.fail if os.environ.get("NIGHTSHIFT_REQUIRE_DOCKER") == "1" else _serving_pytest.skip
     try:
         client = docker.from_env(timeout=600)
         client.ping()
     except Exception as exc:  # noqa: BLE001
-        _serving_pytest.skip(f"no Docker daemon reachable ({exc}); run scripts/ensure_docker.sh")
+        missing(f"no Docker daemon reachable ({exc}); run scripts/ensure_docker.sh")
     base = Settings.from_env().base_image
     try:
         client.images.get(base)
     except docker.errors.ImageNotFound:
-        _serving_pytest.skip(f"base image {base} missing; run scripts/ensure_base_image.sh")
+        missing(f"base image {base} missing; run scripts/ensure_base_image.sh")
     yield client
     client.close()
 

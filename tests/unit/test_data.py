@@ -118,3 +118,14 @@ def test_to_shape_channel_conversions():
     gray = sources.to_shape(rgb, (4, 4, 1))
     assert gray.shape == (4, 4, 1) and int(gray[0, 0, 0]) == 76  # 0.299 * 255
     assert sources.to_shape(gray, (2, 2, 3)).shape == (2, 2, 3)
+
+
+def test_truncated_image_is_listed_not_dropped(make_imagefolder):
+    root = make_imagefolder(classes=("0", "1"), per_class=5)
+    good = sorted((root / "1").iterdir())[0]
+    data = good.read_bytes()
+    (root / "1" / "truncated.png").write_bytes(data[: len(data) // 2])
+    out = sources.load_imagefolder(root, (8, 8, 1))
+    assert len(out.images) == 10
+    assert [b["path"] for b in out.undecodable] == ["1/truncated.png"]
+    assert "object at 0x" not in out.undecodable[0]["error"]

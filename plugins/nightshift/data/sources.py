@@ -90,6 +90,14 @@ def decode_image(data: bytes) -> np.ndarray:
     return arr
 
 
+def _decode_error(exc: Exception) -> str:
+    from PIL import UnidentifiedImageError
+
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not a readable image (corrupt, or not PNG/JPEG/BMP/GIF/WebP)"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_bundled(shape: tuple[int, int, int] = (8, 8, 1)) -> SourceData:
     """scikit-learn's digits: 1,797 real 8×8 grayscale images with values 0..16."""
     from sklearn.datasets import load_digits
@@ -145,7 +153,7 @@ def load_imagefolder(
             try:
                 arr = decode_image(f.read_bytes())
             except Exception as exc:  # noqa: BLE001 - any decode failure is reported per file
-                bad.append({"path": rel, "error": f"{type(exc).__name__}: {exc}"})
+                bad.append({"path": rel, "error": _decode_error(exc)})
                 continue
             sizes.append(arr.shape)
             images.append(to_shape(arr, shape))
