@@ -34,8 +34,10 @@ if [ "$(id -u)" != "0" ]; then
 fi
 command -v debootstrap >/dev/null 2>&1 || {
   echo "base image: installing debootstrap"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+  apt_log=$(mktemp)
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; } >"$apt_log" 2>&1 || {
+    echo "apt-get install debootstrap failed:" >&2; tail -n 20 "$apt_log" >&2; exit 1; }
+  rm -f "$apt_log"
 }
 
 # Use the Debian mirror this machine's apt is configured with.

@@ -22,9 +22,11 @@ MSG
 fi
 
 if ! command -v dockerd >/dev/null 2>&1; then
-  echo "docker: dockerd not installed; installing Debian's docker.io (see packages.txt)"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io >/dev/null
+  echo "docker: dockerd not installed; installing Debian's docker.io"
+  apt_log=$(mktemp)
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io; } >"$apt_log" 2>&1 || {
+    echo "apt-get install docker.io failed:" >&2; tail -n 20 "$apt_log" >&2; exit 1; }
+  rm -f "$apt_log"
 fi
 
 log="$NS_HOME/dockerd.log"

@@ -4,6 +4,7 @@ shape, and that errors a retry cannot fix fail the task at once."""
 from __future__ import annotations
 
 from collections import defaultdict
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -94,3 +95,63 @@ def test_promote_requires_upstream_results(ctx):
                               training=None, export={}, image={}, system_eval={})
     with pytest.raises(AirflowFailException, match="train_gpu"):
         op.execute(ctx)
+
+
+@pytest.fixture
+def candidate(ctx):
+    """collect -> train -> export for real, with the operators; image and system eval given."""
+    from nightshift.operators import ExportONNXOperator
+
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    train = TrainGPUOperator(task_id="train", snapshot=snap, model_name="op-promote",
+                             hparams={"epochs": 3, "width": 8}).execute(ctx)
+    export = ExportONNXOperator(task_id="export", training=train, snapshot=snap, model_name="op-promote").execute(ctx)
+    served = {"accuracy": train["metrics"]["test_accuracy"], "errors": 0, "latency_ms": {"p95": 2.0}}
+    return {"snapshot": snap, "validation": {"success": True}, "training": train, "export": export,
+            "image": {"image": "nightshift/op-promote:x"}, "system_eval": served}
+
+
+def test_promote_without_thresholds_refuses_and_records_it(ctx, candidate):
+    from nightshift import registry
+
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds={"min_accuracy": 0.1},
+                              **candidate)
+    out = op.execute(ctx)
+    assert out["promoted"] is False and "no threshold is configured" in out["reason"]
+    c = registry.client(op.settings.mlflow_tracking_uri)
+    assert registry.get_champion(c, "op-promote") is None
+    assert c.get_model_version("op-promote", out["version"]).tags["nightshift.decision"] == "NOT_BLESSED"
+
+
+def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
+    from nightshift import registry
+    from nightshift.gates import THRESHOLD_KEYS
+
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate)
+    out = op.execute(ctx)
+    assert out["promoted"] and out["champion"] == out["version"]
+    c = registry.client(op.settings.mlflow_tracking_uri)
+    champion = registry.get_champion(c, "op-promote")
+    assert champion["tags"]["nightshift.snapshot_uri"] == candidate["snapshot"]["snapshot_uri"]
+
+    strict = loose | {"min_accuracy": 1.01}
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict,
+                              fail_on_reject=True, **candidate)
+    with pytest.raises(Exception, match="not promoted.*offline_accuracy"):
+        op.execute(ctx)
+    assert registry.get_champion(c, "op-promote")["version"] == out["version"]
+
+
+def test_drift_check_without_champion_then_against_it(ctx, candidate):
+    from nightshift.operators import DriftCheckOperator
+    from nightshift.gates import THRESHOLD_KEYS
+
+    first = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
+    assert first["status"] == "no_reference" and first["drift_detected"] is False
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    second = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
+    assert second["status"] == "ok" and second["drift_detected"] is False and second["drifted_share"] == 0.0
+    assert second["champion_version"] == "1"
+    assert Path(second["report_html"]).is_file()
