@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -61,7 +62,6 @@ def training_run(c, experiment: str, run_name: str, *, tags: dict[str, str], par
 
 def log_metrics(c, run_id: str, metrics: dict[str, float], step: int | None = None) -> None:
     from mlflow.entities import Metric
-    import time
 
     ts = int(time.time() * 1000)
     batch = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items() if v is not None and v == v]

@@ -58,7 +58,7 @@ def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
             continue
         default = DEFAULT_HPARAMS[k]
         try:
-            hp[k] = type(default)(v) if not isinstance(default, bool) else _to_bool(v)
+            hp[k] = type(default)(v) if not isinstance(default, bool) else to_bool(v)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"hyperparameter {k}={v!r} is not a valid {type(default).__name__}") from exc
     if hp["epochs"] < 1 or hp["batch_size"] < 1 or hp["lr"] <= 0:
@@ -66,7 +66,7 @@ def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
     return hp
 
 
-def _to_bool(v: Any) -> bool:
+def to_bool(v: Any) -> bool:
     if isinstance(v, str):
         return v.strip().lower() in ("1", "true", "yes", "on")
     return bool(v)

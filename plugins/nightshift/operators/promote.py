@@ -42,7 +42,7 @@ class PromoteModelOperator(NightshiftOperator):
         from nightshift.artifacts import atomic_write_json
         from nightshift.errors import NightshiftError
         from nightshift.gates import Evidence, decide
-        from nightshift.training import _to_bool
+        from nightshift.training import to_bool
 
         train = self.require(self.training, "training", "train_gpu")
         export = self.require(self.export, "export", "export_onnx")
@@ -89,6 +89,6 @@ class PromoteModelOperator(NightshiftOperator):
         else:
             self.log.warning("NOT PROMOTED %s v%s: %s; champion stays %s", self.model_name, outcome["version"],
                              decision.reason, outcome["champion"])
-            if _to_bool(self.fail_on_reject):
+            if to_bool(self.fail_on_reject):
                 raise NightshiftError(f"candidate v{outcome['version']} not promoted: {decision.reason}")
         return outcome

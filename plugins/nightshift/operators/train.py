@@ -38,7 +38,7 @@ class TrainGPUOperator(NightshiftOperator):
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
         snap = load_snapshot(snap_info["snapshot_uri"])
         hp = training.resolve_hparams(dict(self.hparams or {}))
-        require_gpu = training._to_bool(self.require_gpu)
+        require_gpu = training.to_bool(self.require_gpu)
         training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
         out_dir = self.run_dir(context, "train")
         c = self.mlflow
