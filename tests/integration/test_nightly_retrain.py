@@ -34,6 +34,17 @@ def env(tmp_path_factory):
     yield home
     os.environ.clear()
     os.environ.update(saved)
+    _remove_images(f"nightshift/{MODEL}")
+
+
+def _remove_images(repository: str) -> None:
+    """The images these runs built (their layers are shared; tags would pile up)."""
+    import docker
+
+    client = docker.from_env()
+    for image in client.images.list(name=repository):
+        client.images.remove(image.id, force=True)
+    client.close()
 
 
 @pytest.fixture(scope="module")
