@@ -110,11 +110,10 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     version = str(mv.version)
     if decision.blessed:
         c.set_registered_model_alias(model_name, CHAMPION, version)
-    champion = get_champion(c, model_name)
+    before = previous["version"] if previous else None
     return {
         "model_name": model_name, "version": version, "promoted": decision.blessed, "decision": decision.decision,
-        "reason": decision.reason, "previous_champion": previous["version"] if previous else None,
-        "champion": champion["version"] if champion else None,
+        "reason": decision.reason, "previous_champion": before, "champion": version if decision.blessed else before,
     }
 
 

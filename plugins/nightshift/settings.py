@@ -10,11 +10,19 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 def _project_root() -> Path:
     # plugins/nightshift/settings.py -> project root
     return Path(__file__).resolve().parents[2]
+
+
+def to_bool(value: Any) -> bool:
+    """A templated or env flag as bool: ``"true"/"1"/"yes"/"on"`` (any case) are true."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 @dataclass(frozen=True)

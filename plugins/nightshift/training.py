@@ -22,6 +22,7 @@ import numpy as np
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json
 from nightshift.data.snapshot import Snapshot
 from nightshift.errors import ConfigError, DataError, GPUUnavailable
+from nightshift.settings import to_bool
 
 #: Hyperparameters with their units. Unknown keys are rejected.
 DEFAULT_HPARAMS: dict[str, Any] = {
@@ -65,11 +66,6 @@ def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
         raise ConfigError(f"epochs, batch_size and lr must be positive (got {hp['epochs']}, {hp['batch_size']}, {hp['lr']})")
     return hp
 
-
-def to_bool(v: Any) -> bool:
-    if isinstance(v, str):
-        return v.strip().lower() in ("1", "true", "yes", "on")
-    return bool(v)
 
 
 def select_device(require_gpu: bool = False, device: str | None = None):

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import onnx
 import onnxruntime as ort
@@ -37,7 +38,7 @@ def test_parity_report_and_model_json(exported, trained):
     result, _, x = exported
     p = result["parity"]
     assert p["passed"] and p["n"] == len(x) and p["max_abs_diff_logits"] < 1e-3 and p["top1_agreement"] == 1.0
-    meta = json.loads((result["model_dir"] and open(f"{result['model_dir']}/model.json").read()))
+    meta = json.loads(Path(result["model_dir"], "model.json").read_text())
     assert meta["input_shape"] == [8, 8, 1] and meta["input_datatype"] == "UINT8"
     assert meta["onnx_sha256"] == result["onnx_sha256"]
 

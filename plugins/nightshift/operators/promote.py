@@ -42,7 +42,7 @@ class PromoteModelOperator(NightshiftOperator):
         from nightshift.artifacts import atomic_write_json
         from nightshift.errors import NightshiftError
         from nightshift.gates import Evidence, decide
-        from nightshift.training import to_bool
+        from nightshift.settings import to_bool
 
         train = self.require(self.training, "training", "train_gpu")
         export = self.require(self.export, "export", "export_onnx")

@@ -34,11 +34,12 @@ class TrainGPUOperator(NightshiftOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import registry, training
         from nightshift.data.snapshot import load_snapshot
+        from nightshift.settings import to_bool
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
         snap = load_snapshot(snap_info["snapshot_uri"])
         hp = training.resolve_hparams(dict(self.hparams or {}))
-        require_gpu = training.to_bool(self.require_gpu)
+        require_gpu = to_bool(self.require_gpu)
         training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
         out_dir = self.run_dir(context, "train")
         c = self.mlflow
