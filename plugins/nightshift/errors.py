@@ -46,6 +46,20 @@ class GPUUnavailable(NightshiftError):
     """``require_gpu=True`` but no CUDA device is visible."""
 
 
+class TrainingDiverged(NightshiftError):
+    """The training loss became NaN or infinite (usually a learning rate far too high)."""
+
+
+class RegistryError(NightshiftError):
+    """The model registry answered with an error other than "not found".
+
+    Retryable: a registry that is down or refuses access may recover, and until
+    it does no gate that needs it can be evaluated (fail closed).
+    """
+
+    retryable = True
+
+
 class ParityError(NightshiftError):
     """The exported ONNX model disagrees with the PyTorch model beyond tolerance."""
 

@@ -25,8 +25,8 @@ class Evidence:
     served_accuracy: float | None
     p95_latency_ms: float | None
     serving_errors: int | None
-    champion_accuracy: float | None = None  # None: there is no champion yet
-    champion_version: str | None = None
+    champion_accuracy: float | None = None  # the champion's accuracy; None with a champion fails vs_champion
+    champion_version: str | None = None  # None: there is no champion yet
 
 
 @dataclass
@@ -86,8 +86,11 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
                       f"p95 {e.p95_latency_ms if e.p95_latency_ms is not None else 'n/a'} ms vs budget {t['max_p95_latency_ms']} ms"))
     gates.append(Gate("serving_errors", e.serving_errors == 0, e.serving_errors, 0,
                       f"{e.serving_errors} failed requests during system evaluation"))
-    if e.champion_accuracy is None:
+    if e.champion_version is None:
         gates.append(Gate("vs_champion", True, e.offline_accuracy, None, "no current champion: nothing to beat"))
+    elif e.champion_accuracy is None:  # a champion we cannot compare with blocks promotion (fail closed)
+        gates.append(Gate("vs_champion", False, e.offline_accuracy, None,
+                          f"champion v{e.champion_version} has no recorded accuracy: cannot compare"))
     else:
         floor = e.champion_accuracy - t["champion_tolerance"]
         gates.append(Gate("vs_champion", e.offline_accuracy >= floor, e.offline_accuracy, floor,

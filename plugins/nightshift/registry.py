@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from nightshift.errors import RegistryError
 from nightshift.gates import Decision
 
 CHAMPION = "champion"
@@ -69,35 +70,175 @@ def log_metrics(c, run_id: str, metrics: dict[str, float], step: int | None = No
         c.log_batch(run_id, metrics=batch)
 
 
+def is_not_found(exc: BaseException) -> bool:
+    """True only for MLflow's "this model / version / alias does not exist"."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    return isinstance(exc, MlflowException) and exc.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST)
+
+
+def _registry_error(action: str, model_name: str, exc: BaseException) -> RegistryError:
+    code = getattr(exc, "error_code", type(exc).__name__)
+    return RegistryError(
+        f"the model registry failed while {action} for {model_name!r} ({code}: {str(exc).splitlines()[0][:300]}). "
+        "Nothing is promoted while the registry cannot be read; check MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI "
+        "and access rights. The task will be retried."
+    )
+
+
+def _version_dict(mv) -> dict[str, Any]:
+    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags)}
+
+
 def get_champion(c, model_name: str) -> dict[str, Any] | None:
-    """The model version the ``champion`` alias points to, or None."""
+    """The model version the ``champion`` alias points to, or None.
+
+    ``None`` means only "the registered model or its ``champion`` alias does not
+    exist". Any other registry error (unreachable, permission denied, a broken
+    store) raises :class:`RegistryError`: a gate that cannot read the champion
+    must not pass as "nothing to beat" (fail closed).
+    """
     from mlflow.exceptions import MlflowException
 
+    # The registered model's alias map, not get_model_version_by_alias: stores
+    # disagree on the error code of a missing alias (the SQL store says
+    # INVALID_PARAMETER_VALUE), and that must not be confused with real errors.
     try:
-        mv = c.get_model_version_by_alias(model_name, CHAMPION)
-    except MlflowException:
+        rm = c.get_registered_model(model_name)
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error("reading the registered model", model_name, exc) from exc
+    version = (rm.aliases or {}).get(CHAMPION)
+    if version is None:
         return None
-    return {"version": str(mv.version), "run_id": mv.run_id, "source": mv.source, "tags": dict(mv.tags)}
+    try:
+        mv = c.get_model_version(model_name, str(version))
+    except MlflowException as exc:  # the alias names a version: even "not found" is an inconsistency
+        raise _registry_error(f"reading champion v{version}", model_name, exc) from exc
+    return _version_dict(mv)
 
 
 def _ensure_registered_model(c, name: str) -> None:
     from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
 
     try:
         c.get_registered_model(name)
-    except MlflowException:
-        try:
-            c.create_registered_model(name, description="Image classifier retrained by Nightshift's nightly_retrain DAG.")
-        except MlflowException:
-            c.get_registered_model(name)  # created concurrently
+        return
+    except MlflowException as exc:
+        if not is_not_found(exc):
+            raise _registry_error("looking up the registered model", name, exc) from exc
+    try:
+        c.create_registered_model(name, description="Image classifier retrained by Nightshift's nightly_retrain DAG.")
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):  # else: created concurrently
+            raise _registry_error("creating the registered model", name, exc) from exc
+
+
+def find_candidate(c, model_name: str, run_id: str, onnx_sha256: str) -> dict[str, Any] | None:
+    """The version already registered for this training run and ONNX file, if any.
+
+    A retried ``promote`` uses it instead of registering a second version.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = c.search_model_versions(f"name = '{model_name}' and run_id = '{run_id}'")
+    except MlflowException as exc:
+        if is_not_found(exc):
+            return None
+        raise _registry_error("searching model versions", model_name, exc) from exc
+    mine = [mv for mv in versions if dict(mv.tags).get(f"{TAG_PREFIX}onnx_sha256") == onnx_sha256]
+    if not mine:
+        return None
+    return _version_dict(min(mine, key=lambda mv: int(mv.version)))
+
+
+def _gates_from_tags(tags: dict[str, str]) -> list[dict[str, Any]]:
+    gates = []
+    for key, value in sorted(tags.items()):
+        if key.startswith("gate."):
+            try:
+                g = json.loads(value)
+            except ValueError:
+                g = {"raw": value}
+            gates.append({"name": key[len("gate."):], **g})
+    return gates
+
+
+def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, Any]:
+    """Finish the promotion of a version a previous try registered.
+
+    The recorded decision stands (it was made on the evidence of the first
+    try). If that decision was BLESSED and ``champion`` still points where it
+    pointed before (the first try died between registering and moving the
+    alias), the alias is moved now; if it already points at this version
+    nothing moves; if someone else moved it since, it is left alone.
+    """
+    tags = existing["tags"]
+    version = existing["version"]
+    decision = tags.get(f"{TAG_PREFIX}decision")
+    if decision is None:
+        raise RegistryError(f"{model_name} v{version} was registered for this run but carries no "
+                            f"'{TAG_PREFIX}decision' tag; inspect it in MLflow before promoting again")
+    blessed = decision == "BLESSED"
+    before = tags.get(f"{TAG_PREFIX}baseline_version") or None
+    before = None if before == "none" else before
+    note = "registered by an earlier try of this task; its recorded decision stands"
+    current_v, moved = _move_champion(c, model_name, version, before) if blessed else (None, "")
+    if not blessed:
+        current = get_champion(c, model_name)
+        current_v = current["version"] if current else None
+    if moved:
+        note += "; " + moved
+    return {
+        "model_name": model_name, "version": version, "promoted": blessed and current_v == version,
+        "decision": decision, "reason": tags.get(f"{TAG_PREFIX}reason", ""), "previous_champion": before,
+        "champion": current_v, "reused": True, "note": note, "recorded_gates": _gates_from_tags(tags),
+    }
+
+
+def _move_champion(c, model_name: str, version: str, expected: str | None) -> tuple[str | None, str]:
+    """Point ``champion`` at ``version`` if it still points at ``expected``.
+
+    Returns ``(champion version now, note)``. The alias moves at most once: if it
+    already points at ``version`` nothing is written; if someone else moved it
+    since the decision was made, the comparison is stale and it is left alone.
+    """
+    current = get_champion(c, model_name)
+    current_v = current["version"] if current else None
+    if current_v == version:
+        return version, "champion already pointed at this version"
+    if current_v != expected:
+        log.warning("%s v%s was blessed against champion v%s, but champion is now v%s: not moving it",
+                    model_name, version, expected, current_v)
+        return current_v, (f"champion moved from v{expected} to v{current_v} while v{version} was evaluated; "
+                           "left there (the comparison would be stale)")
+    c.set_registered_model_alias(model_name, CHAMPION, version)
+    return version, f"champion alias moved now, from {f'v{expected}' if expected else 'none'} to v{version}"
 
 
 def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, tags: dict[str, Any],
                        decision: Decision) -> dict[str, Any]:
     """Register the run's ONNX model as a new version, record the decision and every
-    gate on it, and move ``champion`` only when the decision is BLESSED."""
+    gate on it, and move ``champion`` only when the decision is BLESSED.
+
+    Idempotent: when a version for this run and ``tags["onnx_sha256"]`` already
+    exists (a retried task), it is resumed (:func:`resume_candidate`) instead of
+    registering another one.
+
+    The decision's ``baseline`` is the champion it compared with; it is
+    recorded on the version, and the alias moves only from there.
+    """
+    previous_champion = decision.baseline
+    onnx_sha = tags.get("onnx_sha256")
+    if onnx_sha:
+        existing = find_candidate(c, model_name, run_id, str(onnx_sha))
+        if existing is not None:
+            return resume_candidate(c, model_name, existing)
     _ensure_registered_model(c, model_name)
-    previous = get_champion(c, model_name)
     all_tags = {f"{TAG_PREFIX}{k}": str(v) for k, v in tags.items() if v is not None}
     all_tags[f"{TAG_PREFIX}decision"] = decision.decision
     all_tags[f"{TAG_PREFIX}reason"] = decision.reason[:4900]
@@ -108,12 +249,14 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=all_tags,
                                 description=f"{decision.decision}: {decision.reason}"[:4900])
     version = str(mv.version)
+    champion, note = previous_champion, "registered now"
     if decision.blessed:
-        c.set_registered_model_alias(model_name, CHAMPION, version)
-    before = previous["version"] if previous else None
+        champion, moved = _move_champion(c, model_name, version, previous_champion)
+        note += "; " + moved
     return {
-        "model_name": model_name, "version": version, "promoted": decision.blessed, "decision": decision.decision,
-        "reason": decision.reason, "previous_champion": before, "champion": version if decision.blessed else before,
+        "model_name": model_name, "version": version, "promoted": decision.blessed and champion == version,
+        "decision": decision.decision, "reason": decision.reason, "previous_champion": previous_champion,
+        "champion": champion, "reused": False, "note": note,
     }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json
 from nightshift.data.snapshot import Snapshot
-from nightshift.errors import ConfigError, DataError, GPUUnavailable
+from nightshift.errors import ConfigError, DataError, GPUUnavailable, TrainingDiverged
 from nightshift.settings import to_bool
 
 #: Hyperparameters with their units. Unknown keys are rejected.
@@ -30,7 +30,8 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "width": 32,               # channels of the first conv block
     "epochs": 12,              # passes over the training split
     "batch_size": 128,         # images per step
-    "lr": 3e-3,                # peak learning rate (AdamW, one-cycle)
+    "lr": 3e-3,                # peak learning rate (AdamW; linear warm-up then linear decay)
+    "warmup_fraction": 0.25,   # share of all steps spent warming up (0 = start at the peak)
     "weight_decay": 5e-4,      # AdamW decoupled weight decay
     "label_smoothing": 0.1,    # cross-entropy label smoothing
     "crop_pad": 1,             # random-crop padding, pixels (0 = off)
@@ -62,9 +63,59 @@ def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
             hp[k] = type(default)(v) if not isinstance(default, bool) else to_bool(v)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"hyperparameter {k}={v!r} is not a valid {type(default).__name__}") from exc
-    if hp["epochs"] < 1 or hp["batch_size"] < 1 or hp["lr"] <= 0:
-        raise ConfigError(f"epochs, batch_size and lr must be positive (got {hp['epochs']}, {hp['batch_size']}, {hp['lr']})")
+    if hp["epochs"] < 1 or hp["eval_batch_size"] < 1 or hp["width"] < 1:
+        raise ConfigError("epochs, eval_batch_size and width must be at least 1 (got "
+                          f"{hp['epochs']}, {hp['eval_batch_size']}, {hp['width']})")
+    if hp["batch_size"] < 2:
+        raise ConfigError(f"batch_size must be at least 2 (got {hp['batch_size']}): the models use BatchNorm, "
+                          "which cannot normalise a batch of one image")
+    if not (math.isfinite(hp["lr"]) and hp["lr"] > 0):
+        raise ConfigError(f"lr must be a positive finite number, got {hp['lr']!r}")
+    if not 0 <= hp["warmup_fraction"] < 1:
+        raise ConfigError(f"warmup_fraction must be in [0, 1), got {hp['warmup_fraction']!r}")
+    if not 0 <= hp["label_smoothing"] < 1:
+        raise ConfigError(f"label_smoothing must be in [0, 1), got {hp['label_smoothing']!r}")
+    if hp["weight_decay"] < 0 or hp["crop_pad"] < 0:
+        raise ConfigError(f"weight_decay and crop_pad must be >= 0 (got {hp['weight_decay']}, {hp['crop_pad']})")
     return hp
+
+
+def lr_factor(step: int, total_steps: int, warmup_fraction: float, *, start: float = 0.1,
+              end: float = 0.01) -> float:
+    """Multiplier of the peak learning rate for ``step`` (0-based) of ``total_steps``.
+
+    Linear warm-up from ``start`` to 1 over ``ceil(warmup_fraction * total_steps)``
+    steps, then linear decay to ``end`` at the last step. Defined for every
+    ``total_steps >= 1`` (one step trains at the peak): unlike ``OneCycleLR`` it
+    never divides by a phase of zero steps.
+    """
+    if total_steps < 1:
+        raise ConfigError(f"the learning-rate schedule needs at least one step, got {total_steps}")
+    step = min(max(step, 0), total_steps - 1)
+    warmup = min(math.ceil(warmup_fraction * total_steps), total_steps - 1)
+    if step < warmup:
+        return start + (1.0 - start) * step / warmup
+    decay = total_steps - 1 - warmup
+    if decay == 0:
+        return 1.0
+    return 1.0 + (end - 1.0) * (step - warmup) / decay
+
+
+def plan_steps(n_train: int, batch_size: int) -> tuple[int, int]:
+    """``(steps_per_epoch, images_per_epoch)`` for ``n_train`` images.
+
+    A batch larger than the split is clipped to the split. A trailing batch of
+    a single image is dropped (BatchNorm cannot normalise one value per channel
+    once the feature map is 1×1), so every step sees at least two images.
+    """
+    if n_train < 2:
+        raise DataError(f"the train split has {n_train} image(s); training needs at least 2. "
+                        "Collect more images or lower val_fraction/test_fraction.")
+    bs = min(batch_size, n_train)
+    steps, rest = divmod(n_train, bs)
+    if rest >= 2:
+        steps += 1
+    return steps, (n_train if rest != 1 else n_train - 1)
 
 
 
@@ -187,8 +238,11 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     xva_np, yva_np = snapshot.split("val")
     xte_np, yte_np = snapshot.split("test")
     if len(ytr_np) == 0 or len(yte_np) == 0:
-        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split: "
-                        f"{snapshot.manifest['counts']['per_split']}")
+        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split "
+                        f"({snapshot.manifest['counts']['per_split']}): collect more images "
+                        "(splits are drawn by content hash) or raise test_fraction")
+    steps_per_epoch, images_per_epoch = plan_steps(len(ytr_np), hp["batch_size"])
+    batch_size = min(hp["batch_size"], len(ytr_np))
     mean, std = channel_stats(xtr_np)
     num_classes = len(snapshot.class_names)
     model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"]).to(dev)
@@ -201,10 +255,10 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     xva, yva = to_dev(xva_np), to_dev(yva_np, torch.long)
     xte, yte = to_dev(xte_np), to_dev(yte_np, torch.long)
 
-    steps_per_epoch = math.ceil(len(ytr) / hp["batch_size"])
     total_steps = steps_per_epoch * hp["epochs"]
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=hp["lr"], total_steps=total_steps, pct_start=0.25)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_factor(s, total_steps, hp["warmup_fraction"]))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
     use_amp = bool(hp["amp"]) and dev.type == "cuda"
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
@@ -230,14 +284,20 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         for s in range(steps_per_epoch):
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
-            idx = perm[s * hp["batch_size"]:(s + 1) * hp["batch_size"]]
+            idx = perm[s * batch_size:min((s + 1) * batch_size, images_per_epoch)]
             xb = augment(xtr[idx], hp["crop_pad"], hp["flip"], gen)
             loss_sum += step(xb, ytr[idx]).detach() * len(idx)
         epoch_s = timer.stop()
         train_seconds += epoch_s
+        train_loss = loss_sum.item() / images_per_epoch  # one host sync per epoch
+        if not math.isfinite(train_loss):
+            raise TrainingDiverged(
+                f"training diverged: the mean training loss of epoch {epoch} is {train_loss} "
+                f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default "
+                f"{DEFAULT_HPARAMS['lr']:g}) and trigger again; a retry with the same settings would diverge again.")
         val = evaluate(model, xva, yva, hp["eval_batch_size"]) if len(yva) else {"accuracy": float("nan"), "loss": float("nan")}
-        m = {"train_loss": loss_sum.item() / len(ytr), "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-             "epoch_seconds": epoch_s, "train_images_per_second": len(ytr) / max(epoch_s, 1e-9),
+        m = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
+             "epoch_seconds": epoch_s, "train_images_per_second": images_per_epoch / max(epoch_s, 1e-9),
              "lr": sched.get_last_lr()[0]}
         history.append({"epoch": epoch, **m})
         if on_epoch:
@@ -248,7 +308,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
         "train_seconds": train_seconds,
-        "train_images_per_second": len(ytr) * hp["epochs"] / max(train_seconds, 1e-9),
+        "train_images_per_second": images_per_epoch * hp["epochs"] / max(train_seconds, 1e-9),
     }
     model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
@@ -269,6 +329,28 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a Nightshift checkpoint: tensors and plain values only.
+
+    ``weights_only=True`` makes :func:`torch.load` refuse anything that would
+    run code while unpickling, so a checkpoint path that arrives through XCom
+    cannot execute an attacker's objects.
+
+    :raises DataError: the file is missing, is not a checkpoint, or holds
+        objects other than tensors and plain values.
+    """
+    import pickle
+
     import torch
 
-    return torch.load(path, map_location="cpu", weights_only=False)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"checkpoint {path} does not exist; re-run the train_gpu task")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+        raise DataError(f"checkpoint {path} cannot be loaded safely (tensors and plain values only): "
+                        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+    missing = [k for k in ("model_config", "state_dict", "class_names") if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise DataError(f"{path} is not a Nightshift checkpoint: it lacks {missing}")
+    return ckpt

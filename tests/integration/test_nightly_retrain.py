@@ -1,9 +1,11 @@
 """nightly_retrain end to end: real Airflow metadata DB, MLflow (SQLite), Docker
-daemon and ONNX Runtime, on the bundled digits and a small ImageFolder tree.
+daemon and ONNX Runtime, on an ImageFolder of JPEG photos of handwritten digits.
 
-Runs in order: first promotion, then an impossible accuracy floor (champion
-unchanged, reason recorded), then a corrupt image (fails at validation, trains
-nothing).
+Runs in order, all on the same folder: first promotion; then an impossible
+accuracy floor (champion unchanged, reason recorded); then a truncated JPEG
+and a text file named .jpg are added to the folder (the decodable pixels are
+unchanged) and the run fails at validation naming both, trains nothing, and
+leaves the champion alone.
 """
 
 from __future__ import annotations
@@ -18,7 +20,29 @@ pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "it-digits"
-FAST = {"epochs": 6, "model_name": MODEL}
+PER_CLASS = 60
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """10 classes × 60 real digits, upscaled to 24×24 RGB and saved as JPEG."""
+    import numpy as np
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    root = tmp_path_factory.mktemp("photos")
+    d = load_digits()
+    for k in range(10):
+        for i in np.flatnonzero(d.target == k)[:PER_CLASS]:
+            g = np.kron(np.clip(d.images[i] * 16, 0, 255).astype(np.uint8), np.ones((3, 3), np.uint8))
+            (root / str(k)).mkdir(exist_ok=True)
+            Image.fromarray(np.stack([g, g, g], axis=2)).save(root / str(k) / f"{i:04d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="module")
+def conf(photos):
+    return {"epochs": 8, "model_name": MODEL, "source": str(photos), "image_shape": [8, 8, 1], "min_accuracy": 0.8}
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +110,8 @@ def promotion(env, run_id) -> dict:
 
 
 @pytest.fixture(scope="module")
-def first_run(dag, env, mlflow):
-    return run(dag, FAST)
+def first_run(dag, env, mlflow, conf):
+    return run(dag, conf)
 
 
 def test_first_run_promotes_a_champion(first_run, env, mlflow):
@@ -101,17 +125,17 @@ def test_first_run_promotes_a_champion(first_run, env, mlflow):
     champion = registry.get_champion(mlflow, MODEL)
     assert champion is not None and champion["version"] == p["version"]
     tags = champion["tags"]
-    assert float(tags["nightshift.offline_accuracy"]) >= 0.9
+    assert float(tags["nightshift.offline_accuracy"]) >= 0.8
     assert tags["nightshift.image"].startswith(f"nightshift/{MODEL}:")
     assert json.loads(tags["gate.serving_errors"])["observed"] == 0
     assert p["drift"]["status"] == "no_reference"
 
 
-def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, mlflow):
+def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, mlflow, conf):
     from nightshift import registry
 
     before = registry.get_champion(mlflow, MODEL)["version"]
-    dr, states = run(dag, {**FAST, "min_accuracy": 1.01})
+    dr, states = run(dag, {**conf, "min_accuracy": 1.01})
     assert str(dr.state) == "success" and set(states.values()) == {"success"}, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is False and p["decision"] == "NOT_BLESSED"
@@ -123,19 +147,28 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
     assert p["drift"]["status"] == "ok"  # the champion's training data is now the reference
 
 
-def test_corrupt_image_fails_validation_and_trains_nothing(first_run, dag, env, mlflow, make_imagefolder):
-    root = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=1)
+def test_corrupt_files_added_to_the_same_folder_fail_validation_and_train_nothing(first_run, dag, env, mlflow,
+                                                                                 conf, photos):
+    from nightshift import registry
+    from nightshift.artifacts import run_dir
+
+    champion_before = registry.get_champion(mlflow, MODEL)["version"]
+    good = sorted((photos / "3").glob("*.jpg"))[0].read_bytes()
+    (photos / "3" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (photos / "7" / "readme.jpg").write_text("not a photo, just a text file named .jpg")
     exp = mlflow.get_experiment_by_name(MODEL)
     runs_before = len(mlflow.search_runs([exp.experiment_id]))
-    dr, states = run(dag, {**FAST, "source": str(root), "image_shape": [8, 8, 1]})
+    try:
+        dr, states = run(dag, conf)
+    finally:
+        (photos / "3" / "truncated.jpg").unlink()
+        (photos / "7" / "readme.jpg").unlink()
     assert str(dr.state) == "failed"
     assert states["collect_data"] == "success"
     assert states["validate_data"] == "failed"
     for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote"):
         assert states[task] == "upstream_failed", states
-    assert len(mlflow.search_runs([exp.experiment_id])) == runs_before
-    from nightshift.artifacts import run_dir
-
-    report = json.loads((run_dir(env / "artifacts", "nightly_retrain", dr.run_id) / "validation" /
-                         "validation.json").read_text())
-    assert "corrupt_0.png" in json.dumps(report)
+    assert len(mlflow.search_runs([exp.experiment_id])) == runs_before  # nothing trained
+    assert registry.get_champion(mlflow, MODEL)["version"] == champion_before
+    report = (run_dir(env / "artifacts", "nightly_retrain", dr.run_id) / "validation" / "validation.json").read_text()
+    assert "3/truncated.jpg" in report and "7/readme.jpg" in report

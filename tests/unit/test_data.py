@@ -16,15 +16,46 @@ def test_bundled_digits_are_real_uint8_images():
     assert data.class_names == [str(i) for i in range(10)]
 
 
-def test_snapshot_is_content_addressed_and_reused(tmp_path):
+def test_pixels_are_shared_but_every_collection_has_its_own_record(tmp_path):
     data = sources.load_bundled()
     a = write_snapshot(data, tmp_path)
     b = write_snapshot(data, tmp_path)
-    assert a.path == b.path and a.path.name == a.digest
-    assert [p.name for p in tmp_path.iterdir()] == [a.digest]  # no temp leftovers
+    assert a.digest == b.digest and a.pixels_path == b.pixels_path  # pixel data stored once
+    assert a.pixels_path.name == a.digest
+    assert a.path != b.path and a.collection_id != b.collection_id  # per-collection facts never shared
+    assert sorted(p.name for p in (tmp_path / "pixels").iterdir()) == [a.digest]  # no temp leftovers
+    assert sorted(p.name for p in (tmp_path / "collections").iterdir()) == sorted([a.collection_id, b.collection_id])
+    assert np.array_equal(a.images, b.images)
     changed = sources.load_bundled()
     changed.images[0, 0, 0, 0] ^= 1
     assert write_snapshot(changed, tmp_path).digest != a.digest
+
+
+def test_same_pixels_from_another_source_keep_that_source(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1"), per_class=6)
+    first = write_snapshot(sources.load_imagefolder(root, (8, 8, 1)), tmp_path / "snaps")
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    second = write_snapshot(sources.load_imagefolder(moved, (8, 8, 1)), tmp_path / "snaps")
+    assert second.digest == first.digest
+    assert second.manifest["source"]["root"] == str(moved) != first.manifest["source"]["root"]
+    assert second.profile()["source"].tolist() == first.profile()["source"].tolist()  # relative origins
+    assert second.manifest["collected_at"] >= first.manifest["collected_at"]
+
+
+def test_missing_pixel_data_and_old_format_fail_clearly(tmp_path):
+    import json
+    import shutil
+
+    snap = write_snapshot(sources.load_bundled(), tmp_path)
+    shutil.rmtree(snap.pixels_path)
+    with pytest.raises(DataError, match=f"pixel data .*{snap.digest[:12]}.*collect the data again"):
+        load_snapshot(snap.path)
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": 1, "digest": "x"}))
+    with pytest.raises(DataError, match="format 1.*re-run collect_data"):
+        load_snapshot(old)
 
 
 def test_snapshot_contents_and_profile(digits_snapshot):

@@ -49,3 +49,10 @@ def test_each_failed_gate_blocks_and_is_named_with_numbers(over, gate):
 def test_champion_within_tolerance_passes():
     d = decide("abc", good(offline_accuracy=0.95, served_accuracy=0.95, champion_accuracy=0.955, champion_version="2"), T)
     assert d.blessed and d.baseline == "2"
+
+
+def test_champion_without_recorded_accuracy_blocks_promotion():
+    d = decide("abc", good(champion_accuracy=None, champion_version="4"), T)
+    assert d.decision == NOT_BLESSED
+    gate = next(g for g in d.gates if g.name == "vs_champion")
+    assert not gate.passed and "v4 has no recorded accuracy" in gate.detail

@@ -135,12 +135,66 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     champion = registry.get_champion(c, "op-promote")
     assert champion["tags"]["nightshift.snapshot_uri"] == candidate["snapshot"]["snapshot_uri"]
 
+    # A second candidate (another training run) that fails a gate, with fail_on_reject.
+    train2 = TrainGPUOperator(task_id="train", snapshot=candidate["snapshot"], model_name="op-promote",
+                              hparams={"epochs": 1, "width": 8, "seed": 1}).execute(ctx)
     strict = loose | {"min_accuracy": 1.01}
-    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict,
-                              fail_on_reject=True, **candidate)
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict, fail_on_reject=True,
+                              **(candidate | {"training": train2}))
     with pytest.raises(Exception, match="not promoted.*offline_accuracy"):
         op.execute(ctx)
     assert registry.get_champion(c, "op-promote")["version"] == out["version"]
+
+
+def test_promote_retried_registers_one_version_and_keeps_the_first_decision(ctx, candidate):
+    from nightshift import registry
+    from nightshift.gates import THRESHOLD_KEYS
+
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    first = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
+                                 **candidate).execute(ctx)
+    retry = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
+                                 **candidate).execute(ctx)
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    assert len(c.search_model_versions("name = 'op-promote'")) == 1
+    assert retry["version"] == first["version"] == "1" and retry["reused"] is True
+    assert retry["promoted"] is True and retry["previous_champion"] is None  # not "itself"
+    assert {g["name"] for g in retry["gates"]} >= {"offline_accuracy", "vs_champion"}
+    assert registry.get_champion(c, "op-promote")["version"] == "1"
+
+
+def ctx_home(ctx) -> str:
+    import os
+
+    return os.environ["NIGHTSHIFT_HOME"]
+
+
+def _deny(*_a, **_k):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    raise MlflowException("access to the model registry denied", error_code=PERMISSION_DENIED)
+
+
+def test_registry_errors_fail_drift_check_and_promote_instead_of_passing(ctx, candidate, monkeypatch):
+    from mlflow import MlflowClient
+
+    from nightshift.errors import RegistryError
+    from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.operators import DriftCheckOperator
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", _deny)
+    monkeypatch.setattr(MlflowClient, "search_model_versions", _deny)
+    with pytest.raises(RegistryError, match="PERMISSION_DENIED"):  # retryable: not an AirflowFailException
+        DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
+        PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    monkeypatch.undo()
+    from nightshift import registry
+
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    assert c.search_registered_models() == [] or not c.search_model_versions("name = 'op-promote'")
 
 
 def test_drift_check_without_champion_then_against_it(ctx, candidate):

@@ -238,3 +238,52 @@ def test_config_errors(quality_profile, quality_manifest, tmp_path):
     config = ValidationConfig(class_names=None, image_shape=(8, 8, 1))
     with pytest.raises(ConfigError, match="no class list"):
         validate_snapshot(quality_profile, manifest, config, tmp_path)
+
+
+def _write_jpegs(root, per_class=20):
+    """A small ImageFolder of real digit photos saved as JPEG (RGB 24×24)."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for cls in ("0", "1", "2"):
+        for i in np.flatnonzero(digits.target == int(cls))[:per_class]:
+            g = np.kron(np.clip(digits.images[i] * 16, 0, 255).astype(np.uint8), np.ones((3, 3), np.uint8))
+            (root / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.stack([g, g, g], axis=2)).save(root / cls / f"{i:04d}.jpg", quality=90)
+
+
+def test_each_collection_reports_its_own_undecodable_files(tmp_path):
+    """Clean → dirty → clean again on the same ImageFolder: the pixels of all three
+    collections are identical, yet each validation sees exactly its own bad files."""
+    from nightshift.data import sources
+    from nightshift.data.snapshot import write_snapshot
+
+    root = tmp_path / "photos"
+    _write_jpegs(root)
+    config = ValidationConfig(class_names=["0", "1", "2"], image_shape=(8, 8, 1), min_rows=30, min_per_class=5)
+
+    def collect_and_validate(name):
+        snap = write_snapshot(sources.load_imagefolder(root, (8, 8, 1)), tmp_path / "snapshots")
+        return snap, validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / name)
+
+    clean, result = collect_and_validate("v1")
+    assert result["success"] is True, result["failures"]
+    assert clean.manifest["undecodable"] == []
+
+    good = sorted((root / "1").glob("*.jpg"))[0].read_bytes()
+    (root / "1" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (root / "2" / "notes.jpg").write_text("a text file with a .jpg name")
+    dirty, result = collect_and_validate("v2")
+    assert dirty.digest == clean.digest  # the decodable pixels did not change ...
+    assert {u["path"] for u in dirty.manifest["undecodable"]} == {"1/truncated.jpg", "2/notes.jpg"}  # ... the facts did
+    assert result["success"] is False
+    with pytest.raises(ValidationFailed) as exc:
+        raise_for_failures(result)
+    assert "1/truncated.jpg" in str(exc.value) and "2/notes.jpg" in str(exc.value)
+
+    (root / "1" / "truncated.jpg").unlink()
+    (root / "2" / "notes.jpg").unlink()
+    again, result = collect_and_validate("v3")
+    assert again.digest == clean.digest and again.collection_id not in (clean.collection_id, dirty.collection_id)
+    assert again.manifest["undecodable"] == [] and result["success"] is True, result["failures"]

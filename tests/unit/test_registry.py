@@ -56,3 +56,75 @@ def test_failed_training_run_is_marked_failed(mlflow_client, tmp_path):
         with registry.training_run(c, "exp", "r", tags={}, params={}) as run_id:
             raise RuntimeError("boom")
     assert c.get_run(run_id).info.status == "FAILED"
+
+
+def _permission_denied(*_args, **_kwargs):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+    raise MlflowException("User 'airflow' lacks READ on registered model", error_code=PERMISSION_DENIED)
+
+
+def test_missing_model_or_alias_means_no_champion_but_other_errors_fail_closed(mlflow_client, monkeypatch):
+    from nightshift.errors import RegistryError
+
+    c = mlflow_client
+    assert registry.get_champion(c, "never-registered") is None
+    c.create_registered_model("no-alias-yet")
+    assert registry.get_champion(c, "no-alias-yet") is None
+    monkeypatch.setattr(c, "get_registered_model", _permission_denied)
+    with pytest.raises(RegistryError, match="PERMISSION_DENIED.*Nothing is promoted") as exc:
+        registry.get_champion(c, "no-alias-yet")
+    assert exc.value.retryable
+
+
+def test_unreachable_tracking_server_is_an_error_not_no_champion(monkeypatch):
+    import socket
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    with socket.socket() as s:  # a loopback port with nothing listening
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    c = registry.client(f"http://127.0.0.1:{port}")
+    with pytest.raises(Exception) as exc:
+        registry.get_champion(c, "m")
+    assert "Connection refused" in str(exc.value) or "Max retries" in str(exc.value) or "RegistryError" in repr(exc.value)
+
+
+def test_registering_the_same_run_twice_makes_one_version_and_moves_champion_once(mlflow_client, tmp_path, monkeypatch):
+    c = mlflow_client
+    r1 = _run(c, tmp_path, 0.9)
+    tags = {"offline_accuracy": 0.9, "onnx_sha256": "a" * 64}
+    first = registry.register_candidate(c, "m", r1, artifact_path="onnx", tags=tags, decision=_decide(0.9))
+    assert first["promoted"] and first["version"] == "1" and first["reused"] is False
+    moves = []
+    real_set_alias = c.set_registered_model_alias
+    monkeypatch.setattr(c, "set_registered_model_alias", lambda *a: (moves.append(a), real_set_alias(*a)))
+    again = registry.register_candidate(c, "m", r1, artifact_path="onnx", tags=tags, decision=_decide(0.9))
+    assert again["version"] == "1" and again["reused"] is True and again["promoted"] is True
+    assert moves == []  # champion already pointed there
+    assert len(c.search_model_versions("name = 'm'")) == 1
+    # another ONNX file from the same run is another candidate
+    other = registry.register_candidate(c, "m", r1, artifact_path="onnx", tags={**tags, "onnx_sha256": "b" * 64},
+                                        decision=_decide(0.9, {"acc": 0.9, "version": "1"}))
+    assert other["version"] == "2" and other["reused"] is False
+
+
+def test_retry_after_a_crash_before_the_alias_moved_completes_the_promotion(mlflow_client, tmp_path, monkeypatch):
+    c = mlflow_client
+    run_id = _run(c, tmp_path, 0.9)
+    tags = {"offline_accuracy": 0.9, "onnx_sha256": "c" * 64}
+
+    def crash(*_a):
+        raise ConnectionError("worker lost")
+
+    monkeypatch.setattr(c, "set_registered_model_alias", crash)
+    with pytest.raises(ConnectionError):
+        registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags=tags, decision=_decide(0.9))
+    assert registry.get_champion(c, "m") is None  # registered, not yet champion
+    monkeypatch.undo()
+    out = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags=tags, decision=_decide(0.9))
+    assert out["reused"] and out["promoted"] and "moved now" in out["note"]
+    assert registry.get_champion(c, "m")["version"] == out["version"] == "1"
+    assert len(c.search_model_versions("name = 'm'")) == 1

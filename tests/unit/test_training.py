@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from nightshift import training
-from nightshift.errors import ConfigError, GPUUnavailable
+from nightshift.errors import ConfigError, DataError, GPUUnavailable, NightshiftError, TrainingDiverged
 from nightshift.models import Classifier, classifier_from_checkpoint
 
 
@@ -16,7 +16,8 @@ def test_train_learns_digits_and_writes_checkpoint(trained, digits_snapshot):
     assert ckpt["data_digest"] == digits_snapshot.digest
     assert ckpt["class_names"] == digits_snapshot.class_names
     m = trained.manifest
-    assert m["device"] == "cpu" and m["versions"]["torch"] == torch.__version__ and m["seed"] == 0
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert m["device"] == expected_device and m["versions"]["torch"] == torch.__version__ and m["seed"] == 0
     assert len(trained.history) == 6
 
 
@@ -52,7 +53,7 @@ def test_hparams_are_validated():
         training.resolve_hparams({"epoch": 3})
     with pytest.raises(ConfigError, match="not a valid int"):
         training.resolve_hparams({"epochs": "many"})
-    with pytest.raises(ConfigError, match="positive"):
+    with pytest.raises(ConfigError, match="at least 1"):
         training.resolve_hparams({"epochs": 0})
 
 
@@ -76,3 +77,94 @@ def test_resnet18_variant_runs_on_small_images():
     model = Classifier("resnet18", 4, (16, 16, 3), [0.5] * 3, [0.2] * 3).eval()
     logits, emb = model(torch.zeros((2, 16, 16, 3), dtype=torch.uint8))
     assert logits.shape == (2, 4) and emb.shape == (2, 512)
+
+
+@pytest.mark.parametrize("total", [1, 2, 3, 4, 5, 17, 1000])
+@pytest.mark.parametrize("warmup", [0.0, 0.25, 0.99])
+def test_lr_schedule_is_defined_for_any_positive_step_count(total, warmup):
+    f = [training.lr_factor(s, total, warmup) for s in range(total)]
+    assert all(0 < x <= 1.0 for x in f) and max(f) == pytest.approx(1.0)
+    peak = int(np.argmax(f))
+    assert f[:peak + 1] == sorted(f[:peak + 1]) and f[peak:] == sorted(f[peak:], reverse=True)
+    if peak < total - 1:
+        assert f[-1] == pytest.approx(0.01)  # decays to the end value at the last step
+    with pytest.raises(ConfigError):
+        training.lr_factor(0, 0, warmup)
+
+
+def test_plan_steps_clips_large_batches_and_never_makes_a_batch_of_one():
+    assert training.plan_steps(10, 128) == (1, 10)  # batch larger than the split: one step
+    assert training.plan_steps(10, 4) == (3, 10)    # 4 + 4 + 2
+    assert training.plan_steps(9, 4) == (2, 8)      # 4 + 4; the lone 9th image waits for the next epoch
+    with pytest.raises(DataError, match="at least 2"):
+        training.plan_steps(1, 4)
+
+
+def _tiny_snapshot(tmp_path, classes: int, per_class: int):
+    from sklearn.datasets import load_digits
+
+    from nightshift.data.snapshot import write_snapshot
+    from nightshift.data.sources import SourceData
+
+    d = load_digits()
+    idx = np.concatenate([np.flatnonzero(d.target == k)[:per_class] for k in range(classes)])
+    images = np.clip(np.rint(d.images[idx] * 255 / 16), 0, 255).astype(np.uint8)[..., None]
+    n = len(idx)
+    data = SourceData(images=images, labels=d.target[idx].astype(np.int64), class_names=[str(k) for k in range(classes)],
+                      orig_sizes=np.tile([[8, 8, 1]], (n, 1)), origins=[f"digits:{i}" for i in idx],
+                      source={"kind": "test"})
+    return write_snapshot(data, tmp_path / "snaps", val_fraction=0.1, test_fraction=0.2)
+
+
+@pytest.mark.parametrize("epochs", [1, 2])
+def test_tiny_snapshot_trains_with_one_and_two_epochs(tmp_path, epochs):
+    snap = _tiny_snapshot(tmp_path, classes=3, per_class=80)  # 240 images: the crash the issue reported
+    out = training.train(snap, tmp_path / "out", {"epochs": epochs, "width": 8})
+    assert len(out.history) == epochs and 0 <= out.metrics["test_accuracy"] <= 1
+    assert all(np.isfinite(h["train_loss"]) for h in out.history)
+
+
+# Each row: hyperparameters at an edge, and what must happen (None: trains; else the error and message).
+BOUNDARIES = [
+    ({"epochs": 1}, None),
+    ({"batch_size": 100_000}, None),            # larger than the train split
+    ({"batch_size": 2}, None),
+    ({"lr": 1e-9}, None),                        # learns nothing, but trains
+    ({"model": "resnet18", "batch_size": 3}, None),
+    ({"lr": 1e6}, None),                         # AdamW + BatchNorm stay finite: bad model, no crash
+    ({"lr": 1e30}, (TrainingDiverged, "diverged.*Lower lr")),
+    ({"batch_size": 1}, (ConfigError, "batch_size must be at least 2")),
+    ({"epochs": 0}, (ConfigError, "at least 1")),
+    ({"lr": float("inf")}, (ConfigError, "positive finite")),
+    ({"lr": 0}, (ConfigError, "positive finite")),
+]
+
+
+@pytest.mark.parametrize("hp,expected", BOUNDARIES, ids=[str(b[0]) for b in BOUNDARIES])
+def test_params_at_their_edges_train_or_fail_clearly(tmp_path, hp, expected):
+    snap = _tiny_snapshot(tmp_path, classes=2, per_class=10)  # 2 classes of 10 images
+    hp = {"epochs": 2, "width": 8, **hp}
+    if expected is None:
+        out = training.train(snap, tmp_path / "out", hp)
+        assert out.checkpoint_path.is_file() and len(out.history) == hp["epochs"]
+    else:
+        err, message = expected
+        assert issubclass(err, NightshiftError) and not err.retryable
+        with pytest.raises(err, match=message):
+            training.train(snap, tmp_path / "out", hp)
+
+
+def test_checkpoint_loading_refuses_arbitrary_objects(tmp_path, trained):
+    ckpt = training.load_checkpoint(trained.checkpoint_path)  # a real checkpoint loads with weights_only
+    assert set(ckpt) >= {"model_config", "state_dict", "class_names", "data_digest"}
+    evil = tmp_path / "evil.pt"
+    torch.save({"model_config": {}, "state_dict": {}, "class_names": [],
+                "payload": _NotAllowed()}, evil)
+    with pytest.raises(DataError, match="cannot be loaded safely"):
+        training.load_checkpoint(evil)
+    with pytest.raises(DataError, match="does not exist"):
+        training.load_checkpoint(tmp_path / "missing.pt")
+
+
+class _NotAllowed:
+    """Any class outside torch's weights-only allow-list stands in for a malicious pickle."""

@@ -1,14 +1,28 @@
-"""Content-addressed dataset snapshots and their per-image profile table.
+"""Dataset snapshots: content-addressed pixel data plus one record per collection.
 
-Layout and column meanings: ``docs/architecture.md``. A snapshot folder is named
-by the sha256 of its content, written atomically, and never modified afterwards,
-so any number of runs can read it and a retried collect is a no-op.
+Layout and column meanings: ``docs/architecture.md``. Two kinds of folder live
+under the snapshots root:
+
+* ``pixels/<data digest>/`` — the decoded images, labels and splits. Named by
+  the sha256 of exactly that content (and the class names and shape), written
+  atomically and never modified, so identical data collected twice is stored
+  once. Its digest is the *data digest* that training, export and the
+  registry record.
+* ``collections/<collection id>/`` — what one collection saw: its source, the
+  files it could not decode, every image's origin (in the profile table) and
+  when it ran. Every collection writes its own record, even when its pixels
+  are identical to an earlier one, so nothing that validation reads is ever
+  an earlier collection's fact. The id is the sha256 of the record itself.
+
+A :class:`Snapshot` is a collection record joined with its pixel data; its
+``path`` is the collection folder (what ``collect_data`` passes on XCom).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
@@ -21,8 +35,12 @@ from nightshift.artifacts import atomic_dir, read_json
 from nightshift.data.sources import SourceData
 from nightshift.errors import DataError
 
-FORMAT = 1
+#: Layout version of collection records and pixel folders. Format 1 (one
+#: ``snapshots/<digest>/`` folder holding both) is refused with a clear message.
+FORMAT = 2
 SPLITS = ("train", "val", "test")
+PIXELS_DIR = "pixels"
+COLLECTIONS_DIR = "collections"
 
 
 def pixel_hashes(images: np.ndarray) -> list[str]:
@@ -91,12 +109,19 @@ def build_profile(images: np.ndarray, labels: np.ndarray, splits: np.ndarray, cl
 
 @dataclass
 class Snapshot:
+    """One collection (``path``, ``manifest``) and the pixel data it points at."""
+
     path: Path
     manifest: dict[str, Any]
 
     @property
     def digest(self) -> str:
+        """The data digest: sha256 of pixels, labels, splits, class names and shape."""
         return self.manifest["digest"]
+
+    @property
+    def collection_id(self) -> str:
+        return self.manifest["collection_id"]
 
     @property
     def class_names(self) -> list[str]:
@@ -106,17 +131,21 @@ class Snapshot:
     def image_shape(self) -> tuple[int, int, int]:
         return tuple(self.manifest["image_shape"])  # type: ignore[return-value]
 
+    @property
+    def pixels_path(self) -> Path:
+        return (self.path / self.manifest["pixels"]).resolve()
+
     @cached_property
     def images(self) -> np.ndarray:
-        return np.load(self.path / "images.npy", mmap_mode="r")
+        return np.load(self.pixels_path / "images.npy", mmap_mode="r")
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return np.load(self.path / "labels.npy")
+        return np.load(self.pixels_path / "labels.npy")
 
     @cached_property
     def splits(self) -> np.ndarray:
-        return np.load(self.path / "splits.npy")
+        return np.load(self.pixels_path / "splits.npy")
 
     def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
         """``(images, labels)`` of one split, images as an in-memory uint8 array."""
@@ -131,22 +160,53 @@ class Snapshot:
         return pd.read_parquet(self.path / "profile.parquet")
 
 
+def _canonical_json(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
+
+
 def write_snapshot(data: SourceData, snapshots_root: str | Path, *, val_fraction: float = 0.1,
-                   test_fraction: float = 0.1) -> Snapshot:
-    """Write ``data`` as a content-addressed snapshot under ``snapshots_root``."""
+                   test_fraction: float = 0.1, collected_at: datetime | None = None,
+                   context: dict[str, Any] | None = None) -> Snapshot:
+    """Record one collection of ``data`` under ``snapshots_root``.
+
+    The pixel data goes to ``pixels/<data digest>/`` unless identical data is
+    already there (then it is shared); the collection's own record —
+    ``manifest.json`` and ``profile.parquet`` with this collection's source,
+    undecodable files, origins and time — always goes to a new
+    ``collections/<collection id>/``.
+
+    :param collected_at: the collection time recorded (default: now, UTC).
+    :param context: free-form facts about who collected (e.g. DAG and run id),
+        stored in the manifest.
+    """
+    root = Path(snapshots_root)
     hashes = pixel_hashes(data.images)
     splits = assign_splits(hashes, val_fraction=val_fraction, test_fraction=test_fraction,
                            predefined=data.predefined_split)
     labels = data.labels.astype(np.int64)
     digest = compute_digest(data.images, labels, splits, data.class_names)
-    final = Path(snapshots_root) / digest
+
+    pixels = root / PIXELS_DIR / digest
+    if not (pixels / "pixels.json").is_file():
+        # A concurrent writer of the same digest wins harmlessly; a folder without
+        # pixels.json (not written by this code) is replaced.
+        with atomic_dir(pixels, replace=pixels.exists()) as tmp:
+            np.save(tmp / "images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
+            np.save(tmp / "labels.npy", labels)
+            np.save(tmp / "splits.npy", splits)
+            (tmp / "pixels.json").write_text(json.dumps(
+                {"format": FORMAT, "digest": digest, "image_shape": list(data.images.shape[1:]),
+                 "class_names": list(data.class_names), "count": int(len(labels))}, indent=2) + "\n")
+
     counts = {
         "total": int(len(labels)),
         "per_split": {s: int((splits == s).sum()) for s in SPLITS},
         "per_class": {name: int((labels == i).sum()) for i, name in enumerate(data.class_names)},
         "undecodable": len(data.undecodable),
     }
-    manifest = {
+    profile = build_profile(data.images, labels, splits, data.class_names, data.orig_sizes, data.origins, hashes)
+    origins_digest = hashlib.sha256("\n".join(data.origins).encode("utf-8")).hexdigest()
+    record = {
         "format": FORMAT,
         "digest": digest,
         "source": data.source,
@@ -154,28 +214,46 @@ def write_snapshot(data: SourceData, snapshots_root: str | Path, *, val_fraction
         "image_shape": list(data.images.shape[1:]),
         "counts": counts,
         "undecodable": data.undecodable,
+        "origins_sha256": origins_digest,
         "split": {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
                   "predefined_test": data.predefined_split is not None},
-        "created_at": datetime.now(timezone.utc).isoformat(),
+        "collected_at": (collected_at or datetime.now(timezone.utc)).isoformat(),
+        "context": context or {},
+        # Two collections in the same instant with the same facts still get their own record.
+        "nonce": uuid.uuid4().hex,
     }
-    if final.exists():  # same content already collected: reuse it untouched
-        return load_snapshot(final)
-    profile = build_profile(data.images, labels, splits, data.class_names, data.orig_sizes, data.origins, hashes)
+    collection_id = hashlib.sha256(_canonical_json(record)).hexdigest()
+    final = root / COLLECTIONS_DIR / collection_id
+    manifest = {**record, "collection_id": collection_id,
+                "pixels": str(Path("..") / ".." / PIXELS_DIR / digest)}
     with atomic_dir(final) as tmp:
-        np.save(tmp / "images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
-        np.save(tmp / "labels.npy", labels)
-        np.save(tmp / "splits.npy", splits)
         profile.to_parquet(tmp / "profile.parquet", index=False)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
     return load_snapshot(final)
 
 
 def load_snapshot(path: str | Path) -> Snapshot:
+    """Open a collection record and check that its pixel data is there.
+
+    :raises DataError: not a snapshot, an older format, or its pixel data is missing
+        or is not the data the record names.
+    """
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
         raise DataError(f"{path} is not a Nightshift snapshot (no manifest.json)")
     manifest = read_json(manifest_path)
     if manifest.get("format") != FORMAT:
-        raise DataError(f"snapshot {path} has format {manifest.get('format')}, this Nightshift reads {FORMAT}")
-    return Snapshot(path=path, manifest=manifest)
+        raise DataError(
+            f"snapshot {path} has format {manifest.get('format')}, this Nightshift reads format {FORMAT}: "
+            "collect the data again (re-run collect_data, or trigger nightly_retrain) to write it in the current format"
+        )
+    snap = Snapshot(path=path, manifest=manifest)
+    pixels_meta = snap.pixels_path / "pixels.json"
+    if not pixels_meta.is_file():
+        raise DataError(f"snapshot {path} points at pixel data {snap.pixels_path} that does not exist "
+                        f"(data digest {snap.digest[:12]}); it was deleted or moved: collect the data again")
+    if read_json(pixels_meta).get("digest") != snap.digest:
+        raise DataError(f"pixel data {snap.pixels_path} is not the data snapshot {path} was collected with "
+                        f"(expected digest {snap.digest})")
+    return snap

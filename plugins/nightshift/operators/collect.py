@@ -62,11 +62,17 @@ class CollectDataOperator(NightshiftOperator):
                                             download=src.get("download", True), options=src.get("options"))
         for bad in data.undecodable:
             self.log.warning("Undecodable file %s: %s", bad["path"], bad["error"])
+        ti = context.get("ti")
+        who = {"dag_id": self.dag_id, "task_id": self.task_id, "run_id": context.get("run_id"),
+               "try_number": getattr(ti, "try_number", None)}
         snap = write_snapshot(data, self.settings.artifact_root / "snapshots",
-                              val_fraction=float(self.val_fraction), test_fraction=float(self.test_fraction))
+                              val_fraction=float(self.val_fraction), test_fraction=float(self.test_fraction),
+                              context=who)
         m = snap.manifest
-        self.log.info("Snapshot %s: %s", snap.digest[:12], m["counts"])
-        context["outlet_events"][SNAPSHOT_ASSET].extra = {"digest": snap.digest, "uri": str(snap.path)}
-        return {"snapshot_uri": str(snap.path), "digest": snap.digest, "class_names": m["class_names"],
+        self.log.info("Collection %s (data %s): %s", snap.collection_id[:12], snap.digest[:12], m["counts"])
+        context["outlet_events"][SNAPSHOT_ASSET].extra = {"digest": snap.digest, "collection_id": snap.collection_id,
+                                                          "uri": str(snap.path)}
+        return {"snapshot_uri": str(snap.path), "digest": snap.digest, "collection_id": snap.collection_id,
+                "class_names": m["class_names"],
                 "image_shape": m["image_shape"], "counts": m["counts"], "source": m["source"],
                 "undecodable": len(m["undecodable"])}

@@ -49,46 +49,59 @@ class PromoteModelOperator(NightshiftOperator):
         image = self.require(self.image, "image", "build_inference_image")
         served = self.require(self.system_eval, "system_eval", "system_eval")
         validation = self.validation or {}
-        c = self.mlflow
-        champion = registry.get_champion(c, self.model_name)
-        champion_acc = None
-        if champion is not None:
-            acc = champion["tags"].get("nightshift.offline_accuracy")
-            champion_acc = float(acc) if acc is not None else None
-        evidence = Evidence(
-            validation_passed=bool(validation.get("success")),
-            offline_accuracy=float(train["metrics"]["test_accuracy"]),
-            parity_passed=bool(export["parity"]["passed"]),
-            served_accuracy=served.get("accuracy"),
-            p95_latency_ms=(served.get("latency_ms") or {}).get("p95"),
-            serving_errors=served.get("errors"),
-            champion_accuracy=champion_acc,
-            champion_version=champion["version"] if champion else None,
-        )
-        thresholds = {k: v for k, v in (self.thresholds or {}).items() if v not in ("", None)}
-        decision = decide(export["onnx_sha256"][:12], evidence, thresholds)
         snapshot = self.require(self.snapshot, "snapshot", "collect_data")
-        tags = {"snapshot_uri": snapshot["snapshot_uri"], "data_digest": train.get("data_digest"),
-                "offline_accuracy": evidence.offline_accuracy, "served_accuracy": evidence.served_accuracy,
-                "p95_latency_ms": evidence.p95_latency_ms, "image": image.get("image"),
-                "onnx_sha256": export["onnx_sha256"], "dag_run": context["run_id"],
-                "drift_share": (self.drift or {}).get("drifted_share")}
-        outcome = registry.register_candidate(c, self.model_name, train["run_id"], artifact_path="onnx", tags=tags,
-                                              decision=decision)
-        outcome.update({"image": image.get("image"), "gates": decision.to_dict()["gates"],
-                        "thresholds": thresholds, "offline_accuracy": evidence.offline_accuracy,
-                        "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
-                        "drift": {k: (self.drift or {}).get(k) for k in ("status", "drift_detected", "drifted_share", "report_html")}})
+        c = self.mlflow
+        thresholds = {k: v for k, v in (self.thresholds or {}).items() if v not in ("", None)}
+        drift = {k: (self.drift or {}).get(k) for k in ("status", "drift_detected", "drifted_share", "report_html")}
+
+        existing = registry.find_candidate(c, self.model_name, train["run_id"], export["onnx_sha256"])
+        if existing is not None:  # a retry: never register twice, never re-decide against ourselves
+            outcome = registry.resume_candidate(c, self.model_name, existing)
+            self.log.warning("v%s was already registered for this run by an earlier try: %s",
+                             outcome["version"], outcome["note"])
+            outcome.update({"image": image.get("image"), "gates": outcome.pop("recorded_gates"),
+                            "thresholds": thresholds, "drift": drift})
+            decision = None
+        else:
+            champion = registry.get_champion(c, self.model_name)  # RegistryError (retryable) unless "not found"
+            champion_acc = None
+            if champion is not None:
+                acc = champion["tags"].get("nightshift.offline_accuracy")
+                champion_acc = float(acc) if acc is not None else None
+            evidence = Evidence(
+                validation_passed=bool(validation.get("success")),
+                offline_accuracy=float(train["metrics"]["test_accuracy"]),
+                parity_passed=bool(export["parity"]["passed"]),
+                served_accuracy=served.get("accuracy"),
+                p95_latency_ms=(served.get("latency_ms") or {}).get("p95"),
+                serving_errors=served.get("errors"),
+                champion_accuracy=champion_acc,
+                champion_version=champion["version"] if champion else None,
+            )
+            decision = decide(export["onnx_sha256"][:12], evidence, thresholds)
+            tags = {"snapshot_uri": snapshot["snapshot_uri"], "data_digest": train.get("data_digest"),
+                    "collection_id": snapshot.get("collection_id"),
+                    "offline_accuracy": evidence.offline_accuracy, "served_accuracy": evidence.served_accuracy,
+                    "p95_latency_ms": evidence.p95_latency_ms, "image": image.get("image"),
+                    "image_id": image.get("image_id"), "onnx_sha256": export["onnx_sha256"],
+                    "dag_run": context["run_id"], "drift_share": (self.drift or {}).get("drifted_share")}
+            outcome = registry.register_candidate(c, self.model_name, train["run_id"], artifact_path="onnx",
+                                                  tags=tags, decision=decision)
+            outcome.update({"image": image.get("image"), "gates": decision.to_dict()["gates"],
+                            "thresholds": thresholds, "offline_accuracy": evidence.offline_accuracy,
+                            "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
+                            "drift": drift})
         path = atomic_write_json(self.run_dir(context) / "promotion.json", outcome)
         outcome["report_path"] = str(path)
-        for g in decision.gates:
-            self.log.info("gate %-16s %s  %s", g.name, "PASS" if g.passed else "FAIL", g.detail)
-        if decision.blessed:
+        if decision is not None:
+            for g in decision.gates:
+                self.log.info("gate %-16s %s  %s", g.name, "PASS" if g.passed else "FAIL", g.detail)
+        if outcome["promoted"]:
             self.log.info("PROMOTED %s v%s to champion (was %s)", self.model_name, outcome["version"],
                           outcome["previous_champion"])
         else:
             self.log.warning("NOT PROMOTED %s v%s: %s; champion stays %s", self.model_name, outcome["version"],
-                             decision.reason, outcome["champion"])
+                             outcome["reason"], outcome["champion"])
             if to_bool(self.fail_on_reject):
-                raise NightshiftError(f"candidate v{outcome['version']} not promoted: {decision.reason}")
+                raise NightshiftError(f"candidate v{outcome['version']} not promoted: {outcome['reason']}")
         return outcome
