@@ -67,6 +67,9 @@ default_args = {
         "image_shape": Param(None, type=["null", "array"], title="Image shape [H, W, C]",
                              description="Default: 8×8×1 for bundled, 32×32×3 otherwise"),
         "classes": Param(None, type=["null", "array"], title="Expected class names (label order)"),
+        "partition_window": Param(None, type=["null", "integer"], minimum=1, title="Partition window",
+                                  description="For <root>/<partition>/<class>/<image> sources (e.g. one folder "
+                                              "per day): collect only the last N partitions. Empty: not partitioned"),
         "model_name": Param("nightshift-digits", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             title="Registered model name"),
         "model": Param("small_cnn", enum=["small_cnn", "resnet18"], title="Architecture"),
@@ -87,7 +90,7 @@ default_args = {
 )
 def nightly_retrain():
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,
-                                  classes=CLASSES)
+                                  classes=CLASSES, partition_window="{{ params.partition_window }}")
     validate = ValidateDataOperator(task_id="validate_data", snapshot=collect.output, classes=CLASSES,
                                     image_shape=SHAPE)
     train = TrainGPUOperator(

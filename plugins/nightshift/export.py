@@ -47,9 +47,23 @@ def export_onnx(checkpoint: dict[str, Any], out_path: str | Path, *, opset: int 
     return atomic_write_bytes(out_path, proto.SerializeToString())
 
 
-def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: np.ndarray, *,
+def _batches(images: Any, batch_size: int):
+    """Batches of uint8 images from one array or from an iterable of arrays (shards)."""
+    parts = [images] if isinstance(images, np.ndarray) else images
+    for part in parts:
+        if isinstance(part, tuple):  # (images, labels) from Snapshot.iter_split
+            part = part[0]
+        for i in range(0, len(part), batch_size):
+            yield np.ascontiguousarray(part[i:i + batch_size], dtype=np.uint8)
+
+
+def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: Any, *,
                  atol: float = 1e-3, min_top1_agreement: float = 0.995, batch_size: int = 256) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch on ``images``; raise :class:`ParityError` on a breach."""
+    """Compare ONNX Runtime with PyTorch on ``images``; raise :class:`ParityError` on a breach.
+
+    :param images: a uint8 NHWC array, or an iterable of them (or of ``(images,
+        labels)``, as :meth:`Snapshot.iter_split` yields) read one at a time.
+    """
     import onnxruntime as ort
     import torch
 
@@ -58,16 +72,15 @@ def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: np.n
     model = classifier_from_checkpoint(checkpoint)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     max_diff_logits = max_diff_emb = 0.0
-    agree = 0
-    for i in range(0, len(images), batch_size):
-        xb = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)
+    agree = n = 0
+    for xb in _batches(images, batch_size):
+        n += len(xb)
         with torch.inference_mode():
             t_logits, t_emb = (t.numpy() for t in model(torch.from_numpy(xb)))
         o_logits, o_emb = sess.run(OUTPUT_NAMES, {INPUT_NAME: xb})
         max_diff_logits = max(max_diff_logits, float(np.abs(t_logits - o_logits).max()))
         max_diff_emb = max(max_diff_emb, float(np.abs(t_emb - o_emb).max()))
         agree += int((t_logits.argmax(1) == o_logits.argmax(1)).sum())
-    n = len(images)
     report = {"n": n, "max_abs_diff_logits": max_diff_logits, "max_abs_diff_embedding": max_diff_emb,
               "top1_agreement": agree / n if n else 0.0, "atol": atol, "min_top1_agreement": min_top1_agreement}
     report["passed"] = bool(n > 0 and max_diff_logits <= atol and report["top1_agreement"] >= min_top1_agreement)
@@ -80,7 +93,7 @@ def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: np.n
     return report
 
 
-def export_and_verify(checkpoint: dict[str, Any], out_dir: str | Path, images: np.ndarray, *, model_name: str,
+def export_and_verify(checkpoint: dict[str, Any], out_dir: str | Path, images: Any, *, model_name: str,
                       atol: float = 1e-3, min_top1_agreement: float = 0.995) -> dict[str, Any]:
     """Export to ``out_dir/model.onnx``, check parity, write ``model.json`` and ``parity.json``.
 

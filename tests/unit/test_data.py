@@ -16,19 +16,31 @@ def test_bundled_digits_are_real_uint8_images():
     assert data.class_names == [str(i) for i in range(10)]
 
 
-def test_pixels_are_shared_but_every_collection_has_its_own_record(tmp_path):
+def test_shards_are_shared_but_every_collection_has_its_own_record(tmp_path):
     data = sources.load_bundled()
     a = write_snapshot(data, tmp_path)
     b = write_snapshot(data, tmp_path)
-    assert a.digest == b.digest and a.pixels_path == b.pixels_path  # pixel data stored once
-    assert a.pixels_path.name == a.digest
+    assert a.digest == b.digest and a.shard_digests == b.shard_digests  # pixel data stored once
     assert a.path != b.path and a.collection_id != b.collection_id  # per-collection facts never shared
-    assert sorted(p.name for p in (tmp_path / "pixels").iterdir()) == [a.digest]  # no temp leftovers
+    assert sorted(p.name for p in (tmp_path / "shards").iterdir()) == sorted(set(a.shard_digests))  # no temp leftovers
     assert sorted(p.name for p in (tmp_path / "collections").iterdir()) == sorted([a.collection_id, b.collection_id])
     assert np.array_equal(a.images, b.images)
     changed = sources.load_bundled()
     changed.images[0, 0, 0, 0] ^= 1
     assert write_snapshot(changed, tmp_path).digest != a.digest
+
+
+def test_small_shards_split_the_data_and_read_back_in_order(tmp_path):
+    data = sources.load_bundled()
+    snap = write_snapshot(data, tmp_path, shard_mb=16 * 1024 / 2**20)  # 16 KiB = 256 digits per shard
+    assert [s["count"] for s in snap.manifest["shards"]] == [256] * 7 + [1797 - 7 * 256]
+    assert np.array_equal(snap.images, data.images)
+    parts = list(snap.iter_split("test"))
+    assert 7 <= len(parts) <= 8 and sum(len(y) for _, y in parts) == snap.count("test")
+    x, y = snap.split("test")
+    assert np.array_equal(np.concatenate([p[0] for p in parts]), x)
+    prof = snap.profile()
+    assert prof["shard"].max() == 7 and (prof["row"] < 256).all()
 
 
 def test_same_pixels_from_another_source_keep_that_source(make_imagefolder, tmp_path):
@@ -43,13 +55,23 @@ def test_same_pixels_from_another_source_keep_that_source(make_imagefolder, tmp_
     assert second.manifest["collected_at"] >= first.manifest["collected_at"]
 
 
-def test_missing_pixel_data_and_old_format_fail_clearly(tmp_path):
+def test_missing_or_corrupt_shard_and_old_format_fail_clearly(tmp_path):
     import json
     import shutil
 
+    from nightshift.data import shards
+
     snap = write_snapshot(sources.load_bundled(), tmp_path)
-    shutil.rmtree(snap.pixels_path)
-    with pytest.raises(DataError, match=f"pixel data .*{snap.digest[:12]}.*collect the data again"):
+    digest = snap.shard_digests[0]
+    images = tmp_path / "shards" / digest / "images.npy"
+    arr = np.load(images)
+    arr[0, 0, 0, 0] ^= 0xFF
+    np.save(images, arr)
+    shards._verified.discard(digest)
+    with pytest.raises(DataError, match=f"shard {digest} .* is corrupt"):
+        load_snapshot(snap.path)
+    shutil.rmtree(tmp_path / "shards" / digest)
+    with pytest.raises(DataError, match=f"shard {digest} is missing.*collect the data again"):
         load_snapshot(snap.path)
     old = tmp_path / "old"
     old.mkdir()

@@ -1,21 +1,23 @@
-"""Dataset snapshots: content-addressed pixel data plus one record per collection.
+"""Dataset snapshots: content-addressed pixel shards plus one record per collection.
 
-Layout and column meanings: ``docs/architecture.md``. Two kinds of folder live
-under the snapshots root:
+Layout and column meanings: ``docs/architecture.md``. Under the snapshots root:
 
-* ``pixels/<data digest>/`` — the decoded images, labels and splits. Named by
-  the sha256 of exactly that content (and the class names and shape), written
-  atomically and never modified, so identical data collected twice is stored
-  once. Its digest is the *data digest* that training, export and the
-  registry record.
+* ``shards/<shard digest>/`` — fixed-size blocks of decoded images with their
+  labels and splits (:mod:`nightshift.data.shards`), written once and shared by
+  every collection and night whose data contains exactly that block.
 * ``collections/<collection id>/`` — what one collection saw: its source, the
-  files it could not decode, every image's origin (in the profile table) and
-  when it ran. Every collection writes its own record, even when its pixels
-  are identical to an earlier one, so nothing that validation reads is ever
-  an earlier collection's fact. The id is the sha256 of the record itself.
+  files it could not decode, every image's origin and file identity (in the
+  profile table), its shards in order, and when it ran. Every collection writes
+  its own record, even when its pixels are identical to an earlier one, so
+  nothing that validation reads is ever an earlier collection's fact. The id
+  is the sha256 of the record itself.
+* ``sources/<source key>.json`` — the latest collection of each source and
+  shape, which incremental collection starts from.
 
-A :class:`Snapshot` is a collection record joined with its pixel data; its
-``path`` is the collection folder (what ``collect_data`` passes on XCom).
+A :class:`Snapshot` is a collection record joined with its shards; its
+``path`` is the collection folder (what ``collect_data`` passes on XCom). Its
+``digest`` (the *data digest*) is the sha256 of the shape, class names and the
+ordered shard digests: everything a model trained on it learns from.
 """
 
 from __future__ import annotations
@@ -27,20 +29,21 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from nightshift.artifacts import atomic_dir, read_json
+from nightshift.artifacts import atomic_dir, atomic_write_json, read_json
+from nightshift.data.shards import DEFAULT_SHARD_MB, ShardWriter, capacity, open_shard
 from nightshift.data.sources import SourceData
 from nightshift.errors import DataError
 
-#: Layout version of collection records and pixel folders. Format 1 (one
-#: ``snapshots/<digest>/`` folder holding both) is refused with a clear message.
+#: Layout version. Format 1 (one ``snapshots/<digest>/`` folder with every
+#: image in one array) is refused with a message saying to collect again.
 FORMAT = 2
 SPLITS = ("train", "val", "test")
-PIXELS_DIR = "pixels"
 COLLECTIONS_DIR = "collections"
+SOURCES_DIR = "sources"
 
 
 def pixel_hashes(images: np.ndarray) -> list[str]:
@@ -55,8 +58,7 @@ def assign_splits(hashes: list[str], *, val_fraction: float, test_fraction: floa
     images always share one split. Where the source fixes a test split (torchvision),
     that is kept and only its training part is divided into train/val.
     """
-    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
-        raise DataError(f"invalid split fractions val={val_fraction} test={test_fraction}")
+    check_fractions(val_fraction, test_fraction)
     u = np.array([int(h[:8], 16) / 2**32 for h in hashes], dtype=np.float64)
     out = np.full(len(hashes), "train", dtype="<U5")
     if predefined is not None:
@@ -69,54 +71,39 @@ def assign_splits(hashes: list[str], *, val_fraction: float, test_fraction: floa
     return out
 
 
-def compute_digest(images: np.ndarray, labels: np.ndarray, splits: np.ndarray, class_names: list[str]) -> str:
+def check_fractions(val_fraction: float, test_fraction: float) -> None:
+    if not 0 <= val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
+        raise DataError(f"invalid split fractions val={val_fraction} test={test_fraction}: each in [0, 1), "
+                        "together below 1")
+
+
+def data_digest(shape: tuple[int, int, int] | list[int], class_names: list[str], shard_digests: list[str]) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"format": FORMAT, "shape": list(images.shape), "classes": class_names}).encode())
-    h.update(np.ascontiguousarray(images).tobytes())
-    h.update(labels.astype("<i8").tobytes())
-    h.update("\n".join(splits.tolist()).encode())
+    h.update(json.dumps({"format": FORMAT, "shape": list(shape), "classes": list(class_names)}).encode())
+    for d in shard_digests:
+        h.update(d.encode())
     return h.hexdigest()
 
 
-def build_profile(images: np.ndarray, labels: np.ndarray, splits: np.ndarray, class_names: list[str],
-                  orig_sizes: np.ndarray, origins: list[str], hashes: list[str]):
-    """The per-image profile table (pandas DataFrame); vectorised over the batch."""
-    import pandas as pd
+def source_key(source: dict[str, Any], shape: tuple[int, int, int] | list[int]) -> str:
+    """Names the incremental state of one source read at one shape."""
+    from nightshift.data.decode import DECODER_VERSION
 
-    n, h, w, c = images.shape
-    flat = images.reshape(n, -1).astype(np.float32)
-    data: dict[str, Any] = {
-        "image_id": np.arange(n, dtype=np.int64),
-        "sha256": hashes,
-        "split": splits,
-        "label": labels.astype(np.int64),
-        "label_name": [class_names[i] if 0 <= i < len(class_names) else None for i in labels],
-        "orig_height": orig_sizes[:, 0].astype(np.int64),
-        "orig_width": orig_sizes[:, 1].astype(np.int64),
-        "orig_channels": orig_sizes[:, 2].astype(np.int64),
-        "height": np.full(n, h, np.int64),
-        "width": np.full(n, w, np.int64),
-        "channels": np.full(n, c, np.int64),
-        "brightness": flat.mean(axis=1).astype(np.float64),
-        "contrast": flat.std(axis=1).astype(np.float64),
-    }
-    ch_means = images.reshape(n, -1, c).astype(np.float32).mean(axis=1) if n else np.zeros((0, c))
-    for k in range(c):
-        data[f"mean_ch{k}"] = ch_means[:, k].astype(np.float64)
-    data["source"] = origins
-    return pd.DataFrame(data)
+    ident = {k: source.get(k) for k in ("kind", "root", "name")}
+    return hashlib.sha256(json.dumps({"source": ident, "shape": list(shape), "decoder": DECODER_VERSION},
+                                     sort_keys=True).encode()).hexdigest()[:32]
 
 
 @dataclass
 class Snapshot:
-    """One collection (``path``, ``manifest``) and the pixel data it points at."""
+    """One collection (``path``, ``manifest``) and the shards it points at."""
 
     path: Path
     manifest: dict[str, Any]
 
     @property
     def digest(self) -> str:
-        """The data digest: sha256 of pixels, labels, splits, class names and shape."""
+        """The data digest: sha256 of shape, class names and the ordered shard digests."""
         return self.manifest["digest"]
 
     @property
@@ -132,111 +119,215 @@ class Snapshot:
         return tuple(self.manifest["image_shape"])  # type: ignore[return-value]
 
     @property
-    def pixels_path(self) -> Path:
-        return (self.path / self.manifest["pixels"]).resolve()
+    def root(self) -> Path:
+        """The snapshots root (the shards live under it)."""
+        return self.path.parent.parent
+
+    @property
+    def shard_digests(self) -> list[str]:
+        return [s["digest"] for s in self.manifest["shards"]]
+
+    def shard(self, index: int):
+        return open_shard(self.root, self.shard_digests[index])
+
+    def count(self, split: str | None = None) -> int:
+        if split is None:
+            return int(self.manifest["counts"]["total"])
+        return int(self.manifest["counts"]["per_split"][split])
+
+    def iter_split(self, name: str) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """``(images, labels)`` of one split, one shard at a time (bounded memory)."""
+        if name not in SPLITS:
+            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
+        for i in range(len(self.shard_digests)):
+            sh = self.shard(i)
+            mask = sh.splits == name
+            if mask.any():
+                yield np.ascontiguousarray(sh.images[mask]), sh.labels[mask]
+
+    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(images, labels)`` of one split as one in-memory uint8 array (preloading)."""
+        n = self.count(name)
+        h, w, c = self.image_shape
+        images = np.empty((n, h, w, c), np.uint8)
+        labels = np.empty(n, np.int64)
+        at = 0
+        for x, y in self.iter_split(name):
+            images[at:at + len(y)] = x
+            labels[at:at + len(y)] = y
+            at += len(y)
+        if at != n:
+            raise DataError(f"snapshot {self.path} says its {name} split has {n} images but its shards hold {at}")
+        return images, labels
 
     @cached_property
     def images(self) -> np.ndarray:
-        return np.load(self.pixels_path / "images.npy", mmap_mode="r")
+        """Every image in shard order (in memory: for small snapshots and tests)."""
+        parts = [self.shard(i).images for i in range(len(self.shard_digests))]
+        h, w, c = self.image_shape
+        return np.concatenate(parts) if parts else np.zeros((0, h, w, c), np.uint8)
 
     @cached_property
     def labels(self) -> np.ndarray:
-        return np.load(self.pixels_path / "labels.npy")
+        parts = [self.shard(i).labels for i in range(len(self.shard_digests))]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    @cached_property
-    def splits(self) -> np.ndarray:
-        return np.load(self.pixels_path / "splits.npy")
-
-    def split(self, name: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(images, labels)`` of one split, images as an in-memory uint8 array."""
-        if name not in SPLITS:
-            raise ValueError(f"unknown split {name!r}; expected one of {SPLITS}")
-        mask = self.splits == name
-        return np.ascontiguousarray(self.images[mask]), self.labels[mask]
-
-    def profile(self):
+    def profile(self, columns: list[str] | None = None):
         import pandas as pd
 
-        return pd.read_parquet(self.path / "profile.parquet")
+        return pd.read_parquet(self.path / "profile.parquet", columns=columns)
 
 
 def _canonical_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str).encode("utf-8")
 
 
-def write_snapshot(data: SourceData, snapshots_root: str | Path, *, val_fraction: float = 0.1,
-                   test_fraction: float = 0.1, collected_at: datetime | None = None,
-                   context: dict[str, Any] | None = None) -> Snapshot:
-    """Record one collection of ``data`` under ``snapshots_root``.
+def profile_frame(meta: dict[str, Any], class_names: list[str]):
+    """The profile table from per-image columns (see ``docs/architecture.md``)."""
+    import pandas as pd
 
-    The pixel data goes to ``pixels/<data digest>/`` unless identical data is
-    already there (then it is shared); the collection's own record —
-    ``manifest.json`` and ``profile.parquet`` with this collection's source,
-    undecodable files, origins and time — always goes to a new
-    ``collections/<collection id>/``.
+    n = len(meta["label"])
+    labels = np.asarray(meta["label"], np.int64)
+    data: dict[str, Any] = {
+        "image_id": np.arange(n, dtype=np.int64),
+        "sha256": meta["sha256"],
+        "split": np.asarray(meta["split"], dtype=object),
+        "label": labels,
+        "label_name": [class_names[i] if 0 <= i < len(class_names) else None for i in labels],
+    }
+    orig = np.asarray(meta["orig_size"], np.int64).reshape(-1, 3)
+    data.update({"orig_height": orig[:, 0], "orig_width": orig[:, 1], "orig_channels": orig[:, 2]})
+    h, w, c = meta["shape"]
+    data.update({"height": np.full(n, h, np.int64), "width": np.full(n, w, np.int64),
+                 "channels": np.full(n, c, np.int64)})
+    for col in ["brightness", "contrast", *[f"mean_ch{k}" for k in range(c)]]:
+        data[col] = np.asarray(meta[col], np.float64)
+    data["source"] = meta["source"]
+    data["shard"] = np.asarray(meta["shard"], np.int64)
+    data["row"] = np.asarray(meta["row"], np.int64)
+    for col in ("file_size", "file_mtime"):
+        if col in meta:
+            data[col] = meta[col]
+    return pd.DataFrame(data)
 
-    :param collected_at: the collection time recorded (default: now, UTC).
-    :param context: free-form facts about who collected (e.g. DAG and run id),
-        stored in the manifest.
-    """
-    root = Path(snapshots_root)
-    hashes = pixel_hashes(data.images)
-    splits = assign_splits(hashes, val_fraction=val_fraction, test_fraction=test_fraction,
-                           predefined=data.predefined_split)
-    labels = data.labels.astype(np.int64)
-    digest = compute_digest(data.images, labels, splits, data.class_names)
 
-    pixels = root / PIXELS_DIR / digest
-    if not (pixels / "pixels.json").is_file():
-        # A concurrent writer of the same digest wins harmlessly; a folder without
-        # pixels.json (not written by this code) is replaced.
-        with atomic_dir(pixels, replace=pixels.exists()) as tmp:
-            np.save(tmp / "images.npy", np.ascontiguousarray(data.images, dtype=np.uint8))
-            np.save(tmp / "labels.npy", labels)
-            np.save(tmp / "splits.npy", splits)
-            (tmp / "pixels.json").write_text(json.dumps(
-                {"format": FORMAT, "digest": digest, "image_shape": list(data.images.shape[1:]),
-                 "class_names": list(data.class_names), "count": int(len(labels))}, indent=2) + "\n")
+def build_profile(images: np.ndarray, labels: np.ndarray, splits: np.ndarray, class_names: list[str],
+                  orig_sizes: np.ndarray, origins: list[str], hashes: list[str] | None = None):
+    """The profile table of in-memory images (one shard's rows, in order)."""
+    from nightshift.data.decode import image_stats
 
+    stats = image_stats(images)
+    if hashes is not None:
+        stats["sha256"] = list(hashes)
+    n = len(images)
+    return profile_frame({**stats, "label": labels, "split": splits, "orig_size": orig_sizes, "source": list(origins),
+                          "shard": np.zeros(n, np.int64), "row": np.arange(n), "shape": images.shape[1:]},
+                         class_names)
+
+
+def write_record(root: Path, *, shards: list[tuple[str, int]], meta: dict[str, Any], class_names: list[str],
+                 shape: tuple[int, int, int], source: dict[str, Any], undecodable: list[dict[str, str]],
+                 split_cfg: dict[str, Any], extra: dict[str, Any] | None = None,
+                 collected_at: datetime | None = None, context: dict[str, Any] | None = None) -> "Snapshot":
+    """Write a collection record for ``shards`` + per-image ``meta``; return the snapshot."""
+    digests = [d for d, _ in shards]
+    digest = data_digest(shape, class_names, digests)
+    labels = np.asarray(meta["label"], np.int64)
+    splits = np.asarray(meta["split"])
     counts = {
         "total": int(len(labels)),
         "per_split": {s: int((splits == s).sum()) for s in SPLITS},
-        "per_class": {name: int((labels == i).sum()) for i, name in enumerate(data.class_names)},
-        "undecodable": len(data.undecodable),
+        "per_class": {name: int((labels == i).sum()) for i, name in enumerate(class_names)},
+        "undecodable": len(undecodable),
     }
-    profile = build_profile(data.images, labels, splits, data.class_names, data.orig_sizes, data.origins, hashes)
-    origins_digest = hashlib.sha256("\n".join(data.origins).encode("utf-8")).hexdigest()
+    origins_digest = hashlib.sha256("\n".join(map(str, meta["source"])).encode("utf-8")).hexdigest()
     record = {
         "format": FORMAT,
         "digest": digest,
-        "source": data.source,
-        "class_names": list(data.class_names),
-        "image_shape": list(data.images.shape[1:]),
+        "source": source,
+        "class_names": list(class_names),
+        "image_shape": list(shape),
         "counts": counts,
-        "undecodable": data.undecodable,
+        "undecodable": undecodable,
         "origins_sha256": origins_digest,
-        "split": {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
-                  "predefined_test": data.predefined_split is not None},
+        "shards": [{"digest": d, "count": int(n)} for d, n in shards],
+        "split": split_cfg,
         "collected_at": (collected_at or datetime.now(timezone.utc)).isoformat(),
         "context": context or {},
+        **(extra or {}),
         # Two collections in the same instant with the same facts still get their own record.
         "nonce": uuid.uuid4().hex,
     }
     collection_id = hashlib.sha256(_canonical_json(record)).hexdigest()
-    final = root / COLLECTIONS_DIR / collection_id
-    manifest = {**record, "collection_id": collection_id,
-                "pixels": str(Path("..") / ".." / PIXELS_DIR / digest)}
-    with atomic_dir(final) as tmp:
-        profile.to_parquet(tmp / "profile.parquet", index=False)
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
-    return load_snapshot(final)
+    final = Path(root) / COLLECTIONS_DIR / collection_id
+    manifest = {**record, "collection_id": collection_id}
+    profile = profile_frame({**meta, "shape": shape}, class_names)
+    try:
+        with atomic_dir(final) as tmp:
+            profile.to_parquet(tmp / "profile.parquet", index=False)
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
+    except OSError as exc:
+        from nightshift.data.shards import _disk_error
+
+        raise _disk_error(exc, final.parent) from exc
+    return load_snapshot(final, verify=False)
 
 
-def load_snapshot(path: str | Path) -> Snapshot:
-    """Open a collection record and check that its pixel data is there.
+def set_latest(root: Path, key: str, snap: "Snapshot") -> None:
+    atomic_write_json(Path(root) / SOURCES_DIR / f"{key}.json",
+                      {"collection_id": snap.collection_id, "digest": snap.digest,
+                       "collected_at": snap.manifest["collected_at"]})
 
-    :raises DataError: not a snapshot, an older format, or its pixel data is missing
-        or is not the data the record names.
+
+def latest(root: Path, key: str) -> "Snapshot | None":
+    """The latest collection of a source (see :func:`source_key`), if it is still readable."""
+    pointer = Path(root) / SOURCES_DIR / f"{key}.json"
+    if not pointer.is_file():
+        return None
+    try:
+        return load_snapshot(Path(root) / COLLECTIONS_DIR / read_json(pointer)["collection_id"], verify=False)
+    except (DataError, KeyError, ValueError):
+        return None  # an unreadable previous state only means "decode everything"
+
+
+def write_snapshot(data: SourceData, snapshots_root: str | Path, *, val_fraction: float = 0.1,
+                   test_fraction: float = 0.1, shard_mb: float = DEFAULT_SHARD_MB,
+                   collected_at: datetime | None = None, context: dict[str, Any] | None = None) -> Snapshot:
+    """Record one collection of in-memory ``data`` (bundled, torchvision, tests).
+
+    Pixels go to content-addressed shards (shared when identical); the
+    collection's own record always goes to a new ``collections/<id>/``. Large
+    ImageFolder sources use :func:`nightshift.data.collect.collect_imagefolder`,
+    which streams instead.
+    """
+    from nightshift.data.decode import image_stats
+
+    root = Path(snapshots_root)
+    check_fractions(val_fraction, test_fraction)
+    shape = tuple(int(v) for v in data.images.shape[1:])
+    stats = image_stats(data.images)
+    splits = assign_splits(stats["sha256"], val_fraction=val_fraction, test_fraction=test_fraction,
+                           predefined=data.predefined_split)
+    labels = data.labels.astype(np.int64)
+    writer = ShardWriter(root, shape, capacity(shape, shard_mb))  # type: ignore[arg-type]
+    where = writer.add(data.images, labels, splits)
+    writer.flush()
+    meta = {**stats, "label": labels, "split": splits, "orig_size": data.orig_sizes, "source": list(data.origins),
+            "shard": [s for s, _ in where], "row": [r for _, r in where]}
+    split_cfg = {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                 "predefined_test": data.predefined_split is not None}
+    return write_record(root, shards=writer.written, meta=meta, class_names=data.class_names,
+                        shape=shape, source=data.source, undecodable=data.undecodable,  # type: ignore[arg-type]
+                        split_cfg=split_cfg, collected_at=collected_at, context=context,
+                        extra={"shard_mb": shard_mb, "incremental": {"decoded": len(labels), "reused": 0}})
+
+
+def load_snapshot(path: str | Path, *, verify: bool = True) -> Snapshot:
+    """Open a collection record and check that its shards are there.
+
+    :param verify: also check each shard's content against its digest (once per
+        process and shard).
+    :raises DataError: not a snapshot, an older format, or a shard is missing or corrupt.
     """
     path = Path(path)
     manifest_path = path / "manifest.json"
@@ -249,11 +340,6 @@ def load_snapshot(path: str | Path) -> Snapshot:
             "collect the data again (re-run collect_data, or trigger nightly_retrain) to write it in the current format"
         )
     snap = Snapshot(path=path, manifest=manifest)
-    pixels_meta = snap.pixels_path / "pixels.json"
-    if not pixels_meta.is_file():
-        raise DataError(f"snapshot {path} points at pixel data {snap.pixels_path} that does not exist "
-                        f"(data digest {snap.digest[:12]}); it was deleted or moved: collect the data again")
-    if read_json(pixels_meta).get("digest") != snap.digest:
-        raise DataError(f"pixel data {snap.pixels_path} is not the data snapshot {path} was collected with "
-                        f"(expected digest {snap.digest})")
+    for d in snap.shard_digests:
+        open_shard(snap.root, d, verify=verify)
     return snap

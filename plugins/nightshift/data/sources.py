@@ -16,13 +16,14 @@ Sources:
 
 from __future__ import annotations
 
-import io
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
 
 import numpy as np
 
+from nightshift.data.decode import decode_blobs, decode_error, decode_image, to_shape  # noqa: F401 (re-exported)
 from nightshift.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -48,56 +49,6 @@ class SourceData:
     predefined_split: np.ndarray | None = None  # (N,) str, when the source fixes one
 
 
-def to_shape(img: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Convert an HxW or HxWxC uint8 image to ``shape`` (resize + channel conversion)."""
-    from PIL import Image
-
-    h, w, c = shape
-    if img.ndim == 2:
-        img = img[:, :, None]
-    if img.shape[2] == 4:  # drop alpha
-        img = img[:, :, :3]
-    if img.shape[:2] != (h, w):
-        mode = "L" if img.shape[2] == 1 else "RGB"
-        pil = Image.fromarray(img[:, :, 0] if mode == "L" else img, mode=mode)
-        img = np.asarray(pil.resize((w, h), Image.BILINEAR))
-        if img.ndim == 2:
-            img = img[:, :, None]
-    if img.shape[2] != c:
-        if c == 1:  # ITU-R 601 luma, as PIL's convert("L")
-            img = (img[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32))
-            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)[:, :, None]
-        elif c == 3 and img.shape[2] == 1:
-            img = np.repeat(img, 3, axis=2)
-        else:
-            raise ConfigError(f"cannot convert {img.shape[2]} channels to {c}")
-    return np.ascontiguousarray(img, dtype=np.uint8)
-
-
-def decode_image(data: bytes) -> np.ndarray:
-    """Decode PNG/JPEG/... bytes into an HxWxC uint8 array; raises on corrupt data."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as im:
-        im.load()  # forces a full decode: truncated files fail here, not later
-        if im.mode not in ("L", "RGB", "RGBA"):
-            im = im.convert("RGBA" if "A" in im.mode else "RGB")
-        arr = np.asarray(im)
-    if arr.ndim == 2:
-        arr = arr[:, :, None]
-    if arr.dtype != np.uint8:
-        raise ValueError(f"unsupported pixel type {arr.dtype}")
-    return arr
-
-
-def _decode_error(exc: Exception) -> str:
-    from PIL import UnidentifiedImageError
-
-    if isinstance(exc, UnidentifiedImageError):
-        return "UnidentifiedImageError: not a readable image (corrupt, or not PNG/JPEG/BMP/GIF/WebP)"
-    return f"{type(exc).__name__}: {exc}"
-
-
 def load_bundled(shape: tuple[int, int, int] = (8, 8, 1)) -> SourceData:
     """scikit-learn's digits: 1,797 real 8×8 grayscale images with values 0..16."""
     from sklearn.datasets import load_digits
@@ -116,21 +67,81 @@ def load_bundled(shape: tuple[int, int, int] = (8, 8, 1)) -> SourceData:
     )
 
 
-def load_imagefolder(
-    root: Any, shape: tuple[int, int, int], class_names: list[str] | None = None
-) -> SourceData:
-    """Read ``root/<class>/<file>``. ``class_names`` fixes the label order; a class
-    folder not in it is reported as an error rather than silently ignored."""
+@dataclass
+class FileEntry:
+    """One image file of an ImageFolder source and what identifies its content."""
+
+    rel: str  # "<class>/<file>" or "<partition>/<class>/<file>"
+    class_name: str
+    path: Any  # pathlib.Path or ObjectStoragePath
+    size: int
+    mtime: str  # modification time (ns) or the object store's ETag/last-modified
+
+
+@dataclass
+class Listing:
+    entries: list[FileEntry]
+    class_names: list[str]
+    skipped: list[dict[str, str]]  # files that are not images: reported as undecodable
+    partitions: list[str] = field(default_factory=list)
+
+
+def _stat(p: Any) -> tuple[int, str]:
+    if isinstance(p, Path):
+        st = p.stat()
+        return int(st.st_size), str(st.st_mtime_ns)
+    info = p.stat()  # ObjectStoragePath: fsspec info dict (size, ETag / mtime / LastModified)
+    get = info.get if isinstance(info, dict) else (lambda k, d=None: getattr(info, k, d))
+    size = get("size", None)
+    if size is None:
+        size = get("st_size", 0)
+    stamp = get("ETag", None) or get("etag", None) or get("mtime", None) or get("LastModified", None) \
+        or get("last_modified", None) or get("st_mtime", None) or get("created", None)
+    return int(size or 0), str(stamp)
+
+
+def _subdirs(root: Any) -> list[Any]:
+    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+
+
+def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partition_window: int | None = None,
+                     io_concurrency: int = 16) -> Listing:
+    """List ``root/<class>/<file>`` (or ``root/<partition>/<class>/<file>`` with
+    ``partition_window``: the last N partition folders in name order, e.g. dates).
+
+    Files are stat-ed (size and modification time or ETag) with up to
+    ``io_concurrency`` requests in flight, for object storage.
+
+    :raises DataError: the root is missing or empty, a class folder is not in
+        ``class_names``, or a configured class has no folder.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    root = Path(root) if isinstance(root, (str, os.PathLike)) and not hasattr(root, "iterdir") else root
     root_s = str(root)
     try:
         if not root.is_dir():
             raise DataError(f"imagefolder source {root_s!r} is not a directory")
-        class_dirs = sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+        top = _subdirs(root)
     except FileNotFoundError as exc:
         raise DataError(f"imagefolder source {root_s!r} does not exist") from exc
-    found = [p.name for p in class_dirs]
+    partitions: list[str] = []
+    if partition_window is not None:
+        if int(partition_window) < 1:
+            raise ConfigError(f"partition_window must be a positive number of partitions, got {partition_window}")
+        if not top:
+            raise DataError(f"imagefolder source {root_s!r} has no partition folders (expected "
+                            "<root>/<partition>/<class>/<image>, e.g. <root>/2026-11-22/cat/1.jpg)")
+        chosen = top[-int(partition_window):]
+        partitions = [p.name for p in chosen]
+        class_dirs = [(f"{part.name}/", c) for part in chosen for c in _subdirs(part)]
+    else:
+        class_dirs = [("", c) for c in top]
+    found = sorted({c.name for _, c in class_dirs})
+    where = f"partitions {partitions} of " if partitions else ""
     if not found:
-        raise DataError(f"imagefolder source {root_s!r} has no class folders (expected <root>/<class>/<image>)")
+        raise DataError(f"imagefolder source {where}{root_s!r} has no class folders "
+                        "(expected <root>/<class>/<image>)")
     if class_names is None:
         class_names = found
     else:
@@ -140,38 +151,70 @@ def load_imagefolder(
                 f"imagefolder source {root_s!r} has class folder(s) {unknown} that are not in the "
                 f"configured classes {class_names}: fix the folder names or the 'classes' setting"
             )
-    index = {name: i for i, name in enumerate(class_names)}
-    images, labels, sizes, origins, bad = [], [], [], [], []
-    for cdir in class_dirs:
-        files = sorted((p for p in cdir.iterdir() if not p.is_dir()), key=lambda p: p.name)
-        for f in files:
-            rel = f"{cdir.name}/{f.name}"
+        missing = [c for c in class_names if c not in found]
+        if missing:
+            raise DataError(f"imagefolder source {where}{root_s!r} has no folder for configured class(es) "
+                            f"{missing} (expected {root_s}/<class>/ for each of {class_names}): a class folder "
+                            "disappeared, or remove it from the 'classes' setting")
+    files: list[tuple[str, str, Any]] = []
+    skipped: list[dict[str, str]] = []
+    for prefix, cdir in class_dirs:
+        for f in sorted((p for p in cdir.iterdir() if not p.is_dir()), key=lambda p: p.name):
+            rel = f"{prefix}{cdir.name}/{f.name}"
+            if f.name.startswith("."):
+                continue
             if Path(f.name).suffix.lower() not in IMAGE_SUFFIXES:
-                if not f.name.startswith("."):
-                    bad.append({"path": rel, "error": "not an image file (unsupported extension)"})
+                skipped.append({"path": rel, "error": "not an image file (unsupported extension)"})
                 continue
-            try:
-                arr = decode_image(f.read_bytes())
-            except Exception as exc:  # noqa: BLE001 - any decode failure is reported per file
-                bad.append({"path": rel, "error": _decode_error(exc)})
-                continue
-            sizes.append(arr.shape)
-            images.append(to_shape(arr, shape))
-            labels.append(index[cdir.name])
-            origins.append(rel)
-    if not images:
-        h, w, c = shape
-        img_arr = np.zeros((0, h, w, c), np.uint8)
+            files.append((rel, cdir.name, f))
+    if isinstance(root, Path) or len(files) < 64:
+        stats = [_stat(f) for _, _, f in files]
     else:
-        img_arr = np.stack(images)
+        with ThreadPoolExecutor(max_workers=max(1, io_concurrency)) as pool:
+            stats = list(pool.map(lambda t: _stat(t[2]), files))
+    entries = [FileEntry(rel, cls, f, size, mtime) for (rel, cls, f), (size, mtime) in zip(files, stats)]
+    if not entries:
+        raise DataError(f"imagefolder source {where}{root_s!r} holds no image files "
+                        f"(expected {root_s}/<class>/<image>.png|jpg for the classes {class_names}; "
+                        f"{len(skipped)} other file(s) found)")
+    return Listing(entries=entries, class_names=list(class_names), skipped=skipped, partitions=partitions)
+
+
+def read_bytes(path: Any) -> bytes:
+    if isinstance(path, Path):
+        with open(path, "rb") as f:
+            return f.read()
+    return path.read_bytes()
+
+
+def load_imagefolder(
+    root: Any, shape: tuple[int, int, int], class_names: list[str] | None = None, *,
+    partition_window: int | None = None,
+) -> SourceData:
+    """Read a (small) ImageFolder into memory. ``class_names`` fixes the label order;
+    a class folder not in it is reported as an error rather than silently ignored.
+
+    Collection streams large folders instead (:mod:`nightshift.data.collect`).
+    """
+    listing = list_imagefolder(root, class_names, partition_window=partition_window)
+    index = {name: i for i, name in enumerate(listing.class_names)}
+    blobs: list[bytes | BaseException] = []
+    for e in listing.entries:
+        try:
+            blobs.append(read_bytes(e.path))
+        except OSError as exc:
+            blobs.append(exc)
+    chunk = decode_blobs(blobs, shape)
+    ok = [listing.entries[i] for i in chunk.ok]
+    bad = list(listing.skipped) + [{"path": listing.entries[i].rel, "error": msg} for i, msg in chunk.errors]
     return SourceData(
-        images=img_arr,
-        labels=np.asarray(labels, np.int64),
-        class_names=list(class_names),
-        orig_sizes=np.asarray(sizes, np.int64).reshape(-1, 3),
-        origins=origins,
-        source={"kind": "imagefolder", "root": root_s},
-        undecodable=bad,
+        images=chunk.images,
+        labels=np.asarray([index[e.class_name] for e in ok], np.int64),
+        class_names=listing.class_names,
+        orig_sizes=chunk.orig_sizes,
+        origins=[e.rel for e in ok],
+        source={"kind": "imagefolder", "root": str(root)},
+        undecodable=sorted(bad, key=lambda b: b["path"]),
     )
 
 

@@ -36,8 +36,8 @@ class ExportONNXOperator(NightshiftOperator):
         train = self.require(self.training, "training", "train_gpu")
         snap = load_snapshot(self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"])
         ckpt = load_checkpoint(train["checkpoint"])
-        images, _ = snap.split("test")
-        result = export_and_verify(ckpt, self.run_dir(context, "model"), images, model_name=self.model_name,
+        result = export_and_verify(ckpt, self.run_dir(context, "model"), snap.iter_split("test"),
+                                   model_name=self.model_name,
                                    atol=float(self.atol), min_top1_agreement=float(self.min_top1_agreement))
         p = result["parity"]
         self.log.info("ONNX %s (%d bytes): max|Δ| %.3g, top-1 agreement %.4f on %d images",

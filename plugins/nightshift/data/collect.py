@@ -1,0 +1,365 @@
+"""Streaming, parallel, incremental collection of an ImageFolder into a snapshot.
+
+:func:`collect_imagefolder` lists the source, decides per file whether its
+pixels can be reused, decodes only the rest in worker processes, and packs
+everything into content-addressed shards while holding at most one shard of
+pixels plus the chunks in flight.
+
+**Reuse rule** (incremental collection). A file is not decoded again when the
+latest collection of the *same source read at the same shape and decoder
+version* (:func:`nightshift.data.snapshot.source_key`) listed the same relative
+path with the same size and modification time (object storage: size and
+ETag/last-modified). Its pixels are copied from that collection's shard. Labels
+and splits are always recomputed from today's classes and split fractions, so
+a reused shard is kept whole only when its labels and splits still match.
+
+**Killed and retried.** Every shard written is recorded in a journal
+(``staging/<source key>/<shard>.parquet``); a retried collection reuses the
+pixels of finished shards exactly like those of the previous night, and
+removes the journal when it has written its record. Shards and records are
+written through a temporary folder and a rename, so nothing is ever half there.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections import deque
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from nightshift.data import decode
+from nightshift.data.shards import DEFAULT_SHARD_MB, ShardWriter, capacity, open_shard
+from nightshift.data.snapshot import (
+    Snapshot,
+    assign_splits,
+    check_fractions,
+    latest,
+    set_latest,
+    source_key,
+    write_record,
+)
+from nightshift.data.sources import FileEntry, list_imagefolder, read_bytes
+from nightshift.errors import DataError
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = "staging"
+#: Files per decode task: large enough to amortise inter-process transfer,
+#: small enough that a few chunks in flight stay a few MB.
+CHUNK_FILES = 256
+_STAT_COLS = ("sha256", "brightness", "contrast")
+
+
+def default_workers() -> int:
+    """One decode worker per CPU this process may use."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass
+class CollectStats:
+    listed: int = 0
+    decoded: int = 0
+    reused: int = 0
+    undecodable: int = 0
+    shards_reused: int = 0
+    shards_written: int = 0
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+class _Columns:
+    """Per-image columns, appended chunk by chunk as numpy arrays (compact at 10^6 rows).
+
+    Also a FIFO: :meth:`take` removes the first ``n`` rows (for the shard journal).
+    """
+
+    def __init__(self) -> None:
+        self.parts: list[dict[str, np.ndarray]] = []
+
+    def append(self, cols: dict[str, Any]) -> None:
+        part = {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in cols.items()}
+        n = {len(v) for v in part.values()}
+        if len(n) != 1:
+            raise ValueError(f"columns of unequal length: { {k: len(v) for k, v in part.items()} }")
+        if n.pop():
+            self.parts.append(part)
+
+    def __len__(self) -> int:
+        return sum(len(next(iter(p.values()))) for p in self.parts)
+
+    def take(self, n: int) -> dict[str, np.ndarray]:
+        out: list[dict[str, np.ndarray]] = []
+        while n > 0:
+            head = self.parts[0]
+            size = len(next(iter(head.values())))
+            if size <= n:
+                out.append(self.parts.pop(0))
+                n -= size
+            else:
+                out.append({k: v[:n] for k, v in head.items()})
+                self.parts[0] = {k: v[n:] for k, v in head.items()}
+                n = 0
+        return _concat(out)
+
+    def all(self) -> dict[str, np.ndarray]:
+        return _concat(self.parts)
+
+
+def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    if not parts:
+        return {}
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers: int,
+                 io_concurrency: int) -> Iterator[tuple[list[FileEntry], decode.Chunk]]:
+    """Decode ``entries`` in chunks, in order, with a bounded number of chunks in flight."""
+    chunks = [entries[i:i + CHUNK_FILES] for i in range(0, len(entries), CHUNK_FILES)]
+    local = all(isinstance(e.path, Path) for e in entries)
+    if workers <= 1 and local:
+        for ch in chunks:
+            yield ch, decode.decode_files([str(e.path) for e in ch], shape)
+        return
+    import multiprocessing
+
+    # spawn, not fork: the collector may run inside an Airflow task process with threads.
+    ctx = multiprocessing.get_context("spawn")
+    io_pool = None if local else ThreadPoolExecutor(max_workers=max(1, io_concurrency))
+
+    def read_all(ch: list[FileEntry]) -> list[bytes | BaseException]:
+        def one(e: FileEntry) -> bytes | BaseException:
+            try:
+                return read_bytes(e.path)
+            except Exception as exc:  # noqa: BLE001 - reported per file
+                return exc
+        return list(io_pool.map(one, ch))  # type: ignore[union-attr]
+
+    pending: deque[tuple[list[FileEntry], Future]] = deque()
+    in_flight = max(2, 2 * workers)
+    with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
+        try:
+            it = iter(chunks)
+            for ch in it:
+                if local:
+                    fut = pool.submit(decode.decode_files, [str(e.path) for e in ch], shape)
+                else:
+                    fut = pool.submit(decode.decode_blobs, read_all(ch), shape)
+                pending.append((ch, fut))
+                if len(pending) >= in_flight:
+                    done_ch, done = pending.popleft()
+                    yield done_ch, done.result()
+            while pending:
+                done_ch, done = pending.popleft()
+                yield done_ch, done.result()
+        finally:
+            for _, fut in pending:
+                fut.cancel()
+            if io_pool is not None:
+                io_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _index(previous: Snapshot | None, staged: list[Any]):
+    """The images whose pixels we may reuse: rel path, file identity, shard digest and
+    row, and their profile statistics (a DataFrame; journal rows win over the previous
+    collection's)."""
+    import pandas as pd
+
+    frames = []
+    if previous is not None:
+        prof = previous.profile()
+        if "file_size" in prof.columns:
+            digests = np.asarray(previous.shard_digests, dtype=object)
+            frames.append(prof.assign(shard_digest=digests[prof["shard"].to_numpy()]))
+    frames.extend(staged)
+    if not frames:
+        return None
+    table = pd.concat(frames, ignore_index=True)
+    return table.drop_duplicates(subset="source", keep="last")
+
+
+def collect_imagefolder(
+    root: Any, shape: tuple[int, int, int], snapshots_root: str | Path, *,
+    class_names: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
+    workers: int | None = None, shard_mb: float = DEFAULT_SHARD_MB, partition_window: int | None = None,
+    io_concurrency: int = 16, incremental: bool = True, context: dict[str, Any] | None = None,
+    collected_at: datetime | None = None, progress: Callable[[str], None] | None = None,
+) -> tuple[Snapshot, CollectStats]:
+    """Collect ``root/<class>/<image>`` into a sharded snapshot under ``snapshots_root``.
+
+    :param workers: decode processes (default one per CPU; 1 decodes in this process).
+    :param shard_mb: MiB of pixels per shard.
+    :param partition_window: read ``root/<partition>/<class>/<image>``, only the
+        last N partitions in name order (e.g. dates).
+    :param io_concurrency: object-storage reads/stats in flight.
+    :param incremental: reuse pixels of unchanged files (see the module docstring).
+    :returns: the snapshot and what was decoded, reused and written.
+    """
+    t0 = time.perf_counter()
+    check_fractions(val_fraction, test_fraction)
+    root_dir = Path(snapshots_root)
+    workers = default_workers() if workers is None else max(1, int(workers))
+    listing = list_imagefolder(root, class_names, partition_window=partition_window, io_concurrency=io_concurrency)
+    classes = listing.class_names
+    label_of = {name: i for i, name in enumerate(classes)}
+    source = {"kind": "imagefolder", "root": str(root)}
+    if listing.partitions:
+        source["partitions"] = listing.partitions
+    key = source_key(source, shape)
+    stats = CollectStats(listed=len(listing.entries))
+    say = progress or (lambda msg: log.info("%s", msg))
+
+    # ---- what can be reused: the previous collection of this source + a killed try's journal
+    import pandas as pd
+
+    staging = root_dir / STAGING_DIR / key
+    previous = latest(root_dir, key) if incremental else None
+    staged = []
+    if incremental and staging.is_dir():
+        for f in sorted(staging.glob("*.parquet")):
+            try:
+                staged.append(pd.read_parquet(f).assign(shard_digest=f.stem))
+            except Exception as exc:  # noqa: BLE001 - a journal we cannot read only costs decoding
+                log.warning("ignoring unreadable collection journal %s: %s", f, exc)
+    table = _index(previous, staged) if incremental else None
+
+    entries = listing.entries
+    files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
+                          "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
+    if table is not None:
+        m = files.merge(table, left_on="rel", right_on="source", how="inner")
+        m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])]
+    else:
+        m = files.iloc[:0].assign(shard_digest=[], row=[])
+    reused_pos = set(m["pos"].tolist())
+    todo = [e for i, e in enumerate(entries) if i not in reused_pos]
+    say(f"collect {root}: {len(entries)} image files, {len(m)} unchanged (reused), {len(todo)} to decode "
+        f"with {workers} worker(s)")
+
+    h, w, c = shape
+    cap = capacity(shape, shard_mb)
+    stat_cols = ["sha256", "brightness", "contrast", *[f"mean_ch{k}" for k in range(c)]]
+    kept = _Columns()      # rows of shards kept whole, in final order
+    pending = _Columns()   # rows pushed to the writer, not yet in a written shard
+    written = _Columns()   # rows of the shards written now, in order
+    undecodable = list(listing.skipped)
+    final_shards: list[tuple[str, int]] = []  # kept whole, in order
+
+    def journal(digest: str, count: int) -> None:
+        import io
+
+        from nightshift.artifacts import atomic_write_bytes
+
+        rows = pending.take(count)
+        written.append(rows)
+        buf = io.BytesIO()
+        pd.DataFrame({k: v for k, v in rows.items() if k not in ("label", "split")}).assign(
+            row=np.arange(count)).to_parquet(buf, index=False)
+        atomic_write_bytes(staging / f"{digest}.parquet", buf.getvalue())
+
+    writer = ShardWriter(root_dir, shape, cap, on_shard=journal)
+
+    def push(images: np.ndarray, cols: dict[str, Any]) -> None:
+        pending.append(cols)
+        writer.add(images, np.asarray(cols["label"], np.int64), np.asarray(cols["split"]))
+
+    # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
+    label_arr = np.asarray([label_of[e.class_name] for e in entries], np.int64)
+    for digest, grp in m.groupby("shard_digest", sort=False):
+        try:
+            shard = open_shard(root_dir, digest)
+        except DataError as exc:  # the shard went away: decode those files again
+            log.warning("cannot reuse shard %s (%s); decoding its %d file(s) again", digest[:12], exc, len(grp))
+            todo.extend(entries[i] for i in grp["pos"])
+            continue
+        grp = grp.sort_values("row")
+        idx = grp["row"].to_numpy(np.int64)
+        pos = grp["pos"].to_numpy(np.int64)
+        labels = label_arr[pos]
+        splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
+        cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
+                "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
+                "orig_channels": grp["orig_channels"].to_numpy(np.int64), "source": grp["rel"].to_numpy(),
+                "file_size": grp["size"].to_numpy(), "file_mtime": grp["mtime"].to_numpy()}
+        whole = (len(idx) == len(shard.labels) == cap and np.array_equal(idx, np.arange(cap))
+                 and np.array_equal(labels, shard.labels) and np.array_equal(splits, shard.splits))
+        stats.reused += len(idx)
+        if whole:  # the whole shard, unchanged: share it as it is
+            final_shards.append((digest, cap))
+            kept.append({**cols, "shard": np.full(cap, len(final_shards) - 1), "row": np.arange(cap)})
+            stats.shards_reused += 1
+        else:  # part of it: copy those rows into new shards
+            for i in range(0, len(idx), cap):
+                sel = slice(i, i + cap)
+                push(np.asarray(shard.images[idx[sel]]), {k: v[sel] for k, v in cols.items()})
+
+    # ---- 2. new and changed files, decoded in parallel, in listing order
+    todo.sort(key=lambda e: e.rel)
+    done = 0
+    last_report = time.monotonic()
+    for chunk_entries, chunk in _iter_chunks(todo, shape, workers, io_concurrency):
+        for i, msg in chunk.errors:
+            undecodable.append({"path": chunk_entries[i].rel, "error": msg})
+        ok = [chunk_entries[i] for i in chunk.ok]
+        if ok:
+            splits = assign_splits(chunk.stats["sha256"], val_fraction=val_fraction, test_fraction=test_fraction)
+            push(chunk.images, {
+                **{k: np.asarray(chunk.stats[k]) for k in stat_cols},
+                "label": np.asarray([label_of[e.class_name] for e in ok], np.int64), "split": splits,
+                "orig_height": chunk.orig_sizes[:, 0], "orig_width": chunk.orig_sizes[:, 1],
+                "orig_channels": chunk.orig_sizes[:, 2], "source": np.asarray([e.rel for e in ok]),
+                "file_size": np.asarray([str(e.size) for e in ok]), "file_mtime": np.asarray([e.mtime for e in ok])})
+        stats.decoded += len(ok)
+        done += len(chunk_entries)
+        if time.monotonic() - last_report > 10:
+            last_report = time.monotonic()
+            rate = done / max(time.perf_counter() - t0, 1e-9)
+            say(f"decoded {done}/{len(todo)} files ({rate:.0f}/s), {len(writer.written)} shard(s) written")
+    writer.flush()
+
+    # ---- 3. the record: whole reused shards first, then the shards written now
+    rows_written = written.all()
+    offset = len(final_shards)
+    if rows_written:
+        counts = [n for _, n in writer.written]
+        rows_written["shard"] = np.repeat(np.arange(offset, offset + len(counts)), counts)
+        rows_written["row"] = np.concatenate([np.arange(n) for n in counts])
+        kept.append(rows_written)
+    final_shards.extend(writer.written)
+    cols = kept.all()
+    stats.shards_written = len(writer.written)
+    stats.undecodable = len(undecodable)
+    if not cols:
+        raise DataError(f"imagefolder source {root} yielded no decodable image: {len(undecodable)} file(s) failed "
+                        f"(first: {undecodable[:3]})")
+    meta = {**{k: cols[k] for k in stat_cols}, "label": cols["label"], "split": cols["split"],
+            "orig_size": np.stack([cols["orig_height"], cols["orig_width"], cols["orig_channels"]], axis=1),
+            "source": cols["source"].tolist(), "shard": cols["shard"], "row": cols["row"],
+            "file_size": cols["file_size"].astype(str), "file_mtime": cols["file_mtime"].astype(str)}
+    split_cfg = {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                 "predefined_test": False}
+    stats.seconds = round(time.perf_counter() - t0, 3)
+    snap = write_record(root_dir, shards=final_shards, meta=meta, class_names=classes, shape=shape,
+                        source=source, undecodable=sorted(undecodable, key=lambda b: b["path"]),
+                        split_cfg=split_cfg, collected_at=collected_at, context=context,
+                        extra={"shard_mb": shard_mb, "incremental": {
+                            "previous_collection": previous.collection_id if previous else None,
+                            "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
+    set_latest(root_dir, key, snap)
+    shutil.rmtree(staging, ignore_errors=True)
+    say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
+        f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "
+        f"{stats.seconds:.1f}s")
+    return snap, stats

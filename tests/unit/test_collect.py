@@ -1,0 +1,186 @@
+"""Streaming collection (nightshift.data.collect): sharded, parallel, incremental,
+restartable, on real PNG/JPEG files."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nightshift.data.collect import collect_imagefolder
+from nightshift.data.snapshot import load_snapshot
+from nightshift.errors import DataError
+
+SHAPE = (8, 8, 1)
+#: 64 images of 8×8×1 per shard: small shards make every code path run on little data.
+SMALL_SHARD_MB = 64 * 64 / 2**20
+
+
+def _content(snap):
+    """What a model could learn from a snapshot, independent of image order."""
+    prof = snap.profile()
+    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
+
+
+def _add_images(root: Path, start: int, count: int, classes=("0", "1", "2")) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(start)
+    for i in range(start, start + count):
+        cls = classes[i % len(classes)]
+        (root / cls).mkdir(parents=True, exist_ok=True)
+        img = rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)
+        img[:, :, int(cls) % 3] = 255  # a learnable class signal
+        Image.fromarray(img).save(root / cls / f"img_{i:05d}.png")
+
+
+@pytest.fixture
+def folder(tmp_path):
+    root = tmp_path / "src"
+    _add_images(root, 0, 300)
+    return root
+
+
+def test_collect_writes_shards_and_a_profile_row_per_image(folder, tmp_path):
+    snap, stats = collect_imagefolder(folder, SHAPE, tmp_path / "snaps", shard_mb=SMALL_SHARD_MB, workers=1)
+    assert stats.decoded == 300 and stats.reused == 0 and stats.shards_written == 5  # 4 × 64 + 44
+    assert [s["count"] for s in snap.manifest["shards"]] == [64, 64, 64, 64, 44]
+    prof = snap.profile()
+    assert len(prof) == 300 and set(prof.columns) >= {"shard", "row", "file_size", "file_mtime", "sha256"}
+    img = snap.shard(int(prof.loc[7, "shard"])).images[int(prof.loc[7, "row"])]
+    assert prof.loc[7, "brightness"] == pytest.approx(img.mean(), rel=1e-5)
+    loaded = load_snapshot(snap.path)
+    assert loaded.digest == snap.digest and sum(len(y) for _, y in loaded.iter_split("train")) == snap.count("train")
+
+
+def test_two_workers_give_the_same_snapshot_as_one(folder, tmp_path):
+    one, _ = collect_imagefolder(folder, SHAPE, tmp_path / "a", shard_mb=SMALL_SHARD_MB, workers=1)
+    two, stats = collect_imagefolder(folder, SHAPE, tmp_path / "b", shard_mb=SMALL_SHARD_MB, workers=2)
+    assert stats.decoded == 300
+    assert two.digest == one.digest and two.shard_digests == one.shard_digests
+
+
+def test_recollecting_decodes_only_new_and_changed_files(folder, tmp_path):
+    snaps = tmp_path / "snaps"
+    first, _ = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+
+    again, stats = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    assert stats.decoded == 0 and stats.reused == 300
+    assert stats.shards_reused == 4 and stats.shards_written == 1  # the full shards are shared as they are
+    assert again.digest == first.digest and again.collection_id != first.collection_id
+
+    _add_images(folder, 1000, 37)
+    victim = sorted((folder / "1").iterdir())[0]
+    _add_images(tmp_path / "other", 5000, 3)
+    victim.write_bytes((tmp_path / "other" / "2" / "img_05000.png").read_bytes())  # changed content
+    grown, stats = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=2)
+    assert stats.decoded == 38 and stats.reused == 299  # exactly the 37 new files and the changed one
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   incremental=False)
+    assert _content(grown) == _content(fresh)
+    assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
+
+
+def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, tmp_path):
+    snaps = tmp_path / "snaps"
+    collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    other, stats = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1,
+                                       test_fraction=0.3, class_names=["2", "1", "0"])
+    assert stats.reused == 300 and stats.shards_reused == 0  # same pixels, other labels and splits
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   test_fraction=0.3, class_names=["2", "1", "0"], incremental=False)
+    assert _content(other) == _content(fresh)
+    prof = other.profile()
+    assert (prof.loc[prof["label_name"] == "2", "label"] == 0).all()
+
+
+def test_a_killed_collection_resumes_from_its_finished_shards(folder, tmp_path):
+    snaps = tmp_path / "snaps"
+    script = textwrap.dedent(f"""
+        import os, signal
+        from nightshift.data import shards
+        real, n = shards.write_shard, [0]
+        def dying(*a, **k):
+            n[0] += 1
+            if n[0] == 4:  # SIGKILL in the middle of the 4th shard: no cleanup code runs
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(*a, **k)
+        shards.write_shard = dying
+        from nightshift.data.collect import collect_imagefolder
+        collect_imagefolder({str(folder)!r}, {SHAPE}, {str(snaps)!r}, shard_mb={SMALL_SHARD_MB}, workers=1)
+    """)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "plugins"), *sys.path])}
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert not (snaps / "collections").exists()  # no record: the collection did not happen
+    assert len(list((snaps / "shards").iterdir())) == 3  # the three finished shards, nothing half-written
+
+    snap, stats = collect_imagefolder(Path(folder), SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    assert stats.reused == 3 * 64 and stats.decoded == 300 - 3 * 64 and stats.shards_reused == 3
+    assert not (snaps / "staging").exists() or not any((snaps / "staging").iterdir())
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   incremental=False)
+    assert _content(snap) == _content(fresh)
+
+
+def test_disk_full_is_a_clear_error_and_leaves_no_partial_snapshot(folder, tmp_path, monkeypatch):
+    from nightshift.data import shards
+
+    real_save, calls = np.save, [0]
+
+    def full(path, arr, *a, **k):
+        calls[0] += 1
+        if calls[0] == 5:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(path, arr, *a, **k)
+
+    monkeypatch.setattr(shards.np, "save", full)
+    snaps = tmp_path / "snaps"
+    with pytest.raises(DataError, match="disk full while writing snapshot data.*nothing partial"):
+        collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    assert not (snaps / "collections").exists()
+    assert [p.name for p in (snaps / "shards").iterdir() if p.name.startswith(".")] == []  # temp folder removed
+
+
+def test_empty_source_and_a_vanished_class_name_what_was_expected(tmp_path, folder):
+    empty = tmp_path / "empty"
+    (empty / "cats").mkdir(parents=True)
+    (empty / "cats" / "notes.txt").write_text("no images here")
+    with pytest.raises(DataError, match=r"holds no image files.*<class>/<image>.*\['cats'\]"):
+        collect_imagefolder(empty, SHAPE, tmp_path / "snaps")
+    for f in (folder / "2").iterdir():
+        f.unlink()
+    (folder / "2").rmdir()
+    with pytest.raises(DataError, match=r"no folder for configured class\(es\) \['2'\]"):
+        collect_imagefolder(folder, SHAPE, tmp_path / "snaps", class_names=["0", "1", "2"])
+
+
+def test_date_partitions_with_a_window(tmp_path):
+    root = tmp_path / "daily"
+    for day, start in (("2026-11-20", 0), ("2026-11-21", 100), ("2026-11-22", 200)):
+        _add_images(root / day, start, 30)
+    snap, stats = collect_imagefolder(root, SHAPE, tmp_path / "snaps", partition_window=2, workers=1)
+    assert stats.decoded == 60
+    assert snap.manifest["source"]["partitions"] == ["2026-11-21", "2026-11-22"]
+    assert {s.split("/")[0] for s in snap.profile()["source"]} == {"2026-11-21", "2026-11-22"}
+    _add_images(root / "2026-11-23", 300, 30)
+    snap, stats = collect_imagefolder(root, SHAPE, tmp_path / "snaps", partition_window=2, workers=1)
+    assert stats.decoded == 30 and stats.reused == 30  # 11-22 reused, 11-23 new, 11-21 out of the window
+
+
+def test_object_storage_source_is_read_through_object_storage_path(folder, tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    snap, stats = collect_imagefolder(ObjectStoragePath(f"file://{folder}"), SHAPE, tmp_path / "snaps",
+                                      shard_mb=SMALL_SHARD_MB, workers=2, io_concurrency=4)
+    local, _ = collect_imagefolder(folder, SHAPE, tmp_path / "local", shard_mb=SMALL_SHARD_MB, workers=1)
+    assert stats.decoded == 300 and snap.shard_digests == local.shard_digests
+    again, stats = collect_imagefolder(ObjectStoragePath(f"file://{folder}"), SHAPE, tmp_path / "snaps",
+                                       shard_mb=SMALL_SHARD_MB, workers=2)
+    assert stats.decoded == 0 and stats.reused == 300
