@@ -12,11 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from nightshift.contracts import CHAMPION, TAG_PREFIX
 from nightshift.errors import RegistryError
 from nightshift.gates import Decision
-
-CHAMPION = "champion"
-TAG_PREFIX = "nightshift."
 
 log = logging.getLogger(__name__)
 

@@ -184,3 +184,14 @@ def test_object_storage_source_is_read_through_object_storage_path(folder, tmp_p
     again, stats = collect_imagefolder(ObjectStoragePath(f"file://{folder}"), SHAPE, tmp_path / "snaps",
                                        shard_mb=SMALL_SHARD_MB, workers=2)
     assert stats.decoded == 0 and stats.reused == 300
+
+
+def test_a_night_with_only_broken_new_files_lists_them(folder, tmp_path):
+    snaps = tmp_path / "snaps"
+    collect_imagefolder(folder, SHAPE, snaps, workers=1)
+    (folder / "0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (folder / "1" / "empty.jpg").write_bytes(b"")
+    for workers in (1, 2):
+        snap, stats = collect_imagefolder(folder, SHAPE, snaps, workers=workers)
+        assert stats.decoded == 0 and stats.reused == 300
+        assert {u["path"] for u in snap.manifest["undecodable"]} == {"0/broken.png", "1/empty.jpg"}

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -136,7 +137,10 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
     import multiprocessing
 
     # spawn, not fork: the collector may run inside an Airflow task process with threads.
-    ctx = multiprocessing.get_context("spawn")
+    # (spawn re-imports the main script in each worker; a main read from stdin has no
+    # file to re-import, and only then do we fork.)
+    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
+    ctx = multiprocessing.get_context("spawn" if main_file is None or os.path.exists(main_file) else "fork")
     io_pool = None if local else ThreadPoolExecutor(max_workers=max(1, io_concurrency))
 
     def read_all(ch: list[FileEntry]) -> list[bytes | BaseException]:

@@ -97,13 +97,16 @@ def image_stats(images: np.ndarray) -> dict[str, Any]:
     """
     n = len(images)
     c = images.shape[-1] if images.ndim == 4 else 1
+    if n == 0:
+        return {"sha256": [], "brightness": np.zeros(0), "contrast": np.zeros(0),
+                **{f"mean_ch{k}": np.zeros(0) for k in range(c)}}
     flat = images.reshape(n, -1).astype(np.float32)
     out: dict[str, Any] = {
         "sha256": [hashlib.sha256(im.tobytes()).hexdigest() for im in images],
-        "brightness": flat.mean(axis=1).astype(np.float64) if n else np.zeros(0),
-        "contrast": flat.std(axis=1).astype(np.float64) if n else np.zeros(0),
+        "brightness": flat.mean(axis=1).astype(np.float64),
+        "contrast": flat.std(axis=1).astype(np.float64),
     }
-    ch = images.reshape(n, -1, c).astype(np.float32).mean(axis=1) if n else np.zeros((0, c))
+    ch = images.reshape(n, -1, c).astype(np.float32).mean(axis=1)
     for k in range(c):
         out[f"mean_ch{k}"] = ch[:, k].astype(np.float64)
     return out

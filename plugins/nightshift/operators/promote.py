@@ -92,6 +92,14 @@ class PromoteModelOperator(NightshiftOperator):
                             "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
                             "drift": drift})
         path = atomic_write_json(self.run_dir(context) / "promotion.json", outcome)
+        if not outcome.get("reused"):  # a retry's outcome is already in the history
+            from nightshift.contracts import HistoryEvent, append_history
+
+            append_history(self.settings.artifact_root, HistoryEvent(
+                model=self.model_name, action="promoted" if outcome["promoted"] else "rejected",
+                version=outcome["version"], previous_champion=outcome["previous_champion"],
+                champion=outcome["champion"], reason=outcome["reason"], dag_id=self.dag_id,
+                run_id=context["run_id"], extra={"report": str(path)}))
         outcome["report_path"] = str(path)
         if decision is not None:
             for g in decision.gates:

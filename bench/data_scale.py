@@ -1,0 +1,204 @@
+"""Data-path benchmarks at scale (issue "Data at production scale").
+
+Makes its own synthetic JPEG ImageFolder (64×64 RGB, 10 classes; offline) and measures,
+each as a ratio against a baseline from the same run (medians where repeated):
+
+1. Peak RSS of collect + validate at N_LARGE vs N_SMALL images (32×32×3 snapshot), each
+   in a fresh process: the collector's own peak and the decode workers' peak.
+2. Decode throughput: 2 workers vs 1 (fresh collections, no reuse).
+3. Re-collecting an unchanged folder vs its first collection, and adding 1,000 files.
+4. Great Expectations validation and Evidently drift on the profile table at N_LARGE rows.
+
+    python bench/data_scale.py [--large 200000] [--small 20000] [--recollect 50000]
+
+Writes docs/benchmarks-data.md and bench/results/data_scale.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+SHAPE = (32, 32, 3)
+
+
+def _write_range(args: tuple[str, int, int]) -> int:
+    from PIL import Image
+
+    root, start, stop = args
+    rng = np.random.default_rng(start)
+    yy, xx = np.mgrid[0:64, 0:64]
+    for i in range(start, stop):
+        cls = i % 10
+        base = ((np.sin(xx / (3 + cls)) + np.cos(yy / (5 + cls))) * 60 + 128).astype(np.int16)
+        img = np.clip(base[..., None] + rng.integers(-40, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+        d = Path(root) / f"class_{cls}"
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(d / f"{i:07d}.jpg", quality=85)
+    return stop - start
+
+
+def make_folder(root: Path, start: int, stop: int) -> None:
+    step = 2000
+    with ProcessPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        list(pool.map(_write_range, [(str(root), a, min(a + step, stop)) for a in range(start, stop, step)]))
+
+
+_CHILD = r"""
+import json, resource, sys, time
+sys.path.insert(0, sys.argv[1])
+from nightshift.data.collect import collect_imagefolder
+from nightshift.quality import ValidationConfig, validate_snapshot
+from pathlib import Path
+t = time.perf_counter()
+snap, stats = collect_imagefolder(Path(sys.argv[2]), (32, 32, 3), Path(sys.argv[3]), workers=int(sys.argv[4]),
+                                  incremental=sys.argv[5] == "1")
+t_collect = time.perf_counter() - t
+t = time.perf_counter()
+res = {"success": None}
+if sys.argv[6] == "1":
+    res = validate_snapshot(snap.profile(), snap.manifest, ValidationConfig(class_names=None, image_shape=(32, 32, 3)),
+                            Path(sys.argv[3]) / "validation")
+t_validate = time.perf_counter() - t
+print(json.dumps({"collect_s": t_collect, "validate_s": t_validate, "stats": stats.to_dict(),
+                  "valid": res["success"], "digest": snap.digest, "collection": str(snap.path),
+                  "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
+"""
+
+
+def collect(folder: Path, snaps: Path, *, workers: int, incremental: bool = False, validate: bool = False) -> dict:
+    out = subprocess.run([sys.executable, "-c", _CHILD, str(ROOT / "plugins"), str(folder), str(snaps), str(workers),
+                          "1" if incremental else "0", "1" if validate else "0"],
+                         capture_output=True, text=True, env={**os.environ, "GX_ANALYTICS_ENABLED": "False"})
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--large", type=int, default=200_000)
+    ap.add_argument("--small", type=int, default=20_000)
+    ap.add_argument("--recollect", type=int, default=50_000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
+    args = ap.parse_args()
+    work = Path(args.work or tempfile.mkdtemp(prefix="nightshift-data-bench-"))
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
+                     "date": time.strftime("%Y-%m-%d")}
+    try:
+        t = time.perf_counter()
+        big = work / "big"
+        make_folder(big, 0, args.large)
+        print(f"made {args.large} JPEGs in {time.perf_counter() - t:.0f}s", flush=True)
+        small = work / "small"
+        small.mkdir()
+        for d in sorted(big.iterdir()):  # the first files of each class: same image size
+            (small / d.name).mkdir()
+            for f in sorted(d.iterdir())[: args.small // 10]:
+                os.link(f, small / d.name / f.name)
+
+        # 1. peak RSS, collect + validate, 2 workers
+        rss_small = collect(small, work / "s-small", workers=2, validate=True)
+        rss_large = collect(big, work / "s-large", workers=2, validate=True)
+        results["rss"] = {"small_n": args.small, "large_n": args.large, "small": rss_small, "large": rss_large,
+                          "ratio": rss_large["peak_rss_mb"] / rss_small["peak_rss_mb"]}
+        print("rss", json.dumps(results["rss"]), flush=True)
+
+        # 2. decode throughput, 2 workers vs 1 (interleaved; fresh snapshot roots)
+        one, two = [], []
+        for r in range(args.repeats):
+            a = collect(small, work / f"t1-{r}", workers=1)
+            b = collect(small, work / f"t2-{r}", workers=2)
+            one.append(args.small / a["collect_s"])
+            two.append(args.small / b["collect_s"])
+            shutil.rmtree(work / f"t1-{r}")
+            shutil.rmtree(work / f"t2-{r}")
+        results["decode"] = {"n": args.small, "one_worker_ips": statistics.median(one),
+                             "two_workers_ips": statistics.median(two),
+                             "ratio": statistics.median(two) / statistics.median(one), "repeats": args.repeats}
+        print("decode", json.dumps(results["decode"]), flush=True)
+
+        # 3. re-collecting an unchanged folder, then with 1,000 new files
+        mid = work / "mid"
+        mid.mkdir()
+        for d in sorted(big.iterdir()):
+            (mid / d.name).mkdir()
+            for f in sorted(d.iterdir())[: args.recollect // 10]:
+                os.link(f, mid / d.name / f.name)
+        first = collect(mid, work / "s-mid", workers=2, incremental=True)
+        again = [collect(mid, work / "s-mid", workers=2, incremental=True) for _ in range(args.repeats)]
+        make_folder(mid, 10_000_000, 10_001_000)
+        grown = collect(mid, work / "s-mid", workers=2, incremental=True)
+        again_s = statistics.median(a["collect_s"] for a in again)
+        results["recollect"] = {"n": args.recollect, "first_s": first["collect_s"], "unchanged_s": again_s,
+                                "ratio": first["collect_s"] / again_s, "unchanged_decoded": again[0]["stats"]["decoded"],
+                                "added": 1000, "added_decoded": grown["stats"]["decoded"], "added_s": grown["collect_s"],
+                                "repeats": args.repeats}
+        print("recollect", json.dumps(results["recollect"]), flush=True)
+
+        # 4. GX validation and Evidently drift at the large row count
+        sys.path.insert(0, str(ROOT / "plugins"))
+        from nightshift.data.snapshot import load_snapshot
+        from nightshift.drift import check_drift
+
+        snap = load_snapshot(rss_large["collection"], verify=False)
+        prof = snap.profile()
+        half = len(prof) // 2
+        t = time.perf_counter()
+        drift = check_drift(prof.iloc[:half], prof.iloc[half:], work / "drift")
+        results["profile_scale"] = {"rows": len(prof), "validate_s": rss_large["validate_s"],
+                                    "drift_s": time.perf_counter() - t, "drift_rows_each": half,
+                                    "drifted_share": drift["drifted_share"]}
+        print("profile", json.dumps(results["profile_scale"]), flush=True)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+    r, d, c, p = results["rss"], results["decode"], results["recollect"], results["profile_scale"]
+    md = f"""# Data-path benchmarks
+
+Measured by `python bench/data_scale.py` on {platform.machine()}, Python {platform.python_version()},
+{os.cpu_count()} cores; {results['date']}. Synthetic JPEG ImageFolder (64×64 RGB, 10 classes) collected
+into 32×32×3 snapshots with the default 64 MiB shards. Ratios against a baseline from the same run.
+
+| what | baseline | measured | ratio | target |
+|---|---|---|---|---|
+| Peak RSS of collect + validate, {r['large_n']:,} vs {r['small_n']:,} images (collector process; 2 decode workers) | {r['small']['peak_rss_mb']:.0f} MB | {r['large']['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | ≤ 1.5×, ≤ 1,200 MB |
+| Decode workers' peak RSS (each), {r['large_n']:,} images | | {r['large']['workers_peak_rss_mb']:.0f} MB | | |
+| Decode throughput, {d['n']:,} images: 2 workers vs 1 (median of {d['repeats']}) | {d['one_worker_ips']:,.0f} img/s | {d['two_workers_ips']:,.0f} img/s | {d['ratio']:.2f}× | ≥ 1.7× |
+| Re-collecting an unchanged {c['n']:,}-image folder vs its first collection (median of {c['repeats']}) | {c['first_s']:.1f} s | {c['unchanged_s']:.2f} s | {c['ratio']:.1f}× faster | ≥ 10× |
+| Adding {c['added']:,} files, then collecting again | | {c['added_s']:.1f} s, {c['added_decoded']:,} files decoded | | exactly {c['added']:,} |
+| Great Expectations validation of the profile table ({p['rows']:,} rows) | | {p['validate_s']:.1f} s | | |
+| Evidently drift, {p['drift_rows_each']:,} vs {p['drift_rows_each']:,} rows | | {p['drift_s']:.1f} s | | |
+
+Collect + validate of {r['large_n']:,} images took {r['large']['collect_s']:.0f} s + {r['large']['validate_s']:.0f} s
+({r['large_n'] / r['large']['collect_s']:,.0f} images/s with 2 workers).
+
+Raw: `{json.dumps(results)}`
+"""
+    (ROOT / "docs" / "benchmarks-data.md").write_text(md)
+    (ROOT / "bench" / "results").mkdir(exist_ok=True)
+    (ROOT / "bench" / "results" / "data_scale.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
