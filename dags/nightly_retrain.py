@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from nightshift.operators import (
     DRIFT_DETECTED_ASSET,
@@ -62,6 +62,9 @@ default_args = {
     doc_md=__doc__,
     render_template_as_native_obj=True,
     params={
+        "retrain_cooldown_hours": Param(6, type="number", minimum=0, title="Drift-retrain cooldown (hours)",
+                                        description="A run triggered by drift is skipped when the last successful "
+                                                    "run started less than this long ago (0: never skip)"),
         "source": Param("bundled", type="string", title="Data source",
                         description="'bundled' (digits), an ImageFolder path or URI (s3://…), or 'torchvision:CIFAR10'"),
         "image_shape": Param(None, type=["null", "array"], title="Image shape [H, W, C]",
@@ -96,6 +99,18 @@ default_args = {
     },
 )
 def nightly_retrain():
+    @task.short_circuit(ignore_downstream_trigger_rules=True)
+    def cooldown(**context) -> bool:
+        """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
+        from datetime import datetime, timezone
+
+        from nightshift.gates import retrain_cooldown
+
+        proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), context.get("prev_start_date_success"),
+                                           datetime.now(timezone.utc), context["params"]["retrain_cooldown_hours"])
+        print(reason)
+        return proceed
+
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,
                                   classes=CLASSES, partition_window="{{ params.partition_window }}")
     validate = ValidateDataOperator(task_id="validate_data", snapshot=collect.output, classes=CLASSES,
@@ -119,6 +134,7 @@ def nightly_retrain():
                     ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
                      "champion_relative_tolerance")},
     )
+    cooldown() >> collect
     validate >> train
     [system_eval, drift] >> promote
 

@@ -9,6 +9,7 @@ from nightshift.operators.collect import CollectDataOperator
 from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
+from nightshift.operators.monitor import DriftMonitorOperator
 from nightshift.operators.promote import PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
 from nightshift.operators.train import TrainGPUOperator
@@ -20,6 +21,7 @@ __all__ = [
     "BuildInferenceImageOperator",
     "CollectDataOperator",
     "DriftCheckOperator",
+    "DriftMonitorOperator",
     "ExportONNXOperator",
     "PromoteModelOperator",
     "SystemEvalOperator",
