@@ -149,7 +149,7 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
     vs = json.loads(mv.tags["gate.vs_champion"])  # the champion was re-scored on this run's test split
     assert vs["observed"]["champion"] is not None and vs["observed"]["candidate"] is not None
     aliases = mlflow.get_registered_model(MODEL).aliases
-    assert aliases["challenger"] == p["version"] and aliases["champion"] == before
+    assert str(aliases["challenger"]) == p["version"] and str(aliases["champion"]) == before
     assert p["drift"]["status"] == "ok"  # the champion's training data is now the reference
 
 
