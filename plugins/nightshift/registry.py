@@ -264,3 +264,54 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
 
 def log_artifacts(c, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
     c.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, action: str) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` by a person's decision (``promote_model``,
+    ``rollback_model``), recording who, why and when on the version.
+
+    :raises RegistryError: the version does not exist, or the registry fails.
+    :raises ValueError: no reason given (a forced move must say why).
+    """
+    import datetime as _dt
+
+    from mlflow.exceptions import MlflowException
+
+    if not str(reason or "").strip():
+        raise ValueError(f"{action}: a reason is required to move champion by hand")
+    try:
+        c.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if is_not_found(exc):
+            raise RegistryError(f"{model_name} has no version {version}: nothing to {action}") from exc
+        raise _registry_error(f"reading v{version}", model_name, exc) from exc
+    before = get_champion(c, model_name)
+    previous = before["version"] if before else None
+    if previous != str(version):
+        c.set_registered_model_alias(model_name, CHAMPION, str(version))
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    for k, v in {f"{TAG_PREFIX}{action}_by": actor, f"{TAG_PREFIX}{action}_reason": reason[:4900],
+                 f"{TAG_PREFIX}{action}_at": stamp, f"{TAG_PREFIX}{action}_from": str(previous or "none")}.items():
+        c.set_model_version_tag(model_name, str(version), k, v)
+    return {"model_name": model_name, "version": str(version), "previous_champion": previous,
+            "champion": str(version), "moved": previous != str(version), "actor": actor, "reason": reason,
+            "action": action, "time": stamp}
+
+
+def rollback_target(c, model_name: str, history: list[dict[str, Any]], target: str | None) -> str:
+    """The version ``rollback_model`` goes back to: ``target``, or with ``previous`` /
+    empty, the champion before the current one according to the promotion history.
+
+    :raises RegistryError: no champion, or no earlier champion is recorded.
+    """
+    if target not in (None, "", "previous"):
+        return str(target).lstrip("v")
+    current = get_champion(c, model_name)
+    if current is None:
+        raise RegistryError(f"{model_name} has no champion: there is nothing to roll back")
+    for event in reversed(history):
+        if str(event.get("champion")) == current["version"] and event.get("previous_champion") not in (None, "none") \
+                and event.get("action") in ("promoted", "forced", "rolled_back"):
+            return str(event["previous_champion"])
+    raise RegistryError(f"the promotion history of {model_name} records no champion before v{current['version']}: "
+                        "give the target version explicitly")

@@ -251,3 +251,42 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     assert out["served_versions"] == {version: 299, "an-older-champion": 1}
     timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
     assert timeline[-1]["drift_detected"] is True and timeline[-1]["champion_version"] == "1"
+
+
+def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
+    from types import SimpleNamespace
+
+    from nightshift import contracts, registry
+    from nightshift.gates import Decision
+    from nightshift.operators import SetChampionOperator
+
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"x")
+    for i, blessed in enumerate([True, True, False], start=1):
+        with registry.training_run(c, "exp", f"r{i}", tags={}, params={}) as run_id:
+            registry.log_artifacts(c, run_id, tmp_path / "onnx", "onnx")
+        base = registry.get_champion(c, "m")
+        d = Decision("BLESSED" if blessed else "NOT_BLESSED", f"c{i}", base["version"] if base else None)
+        out = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags={"onnx_sha256": str(i) * 64},
+                                          decision=d)
+        contracts.append_history(ctx_home(ctx) + "/artifacts", contracts.HistoryEvent(
+            model="m", action="promoted" if blessed else "rejected", version=out["version"],
+            previous_champion=out["previous_champion"], champion=out["champion"], reason="test"))
+    assert registry.get_champion(c, "m")["version"] == "2"
+    ctx = ctx | {"dag_run": SimpleNamespace(triggering_user_name="alice")}
+
+    with pytest.raises(AirflowFailException, match="needs a reason"):
+        SetChampionOperator(task_id="p", model_name="m", version="3", reason=" ", action="forced").execute(ctx)
+    back = SetChampionOperator(task_id="r", model_name="m", version="previous", reason="v2 misroutes cats",
+                               action="rolled_back").execute(ctx)
+    assert back["champion"] == "1" and back["previous_champion"] == "2" and back["actor"] == "alice"
+    forced = SetChampionOperator(task_id="p", model_name="m", version="v3", reason="gates cannot judge new classes",
+                                 action="forced").execute(ctx)
+    assert forced["champion"] == "3" and registry.get_champion(c, "m")["version"] == "3"
+    tags = c.get_model_version("m", "3").tags
+    assert tags["nightshift.forced_by"] == "alice" and tags["nightshift.forced_from"] == "1"
+    events = list(contracts.read_jsonl(contracts.history_path(ctx_home(ctx) + "/artifacts", "m")))
+    assert [e["action"] for e in events][-2:] == ["rolled_back", "forced"]
+    with pytest.raises(Exception, match="no version 9"):
+        SetChampionOperator(task_id="p", model_name="m", version="9", reason="x", action="forced").execute(ctx)

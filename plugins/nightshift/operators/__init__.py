@@ -5,6 +5,7 @@ docker): the heavy libraries are imported inside ``execute``.
 """
 
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
+from nightshift.operators.champion import SetChampionOperator
 from nightshift.operators.collect import CollectDataOperator
 from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
@@ -24,6 +25,7 @@ __all__ = [
     "DriftMonitorOperator",
     "ExportONNXOperator",
     "PromoteModelOperator",
+    "SetChampionOperator",
     "SystemEvalOperator",
     "TrainGPUOperator",
     "ValidateDataOperator",
