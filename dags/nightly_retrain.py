@@ -31,6 +31,7 @@ from nightshift.operators import (
     DRIFT_DETECTED_ASSET,
     BuildInferenceImageOperator,
     CollectDataOperator,
+    DeployModelOperator,
     DriftCheckOperator,
     ExportONNXOperator,
     PromoteModelOperator,
@@ -62,6 +63,12 @@ default_args = {
     doc_md=__doc__,
     render_template_as_native_obj=True,
     params={
+        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target",
+                               description="docker: blue/green on this worker's Docker host behind a stable port; "
+                                           "kubernetes: render Deployment/Service/InferenceService manifests; "
+                                           "none: register only"),
+        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)",
+                             description="The stable port on 127.0.0.1 that serves the champion"),
         "retrain_cooldown_hours": Param(6, type="number", minimum=0, title="Drift-retrain cooldown (hours)",
                                         description="A run triggered by drift is skipped when the last successful "
                                                     "run started less than this long ago (0: never skip)"),
@@ -134,6 +141,8 @@ def nightly_retrain():
                     ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
                      "champion_relative_tolerance")},
     )
+    deploy = DeployModelOperator(task_id="deploy", promotion=promote.output, model_name=MODEL,
+                                 target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
     cooldown() >> collect
     validate >> train
     [system_eval, drift] >> promote

@@ -14,7 +14,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
-from nightshift.operators import SetChampionOperator
+from nightshift.operators import DeployModelOperator, SetChampionOperator
 
 default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1)}
 
@@ -35,13 +35,19 @@ default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(m
                             title="Registered model"),
         "version": Param("", type="string", pattern=r"^v?[0-9]+$", title="Version to make champion",
                          description="A registered version number, e.g. 7"),
+        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target"),
+        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)"),
         "reason": Param("", type="string", minLength=5, title="Reason (recorded)",
                         description="Why this version becomes champion without passing the gates"),
     },
 )
 def promote_model():
-    SetChampionOperator(task_id="set_champion", model_name="{{ params.model_name }}", version="{{ params.version }}",
-                        reason="{{ params.reason }}", action="forced")
+    champion = SetChampionOperator(
+        task_id="set_champion", model_name="{{ params.model_name }}", version="{{ params.version }}",
+        reason="{{ params.reason }}", action="forced",
+    )
+    DeployModelOperator(task_id="deploy", promotion=champion.output, model_name="{{ params.model_name }}",
+                        target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
 
 
 promote_model()

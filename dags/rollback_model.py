@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 from airflow.sdk import Param, dag
 
-from nightshift.operators import SetChampionOperator
+from nightshift.operators import DeployModelOperator, SetChampionOperator
 
 default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1)}
 
@@ -34,13 +34,19 @@ default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(m
                             title="Registered model"),
         "target": Param("previous", type="string", pattern=r"^(previous|v?[0-9]+)$", title="Roll back to",
                         description="'previous' (the champion before the current one) or a version number"),
+        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target"),
+        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)"),
         "reason": Param("", type="string", minLength=5, title="Reason (recorded)",
                         description="What went wrong with the current champion"),
     },
 )
 def rollback_model():
-    SetChampionOperator(task_id="set_champion", model_name="{{ params.model_name }}", version="{{ params.target }}",
-                        reason="{{ params.reason }}", action="rolled_back")
+    champion = SetChampionOperator(
+        task_id="set_champion", model_name="{{ params.model_name }}", version="{{ params.target }}",
+        reason="{{ params.reason }}", action="rolled_back",
+    )
+    DeployModelOperator(task_id="deploy", promotion=champion.output, model_name="{{ params.model_name }}",
+                        target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
 
 
 rollback_model()

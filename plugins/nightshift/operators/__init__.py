@@ -7,6 +7,7 @@ docker): the heavy libraries are imported inside ``execute``.
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
 from nightshift.operators.champion import SetChampionOperator
 from nightshift.operators.collect import CollectDataOperator
+from nightshift.operators.deploy import DeployModelOperator
 from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
@@ -21,6 +22,7 @@ __all__ = [
     "SNAPSHOT_ASSET",
     "BuildInferenceImageOperator",
     "CollectDataOperator",
+    "DeployModelOperator",
     "DriftCheckOperator",
     "DriftMonitorOperator",
     "ExportONNXOperator",
