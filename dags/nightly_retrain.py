@@ -32,9 +32,11 @@ from nightshift.operators import (
     BuildInferenceImageOperator,
     CollectDataOperator,
     DeployModelOperator,
+    FinalizePromotionOperator,
     DriftCheckOperator,
     ExportONNXOperator,
     PromoteModelOperator,
+    PromotionApprovalOperator,
     SystemEvalOperator,
     TrainGPUOperator,
     ValidateDataOperator,
@@ -63,6 +65,9 @@ default_args = {
     doc_md=__doc__,
     render_template_as_native_obj=True,
     params={
+        "require_approval": Param(False, type="boolean", title="Require human approval",
+                                  description="A candidate that passes every gate waits for Approve/Reject "
+                                              "(task approve_promotion) before champion moves"),
         "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target",
                                description="docker: blue/green on this worker's Docker host behind a stable port; "
                                            "kubernetes: render Deployment/Service/InferenceService manifests; "
@@ -137,11 +142,16 @@ def nightly_retrain():
         task_id="promote", model_name=MODEL, snapshot=collect.output, validation=validate.output,
         training=train.output, export=export.output, image=image.output, system_eval=system_eval.output,
         drift=drift.output,
+        require_approval="{{ params.require_approval }}",
         thresholds={k: "{{ params.%s }}" % k for k in
                     ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
                      "champion_relative_tolerance")},
     )
-    deploy = DeployModelOperator(task_id="deploy", promotion=promote.output, model_name=MODEL,
+    approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output)
+    final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,
+                                      approval=approve.output, model_name=MODEL)
+    approve >> final
+    deploy = DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
                                  target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
     cooldown() >> collect
     validate >> train

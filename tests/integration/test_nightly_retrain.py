@@ -137,7 +137,8 @@ def test_first_run_promotes_and_deploys_a_champion(first_run, env, mlflow, conf)
 
     dr, states = first_run
     assert str(dr.state) == "success", states
-    assert set(states.values()) == {"success"} and len(states) == 10, states
+    assert states.pop("approve_promotion") == "skipped", states  # require_approval is off by default
+    assert set(states.values()) == {"success"} and len(states) == 11, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is True and p["decision"] == "BLESSED", p["reason"]
     champion = registry.get_champion(mlflow, MODEL)
@@ -196,7 +197,8 @@ def test_corrupt_files_added_to_the_same_folder_fail_validation_and_train_nothin
     assert str(dr.state) == "failed"
     assert states["collect_data"] == "success"
     assert states["validate_data"] == "failed"
-    for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote", "deploy"):
+    for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote", "approve_promotion",
+                 "finalize_promotion", "deploy"):
         assert states[task] == "upstream_failed", states
     assert len(mlflow.search_runs([exp.experiment_id])) == runs_before  # nothing trained
     assert registry.get_champion(mlflow, MODEL)["version"] == champion_before

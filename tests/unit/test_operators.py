@@ -290,3 +290,34 @@ def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
     assert [e["action"] for e in events][-2:] == ["rolled_back", "forced"]
     with pytest.raises(Exception, match="no version 9"):
         SetChampionOperator(task_id="p", model_name="m", version="9", reason="x", action="forced").execute(ctx)
+
+
+def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from nightshift import registry
+    from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
+
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, require_approval=True,
+                               **candidate).execute(ctx)
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    assert out["awaiting_approval"] is True and out["promoted"] is False
+    assert registry.get_champion(c, "op-promote") is None  # nothing moves before the answer
+    with pytest.raises(AirflowSkipException):  # nothing to ask when no approval is pending
+        PromotionApprovalOperator(task_id="approve", promotion={"awaiting_approval": False}).execute(ctx)
+
+    rejected = FinalizePromotionOperator(task_id="finalize", model_name="op-promote", promotion=out, approval={
+        "chosen_options": ["Reject"], "responded_by_user": {"id": "u2", "name": "carol"},
+        "params_input": {"comment": "wait for the new labels"}}).execute(ctx)
+    assert rejected["promoted"] is False and registry.get_champion(c, "op-promote") is None
+    approved = FinalizePromotionOperator(task_id="finalize", model_name="op-promote", promotion=out, approval={
+        "chosen_options": ["Approve"], "responded_by_user": {"id": "u1", "name": "bob"},
+        "params_input": {"comment": "numbers look right"}}).execute(ctx)
+    assert approved["promoted"] is True and approved["champion"] == out["version"]
+    tags = c.get_model_version("op-promote", out["version"]).tags
+    assert tags["nightshift.approved_by"] == "bob" and tags["nightshift.approval_comment"] == "numbers look right"
+    passthrough = FinalizePromotionOperator(task_id="finalize", model_name="op-promote",
+                                            promotion={"promoted": False, "version": "9"}).execute(ctx)
+    assert passthrough == {"promoted": False, "version": "9"}

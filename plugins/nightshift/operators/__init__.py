@@ -12,7 +12,8 @@ from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
 from nightshift.operators.monitor import DriftMonitorOperator
-from nightshift.operators.promote import PromoteModelOperator
+from nightshift.operators.approval import PromotionApprovalOperator
+from nightshift.operators.promote import FinalizePromotionOperator, PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
 from nightshift.operators.train import TrainGPUOperator
 from nightshift.operators.validate import ValidateDataOperator
@@ -26,7 +27,9 @@ __all__ = [
     "DriftCheckOperator",
     "DriftMonitorOperator",
     "ExportONNXOperator",
+    "FinalizePromotionOperator",
     "PromoteModelOperator",
+    "PromotionApprovalOperator",
     "SetChampionOperator",
     "SystemEvalOperator",
     "TrainGPUOperator",

@@ -72,9 +72,13 @@ class DeployModelOperator(NightshiftOperator):
         from nightshift.deploy import LocalDeployer
         from nightshift.imaging import connect_docker  # MERGE: inference_image
 
+        import os
+
+        # Serving settings a platform sets on its workers (e.g. NIGHTSHIFT_REQUEST_LOG_ROTATE_S) reach the container.
+        env = {k: v for k, v in os.environ.items() if k.startswith("NIGHTSHIFT_REQUEST_LOG_")}
+        env["NIGHTSHIFT_REQUEST_LOG_SAMPLE"] = str(float(self.request_log_sample))
         deployer = LocalDeployer(connect_docker(), model_name=self.model_name, artifact_root=self.settings.artifact_root,
-                                 port=int(self.port), proxy_image=self.settings.base_image,
-                                 environment={"NIGHTSHIFT_REQUEST_LOG_SAMPLE": str(float(self.request_log_sample))})
+                                 port=int(self.port), proxy_image=self.settings.base_image, environment=env)
         state = deployer.deploy(image, registry_version=champion["version"], model_version=onnx_sha[:12] or None,
                                 reason=f"{self.dag_id} {context['run_id']}")
         self.log.info("%s v%s %s at %s (container %s)", self.model_name, champion["version"],
