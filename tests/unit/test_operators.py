@@ -264,7 +264,8 @@ def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
     (tmp_path / "onnx").mkdir()
     (tmp_path / "onnx" / "model.onnx").write_bytes(b"x")
     for i, blessed in enumerate([True, True, False], start=1):
-        with registry.training_run(c, "exp", f"r{i}", tags={}, params={}) as run_id:
+        with registry.training_run(c, "exp", f"r{i}", tags={}, params={},
+                                   artifact_location=(tmp_path / "art").as_uri()) as run_id:
             registry.log_artifacts(c, run_id, tmp_path / "onnx", "onnx")
         base = registry.get_champion(c, "m")
         d = Decision("BLESSED" if blessed else "NOT_BLESSED", f"c{i}", base["version"] if base else None)
