@@ -40,6 +40,9 @@ echo "== docker"
 bash scripts/ensure_docker.sh
 bash scripts/ensure_base_image.sh
 
+echo "== chromium (browser test of the Nightshift view)"
+bash scripts/ensure_chromium.sh
+
 echo "== serving wheelhouse"
 python - <<'PY'
 from nightshift.imaging import ensure_wheelhouse, serving_requirements
