@@ -34,6 +34,7 @@ def _jinja():
     env = Environment(loader=FileSystemLoader(str(TEMPLATES)), autoescape=select_autoescape(["html"]))
     env.filters["short"] = lambda v, n=12: "" if v is None else (str(v) if len(str(v)) <= n else str(v)[:n] + "…")
     env.filters["num"] = _num
+    env.filters["when"] = _when
     return env
 
 
@@ -45,6 +46,21 @@ def _num(value: Any, digits: int = 4) -> str:
     except (TypeError, ValueError):
         return str(value)
     return str(int(f)) if f.is_integer() and abs(f) >= 1 else f"{f:.{digits}g}"
+
+
+def _when(value: Any) -> str:
+    """An ISO time as ``YYYY-MM-DD HH:MM:SS UTC`` (anything else as it is)."""
+    from datetime import datetime, timezone
+
+    if not value:
+        return ""
+    try:
+        t = datetime.fromisoformat(str(value))
+    except ValueError:
+        return str(value)
+    if t.tzinfo is not None:
+        t = t.astimezone(timezone.utc)
+    return t.strftime("%Y-%m-%d %H:%M:%S") + (" UTC" if t.tzinfo is not None else "")
 
 
 def _auth_manager():
@@ -113,7 +129,7 @@ def create_app() -> FastAPI:
         return _overview()
 
     @app.get("/reports/{rel_path:path}")
-    def report(rel_path: str, raw: bool = False, user: Any = Depends(require_user)) -> Response:
+    def report(request: Request, rel_path: str, raw: bool = False, user: Any = Depends(require_user)) -> Response:
         parts = rel_path.split("/")
         if parts[0] == "runs" and len(parts) > 2:
             _require_dag(user, parts[1])
@@ -128,7 +144,8 @@ def create_app() -> FastAPI:
             if body is not None:
                 html = env.get_template("report.html").render(
                     title=rel_path, body=json.dumps(body, indent=2, sort_keys=True, default=str),
-                    summary=_summary(body), raw_url=f"{path.name}?raw=1")
+                    summary=_summary(body), histograms=_histograms(body), raw_url=f"{path.name}?raw=1",
+                    view_url=request.scope.get("root_path", "") + "/")
                 return HTMLResponse(html)
         media = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         headers = {"Content-Security-Policy": REPORT_CSP} if media == "text/html" else {}
@@ -138,11 +155,34 @@ def create_app() -> FastAPI:
 
 
 def _summary(body: Any) -> list[tuple[str, str]]:
-    """The top-level scalar fields of a JSON report, shown above the full document."""
+    """The scalar fields of a JSON report (nested objects one level deep, as ``a.b``)."""
     if not isinstance(body, dict):
         return []
     out = []
     for k, v in body.items():
-        if isinstance(v, (str, int, float, bool)) or v is None:
-            out.append((str(k), _num(v) if isinstance(v, float) else str(v)))
-    return out[:24]
+        items = v.items() if isinstance(v, dict) else [(None, v)]
+        for sub, x in items:
+            if isinstance(x, (str, int, float, bool)) or x is None:
+                out.append((f"{k}.{sub}" if sub is not None else str(k), _num(x) if isinstance(x, float) else str(x)))
+    return out[:40]
+
+
+def _histograms(body: Any) -> list[dict[str, Any]]:
+    """Histograms in a report: any object under a key naming a histogram, with
+    ``counts`` and ``edges`` (len(counts) + 1) or ``bins`` (len(counts)); drawn as bars."""
+    found = []
+    if not isinstance(body, dict):
+        return found
+    for key, value in body.items():
+        if "hist" not in str(key).lower() or not isinstance(value, dict):
+            continue
+        counts = value.get("counts")
+        edges = value.get("edges") or value.get("bins")
+        if not isinstance(counts, list) or not isinstance(edges, list) or not counts:
+            continue
+        top = max((c for c in counts if isinstance(c, (int, float))), default=0) or 1
+        labels = [_num(e, 3) for e in edges]
+        bars = [{"label": labels[i] if i < len(labels) else "", "count": c,
+                 "h": (c / top if isinstance(c, (int, float)) else 0)} for i, c in enumerate(counts)]
+        found.append({"name": str(key), "bars": bars, "last": labels[-1] if len(edges) > len(counts) else ""})
+    return found
