@@ -8,6 +8,7 @@ each as a ratio against a baseline from the same run (medians where repeated):
 2. Decode throughput: 2 workers vs 1 (fresh collections, no reuse).
 3. Re-collecting an unchanged folder vs its first collection, and adding 1,000 files.
 4. Great Expectations validation and Evidently drift on the profile table at N_LARGE rows.
+5. Training throughput streaming shards vs preloaded, same model and data (CPU here).
 
     python bench/data_scale.py [--large 200000] [--small 20000] [--recollect 50000]
 
@@ -91,6 +92,36 @@ def collect(folder: Path, snaps: Path, *, workers: int, incremental: bool = Fals
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def bench_stream(work: Path, n: int = 12_000, repeats: int = 3) -> dict:
+    """Training images/s streaming 8 MiB shards vs the same split preloaded (interleaved repeats)."""
+    import torch
+
+    from nightshift.data.snapshot import write_snapshot
+    from nightshift.data.sources import SourceData
+    from nightshift.training import train
+
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 10, n)
+    images = rng.integers(0, 60, (n, 32, 32, 3), dtype=np.uint8)
+    images[np.arange(n), :, :, labels % 3] += (labels[:, None, None] * 18).astype(np.uint8)
+    data = SourceData(images=images, labels=labels.astype(np.int64), class_names=[str(i) for i in range(10)],
+                      orig_sizes=np.tile([[32, 32, 3]], (n, 1)), origins=[f"synthetic:{i}" for i in range(n)],
+                      source={"kind": "synthetic"})
+    snap = write_snapshot(data, work / "stream-snaps", shard_mb=8)
+    hp = {"epochs": 2, "width": 16, "batch_size": 256}
+    pre, stream = [], []
+    for r in range(repeats):
+        a = train(snap, work / f"pre{r}", {**hp, "preload_budget_mb": 10_000})
+        b = train(snap, work / f"str{r}", {**hp, "preload_budget_mb": 0.01})
+        assert a.manifest["data_feed"] == "preload" and b.manifest["data_feed"] == "stream"
+        pre.append(a.metrics["train_images_per_second"])
+        stream.append(b.metrics["train_images_per_second"])
+    return {"n_train": snap.count("train"), "shards": len(snap.shard_digests), "device": "cpu",
+            "threads": torch.get_num_threads(), "preload_ips": statistics.median(pre),
+            "stream_ips": statistics.median(stream), "ratio": statistics.median(stream) / statistics.median(pre),
+            "repeats": repeats}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--large", type=int, default=200_000)
@@ -167,11 +198,14 @@ def main() -> int:
                                     "drift_s": time.perf_counter() - t, "drift_rows_each": half,
                                     "drifted_share": drift["drifted_share"]}
         print("profile", json.dumps(results["profile_scale"]), flush=True)
+        results["stream"] = bench_stream(work)
+        print("stream", json.dumps(results["stream"]), flush=True)
     finally:
         if not args.work:
             shutil.rmtree(work, ignore_errors=True)
 
-    r, d, c, p = results["rss"], results["decode"], results["recollect"], results["profile_scale"]
+    r, d, c, p, t = (results["rss"], results["decode"], results["recollect"], results["profile_scale"],
+                     results["stream"])
     md = f"""# Data-path benchmarks
 
 Measured by `python bench/data_scale.py` on {platform.machine()}, Python {platform.python_version()},
@@ -187,6 +221,7 @@ into 32×32×3 snapshots with the default 64 MiB shards. Ratios against a baseli
 | Adding {c['added']:,} files, then collecting again | | {c['added_s']:.1f} s, {c['added_decoded']:,} files decoded | | exactly {c['added']:,} |
 | Great Expectations validation of the profile table ({p['rows']:,} rows) | | {p['validate_s']:.1f} s | | |
 | Evidently drift, {p['drift_rows_each']:,} vs {p['drift_rows_each']:,} rows | | {p['drift_s']:.1f} s | | |
+| Training throughput (small_cnn, {t['n_train']:,} images 32×32×3 in {t['shards']} shards, CPU): streaming vs preloaded (median of {t['repeats']}) | {t['preload_ips']:,.0f} img/s | {t['stream_ips']:,.0f} img/s | {t['ratio']:.2f}× | ≥ 0.9× |
 
 Collect + validate of {r['large_n']:,} images took {r['large']['collect_s']:.0f} s + {r['large']['validate_s']:.0f} s
 ({r['large_n'] / r['large']['collect_s']:,.0f} images/s with 2 workers).

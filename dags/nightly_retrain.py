@@ -80,12 +80,19 @@ default_args = {
         "lr": Param(0.003, type="number", exclusiveMinimum=0, maximum=10, title="Peak learning rate",
                     description="A run whose loss diverges fails at once with a message saying so"),
         "require_gpu": Param(False, type="boolean", description="Fail instead of training on CPU"),
-        "min_accuracy": Param(0.9, type=["null", "number"], description="Offline test-accuracy floor"),
-        "max_p95_latency_ms": Param(250.0, type=["null", "number"], description="Served p95 latency budget"),
-        "served_accuracy_tolerance": Param(0.01, type=["null", "number"],
-                                           description="Max |served − offline| accuracy"),
-        "champion_tolerance": Param(0.01, type=["null", "number"],
-                                    description="Candidate may be this much below the champion"),
+        "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",
+                              description="Offline test-accuracy floor. Empty: include/gates.yaml"),
+        "max_p95_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p95 latency budget (ms)",
+                                    description="Served p95 latency budget. Empty: include/gates.yaml"),
+        "served_accuracy_tolerance": Param(None, type=["null", "number"], minimum=0,
+                                           title="Served vs offline accuracy tolerance",
+                                           description="Max |served − offline| accuracy. Empty: include/gates.yaml"),
+        "champion_tolerance": Param(None, type=["null", "number"], minimum=0, title="Allowed drop vs champion",
+                                    description="Candidate may be this much (absolute) below the champion re-scored "
+                                                "on the same test split. Empty: include/gates.yaml"),
+        "champion_relative_tolerance": Param(None, type=["null", "number"], minimum=0,
+                                             title="Allowed relative drop vs champion",
+                                             description="…and this fraction below it. Empty: include/gates.yaml"),
     },
 )
 def nightly_retrain():
@@ -109,7 +116,8 @@ def nightly_retrain():
         training=train.output, export=export.output, image=image.output, system_eval=system_eval.output,
         drift=drift.output,
         thresholds={k: "{{ params.%s }}" % k for k in
-                    ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance")},
+                    ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
+                     "champion_relative_tolerance")},
     )
     validate >> train
     [system_eval, drift] >> promote

@@ -14,7 +14,37 @@ BLESSED = "BLESSED"
 NOT_BLESSED = "NOT_BLESSED"
 
 #: Thresholds every promotion needs. ``None`` (unset) means: do not promote.
-THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance")
+#: ``champion_tolerance`` / ``champion_relative_tolerance`` are TFX-style change
+#: thresholds (higher is better): the candidate may be at most this much (absolute,
+#: and relative to the champion) below the champion re-scored on the same examples.
+THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
+                  "champion_relative_tolerance")
+
+
+def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+    """Thresholds from the gate file (``include/gates.yaml``) with per-run overrides on top.
+
+    Overrides that are ``None`` or ``""`` do not override. Returns the thresholds
+    and where each came from (``file`` / ``param``). A missing or unreadable file
+    is not an error here: its thresholds are simply unset, and :func:`decide`
+    then refuses to promote (fail closed) and says which are missing.
+    """
+    import os
+
+    values: dict[str, Any] = {}
+    origin: dict[str, str] = {}
+    if path and os.path.isfile(path):
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f) or {}
+        for k, v in (doc.get("thresholds") or {}).items():
+            if k in THRESHOLD_KEYS and v is not None:
+                values[k], origin[k] = v, f"file {path}"
+    for k, v in (overrides or {}).items():
+        if k in THRESHOLD_KEYS and v not in (None, ""):
+            values[k], origin[k] = v, "param"
+    return values, origin
 
 
 @dataclass
@@ -25,8 +55,10 @@ class Evidence:
     served_accuracy: float | None
     p95_latency_ms: float | None
     serving_errors: int | None
-    champion_accuracy: float | None = None  # the champion's accuracy; None with a champion fails vs_champion
+    champion_accuracy: float | None = None  # the champion re-scored on the candidate's test split
     champion_version: str | None = None  # None: there is no champion yet
+    candidate_accuracy_same_split: float | None = None  # the candidate scored the same way (ONNX); default offline
+    champion_error: str | None = None  # why the champion could not be re-scored (fails vs_champion)
 
 
 @dataclass
@@ -89,13 +121,20 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
     if e.champion_version is None:
         gates.append(Gate("vs_champion", True, e.offline_accuracy, None, "no current champion: nothing to beat"))
     elif e.champion_accuracy is None:  # a champion we cannot compare with blocks promotion (fail closed)
+        why = e.champion_error or "no accuracy on today's test split"
         gates.append(Gate("vs_champion", False, e.offline_accuracy, None,
-                          f"champion v{e.champion_version} has no recorded accuracy: cannot compare"))
+                          f"champion v{e.champion_version} could not be compared: {why}"))
     else:
-        floor = e.champion_accuracy - t["champion_tolerance"]
-        gates.append(Gate("vs_champion", e.offline_accuracy >= floor, e.offline_accuracy, floor,
-                          f"accuracy {e.offline_accuracy:.4f} vs champion v{e.champion_version} "
-                          f"{e.champion_accuracy:.4f} − {t['champion_tolerance']:.4f}"))
+        cand = e.candidate_accuracy_same_split if e.candidate_accuracy_same_split is not None else e.offline_accuracy
+        diff = cand - e.champion_accuracy
+        rel = diff / e.champion_accuracy if e.champion_accuracy > 0 else 0.0
+        ok = diff >= -t["champion_tolerance"] - 1e-12 and rel >= -t["champion_relative_tolerance"] - 1e-12
+        gates.append(Gate("vs_champion", ok, {"candidate": cand, "champion": e.champion_accuracy, "change": diff,
+                                              "relative_change": rel},
+                          {"absolute": -t["champion_tolerance"], "relative": -t["champion_relative_tolerance"]},
+                          f"on the same test split: candidate {cand:.4f} vs champion v{e.champion_version} "
+                          f"{e.champion_accuracy:.4f}: change {diff:+.4f} (floor −{t['champion_tolerance']:.4f}), "
+                          f"relative {rel:+.2%} (floor −{t['champion_relative_tolerance']:.2%})"))
     failed = [g for g in gates if not g.passed]
     if failed:
         reason = "not promoted because " + "; ".join(f"{g.name} failed ({g.detail})" for g in failed)

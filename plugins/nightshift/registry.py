@@ -12,7 +12,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from nightshift.contracts import CHAMPION, TAG_PREFIX
+from nightshift.contracts import CHALLENGER, CHAMPION, TAG_PREFIX
 from nightshift.errors import RegistryError
 from nightshift.gates import Decision
 
@@ -185,6 +185,9 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
     before = tags.get(f"{TAG_PREFIX}baseline_version") or None
     before = None if before == "none" else before
     note = "registered by an earlier try of this task; its recorded decision stands"
+    aliases = c.get_registered_model(model_name).aliases or {}
+    if str(aliases.get(CHALLENGER)) != version:
+        c.set_registered_model_alias(model_name, CHALLENGER, version)
     current_v, moved = _move_champion(c, model_name, version, before) if blessed else (None, "")
     if not blessed:
         current = get_champion(c, model_name)
@@ -247,6 +250,7 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=all_tags,
                                 description=f"{decision.decision}: {decision.reason}"[:4900])
     version = str(mv.version)
+    c.set_registered_model_alias(model_name, CHALLENGER, version)  # every candidate is the challenger
     champion, note = previous_champion, "registered now"
     if decision.blessed:
         champion, moved = _move_champion(c, model_name, version, previous_champion)

@@ -33,6 +33,7 @@ class Settings:
     mlflow_registry_uri: str
     base_image: str
     wheelhouse: Path
+    gates_file: Path
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -47,4 +48,5 @@ class Settings:
             mlflow_registry_uri=registry,
             base_image=os.environ.get("NIGHTSHIFT_BASE_IMAGE", "nightshift/base:bookworm"),
             wheelhouse=Path(os.environ.get("NIGHTSHIFT_WHEELHOUSE", home / "wheelhouse")),
+            gates_file=Path(os.environ.get("NIGHTSHIFT_GATES_FILE", _project_root() / "include" / "gates.yaml")),
         )

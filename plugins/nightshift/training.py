@@ -39,6 +39,7 @@ DEFAULT_HPARAMS: dict[str, Any] = {
     "seed": 0,                 # torch/numpy/python RNG seed
     "amp": True,               # bf16 autocast on CUDA (ignored on CPU)
     "eval_batch_size": 1024,   # images per evaluation step
+    "preload_budget_mb": 0.0,  # MiB a split may take on the device to be preloaded; 0 = half the free memory
 }
 
 
@@ -102,21 +103,11 @@ def lr_factor(step: int, total_steps: int, warmup_fraction: float, *, start: flo
 
 
 def plan_steps(n_train: int, batch_size: int) -> tuple[int, int]:
-    """``(steps_per_epoch, images_per_epoch)`` for ``n_train`` images.
+    """``(steps_per_epoch, images_per_epoch)``; see :func:`nightshift.data.loader.plan_batches`."""
+    from nightshift.data.loader import plan_batches
 
-    A batch larger than the split is clipped to the split. A trailing batch of
-    a single image is dropped (BatchNorm cannot normalise one value per channel
-    once the feature map is 1×1), so every step sees at least two images.
-    """
-    if n_train < 2:
-        raise DataError(f"the train split has {n_train} image(s); training needs at least 2. "
-                        "Collect more images or lower val_fraction/test_fraction.")
-    bs = min(batch_size, n_train)
-    steps, rest = divmod(n_train, bs)
-    if rest >= 2:
-        steps += 1
-    return steps, (n_train if rest != 1 else n_train - 1)
-
+    _bs, steps, images = plan_batches(n_train, batch_size)
+    return steps, images
 
 
 def select_device(require_gpu: bool = False, device: str | None = None):
@@ -173,19 +164,50 @@ def augment(x, crop_pad: int, flip: bool, gen):
     return x
 
 
-def evaluate(model, images, labels, batch_size: int) -> dict[str, float]:
-    """Top-1 accuracy and mean loss of ``model`` on uint8 images (tensors on its device)."""
+def evaluate(model, images, labels=None, batch_size: int = 1024) -> dict[str, float]:
+    """Top-1 accuracy and mean loss of ``model``.
+
+    ``images, labels``: uint8 image and label tensors on the model's device; or
+    ``images`` alone: an iterable of such ``(images, labels)`` pairs (shards).
+    One host sync at the end, none per batch.
+    """
     import torch
 
     model.eval()
-    correct, loss_sum, n = 0, 0.0, len(labels)
+    parts = [(images, labels)] if labels is not None else images
+    correct = loss_sum = None
+    n = 0
     with torch.inference_mode():
-        for i in range(0, n, batch_size):
-            logits, _ = model(images[i:i + batch_size])
-            y = labels[i:i + batch_size]
-            loss_sum += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").item()
-            correct += (logits.argmax(1) == y).sum().item()
-    return {"accuracy": correct / max(n, 1), "loss": loss_sum / max(n, 1)}
+        for x, y in parts:
+            for i in range(0, len(y), batch_size):
+                logits, _ = model(x[i:i + batch_size])
+                yb = y[i:i + batch_size]
+                lsum = torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
+                hits = (logits.argmax(1) == yb).sum()
+                loss_sum = lsum if loss_sum is None else loss_sum + lsum
+                correct = hits if correct is None else correct + hits
+                n += len(yb)
+    if n == 0:
+        return {"accuracy": float("nan"), "loss": float("nan")}
+    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+
+
+def split_channel_stats(snapshot, split: str = "train") -> tuple[list[float], list[float]]:
+    """Per-channel mean/std (0..1 units) of a split, accumulated shard by shard."""
+    c = snapshot.image_shape[2]
+    total = np.zeros(c)
+    sq = np.zeros(c)
+    count = 0
+    for x, _ in snapshot.iter_split(split):
+        px = x.reshape(-1, c).astype(np.float64) / 255.0
+        total += px.sum(axis=0)
+        sq += (px * px).sum(axis=0)
+        count += len(px)
+    if count == 0:
+        return [0.5] * c, [1.0] * c
+    mean = total / count
+    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+    return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
 
 
 class _Timer:
@@ -234,26 +256,23 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    xtr_np, ytr_np = snapshot.split("train")
-    xva_np, yva_np = snapshot.split("val")
-    xte_np, yte_np = snapshot.split("test")
-    if len(ytr_np) == 0 or len(yte_np) == 0:
+    from nightshift.data.loader import make_eval, make_loader
+
+    counts = {s: snapshot.count(s) for s in ("train", "val", "test")}
+    if counts["train"] == 0 or counts["test"] == 0:
         raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split "
                         f"({snapshot.manifest['counts']['per_split']}): collect more images "
                         "(splits are drawn by content hash) or raise test_fraction")
-    steps_per_epoch, images_per_epoch = plan_steps(len(ytr_np), hp["batch_size"])
-    batch_size = min(hp["batch_size"], len(ytr_np))
-    mean, std = channel_stats(xtr_np)
+    gen = torch.Generator(device=dev).manual_seed(hp["seed"])
+    budget = hp["preload_budget_mb"] or None
+    train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"])
+    val_data = make_eval(snapshot, "val", dev, budget_mb=budget)
+    test_data = make_eval(snapshot, "test", dev, budget_mb=budget)
+    steps_per_epoch, images_per_epoch = train_data.steps, train_data.images_per_epoch
+    mean, std = split_channel_stats(snapshot, "train")
     num_classes = len(snapshot.class_names)
     model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"]).to(dev)
     model = model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
-
-    def to_dev(a, dtype=None):
-        return torch.as_tensor(a, dtype=dtype).to(dev, non_blocking=True)
-
-    xtr, ytr = to_dev(xtr_np), to_dev(ytr_np, torch.long)
-    xva, yva = to_dev(xva_np), to_dev(yva_np, torch.long)
-    xte, yte = to_dev(xte_np), to_dev(yte_np, torch.long)
 
     total_steps = steps_per_epoch * hp["epochs"]
     opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
@@ -261,7 +280,6 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         opt, lambda s: lr_factor(s, total_steps, hp["warmup_fraction"]))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
     use_amp = bool(hp["amp"]) and dev.type == "cuda"
-    gen = torch.Generator(device=dev).manual_seed(hp["seed"])
 
     def step(xb, yb):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -278,15 +296,13 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     train_seconds = 0.0
     for epoch in range(1, hp["epochs"] + 1):
         model.train()
-        perm = torch.randperm(len(ytr), device=dev, generator=gen)
         timer.start()
         loss_sum = torch.zeros((), device=dev)
-        for s in range(steps_per_epoch):
+        for xb, yb in train_data.epoch():
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
-            idx = perm[s * batch_size:min((s + 1) * batch_size, images_per_epoch)]
-            xb = augment(xtr[idx], hp["crop_pad"], hp["flip"], gen)
-            loss_sum += step(xb, ytr[idx]).detach() * len(idx)
+            xb = augment(xb, hp["crop_pad"], hp["flip"], gen)
+            loss_sum += step(xb, yb).detach() * len(yb)
         epoch_s = timer.stop()
         train_seconds += epoch_s
         train_loss = loss_sum.item() / images_per_epoch  # one host sync per epoch
@@ -295,7 +311,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
                 f"training diverged: the mean training loss of epoch {epoch} is {train_loss} "
                 f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default "
                 f"{DEFAULT_HPARAMS['lr']:g}) and trigger again; a retry with the same settings would diverge again.")
-        val = evaluate(model, xva, yva, hp["eval_batch_size"]) if len(yva) else {"accuracy": float("nan"), "loss": float("nan")}
+        val = evaluate(model, val_data.batches(), batch_size=hp["eval_batch_size"])
         m = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
              "epoch_seconds": epoch_s, "train_images_per_second": images_per_epoch / max(epoch_s, 1e-9),
              "lr": sched.get_last_lr()[0]}
@@ -303,7 +319,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         if on_epoch:
             on_epoch(epoch, m)
 
-    test = evaluate(model, xte, yte, hp["eval_batch_size"])
+    test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"])
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
@@ -321,7 +337,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
         "amp": use_amp, "versions": {"python": platform.python_version(), "torch": torch.__version__,
                                      "cuda": torch.version.cuda, "numpy": np.__version__},
-        "counts": {"train": int(len(ytr)), "val": int(len(yva)), "test": int(len(yte))},
+        "counts": counts, "data_feed": train_data.mode,
         "metrics": metrics, "history": history,
     }
     atomic_write_json(out_dir / "train_manifest.json", manifest)

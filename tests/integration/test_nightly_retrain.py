@@ -135,15 +135,21 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
     from nightshift import registry
 
     before = registry.get_champion(mlflow, MODEL)["version"]
-    dr, states = run(dag, {**conf, "min_accuracy": 1.01})
+    dr, states = run(dag, {**conf, "max_p95_latency_ms": 0.001})  # no server answers in a microsecond
     assert str(dr.state) == "success" and set(states.values()) == {"success"}, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is False and p["decision"] == "NOT_BLESSED"
-    assert "offline_accuracy failed" in p["reason"] and "1.0100" in p["reason"]
+    assert "p95_latency failed" in p["reason"] and "0.001 ms" in p["reason"]
+    assert p["threshold_origin"]["max_p95_latency_ms"] == "param"
+    assert p["threshold_origin"]["champion_relative_tolerance"].startswith("file")
     assert registry.get_champion(mlflow, MODEL)["version"] == before
     mv = mlflow.get_model_version(MODEL, p["version"])
     assert mv.tags["nightshift.decision"] == "NOT_BLESSED"
-    assert json.loads(mv.tags["gate.offline_accuracy"])["passed"] is False
+    assert json.loads(mv.tags["gate.p95_latency"])["passed"] is False
+    vs = json.loads(mv.tags["gate.vs_champion"])  # the champion was re-scored on this run's test split
+    assert vs["observed"]["champion"] is not None and vs["observed"]["candidate"] is not None
+    aliases = mlflow.get_registered_model(MODEL).aliases
+    assert aliases["challenger"] == p["version"] and aliases["champion"] == before
     assert p["drift"]["status"] == "ok"  # the champion's training data is now the reference
 
 

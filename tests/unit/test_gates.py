@@ -4,7 +4,8 @@ import pytest
 
 from nightshift.gates import BLESSED, NOT_BLESSED, THRESHOLD_KEYS, Evidence, decide
 
-T = {"min_accuracy": 0.9, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01}
+T = {"min_accuracy": 0.9, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01,
+     "champion_relative_tolerance": 0.02}
 
 
 def good(**over) -> Evidence:
@@ -51,8 +52,40 @@ def test_champion_within_tolerance_passes():
     assert d.blessed and d.baseline == "2"
 
 
-def test_champion_without_recorded_accuracy_blocks_promotion():
-    d = decide("abc", good(champion_accuracy=None, champion_version="4"), T)
+def test_a_champion_that_cannot_be_rescored_blocks_promotion():
+    d = decide("abc", good(champion_accuracy=None, champion_version="4",
+                           champion_error="model expects [8, 8, 1] but the data is [32, 32, 3]"), T)
     assert d.decision == NOT_BLESSED
     gate = next(g for g in d.gates if g.name == "vs_champion")
-    assert not gate.passed and "v4 has no recorded accuracy" in gate.detail
+    assert not gate.passed and "v4 could not be compared: model expects [8, 8, 1]" in gate.detail
+
+
+@pytest.mark.parametrize("candidate,champion,passes", [
+    (0.95, 0.955, True),    # −0.005: within 0.01 absolute and 2 % relative
+    (0.94, 0.955, False),   # −0.015: beyond the absolute floor
+    (0.50, 0.505, True),    # −0.005 = −0.99 %
+])
+def test_vs_champion_uses_absolute_and_relative_change_on_the_same_split(candidate, champion, passes):
+    t = T | {"champion_tolerance": 0.01, "champion_relative_tolerance": 0.02}
+    d = decide("abc", good(offline_accuracy=0.99, served_accuracy=0.99, champion_accuracy=champion,
+                           champion_version="2", candidate_accuracy_same_split=candidate), t)
+    gate = next(g for g in d.gates if g.name == "vs_champion")
+    assert gate.passed is passes and gate.observed["candidate"] == candidate
+    strict_relative = t | {"champion_tolerance": 1.0, "champion_relative_tolerance": 0.005}
+    gate = next(g for g in decide("abc", good(offline_accuracy=0.99, served_accuracy=0.99, champion_accuracy=0.505,
+                                              champion_version="2", candidate_accuracy_same_split=0.50),
+                                  strict_relative).gates if g.name == "vs_champion")
+    assert not gate.passed and "relative" in gate.detail
+
+
+def test_thresholds_come_from_the_gate_file_with_params_on_top(tmp_path):
+    from nightshift.gates import load_thresholds
+
+    f = tmp_path / "gates.yaml"
+    f.write_text("thresholds:\n  min_accuracy: 0.8\n  max_p95_latency_ms: 100\n  unknown_key: 3\n")
+    values, origin = load_thresholds(str(f), {"min_accuracy": 0.95, "max_p95_latency_ms": None})
+    assert values == {"min_accuracy": 0.95, "max_p95_latency_ms": 100}
+    assert origin["min_accuracy"] == "param" and origin["max_p95_latency_ms"].startswith("file")
+    assert load_thresholds(str(tmp_path / "missing.yaml"), None) == ({}, {})
+    d = decide("abc", good(), values)
+    assert not d.blessed and "served_accuracy_tolerance" in d.reason  # the rest unset: fail closed

@@ -3,6 +3,7 @@ shape, and that errors a retry cannot fix fail the task at once."""
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -114,7 +115,7 @@ def candidate(ctx):
 def test_promote_without_thresholds_refuses_and_records_it(ctx, candidate):
     from nightshift import registry
 
-    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds={"min_accuracy": 0.1},
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds={"min_accuracy": 0.1}, gates_file="",
                               **candidate)
     out = op.execute(ctx)
     assert out["promoted"] is False and "no threshold is configured" in out["reason"]
@@ -144,6 +145,10 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     with pytest.raises(Exception, match="not promoted.*offline_accuracy"):
         op.execute(ctx)
     assert registry.get_champion(c, "op-promote")["version"] == out["version"]
+    rejected = c.get_model_version_by_alias("op-promote", "challenger")
+    assert rejected.version != out["version"]  # the newest candidate is the challenger, champion untouched
+    vs = json.loads(rejected.tags["gate.vs_champion"])
+    assert set(vs["observed"]) >= {"candidate", "champion"}  # champion re-scored on the same split
 
 
 def test_promote_retried_registers_one_version_and_keeps_the_first_decision(ctx, candidate):

@@ -5,7 +5,8 @@ import pytest
 from nightshift import registry
 from nightshift.gates import Evidence, decide
 
-T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0}
+T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0,
+     "champion_relative_tolerance": 0.0}
 
 
 @pytest.fixture

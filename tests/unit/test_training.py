@@ -168,3 +168,16 @@ def test_checkpoint_loading_refuses_arbitrary_objects(tmp_path, trained):
 
 class _NotAllowed:
     """Any class outside torch's weights-only allow-list stands in for a malicious pickle."""
+
+
+def test_training_streams_shards_when_the_split_exceeds_the_budget(tmp_path):
+    from nightshift.data.snapshot import write_snapshot
+    from nightshift.data.sources import load_bundled
+
+    snap = write_snapshot(load_bundled(), tmp_path / "snaps", shard_mb=16 * 1024 / 2**20)  # 8 shards
+    x, _ = snap.split("train")
+    mean, std = training.split_channel_stats(snap, "train")
+    assert mean == pytest.approx(training.channel_stats(x)[0]) and std == pytest.approx(training.channel_stats(x)[1])
+    out = training.train(snap, tmp_path / "out", {"epochs": 6, "width": 16, "preload_budget_mb": 0.01})
+    assert out.manifest["data_feed"] == "stream"
+    assert out.metrics["test_accuracy"] > 0.85

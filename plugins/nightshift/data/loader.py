@@ -205,3 +205,36 @@ def make_loader(snapshot, split: str, device, batch_size: int, generator, *, bud
         x, y = snapshot.split(split)
         return PreloadedSplit(x, y, device, batch_size, generator)
     return StreamedSplit(snapshot, split, device, batch_size, generator, seed=seed)
+
+
+class EvalSplit:
+    """A split for evaluation: preloaded on the device, or read shard by shard."""
+
+    def __init__(self, snapshot, split: str, device, preload: bool):
+        import torch
+
+        self.snapshot, self.split, self.device = snapshot, split, device
+        self.mode = "preload" if preload else "stream"
+        self._x = self._y = None
+        if preload:
+            x, y = snapshot.split(split)
+            self._x = torch.as_tensor(x).to(device, non_blocking=True)
+            self._y = torch.as_tensor(y, dtype=torch.long).to(device, non_blocking=True)
+
+    def batches(self) -> Iterator[tuple[Any, Any]]:
+        import torch
+
+        if self._x is not None:
+            yield self._x, self._y
+            return
+        for x, y in self.snapshot.iter_split(self.split):
+            yield (torch.from_numpy(x).to(self.device, non_blocking=True),
+                   torch.from_numpy(y.astype(np.int64)).to(self.device, non_blocking=True))
+
+
+def make_eval(snapshot, split: str, device, *, budget_mb: float | None = None) -> EvalSplit:
+    """Preload an evaluation split when it fits ``budget_mb`` (default half the free memory)."""
+    h, w, c = snapshot.image_shape
+    need = snapshot.count(split) * h * w * c
+    budget = DEFAULT_BUDGET_FRACTION * free_memory_bytes(device) if budget_mb is None else budget_mb * 2**20
+    return EvalSplit(snapshot, split, device, preload=need <= budget)

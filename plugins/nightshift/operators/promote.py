@@ -13,20 +13,23 @@ class PromoteModelOperator(NightshiftOperator):
 
     :param snapshot: the ``collect_data`` result; recorded so drift checks can find
         the champion's training data. (templated)
-    :param thresholds: ``min_accuracy``, ``max_p95_latency_ms``,
-        ``served_accuracy_tolerance``, ``champion_tolerance``; any unset -> no
-        promotion. (templated)
+    :param thresholds: per-run overrides of the gate file's thresholds
+        (``min_accuracy``, ``max_p95_latency_ms``, ``served_accuracy_tolerance``,
+        ``champion_tolerance``, ``champion_relative_tolerance``); ``None`` values
+        do not override. Any threshold unset in both -> no promotion. (templated)
+    :param gates_file: YAML file with ``thresholds:``; default ``include/gates.yaml``
+        (``$NIGHTSHIFT_GATES_FILE``). ``""`` reads no file. (templated)
     :param fail_on_reject: fail the task when the candidate is not promoted. (templated)
     """
 
     template_fields: Sequence[str] = ("model_name", "snapshot", "validation", "training", "export", "image", "system_eval",
-                                      "drift", "thresholds", "fail_on_reject")
+                                      "drift", "thresholds", "fail_on_reject", "gates_file")
     ui_color = "#ffe0b2"
     operator_extra_links = (PromotionDecisionLink(), ModelVersionLink(), NightshiftViewLink(),)
 
     def __init__(self, *, model_name: str = "nightshift-classifier", snapshot: Any, validation: Any, training: Any, export: Any,
                  image: Any, system_eval: Any, drift: Any = None, thresholds: dict[str, Any] | None = None,
-                 fail_on_reject: bool = False, **kwargs: Any) -> None:
+                 fail_on_reject: bool = False, gates_file: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.snapshot = snapshot
@@ -38,6 +41,31 @@ class PromoteModelOperator(NightshiftOperator):
         self.drift = drift
         self.thresholds = thresholds
         self.fail_on_reject = fail_on_reject
+        self.gates_file = gates_file
+
+    def _rescore(self, context: Any, c, champion: dict[str, Any] | None, export: dict[str, Any],
+                 snapshot: dict[str, Any]) -> dict[str, Any]:
+        """Candidate and champion ONNX models on exactly today's test split (TFX Evaluator style).
+
+        A champion that cannot be scored (no ONNX artifact, another input shape) is
+        reported as the reason its gate fails; registry outages raise (retry)."""
+        from nightshift.data.snapshot import load_snapshot
+        from nightshift.scoring import ScoringError, fetch_model_onnx, score_onnx
+
+        snap = load_snapshot(snapshot["snapshot_uri"])
+        out: dict[str, Any] = {"n": snap.count("test")}
+        out["candidate"] = score_onnx(export["onnx_path"], snap.iter_split("test"))["accuracy"]
+        if champion is None:
+            return out
+        try:
+            path = fetch_model_onnx(c, self.model_name, champion["version"], self.run_dir(context, "champion"))
+            out["champion"] = score_onnx(path, snap.iter_split("test"))["accuracy"]
+        except ScoringError as exc:
+            out["champion_error"] = str(exc)
+            self.log.warning("champion v%s cannot be re-scored on today's test split: %s", champion["version"], exc)
+        self.log.info("same test split (%d images): candidate %.4f, champion v%s %s", out["n"], out["candidate"],
+                      champion["version"], out.get("champion", out.get("champion_error")))
+        return out
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import registry
@@ -53,7 +81,10 @@ class PromoteModelOperator(NightshiftOperator):
         validation = self.validation or {}
         snapshot = self.require(self.snapshot, "snapshot", "collect_data")
         c = self.mlflow
-        thresholds = {k: v for k, v in (self.thresholds or {}).items() if v not in ("", None)}
+        from nightshift.gates import load_thresholds
+
+        gates_file = str(self.settings.gates_file) if self.gates_file is None else (self.gates_file or None)
+        thresholds, origin = load_thresholds(gates_file, self.thresholds)
         drift = {k: (self.drift or {}).get(k) for k in ("status", "drift_detected", "drifted_share", "report_html")}
 
         existing = registry.find_candidate(c, self.model_name, train["run_id"], export["onnx_sha256"])
@@ -66,10 +97,7 @@ class PromoteModelOperator(NightshiftOperator):
             decision = None
         else:
             champion = registry.get_champion(c, self.model_name)  # RegistryError (retryable) unless "not found"
-            champion_acc = None
-            if champion is not None:
-                acc = champion["tags"].get("nightshift.offline_accuracy")
-                champion_acc = float(acc) if acc is not None else None
+            scores = self._rescore(context, c, champion, export, snapshot)
             evidence = Evidence(
                 validation_passed=bool(validation.get("success")),
                 offline_accuracy=float(train["metrics"]["test_accuracy"]),
@@ -77,8 +105,10 @@ class PromoteModelOperator(NightshiftOperator):
                 served_accuracy=served.get("accuracy"),
                 p95_latency_ms=(served.get("latency_ms") or {}).get("p95"),
                 serving_errors=served.get("errors"),
-                champion_accuracy=champion_acc,
+                champion_accuracy=scores.get("champion"),
                 champion_version=champion["version"] if champion else None,
+                candidate_accuracy_same_split=scores.get("candidate"),
+                champion_error=scores.get("champion_error"),
             )
             decision = decide(export["onnx_sha256"][:12], evidence, thresholds)
             tags = {"snapshot_uri": snapshot["snapshot_uri"], "data_digest": train.get("data_digest"),
@@ -92,7 +122,8 @@ class PromoteModelOperator(NightshiftOperator):
             outcome.update({"image": image.get("image"), "gates": decision.to_dict()["gates"],
                             "thresholds": thresholds, "offline_accuracy": evidence.offline_accuracy,
                             "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
-                            "drift": drift})
+                            "drift": drift, "threshold_origin": origin, "same_split_scores": {
+                                k: v for k, v in scores.items() if k != "predictions"}})
         path = atomic_write_json(self.run_dir(context) / "promotion.json", outcome)
         if not outcome.get("reused"):  # a retry's outcome is already in the history
             from nightshift.contracts import HistoryEvent, append_history

@@ -1,0 +1,94 @@
+"""Score ONNX models on a snapshot split, so candidate and champion are compared
+on exactly the same examples (TFX Evaluator style).
+
+Airflow-free; onnxruntime and MLflow are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from nightshift.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+class ScoringError(DataError):
+    """A model cannot be scored on the given data (missing file, other input shape, broken model)."""
+
+
+def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
+               batch_size: int = 512, threads: int | None = None) -> dict[str, Any]:
+    """Top-1 accuracy of an ONNX model (``pixels`` uint8 NHWC -> ``logits``) on ``batches``.
+
+    :param batches: ``(images, labels)`` pairs, e.g. :meth:`Snapshot.iter_split`.
+    :returns: ``accuracy``, ``n``, ``correct``, ``predictions`` (int array, input order).
+    :raises ScoringError: the model is missing, broken, or expects another input shape.
+    """
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ScoringError(f"ONNX model {path} does not exist")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ScoringError(f"ONNX model {path} cannot be loaded: {exc}") from exc
+    inp = sess.get_inputs()[0]
+    want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
+    preds: list[np.ndarray] = []
+    correct = n = 0
+    for images, labels in batches:
+        got = list(images.shape[1:])
+        if any(w is not None and w != g for w, g in zip(want, got)) or len(want) != len(got):
+            raise ScoringError(f"model {path.name} expects images of shape {want} but the data is {got}")
+        for i in range(0, len(labels), batch_size):
+            x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)
+            logits = sess.run(["logits"], {inp.name: x})[0]
+            p = logits.argmax(axis=1)
+            preds.append(p)
+            correct += int((p == labels[i:i + batch_size]).sum())
+            n += len(x)
+    if n == 0:
+        raise ScoringError("no images to score on")
+    return {"accuracy": correct / n, "n": n, "correct": correct,
+            "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64)}
+
+
+def fetch_model_onnx(c, model_name: str, version: str, dst: str | Path | None = None) -> Path:
+    """Download the ``model.onnx`` of a registered version (its ``source``) to ``dst``.
+
+    :raises ScoringError: the version has no ``model.onnx`` artifact.
+    Registry connectivity errors propagate (the caller decides: retry).
+    """
+    from mlflow.exceptions import MlflowException
+
+    from nightshift.registry import is_not_found
+
+    mv = c.get_model_version(model_name, str(version))
+    dst = Path(dst or tempfile.mkdtemp(prefix="nightshift-champion-"))
+    try:
+        local = c.download_artifacts(mv.run_id, _artifact_path(mv.source, mv.run_id) + "/model.onnx", str(dst))
+    except MlflowException as exc:
+        if is_not_found(exc) or "No such file" in str(exc) or "not found" in str(exc).lower():
+            raise ScoringError(f"{model_name} v{version} has no model.onnx under {mv.source}: {exc}") from exc
+        raise
+    except OSError as exc:
+        raise ScoringError(f"{model_name} v{version}: model.onnx under {mv.source} cannot be read: {exc}") from exc
+    return Path(local)
+
+
+def _artifact_path(source: str, run_id: str) -> str:
+    prefix = f"runs:/{run_id}/"
+    if source.startswith(prefix):
+        return source[len(prefix):].strip("/")
+    # models:/ or a plain artifact URI: the registry copies under the run's "onnx" folder
+    return "onnx"
