@@ -118,6 +118,13 @@ def browser():
         shutil.rmtree(profile, ignore_errors=True)
 
 
+def _full_page_screenshot(d, path: Path) -> None:
+    import base64
+
+    shot = d.execute_cdp_cmd("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})
+    path.write_bytes(base64.b64decode(shot["data"]))
+
+
 def _wait(predicate, timeout=30.0, what="condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -145,6 +152,7 @@ def test_view_in_chromium_lists_the_champion_and_a_report_opens(server, browser,
         d.get(f"{server}/nightshift/")
     _wait(lambda: d.find_element(By.ID, f"model-{MODEL}"), what="the Nightshift view")
     d.save_screenshot(str(ARTIFACTS / "nightshift-view.png"))
+    _full_page_screenshot(d, ARTIFACTS / "nightshift-view-full.png")
     card = d.find_element(By.ID, f"model-{MODEL}")
     assert card.find_element(By.CSS_SELECTOR, ".champion-version").text == "v1"
     champion_row = d.find_element(By.ID, "v1")
