@@ -11,7 +11,8 @@ import pytest
 
 MODEL = "nightshift-classifier"
 DAG = "nightly_retrain"
-T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0}
+T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0,
+     "champion_relative_tolerance": 0.0}
 
 
 def _version(c, root: Path, tmp: Path, n: int, acc: float, champion: dict | None) -> dict:
@@ -32,8 +33,9 @@ def _version(c, root: Path, tmp: Path, n: int, acc: float, champion: dict | None
     with registry.training_run(c, "nightshift", f"train-{n}", tags={}, params={"epochs": 1},
                                artifact_location=(tmp / "mlartifacts").as_uri()) as mlflow_run:
         registry.log_artifacts(c, mlflow_run, tmp / f"onnx{n}", "onnx")
-    ev = Evidence(True, acc, True, acc, 4.5, 0, champion["acc"] if champion else None,
-                  champion["version"] if champion else None)
+    ev = Evidence(validation_passed=True, offline_accuracy=acc, parity_passed=True, served_accuracy=acc,
+                  p95_latency_ms=4.5, serving_errors=0, champion_accuracy=champion["acc"] if champion else None,
+                  champion_version=champion["version"] if champion else None)
     decision = decide(f"cand{n}", ev, T)
     outcome = registry.register_candidate(
         c, MODEL, mlflow_run, artifact_path="onnx", decision=decision,

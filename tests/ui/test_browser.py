@@ -75,8 +75,11 @@ def server(world, tmp_path_factory):
         log.close()
 
 
+HTTP = httpx.Client(timeout=60)  # the first view request imports MLflow: seconds on a busy 2-core machine
+
+
 def _token(base: str, password: str = PASSWORD) -> httpx.Response:
-    return httpx.post(f"{base}/auth/token", json={"username": USER, "password": password}, timeout=10)
+    return HTTP.post(f"{base}/auth/token", json={"username": USER, "password": password})
 
 
 def test_plugin_endpoints_refuse_requests_without_a_valid_airflow_identity(server, world):
@@ -85,12 +88,12 @@ def test_plugin_endpoints_refuse_requests_without_a_valid_airflow_identity(serve
     assert _token(server, "wrong").status_code == 401
     token = _token(server).json()["access_token"]
     for p in paths:
-        assert httpx.get(server + p).status_code == 401, p
-        assert httpx.get(server + p, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403, p
-        assert httpx.get(server + p, headers={"Authorization": f"Bearer {token}"}).status_code == 200, p
-    overview = httpx.get(f"{server}/nightshift/api/overview", headers={"Authorization": f"Bearer {token}"}).json()
+        assert HTTP.get(server + p).status_code == 401, p
+        assert HTTP.get(server + p, headers={"Authorization": "Bearer not-a-jwt"}).status_code == 403, p
+        assert HTTP.get(server + p, headers={"Authorization": f"Bearer {token}"}).status_code == 200, p
+    overview = HTTP.get(f"{server}/nightshift/api/overview", headers={"Authorization": f"Bearer {token}"}).json()
     assert overview["models"][0]["champion"] == "1"
-    plugins = httpx.get(f"{server}/api/v2/plugins", headers={"Authorization": f"Bearer {token}"}).json()["plugins"]
+    plugins = HTTP.get(f"{server}/api/v2/plugins", headers={"Authorization": f"Bearer {token}"}).json()["plugins"]
     assert any(p["name"] == "nightshift" and p["external_views"][0]["href"] == "/nightshift/" for p in plugins)
 
 

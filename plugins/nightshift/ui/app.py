@@ -39,12 +39,17 @@ def _jinja():
 
 
 def _num(value: Any, digits: int = 4) -> str:
+    """A number for people: 4 significant digits; a dict (e.g. a relative gate) as ``key value, ...``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_num(v, 3)}" for k, v in value.items())
     if value is None or value == "":
         return "–"
     try:
         f = float(value)
     except (TypeError, ValueError):
         return str(value)
+    if f == 0:
+        return "0"  # not "-0"
     return str(int(f)) if f.is_integer() and abs(f) >= 1 else f"{f:.{digits}g}"
 
 
