@@ -35,15 +35,18 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, task
 
 from nightshift.operators import (
     DRIFT_DETECTED_ASSET,
     BuildInferenceImageOperator,
     CollectDataOperator,
+    DeployModelOperator,
+    FinalizePromotionOperator,
     DriftCheckOperator,
     ExportONNXOperator,
     PromoteModelOperator,
+    PromotionApprovalOperator,
     SystemEvalOperator,
     TrainGPUOperator,
     ValidateDataOperator,
@@ -74,6 +77,18 @@ default_args = {
     doc_md=__doc__,
     render_template_as_native_obj=True,
     params={
+        "require_approval": Param(False, type="boolean", title="Require human approval",
+                                  description="A candidate that passes every gate waits for Approve/Reject "
+                                              "(task approve_promotion) before champion moves"),
+        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target",
+                               description="docker: blue/green on this worker's Docker host behind a stable port; "
+                                           "kubernetes: render Deployment/Service/InferenceService manifests; "
+                                           "none: register only"),
+        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)",
+                             description="The stable port on 127.0.0.1 that serves the champion"),
+        "retrain_cooldown_hours": Param(6, type="number", minimum=0, title="Drift-retrain cooldown (hours)",
+                                        description="A run triggered by drift is skipped when the last successful "
+                                                    "run started less than this long ago (0: never skip)"),
         "source": Param("bundled", type="string", title="Data source",
                         description="'bundled' (digits), an ImageFolder path or URI (s3://…), or 'torchvision:CIFAR10'"),
         "image_shape": Param(None, type=["null", "array"], title="Image shape [H, W, C]",
@@ -116,6 +131,18 @@ default_args = {
     },
 )
 def nightly_retrain():
+    @task.short_circuit(ignore_downstream_trigger_rules=True)
+    def cooldown(**context) -> bool:
+        """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
+        from datetime import datetime, timezone
+
+        from nightshift.gates import retrain_cooldown
+
+        proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), context.get("prev_start_date_success"),
+                                           datetime.now(timezone.utc), context["params"]["retrain_cooldown_hours"])
+        print(reason)
+        return proceed
+
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,
                                   classes=CLASSES, partition_window="{{ params.partition_window }}")
     validate = ValidateDataOperator(task_id="validate_data", snapshot=collect.output, classes=CLASSES,
@@ -135,10 +162,18 @@ def nightly_retrain():
         task_id="promote", model_name=MODEL, snapshot=collect.output, validation=validate.output,
         training=train.output, export=export.output, image=image.output, system_eval=system_eval.output,
         drift=drift.output,
+        require_approval="{{ params.require_approval }}",
         thresholds={k: "{{ params.%s }}" % k for k in
                     ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
                      "champion_relative_tolerance")},
     )
+    approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output)
+    final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,
+                                      approval=approve.output, model_name=MODEL)
+    approve >> final
+    deploy = DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
+                                 target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
+    cooldown() >> collect
     validate >> train
     [system_eval, drift] >> promote
 

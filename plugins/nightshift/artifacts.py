@@ -54,6 +54,17 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
 
+def append_jsonl(path: str | os.PathLike, record: Any) -> Path:
+    """Append one JSON line with a single write (concurrent appenders do not interleave)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(json_safe(record), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
 def read_json(path: str | os.PathLike) -> Any:
     with open(path, encoding="utf-8") as f:
         return json.load(f)

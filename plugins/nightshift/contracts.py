@@ -97,14 +97,9 @@ class HistoryEvent:
 
 def append_history(artifact_root: str | os.PathLike, event: HistoryEvent) -> Path:
     """Append one event (a single ``write`` of one line, so concurrent writers do not interleave)."""
-    path = history_path(artifact_root, event.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(asdict(event), sort_keys=True, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
-    return path
+    from nightshift.artifacts import append_jsonl
+
+    return append_jsonl(history_path(artifact_root, event.model), asdict(event))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

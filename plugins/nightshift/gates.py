@@ -140,3 +140,20 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
         reason = "not promoted because " + "; ".join(f"{g.name} failed ({g.detail})" for g in failed)
         return Decision(NOT_BLESSED, candidate, baseline, gates, reason)
     return Decision(BLESSED, candidate, baseline, gates, "every gate passed")
+
+
+def retrain_cooldown(run_type: str, last_success_start: Any, now: Any, cooldown_hours: float) -> tuple[bool, str]:
+    """Whether a retrain triggered by drift should run, given the last successful run's start.
+
+    Only drift-triggered (``asset_triggered``) runs are held back: a scheduled or
+    manual run always proceeds. Returns ``(proceed, reason)``.
+    """
+    if run_type != "asset_triggered":
+        return True, f"{run_type} run: no cooldown"
+    if cooldown_hours is None or float(cooldown_hours) <= 0 or last_success_start is None:
+        return True, "drift-triggered; no earlier successful retrain within a cooldown"
+    elapsed_h = (now - last_success_start).total_seconds() / 3600
+    if elapsed_h < float(cooldown_hours):
+        return False, (f"drift-triggered retrain skipped: the last successful retrain started {elapsed_h:.1f} h ago, "
+                       f"inside the {float(cooldown_hours):g} h cooldown")
+    return True, f"drift-triggered; last successful retrain {elapsed_h:.1f} h ago (cooldown {float(cooldown_hours):g} h)"

@@ -88,6 +88,8 @@ def champion_reference(snapshot, onnx_path: str | Path, cache_path: str | Path) 
     cache_path = Path(cache_path)
     if cache_path.is_file():
         return pd.read_parquet(cache_path)
+    if snapshot is None:
+        raise DataError(f"no cached reference at {cache_path} and no snapshot to build it from")
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])

@@ -185,6 +185,9 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
     before = tags.get(f"{TAG_PREFIX}baseline_version") or None
     before = None if before == "none" else before
     note = "registered by an earlier try of this task; its recorded decision stands"
+    awaiting = tags.get(f"{TAG_PREFIX}awaiting_approval") == "true"
+    if awaiting:
+        blessed = False  # champion moves only through approve_candidate
     aliases = c.get_registered_model(model_name).aliases or {}
     if str(aliases.get(CHALLENGER)) != version:
         c.set_registered_model_alias(model_name, CHALLENGER, version)
@@ -198,6 +201,7 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
         "model_name": model_name, "version": version, "promoted": blessed and current_v == version,
         "decision": decision, "reason": tags.get(f"{TAG_PREFIX}reason", ""), "previous_champion": before,
         "champion": current_v, "reused": True, "note": note, "recorded_gates": _gates_from_tags(tags),
+        "awaiting_approval": awaiting,
     }
 
 
@@ -222,7 +226,7 @@ def _move_champion(c, model_name: str, version: str, expected: str | None) -> tu
 
 
 def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, tags: dict[str, Any],
-                       decision: Decision) -> dict[str, Any]:
+                       decision: Decision, require_approval: bool = False) -> dict[str, Any]:
     """Register the run's ONNX model as a new version, record the decision and every
     gate on it, and move ``champion`` only when the decision is BLESSED.
 
@@ -231,7 +235,9 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     registering another one.
 
     The decision's ``baseline`` is the champion it compared with; it is
-    recorded on the version, and the alias moves only from there.
+    recorded on the version, and the alias moves only from there. With
+    ``require_approval`` a BLESSED candidate is recorded as awaiting approval and
+    ``champion`` does not move (:func:`approve_candidate` moves it).
     """
     previous_champion = decision.baseline
     onnx_sha = tags.get("onnx_sha256")
@@ -244,6 +250,8 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     all_tags[f"{TAG_PREFIX}decision"] = decision.decision
     all_tags[f"{TAG_PREFIX}reason"] = decision.reason[:4900]
     all_tags[f"{TAG_PREFIX}baseline_version"] = str(decision.baseline or "none")
+    if decision.blessed and require_approval:
+        all_tags[f"{TAG_PREFIX}awaiting_approval"] = "true"
     for g in decision.gates:
         all_tags[f"gate.{g.name}"] = json.dumps({"passed": g.passed, "observed": g.observed, "threshold": g.threshold})
     source = f"runs:/{run_id}/{artifact_path}"
@@ -252,15 +260,88 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     version = str(mv.version)
     c.set_registered_model_alias(model_name, CHALLENGER, version)  # every candidate is the challenger
     champion, note = previous_champion, "registered now"
-    if decision.blessed:
+    awaiting = decision.blessed and require_approval
+    if decision.blessed and not awaiting:
         champion, moved = _move_champion(c, model_name, version, previous_champion)
         note += "; " + moved
+    elif awaiting:
+        note += "; BLESSED, waiting for a person's approval before champion moves"
     return {
         "model_name": model_name, "version": version, "promoted": decision.blessed and champion == version,
         "decision": decision.decision, "reason": decision.reason, "previous_champion": previous_champion,
-        "champion": champion, "reused": False, "note": note,
+        "champion": champion, "reused": False, "note": note, "awaiting_approval": awaiting,
     }
 
 
 def log_artifacts(c, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
     c.log_artifacts(run_id, str(local_dir), artifact_path)
+
+
+def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, action: str) -> dict[str, Any]:
+    """Point ``champion`` at ``version`` by a person's decision (``promote_model``,
+    ``rollback_model``), recording who, why and when on the version.
+
+    :raises RegistryError: the version does not exist, or the registry fails.
+    :raises ValueError: no reason given (a forced move must say why).
+    """
+    import datetime as _dt
+
+    from mlflow.exceptions import MlflowException
+
+    if not str(reason or "").strip():
+        raise ValueError(f"{action}: a reason is required to move champion by hand")
+    try:
+        c.get_model_version(model_name, str(version))
+    except MlflowException as exc:
+        if is_not_found(exc):
+            raise RegistryError(f"{model_name} has no version {version}: nothing to {action}") from exc
+        raise _registry_error(f"reading v{version}", model_name, exc) from exc
+    before = get_champion(c, model_name)
+    previous = before["version"] if before else None
+    if previous != str(version):
+        c.set_registered_model_alias(model_name, CHAMPION, str(version))
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    for k, v in {f"{TAG_PREFIX}{action}_by": actor, f"{TAG_PREFIX}{action}_reason": reason[:4900],
+                 f"{TAG_PREFIX}{action}_at": stamp, f"{TAG_PREFIX}{action}_from": str(previous or "none")}.items():
+        c.set_model_version_tag(model_name, str(version), k, v)
+    return {"model_name": model_name, "version": str(version), "previous_champion": previous,
+            "champion": str(version), "moved": previous != str(version), "actor": actor, "reason": reason,
+            "action": action, "time": stamp}
+
+
+def rollback_target(c, model_name: str, history: list[dict[str, Any]], target: str | None) -> str:
+    """The version ``rollback_model`` goes back to: ``target``, or with ``previous`` /
+    empty, the champion before the current one according to the promotion history.
+
+    :raises RegistryError: no champion, or no earlier champion is recorded.
+    """
+    if target not in (None, "", "previous"):
+        return str(target).lstrip("v")
+    current = get_champion(c, model_name)
+    if current is None:
+        raise RegistryError(f"{model_name} has no champion: there is nothing to roll back")
+    for event in reversed(history):
+        if str(event.get("champion")) == current["version"] and event.get("previous_champion") not in (None, "none") \
+                and event.get("action") in ("promoted", "forced", "rolled_back"):
+            return str(event["previous_champion"])
+    raise RegistryError(f"the promotion history of {model_name} records no champion before v{current['version']}: "
+                        "give the target version explicitly")
+
+
+def approve_candidate(c, model_name: str, version: str, *, approved: bool, actor: str, comment: str = "",
+                      expected_champion: str | None = None) -> dict[str, Any]:
+    """Record a person's answer on a version awaiting approval; on approval move
+    ``champion`` (only from ``expected_champion``, the champion the gates compared with)."""
+    import datetime as _dt
+
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    for k, v in {"approved_by": actor, "approval_comment": comment[:4900] or "-", "approved_at": stamp,
+                 "approval": "approved" if approved else "rejected", "awaiting_approval": "false"}.items():
+        c.set_model_version_tag(model_name, str(version), f"{TAG_PREFIX}{k}", v)
+    if not approved:
+        current = get_champion(c, model_name)
+        return {"version": str(version), "promoted": False, "champion": current["version"] if current else None,
+                "note": f"rejected by {actor}: {comment}"}
+    champion, note = _move_champion(c, model_name, str(version), expected_champion)
+    return {"version": str(version), "promoted": champion == str(version), "champion": champion,
+            "note": f"approved by {actor}; {note}"}

@@ -48,8 +48,9 @@ def test_every_dag_has_a_description_and_every_param_a_title_and_description(dag
 def test_nightly_retrain_shape(dagbag):
     dag = dagbag.dags["nightly_retrain"]
     assert dag.max_active_runs == 1 and dag.catchup is False
-    assert {t.task_id for t in dag.tasks} == {"collect_data", "validate_data", "train_gpu", "export_onnx",
+    assert {t.task_id for t in dag.tasks} >= {"cooldown", "collect_data", "validate_data", "train_gpu", "export_onnx",
                                               "build_inference_image", "system_eval", "drift_check", "promote"}
+    assert dag.get_task("collect_data").upstream_task_ids == {"cooldown"}
     assert dag.get_task("train_gpu").upstream_task_ids >= {"validate_data", "collect_data"}
     assert dag.get_task("promote").upstream_task_ids >= {"system_eval", "drift_check"}
     assert dag.get_task("drift_check").upstream_task_ids == {"collect_data"}
@@ -70,3 +71,26 @@ def test_parsing_imports_no_heavy_library(dag_file):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["heavy"] == [], f"{dag_file.name} imports {result['heavy']} at parse time"
+
+
+def test_drift_monitor_emits_the_retrain_asset_only_after_the_short_circuit(dagbag):
+    dag = dagbag.dags["drift_monitor"]
+    assert dag.max_active_runs == 1 and dag.catchup is False
+    emit = dag.get_task("request_retrain")
+    assert [o.name for o in emit.outlets] == ["nightshift_drift_detected"]
+    assert emit.upstream_task_ids >= {"drift_detected", "check_served_drift"}
+    assert dag.get_task("drift_detected").upstream_task_ids == {"check_served_drift"}
+
+
+def test_cooldown_holds_back_only_drift_triggered_runs():
+    from datetime import datetime, timedelta, timezone
+
+    from nightshift.gates import retrain_cooldown
+
+    now = datetime(2026, 11, 23, 12, tzinfo=timezone.utc)
+    assert retrain_cooldown("scheduled", now - timedelta(hours=1), now, 6)[0] is True
+    proceed, reason = retrain_cooldown("asset_triggered", now - timedelta(hours=1), now, 6)
+    assert proceed is False and "1.0 h ago" in reason and "6 h cooldown" in reason
+    assert retrain_cooldown("asset_triggered", now - timedelta(hours=7), now, 6)[0] is True
+    assert retrain_cooldown("asset_triggered", None, now, 6)[0] is True
+    assert retrain_cooldown("asset_triggered", now - timedelta(minutes=5), now, 0)[0] is True

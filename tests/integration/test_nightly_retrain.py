@@ -42,7 +42,16 @@ def photos(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def conf(photos):
-    return {"epochs": 8, "model_name": MODEL, "source": str(photos), "image_shape": [8, 8, 1], "min_accuracy": 0.8}
+    return {"epochs": 8, "model_name": MODEL, "source": str(photos), "image_shape": [8, 8, 1], "min_accuracy": 0.8,
+            "deploy_port": _free_port()}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +65,18 @@ def env(tmp_path_factory):
         "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
     })
     yield home
+    _undeploy(home)
     os.environ.clear()
     os.environ.update(saved)
     _remove_images(f"nightshift/{MODEL}")
+
+
+def _undeploy(home) -> None:
+    import docker
+
+    from nightshift.deploy import LocalDeployer
+
+    LocalDeployer(docker.from_env(), model_name=MODEL, artifact_root=home / "artifacts").undeploy()
 
 
 def _remove_images(repository: str) -> None:
@@ -114,12 +132,13 @@ def first_run(dag, env, mlflow, conf):
     return run(dag, conf)
 
 
-def test_first_run_promotes_a_champion(first_run, env, mlflow):
+def test_first_run_promotes_and_deploys_a_champion(first_run, env, mlflow, conf):
     from nightshift import registry
 
     dr, states = first_run
     assert str(dr.state) == "success", states
-    assert set(states.values()) == {"success"} and len(states) == 8, states
+    assert states.pop("approve_promotion") == "skipped", states  # require_approval is off by default
+    assert set(states.values()) == {"success"} and len(states) == 11, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is True and p["decision"] == "BLESSED", p["reason"]
     champion = registry.get_champion(mlflow, MODEL)
@@ -129,6 +148,11 @@ def test_first_run_promotes_a_champion(first_run, env, mlflow):
     assert tags["nightshift.image"].startswith(f"nightshift/{MODEL}:")
     assert json.loads(tags["gate.serving_errors"])["observed"] == 0
     assert p["drift"]["status"] == "no_reference"
+    import requests
+
+    served = requests.get(f"http://127.0.0.1:{conf['deploy_port']}/v2/models/{MODEL}", timeout=10)
+    assert served.status_code == 200  # the champion serves on the stable port
+    assert tags["nightshift.onnx_sha256"][:12] in served.json()["versions"]
 
 
 def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, mlflow, conf):
@@ -136,7 +160,8 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
 
     before = registry.get_champion(mlflow, MODEL)["version"]
     dr, states = run(dag, {**conf, "max_p95_latency_ms": 0.001})  # no server answers in a microsecond
-    assert str(dr.state) == "success" and set(states.values()) == {"success"}, states
+    assert str(dr.state) == "success" and states["deploy"] == "skipped", states  # not promoted: not deployed
+    assert set(states.values()) == {"success", "skipped"}, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is False and p["decision"] == "NOT_BLESSED"
     assert "p95_latency failed" in p["reason"] and "0.001 ms" in p["reason"]
@@ -149,7 +174,7 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
     vs = json.loads(mv.tags["gate.vs_champion"])  # the champion was re-scored on this run's test split
     assert vs["observed"]["champion"] is not None and vs["observed"]["candidate"] is not None
     aliases = mlflow.get_registered_model(MODEL).aliases
-    assert aliases["challenger"] == p["version"] and aliases["champion"] == before
+    assert str(aliases["challenger"]) == p["version"] and str(aliases["champion"]) == before
     assert p["drift"]["status"] == "ok"  # the champion's training data is now the reference
 
 
@@ -172,7 +197,8 @@ def test_corrupt_files_added_to_the_same_folder_fail_validation_and_train_nothin
     assert str(dr.state) == "failed"
     assert states["collect_data"] == "success"
     assert states["validate_data"] == "failed"
-    for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote"):
+    for task in ("train_gpu", "export_onnx", "build_inference_image", "system_eval", "promote", "approve_promotion",
+                 "finalize_promotion", "deploy"):
         assert states[task] == "upstream_failed", states
     assert len(mlflow.search_runs([exp.experiment_id])) == runs_before  # nothing trained
     assert registry.get_champion(mlflow, MODEL)["version"] == champion_before

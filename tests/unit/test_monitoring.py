@@ -8,8 +8,9 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
+from tests.unit.conftest import served_records as _records
+
 from nightshift import monitoring
-from nightshift.data.decode import image_stats
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 
@@ -24,23 +25,6 @@ def champion(digits_snapshot, trained, tmp_path_factory):
                             digits_snapshot.iter_split("test"), model_name="digits")
     ref = monitoring.champion_reference(digits_snapshot, exp["onnx_path"], out / "reference.parquet")
     return {"onnx": exp["onnx_path"], "reference": ref, "version": exp["model_meta"]["version"]}
-
-
-def _records(images, onnx_path, classes, start, version="v"):
-    """What the serving image writes for these images (docs/serving.md, request log)."""
-    import onnxruntime as ort
-
-    sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-    logits, emb = sess.run(["logits", "embedding"], {"pixels": images})
-    p = np.exp(logits - logits.max(1, keepdims=True))
-    p /= p.sum(1, keepdims=True)
-    st = image_stats(images)
-    return [{"schema": "nightshift.request_log/1",
-             "timestamp": (start + timedelta(seconds=i)).isoformat().replace("+00:00", "Z"),
-             "model_name": "digits", "model_version": version, "brightness": float(st["brightness"][i]),
-             "contrast": float(st["contrast"][i]), "mean_ch0": float(st["mean_ch0"][i]),
-             "predicted_class": classes[int(p[i].argmax())], "confidence": float(p[i].max()),
-             "embedding": emb[i].tolist()} for i in range(len(images))]
 
 
 def _write_log(directory, records, name="requests-20261123T100000-1-00001.jsonl"):

@@ -214,3 +214,110 @@ def test_drift_check_without_champion_then_against_it(ctx, candidate):
     assert second["status"] == "ok" and second["drift_detected"] is False and second["drifted_share"] == 0.0
     assert second["champion_version"] == "1"
     assert Path(second["report_html"]).is_file()
+
+
+def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, candidate, tmp_path):
+    from datetime import datetime, timedelta, timezone
+
+    import numpy as np
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from nightshift import contracts
+    from nightshift.data.snapshot import load_snapshot
+    from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.operators import DriftMonitorOperator
+    from tests.unit.conftest import served_records
+
+    t0 = datetime(2026, 11, 23, 10, tzinfo=timezone.utc)
+    window = {"window_start": t0.isoformat(), "window_end": (t0 + timedelta(hours=1)).isoformat()}
+    op = DriftMonitorOperator(task_id="monitor", model_name="op-promote", min_rows=50, **window)
+    with pytest.raises(AirflowSkipException, match="no champion"):
+        op.execute(ctx)
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    snap = load_snapshot(candidate["snapshot"]["snapshot_uri"])
+    x, _ = snap.split("train")
+    dark = (x[np.random.default_rng(1).permutation(len(x))[:300]] // 3).astype(np.uint8)
+    version = candidate["export"]["onnx_sha256"][:12]
+    recs = served_records(dark, candidate["export"]["onnx_path"], snap.class_names, t0 + timedelta(minutes=1),
+                          version=version)
+    recs[0]["model_version"] = "an-older-champion"
+    log_dir = contracts.request_log_dir(op.settings.artifact_root, "op-promote")
+    log_dir.mkdir(parents=True)
+    (log_dir / "requests-1.jsonl").write_text("".join(json.dumps(r | {"model_name": "op-promote"}) + "\n"
+                                                      for r in recs))
+    out = DriftMonitorOperator(task_id="monitor", model_name="op-promote", min_rows=50, **window).execute(ctx)
+    assert out["status"] == "ok" and out["drift_detected"] is True and out["n_current"] == 299
+    assert out["served_versions"] == {version: 299, "an-older-champion": 1}
+    timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
+    assert timeline[-1]["drift_detected"] is True and timeline[-1]["champion_version"] == "1"
+
+
+def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
+    from types import SimpleNamespace
+
+    from nightshift import contracts, registry
+    from nightshift.gates import Decision
+    from nightshift.operators import SetChampionOperator
+
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"x")
+    for i, blessed in enumerate([True, True, False], start=1):
+        with registry.training_run(c, "exp", f"r{i}", tags={}, params={}) as run_id:
+            registry.log_artifacts(c, run_id, tmp_path / "onnx", "onnx")
+        base = registry.get_champion(c, "m")
+        d = Decision("BLESSED" if blessed else "NOT_BLESSED", f"c{i}", base["version"] if base else None)
+        out = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags={"onnx_sha256": str(i) * 64},
+                                          decision=d)
+        contracts.append_history(ctx_home(ctx) + "/artifacts", contracts.HistoryEvent(
+            model="m", action="promoted" if blessed else "rejected", version=out["version"],
+            previous_champion=out["previous_champion"], champion=out["champion"], reason="test"))
+    assert registry.get_champion(c, "m")["version"] == "2"
+    ctx = ctx | {"dag_run": SimpleNamespace(triggering_user_name="alice")}
+
+    with pytest.raises(AirflowFailException, match="needs a reason"):
+        SetChampionOperator(task_id="p", model_name="m", version="3", reason=" ", action="forced").execute(ctx)
+    back = SetChampionOperator(task_id="r", model_name="m", version="previous", reason="v2 misroutes cats",
+                               action="rolled_back").execute(ctx)
+    assert back["champion"] == "1" and back["previous_champion"] == "2" and back["actor"] == "alice"
+    forced = SetChampionOperator(task_id="p", model_name="m", version="v3", reason="gates cannot judge new classes",
+                                 action="forced").execute(ctx)
+    assert forced["champion"] == "3" and registry.get_champion(c, "m")["version"] == "3"
+    tags = c.get_model_version("m", "3").tags
+    assert tags["nightshift.forced_by"] == "alice" and tags["nightshift.forced_from"] == "1"
+    events = list(contracts.read_jsonl(contracts.history_path(ctx_home(ctx) + "/artifacts", "m")))
+    assert [e["action"] for e in events][-2:] == ["rolled_back", "forced"]
+    with pytest.raises(Exception, match="no version 9"):
+        SetChampionOperator(task_id="p", model_name="m", version="9", reason="x", action="forced").execute(ctx)
+
+
+def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate):
+    from airflow.sdk.exceptions import AirflowSkipException
+
+    from nightshift import registry
+    from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
+
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, require_approval=True,
+                               **candidate).execute(ctx)
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    assert out["awaiting_approval"] is True and out["promoted"] is False
+    assert registry.get_champion(c, "op-promote") is None  # nothing moves before the answer
+    with pytest.raises(AirflowSkipException):  # nothing to ask when no approval is pending
+        PromotionApprovalOperator(task_id="approve", promotion={"awaiting_approval": False}).execute(ctx)
+
+    rejected = FinalizePromotionOperator(task_id="finalize", model_name="op-promote", promotion=out, approval={
+        "chosen_options": ["Reject"], "responded_by_user": {"id": "u2", "name": "carol"},
+        "params_input": {"comment": "wait for the new labels"}}).execute(ctx)
+    assert rejected["promoted"] is False and registry.get_champion(c, "op-promote") is None
+    approved = FinalizePromotionOperator(task_id="finalize", model_name="op-promote", promotion=out, approval={
+        "chosen_options": ["Approve"], "responded_by_user": {"id": "u1", "name": "bob"},
+        "params_input": {"comment": "numbers look right"}}).execute(ctx)
+    assert approved["promoted"] is True and approved["champion"] == out["version"]
+    tags = c.get_model_version("op-promote", out["version"]).tags
+    assert tags["nightshift.approved_by"] == "bob" and tags["nightshift.approval_comment"] == "numbers look right"
+    passthrough = FinalizePromotionOperator(task_id="finalize", model_name="op-promote",
+                                            promotion={"promoted": False, "version": "9"}).execute(ctx)
+    assert passthrough == {"promoted": False, "version": "9"}

@@ -5,11 +5,15 @@ docker): the heavy libraries are imported inside ``execute``.
 """
 
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
+from nightshift.operators.champion import SetChampionOperator
 from nightshift.operators.collect import CollectDataOperator
+from nightshift.operators.deploy import DeployModelOperator
 from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
-from nightshift.operators.promote import PromoteModelOperator
+from nightshift.operators.monitor import DriftMonitorOperator
+from nightshift.operators.approval import PromotionApprovalOperator
+from nightshift.operators.promote import FinalizePromotionOperator, PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
 from nightshift.operators.train import TrainGPUOperator
 from nightshift.operators.validate import ValidateDataOperator
@@ -19,9 +23,14 @@ __all__ = [
     "SNAPSHOT_ASSET",
     "BuildInferenceImageOperator",
     "CollectDataOperator",
+    "DeployModelOperator",
     "DriftCheckOperator",
+    "DriftMonitorOperator",
     "ExportONNXOperator",
+    "FinalizePromotionOperator",
     "PromoteModelOperator",
+    "PromotionApprovalOperator",
+    "SetChampionOperator",
     "SystemEvalOperator",
     "TrainGPUOperator",
     "ValidateDataOperator",

@@ -17,19 +17,22 @@ class PromoteModelOperator(NightshiftOperator):
         (``min_accuracy``, ``max_p95_latency_ms``, ``served_accuracy_tolerance``,
         ``champion_tolerance``, ``champion_relative_tolerance``); ``None`` values
         do not override. Any threshold unset in both -> no promotion. (templated)
+    :param require_approval: a BLESSED candidate waits for a person (the
+        ``approve_promotion`` HITL task) before ``champion`` moves. (templated)
     :param gates_file: YAML file with ``thresholds:``; default ``include/gates.yaml``
         (``$NIGHTSHIFT_GATES_FILE``). ``""`` reads no file. (templated)
     :param fail_on_reject: fail the task when the candidate is not promoted. (templated)
     """
 
     template_fields: Sequence[str] = ("model_name", "snapshot", "validation", "training", "export", "image", "system_eval",
-                                      "drift", "thresholds", "fail_on_reject", "gates_file")
+                                      "drift", "thresholds", "fail_on_reject", "gates_file", "require_approval")
     ui_color = "#ffe0b2"
     operator_extra_links = (PromotionDecisionLink(), ModelVersionLink(), NightshiftViewLink(),)
 
     def __init__(self, *, model_name: str = "nightshift-classifier", snapshot: Any, validation: Any, training: Any, export: Any,
                  image: Any, system_eval: Any, drift: Any = None, thresholds: dict[str, Any] | None = None,
-                 fail_on_reject: bool = False, gates_file: str | None = None, **kwargs: Any) -> None:
+                 fail_on_reject: bool = False, gates_file: str | None = None, require_approval: bool = False,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.model_name = model_name
         self.snapshot = snapshot
@@ -42,6 +45,7 @@ class PromoteModelOperator(NightshiftOperator):
         self.thresholds = thresholds
         self.fail_on_reject = fail_on_reject
         self.gates_file = gates_file
+        self.require_approval = require_approval
 
     def _rescore(self, context: Any, c, champion: dict[str, Any] | None, export: dict[str, Any],
                  snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -118,7 +122,8 @@ class PromoteModelOperator(NightshiftOperator):
                     "image_id": image.get("image_id"), "onnx_sha256": export["onnx_sha256"],
                     "dag_run": context["run_id"], "drift_share": (self.drift or {}).get("drifted_share")}
             outcome = registry.register_candidate(c, self.model_name, train["run_id"], artifact_path="onnx",
-                                                  tags=tags, decision=decision)
+                                                  tags=tags, decision=decision,
+                                                  require_approval=to_bool(self.require_approval))
             outcome.update({"image": image.get("image"), "gates": decision.to_dict()["gates"],
                             "thresholds": thresholds, "offline_accuracy": evidence.offline_accuracy,
                             "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
@@ -129,7 +134,9 @@ class PromoteModelOperator(NightshiftOperator):
             from nightshift.contracts import HistoryEvent, append_history
 
             append_history(self.settings.artifact_root, HistoryEvent(
-                model=self.model_name, action="promoted" if outcome["promoted"] else "rejected",
+                model=self.model_name,
+                action="promoted" if outcome["promoted"] else
+                ("awaiting_approval" if outcome.get("awaiting_approval") else "rejected"),
                 version=outcome["version"], previous_champion=outcome["previous_champion"],
                 champion=outcome["champion"], reason=outcome["reason"], dag_id=self.dag_id,
                 run_id=context["run_id"], extra={"report": str(path)}))
@@ -137,7 +144,10 @@ class PromoteModelOperator(NightshiftOperator):
         if decision is not None:
             for g in decision.gates:
                 self.log.info("gate %-16s %s  %s", g.name, "PASS" if g.passed else "FAIL", g.detail)
-        if outcome["promoted"]:
+        if outcome.get("awaiting_approval"):
+            self.log.warning("BLESSED %s v%s: waiting for approval before champion moves (task approve_promotion)",
+                             self.model_name, outcome["version"])
+        elif outcome["promoted"]:
             self.log.info("PROMOTED %s v%s to champion (was %s)", self.model_name, outcome["version"],
                           outcome["previous_champion"])
         else:
@@ -145,4 +155,52 @@ class PromoteModelOperator(NightshiftOperator):
                              outcome["reason"], outcome["champion"])
             if to_bool(self.fail_on_reject):
                 raise NightshiftError(f"candidate v{outcome['version']} not promoted: {outcome['reason']}")
+        return outcome
+
+
+class FinalizePromotionOperator(NightshiftOperator):
+    """After the optional approval: move ``champion`` for an approved candidate and
+    record who approved and why; otherwise pass the promotion outcome through.
+
+    :param promotion: the ``promote`` result (XCom). (templated)
+    :param approval: the ``approve_promotion`` result (XCom; none when it was skipped). (templated)
+    :param model_name: registered model. (templated)
+    """
+
+    template_fields: Sequence[str] = ("promotion", "approval", "model_name")
+    ui_color = "#ffe0b2"
+
+    def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, **kwargs: Any) -> None:
+        kwargs.setdefault("trigger_rule", "none_failed")  # runs when approval was skipped (not needed)
+        super().__init__(**kwargs)
+        self.promotion = promotion
+        self.approval = approval
+        self.model_name = model_name
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from nightshift import contracts, registry
+        from nightshift.errors import ConfigError
+
+        outcome = dict(self.require(self.promotion, "promotion", "promote"))
+        if not outcome.get("awaiting_approval"):
+            return outcome
+        answer = self.approval or {}
+        chosen = answer.get("chosen_options") or []
+        if not chosen:
+            raise ConfigError(f"v{outcome['version']} awaits approval but approve_promotion gave no answer")
+        approved = chosen[0] == "Approve"
+        who = answer.get("responded_by_user") or {}
+        actor = (who.get("name") or who.get("id") if isinstance(who, dict) else str(who)) or "unknown"
+        comment = str((answer.get("params_input") or {}).get("comment") or "")
+        res = registry.approve_candidate(self.mlflow, self.model_name, outcome["version"], approved=approved,
+                                         actor=actor, comment=comment,
+                                         expected_champion=outcome.get("previous_champion"))
+        outcome.update({"promoted": res["promoted"], "champion": res["champion"], "awaiting_approval": False,
+                        "approved_by": actor, "approval_comment": comment, "note": res["note"]})
+        contracts.append_history(self.settings.artifact_root, contracts.HistoryEvent(
+            model=self.model_name, action="promoted" if res["promoted"] else "approval_rejected",
+            version=outcome["version"], previous_champion=outcome.get("previous_champion"),
+            champion=res["champion"], reason=f"{res['note']}", actor=actor, dag_id=self.dag_id,
+            run_id=context["run_id"]))
+        self.log.warning("%s", res["note"])
         return outcome

@@ -1,0 +1,417 @@
+"""Serve the champion: blue/green on the local Docker host, or Kubernetes manifests.
+
+No Airflow here; :mod:`docker` and :mod:`requests` are imported where used.
+
+**Local Docker** (:class:`LocalDeployer`). A small proxy container
+(``include/deploy/tcp_proxy.py`` on the inference base image) listens on a
+stable port on 127.0.0.1 and forwards every new connection to the backend
+named in its upstream file. A deploy starts the new ("green") container on a
+free port with the request log mounted, waits until ``/v2/health/ready``
+answers and the model it reports is the expected version, rewrites the
+upstream file (atomically: new connections go to green at once), checks the
+answer through the stable port, then stops the old ("blue") container
+gracefully (SIGTERM: it drains in-flight requests). If green does not become
+ready, it is removed, blue keeps serving and the error says why, with green's
+log. Deploying what already serves is a no-op.
+
+**Kubernetes** (:func:`render_kubernetes`): a Deployment and a Service with
+readiness/liveness probes on the OIP health routes, and a KServe
+``InferenceService`` with the same image, validated against the Kubernetes
+API models (and a schema for the KServe resource). Applying them needs a
+cluster (``kubectl apply -f``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from nightshift import contracts
+from nightshift.artifacts import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from nightshift.errors import ConfigError, ServingError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+ROLE_LABEL = "ai.nightshift.role"
+MODEL_LABEL = "ai.nightshift.model"
+VERSION_LABEL = "ai.nightshift.model.registry_version"
+PROXY_SCRIPT = Path(__file__).resolve().parents[2] / "include" / "deploy" / "tcp_proxy.py"
+#: Where the serving container writes its request log (mounted from the host).
+CONTAINER_LOG_DIR = "/var/log/nightshift/requests"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return int(s.getsockname()[1])
+
+
+def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
+    import requests
+
+    with requests.Session() as http:
+        http.trust_env = False  # loopback only, never through a proxy
+        r = http.get(url, timeout=timeout, headers={"Connection": "close"})
+        try:
+            return r.status_code, r.json()
+        except ValueError:
+            return r.status_code, r.text
+
+
+class LocalDeployer:
+    """Blue/green deployment of one model's inference image on the local Docker host.
+
+    :param docker_client: a ``docker.DockerClient``.
+    :param model_name: the served model name (OIP ``/v2/models/<name>``).
+    :param artifact_root: where the deployment state, proxy config and request log live.
+    :param port: the stable port on 127.0.0.1 clients use.
+    :param proxy_image: image with ``python3`` to run the proxy (the inference base image).
+    :param ready_timeout_s: how long green may take to become ready.
+    :param drain_timeout_s: how long blue may take to finish in-flight requests on SIGTERM.
+    :param mem_limit: memory limit of the serving container.
+    :param environment: extra serving environment (``NIGHTSHIFT_REQUEST_LOG_SAMPLE`` ...).
+    """
+
+    def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path, port: int = 8600,
+                 proxy_image: str = "nightshift/base:bookworm", ready_timeout_s: float = 60.0,
+                 drain_timeout_s: int = 20, mem_limit: str | None = "2g",
+                 environment: dict[str, str] | None = None):
+        if not 0 < int(port) < 65536:
+            raise ConfigError(f"deploy port must be 1..65535, got {port}")
+        self.client = docker_client
+        self.model_name = model_name
+        self.root = Path(artifact_root)
+        self.port = int(port)
+        self.proxy_image = proxy_image
+        self.ready_timeout_s = ready_timeout_s
+        self.drain_timeout_s = drain_timeout_s
+        self.mem_limit = mem_limit
+        self.environment = dict(environment or {})
+        self.state_path = contracts.deployment_path(self.root, model_name)
+        self.proxy_dir = self.state_path.parent / "proxy"
+        self.log_dir = contracts.request_log_dir(self.root, model_name)
+
+    # ------------------------------------------------------------------ state
+
+    @property
+    def url(self) -> str:
+        return f"http://{LOOPBACK}:{self.port}"
+
+    def state(self) -> dict[str, Any] | None:
+        return read_json(self.state_path) if self.state_path.is_file() else None
+
+    def _container(self, name: str | None):
+        from docker.errors import NotFound
+
+        if not name:
+            return None
+        try:
+            return self.client.containers.get(name)
+        except NotFound:
+            return None
+
+    # ------------------------------------------------------------------ proxy
+
+    def _ensure_proxy(self) -> None:
+        name = f"nightshift-proxy-{self.model_name}"
+        c = self._container(name)
+        if c is not None and c.status == "running":
+            return
+        if c is not None:
+            c.remove(force=True)
+        if not PROXY_SCRIPT.is_file():
+            raise ConfigError(f"the deploy proxy script {PROXY_SCRIPT} is missing from this installation")
+        with socket.socket() as s:
+            try:
+                s.bind((LOOPBACK, self.port))
+            except OSError as exc:
+                raise ServingError(f"the stable port {LOOPBACK}:{self.port} is taken by another program ({exc}); "
+                                   "choose another deploy port") from exc
+        log.info("starting proxy %s on %s", name, self.url)
+        self.client.containers.run(
+            self.proxy_image, ["python3", "/opt/nightshift-proxy/tcp_proxy.py"], name=name, detach=True,
+            network_mode="host", user="65534:65534", cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            restart_policy={"Name": "unless-stopped"}, mem_limit="128m",
+            environment={"LISTEN_HOST": LOOPBACK, "LISTEN_PORT": str(self.port),
+                         "UPSTREAM_FILE": "/etc/nightshift-proxy/upstream", "PYTHONUNBUFFERED": "1"},
+            volumes={str(PROXY_SCRIPT.parent): {"bind": "/opt/nightshift-proxy", "mode": "ro"},
+                     str(self.proxy_dir): {"bind": "/etc/nightshift-proxy", "mode": "ro"}},
+            labels={ROLE_LABEL: "proxy", MODEL_LABEL: self.model_name})
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            with socket.socket() as s:
+                if s.connect_ex((LOOPBACK, self.port)) == 0:
+                    return
+            time.sleep(0.1)
+        c = self._container(name)
+        raise ServingError(f"the deploy proxy did not start listening on {self.url}",
+                           logs=c.logs(tail=50).decode("utf-8", "replace") if c else "")
+
+    def _switch(self, port: int) -> None:
+        self.proxy_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.proxy_dir / "upstream", f"{LOOPBACK}:{port}\n")
+        os.chmod(self.proxy_dir / "upstream", 0o644)
+        os.chmod(self.proxy_dir, 0o755)
+
+    # ------------------------------------------------------------------ deploy
+
+    def _wait_ready(self, container, port: int, expect_version: str | None) -> str:
+        t0 = time.monotonic()
+        last = "no answer yet"
+        while time.monotonic() - t0 < self.ready_timeout_s:
+            container.reload()
+            if container.status in ("exited", "dead"):
+                raise ServingError(f"new container {container.name} exited with status "
+                                   f"{container.attrs['State'].get('ExitCode')} before it was ready",
+                                   logs=container.logs(tail=80).decode("utf-8", "replace"))
+            try:
+                code, body = _get(f"http://{LOOPBACK}:{port}/v2/health/ready")
+                if code == 200:
+                    code, meta = _get(f"http://{LOOPBACK}:{port}/v2/models/{self.model_name}")
+                    versions = meta.get("versions", []) if isinstance(meta, dict) else []
+                    if code == 200 and (expect_version is None or expect_version in versions):
+                        return versions[0] if versions else ""
+                    last = f"model metadata {code}: {meta}"
+                else:
+                    last = f"ready {code}: {body}"
+            except Exception as exc:  # noqa: BLE001 - not up yet
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.25)
+        raise ServingError(f"new container {container.name} was not ready within {self.ready_timeout_s:.0f}s "
+                           f"(last: {last})", logs=container.logs(tail=80).decode("utf-8", "replace"))
+
+    def deploy(self, image: str, *, registry_version: str, model_version: str | None = None,
+               reason: str = "") -> dict[str, Any]:
+        """Serve ``image`` on the stable port, blue/green. Returns the new state.
+
+        :param registry_version: the registered model version (recorded, labelled).
+        :param model_version: the version the server must report for the model
+            (its ``model.json`` version); checked before traffic moves.
+        :raises ServingError: green did not become ready (blue keeps serving).
+        """
+        from docker.errors import APIError, ImageNotFound
+
+        current = self.state()
+        try:
+            image_id = self.client.images.get(image).id
+        except ImageNotFound:
+            raise ServingError(f"image {image} is not in the local Docker daemon: build it first "
+                               "(nightly_retrain's build_inference_image)") from None
+        blue = self._container((current or {}).get("container"))
+        if current and blue is not None and blue.status == "running" and current.get("image_id") == image_id:
+            code, _ = _get(f"{self.url}/v2/health/ready")
+            if code == 200:
+                log.info("%s v%s (%s) already serves on %s: nothing to do", self.model_name, registry_version,
+                         image, self.url)
+                return {**current, "changed": False}
+
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.log_dir, 0o1777)  # the server runs as an unprivileged user in the container
+        port = _free_port()
+        name = f"nightshift-serve-{self.model_name}-v{registry_version}-{uuid.uuid4().hex[:6]}"
+        env = {**self.environment, "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(port),
+               "NIGHTSHIFT_REQUEST_LOG_DIR": CONTAINER_LOG_DIR}
+        env.setdefault("NIGHTSHIFT_REQUEST_LOG_SAMPLE", "1.0")
+        log.info("green: %s from %s on port %d", name, image, port)
+        try:
+            green = self.client.containers.run(
+                image, name=name, detach=True, network_mode="host", environment=env, cap_drop=["ALL"],
+                security_opt=["no-new-privileges"], mem_limit=self.mem_limit, pids_limit=512,
+                restart_policy={"Name": "unless-stopped"},
+                volumes={str(self.log_dir): {"bind": CONTAINER_LOG_DIR, "mode": "rw"}},
+                labels={ROLE_LABEL: "serving", MODEL_LABEL: self.model_name, VERSION_LABEL: str(registry_version)})
+        except APIError as exc:
+            raise ServingError(f"could not start {name} from {image}: {exc}; the current deployment keeps serving") \
+                from exc
+        try:
+            served_version = self._wait_ready(green, port, model_version)
+            self._switch(port)
+            self._ensure_proxy()
+            self._check_through_proxy(model_version)
+        except BaseException as exc:
+            logs = green.logs(tail=80).decode("utf-8", "replace")
+            green.remove(force=True)
+            if current and blue is not None:
+                self._switch(int(current["port"]))  # traffic stays on (or goes back to) blue
+            if isinstance(exc, ServingError):
+                raise ServingError(f"deploy of {self.model_name} v{registry_version} failed: {exc}. "
+                                   f"{'v' + str(current['registry_version']) + ' keeps serving' if current else 'nothing was serving'}.",
+                                   logs=exc.logs or logs) from exc
+            raise
+        if blue is not None and blue.id != green.id:
+            log.info("blue: stopping %s (drains up to %ss)", blue.name, self.drain_timeout_s)
+            try:
+                blue.stop(timeout=self.drain_timeout_s)
+                blue.remove(force=True)
+            except APIError as exc:
+                log.warning("could not remove the old container %s: %s", blue.name, exc)
+        state = {"model": self.model_name, "registry_version": str(registry_version),
+                 "model_version": served_version, "image": image, "image_id": image_id, "container": name,
+                 "port": port, "url": self.url, "status": "serving", "target": "docker",
+                 "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
+                 "previous": {k: current.get(k) for k in ("registry_version", "image", "container")} if current else None,
+                 "reason": reason}
+        atomic_write_json(self.state_path, state)
+        append_jsonl(self.state_path.parent / "history.jsonl", state)
+        return {**state, "changed": True}
+
+    def _check_through_proxy(self, model_version: str | None) -> None:
+        deadline = time.monotonic() + 10
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                code, meta = _get(f"{self.url}/v2/models/{self.model_name}")
+                if code == 200 and (model_version is None or model_version in meta.get("versions", [])):
+                    return
+                last = f"{code}: {meta}"
+            except Exception as exc:  # noqa: BLE001
+                last = f"{type(exc).__name__}: {exc}"
+            time.sleep(0.1)
+        raise ServingError(f"the stable port {self.url} does not serve the new version after the switch (last: {last})")
+
+    def undeploy(self) -> None:
+        """Remove the serving and proxy containers of this model (tests, decommissioning)."""
+        for c in self.client.containers.list(all=True, filters={"label": f"{MODEL_LABEL}={self.model_name}"}):
+            c.remove(force=True)
+        if self.state_path.exists():
+            self.state_path.unlink()
+
+
+# ---------------------------------------------------------------------- Kubernetes
+
+_ISVC_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "properties": {
+        "apiVersion": {"const": "serving.kserve.io/v1beta1"},
+        "kind": {"const": "InferenceService"},
+        "metadata": {"type": "object", "required": ["name"],
+                     "properties": {"name": {"type": "string", "pattern": "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"}}},
+        "spec": {"type": "object", "required": ["predictor"], "properties": {"predictor": {
+            "type": "object", "required": ["containers"], "properties": {"containers": {
+                "type": "array", "minItems": 1, "items": {"type": "object", "required": ["name", "image"]}}}}}},
+    },
+}
+
+
+def _k8s_name(model_name: str) -> str:
+    import re
+
+    name = re.sub(r"[^a-z0-9-]+", "-", model_name.lower()).strip("-")[:50]
+    if not name:
+        raise ConfigError(f"model name {model_name!r} gives no valid Kubernetes name")
+    return name
+
+
+def render_kubernetes(model_name: str, image: str, *, registry_version: str, namespace: str = "default",
+                      replicas: int = 2, port: int = 8080, cpu: str = "1", memory: str = "1Gi") -> list[dict[str, Any]]:
+    """Deployment + Service + KServe InferenceService for ``image``, validated.
+
+    :raises ConfigError: a manifest does not validate against the Kubernetes API
+        models (Deployment, Service) or the InferenceService schema.
+    """
+    name = _k8s_name(model_name)
+    labels = {"app.kubernetes.io/name": name, "app.kubernetes.io/part-of": "nightshift",
+              "ai.nightshift/model-version": str(registry_version)}
+    container = {
+        "name": "server", "image": image, "imagePullPolicy": "IfNotPresent",
+        "ports": [{"name": "http", "containerPort": port}],
+        "env": [{"name": "NIGHTSHIFT_HOST", "value": "0.0.0.0"}, {"name": "NIGHTSHIFT_PORT", "value": str(port)},
+                {"name": "NIGHTSHIFT_REQUEST_LOG_DIR", "value": CONTAINER_LOG_DIR}],
+        "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
+        "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10,
+                          "failureThreshold": 3},
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"cpu": cpu, "memory": memory}},
+        "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False,
+                            "capabilities": {"drop": ["ALL"]}},
+        "volumeMounts": [{"name": "request-log", "mountPath": CONTAINER_LOG_DIR}],
+    }
+    deployment = {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"replicas": replicas, "selector": {"matchLabels": {"app.kubernetes.io/name": name}},
+                 "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                 "template": {"metadata": {"labels": labels},
+                              "spec": {"containers": [container],
+                                       "volumes": [{"name": "request-log", "emptyDir": {}}]}}},
+    }
+    service = {
+        "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {"selector": {"app.kubernetes.io/name": name},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+    }
+    isvc = {
+        "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels,
+                     "annotations": {"serving.kserve.io/enable-prometheus-scraping": "true"}},
+        "spec": {"predictor": {"minReplicas": 1, "containers": [
+            {**{k: v for k, v in container.items() if k not in ("volumeMounts",)},
+             "name": "kserve-container", "ports": [{"containerPort": port, "protocol": "TCP"}]}]}},
+    }
+    validate_manifests([deployment, service, isvc])
+    return [deployment, service, isvc]
+
+
+def validate_manifests(manifests: list[dict[str, Any]]) -> None:
+    """Check Deployments and Services against the Kubernetes API models, and
+    InferenceServices against their schema. :raises ConfigError: with the field at fault."""
+    import jsonschema
+    from kubernetes import client as k8s
+
+    api = k8s.ApiClient()
+    models = {("apps/v1", "Deployment"): "V1Deployment", ("v1", "Service"): "V1Service"}
+    for m in manifests:
+        key = (m.get("apiVersion"), m.get("kind"))
+        if key == ("serving.kserve.io/v1beta1", "InferenceService"):
+            try:
+                jsonschema.validate(m, _ISVC_SCHEMA)
+            except jsonschema.ValidationError as exc:
+                raise ConfigError(f"InferenceService manifest is invalid at {list(exc.path)}: {exc.message}") from exc
+            continue
+        if key not in models:
+            raise ConfigError(f"unexpected manifest kind {key}")
+        _strict(m, models[key], api)
+
+
+def _strict(obj: Any, klass: str, api: Any, path: str = "") -> None:
+    """Deserialize into the kubernetes client model, rejecting unknown fields."""
+    from kubernetes import client as k8s
+
+    if klass.startswith("list["):
+        for i, item in enumerate(obj):
+            _strict(item, klass[5:-1], api, f"{path}[{i}]")
+        return
+    if klass.startswith(("dict(", "dict[")) or klass in ("str", "int", "bool", "object", "float", "datetime"):
+        if klass == "int" and not isinstance(obj, int):
+            raise ConfigError(f"{path or 'manifest'} must be an integer, got {obj!r}")
+        if klass == "str" and not isinstance(obj, str):
+            raise ConfigError(f"{path or 'manifest'} must be a string, got {obj!r}")
+        return
+    model = getattr(k8s, klass)
+    if not isinstance(obj, dict):
+        raise ConfigError(f"{path or 'manifest'} must be an object ({klass}), got {obj!r}")
+    attr_of = {v: k for k, v in model.attribute_map.items()}
+    for key, value in obj.items():
+        if key not in attr_of:
+            raise ConfigError(f"{path or 'manifest'}: unknown field {key!r} for {klass}")
+        _strict(value, model.openapi_types[attr_of[key]], api, f"{path}.{key}" if path else key)
+    try:  # required fields and value checks the client models enforce
+        api._ApiClient__deserialize(obj, klass)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{path or 'manifest'} is not a valid {klass}: {exc}") from exc
+
+
+def write_manifests(manifests: list[dict[str, Any]], path: str | Path) -> Path:
+    import yaml
+
+    return atomic_write_text(path, yaml.safe_dump_all(manifests, sort_keys=False))
+
+
+__all__ = ["LocalDeployer", "render_kubernetes", "validate_manifests", "write_manifests"]
