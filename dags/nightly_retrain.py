@@ -2,7 +2,8 @@
 ### nightly_retrain — retrain, evaluate and (maybe) promote the image classifier
 
 Every night at 02:00 UTC, whenever the `nightshift_drift_detected` Asset is
-updated (drift in served traffic), or on demand from **Trigger DAG w/ config**:
+updated (drift in served traffic), or on demand with the **Trigger** button of this Dag in the Airflow UI (a form built
+from the Params below; every Param has a default):
 
 1. **collect_data** — read the source (`bundled` digits, an ImageFolder path or
    object-storage URI, or `torchvision:<Dataset>`) into a content-addressed
@@ -18,7 +19,16 @@ updated (drift in served traffic), or on demand from **Trigger DAG w/ config**:
 8. **promote** — MLflow alias `champion` moves only if every gate passes.
    Unset thresholds mean no promotion. The decision is recorded on the model version.
 
-Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run_id>/`.
+Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run_id>/`. Each task's
+**extra links** (task instance page) open its report (validation, parity,
+system eval, drift, promotion decision) or its MLflow run / model version; the
+**Nightshift** entry in the UI's *Browse* menu lists models, versions, gates,
+deployments, promotion history and drift.
+
+New Dags start **paused**. Unpausing this one makes the scheduler start, at
+once, a run for the most recent 02:00 UTC with the default Params
+(`catchup=False` creates the latest interval, not the missed ones), then one
+every night.
 """
 
 from __future__ import annotations
@@ -61,6 +71,8 @@ default_args = {
     catchup=False,
     max_active_runs=1,
     default_args=default_args,
+    description="Retrain the image classifier on the newest data, evaluate it as a running service and "
+                "promote it to champion only when every gate passes",
     tags=["nightshift", "mlops", "training"],
     doc_md=__doc__,
     render_template_as_native_obj=True,
@@ -81,20 +93,28 @@ default_args = {
                         description="'bundled' (digits), an ImageFolder path or URI (s3://…), or 'torchvision:CIFAR10'"),
         "image_shape": Param(None, type=["null", "array"], title="Image shape [H, W, C]",
                              description="Default: 8×8×1 for bundled, 32×32×3 otherwise"),
-        "classes": Param(None, type=["null", "array"], title="Expected class names (label order)"),
+        "classes": Param(None, type=["null", "array"], title="Expected class names (label order)",
+                         description="Validation fails if the data's classes differ. Empty: the classes found "
+                                     "in the source (ImageFolder folder names, or the dataset's own)"),
         "partition_window": Param(None, type=["null", "integer"], minimum=1, title="Partition window",
                                   description="For <root>/<partition>/<class>/<image> sources (e.g. one folder "
                                               "per day): collect only the last N partitions. Empty: not partitioned"),
         "model_name": Param("nightshift-digits", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                            title="Registered model name"),
-        "model": Param("small_cnn", enum=["small_cnn", "resnet18"], title="Architecture"),
-        "epochs": Param(12, type="integer", minimum=1, maximum=500, title="Epochs"),
+                            title="Registered model name",
+                            description="MLflow registered model that gets the new version and the "
+                                        "'champion'/'challenger' aliases; also names the inference image"),
+        "model": Param("small_cnn", enum=["small_cnn", "resnet18"], title="Architecture",
+                       description="small_cnn: fast, for small images (trains on CPU in seconds); "
+                                   "resnet18: for larger images, wants a GPU"),
+        "epochs": Param(12, type="integer", minimum=1, maximum=500, title="Epochs",
+                        description="Full passes over the train split"),
         "batch_size": Param(128, type="integer", minimum=2, title="Batch size",
                             description="Images per step (at least 2: the models use BatchNorm); "
                                         "larger than the train split means one step per epoch"),
         "lr": Param(0.003, type="number", exclusiveMinimum=0, maximum=10, title="Peak learning rate",
                     description="A run whose loss diverges fails at once with a message saying so"),
-        "require_gpu": Param(False, type="boolean", description="Fail instead of training on CPU"),
+        "require_gpu": Param(False, type="boolean", title="Require a GPU",
+                             description="Fail train_gpu when no CUDA device is visible, instead of training on CPU"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",
                               description="Offline test-accuracy floor. Empty: include/gates.yaml"),
         "max_p95_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p95 latency budget (ms)",

@@ -31,11 +31,14 @@ default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(m
     render_template_as_native_obj=True,
     params={
         "model_name": Param("nightshift-digits", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
-                            title="Registered model"),
+                            title="Registered model", description="MLflow registered model whose 'champion' alias moves"),
         "target": Param("previous", type="string", pattern=r"^(previous|v?[0-9]+)$", title="Roll back to",
                         description="'previous' (the champion before the current one) or a version number"),
-        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target"),
-        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)"),
+        "deploy_target": Param("docker", enum=["docker", "kubernetes", "none"], title="Deploy target",
+                                description="docker: blue/green on this host; kubernetes: render the manifests; "
+                                            "none: move the alias only"),
+        "deploy_port": Param(8600, type="integer", minimum=1, maximum=65535, title="Serving port (docker)",
+                              description="Stable port on 127.0.0.1 that clients of the champion use"),
         "reason": Param("", type="string", minLength=5, title="Reason (recorded)",
                         description="What went wrong with the current champion"),
     },

@@ -15,7 +15,9 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip 2>&1 | { grep -v "is ignored: it is neither" || true; }
   .venv/bin/python -m pip install -q -r requirements-dev.txt -c constraints.txt 2>&1 \
     | { grep -v "is ignored: it is neither" || true; }
-  .venv/bin/python -c "import airflow, torch, onnxruntime, great_expectations, evidently, mlflow" || {
+  # (GX logs ~200 INFO lines on import once Airflow has set up logging: keep them out of the way)
+  .venv/bin/python -c "import logging; logging.getLogger('great_expectations').setLevel(logging.WARNING)
+import airflow, torch, onnxruntime, great_expectations, evidently, mlflow" || {
     echo "virtualenv: install incomplete (see pip output above)" >&2; exit 1; }
   rm -f .venv/.nightshift-*; touch "$stamp"
 else
@@ -39,6 +41,9 @@ PY
 echo "== docker"
 bash scripts/ensure_docker.sh
 bash scripts/ensure_base_image.sh
+
+echo "== chromium (browser test of the Nightshift view)"
+bash scripts/ensure_chromium.sh
 
 echo "== serving wheelhouse"
 python - <<'PY'

@@ -50,6 +50,7 @@ def main(dag_id: str) -> int:
         if (folder / name).exists():
             print(f"  report: {folder / name}")
     print(f"  artifacts: {folder}")
+    print("  Nightshift view: `make airflow-ui`, then Browse → Nightshift (http://127.0.0.1:8080/nightshift/)")
     return 0 if run_state == "success" else 1
 
 

@@ -432,8 +432,12 @@ def _derived_checks(
 
 
 def _quiet_gx() -> None:
-    """Turn GX usage analytics off for this process (before GX is imported)."""
+    """Turn GX usage analytics off for this process and its import-time INFO chatter
+    (~200 "Skipping registering function ..." / "Multiple declarations of metric ..."
+    lines) down to warnings; call before GX is imported."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    for name in ("great_expectations._docs_decorators", "great_expectations.expectations.registry"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _ephemeral_context() -> Any:

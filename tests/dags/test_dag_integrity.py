@@ -37,6 +37,14 @@ def test_every_dag_has_tags_docs_and_retries(dagbag):
             assert task.owner and task.owner != "airflow", f"{dag_id}.{task.task_id} has no owner"
 
 
+def test_every_dag_has_a_description_and_every_param_a_title_and_description(dagbag):
+    for dag_id, dag in dagbag.dags.items():
+        assert dag.description, f"{dag_id} has no description="
+        for name, param in dag.params.items():
+            assert param.schema.get("title"), f"{dag_id} Param {name!r} has no title"
+            assert param.description, f"{dag_id} Param {name!r} has no description"
+
+
 def test_nightly_retrain_shape(dagbag):
     dag = dagbag.dags["nightly_retrain"]
     assert dag.max_active_runs == 1 and dag.catchup is False

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import DriftReportLink
 
 
 class DriftCheckOperator(NightshiftOperator):
@@ -16,6 +17,7 @@ class DriftCheckOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("snapshot", "model_name", "drift_share_threshold")
+    operator_extra_links = (DriftReportLink(),)
 
     def __init__(self, *, snapshot: Any, model_name: str = "nightshift-classifier",
                  drift_share_threshold: float = 0.5, **kwargs: Any) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import ParityReportLink
 
 
 class ExportONNXOperator(NightshiftOperator):
@@ -17,6 +18,7 @@ class ExportONNXOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("training", "snapshot", "model_name", "atol", "min_top1_agreement")
+    operator_extra_links = (ParityReportLink(),)
 
     def __init__(self, *, training: Any, snapshot: Any, model_name: str = "nightshift-classifier",
                  atol: float = 1e-3, min_top1_agreement: float = 0.995, **kwargs: Any) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import ModelVersionLink, NightshiftViewLink, PromotionDecisionLink
 
 
 class PromoteModelOperator(NightshiftOperator):
@@ -26,6 +27,7 @@ class PromoteModelOperator(NightshiftOperator):
     template_fields: Sequence[str] = ("model_name", "snapshot", "validation", "training", "export", "image", "system_eval",
                                       "drift", "thresholds", "fail_on_reject", "gates_file", "require_approval")
     ui_color = "#ffe0b2"
+    operator_extra_links = (PromotionDecisionLink(), ModelVersionLink(), NightshiftViewLink(),)
 
     def __init__(self, *, model_name: str = "nightshift-classifier", snapshot: Any, validation: Any, training: Any, export: Any,
                  image: Any, system_eval: Any, drift: Any = None, thresholds: dict[str, Any] | None = None,

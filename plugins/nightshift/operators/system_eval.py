@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import SystemEvalReportLink
 
 
 class SystemEvalOperator(NightshiftOperator):
@@ -19,6 +20,7 @@ class SystemEvalOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("image", "snapshot", "model_name", "batch_size", "ready_timeout_s")
     ui_color = "#b2ebf2"
+    operator_extra_links = (SystemEvalReportLink(),)
 
     def __init__(self, *, image: Any, snapshot: Any, model_name: str = "nightshift-classifier",
                  batch_size: int = 1, ready_timeout_s: float = 60.0, **kwargs: Any) -> None:

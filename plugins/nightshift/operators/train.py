@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import MLflowRunLink
 
 
 class TrainGPUOperator(NightshiftOperator):
@@ -21,6 +22,7 @@ class TrainGPUOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("snapshot", "hparams", "require_gpu", "model_name")
     ui_color = "#c8e6c9"
+    operator_extra_links = (MLflowRunLink(),)
 
     def __init__(self, *, snapshot: Any, hparams: dict[str, Any] | None = None, require_gpu: bool = False,
                  model_name: str = "nightshift-classifier", **kwargs: Any) -> None:

@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator, shape3
+from nightshift.operators.links import ValidationReportLink
 
 
 class ValidateDataOperator(NightshiftOperator):
@@ -17,6 +18,7 @@ class ValidateDataOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("snapshot", "classes", "image_shape", "min_rows", "min_per_class")
+    operator_extra_links = (ValidationReportLink(),)
 
     def __init__(self, *, snapshot: Any, classes: list[str] | None = None, image_shape: Any = None,
                  min_rows: int = 50, min_per_class: int = 5, **kwargs: Any) -> None:

@@ -1,0 +1,282 @@
+"""What the Nightshift view shows, assembled from the registry and the artifact root.
+
+Airflow-free: :func:`build_overview` takes the settings and an MLflow client and
+returns plain JSON-able dicts; the FastAPI app renders them. Every source may be
+missing (no model registered yet, no deployment, no drift check): the view then
+says "none yet" rather than failing.
+
+Report files are addressed by their path relative to the artifact root
+(``runs/<dag>/<run>/...``, ``drift/...``, ``registry/...``);
+:func:`resolve_report` is the only way from such a path to a file, and it refuses
+anything outside those folders.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from nightshift.artifacts import safe_name
+from nightshift.contracts import (
+    CHALLENGER,
+    CHAMPION,
+    GATE_TAG_PREFIX,
+    RUN_REPORTS,
+    TAG_PREFIX,
+    VersionTag,
+    deployment_path,
+    drift_timeline_path,
+    history_path,
+    read_jsonl,
+)
+
+#: Top-level folders of the artifact root whose files the plugin serves.
+SERVED_FOLDERS = ("runs", "drift", "registry")
+#: Reports shown per version, in this order, with the label the view uses.
+REPORT_LABELS = {
+    "validation": "validation",
+    "parity": "parity",
+    "system_eval": "system eval",
+    "drift": "drift",
+    "promotion": "decision",
+    "training": "training",
+}
+DEFAULT_MLFLOW_UI_URL = "http://127.0.0.1:5000"
+
+
+def mlflow_ui_url() -> str:
+    """Base URL of the MLflow UI that links point to (``NIGHTSHIFT_MLFLOW_UI_URL``)."""
+    return os.environ.get("NIGHTSHIFT_MLFLOW_UI_URL", DEFAULT_MLFLOW_UI_URL).rstrip("/")
+
+
+def mlflow_run_url(run_id: str) -> str:
+    return f"{mlflow_ui_url()}/#/runs/{run_id}"
+
+
+def mlflow_version_url(model_name: str, version: str) -> str:
+    return f"{mlflow_ui_url()}/#/models/{model_name}/versions/{version}"
+
+
+# --------------------------------------------------------------------------- reports
+
+
+def resolve_report(artifact_root: str | os.PathLike, rel_path: str) -> Path | None:
+    """The file ``rel_path`` names under the artifact root, or None.
+
+    None unless the resolved path (symlinks followed) is a regular file inside
+    ``<root>/runs``, ``<root>/drift`` or ``<root>/registry``: ``..``, absolute
+    paths and links that leave those folders are refused.
+    """
+    if not rel_path or "\x00" in rel_path or rel_path.startswith(("/", "\\")):
+        return None
+    root = Path(artifact_root).resolve()
+    try:
+        target = (root / rel_path).resolve()
+    except (OSError, RuntimeError):
+        return None
+    for folder in SERVED_FOLDERS:
+        base = root / folder
+        if target.is_relative_to(base) and target != base:
+            return target if target.is_file() else None
+    return None
+
+
+def report_rel_path(artifact_root: str | os.PathLike, path: str | os.PathLike | None) -> str | None:
+    """``path`` (absolute or relative to the root) as a served report path, or None."""
+    if not path:
+        return None
+    root = Path(artifact_root).resolve()
+    p = Path(str(path).removeprefix("file://"))
+    p = (p if p.is_absolute() else root / p).resolve()
+    if not p.is_relative_to(root):
+        return None
+    rel = p.relative_to(root).as_posix()
+    return rel if resolve_report(root, rel) else None
+
+
+def run_folder(artifact_root: str | os.PathLike, run_id: str, dag_id: str | None = None) -> Path | None:
+    """The artifact folder of DAG run ``run_id`` (of ``dag_id``, or of any DAG)."""
+    runs = Path(artifact_root) / "runs"
+    if dag_id:
+        p = runs / safe_name(dag_id) / safe_name(run_id)
+        return p if p.is_dir() else None
+    if not runs.is_dir():
+        return None
+    for d in sorted(runs.iterdir()):
+        p = d / safe_name(run_id)
+        if p.is_dir():
+            return p
+    return None
+
+
+def run_reports(artifact_root: str | os.PathLike, run_id: str | None, dag_id: str | None = None) -> list[dict[str, str]]:
+    """The reports a run left behind: ``[{"name", "label", "path"}]`` (paths relative to the root)."""
+    if not run_id:
+        return []
+    folder = run_folder(artifact_root, run_id, dag_id)
+    if folder is None:
+        return []
+    root = Path(artifact_root).resolve()
+    out = []
+    for name, label in REPORT_LABELS.items():
+        f = folder / RUN_REPORTS[name]
+        if f.is_file():
+            out.append({"name": name, "label": label, "path": f.resolve().relative_to(root).as_posix()})
+    return out
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _iso(ms: int | None) -> str | None:
+    if not ms:
+        return None
+    return datetime.fromtimestamp(ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _gates(tags: dict[str, str]) -> list[dict[str, Any]]:
+    gates = []
+    for key, value in sorted(tags.items()):
+        if not key.startswith(GATE_TAG_PREFIX):
+            continue
+        try:
+            g = json.loads(value)
+        except ValueError:
+            g = {"observed": value}
+        if not isinstance(g, dict):
+            g = {"observed": g}
+        gates.append({"name": key[len(GATE_TAG_PREFIX):], "passed": g.get("passed"),
+                      "observed": g.get("observed"), "threshold": g.get("threshold")})
+    return gates
+
+
+def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
+                 aliases_by_version: dict[str, list[str]]) -> dict[str, Any]:
+    """One model version as the view shows it."""
+    tags = dict(mv.tags or {})
+    ns = {k[len(TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
+    version = str(mv.version)
+    run_id = ns.get(VersionTag.DAG_RUN)
+    return {
+        "version": version,
+        "aliases": aliases_by_version.get(version, []),
+        "created": _iso(getattr(mv, "creation_timestamp", None)),
+        "decision": ns.get(VersionTag.DECISION),
+        "reason": ns.get(VersionTag.REASON, ""),
+        "baseline_version": ns.get(VersionTag.BASELINE_VERSION),
+        "gates": _gates(tags),
+        "image": ns.get(VersionTag.IMAGE),
+        "image_id": ns.get(VersionTag.IMAGE_ID),
+        "data_digest": ns.get(VersionTag.DATA_DIGEST),
+        "offline_accuracy": ns.get(VersionTag.OFFLINE_ACCURACY),
+        "served_accuracy": ns.get(VersionTag.SERVED_ACCURACY),
+        "p95_latency_ms": ns.get(VersionTag.P95_LATENCY_MS),
+        "approved_by": ns.get(VersionTag.APPROVED_BY),
+        "dag_run": run_id,
+        "tags": ns,
+        "mlflow_run_id": mv.run_id,
+        "mlflow_run_url": mlflow_run_url(mv.run_id) if mv.run_id else None,
+        "mlflow_version_url": mlflow_version_url(model_name, version),
+        "reports": run_reports(artifact_root, run_id),
+    }
+
+
+def _history(artifact_root: Path, model_name: str, limit: int) -> list[dict[str, Any]]:
+    events = list(read_jsonl(history_path(artifact_root, model_name)))[-limit:][::-1]
+    for e in events:
+        extra = e.get("extra") if isinstance(e.get("extra"), dict) else {}
+        e["report_path"] = report_rel_path(artifact_root, extra.get("report"))
+    return events
+
+
+def _drift(artifact_root: Path, model_name: str, limit: int) -> list[dict[str, Any]]:
+    points = list(read_jsonl(drift_timeline_path(artifact_root, model_name)))[-limit:][::-1]
+    for p in points:
+        p["report_path"] = report_rel_path(artifact_root, p.get("report"))
+    return points
+
+
+def _deployment(artifact_root: Path, model_name: str) -> dict[str, Any] | None:
+    p = deployment_path(artifact_root, model_name)
+    try:
+        state = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def model_view(settings: Any, client: Any, model: Any, *, max_versions: int = 30,
+               max_events: int = 50) -> dict[str, Any]:
+    """One registered model: aliases, versions (newest first), deployment, history, drift timeline."""
+    root = Path(settings.artifact_root)
+    name = model.name
+    aliases = {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
+    by_version: dict[str, list[str]] = {}
+    for alias, v in sorted(aliases.items()):
+        by_version.setdefault(v, []).append(alias)
+    versions = client.search_model_versions(f"name = '{name}'")
+    versions = sorted(versions, key=lambda mv: int(mv.version), reverse=True)
+    return {
+        "name": name,
+        "description": getattr(model, "description", "") or "",
+        "champion": aliases.get(CHAMPION),
+        "challenger": aliases.get(CHALLENGER),
+        "aliases": aliases,
+        "n_versions": len(versions),
+        "versions": [version_view(root, name, mv, by_version) for mv in versions[:max_versions]],
+        "deployment": _deployment(root, name),
+        "history": _history(root, name, max_events),
+        "drift": _drift(root, name, max_events),
+    }
+
+
+def _model_names_on_disk(artifact_root: Path) -> set[str]:
+    """Models with a history, deployment or drift timeline but (maybe) nothing registered."""
+    names: set[str] = set()
+    for folder in ("registry", "deployments", "drift"):
+        d = artifact_root / folder
+        if d.is_dir():
+            names.update(p.name for p in d.iterdir() if p.is_dir())
+    return names
+
+
+def build_overview(settings: Any, client: Any) -> dict[str, Any]:
+    """Everything the Nightshift view shows, for every registered model.
+
+    A registry that cannot be read is reported in ``error`` (the rest of the
+    page still renders); models known only from files (history, deployment,
+    drift) are listed too, with no versions.
+    """
+    root = Path(settings.artifact_root)
+    models: list[dict[str, Any]] = []
+    error = None
+    try:
+        registered = sorted(client.search_registered_models(), key=lambda m: m.name)
+    except Exception as exc:  # noqa: BLE001 - show the registry error, keep the page
+        registered = []
+        error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+    for m in registered:
+        models.append(model_view(settings, client, m))
+    known = {m["name"] for m in models}
+
+    class _Unregistered:
+        def __init__(self, name: str) -> None:
+            self.name, self.aliases, self.description = name, {}, ""
+
+    class _NoVersions:
+        @staticmethod
+        def search_model_versions(_filter: str) -> list[Any]:
+            return []
+
+    for name in sorted(_model_names_on_disk(root) - known):
+        models.append(model_view(settings, _NoVersions(), _Unregistered(name)))
+    return {
+        "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "artifact_root": str(root),
+        "mlflow_ui_url": mlflow_ui_url(),
+        "registry_error": error,
+        "models": models,
+    }

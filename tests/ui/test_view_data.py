@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from nightshift.ui import data
+
+from .conftest import MODEL
+
+
+def _overview(world):
+    from nightshift import registry
+
+    s = SimpleNamespace(artifact_root=world["root"])
+    return data.build_overview(s, registry.client(world["tracking_uri"]))
+
+
+def test_overview_lists_versions_aliases_gates_and_reports(world_env):
+    o = _overview(world_env)
+    assert o["registry_error"] is None
+    (m,) = o["models"]
+    assert m["name"] == MODEL and m["champion"] == "1" and m["challenger"] == "2" and m["n_versions"] == 2
+    v2, v1 = m["versions"]  # newest first
+    assert v1["aliases"] == ["champion"] and v2["aliases"] == ["challenger"]
+    assert v1["decision"] == "BLESSED" and v2["decision"] == "NOT_BLESSED"
+    assert "vs_champion" in v2["reason"] and v2["baseline_version"] == "1"
+    gates = {g["name"]: g for g in v2["gates"]}
+    assert gates["vs_champion"]["passed"] is False and gates["vs_champion"]["observed"]
+    assert all(g["passed"] for g in v1["gates"]) and len(v1["gates"]) == len(v2["gates"]) >= 4
+    assert v1["image"] == f"nightshift/{MODEL}:v1" and v1["image_id"].startswith("sha256:")
+    assert v1["data_digest"] == "1" * 64 and v1["dag_run"] == world_env["versions"][0]["run_id"]
+    assert v1["mlflow_run_url"] == f"http://mlflow.example:5000/#/runs/{world_env['versions'][0]['mlflow_run']}"
+    assert v1["mlflow_version_url"] == f"http://mlflow.example:5000/#/models/{MODEL}/versions/1"
+    assert [r["name"] for r in v1["reports"]] == ["validation", "parity", "system_eval", "drift", "promotion"]
+    for r in v1["reports"]:
+        assert r["path"].startswith("runs/nightly_retrain/") and data.resolve_report(world_env["root"], r["path"])
+
+
+def test_overview_has_deployment_history_and_drift_newest_first(world_env):
+    (m,) = _overview(world_env)["models"]
+    assert m["deployment"]["version"] == "1" and m["deployment"]["status"] == "serving"
+    assert [e["action"] for e in m["history"]] == ["rejected", "promoted"]
+    assert m["history"][0]["report_path"].endswith("promotion.json")
+    assert [p["status"] for p in m["drift"]] == ["drift", "ok", "not_enough_data"]
+    assert m["drift"][0]["report_path"] == f"drift/{MODEL}/2026-11-02T03/drift_report.html"
+    assert m["drift"][1]["report_path"] is None
+
+
+def test_empty_world_says_none_yet(tmp_path):
+    from nightshift import registry
+
+    s = SimpleNamespace(artifact_root=tmp_path / "artifacts")
+    o = data.build_overview(s, registry.client(f"sqlite:///{tmp_path / 'empty.db'}"))
+    assert o["models"] == [] and o["registry_error"] is None
+
+
+def test_files_without_a_registered_model_still_show(tmp_path):
+    from nightshift.contracts import HistoryEvent, append_history
+
+    class Broken:
+        def search_registered_models(self):
+            raise ConnectionError("registry down")
+
+    append_history(tmp_path, HistoryEvent(model="m", action="forced", version="3", previous_champion="2",
+                                          champion="3", reason="manual", actor="alice"))
+    o = data.build_overview(SimpleNamespace(artifact_root=tmp_path), Broken())
+    assert "registry down" in o["registry_error"]
+    (m,) = o["models"]
+    assert m["name"] == "m" and m["versions"] == [] and m["history"][0]["actor"] == "alice"
+    assert m["deployment"] is None and m["drift"] == []
+
+
+def test_resolve_report_refuses_anything_outside_the_served_folders(tmp_path):
+    root = tmp_path / "artifacts"
+    (root / "runs" / "d" / "r").mkdir(parents=True)
+    (root / "runs" / "d" / "r" / "ok.json").write_text("{}")
+    (root / "snapshots").mkdir()
+    (root / "snapshots" / "secret.json").write_text("{}")
+    (tmp_path / "outside.txt").write_text("x")
+    (root / "runs" / "d" / "r" / "link.txt").symlink_to(tmp_path / "outside.txt")
+    assert data.resolve_report(root, "runs/d/r/ok.json") == (root / "runs/d/r/ok.json").resolve()
+    for bad in ("snapshots/secret.json", "../outside.txt", "runs/../snapshots/secret.json", "/etc/passwd",
+                "runs/d/r/link.txt", "runs", "runs/d", "runs/d/r/missing.json", "", "runs/d/r/ok.json\x00"):
+        assert data.resolve_report(root, bad) is None, bad
