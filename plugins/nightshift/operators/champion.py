@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import ModelVersionLink, NightshiftViewLink
 
 _ACTIONS = {"forced": "promote_model", "rolled_back": "rollback_model"}
 
@@ -19,6 +20,7 @@ class SetChampionOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("model_name", "version", "reason")
+    operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#ffe0b2"
 
     def __init__(self, *, model_name: str, version: Any, reason: str, action: str, **kwargs: Any) -> None:

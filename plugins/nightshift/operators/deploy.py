@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import ModelVersionLink, NightshiftViewLink
 
 
 class DeployModelOperator(NightshiftOperator):
@@ -23,6 +24,7 @@ class DeployModelOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("promotion", "model_name", "target", "port", "namespace", "request_log_sample")
+    operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#c5cae9"
 
     def __init__(self, *, promotion: Any, model_name: str, target: str = "docker", port: int = 8600,
@@ -65,8 +67,8 @@ class DeployModelOperator(NightshiftOperator):
                                           namespace=str(self.namespace))
             path = write_manifests(manifests, self.run_dir(context, "deploy") / "manifests.yaml")
             self.log.info("rendered %s for %s (kubectl apply -f %s)", [m["kind"] for m in manifests], image, path)
-            return {"target": "kubernetes", "manifests": str(path), "image": image,
-                    "registry_version": champion["version"], "status": "rendered"}
+            return {"target": "kubernetes", "manifests": str(path), "image": image, "model_name": self.model_name,
+                    "version": champion["version"], "registry_version": champion["version"], "status": "rendered"}
         if self.target != "docker":
             raise ConfigError(f"deploy target must be 'docker' or 'kubernetes', got {self.target!r}")
         from nightshift.deploy import LocalDeployer
@@ -83,4 +85,4 @@ class DeployModelOperator(NightshiftOperator):
                                 reason=f"{self.dag_id} {context['run_id']}")
         self.log.info("%s v%s %s at %s (container %s)", self.model_name, champion["version"],
                       "now serves" if state.get("changed") else "already served", state["url"], state["container"])
-        return state
+        return {**state, "model_name": self.model_name, "version": champion["version"]}

@@ -144,3 +144,11 @@ class NightshiftViewLink(BaseOperatorLink):
 
     def get_link(self, operator: Any, *, ti_key: Any) -> str:
         return plugin_url("")
+
+
+class ServedDriftReportLink(NightshiftReportLink):
+    """drift_monitor's report of one traffic window (``drift/<model>/<run>/``)."""
+
+    name = "Served-drift report"
+    report = "drift"
+    xcom_path_key = "report_html"

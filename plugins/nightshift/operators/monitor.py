@@ -3,6 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
+from nightshift.operators.links import NightshiftViewLink, ServedDriftReportLink
 
 
 class DriftMonitorOperator(NightshiftOperator):
@@ -24,6 +25,7 @@ class DriftMonitorOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("model_name", "window_start", "window_end", "min_rows", "drift_share_threshold",
                                       "embedding_threshold", "request_log_dir")
+    operator_extra_links = (ServedDriftReportLink(), NightshiftViewLink(),)
     ui_color = "#f8bbd0"
 
     def __init__(self, *, model_name: str, window_start: Any = None, window_end: Any = None, min_rows: int = 100,
