@@ -10,6 +10,7 @@ the API server only, and MLflow is imported inside its request handlers.
   for those operators so the API server resolves them with their ``get_link``.
 - ``fastapi_apps``: the Nightshift view and its report server at ``/nightshift``,
   behind Airflow's auth manager (``nightshift/ui/app.py``).
+- ``listeners``: a DAG-run note saying what a run decided (``nightshift/listeners.py``).
 - ``external_views``: a "Nightshift" entry in the UI's navigation that opens the
   view inside the Airflow UI (an iframe at ``/plugin/nightshift``).
 """
@@ -42,8 +43,15 @@ def _operator_links() -> list[Any]:
     return links
 
 
+def _listeners() -> Any:
+    from nightshift import listeners
+
+    return listeners
+
+
 class NightshiftPlugin(AirflowPlugin):
     name = "nightshift"
+    listeners = [_listeners()]
     operator_extra_links = _operator_links()
     external_views = [
         {

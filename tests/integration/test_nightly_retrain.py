@@ -161,6 +161,12 @@ def test_impossible_floor_keeps_champion_and_records_why(first_run, dag, env, ml
     before = registry.get_champion(mlflow, MODEL)["version"]
     dr, states = run(dag, {**conf, "max_p95_latency_ms": 0.001})  # no server answers in a microsecond
     assert str(dr.state) == "success" and states["deploy"] == "skipped", states  # not promoted: not deployed
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:  # the run says so where a person looks
+        note = session.query(DagRun).filter(DagRun.run_id == dr.run_id).one().note
+    assert note and note.startswith("[nightshift] NOT PROMOTED") and "p95_latency" in note
     assert set(states.values()) == {"success", "skipped"}, states
     p = promotion(env, dr.run_id)
     assert p["promoted"] is False and p["decision"] == "NOT_BLESSED"

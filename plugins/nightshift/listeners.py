@@ -1,0 +1,69 @@
+"""Airflow listener: a run note that says what a Nightshift run decided.
+
+Registered by the Nightshift plugin. When a ``nightly_retrain`` (or any DAG with
+a ``promotion.json`` in its run folder) run ends, its DAG-run note — shown on
+the run in the Airflow UI — says whether the candidate was promoted and why
+not, with the numbers. A note a person wrote is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from airflow.listeners import hookimpl
+
+log = logging.getLogger(__name__)
+MARK = "[nightshift] "
+
+
+def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
+    """The note for one run, from its ``promotion.json``; None when there is none."""
+    from nightshift.artifacts import safe_name
+
+    path = Path(artifact_root) / "runs" / safe_name(dag_id) / safe_name(run_id) / "promotion.json"
+    if not path.is_file():
+        return None
+    try:
+        p = json.loads(path.read_text())
+    except ValueError:
+        return None
+    model, version = p.get("model_name"), p.get("version")
+    if p.get("promoted"):
+        head = f"PROMOTED {model} v{version} to champion (was {('v' + str(p['previous_champion'])) if p.get('previous_champion') else 'none'})"
+    elif p.get("awaiting_approval"):
+        head = f"BLESSED {model} v{version}: waiting for approval (task approve_promotion)"
+    else:
+        head = f"NOT PROMOTED {model} v{version}; champion stays {('v' + str(p['champion'])) if p.get('champion') else 'none'}"
+    failed = [g for g in p.get("gates", []) if not g.get("passed")]
+    lines = [MARK + head, "", str(p.get("reason", ""))]
+    if failed:
+        lines += ["", *[f"- {g['name']}: {g.get('detail', '')}" for g in failed]]
+    return "\n".join(lines)[:1000]
+
+
+def _annotate(dag_run: Any) -> None:
+    try:
+        from nightshift.settings import Settings
+
+        note = run_note(Settings.from_env().artifact_root, dag_run.dag_id, dag_run.run_id)
+        if note is None:
+            return
+        current = dag_run.note
+        if current and not str(current).startswith(MARK):
+            return  # a person's note stays
+        dag_run.note = note
+    except Exception:  # noqa: BLE001 - a note must never break the scheduler
+        log.exception("could not write the Nightshift note on %s %s", dag_run.dag_id, dag_run.run_id)
+
+
+@hookimpl
+def on_dag_run_success(dag_run: Any, msg: str) -> None:
+    _annotate(dag_run)
+
+
+@hookimpl
+def on_dag_run_failed(dag_run: Any, msg: str) -> None:
+    _annotate(dag_run)
