@@ -92,7 +92,8 @@ def collect(folder: Path, snaps: Path, *, workers: int, incremental: bool = Fals
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_stream(work: Path, n: int = 12_000, repeats: int = 3) -> dict:
+def bench_stream(work: Path, n: int = 12_000, repeats: int = 3, *, shard_mb: float = 8,
+                 hparams: dict | None = None) -> dict:
     """Training images/s streaming 8 MiB shards vs the same split preloaded (interleaved repeats)."""
     import torch
 
@@ -107,8 +108,8 @@ def bench_stream(work: Path, n: int = 12_000, repeats: int = 3) -> dict:
     data = SourceData(images=images, labels=labels.astype(np.int64), class_names=[str(i) for i in range(10)],
                       orig_sizes=np.tile([[32, 32, 3]], (n, 1)), origins=[f"synthetic:{i}" for i in range(n)],
                       source={"kind": "synthetic"})
-    snap = write_snapshot(data, work / "stream-snaps", shard_mb=8)
-    hp = {"epochs": 2, "width": 16, "batch_size": 256}
+    snap = write_snapshot(data, work / "stream-snaps", shard_mb=shard_mb)
+    hp = hparams if hparams is not None else {"epochs": 2, "width": 16, "batch_size": 256}
     pre, stream = [], []
     for r in range(repeats):
         a = train(snap, work / f"pre{r}", {**hp, "preload_budget_mb": 10_000})
@@ -116,7 +117,8 @@ def bench_stream(work: Path, n: int = 12_000, repeats: int = 3) -> dict:
         assert a.manifest["data_feed"] == "preload" and b.manifest["data_feed"] == "stream"
         pre.append(a.metrics["train_images_per_second"])
         stream.append(b.metrics["train_images_per_second"])
-    return {"n_train": snap.count("train"), "shards": len(snap.shard_digests), "device": "cpu",
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {"n_train": snap.count("train"), "shards": len(snap.shard_digests), "device": device, "hparams": hp,
             "threads": torch.get_num_threads(), "preload_ips": statistics.median(pre),
             "stream_ips": statistics.median(stream), "ratio": statistics.median(stream) / statistics.median(pre),
             "repeats": repeats}
@@ -129,15 +131,32 @@ def main() -> int:
     ap.add_argument("--recollect", type=int, default=50_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--work", default=None, help="scratch folder (default: a temp dir, removed afterwards)")
+    ap.add_argument("--stream-only", action="store_true",
+                    help="only the streaming-vs-preloaded training figure (e.g. on a GPU machine), as JSON")
+    ap.add_argument("--stream-n", type=int, default=12_000)
     args = ap.parse_args()
+    if args.stream_only:
+        import torch
+
+        hp = ({"epochs": 3} if torch.cuda.is_available() else None)  # the default recipe on a GPU
+        with tempfile.TemporaryDirectory() as tmp:
+            print(json.dumps(bench_stream(Path(tmp), n=args.stream_n, repeats=args.repeats, shard_mb=16,
+                                          hparams=hp)))
+        return 0
     work = Path(args.work or tempfile.mkdtemp(prefix="nightshift-data-bench-"))
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
                      "date": time.strftime("%Y-%m-%d")}
     try:
         t = time.perf_counter()
         big = work / "big"
-        make_folder(big, 0, args.large)
-        print(f"made {args.large} JPEGs in {time.perf_counter() - t:.0f}s", flush=True)
+        marker = work / f".big-{args.large}.complete"
+        if not marker.exists():  # --work keeps the generated folder between runs
+            shutil.rmtree(big, ignore_errors=True)
+            make_folder(big, 0, args.large)
+            marker.touch()
+        print(f"{args.large} JPEGs ready in {time.perf_counter() - t:.0f}s", flush=True)
+        for d in ("small", "mid", "s-small", "s-large", "s-mid", "stream-snaps"):
+            shutil.rmtree(work / d, ignore_errors=True)
         small = work / "small"
         small.mkdir()
         for d in sorted(big.iterdir()):  # the first files of each class: same image size
