@@ -68,7 +68,7 @@ def make_dataset(n: int, seed: int = 0, classes: int = 10, size: int = 32):
         x = torch.roll(x, shifts=shifts, dims=(2, 3))
         contrast = 0.4 + 0.8 * torch.rand((m, 1, 1, 1), generator=g)
         bright = 0.3 + 0.4 * torch.rand((m, 1, 1, 1), generator=g)
-        x = contrast * x + bright + 0.5 * torch.randn(x.shape, generator=g)
+        x = contrast * x + bright + 0.3 * torch.randn(x.shape, generator=g)
         out[sl] = (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
     return out.numpy(), labels.numpy().astype(np.int64)
 
