@@ -372,15 +372,15 @@ def make_optimizer(model, hp: dict[str, Any]):
 class WeightEMA:
     """An exponential moving average of a model's weights and BatchNorm statistics.
 
-    ``update(step)`` uses ``min(decay, (1 + step) / (10 + step))`` so early steps
-    are not dominated by the random initialisation; one fused ``lerp`` over all
-    floating tensors per step, no host sync.
+    Updated every ``every`` steps with ``min(decay, (1 + step) / (10 + step)) ** every``
+    (so early steps are not dominated by the random initialisation): one fused
+    ``lerp`` over all floating tensors, no host sync.
     """
 
-    def __init__(self, model, decay: float):
+    def __init__(self, model, decay: float, every: int = 5):
         import copy
 
-        self.decay = decay
+        self.decay, self.every = decay, every
         self.model = copy.deepcopy(model).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
@@ -389,10 +389,13 @@ class WeightEMA:
         self._src = [src[k] for k in keys]
         self._dst = [dst[k] for k in keys]
 
-    def update(self, step: int) -> None:
+    def update(self, step: int, *, force: bool = False) -> None:
+        """Called after every step (0-based); averages on every ``every``-th and when ``force``."""
         import torch
 
-        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step))
+        if (step + 1) % self.every and not force:
+            return
+        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step)) ** self.every
         with torch.no_grad():
             if hasattr(torch, "_foreach_lerp_"):
                 torch._foreach_lerp_(self._dst, self._src, weight)
@@ -509,7 +512,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
             xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
             loss_sum += step(xb, yb).detach() * len(yb)
             if ema is not None:
-                ema.update(global_step)
+                ema.update(global_step, force=global_step == total_steps - 1)
             global_step += 1
             if first_step_seconds is None:  # the only sync inside the loop, once per run
                 if dev.type == "cuda":
