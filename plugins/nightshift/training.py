@@ -323,18 +323,18 @@ def evaluate(model, images, labels=None, batch_size: int = 1024, *, tta: int = 0
 def split_channel_stats(snapshot, split: str = "train") -> tuple[list[float], list[float]]:
     """Per-channel mean/std (0..1 units) of a split, accumulated shard by shard."""
     c = snapshot.image_shape[2]
-    total = np.zeros(c)
-    sq = np.zeros(c)
+    total = np.zeros(c, np.int64)  # exact integer sums: no float copy of the split
+    sq = np.zeros(c, np.int64)
     count = 0
     for x, _ in snapshot.iter_split(split):
-        px = x.reshape(-1, c).astype(np.float64) / 255.0
-        total += px.sum(axis=0)
-        sq += (px * px).sum(axis=0)
+        px = x.reshape(-1, c)
+        total += px.sum(axis=0, dtype=np.int64)
+        sq += np.square(px, dtype=np.uint32).sum(axis=0, dtype=np.int64)
         count += len(px)
     if count == 0:
         return [0.5] * c, [1.0] * c
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+    mean = total / (count * 255.0)
+    std = np.sqrt(np.maximum(sq / (count * 255.0 ** 2) - mean * mean, 0.0))
     return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
 
 
