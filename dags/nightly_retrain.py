@@ -72,13 +72,17 @@ default_args = {
                                               "per day): collect only the last N partitions. Empty: not partitioned"),
         "model_name": Param("nightshift-digits", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             title="Registered model name"),
-        "model": Param("small_cnn", enum=["small_cnn", "resnet18"], title="Architecture"),
-        "epochs": Param(12, type="integer", minimum=1, maximum=500, title="Epochs"),
-        "batch_size": Param(128, type="integer", minimum=2, title="Batch size",
+        "model": Param("auto", enum=["auto", "fast_cnn", "small_cnn", "resnet18"], title="Architecture",
+                       description="auto: fast_cnn (speed-record recipe) for images of 16 px and up, small_cnn below"),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs",
+                        description="Empty: by input size (10 for 16 px and up, 12 below)"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=2, title="Batch size",
                             description="Images per step (at least 2: the models use BatchNorm); "
-                                        "larger than the train split means one step per epoch"),
-        "lr": Param(0.003, type="number", exclusiveMinimum=0, maximum=10, title="Peak learning rate",
-                    description="A run whose loss diverges fails at once with a message saying so"),
+                                        "larger than the train split means one step per epoch. "
+                                        "Empty: by input size (1024 for 16 px and up, 128 below)"),
+        "lr": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=10, title="Peak learning rate",
+                    description="On the batch-mean loss. Empty: by optimizer (SGD 1.5, AdamW 0.003). "
+                                "A run whose loss diverges fails at once with a message saying so"),
         "require_gpu": Param(False, type="boolean", description="Fail instead of training on CPU"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",
                               description="Offline test-accuracy floor. Empty: include/gates.yaml"),
