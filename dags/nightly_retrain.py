@@ -103,16 +103,19 @@ default_args = {
                             title="Registered model name",
                             description="MLflow registered model that gets the new version and the "
                                         "'champion'/'challenger' aliases; also names the inference image"),
-        "model": Param("small_cnn", enum=["small_cnn", "resnet18"], title="Architecture",
-                       description="small_cnn: fast, for small images (trains on CPU in seconds); "
-                                   "resnet18: for larger images, wants a GPU"),
-        "epochs": Param(12, type="integer", minimum=1, maximum=500, title="Epochs",
-                        description="Full passes over the train split"),
-        "batch_size": Param(128, type="integer", minimum=2, title="Batch size",
+        "model": Param("auto", enum=["auto", "fast_cnn", "small_cnn", "resnet18"], title="Architecture",
+                       description="auto: fast_cnn (speed-record recipe) for images of 16 px and up, small_cnn "
+                                   "(trains on CPU in seconds) below; resnet18: torchvision's, wants a GPU"),
+        "epochs": Param(None, type=["null", "integer"], minimum=1, maximum=500, title="Epochs",
+                        description="Full passes over the train split. Empty: by input size (10 for 16 px and up, "
+                                    "12 below)"),
+        "batch_size": Param(None, type=["null", "integer"], minimum=2, title="Batch size",
                             description="Images per step (at least 2: the models use BatchNorm); "
-                                        "larger than the train split means one step per epoch"),
-        "lr": Param(0.003, type="number", exclusiveMinimum=0, maximum=10, title="Peak learning rate",
-                    description="A run whose loss diverges fails at once with a message saying so"),
+                                        "larger than the train split means one step per epoch. "
+                                        "Empty: by input size (1024 for 16 px and up, 128 below)"),
+        "lr": Param(None, type=["null", "number"], exclusiveMinimum=0, maximum=10, title="Peak learning rate",
+                    description="On the batch-mean loss. Empty: by optimizer (SGD 1.5, AdamW 0.003). "
+                                "A run whose loss diverges fails at once with a message saying so"),
         "require_gpu": Param(False, type="boolean", title="Require a GPU",
                              description="Fail train_gpu when no CUDA device is visible, instead of training on CPU"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",

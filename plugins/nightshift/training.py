@@ -24,23 +24,65 @@ from nightshift.data.snapshot import Snapshot
 from nightshift.errors import ConfigError, DataError, GPUUnavailable, TrainingDiverged
 from nightshift.settings import to_bool
 
-#: Hyperparameters with their units. Unknown keys are rejected.
+#: Hyperparameters with their units. Unknown keys are rejected. ``None`` (and
+#: ``"auto"``) means "chosen from the input size and the model" by
+#: :func:`recipe_defaults`: images of 16 px and up get the speed-record recipe
+#: (``fast_cnn``, batch 1024, SGD-Nesterov, EMA, flip + translate, TTA); smaller
+#: ones (the bundled 8×8 digits) the small recipe (``small_cnn``, batch 128, AdamW).
 DEFAULT_HPARAMS: dict[str, Any] = {
-    "model": "small_cnn",      # name in nightshift.models.ARCHITECTURES
-    "width": 32,               # channels of the first conv block
-    "epochs": 12,              # passes over the training split
-    "batch_size": 128,         # images per step
-    "lr": 3e-3,                # peak learning rate (AdamW; linear warm-up then linear decay)
-    "warmup_fraction": 0.25,   # share of all steps spent warming up (0 = start at the peak)
-    "weight_decay": 5e-4,      # AdamW decoupled weight decay
-    "label_smoothing": 0.1,    # cross-entropy label smoothing
-    "crop_pad": 1,             # random-crop padding, pixels (0 = off)
-    "flip": False,             # random horizontal flips (off for digits/text)
+    "model": "auto",           # fast_cnn | small_cnn | resnet18 | auto (fast_cnn for images >= 16 px, else small_cnn)
+    "width": None,             # channels of the first block (None: fast_cnn 64, small_cnn 32; resnet18 ignores it)
+    "epochs": None,            # passes over the training split (None: 10 for >= 16 px, 12 below)
+    "batch_size": None,        # images per step (None: 1024 for >= 16 px, 128 below)
+    "optimizer": "auto",       # sgd (Nesterov) | adamw | auto (sgd for fast_cnn, adamw otherwise)
+    "lr": None,                # peak learning rate on the batch-mean loss (None: sgd 1.5, adamw 3e-3)
+    "momentum": 0.85,          # SGD Nesterov momentum (sgd only)
+    "bias_lr_scale": None,     # lr multiplier for BatchNorm shifts (None: sgd 64, adamw 1)
+    "warmup_fraction": None,   # share of all steps spent warming up, 0 = start at the peak (None: 0.2 / 0.25)
+    "weight_decay": None,      # sgd: share of each weight removed per step at the peak lr (None: 2e-3);
+                               # adamw: decoupled coefficient, times lr (None: 5e-4)
+    "label_smoothing": None,   # cross-entropy label smoothing (None: 0.2 for >= 16 px, 0.1 below)
+    "crop_pad": None,          # random translation, pixels each way, reflected edges, 0 = off (None: 2 / 1)
+    "flip": None,              # random horizontal flips (None: on for >= 16 px; off for digits/text)
+    "cutout": 0,               # side of a random zeroed square, pixels (0 = off)
+    "ema": None,               # per-step decay of the weight average that is evaluated and saved, 0 = off (None: 0.97 / 0)
+    "tta": None,               # test-time augmentation for test_accuracy_tta: 0 off, 1 mirror, 2 mirror + 1-px shifts (None: 2 / 0)
+    "compile": False,          # torch.compile the training model (first step slower; CUDA mainly)
     "seed": 0,                 # torch/numpy/python RNG seed
     "amp": True,               # bf16 autocast on CUDA (ignored on CPU)
     "eval_batch_size": 1024,   # images per evaluation step
     "preload_budget_mb": 0.0,  # MiB a split may take on the device to be preloaded; 0 = half the free memory
 }
+
+_TYPES: dict[str, type] = {
+    "model": str, "width": int, "epochs": int, "batch_size": int, "optimizer": str, "lr": float, "momentum": float,
+    "bias_lr_scale": float, "warmup_fraction": float, "weight_decay": float, "label_smoothing": float,
+    "crop_pad": int, "flip": bool, "cutout": int, "ema": float, "tta": int, "compile": bool, "seed": int,
+    "amp": bool, "eval_batch_size": int, "preload_budget_mb": float,
+}
+MODELS = ("fast_cnn", "small_cnn", "resnet18")
+OPTIMIZERS = ("sgd", "adamw")
+#: Images whose shorter side is at least this many pixels get the speed-record recipe.
+LARGE_IMAGE_PX = 16
+
+
+def recipe_defaults(image_shape: tuple[int, ...] | list[int], hp: dict[str, Any]) -> dict[str, Any]:
+    """The values that ``None``/``"auto"`` stand for, given the image shape and the other choices."""
+    h, w = int(image_shape[0]), int(image_shape[1])
+    large = min(h, w) >= LARGE_IMAGE_PX
+    d: dict[str, Any] = ({"model": "fast_cnn", "epochs": 10, "batch_size": 1024, "warmup_fraction": 0.2,
+                          "label_smoothing": 0.2, "crop_pad": 2, "flip": True, "ema": 0.97, "tta": 2}
+                         if large else
+                         {"model": "small_cnn", "epochs": 12, "batch_size": 128, "warmup_fraction": 0.25,
+                          "label_smoothing": 0.1, "crop_pad": 1, "flip": False, "ema": 0.0, "tta": 0})
+    model = d["model"] if hp.get("model") in (None, "auto") else hp["model"]
+    d["model"] = model
+    d["width"] = {"fast_cnn": 64, "small_cnn": 32}.get(model, 64)
+    opt = ("sgd" if model == "fast_cnn" else "adamw") if hp.get("optimizer") in (None, "auto") else hp["optimizer"]
+    d["optimizer"] = opt
+    d.update({"lr": 1.5, "weight_decay": 2e-3, "bias_lr_scale": 64.0} if opt == "sgd"
+             else {"lr": 3e-3, "weight_decay": 5e-4, "bias_lr_scale": 1.0})
+    return d
 
 
 @dataclass
@@ -51,34 +93,64 @@ class TrainResult:
     history: list[dict[str, float]]
 
 
-def resolve_hparams(overrides: dict[str, Any] | None) -> dict[str, Any]:
+def resolve_hparams(overrides: dict[str, Any] | None,
+                    image_shape: tuple[int, ...] | list[int] | None = None) -> dict[str, Any]:
+    """Defaults + ``overrides``, type-checked; with ``image_shape``, every ``None``/``"auto"``
+    is replaced by :func:`recipe_defaults`. Without it, those stay unresolved (validation only).
+
+    :raises ConfigError: an unknown key, a value of the wrong type or out of range.
+    """
     hp = dict(DEFAULT_HPARAMS)
     unknown = sorted(set(overrides or {}) - set(hp))
     if unknown:
         raise ConfigError(f"unknown hyperparameter(s) {unknown}; known: {sorted(hp)}")
     for k, v in (overrides or {}).items():
-        if v is None:
+        if v is None or (isinstance(v, str) and v.strip().lower() in ("", "none", "null") and _TYPES[k] is not str):
             continue
-        default = DEFAULT_HPARAMS[k]
+        kind = _TYPES[k]
         try:
-            hp[k] = type(default)(v) if not isinstance(default, bool) else to_bool(v)
+            hp[k] = to_bool(v) if kind is bool else kind(v)
         except (TypeError, ValueError) as exc:
-            raise ConfigError(f"hyperparameter {k}={v!r} is not a valid {type(default).__name__}") from exc
-    if hp["epochs"] < 1 or hp["eval_batch_size"] < 1 or hp["width"] < 1:
-        raise ConfigError("epochs, eval_batch_size and width must be at least 1 (got "
-                          f"{hp['epochs']}, {hp['eval_batch_size']}, {hp['width']})")
-    if hp["batch_size"] < 2:
+            raise ConfigError(f"hyperparameter {k}={v!r} is not a valid {kind.__name__}") from exc
+    if image_shape is not None:
+        for k, v in recipe_defaults(image_shape, hp).items():
+            if hp.get(k) in (None, "auto"):
+                hp[k] = v
+    _check_ranges(hp)
+    return hp
+
+
+def _check_ranges(hp: dict[str, Any]) -> None:
+    def given(*keys: str) -> bool:
+        return all(hp[k] is not None for k in keys)
+
+    if hp["model"] not in (*MODELS, "auto"):
+        raise ConfigError(f"model must be one of {[*MODELS, 'auto']}, got {hp['model']!r}")
+    if hp["optimizer"] not in (*OPTIMIZERS, "auto"):
+        raise ConfigError(f"optimizer must be one of {[*OPTIMIZERS, 'auto']}, got {hp['optimizer']!r}")
+    for k in ("epochs", "eval_batch_size", "width"):
+        if hp[k] is not None and hp[k] < 1:
+            raise ConfigError(f"epochs, eval_batch_size and width must be at least 1 (got {k}={hp[k]})")
+    if given("batch_size") and hp["batch_size"] < 2:
         raise ConfigError(f"batch_size must be at least 2 (got {hp['batch_size']}): the models use BatchNorm, "
                           "which cannot normalise a batch of one image")
-    if not (math.isfinite(hp["lr"]) and hp["lr"] > 0):
+    if given("lr") and not (math.isfinite(hp["lr"]) and hp["lr"] > 0):
         raise ConfigError(f"lr must be a positive finite number, got {hp['lr']!r}")
-    if not 0 <= hp["warmup_fraction"] < 1:
+    if given("bias_lr_scale") and not (math.isfinite(hp["bias_lr_scale"]) and hp["bias_lr_scale"] > 0):
+        raise ConfigError(f"bias_lr_scale must be a positive finite number, got {hp['bias_lr_scale']!r}")
+    if not 0 <= hp["momentum"] < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {hp['momentum']!r}")
+    if given("warmup_fraction") and not 0 <= hp["warmup_fraction"] < 1:
         raise ConfigError(f"warmup_fraction must be in [0, 1), got {hp['warmup_fraction']!r}")
-    if not 0 <= hp["label_smoothing"] < 1:
+    if given("label_smoothing") and not 0 <= hp["label_smoothing"] < 1:
         raise ConfigError(f"label_smoothing must be in [0, 1), got {hp['label_smoothing']!r}")
-    if hp["weight_decay"] < 0 or hp["crop_pad"] < 0:
-        raise ConfigError(f"weight_decay and crop_pad must be >= 0 (got {hp['weight_decay']}, {hp['crop_pad']})")
-    return hp
+    if given("ema") and not 0 <= hp["ema"] < 1:
+        raise ConfigError(f"ema must be in [0, 1) (0 = off), got {hp['ema']!r}")
+    if given("tta") and hp["tta"] not in (0, 1, 2):
+        raise ConfigError(f"tta must be 0 (off), 1 (mirror) or 2 (mirror + 1-px shifts), got {hp['tta']!r}")
+    for k in ("weight_decay", "crop_pad", "cutout"):
+        if hp[k] is not None and hp[k] < 0:
+            raise ConfigError(f"weight_decay, crop_pad and cutout must be >= 0 (got {k}={hp[k]})")
 
 
 def lr_factor(step: int, total_steps: int, warmup_fraction: float, *, start: float = 0.1,
@@ -142,30 +214,86 @@ def channel_stats(images: np.ndarray) -> tuple[list[float], list[float]]:
     return x.mean(axis=0).tolist(), np.where(std < 1e-6, 1.0, std).tolist()
 
 
-def augment(x, crop_pad: int, flip: bool, gen):
-    """Batched augmentation on uint8 NHWC tensors already on the device."""
+def _reflect(i, size: int):
+    """Reflect indices into ``[0, size)`` (edge pixel not repeated), as reflect padding does."""
+    i = i.abs()
+    return ((size - 1) - ((size - 1) - i).abs()).clamp_(0, size - 1)
+
+
+def shift_flip(x, dy, dx, flip=None):
+    """``x`` (uint8 NHWC) translated by ``(dy, dx)`` pixels per image with reflected
+    edges, and mirrored where ``flip`` is True: ONE gather, no padding copy, no host sync.
+
+    :param dy, dx: integer tensors of shape ``(N, 1)`` (or broadcastable to it).
+    :param flip: bool tensor ``(N, 1)`` or None.
+    """
+    import torch
+
+    n, h, w, c = x.shape
+    dev = x.device
+    rows = _reflect(torch.arange(h, device=dev).view(1, h) - dy, h)            # (N|1, H)
+    cols = torch.arange(w, device=dev).view(1, w)
+    if flip is not None:
+        cols = torch.where(flip, (w - 1) - cols, cols)                         # (N, W)
+    cols = _reflect(cols - dx, w)
+    base = (torch.arange(n, device=dev) * (h * w)).view(n, 1, 1)
+    idx = base + rows.view(-1, h, 1) * w + cols.view(-1, 1, w)                   # (N, H, W)
+    return x.reshape(n * h * w, c)[idx.view(-1)].view(n, h, w, c)
+
+
+def augment(x, crop_pad: int, flip: bool, gen, cutout: int = 0):
+    """Batched augmentation of uint8 NHWC images already on the device.
+
+    Each image is translated by a uniform ``(dy, dx)`` in ``[-crop_pad, crop_pad]``
+    (reflected edges, as a random crop of a reflect-padded image), mirrored with
+    probability 1/2 when ``flip``, then a ``cutout``-pixel square is zeroed at a
+    uniform centre when ``cutout > 0``. Random numbers come from ``gen`` on the
+    device; the whole batch is one gather (and one masked fill): no host syncs,
+    a fixed number of kernels whatever the batch.
+    """
     import torch
 
     n, h, w, _ = x.shape
-    if crop_pad > 0:
-        padded = torch.nn.functional.pad(x.permute(0, 3, 1, 2), (crop_pad,) * 4).permute(0, 2, 3, 1)
-        dy = torch.randint(0, 2 * crop_pad + 1, (n,), device=x.device, generator=gen)
-        dx = torch.randint(0, 2 * crop_pad + 1, (n,), device=x.device, generator=gen)
-        out = torch.empty_like(x)
-        for oy in range(2 * crop_pad + 1):  # one gather per shift, (2p+1)^2 groups in all
-            for ox in range(2 * crop_pad + 1):
-                m = (dy == oy) & (dx == ox)
-                if m.any():
-                    out[m] = padded[m, oy:oy + h, ox:ox + w]
-        x = out
-    if flip:
-        m = torch.rand(n, device=x.device, generator=gen) < 0.5
-        x = torch.where(m.view(-1, 1, 1, 1), x.flip(2), x)
+    dev = x.device
+    if crop_pad > 0 or flip:
+        if crop_pad > 0:
+            dy = torch.randint(-crop_pad, crop_pad + 1, (n, 1), device=dev, generator=gen)
+            dx = torch.randint(-crop_pad, crop_pad + 1, (n, 1), device=dev, generator=gen)
+        else:
+            dy = dx = torch.zeros((1, 1), dtype=torch.long, device=dev)
+        fl = (torch.rand((n, 1), device=dev, generator=gen) < 0.5) if flip else None
+        x = shift_flip(x, dy, dx, fl)
+    if cutout > 0:
+        cy = torch.randint(0, h, (n, 1, 1), device=dev, generator=gen) - cutout // 2
+        cx = torch.randint(0, w, (n, 1, 1), device=dev, generator=gen) - cutout // 2
+        ys = torch.arange(h, device=dev).view(1, h, 1)
+        xs = torch.arange(w, device=dev).view(1, 1, w)
+        m = (ys >= cy) & (ys < cy + cutout) & (xs >= cx) & (xs < cx + cutout)
+        x = x.masked_fill(m.unsqueeze(-1), 0)
     return x
 
 
-def evaluate(model, images, labels=None, batch_size: int = 1024) -> dict[str, float]:
-    """Top-1 accuracy and mean loss of ``model``.
+def tta_logits(model, x, level: int, flip: bool):
+    """Logits averaged over test-time views: level 1 adds the mirror image (when
+    ``flip``), level 2 adds 1-pixel shifts up-left and down-right (weights ½, ¼, ¼)."""
+    import torch
+
+    def views(xb):
+        out = model(xb)[0].float()
+        if level >= 1 and flip:
+            out = 0.5 * (out + model(xb.flip(2))[0].float())
+        return out
+
+    logits = views(x)
+    if level >= 2:
+        one = torch.ones((1, 1), dtype=torch.long, device=x.device)
+        logits = 0.5 * logits + 0.25 * (views(shift_flip(x, one, one)) + views(shift_flip(x, -one, -one)))
+    return logits
+
+
+def evaluate(model, images, labels=None, batch_size: int = 1024, *, tta: int = 0,
+             flip: bool = False) -> dict[str, float]:
+    """Top-1 accuracy and mean loss of ``model`` (with ``tta``: see :func:`tta_logits`).
 
     ``images, labels``: uint8 image and label tensors on the model's device; or
     ``images`` alone: an iterable of such ``(images, labels)`` pairs (shards).
@@ -180,8 +308,8 @@ def evaluate(model, images, labels=None, batch_size: int = 1024) -> dict[str, fl
     with torch.inference_mode():
         for x, y in parts:
             for i in range(0, len(y), batch_size):
-                logits, _ = model(x[i:i + batch_size])
-                yb = y[i:i + batch_size]
+                xb, yb = x[i:i + batch_size], y[i:i + batch_size]
+                logits = tta_logits(model, xb, tta, flip) if tta else model(xb)[0]
                 lsum = torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
                 hits = (logits.argmax(1) == yb).sum()
                 loss_sum = lsum if loss_sum is None else loss_sum + lsum
@@ -195,19 +323,85 @@ def evaluate(model, images, labels=None, batch_size: int = 1024) -> dict[str, fl
 def split_channel_stats(snapshot, split: str = "train") -> tuple[list[float], list[float]]:
     """Per-channel mean/std (0..1 units) of a split, accumulated shard by shard."""
     c = snapshot.image_shape[2]
-    total = np.zeros(c)
-    sq = np.zeros(c)
+    total = np.zeros(c, np.int64)  # exact integer sums: no float copy of the split
+    sq = np.zeros(c, np.int64)
     count = 0
     for x, _ in snapshot.iter_split(split):
-        px = x.reshape(-1, c).astype(np.float64) / 255.0
-        total += px.sum(axis=0)
-        sq += (px * px).sum(axis=0)
+        px = x.reshape(-1, c)
+        total += px.sum(axis=0, dtype=np.int64)
+        sq += np.square(px, dtype=np.uint32).sum(axis=0, dtype=np.int64)
         count += len(px)
     if count == 0:
         return [0.5] * c, [1.0] * c
-    mean = total / count
-    std = np.sqrt(np.maximum(sq / count - mean * mean, 0.0))
+    mean = total / (count * 255.0)
+    std = np.sqrt(np.maximum(sq / (count * 255.0 ** 2) - mean * mean, 0.0))
     return mean.tolist(), np.where(std < 1e-6, 1.0, std).tolist()
+
+
+def _sample(snapshot, split: str, n: int) -> np.ndarray:
+    """Up to ``n`` images of ``split``, read shard by shard (whitening statistics)."""
+    parts, have = [], 0
+    for x, _ in snapshot.iter_split(split):
+        parts.append(x[:n - have])
+        have += len(parts[-1])
+        if have >= n:
+            break
+    return np.ascontiguousarray(np.concatenate(parts)) if parts else np.zeros((0, *snapshot.image_shape), np.uint8)
+
+
+def make_optimizer(model, hp: dict[str, Any]):
+    """SGD-Nesterov or AdamW. With ``bias_lr_scale != 1`` BatchNorm shifts form a
+    second group at ``lr * bias_lr_scale``. SGD's decay is decoupled from the lr: each
+    step removes ``weight_decay × schedule`` of every weight, whatever the group's lr."""
+    import torch
+
+    lr, wd, scale = hp["lr"], hp["weight_decay"], hp["bias_lr_scale"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    bn_bias = [m.bias for m in model.modules()
+               if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.bias is not None and m.bias.requires_grad]
+    groups = [(params, lr)]
+    if scale != 1.0 and bn_bias:
+        ids = {id(p) for p in bn_bias}
+        groups = [([p for p in params if id(p) not in ids], lr), (bn_bias, lr * scale)]
+    if hp["optimizer"] == "sgd":
+        return torch.optim.SGD([{"params": ps, "lr": g_lr, "weight_decay": wd / g_lr} for ps, g_lr in groups],
+                               momentum=hp["momentum"], nesterov=hp["momentum"] > 0)
+    return torch.optim.AdamW([{"params": ps, "lr": g_lr} for ps, g_lr in groups], weight_decay=wd)
+
+
+class WeightEMA:
+    """An exponential moving average of a model's weights and BatchNorm statistics.
+
+    Updated every ``every`` steps with ``min(decay, (1 + step) / (10 + step)) ** every``
+    (so early steps are not dominated by the random initialisation): one fused
+    ``lerp`` over all floating tensors, no host sync.
+    """
+
+    def __init__(self, model, decay: float, every: int = 5):
+        import copy
+
+        self.decay, self.every = decay, every
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        src, dst = model.state_dict(), self.model.state_dict()
+        keys = [k for k, v in src.items() if v.is_floating_point()]
+        self._src = [src[k] for k in keys]
+        self._dst = [dst[k] for k in keys]
+
+    def update(self, step: int, *, force: bool = False) -> None:
+        """Called after every step (0-based); averages on every ``every``-th and when ``force``."""
+        import torch
+
+        if (step + 1) % self.every and not force:
+            return
+        weight = 1.0 - min(self.decay, (1.0 + step) / (10.0 + step)) ** self.every
+        with torch.no_grad():
+            if hasattr(torch, "_foreach_lerp_"):
+                torch._foreach_lerp_(self._dst, self._src, weight)
+            else:  # pragma: no cover - very old torch
+                for d, s_ in zip(self._dst, self._src):
+                    d.lerp_(s_, weight)
 
 
 class _Timer:
@@ -250,7 +444,12 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
 
     from nightshift.models import Classifier
 
-    hp = resolve_hparams(hparams)
+    t_begin = time.perf_counter()
+    hp = resolve_hparams(hparams, snapshot.image_shape)
+    h, w, _c = snapshot.image_shape
+    if hp["crop_pad"] >= min(h, w) or hp["cutout"] > min(h, w):
+        raise ConfigError(f"crop_pad ({hp['crop_pad']}) must be smaller than, and cutout ({hp['cutout']}) at most, "
+                          f"the image side ({min(h, w)} px)")
     dev = select_device(require_gpu, device)
     seed_everything(hp["seed"])
     out_dir = Path(out_dir)
@@ -263,6 +462,8 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split "
                         f"({snapshot.manifest['counts']['per_split']}): collect more images "
                         "(splits are drawn by content hash) or raise test_fraction")
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
     budget = hp["preload_budget_mb"] or None
     train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"])
@@ -271,19 +472,24 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     steps_per_epoch, images_per_epoch = train_data.steps, train_data.images_per_epoch
     mean, std = split_channel_stats(snapshot, "train")
     num_classes = len(snapshot.class_names)
-    model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"]).to(dev)
+    model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"])
+    if hasattr(model.net, "init_whitening"):
+        model.net.init_whitening(model.preprocess(torch.from_numpy(_sample(snapshot, "train", 5000))))
+    model = model.to(dev)
     model = model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
 
     total_steps = steps_per_epoch * hp["epochs"]
-    opt = torch.optim.AdamW(model.parameters(), lr=hp["lr"], weight_decay=hp["weight_decay"])
+    opt = make_optimizer(model, hp)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_factor(s, total_steps, hp["warmup_fraction"]))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
     use_amp = bool(hp["amp"]) and dev.type == "cuda"
+    ema = WeightEMA(model, hp["ema"]) if hp["ema"] > 0 else None
+    fwd = torch.compile(model) if hp["compile"] else model
 
     def step(xb, yb):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
-            logits, _ = model(xb)
+            logits, _ = fwd(xb)
             loss = loss_fn(logits.float(), yb)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -294,6 +500,8 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     history: list[dict[str, float]] = []
     timer = _Timer(dev)
     train_seconds = 0.0
+    first_step_seconds = None
+    global_step = 0
     for epoch in range(1, hp["epochs"] + 1):
         model.train()
         timer.start()
@@ -301,17 +509,26 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         for xb, yb in train_data.epoch():
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
-            xb = augment(xb, hp["crop_pad"], hp["flip"], gen)
+            xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
             loss_sum += step(xb, yb).detach() * len(yb)
+            if ema is not None:
+                ema.update(global_step, force=global_step == total_steps - 1)
+            global_step += 1
+            if first_step_seconds is None:  # the only sync inside the loop, once per run
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                first_step_seconds = time.perf_counter() - t_begin
         epoch_s = timer.stop()
         train_seconds += epoch_s
         train_loss = loss_sum.item() / images_per_epoch  # one host sync per epoch
         if not math.isfinite(train_loss):
             raise TrainingDiverged(
                 f"training diverged: the mean training loss of epoch {epoch} is {train_loss} "
-                f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default "
-                f"{DEFAULT_HPARAMS['lr']:g}) and trigger again; a retry with the same settings would diverge again.")
-        val = evaluate(model, val_data.batches(), batch_size=hp["eval_batch_size"])
+                f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default for this recipe "
+                f"{recipe_defaults(snapshot.image_shape, hp)['lr']:g}) and trigger again; "
+                "a retry with the same settings would diverge again.")
+        eval_model = ema.model if ema is not None else model
+        val = evaluate(eval_model, val_data.batches(), batch_size=hp["eval_batch_size"])
         m = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
              "epoch_seconds": epoch_s, "train_images_per_second": images_per_epoch / max(epoch_s, 1e-9),
              "lr": sched.get_last_lr()[0]}
@@ -319,13 +536,20 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         if on_epoch:
             on_epoch(epoch, m)
 
+    model = ema.model if ema is not None else model  # the weights that are evaluated, saved and exported
     test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"])
+    steady = [h["epoch_seconds"] for h in history[1:]] or [history[0]["epoch_seconds"]]
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
         "train_seconds": train_seconds,
         "train_images_per_second": images_per_epoch * hp["epochs"] / max(train_seconds, 1e-9),
+        "steady_images_per_second": images_per_epoch * len(steady) / max(sum(steady), 1e-9),
+        "first_step_seconds": float(first_step_seconds or 0.0),
     }
+    if hp["tta"]:
+        tta = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], tta=hp["tta"], flip=hp["flip"])
+        metrics.update({"test_accuracy_tta": tta["accuracy"], "test_loss_tta": tta["loss"]})
     model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
             "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics}

@@ -40,7 +40,7 @@ class TrainGPUOperator(NightshiftOperator):
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
         snap = load_snapshot(snap_info["snapshot_uri"])
-        hp = training.resolve_hparams(dict(self.hparams or {}))
+        hp = training.resolve_hparams(dict(self.hparams or {}), snap.image_shape)  # None -> by input size
         require_gpu = to_bool(self.require_gpu)
         training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
         out_dir = self.run_dir(context, "train")
