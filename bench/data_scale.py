@@ -115,8 +115,9 @@ def bench_stream(work: Path, n: int = 12_000, repeats: int = 3, *, shard_mb: flo
         a = train(snap, work / f"pre{r}", {**hp, "preload_budget_mb": 10_000})
         b = train(snap, work / f"str{r}", {**hp, "preload_budget_mb": 0.01})
         assert a.manifest["data_feed"] == "preload" and b.manifest["data_feed"] == "stream"
-        pre.append(a.metrics["train_images_per_second"])
-        stream.append(b.metrics["train_images_per_second"])
+        key = "steady_images_per_second" if "steady_images_per_second" in a.metrics else "train_images_per_second"
+        pre.append(a.metrics[key])
+        stream.append(b.metrics[key])
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     return {"n_train": snap.count("train"), "shards": len(snap.shard_digests), "device": device, "hparams": hp,
             "threads": torch.get_num_threads(), "preload_ips": statistics.median(pre),
