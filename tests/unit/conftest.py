@@ -193,19 +193,16 @@ def tiny_onnx_model_dir(tmp_path_factory, tiny_onnx_weights):
 
 
 class _ServingHandle:
-    """A running in-process server: ``url``, ``model``, ``server``."""
+    """A running in-process server (uvicorn in a thread): ``url``, ``model``, ``server``, ``app``."""
 
     def __init__(self, server, model):
-        self.server, self.model = server, model
+        self.server, self.model, self.app = server, model, server.app
         self.url = server.url
-        self._thread = _serving_threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                                 daemon=True)
-        self._thread.start()
+        server.start()
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-        self._thread.join(5)
 
 
 @_serving_pytest.fixture(scope="session")

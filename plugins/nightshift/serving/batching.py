@@ -1,0 +1,220 @@
+"""Dynamic batching: concurrent requests coalesced into one ONNX Runtime call.
+
+Standard library + numpy only (copied into the inference image).
+
+Triton semantics: requests wait in a bounded queue; one worker thread takes
+the oldest, then adds queued requests while the batch stays within
+``max_batch_size`` images. It waits up to ``max_queue_delay_ms`` for more only
+while other requests are known to be on their way (accepted by the HTTP layer
+but not yet queued), so a lone client (concurrency 1) never pays the delay.
+When the queue holds ``max_queue_size`` images, :meth:`DynamicBatcher.submit`
+raises :class:`~serving.errors.Overloaded` (503 + ``Retry-After``) instead
+of letting latency grow without bound.
+
+ONNX Runtime releases the GIL while it runs, so the event loop keeps parsing
+the next requests while a batch executes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import InferenceError, InferenceFailed, Overloaded
+
+log = logging.getLogger("nightshift.serving")
+
+DEFAULT_MAX_BATCH_SIZE = 32
+DEFAULT_MAX_QUEUE_DELAY_MS = 2.0
+DEFAULT_MAX_QUEUE_SIZE = 1024
+
+
+@dataclass
+class BatchResult:
+    """One request's slice of a batch's outputs, with its timings."""
+
+    outputs: dict[str, np.ndarray]
+    queue_s: float
+    inference_s: float
+    batch_size: int
+
+
+@dataclass
+class _Item:
+    pixels: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+def _resolve(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:
+    if fut.done():  # the client went away and the handler was cancelled
+        return
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(value)
+
+
+class DynamicBatcher:
+    """Coalesce :meth:`submit` calls into batched ``predict`` calls on one worker thread.
+
+    :param predict: ``uint8 NHWC -> {output name: array}`` (``Model.predict``).
+    :param max_batch_size: most images in one ``predict`` call; ``1`` disables batching.
+    :param max_queue_delay_ms: longest a batch waits for requests that are on their way.
+    :param max_queue_size: most images waiting; beyond it, :class:`Overloaded`.
+    :param observe: optional ``(batch_images, inference_s)`` callback per batch (metrics).
+    """
+
+    def __init__(
+        self,
+        predict: Callable[[np.ndarray], dict[str, np.ndarray]],
+        *,
+        max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
+        max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS,
+        max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        observe: Callable[[int, float], None] | None = None,
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if max_queue_size < 1:
+            raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if max_queue_delay_ms < 0:
+            raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
+        self.predict = predict
+        self.max_batch_size = int(max_batch_size)
+        self.max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
+        self.max_queue_size = int(max_queue_size)
+        self.observe = observe
+        self._queue: collections.deque[_Item] = collections.deque()
+        self._queued_images = 0
+        self._incoming = 0  # requests announced (expect()) but not yet submitted
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- client side (event loop) -----------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Images waiting in the queue."""
+        return self._queued_images
+
+    def expect(self) -> None:
+        """Announce a request whose body is being read (lets the batch wait for it)."""
+        with self._cond:
+            self._incoming += 1
+
+    def unexpect(self) -> None:
+        """The announced request was submitted or abandoned."""
+        with self._cond:
+            self._incoming = max(0, self._incoming - 1)
+            self._cond.notify()
+
+    async def submit(self, pixels: np.ndarray, *, announced: bool = False) -> BatchResult:
+        """Queue one request's images and wait for its outputs.
+
+        :param announced: the request was announced with :meth:`expect`; queuing it
+            ends the announcement (also when the queue is full).
+
+        :raises Overloaded: the queue is full.
+        :raises InferenceFailed: the batch failed.
+        """
+        loop = asyncio.get_running_loop()
+        item = _Item(pixels, loop.create_future(), loop)
+        n = int(pixels.shape[0])
+        with self._cond:
+            if announced:
+                self._incoming = max(0, self._incoming - 1)
+            if self._stopping:
+                raise Overloaded("the server is shutting down", retry_after_s=1)
+            if self._queued_images + n > self.max_queue_size:
+                raise Overloaded(
+                    f"the batching queue is full ({self._queued_images} images waiting, limit "
+                    f"{self.max_queue_size}); retry later", retry_after_s=1)
+            self._queue.append(item)
+            self._queued_images += n
+            self._cond.notify()
+        return await item.future
+
+    # -- worker side --------------------------------------------------------------------
+
+    def start(self) -> "DynamicBatcher":
+        """Start the worker thread (idempotent)."""
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Finish the queued requests, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def _take(self) -> list[_Item] | None:
+        with self._cond:
+            while not self._queue:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            first = self._queue.popleft()
+            batch, size = [first], int(first.pixels.shape[0])
+            deadline = first.enqueued + self.max_queue_delay_s
+            while size < self.max_batch_size:
+                if self._queue:
+                    n = int(self._queue[0].pixels.shape[0])
+                    if size + n > self.max_batch_size:
+                        break
+                    batch.append(self._queue.popleft())
+                    size += n
+                    continue
+                remaining = deadline - time.perf_counter()
+                if self._incoming <= 0 or remaining <= 0 or self._stopping:
+                    break
+                self._cond.wait(remaining)
+            self._queued_images -= size
+            return batch
+
+    def _run(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            self._execute(batch)
+
+    def _execute(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        try:
+            pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([i.pixels for i in batch])
+            outputs = self.predict(pixels)
+        except InferenceError as exc:
+            for item in batch:
+                item.loop.call_soon_threadsafe(_resolve, item.future, None, exc)
+            return
+        except Exception as exc:  # noqa: BLE001 - must reach every waiting request
+            log.exception("batch of %d request(s) failed", len(batch))
+            err = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
+            for item in batch:
+                item.loop.call_soon_threadsafe(_resolve, item.future, None, err)
+            return
+        elapsed = time.perf_counter() - start
+        total = sum(int(i.pixels.shape[0]) for i in batch)
+        if self.observe is not None:
+            self.observe(total, elapsed)
+        lo = 0
+        for item in batch:
+            n = int(item.pixels.shape[0])
+            part = {k: v[lo:lo + n] for k, v in outputs.items()}
+            lo += n
+            res = BatchResult(part, start - item.enqueued, elapsed, total)
+            item.loop.call_soon_threadsafe(_resolve, item.future, res, None)

@@ -1,0 +1,345 @@
+"""Entry point of the inference server: configuration, logging, uvicorn.
+
+Run ``python -m serving.server`` (in the image) or ``python server.py``.
+One process, one event loop (uvicorn with httptools + uvloop), one batching
+worker thread; ONNX Runtime's intra-op threads use the container's CPUs. One
+process rather than several workers because dynamic batching needs every
+request in one queue, and ONNX Runtime already spreads a batch over the cores.
+SIGTERM/SIGINT stop accepting connections, finish in-flight requests (up to
+``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``), flush the request log and exit 0.
+
+Configuration (environment):
+
+==================================  ====================================================  ==============
+variable                            meaning                                               default
+==================================  ====================================================  ==============
+``NIGHTSHIFT_MODEL_DIR``            model directory (``model.onnx`` + ``model.json``)     ``/models/model``
+``MODEL_URI``                       model-load variant: a directory, ``file://`` URI or    (unset)
+                                    ``.tar.gz`` path/``http(s)://`` URL, read at start;
+                                    overrides ``NIGHTSHIFT_MODEL_DIR``
+``NIGHTSHIFT_HOST`` / ``_PORT``     bind address / port (``0`` picks one)                 127.0.0.1 / 8080
+``NIGHTSHIFT_MAX_BATCH``            largest batch one request may carry                   256
+``NIGHTSHIFT_MAX_BATCH_SIZE``       most images per ONNX Runtime call (dynamic batching)  32
+``NIGHTSHIFT_MAX_QUEUE_DELAY_MS``   longest a batch waits for requests on their way       2
+``NIGHTSHIFT_MAX_QUEUE_SIZE``       images that may wait; beyond: 503 + Retry-After       1024
+``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
+``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
+``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads                         container CPUs
+``NIGHTSHIFT_LOG_LEVEL``            log level (JSON lines on stderr)                      WARNING
+``NIGHTSHIFT_ACCESS_LOG_SAMPLE``    fraction of requests in the access log                0.01
+``NIGHTSHIFT_REQUEST_LOG_DIR``      request-log directory (drift monitoring); unset: off  (unset)
+``NIGHTSHIFT_REQUEST_LOG_SAMPLE``   fraction of requests written to the request log       0.1
+``NIGHTSHIFT_REQUEST_LOG_ROTATE_S`` age at which a request-log file is published          60
+``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``   drain time on SIGTERM                                 20
+``NIGHTSHIFT_MAX_CONNECTIONS``      concurrent connections before uvicorn answers 503     2048
+==================================  ====================================================  ==============
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tarfile
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+if __package__ in (None, ""):  # `python server.py`: make the package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    __package__ = "serving"  # noqa: A001
+
+from .app import TIMING_HEADER, AppConfig, InferenceApp  # noqa: E402
+from .errors import *  # noqa: E402,F401,F403 - the public error types, for `from serving.server import ...`
+from .errors import ModelLoadError  # noqa: E402
+from .model import DEFAULT_MAX_BATCH, Model  # noqa: E402
+
+log = logging.getLogger("nightshift.serving")
+
+DEFAULT_MODEL_DIR = "/models/model"
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+__all__ = ["TIMING_HEADER", "InferenceServer", "Model", "ModelLoadError", "container_cpus", "main", "make_server"]
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def container_cpus() -> int:
+    """CPUs this process may use: the cgroup v2/v1 quota if any, else the affinity mask."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(-(-int(quota) // int(period)))))
+    except (OSError, ValueError):
+        try:
+            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+            if q > 0 and p > 0:
+                n = min(n, max(1, -(-q // p)))
+        except (OSError, ValueError):
+            pass
+    return max(1, n)
+
+
+def _env(name: str, default: Any, kind: type = int) -> Any:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return kind(raw)
+    except ValueError:
+        raise SystemExit(f"serving: environment variable {name}={raw!r} is not a {kind.__name__}") from None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ``time``, ``level``, ``logger``, ``message`` (+ ``fields``, ``exc``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(fields)
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(level: str = "WARNING") -> None:
+    """JSON lines on stderr at ``level``; the sampled access log always at INFO."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("nightshift.serving.access", "nightshift.serving.lifecycle"):
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in ("uvicorn", "uvicorn.error"):
+        lg = logging.getLogger(name)
+        lg.handlers[:] = []
+        lg.propagate = True
+    logging.getLogger("uvicorn.access").disabled = True
+
+
+# --------------------------------------------------------------------------- model-load variant
+
+
+def resolve_model_uri(uri: str, workdir: str | os.PathLike[str] | None = None) -> Path:
+    """Turn ``MODEL_URI`` into a local model directory.
+
+    Accepts a directory, ``file://`` URI of a directory, or a ``.tar.gz``
+    (local path, ``file://`` or ``http(s)://``) whose top level, or single
+    top-level folder, holds ``model.onnx`` and ``model.json``.
+
+    :raises ModelLoadError: unsupported scheme, missing file, bad archive.
+    """
+    parts = urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme in ("", "file"):
+        path = Path(parts.path if scheme == "file" else uri)
+        if path.is_dir():
+            return path
+        if not path.is_file():
+            raise ModelLoadError(f"MODEL_URI {uri!r}: {path} does not exist")
+        archive = path
+    elif scheme in ("http", "https"):
+        import urllib.request
+
+        dest = Path(tempfile.mkdtemp(prefix="nightshift-model-", dir=workdir)) / "model.tar.gz"
+        try:
+            with urllib.request.urlopen(uri, timeout=60) as resp, open(dest, "wb") as f:  # noqa: S310
+                shutil.copyfileobj(resp, f)
+        except OSError as exc:
+            raise ModelLoadError(f"MODEL_URI {uri!r}: download failed: {exc}") from exc
+        archive = dest
+    else:
+        raise ModelLoadError(f"MODEL_URI {uri!r}: scheme {scheme!r} is not supported (use a path, file:// or http(s)://)")
+    out = Path(tempfile.mkdtemp(prefix="nightshift-model-", dir=workdir))
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            tar.extractall(out, filter="data")
+    except (tarfile.TarError, OSError) as exc:
+        raise ModelLoadError(f"MODEL_URI {uri!r}: not a readable tar archive: {exc}") from exc
+    if not (out / "model.onnx").is_file():
+        subdirs = [p for p in out.iterdir() if p.is_dir()]
+        if len(subdirs) == 1 and (subdirs[0] / "model.onnx").is_file():
+            return subdirs[0]
+    return out
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _config_from_env(max_body_bytes: int | None = None) -> AppConfig:
+    return AppConfig(
+        max_body_bytes=max_body_bytes or _env("NIGHTSHIFT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
+        body_timeout_s=_env("NIGHTSHIFT_BODY_TIMEOUT_S", 30.0, float),
+        max_batch_size=_env("NIGHTSHIFT_MAX_BATCH_SIZE", 32),
+        max_queue_delay_ms=_env("NIGHTSHIFT_MAX_QUEUE_DELAY_MS", 2.0, float),
+        max_queue_size=_env("NIGHTSHIFT_MAX_QUEUE_SIZE", 1024),
+        access_log_sample=_env("NIGHTSHIFT_ACCESS_LOG_SAMPLE", 0.01, float),
+    )
+
+
+def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connections: int = 2048) -> Any:
+    import uvicorn
+
+    return uvicorn.Config(
+        app, loop="uvloop", http="httptools", lifespan="on", log_config=None, access_log=False,
+        server_header=False, date_header=False, limit_concurrency=max_connections, backlog=2048,
+        timeout_keep_alive=30, timeout_graceful_shutdown=int(graceful_s), ws="none",
+    )
+
+
+class InferenceServer:
+    """A bound uvicorn server for one :class:`InferenceApp`, runnable in a thread (tests, benchmarks).
+
+    :param app: the ASGI app.
+    :param host: bind address.
+    :param port: 0 picks a free port (see :attr:`url`).
+    """
+
+    def __init__(self, app: InferenceApp, host: str = DEFAULT_HOST, port: int = 0, **uvicorn_kw: Any):
+        import uvicorn
+
+        self.app = app
+        self.model = app.model
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind((host, port))
+        self.server_address = self.sock.getsockname()
+        self.server = uvicorn.Server(_uvicorn_config(app, **uvicorn_kw))
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def serve_forever(self, poll_interval: float = 0.1) -> None:  # noqa: ARG002 - http.server-compatible name
+        """Serve until :meth:`shutdown` (blocking)."""
+        self.server.run(sockets=[self.sock])
+
+    def start(self, timeout_s: float = 10.0) -> "InferenceServer":
+        """Serve in a daemon thread; return once it accepts connections."""
+        self._thread = threading.Thread(target=self.serve_forever, name="uvicorn", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout_s
+        while not self.server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError(f"the server on {self.url} did not start")
+            time.sleep(0.01)
+        return self
+
+    def shutdown(self, timeout_s: float = 10.0) -> None:
+        """Stop accepting, drain in-flight requests, stop the batcher."""
+        self.server.should_exit = True
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    def server_close(self) -> None:
+        self.sock.close()
+
+
+def make_server(model: Model, host: str = DEFAULT_HOST, port: int = 0, *,
+                max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, config: AppConfig | None = None,
+                request_log: Any = None, **uvicorn_kw: Any) -> InferenceServer:
+    """Bind a server for ``model`` (does not start serving; call ``start()`` or ``serve_forever()``)."""
+    cfg = config or AppConfig(max_body_bytes=max_body_bytes)
+    return InferenceServer(InferenceApp(model, cfg, request_log=request_log), host, port, **uvicorn_kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Bind, load the model in the background, serve until SIGTERM/SIGINT.
+
+    ``/v2/health/live`` answers at once; ``/v2/health/ready`` turns 200 when
+    the model is loaded. If loading fails the process exits 1 with the reason.
+
+    :returns: the process exit status.
+    """
+    parser = argparse.ArgumentParser(description="Nightshift OIP (KServe v2) inference server")
+    parser.add_argument("--model-dir", default=os.environ.get("NIGHTSHIFT_MODEL_DIR", DEFAULT_MODEL_DIR))
+    parser.add_argument("--host", default=os.environ.get("NIGHTSHIFT_HOST", DEFAULT_HOST))
+    parser.add_argument("--port", type=int, default=_env("NIGHTSHIFT_PORT", DEFAULT_PORT))
+    args = parser.parse_args(argv)
+    setup_logging(os.environ.get("NIGHTSHIFT_LOG_LEVEL", "WARNING"))
+    try:
+        if not ipaddress.ip_address(args.host).is_loopback:
+            log.warning("binding %s, which is not a loopback address: the model is reachable from outside", args.host)
+    except ValueError:
+        pass  # a host name
+
+    cpus = container_cpus()
+    threads = _env("NIGHTSHIFT_ORT_THREADS", 0) or cpus
+    model_uri = os.environ.get("MODEL_URI", "").strip()
+    model = Model(args.model_dir if not model_uri else ".", name=None if not model_uri else "pending",
+                  max_batch=_env("NIGHTSHIFT_MAX_BATCH", DEFAULT_MAX_BATCH), intra_op_threads=threads)
+
+    def load() -> None:
+        if model_uri:
+            model_dir = resolve_model_uri(model_uri)
+            fresh = Model(model_dir, max_batch=model.max_batch, intra_op_threads=threads)
+            model.model_dir, model.name = fresh.model_dir, fresh.name
+        model.load()
+
+    request_log = None
+    log_dir = os.environ.get("NIGHTSHIFT_REQUEST_LOG_DIR", "").strip()
+    if log_dir:
+        from .requestlog import RequestLog
+
+        try:
+            request_log = RequestLog(log_dir, sample_rate=_env("NIGHTSHIFT_REQUEST_LOG_SAMPLE", 0.1, float),
+                                     rotate_s=_env("NIGHTSHIFT_REQUEST_LOG_ROTATE_S", 60.0, float))
+        except OSError as exc:
+            log.error("request log directory %s is not writable: %s", log_dir, exc)
+            return 2
+    app = InferenceApp(model, _config_from_env(), request_log=request_log, loader=load)
+    try:
+        srv = InferenceServer(app, args.host, args.port,
+                              graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
+                              max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048))
+    except OSError as exc:
+        log.error("cannot bind %s:%s: %s (is another server on that port? set NIGHTSHIFT_PORT)",
+                  args.host, args.port, exc)
+        return 2
+
+    def failed(exc: BaseException) -> None:
+        srv.server.should_exit = True
+
+    app.on_load_failed = failed
+    logging.getLogger("nightshift.serving.lifecycle").info("serving %s on %s (pid %d, %d CPU(s), %d ORT thread(s), batch <= %d, queue <= %d)",
+                model_uri or args.model_dir, srv.url, os.getpid(), cpus, threads, app.config.max_batch_size,
+                app.config.max_queue_size)
+    # uvicorn handles SIGTERM/SIGINT (drain, then stop) and re-raises the signal once it
+    # is done; these handlers receive that re-raise, so a graceful stop exits 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    srv.serve_forever()
+    srv.server_close()
+    if app.load_failed is not None:
+        return 1
+    logging.getLogger("nightshift.serving.lifecycle").info("server stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
