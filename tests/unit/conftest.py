@@ -247,7 +247,7 @@ def serving_image(serving_docker, tiny_onnx_model_dir):
     """The tiny model built into an inference image (once per session); removed afterwards."""
     import uuid
 
-    from nightshift.imaging import build_inference_image, remove_image
+    from nightshift.inference_image import build_inference_image, remove_image
     from nightshift.settings import Settings
 
     settings = Settings.from_env()

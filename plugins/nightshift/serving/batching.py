@@ -98,6 +98,9 @@ class DynamicBatcher:
         self._incoming = 0  # requests announced (expect()) but not yet submitted
         self._cond = threading.Condition()
         self._stopping = False
+        self._busy = False  # a batch (or an inline call) is running
+        #: run a lone request on the event loop's thread instead of handing it to the worker
+        self.inline_when_idle = True
         self._thread: threading.Thread | None = None
 
     # -- client side (event loop) -----------------------------------------------------
@@ -133,6 +136,13 @@ class DynamicBatcher:
         with self._cond:
             if announced:
                 self._incoming = max(0, self._incoming - 1)
+            inline = (self.inline_when_idle and not self._busy and not self._queue and self._incoming == 0
+                      and not self._stopping)
+            if inline:
+                self._busy = True
+        if inline:
+            return self._inline(item)
+        with self._cond:
             if self._stopping:
                 raise Overloaded("the server is shutting down", retry_after_s=1)
             if self._queued_images + n > self.max_queue_size:
@@ -143,6 +153,29 @@ class DynamicBatcher:
             self._queued_images += n
             self._cond.notify()
         return await item.future
+
+    def _inline(self, item: _Item) -> BatchResult:
+        # Nothing queued, nothing running, nobody on the way: run on the caller's
+        # thread and skip two thread hand-offs (~0.3 ms at concurrency 1). The
+        # event loop is blocked for one inference, exactly as long as a newcomer
+        # would have waited for the worker anyway.
+        start = time.perf_counter()
+        try:
+            outputs = self.predict(item.pixels)
+        except InferenceError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            log.exception("inference failed")
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+        elapsed = time.perf_counter() - start
+        n = int(item.pixels.shape[0])
+        if self.observe is not None:
+            self.observe(n, elapsed)
+        return BatchResult(outputs, start - item.enqueued, elapsed, n)
 
     # -- worker side --------------------------------------------------------------------
 
@@ -163,8 +196,8 @@ class DynamicBatcher:
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue:
-                if self._stopping:
+            while not self._queue or self._busy:
+                if self._stopping and not self._queue:
                     return None
                 self._cond.wait()
             first = self._queue.popleft()
@@ -183,6 +216,7 @@ class DynamicBatcher:
                     break
                 self._cond.wait(remaining)
             self._queued_images -= size
+            self._busy = True
             return batch
 
     def _run(self) -> None:
@@ -190,7 +224,12 @@ class DynamicBatcher:
             batch = self._take()
             if batch is None:
                 return
-            self._execute(batch)
+            try:
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
         start = time.perf_counter()

@@ -144,6 +144,9 @@ class Model:
         opts = ort.SessionOptions()
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
+        opts.inter_op_num_threads = 1
+        # no busy-waiting between ops: the event loop and other containers share these cores
+        opts.add_session_config_entry("session.intra_op.allow_spinning", os.environ.get("NIGHTSHIFT_ORT_SPIN", "0"))
         opts.log_severity_level = 3
         session = ort.InferenceSession(str(onnx_path), sess_options=opts, providers=["CPUExecutionProvider"])
 

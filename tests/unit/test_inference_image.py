@@ -1,4 +1,4 @@
-"""Pinned serving requirements, the wheelhouse, and a real inference-image build."""
+"""Pinned serving requirements, the wheelhouse, the content-keyed tag, and real inference-image builds."""
 
 from __future__ import annotations
 
@@ -9,15 +9,17 @@ import subprocess
 import pytest
 
 from nightshift.errors import BuildError, ConfigError
-from nightshift.imaging import (
+from nightshift.inference_image import (
     ImageBuilder,
-    _wheelhouse_key,
     build_inference_image,
+    build_key,
     connect_docker,
-    ensure_wheelhouse,
+    image_tag,
+    push_image,
     remove_image,
-    serving_requirements,
+    serving_tree_sha256,
 )
+from nightshift.wheelhouse import _wheelhouse_key, ensure_wheelhouse, serving_requirements
 from nightshift.settings import Settings
 
 
