@@ -153,8 +153,8 @@ class RequestLog:
             if item is None:
                 break
             if item is not False:
-                pixels, outputs, meta, ts = item
                 try:
+                    pixels, outputs, meta, ts = item
                     lines = [json.dumps(r, separators=(",", ":"), allow_nan=False)
                              for r in build_records(pixels, outputs, timestamp=ts, **meta)]
                     self._write("\n".join(lines) + "\n")

@@ -227,6 +227,7 @@ class InferenceServer:
         self.sock.bind((host, port))
         self.server_address = self.sock.getsockname()
         self.server = uvicorn.Server(_uvicorn_config(app, **uvicorn_kw))
+        app.batcher.concurrent_requests = lambda: len(self.server.server_state.tasks)
         self._thread: threading.Thread | None = None
 
     @property
