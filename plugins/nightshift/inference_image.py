@@ -470,8 +470,12 @@ def push_image(tag: str, registry: str, docker_client: Any, *, auth_config: dict
             if isinstance(aux, dict) and aux.get("Digest"):
                 digest = aux["Digest"]
     except APIError as exc:
-        raise BuildError(f"pushing {remote_repo}:{version} failed: {exc}", logs="\n".join(lines[-30:])) from exc
+        errors.append(str(exc))
     if errors or not digest:
+        try:  # leave no dangling remote tag behind
+            docker_client.images.remove(f"{remote_repo}:{version}")
+        except APIError:
+            pass
         raise BuildError(f"pushing {remote_repo}:{version} failed: {errors or 'no digest reported'}",
                          logs="\n".join(lines[-30:]))
     return {"pushed": f"{remote_repo}:{version}", "digest": digest}
