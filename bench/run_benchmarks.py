@@ -19,7 +19,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -61,9 +60,8 @@ def bench_serving(snapshot, trained_ckpt, work: Path, n: int = 200, repeats: int
     sess = ort.InferenceSession(exp["onnx_path"], providers=["CPUExecutionProvider"])
     model = Model(exp["model_dir"])
     model.load()
-    server = make_server(model, "127.0.0.1", 0)
+    server = make_server(model, "127.0.0.1", 0).start()
     port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{port}/v2/models/bench/infer"
     http = requests.Session()
     direct_p50, served_p50 = [], []
@@ -132,11 +130,17 @@ against a baseline measured in the same run.
 
 Reading them: a parse ratio near 1 means the DAG file adds little beyond the SDK
 import; the serving ratio is the price of HTTP + JSON per image for a tiny model
-(dynamic batching and the binary tensor extension are on the roadmap); an
+(the server under load, binary protocol and batching: next section); an
 augmentation ratio near 1 means the on-device crops cost little next to a step.
 
 Raw: `{json.dumps(results)}`
 """
+    serving_json = ROOT / "docs" / "benchmarks-serving.json"
+    if serving_json.is_file():  # written by bench/serving.py (make bench runs it first)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from serving import render_markdown
+
+        md += "\n" + render_markdown(json.loads(serving_json.read_text()))
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text(md)
     print(md)

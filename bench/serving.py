@@ -71,6 +71,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
+    """Poll ``/v2/health/ready`` every 20 ms until 200."""
+    import requests
+
+    with requests.Session() as http:
+        http.trust_env = False
+        while True:
+            if not alive():
+                raise RuntimeError(f"server at {url} exited before it was ready")
+            try:
+                if http.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"{url} not ready in {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+
 class ServerProcess:
     """``python -m serving.server`` on 127.0.0.1 (started by us, stopped by PID)."""
 
@@ -83,19 +102,7 @@ class ServerProcess:
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=e,
                                      cwd=ROOT / "plugins" / "nightshift", stderr=subprocess.PIPE, text=True)
-        import requests
-
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()}")
-            try:
-                if requests.get(f"{self.url}/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            if time.perf_counter() - t0 > 60:
-                raise RuntimeError("server not ready in 60 s")
-            time.sleep(0.02)
+        wait_ready(self.url, t0, lambda: self.proc.poll() is None)
         self.ready_s = time.perf_counter() - t0
 
     def stop(self) -> None:
@@ -162,24 +169,108 @@ def soak(work: Path, seconds: float, threads: int) -> dict:
     return r
 
 
+def bench_image(work: Path, repeats: int = 5) -> dict:
+    """Build the small_cnn inference image; its size and ``docker run`` -> ready time."""
+    import docker
+
+    from nightshift.evaluation import InferenceContainer
+    from nightshift.inference_image import build_inference_image, remove_image
+    from nightshift.settings import Settings
+
+    s = Settings.from_env()
+    model_dir = export_model("small_cnn", work)
+    client = docker.from_env(timeout=600)
+    meta = json.loads((model_dir / "model.json").read_text())
+    built = build_inference_image(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
+                                  repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse,
+                                  docker_client=client)
+    ready = []
+    try:
+        for _ in range(repeats):
+            c = InferenceContainer(built["image"], docker_client=client)
+            t0 = time.perf_counter()
+            with c:
+                wait_ready(c.url, t0, lambda: True)
+                ready.append(time.perf_counter() - t0)
+    finally:
+        remove_image(built["image"], client)
+    base = client.images.get(s.base_image).attrs["Size"]
+    return {"size_mb": built["size_bytes"] / 1e6, "base_mb": base / 1e6, "ready_s": statistics.median(ready),
+            "repeats": repeats, "build_seconds": built["build_seconds"]}
+
+
+def render_markdown(r: dict) -> str:
+    """The serving section of docs/benchmarks.md."""
+    rows = []
+    for key in [k for k in r if k.startswith("small_cnn_t")] + ["resnet18"]:
+        m = r.get(key)
+        if not m:
+            continue
+        lv = {c: m[f"c{c}"] for c in (1, 4, 16, 64)}
+        p99s = " / ".join(f"{lv[c]['p99_ms']:.1f}" for c in lv)
+        rows.append(
+            f"| {m['arch']} | {m['threads']} | {m['in_process_calls_per_s']:,.0f}/s | {lv[1]['rps']:,.0f}/s | "
+            f"**{m['ratio_c1_binary_vs_in_process']:.2f}×** | {lv[16]['rps']:,.0f}/s | **{m['ratio_c16_vs_c1']:.2f}×** | "
+            f"{p99s} | **{m['ratio_c64_p99_vs_p50']:.2f}×** | "
+            f"{sum(lv[c]['timeouts'] for c in lv)} / {sum(lv[c]['rejected_503'] for c in lv)} | "
+            f"{m['json_c1_rps']:,.0f}/s ({m['ratio_binary_vs_json_c1']:.2f}×) | {m['ready_s']:.2f} s |")
+    soak = r.get("soak")
+    soak_line = (f"Soak: 64 connections for {soak['duration_s']:.0f} s: {soak['ok']:,} requests answered 200, "
+                 f"**{soak['5xx']} 5xx**, **{soak['timeouts']} timeouts** (> 2 s), {soak['errors']} other errors; "
+                 f"p50 {soak['latency_ms']['p50']} ms, p99 {soak['latency_ms']['p99']} ms, "
+                 f"{soak['throughput_rps']:,.0f} req/s.") if soak else "Soak: not run (`bench/serving.py --soak 60`)."
+    image = r.get("image")
+    image_line = (f"Image: {image['size_mb']:.0f} MB ({image['base_mb']:.0f} MB of it the base image); "
+                  f"`docker run` to ready: median {image['ready_s']:.2f} s over {image['repeats']} starts.") \
+        if image else ""
+    return f"""## Serving under load (`bench/serving.py`, {r['date']}, {r['machine']['cpus']} CPUs)
+
+Server: `python -m serving.server` (the image's entry point) on 127.0.0.1; client:
+`nightshift.loadgen` (keep-alive connections, binary protocol, 1 image of 32×32×3 per
+request, 2 s timeout); baseline: ONNX Runtime `session.run` on one image in process,
+same model file and thread count. Medians of repeats; each load level runs 5 s after a
+0.5 s warm-up. Random-weight models exported the pipeline's way.
+
+| model | ORT threads | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
+|---|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{soak_line}
+
+{image_line}
+"""
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s per level")
     ap.add_argument("--soak", type=float, default=0, help="also run a soak of this many seconds at 64 connections")
-    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="ONNX Runtime intra-op threads (both sides); one full run per value")
+    ap.add_argument("--only-image", action="store_true", help="only the image size / time-to-ready figures")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-serving.json"))
     args = ap.parse_args()
     repeats, seconds = (1, 3.0) if args.quick else (3, 5.0)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    if args.only_image:
+        results = json.loads(out.read_text()) if out.is_file() else results
+        with tempfile.TemporaryDirectory() as tmp:
+            results["image"] = bench_image(Path(tmp))
+        print(json.dumps(results["image"], indent=1))
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results["small_cnn"] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=args.threads)
-        print(json.dumps(results["small_cnn"], indent=1), flush=True)
-        results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=args.threads)
+        results["image"] = bench_image(work)
+        for th in args.threads:
+            results[f"small_cnn_t{th}"] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=th)
+            print(json.dumps(results[f"small_cnn_t{th}"], indent=1), flush=True)
+        results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=args.threads[0])
         print(json.dumps(results["resnet18"], indent=1), flush=True)
         if args.soak:
-            results["soak"] = soak(work, args.soak, args.threads)
+            results["soak"] = soak(work, args.soak, args.threads[0])
             print(json.dumps(results["soak"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     return 0

@@ -303,33 +303,47 @@ class InferenceApp:
             body = decompress(body, headers["content-encoding"], limit)
         return body, headers
 
-    async def _run(self, pixels: np.ndarray) -> Any:
-        return await self.batcher.submit(pixels, announced=True)
+    async def _admit(self, scope: Scope, receive: Receive, limit: int,
+                     prepare: Callable[[bytes, dict[str, str]], Awaitable[tuple[np.ndarray, Any]]]) -> tuple[Any, Any]:
+        """Read the body, check readiness, ``prepare`` the pixels, run them through the batcher.
 
-    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
-        model = self.model
+        The request is announced to the batcher while its body is read, so a
+        forming batch can wait for it (see :mod:`serving.batching`).
+
+        :returns: the :class:`~serving.batching.BatchResult` and what ``prepare`` returned beside the pixels.
+        """
         self.batcher.expect()
         submitted = False
         try:
-            body, headers = await self._read_body(scope, receive, self.config.max_body_bytes)
-            model._require_ready()
-            ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
-            hl = headers.get(HEADER_LENGTH)
-            if hl is None and ctype not in ("application/json", "", "text/plain"):
-                raise InvalidInput(f"Content-Type {ctype!r} needs the Inference-Header-Content-Length header "
-                                   "(binary tensor data); send application/json otherwise")
+            body, headers = await self._read_body(scope, receive, limit)
+            self.model._require_ready()
             t_pre = time.perf_counter()
-            request, binary = parse_request(body, hl)
-            pixels, wanted = model.preprocess(request, binary)
-            bin_default, bin_per = binary_outputs(request)
+            pixels, extra = await prepare(body, headers)
             self.metrics.stage("preprocess", time.perf_counter() - t_pre)
             submitted = True
-            result = await self._run(pixels)
+            result = await self.batcher.submit(pixels, announced=True)
         finally:
             if not submitted:
                 self.batcher.unexpect()
         self.metrics.stage("queue", result.queue_s)
         self.metrics.stage("inference", result.inference_s)
+        return result, (pixels, extra)
+
+    async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
+        model = self.model
+
+        async def prepare(body: bytes, headers: dict[str, str]) -> tuple[np.ndarray, Any]:
+            ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
+            hl = headers.get(HEADER_LENGTH)
+            if hl is None and ctype not in ("application/json", "", "text/plain"):
+                raise InvalidInput(f"Content-Type {ctype!r} needs the Inference-Header-Content-Length header "
+                                   "(binary tensor data); send application/json otherwise")
+            request, binary = parse_request(body, hl)
+            pixels, wanted = model.preprocess(request, binary)
+            return pixels, (request, wanted, binary_outputs(request))
+
+        result, (pixels, (request, wanted, (bin_default, bin_per))) = await self._admit(
+            scope, receive, self.config.max_body_bytes, prepare)
         t_ser = time.perf_counter()
         outputs = model.select_outputs(result.outputs, wanted, pixels.shape[0])
         out, out_headers = encode_response(
@@ -342,11 +356,8 @@ class InferenceApp:
 
     async def _classify(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
         model = self.model
-        self.batcher.expect()
-        submitted = False
-        try:
-            body, headers = await self._read_body(scope, receive, self.config.max_image_bytes)
-            model._require_ready()
+
+        async def prepare(body: bytes, headers: dict[str, str]) -> tuple[np.ndarray, Any]:
             ctype = headers.get("content-type", "").split(";")[0].strip().lower()
             if ctype.startswith("multipart/"):
                 raise UnsupportedMediaType(
@@ -354,14 +365,9 @@ class InferenceApp:
                     f"curl --data-binary @cat.png -H 'Content-Type: image/png' .../v2/models/{model.name}/classify")
             if ctype not in ("image/png", "image/jpeg", "application/octet-stream", ""):
                 raise UnsupportedMediaType(f"Content-Type {ctype!r} is not supported; send image/png or image/jpeg")
-            t_pre = time.perf_counter()
-            pixels, orig = await asyncio.get_running_loop().run_in_executor(None, self._decode, body)
-            self.metrics.stage("preprocess", time.perf_counter() - t_pre)
-            submitted = True
-            result = await self._run(pixels)
-        finally:
-            if not submitted:
-                self.batcher.unexpect()
+            return await asyncio.get_running_loop().run_in_executor(None, self._decode, body)
+
+        result, (pixels, orig) = await self._admit(scope, receive, self.config.max_image_bytes, prepare)
         logits = result.outputs["logits"][0].astype(np.float64)
         p = np.exp(logits - logits.max())
         p /= p.sum()
