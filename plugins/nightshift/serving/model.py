@@ -141,6 +141,7 @@ class Model:
         if datatype != "UINT8":
             raise ModelLoadError(f"{meta_path}: 'input_datatype' must be 'UINT8', got {datatype!r}")
 
+        ort.disable_telemetry_events()  # no usage telemetry from a server (and no stray non-JSON log line)
         opts = ort.SessionOptions()
         if self.intra_op_threads:
             opts.intra_op_num_threads = int(self.intra_op_threads)
