@@ -48,21 +48,24 @@ def export_model(arch: str, work: Path) -> Path:
     return Path(export_and_verify(ckpt, work / arch, x, model_name=arch)["model_dir"])
 
 
-def in_process_rate(model_dir: Path, threads: int, seconds: float) -> float:
-    """Calls per second of ``session.run`` on one image (the baseline)."""
+def in_process_rate(model_dir: Path, threads: int, seconds: float, batch: int = 1) -> float:
+    """Images per second of ``session.run`` in process (batch 1: calls per second, the baseline),
+    with the server's session options (same threads, no spinning)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
-    x = np.random.default_rng(1).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
-    for _ in range(50):
+    x = np.random.default_rng(1).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)
+    for _ in range(10):
         sess.run(None, {"pixels": x})
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < seconds:
         sess.run(None, {"pixels": x})
         n += 1
-    return n / (time.perf_counter() - t0)
+    return n * batch / (time.perf_counter() - t0)
 
 
 def free_port() -> int:
@@ -125,10 +128,11 @@ def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = 
 def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads: int) -> dict:
     model_dir = export_model(arch, work)
     out: dict = {"arch": arch, "threads": threads, "repeats": repeats, "seconds": seconds}
-    direct, c1_bin, c1_json, ready = [], [], [], []
+    direct, direct16, c1_bin, c1_json, ready = [], [], [], [], []
     levels = {c: [] for c in (1, 4, 16, 64)}
     for _ in range(repeats):  # interleaved so machine noise hits every figure
         direct.append(in_process_rate(model_dir, threads, seconds))
+        direct16.append(in_process_rate(model_dir, threads, seconds, batch=16))
         srv = ServerProcess(model_dir, threads)
         ready.append(srv.ready_s)
         try:
@@ -144,6 +148,9 @@ def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads:
         return statistics.median(v for v in vals if v is not None)
 
     out["in_process_calls_per_s"] = statistics.median(direct)
+    # the most batching can give: in-process images/s at batch 16 over batch 1
+    out["in_process_batch16_ips"] = statistics.median(direct16)
+    out["ratio_in_process_batch16_vs_batch1"] = out["in_process_batch16_ips"] / out["in_process_calls_per_s"]
     out["ready_s"] = statistics.median(ready)
     out["json_c1_rps"] = med(c1_json, "throughput_rps")
     for c, runs in levels.items():
@@ -211,6 +218,7 @@ def render_markdown(r: dict) -> str:
         rows.append(
             f"| {m['arch']} | {m['threads']} | {m['in_process_calls_per_s']:,.0f}/s | {lv[1]['rps']:,.0f}/s | "
             f"**{m['ratio_c1_binary_vs_in_process']:.2f}×** | {lv[16]['rps']:,.0f}/s | **{m['ratio_c16_vs_c1']:.2f}×** | "
+            f"{m.get('ratio_in_process_batch16_vs_batch1', float('nan')):.2f}× | "
             f"{p99s} | **{m['ratio_c64_p99_vs_p50']:.2f}×** | "
             f"{sum(lv[c]['timeouts'] for c in lv)} / {sum(lv[c]['rejected_503'] for c in lv)} | "
             f"{m['json_c1_rps']:,.0f}/s ({m['ratio_binary_vs_json_c1']:.2f}×) | {m['ready_s']:.2f} s |")
@@ -231,8 +239,8 @@ request, 2 s timeout); baseline: ONNX Runtime `session.run` on one image in proc
 same model file and thread count. Medians of repeats; each load level runs 5 s after a
 0.5 s warm-up. Random-weight models exported the pipeline's way.
 
-| model | ORT threads | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
-|---|---|---|---|---|---|---|---|---|---|---|---|
+| model | ORT threads | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | in process b16/b1 (ceiling) | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
 {soak_line}

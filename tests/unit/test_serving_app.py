@@ -188,6 +188,25 @@ def test_batcher_queue_full_is_overloaded():
     assert len(results) - len(rejected) == len(calls) >= 2
 
 
+def test_batcher_sheds_requests_that_would_wait_too_long():
+    calls: list[int] = []
+    b = DynamicBatcher(_slow_predict(0.1, calls), max_batch_size=1, max_queue_wait_ms=150).start()
+
+    async def main():
+        await b.submit(np.zeros((1, 2, 2, 1), np.uint8))  # teaches the batcher ~0.1 s per image
+        return await asyncio.gather(*(b.submit(np.zeros((1, 2, 2, 1), np.uint8)) for _ in range(8)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    b.stop()
+    shed = [r for r in results if isinstance(r, Overloaded)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert shed and served and len(shed) + len(served) == 8
+    assert all(r.queue_s <= 0.15 + 0.05 for r in served)  # nobody waited much past the limit
+    assert any("ms of work" in r.message or "waited" in r.message for r in shed)
+    assert len(calls) == 1 + len(served)  # shed requests were never run
+
+
 def test_batching_under_concurrency_and_503_with_retry_after(tiny_onnx_model_dir, http):
     srv = _server(tiny_onnx_model_dir, max_batch_size=8, max_queue_delay_ms=5, max_queue_size=4)
     real = srv.model.predict

@@ -78,6 +78,7 @@ class AppConfig:
     max_batch_size: int = 32
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024
+    max_queue_wait_ms: float = 1000.0
     access_log_sample: float = 0.01
     max_image_bytes: int = 16 << 20
 
@@ -105,7 +106,7 @@ class InferenceApp:
         self.batcher = DynamicBatcher(
             model.predict, max_batch_size=self.config.max_batch_size,
             max_queue_delay_ms=self.config.max_queue_delay_ms, max_queue_size=self.config.max_queue_size,
-            observe=self.metrics.observe_batch,
+            max_queue_wait_ms=self.config.max_queue_wait_ms, observe=self.metrics.observe_batch,
         )
         self.metrics.bind(self)
         self._rng = random.Random()

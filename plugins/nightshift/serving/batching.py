@@ -7,9 +7,12 @@ the oldest, then adds queued requests while the batch stays within
 ``max_batch_size`` images. It waits up to ``max_queue_delay_ms`` for more only
 while other requests are known to be on their way (accepted by the HTTP layer
 but not yet queued), so a lone client (concurrency 1) never pays the delay.
-When the queue holds ``max_queue_size`` images, :meth:`DynamicBatcher.submit`
-raises :class:`~serving.errors.Overloaded` (503 + ``Retry-After``) instead
-of letting latency grow without bound.
+When the queue holds ``max_queue_size`` images, or the images already waiting
+would take longer than ``max_queue_wait_ms`` to run at the measured speed,
+:meth:`DynamicBatcher.submit` raises :class:`~serving.errors.Overloaded`
+(503 + ``Retry-After``) instead of letting latency grow without bound; a
+request that still waited longer than that when the worker reaches it is
+answered 503 too, not run (its client has likely given up).
 
 ONNX Runtime releases the GIL while it runs, so the event loop keeps parsing
 the next requests while a batch executes.
@@ -34,6 +37,7 @@ log = logging.getLogger("nightshift.serving")
 DEFAULT_MAX_BATCH_SIZE = 32
 DEFAULT_MAX_QUEUE_DELAY_MS = 2.0
 DEFAULT_MAX_QUEUE_SIZE = 1024
+DEFAULT_MAX_QUEUE_WAIT_MS = 1000.0
 
 
 @dataclass
@@ -70,6 +74,8 @@ class DynamicBatcher:
     :param max_batch_size: most images in one ``predict`` call; ``1`` disables batching.
     :param max_queue_delay_ms: longest a batch waits for requests that are on their way.
     :param max_queue_size: most images waiting; beyond it, :class:`Overloaded`.
+    :param max_queue_wait_ms: longest a request may wait for its batch (estimated at
+        admission from the measured per-image time, enforced when the batch forms).
     :param observe: optional ``(batch_images, inference_s)`` callback per batch (metrics).
     """
 
@@ -80,6 +86,7 @@ class DynamicBatcher:
         max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
         max_queue_delay_ms: float = DEFAULT_MAX_QUEUE_DELAY_MS,
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
+        max_queue_wait_ms: float = DEFAULT_MAX_QUEUE_WAIT_MS,
         observe: Callable[[int, float], None] | None = None,
     ):
         if max_batch_size < 1:
@@ -92,6 +99,9 @@ class DynamicBatcher:
         self.max_batch_size = int(max_batch_size)
         self.max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
         self.max_queue_size = int(max_queue_size)
+        self.max_queue_wait_s = float(max_queue_wait_ms) / 1000.0
+        self._per_image_s = 0.0  # moving average of inference time per image
+        self.expired = 0  # requests answered 503 because they waited too long
         self.observe = observe
         self._queue: collections.deque[_Item] = collections.deque()
         self._queued_images = 0
@@ -151,6 +161,11 @@ class DynamicBatcher:
                 raise Overloaded(
                     f"the batching queue is full ({self._queued_images} images waiting, limit "
                     f"{self.max_queue_size}); retry later", retry_after_s=1)
+            expected = self._queued_images * self._per_image_s
+            if self._queued_images and expected > self.max_queue_wait_s:
+                raise Overloaded(
+                    f"the batching queue holds {self._queued_images} images, about {expected * 1000:.0f} ms of "
+                    f"work (limit {self.max_queue_wait_s * 1000:.0f} ms); retry later", retry_after_s=1)
             self._queue.append(item)
             self._queued_images += n
             self._cond.notify()
@@ -177,9 +192,14 @@ class DynamicBatcher:
                 self._cond.notify_all()
         elapsed = time.perf_counter() - start
         n = int(item.pixels.shape[0])
+        self._learn(elapsed, n)
         if self.observe is not None:
             self.observe(n, elapsed)
         return BatchResult(outputs, start - item.enqueued, elapsed, n)
+
+    def _learn(self, seconds: float, images: int) -> None:
+        per = seconds / max(1, images)
+        self._per_image_s = per if self._per_image_s == 0.0 else 0.9 * self._per_image_s + 0.1 * per
 
     # -- worker side --------------------------------------------------------------------
 
@@ -205,6 +225,9 @@ class DynamicBatcher:
                     return None
                 self._cond.wait()
             first = self._queue.popleft()
+            self._queued_images -= int(first.pixels.shape[0])
+            if self._expired(first):
+                return []
             batch, size = [first], int(first.pixels.shape[0])
             deadline = first.enqueued + self.max_queue_delay_s
             while size < self.max_batch_size:
@@ -212,22 +235,41 @@ class DynamicBatcher:
                     n = int(self._queue[0].pixels.shape[0])
                     if size + n > self.max_batch_size:
                         break
-                    batch.append(self._queue.popleft())
-                    size += n
+                    item = self._queue.popleft()
+                    self._queued_images -= n
+                    if not self._expired(item):
+                        batch.append(item)
+                        size += n
                     continue
                 remaining = deadline - time.perf_counter()
                 if self._incoming <= 0 or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
-            self._queued_images -= size
             self._busy = True
             return batch
+
+    def _expired(self, item: _Item) -> bool:
+        """Drop a request whose client is gone or that waited too long (called under the lock)."""
+        if item.future.done():  # cancelled: the handler is gone
+            return True
+        waited = time.perf_counter() - item.enqueued
+        if waited <= self.max_queue_wait_s:
+            return False
+        self.expired += 1
+        exc = Overloaded(f"the request waited {waited * 1000:.0f} ms for a batch (limit "
+                         f"{self.max_queue_wait_s * 1000:.0f} ms); retry later", retry_after_s=1)
+        item.loop.call_soon_threadsafe(_resolve, item.future, None, exc)
+        return True
 
     def _run(self) -> None:
         while True:
             batch = self._take()
             if batch is None:
                 return
+            if not batch:
+                with self._cond:
+                    self._busy = False
+                continue
             try:
                 self._execute(batch)
             finally:
@@ -252,6 +294,7 @@ class DynamicBatcher:
             return
         elapsed = time.perf_counter() - start
         total = sum(int(i.pixels.shape[0]) for i in batch)
+        self._learn(elapsed, total)
         if self.observe is not None:
             self.observe(total, elapsed)
         lo = 0

@@ -22,6 +22,7 @@ variable                            meaning                                     
 ``NIGHTSHIFT_MAX_BATCH_SIZE``       most images per ONNX Runtime call (dynamic batching)  32
 ``NIGHTSHIFT_MAX_QUEUE_DELAY_MS``   longest a batch waits for requests on their way       2
 ``NIGHTSHIFT_MAX_QUEUE_SIZE``       images that may wait; beyond: 503 + Retry-After       1024
+``NIGHTSHIFT_MAX_QUEUE_WAIT_MS``    longest wait for a batch; beyond: 503 + Retry-After   1000
 ``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
 ``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
 ``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads                         container CPUs
@@ -195,6 +196,7 @@ def _config_from_env(max_body_bytes: int | None = None) -> AppConfig:
         max_batch_size=_env("NIGHTSHIFT_MAX_BATCH_SIZE", 32),
         max_queue_delay_ms=_env("NIGHTSHIFT_MAX_QUEUE_DELAY_MS", 2.0, float),
         max_queue_size=_env("NIGHTSHIFT_MAX_QUEUE_SIZE", 1024),
+        max_queue_wait_ms=_env("NIGHTSHIFT_MAX_QUEUE_WAIT_MS", 1000.0, float),
         access_log_sample=_env("NIGHTSHIFT_ACCESS_LOG_SAMPLE", 0.01, float),
     )
 
