@@ -141,6 +141,8 @@ Raw: `{json.dumps(results)}`
         from serving import render_markdown
 
         md += "\n" + render_markdown(json.loads(serving_json.read_text()))
+    else:
+        md += "\n## Serving under load\n\nNot measured: run `python bench/serving.py` first.\n"
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text(md)
     print(md)

@@ -256,12 +256,17 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="ONNX Runtime intra-op threads (both sides); one full run per value")
     ap.add_argument("--only-image", action="store_true", help="only the image size / time-to-ready figures")
+    ap.add_argument("--render", action="store_true",
+                    help="only (re)write the serving section of docs/benchmarks.md from the JSON")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-serving.json"))
     args = ap.parse_args()
     repeats, seconds = (1, 3.0) if args.quick else (3, 5.0)
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
                      "date": time.strftime("%Y-%m-%d")}
     out = Path(args.out)
+    if args.render:
+        write_section(json.loads(out.read_text()))
+        return 0
     if args.only_image:
         results = json.loads(out.read_text()) if out.is_file() else results
         with tempfile.TemporaryDirectory() as tmp:
@@ -281,7 +286,18 @@ def main() -> int:
             results["soak"] = soak(work, args.soak, args.threads[0])
             print(json.dumps(results["soak"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_section(results)
     return 0
+
+
+def write_section(results: dict) -> None:
+    """Replace (or append) the serving section of docs/benchmarks.md."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    head = "## Serving under load"
+    if head in text:
+        text = text[: text.index(head)].rstrip("\n") + "\n"
+    path.write_text(text + "\n" + render_markdown(results))
 
 
 if __name__ == "__main__":
