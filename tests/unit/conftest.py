@@ -82,7 +82,7 @@ def quality_manifest(quality_digits, quality_base_profile):
 
 
 # --- serving_/tiny_onnx fixtures: a tiny real ONNX classifier, an in-process OIP server, a built image ---
-# (owned by the serving/imaging/evaluation tests; names are prefixed serving_ / tiny_onnx)
+# (owned by the serving/inference_image/evaluation tests; names are prefixed serving_ / tiny_onnx)
 
 import json as _serving_json
 import threading as _serving_threading
