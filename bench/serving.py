@@ -144,8 +144,8 @@ def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads:
         c1_bin.append(levels[1][-1])
 
     def med(runs: list[dict], key: str, sub: str | None = None) -> float:
-        vals = [(r[key][sub] if sub else r[key]) for r in runs]
-        return statistics.median(v for v in vals if v is not None)
+        vals = [v for v in ((r[key][sub] if sub else r[key]) for r in runs) if v is not None]
+        return statistics.median(vals) if vals else float("nan")  # e.g. every request shed (503)
 
     out["in_process_calls_per_s"] = statistics.median(direct)
     # the most batching can give: in-process images/s at batch 16 over batch 1
@@ -153,15 +153,16 @@ def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads:
     out["ratio_in_process_batch16_vs_batch1"] = out["in_process_batch16_ips"] / out["in_process_calls_per_s"]
     out["ready_s"] = statistics.median(ready)
     out["json_c1_rps"] = med(c1_json, "throughput_rps")
+    out["json_c1_status_counts"] = c1_json[-1]["status_counts"]
     for c, runs in levels.items():
         out[f"c{c}"] = {"rps": med(runs, "throughput_rps"), "p50_ms": med(runs, "latency_ms", "p50"),
                         "p99_ms": med(runs, "latency_ms", "p99"), "timeouts": sum(r["timeouts"] for r in runs),
                         "rejected_503": sum(r["rejected_503"] for r in runs),
-                        "errors": sum(r["errors"] for r in runs)}
+                        "errors": sum(r["errors"] for r in runs), "status_counts": runs[-1]["status_counts"]}
     out["ratio_c1_binary_vs_in_process"] = out["c1"]["rps"] / out["in_process_calls_per_s"]
-    out["ratio_c16_vs_c1"] = out["c16"]["rps"] / out["c1"]["rps"]
+    out["ratio_c16_vs_c1"] = out["c16"]["rps"] / out["c1"]["rps"] if out["c1"]["rps"] else float("nan")
     out["ratio_c64_p99_vs_p50"] = out["c64"]["p99_ms"] / out["c64"]["p50_ms"]
-    out["ratio_binary_vs_json_c1"] = out["c1"]["rps"] / out["json_c1_rps"]
+    out["ratio_binary_vs_json_c1"] = out["c1"]["rps"] / out["json_c1_rps"] if out["json_c1_rps"] else float("nan")
     return out
 
 
@@ -246,6 +247,19 @@ same model file and thread count. Medians of repeats; each load level runs 5 s a
 {soak_line}
 
 {image_line}
+
+Reading them. *c=1 / in process* is what HTTP, validation and serialisation cost
+against the bare model (a ratio of 1 would be free); both sides use the same thread
+count with the server's session options. *c=16 / c=1* is what dynamic batching and
+overlapping the HTTP work with inference buy; its ceiling is *in process b16/b1*, how
+much faster ONNX Runtime runs a batch of 16 than 16 single images on the same threads.
+For small_cnn on these 2 shared cores that ceiling is about 1 (the model is
+compute-bound at batch 1), so the gain comes only from overlap and the 2× target is out
+of reach here; a model or CPU with a real batching gain (vectorised convolutions over a
+batch, more cores) shows it. *c=64 p99/p50* ≤ 4 and zero timeouts say the queue stays
+bounded under overload: excess load is refused with 503 + `Retry-After` (counted apart),
+not queued until clients time out. These machines are shared: absolute figures move
+by ±30% between runs; the ratios are interleaved repeats of the same run.
 """
 
 
@@ -256,6 +270,8 @@ def main() -> int:
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                     help="ONNX Runtime intra-op threads (both sides); one full run per value")
     ap.add_argument("--only-image", action="store_true", help="only the image size / time-to-ready figures")
+    ap.add_argument("--skip-small", action="store_true",
+                    help="keep the small_cnn figures already in the JSON; run resnet18, the soak and the image")
     ap.add_argument("--render", action="store_true",
                     help="only (re)write the serving section of docs/benchmarks.md from the JSON")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-serving.json"))
@@ -274,10 +290,14 @@ def main() -> int:
         print(json.dumps(results["image"], indent=1))
         out.write_text(json.dumps(results, indent=1) + "\n")
         return 0
+    if args.skip_small and out.is_file():
+        results = {**json.loads(out.read_text()), **results}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        results["image"] = bench_image(work)
-        for th in args.threads:
+        if not (args.skip_small and "image" in results):
+            results["image"] = bench_image(work)
+            print(json.dumps(results["image"], indent=1), flush=True)
+        for th in ([] if args.skip_small else args.threads):
             results[f"small_cnn_t{th}"] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=th)
             print(json.dumps(results[f"small_cnn_t{th}"], indent=1), flush=True)
         results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=args.threads[0])
