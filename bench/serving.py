@@ -225,9 +225,12 @@ def render_markdown(r: dict) -> str:
             f"{m['json_c1_rps']:,.0f}/s ({m['ratio_binary_vs_json_c1']:.2f}×) | {m['ready_s']:.2f} s |")
     soak = r.get("soak")
     soak_line = (f"Soak: 64 connections for {soak['duration_s']:.0f} s: {soak['ok']:,} requests answered 200, "
-                 f"**{soak['5xx']} 5xx**, **{soak['timeouts']} timeouts** (> 2 s), {soak['errors']} other errors; "
+                 f"**{soak['5xx']} 5xx**, **{soak['timeouts']} timeouts** (> 2 s), "
+                 f"{soak['errors'] - soak['timeouts'] - soak['connection_errors']} other errors; "
                  f"p50 {soak['latency_ms']['p50']} ms, p99 {soak['latency_ms']['p99']} ms, "
                  f"{soak['throughput_rps']:,.0f} req/s.") if soak else "Soak: not run (`bench/serving.py --soak 60`)."
+    for note in r.get("soak_history", []):
+        soak_line += f"\n\n{note}"
     image = r.get("image")
     image_line = (f"Image: {image['size_mb']:.0f} MB ({image['base_mb']:.0f} MB of it the base image); "
                   f"`docker run` to ready: median {image['ready_s']:.2f} s over {image['repeats']} starts.") \
