@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -65,9 +64,8 @@ def bench_serving(snapshot, trained_ckpt, work: Path, n: int = 200, repeats: int
     sess = ort.InferenceSession(exp["onnx_path"], providers=["CPUExecutionProvider"])
     model = Model(exp["model_dir"])
     model.load()
-    server = make_server(model, "127.0.0.1", 0)
+    server = make_server(model, "127.0.0.1", 0).start()
     port = server.server_address[1]
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{port}/v2/models/bench/infer"
     http = requests.Session()
     direct_p50, served_p50 = [], []
@@ -180,7 +178,7 @@ against a baseline measured in the same run.
 
 Reading them: a parse ratio near 1 means the DAG file adds little beyond the SDK
 import; the serving ratio is the price of HTTP + JSON per image for a tiny model
-(dynamic batching and the binary tensor extension are on the roadmap).
+(the server under load, binary protocol and batching: see "Serving under load").
 
 Raw: `{json.dumps(results)}`
 
@@ -198,6 +196,18 @@ of each run, median of {a['repeats']} interleaved runs. Target: ≤ 1.10×.
 | Epoch of {a['images_per_epoch']:,} images, CPU | {a['bare_epoch_s'] * 1e3:.1f} ms | {a['full_epoch_s'] * 1e3:.1f} ms | {a['ratio']:.2f}× |
 
 {kept_gpu_section()}"""
+    serving_json = ROOT / "docs" / "benchmarks-serving.json"
+    if serving_json.is_file():  # written by bench/serving.py (make bench runs it first)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from serving import render_markdown
+
+        md += "\n" + render_markdown(json.loads(serving_json.read_text()))
+    else:
+        md += "\n## Serving under load\n\nNot measured: run `python bench/serving.py` first.\n"
+    data_md = ROOT / "docs" / "benchmarks-data.md"
+    md += ("\n## Data path at scale\n\nSee `docs/benchmarks-data.md` (`python bench/data_scale.py`).\n"
+           if data_md.is_file() else "")
+
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text(md)
     print(md)

@@ -159,7 +159,7 @@ def nightly_retrain():
                                 model_name=MODEL)
     image = BuildInferenceImageOperator(task_id="build_inference_image", export=export.output, model_name=MODEL)
     system_eval = SystemEvalOperator(task_id="system_eval", image=image.output, snapshot=collect.output,
-                                     model_name=MODEL)
+                                     export=export.output, training=train.output, model_name=MODEL)
     drift = DriftCheckOperator(task_id="drift_check", snapshot=collect.output, model_name=MODEL)
     promote = PromoteModelOperator(
         task_id="promote", model_name=MODEL, snapshot=collect.output, validation=validate.output,

@@ -41,13 +41,14 @@ PY
 echo "== docker"
 bash scripts/ensure_docker.sh
 bash scripts/ensure_base_image.sh
+bash scripts/ensure_registry.sh
 
 echo "== chromium (browser test of the Nightshift view)"
 bash scripts/ensure_chromium.sh
 
 echo "== serving wheelhouse"
 python - <<'PY'
-from nightshift.imaging import ensure_wheelhouse, serving_requirements
+from nightshift.wheelhouse import ensure_wheelhouse, serving_requirements
 from nightshift.settings import Settings
 print("wheelhouse:", ensure_wheelhouse(Settings.from_env().wheelhouse, serving_requirements()))
 PY

@@ -86,3 +86,10 @@ class ServingError(NightshiftError):
     def __init__(self, message: str, logs: str = ""):
         self.logs = logs
         super().__init__(f"{message}\n--- container log (tail) ---\n{logs[-4000:]}" if logs else message)
+
+
+class PreprocessingSkew(ServingError):
+    """The served model disagrees with the same ONNX file run in process: the serving
+    path changes the pixels (decoding, resizing, dtype). A retry cannot fix it."""
+
+    retryable = False

@@ -1,9 +1,13 @@
-"""System evaluation: run the inference image and measure it over HTTP (OIP v2).
+"""System evaluation: run the inference image and check what it answers (OIP v2).
 
 No Airflow here; :mod:`docker` and :mod:`requests` are imported where used.
 :class:`InferenceContainer` runs the image on the host network bound to
-127.0.0.1 on a free port; :func:`evaluate_endpoint` sends a labelled test set
-through ``POST /v2/models/{name}/infer`` and reports accuracy and latency.
+127.0.0.1 on a free port, with a memory limit, every capability dropped and
+no privilege escalation; :func:`sweep_containers` removes containers that a
+dead worker left behind. :func:`evaluate_endpoint` sends a labelled test set
+through ``POST /v2/models/{name}/infer`` and reports accuracy, and
+:func:`skew_report` compares it with the offline predictions. The load
+client lives in :mod:`nightshift.loadgen`.
 """
 
 from __future__ import annotations
@@ -26,6 +30,9 @@ log = logging.getLogger(__name__)
 #: Label put on every evaluation container, so leftovers can be found.
 ROLE_LABEL = "ai.nightshift.role"
 ROLE_SYSTEM_EVAL = "system-eval"
+STARTED_LABEL = "ai.nightshift.started"
+HOST_LABEL = "ai.nightshift.host"
+OWNER_LABEL = "ai.nightshift.owner"
 LOOPBACK = "127.0.0.1"
 
 
@@ -55,7 +62,9 @@ class InferenceContainer:
     :param environment: extra environment variables.
     :param command: override the image's command (for tests and debugging).
     :param labels: extra labels.
-    :param mem_limit: docker memory limit, e.g. ``"2g"``; default none.
+    :param mem_limit: docker memory limit (default ``"2g"``); ``None`` for none.
+    :param volumes: docker volume bindings, e.g. a request-log directory.
+    :param owner: recorded as label ``ai.nightshift.owner`` (e.g. ``dag/run/task``) for the sweep.
     """
 
     def __init__(
@@ -68,7 +77,9 @@ class InferenceContainer:
         environment: dict[str, str] | None = None,
         command: str | Sequence[str] | None = None,
         labels: dict[str, str] | None = None,
-        mem_limit: str | None = None,
+        mem_limit: str | None = "2g",
+        volumes: dict[str, dict[str, str]] | None = None,
+        owner: str | None = None,
     ):
         self.image = image
         self.client = docker_client
@@ -76,8 +87,12 @@ class InferenceContainer:
         self.name = name or f"nightshift-eval-{uuid.uuid4().hex[:12]}"
         self.environment = {**(environment or {}), "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(self.port)}
         self.command = list(command) if command is not None and not isinstance(command, str) else command
-        self.labels = {**(labels or {}), ROLE_LABEL: ROLE_SYSTEM_EVAL}
+        self.labels = {**(labels or {}), ROLE_LABEL: ROLE_SYSTEM_EVAL, STARTED_LABEL: str(int(time.time())),
+                       HOST_LABEL: socket.gethostname()}
+        if owner:
+            self.labels[OWNER_LABEL] = owner
         self.mem_limit = mem_limit
+        self.volumes = volumes
         self.container: Any = None
         self._lock = threading.Lock()
         self._started = False
@@ -131,8 +146,11 @@ class InferenceContainer:
         log.info("starting %s from %s on %s", self.name, self.image, self.url)
         kwargs: dict[str, Any] = dict(
             detach=True, name=self.name, network_mode="host", environment=self.environment,
-            labels=self.labels, auto_remove=False,
+            labels=self.labels, auto_remove=False, cap_drop=["ALL"], security_opt=["no-new-privileges"],
+            pids_limit=512,
         )
+        if self.volumes:
+            kwargs["volumes"] = self.volumes
         if self.command is not None:
             kwargs["command"] = self.command
         if self.mem_limit:
@@ -243,7 +261,75 @@ class InferenceContainer:
         self.stop()
 
 
+def sweep_containers(docker_client: Any, *, older_than_s: float = 3600.0, role: str = ROLE_SYSTEM_EVAL,
+                     this_host_only: bool = True) -> list[str]:
+    """Remove evaluation containers left by dead workers: labelled with ``role`` and
+    started more than ``older_than_s`` ago (a live evaluation is far shorter).
+
+    :returns: the names removed.
+    """
+    from docker.errors import APIError, NotFound
+
+    now = time.time()
+    removed = []
+    for c in docker_client.containers.list(all=True, filters={"label": f"{ROLE_LABEL}={role}"}):
+        labels = c.labels or {}
+        if this_host_only and labels.get(HOST_LABEL) not in (None, socket.gethostname()):
+            continue
+        try:
+            started = float(labels.get(STARTED_LABEL, "0"))
+        except ValueError:
+            started = 0.0
+        if now - started < older_than_s:
+            continue
+        try:
+            c.remove(force=True)
+            removed.append(c.name)
+            log.warning("removed leftover evaluation container %s (started %.0fs ago)", c.name, now - started)
+        except (NotFound, APIError) as exc:
+            log.warning("could not remove leftover container %s: %s", c.name, exc)
+    return removed
+
+
 # --------------------------------------------------------------------------- evaluation
+
+
+def skew_report(served_pred: np.ndarray, offline_pred: np.ndarray, *, max_examples: int = 10) -> dict[str, Any]:
+    """Where the served predictions differ from the offline ones (preprocessing skew).
+
+    :returns: ``n``, ``mismatches``, ``mismatch_rate``, ``examples`` (image indices with both predictions).
+    """
+    served_pred = np.asarray(served_pred)
+    offline_pred = np.asarray(offline_pred)
+    if served_pred.shape != offline_pred.shape:
+        raise DataError(f"served and offline predictions differ in shape: {served_pred.shape} vs {offline_pred.shape}")
+    answered = served_pred >= 0
+    bad = np.flatnonzero(answered & (served_pred != offline_pred))
+    n = int(answered.sum())
+    return {"n": n, "mismatches": int(bad.size), "mismatch_rate": (bad.size / n) if n else None,
+            "examples": [{"index": int(i), "served": int(served_pred[i]), "offline": int(offline_pred[i])}
+                         for i in bad[:max_examples]]}
+
+
+
+def merge_evaluations(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from :func:`evaluate_endpoint` results over parts of a split
+    (shards), each made with ``return_predictions=True``."""
+    n = sum(p["n"] for p in parts)
+    answered = sum(p["answered"] for p in parts)
+    correct = sum(p["correct"] for p in parts)
+    wall = sum(p["wall_s"] for p in parts)
+    latencies = [x for p in parts for x in p.get("latencies", [])]
+    preds = [p["predictions"] for p in parts if "predictions" in p]
+    return {
+        "n": n, "requests": sum(p["requests"] for p in parts), "errors": sum(p["errors"] for p in parts),
+        "errored_images": sum(p["errored_images"] for p in parts), "answered": answered, "correct": correct,
+        "accuracy": correct / answered if answered else None, "accuracy_all": correct / n if n else None,
+        "latency_ms": _percentiles(latencies), "throughput_ips": round(answered / wall, 3) if wall > 0 else None,
+        "wall_s": round(wall, 4), "batch_size": parts[0]["batch_size"] if parts else None,
+        "error_samples": [e for p in parts for e in p["error_samples"]][:5], "shards": len(parts),
+        "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64),
+    }
 
 
 def _percentiles(latencies_ms: list[float]) -> dict[str, float | None]:
@@ -306,6 +392,7 @@ def evaluate_endpoint(
     input_name: str = "pixels",
     warmup: int = 3,
     max_error_samples: int = 5,
+    return_predictions: bool = False,
 ) -> dict[str, Any]:
     """Send a labelled image set through ``POST /v2/models/{model_name}/infer``.
 
@@ -326,7 +413,8 @@ def evaluate_endpoint(
         ``None`` if none), ``accuracy_all`` (errored images count as wrong),
         ``latency_ms`` (``p50``/``p95``/``p99``/``mean``/``max`` over successful
         requests), ``throughput_ips`` (answered images per second of wall time),
-        ``wall_s``, ``batch_size``, ``error_samples``.
+        ``wall_s``, ``batch_size``, ``error_samples`` (and with ``return_predictions``,
+        ``predictions``: an int array, -1 where the request failed).
     :raises DataError: ``images``/``labels`` have the wrong type or shape.
     """
     import requests
@@ -346,6 +434,7 @@ def evaluate_endpoint(
     headers = {"Content-Type": "application/json"}
 
     latencies: list[float] = []
+    predictions = np.full(n, -1, dtype=np.int64)
     error_samples: list[str] = []
     n_requests = n_errors = errored_images = answered = correct = 0
 
@@ -390,6 +479,7 @@ def evaluate_endpoint(
                 record_error(f"malformed response: {exc}", lo, hi)
                 continue
             latencies.append(ms)
+            predictions[lo:hi] = pred
             answered += hi - lo
             correct += int((pred == labels[lo:hi]).sum())
         wall = time.perf_counter() - t_start
@@ -409,6 +499,9 @@ def evaluate_endpoint(
         "batch_size": batch_size,
         "error_samples": error_samples,
     }
+    if return_predictions:
+        result["predictions"] = predictions
+        result["latencies"] = latencies
     log.info(
         "evaluated %s: n=%d requests=%d errors=%d accuracy=%s p95=%sms throughput=%s img/s",
         url, n, n_requests, n_errors, result["accuracy"], result["latency_ms"]["p95"], result["throughput_ips"],

@@ -82,7 +82,7 @@ def quality_manifest(quality_digits, quality_base_profile):
 
 
 # --- serving_/tiny_onnx fixtures: a tiny real ONNX classifier, an in-process OIP server, a built image ---
-# (owned by the serving/imaging/evaluation tests; names are prefixed serving_ / tiny_onnx)
+# (owned by the serving/inference_image/evaluation tests; names are prefixed serving_ / tiny_onnx)
 
 import json as _serving_json
 import threading as _serving_threading
@@ -193,19 +193,16 @@ def tiny_onnx_model_dir(tmp_path_factory, tiny_onnx_weights):
 
 
 class _ServingHandle:
-    """A running in-process server: ``url``, ``model``, ``server``."""
+    """A running in-process server (uvicorn in a thread): ``url``, ``model``, ``server``, ``app``."""
 
     def __init__(self, server, model):
-        self.server, self.model = server, model
+        self.server, self.model, self.app = server, model, server.app
         self.url = server.url
-        self._thread = _serving_threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
-                                                 daemon=True)
-        self._thread.start()
+        server.start()
 
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-        self._thread.join(5)
 
 
 @_serving_pytest.fixture(scope="session")
@@ -250,7 +247,7 @@ def serving_image(serving_docker, tiny_onnx_model_dir):
     """The tiny model built into an inference image (once per session); removed afterwards."""
     import uuid
 
-    from nightshift.imaging import build_inference_image, remove_image
+    from nightshift.inference_image import build_inference_image, remove_image
     from nightshift.settings import Settings
 
     settings = Settings.from_env()

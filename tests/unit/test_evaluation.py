@@ -156,21 +156,58 @@ def _gone(client, name: str) -> bool:
 
 
 @pytest.mark.docker
-def test_container_serves_and_is_removed(serving_image, serving_docker, serving_eval_set):
+def test_container_serves_tritonclient_and_is_removed(serving_image, serving_docker, serving_eval_set, tmp_path,
+                                                      tiny_onnx_forward):
+    """The built image, hardened as SystemEval runs it: NVIDIA's client in JSON and binary mode,
+    /metrics, and the request log in a mounted directory."""
+    import json
+    import os
+
+    import requests
+    import tritonclient.http as th
+
     images, labels = serving_eval_set
-    with InferenceContainer(serving_image["image"], docker_client=serving_docker) as c:
+    log_dir = tmp_path / "requests"
+    log_dir.mkdir()
+    os.chmod(log_dir, 0o777)  # the image runs as uid 10001
+    env = {"NIGHTSHIFT_REQUEST_LOG_DIR": "/var/log/nightshift", "NIGHTSHIFT_REQUEST_LOG_SAMPLE": "1",
+           "NIGHTSHIFT_GRACEFUL_TIMEOUT_S": "2"}
+    with InferenceContainer(serving_image["image"], docker_client=serving_docker, environment=env,
+                            volumes={str(log_dir): {"bind": "/var/log/nightshift", "mode": "rw"}}) as c:
         waited = c.wait_ready(timeout_s=60)
         assert waited >= 0
         info = serving_docker.containers.get(c.name).attrs
         assert info["HostConfig"]["NetworkMode"] == "host"
+        assert info["HostConfig"]["CapDrop"] == ["ALL"]
+        assert info["HostConfig"]["Memory"] == 2 * 1024 ** 3
+        assert "no-new-privileges" in info["HostConfig"]["SecurityOpt"]
         assert info["Config"]["Labels"]["ai.nightshift.role"] == "system-eval"
         assert f"NIGHTSHIFT_PORT={c.port}" in info["Config"]["Env"]
         assert "NIGHTSHIFT_HOST=127.0.0.1" in info["Config"]["Env"]
         res = evaluate_endpoint(c.url, "tiny", images, labels, batch_size=4)
         assert res["errors"] == 0 and res["accuracy"] == pytest.approx(0.75)
-        assert '"POST /v2/models/tiny/infer" 200' in c.logs()
-    assert _gone(serving_docker, c.name)
+
+        client = th.InferenceServerClient(c.url.removeprefix("http://"))
+        assert client.is_server_ready() and client.is_model_ready("tiny", "1")
+        assert client.get_model_metadata("tiny", "1")["inputs"][0]["datatype"] == "UINT8"
+        assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+        logits, _ = tiny_onnx_forward(images[:4])
+        for binary in (False, True):
+            inp = th.InferInput("pixels", [4, 4, 4, 1], "UINT8")
+            inp.set_data_from_numpy(images[:4], binary_data=binary)
+            r = client.infer("tiny", [inp], model_version="1",
+                             outputs=[th.InferRequestedOutput("logits", binary_data=binary)])
+            np.testing.assert_allclose(r.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
+            assert ("binary_data_size" in r.get_response()["outputs"][0].get("parameters", {})) == binary
+        metrics = requests.get(f"{c.url}/metrics", timeout=5).text
+        assert 'nightshift_requests_total{code="200",method="POST",route="infer"}' in metrics
+        name = c.name
+    assert _gone(serving_docker, name)
     c.stop()  # idempotent
+    # the container was stopped gracefully enough to publish the request log
+    files = list(log_dir.glob("requests-*.jsonl")) + list(log_dir.glob("*.part"))
+    recs = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    assert len(recs) >= 20 and {r["model_name"] for r in recs} == {"tiny"}
 
 
 @pytest.mark.docker
@@ -204,3 +241,71 @@ def test_missing_image(serving_docker):
         with c:
             pass
     assert _gone(serving_docker, c.name)
+
+
+# ----------------------------------------------------------------------------- load client, skew, sweep
+
+
+def test_loadgen_binary_against_the_server(serving_server, serving_eval_set):
+    from nightshift.loadgen import infer_request, run_load
+
+    images, _ = serving_eval_set
+    req = infer_request(serving_server.url, "tiny", images[:1], binary=True)
+    res = run_load(serving_server.url, req, concurrency=4, duration_s=1.0, warmup_s=0.2).summary()
+    assert res["ok"] > 20 and res["errors"] == 0 and res["timeouts"] == 0 and res["rejected_503"] == 0
+    assert res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
+    assert res["throughput_rps"] == pytest.approx(res["ok"] / res["duration_s"], rel=1e-3)
+    bad = infer_request(serving_server.url, "nope", images[:1], binary=False)
+    res = run_load(serving_server.url, bad, concurrency=2, duration_s=0.5, warmup_s=0).summary()
+    assert res["ok"] == 0 and res["errors"] == res["requests"] > 0 and res["status_counts"].keys() == {"404"}
+    assert "HTTP 404" in res["error_samples"][0]
+
+
+def test_loadgen_refuses_non_loopback_and_counts_timeouts():
+    import socket as _socket
+
+    from nightshift.errors import ConfigError
+    from nightshift.loadgen import run_load
+
+    with pytest.raises(ConfigError, match="only target loopback"):
+        run_load("http://10.0.0.1:8080", b"", concurrency=1, duration_s=1)
+    with _socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        res = run_load(url, b"GET / HTTP/1.1\r\n\r\n", concurrency=2, duration_s=0.6, timeout_s=0.25,
+                       warmup_s=0).summary()
+    assert res["timeouts"] >= 2 and res["ok"] == 0
+
+
+def test_skew_report_names_images():
+    from nightshift.evaluation import skew_report
+
+    rep = skew_report(np.array([0, 1, 2, -1, 1]), np.array([0, 2, 2, 1, 0]))
+    assert rep["n"] == 4 and rep["mismatches"] == 2 and rep["mismatch_rate"] == 0.5
+    assert [e["index"] for e in rep["examples"]] == [1, 4]
+    assert rep["examples"][0] == {"index": 1, "served": 1, "offline": 2}
+
+
+@pytest.mark.docker
+def test_sweep_removes_only_old_leftovers(serving_image, serving_docker):
+    import time as _time
+
+    from nightshift.evaluation import HOST_LABEL, ROLE_LABEL, STARTED_LABEL, sweep_containers
+
+    import socket as _socket
+
+    old = serving_docker.containers.create(serving_image["image"], ["sleep", "60"], network_mode="host", labels={
+        ROLE_LABEL: "system-eval", STARTED_LABEL: str(int(_time.time()) - 7200), HOST_LABEL: _socket.gethostname()})
+    new = serving_docker.containers.create(serving_image["image"], ["sleep", "60"], network_mode="host", labels={
+        ROLE_LABEL: "system-eval", STARTED_LABEL: str(int(_time.time())), HOST_LABEL: _socket.gethostname()})
+    try:
+        removed = sweep_containers(serving_docker, older_than_s=3600)
+        assert old.name in removed and new.name not in removed
+        assert _gone(serving_docker, old.name) and not _gone(serving_docker, new.name)
+    finally:
+        for ctr in (old, new):
+            try:
+                ctr.remove(force=True)
+            except Exception:  # noqa: BLE001 - already gone
+                pass

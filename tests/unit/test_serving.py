@@ -122,24 +122,41 @@ def test_infer_with_version_path_nested_data_and_output_subset(serving_server, h
 
 
 def test_keep_alive_and_concurrency(serving_server, pixels, tiny_onnx_forward):
+    """8 clients x 10 requests on keep-alive connections: every answer is 200 and right.
+
+    Each worker records its own outcome; a worker that raised, hung or got a
+    wrong answer fails the test (nothing is read before the status is checked).
+    """
     expected = tiny_onnx_forward(pixels)[0].argmax(axis=1).tolist()
-    errors: list[str] = []
+    n_workers, n_requests = 8, 10
+    results: dict[int, list[str]] = {}
 
-    def worker() -> None:
-        with requests.Session() as s:
-            s.trust_env = False
-            for _ in range(10):
-                r = s.post(f"{serving_server.url}/v2/models/tiny/infer", json=_infer_body(pixels))
-                got = r.json()["outputs"][0]["data"]
-                if r.status_code != 200 or np.asarray(got).reshape(5, 3).argmax(1).tolist() != expected:
-                    errors.append(r.text)
+    def worker(i: int) -> None:
+        outcome: list[str] = []
+        try:
+            with requests.Session() as s:
+                s.trust_env = False
+                for _ in range(n_requests):
+                    r = s.post(f"{serving_server.url}/v2/models/tiny/infer", json=_infer_body(pixels), timeout=10)
+                    if r.status_code != 200:
+                        outcome.append(f"HTTP {r.status_code}: {r.text[:200]}")
+                        continue
+                    got = np.asarray(r.json()["outputs"][0]["data"]).reshape(5, 3).argmax(1).tolist()
+                    outcome.append("ok" if got == expected else f"wrong answer {got} != {expected}")
+        except Exception as exc:  # noqa: BLE001 - reported below
+            outcome.append(f"{type(exc).__name__}: {exc}")
+        results[i] = outcome
 
-    threads = [threading.Thread(target=worker) for _ in range(4)]
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_workers)]
     for t in threads:
         t.start()
     for t in threads:
         t.join(30)
-    assert errors == []
+    assert not any(t.is_alive() for t in threads), "a client hung"
+    assert sorted(results) == list(range(n_workers))
+    problems = [o for out in results.values() for o in out if o != "ok"]
+    assert problems == []
+    assert sum(len(o) for o in results.values()) == n_workers * n_requests
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -215,10 +232,17 @@ def test_missing_content_length_is_411(serving_server):
 
 
 def test_bad_content_length_and_type(serving_server, http):
-    status, body = _raw(serving_server.url, "POST", "/v2/models/tiny/infer", {"Content-Length": "abc"})
-    assert status == 400 and "'abc'" in body["error"]
+    # an unparsable Content-Length is refused by the HTTP parser itself
+    u = urlsplit(serving_server.url)
+    conn = httpclient.HTTPConnection(u.hostname, u.port, timeout=5)
+    conn.putrequest("POST", "/v2/models/tiny/infer", skip_accept_encoding=True)
+    conn.putheader("Content-Length", "abc")
+    conn.endheaders()
+    assert conn.getresponse().status == 400
+    conn.close()
     r = http.post(f"{serving_server.url}/v2/models/tiny/infer", data=_with(), headers={"Content-Type": "image/png"})
     assert r.status_code == 400 and "image/png" in r.json()["error"]
+    assert http.get(f"{serving_server.url}/v2/health/live").status_code == 200  # still serving
 
 
 # ----------------------------------------------------------------------------- readiness and loading
@@ -227,9 +251,7 @@ def test_bad_content_length_and_type(serving_server, http):
 def test_not_ready_is_503(tiny_onnx_model_dir, pixels):
     model = Model(tiny_onnx_model_dir)  # constructed, never loaded
     assert model.name == "tiny" and not model.ready
-    server = make_server(model, "127.0.0.1", 0)
-    t = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    t.start()
+    server = make_server(model, "127.0.0.1", 0).start()
     try:
         with requests.Session() as s:
             s.trust_env = False
@@ -294,23 +316,40 @@ def _env(**kw: str) -> dict[str, str]:
     return env
 
 
-def test_runs_as_module_and_stops_on_sigterm(tiny_onnx_model_dir, pixels):
+def test_runs_as_module_logs_json_and_drains_on_sigterm(tiny_onnx_model_dir, pixels):
     from nightshift.evaluation import free_port
 
     port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "serving.server"], cwd=SERVING_DIR.parent, stderr=subprocess.PIPE, text=True,
-        env=_env(NIGHTSHIFT_MODEL_DIR=str(tiny_onnx_model_dir), NIGHTSHIFT_PORT=str(port), NIGHTSHIFT_ORT_THREADS="1"),
+        env=_env(NIGHTSHIFT_MODEL_DIR=str(tiny_onnx_model_dir), NIGHTSHIFT_PORT=str(port), NIGHTSHIFT_ORT_THREADS="1",
+                 NIGHTSHIFT_LOG_LEVEL="INFO", NIGHTSHIFT_ACCESS_LOG_SAMPLE="1"),
     )
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_ready(url, proc)
         assert requests.post(f"{url}/v2/models/tiny/infer", json=_infer_body(pixels), timeout=5).status_code == 200
+        # a request in flight (half its body sent) when SIGTERM arrives is still answered
+        body = json.dumps(_infer_body(pixels)).encode()
+        conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.putrequest("POST", "/v2/models/tiny/infer", skip_accept_encoding=True)
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(len(body)))
+        conn.endheaders()
+        conn.send(body[:10])
+        time.sleep(0.3)
         proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        conn.send(body[10:])
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["model_name"] == "tiny"
+        conn.close()
         assert proc.wait(10) == 0
-        err = proc.stderr.read()
-        assert '"POST /v2/models/tiny/infer" 200' in err
-        assert "received SIGTERM" in err and "server stopped" in err
+        lines = [json.loads(line) for line in proc.stderr.read().splitlines() if line.startswith("{")]
+        access = [x for x in lines if x["logger"] == "nightshift.serving.access"]
+        assert any(a["route"] == "infer" and a["status"] == 200 and a["duration_ms"] > 0 for a in access), lines
+        assert any(x["message"] == "server stopped" for x in lines)
+        assert not [x for x in lines if x["level"] == "ERROR"]
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -72,7 +72,7 @@ class DeployModelOperator(NightshiftOperator):
         if self.target != "docker":
             raise ConfigError(f"deploy target must be 'docker' or 'kubernetes', got {self.target!r}")
         from nightshift.deploy import LocalDeployer
-        from nightshift.imaging import connect_docker  # MERGE: inference_image
+        from nightshift.inference_image import connect_docker
 
         import os
 

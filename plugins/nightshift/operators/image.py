@@ -1,49 +1,104 @@
 from __future__ import annotations
 
+import os
+from functools import cached_property
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
 
 
 class BuildInferenceImageOperator(NightshiftOperator):
-    """Build the ONNX Runtime inference image with the model inside.
+    """Build (or reuse) the ONNX Runtime inference image for the exported model.
 
-    Serving wheels are pinned to the versions installed where the model was
-    validated; the image runs as a non-root user and is tagged
-    ``<repository>/<model_name>:<onnx sha256[:12]>``.
+    The tag is a content key over every build input (ONNX sha256, ``model.json``,
+    server source, Dockerfile, pinned wheels, base image id, variant):
+    ``<repository>/<model_name>:<version>-<key[:16]>``. An image with that tag and
+    key is reused without a rebuild. Serving wheels are pinned to the versions
+    installed where the model was validated; the image runs as a non-root user,
+    has a ``HEALTHCHECK`` and OCI labels (model name, version, ONNX sha256, data
+    digest, git SHA, onnxruntime version).
 
     :param export: the ``export_onnx`` result (XCom). (templated)
     :param model_name: served model name. (templated)
     :param repository: image repository prefix. (templated)
     :param base_image: base image with python3; default ``$NIGHTSHIFT_BASE_IMAGE``. (templated)
+    :param variant: ``model-in-image`` (default) or ``model-load`` (a generic
+        server that reads ``MODEL_URI`` at start). (templated)
+    :param docker_conn_id: an Airflow Docker connection (host, TLS, registry
+        login) used through the docker provider's ``DockerHook``; ``None``
+        uses the environment (``DOCKER_HOST`` or the local socket).
+    :param registry: ``host:port`` to push the image to after the build;
+        default ``$NIGHTSHIFT_REGISTRY``; empty means no push. (templated)
+    :param keep_images: retention: newest inference images of this model to
+        keep; older ones are removed unless listed in ``protect`` (the
+        champion's image) or in use. ``None`` disables. (templated)
+    :param protect: image tags or ids never removed by retention. (templated)
     """
 
-    template_fields: Sequence[str] = ("export", "model_name", "repository", "base_image")
+    template_fields: Sequence[str] = ("export", "model_name", "repository", "base_image", "variant", "registry",
+                                      "keep_images", "protect")
     ui_color = "#bbdefb"
 
     def __init__(self, *, export: Any, model_name: str = "nightshift-classifier", repository: str = "nightshift",
-                 base_image: str | None = None, **kwargs: Any) -> None:
+                 base_image: str | None = None, variant: str = "model-in-image", docker_conn_id: str | None = None,
+                 registry: str | None = None, keep_images: int | str | None = 5,
+                 protect: Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.export = export
         self.model_name = model_name
         self.repository = repository
         self.base_image = base_image
+        self.variant = variant
+        self.docker_conn_id = docker_conn_id
+        self.registry = registry
+        self.keep_images = keep_images
+        self.protect = protect
         self._builder = None
 
-    def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift.imaging import ImageBuilder
+    @cached_property
+    def docker_client(self) -> Any:
+        """``DockerHook(docker_conn_id).api_client`` wrapped as a ``DockerClient``, or the environment's."""
+        if self.docker_conn_id:
+            import docker
+            from airflow.providers.docker.hooks.docker import DockerHook
 
-        export = self.require(self.export, "export", "export_onnx")
-        tag = f"{self.repository}/{self.model_name}:{export['onnx_sha256'][:12]}"
-        self._builder = ImageBuilder()
+            api = DockerHook(docker_conn_id=self.docker_conn_id).api_client
+            client = docker.DockerClient.__new__(docker.DockerClient)
+            client.api = api
+            return client
+        from nightshift.inference_image import connect_docker
+
+        return connect_docker()
+
+    def execute(self, context: Any) -> dict[str, Any]:
+        from nightshift.inference_image import ImageBuilder, prune_candidates, push_image
+
+        in_image = self.variant == "model-in-image"
+        export = self.require(self.export, "export", "export_onnx") if in_image else (self.export or {})
+        self._builder = ImageBuilder(self.docker_client)
         result = self._builder.build(
-            onnx_path=export["onnx_path"], model_meta=export["model_meta"], model_name=self.model_name, tag=tag,
+            onnx_path=export.get("onnx_path"), model_meta=export.get("model_meta"),
+            model_name=self.model_name if in_image else None, repository=self.repository,
             base_image=self.base_image or self.settings.base_image, wheelhouse=self.settings.wheelhouse,
+            variant=self.variant, revision=os.environ.get("NIGHTSHIFT_REVISION"),
         )
-        self.log.info("Built %s (%s, %.1f MB) in %.1fs", result["image"], result["image_id"][:19],
-                      result["size_bytes"] / 1e6, result["build_seconds"])
-        return {k: result[k] for k in ("image", "image_id", "size_bytes", "base_image", "serving_requirements",
-                                       "build_seconds")}
+        self.log.info("%s %s (%s, %.1f MB) in %.1fs", "Reused" if result["reused"] else "Built", result["image"],
+                      result["image_id"][:19], result["size_bytes"] / 1e6, result["build_seconds"])
+        registry = self.registry if self.registry is not None else os.environ.get("NIGHTSHIFT_REGISTRY", "")
+        if registry:
+            pushed = push_image(result["image"], registry, self.docker_client)
+            result.update(pushed)
+            self.log.info("Pushed %s (%s)", pushed["pushed"], pushed["digest"])
+        if self.keep_images not in (None, "", "None") and in_image:
+            removed = prune_candidates(self.docker_client, repository=self.repository, model_name=self.model_name,
+                                       keep=int(self.keep_images),
+                                       protect={result["image"], result["image_id"], *(self.protect or [])})
+            if removed:
+                self.log.info("Retention removed %d old image(s): %s", len(removed), removed)
+            result["removed_images"] = removed
+        keys = ("image", "image_id", "build_key", "reused", "size_bytes", "base_image", "serving_requirements",
+                "build_seconds", "labels", "pushed", "digest", "removed_images")
+        return {k: result[k] for k in keys if k in result}
 
     def on_kill(self) -> None:
         if self._builder is not None:

@@ -1,13 +1,16 @@
 """Nightshift's Open Inference Protocol (KServe v2) server.
 
 This package is copied into the inference image as-is, so it imports only the
-standard library, :mod:`numpy` and :mod:`onnxruntime` -- never Airflow, torch or
-the rest of :mod:`nightshift`.
+standard library, :mod:`numpy`, :mod:`onnxruntime`, uvicorn (+ httptools,
+uvloop), :mod:`prometheus_client` and Pillow -- never Airflow, torch or the
+rest of :mod:`nightshift` (``decode.py`` is copied from ``nightshift.data``).
 
-Run it with ``python -m serving.server`` (inside the image) or
-``python server.py``; see :mod:`serving.server` for the environment variables.
-The package deliberately does not import :mod:`.server` here, so that
-``python -m serving.server`` and the tiny :mod:`.healthcheck` stay cheap.
+Modules: :mod:`.model` (the ONNX model and its input validation),
+:mod:`.protocol` (JSON and binary OIP bodies), :mod:`.batching` (dynamic
+batching), :mod:`.app` (the ASGI routes), :mod:`.metrics`, :mod:`.requestlog`
+(drift-monitoring samples), :mod:`.images` (uploads), :mod:`.server` (the
+entry point: configuration, logging, uvicorn), :mod:`.healthcheck`.
 """
 
-__all__ = ["server", "healthcheck"]
+__version__ = "0.2.0"
+__all__ = ["app", "batching", "healthcheck", "images", "metrics", "model", "protocol", "requestlog", "server"]

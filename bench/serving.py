@@ -1,0 +1,327 @@
+"""Serving benchmarks: the inference server under load vs ONNX Runtime in process.
+
+    python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
+
+Every figure is a ratio against a baseline measured in the same run; medians of
+repeats. The server runs as its own process (``python -m serving.server``,
+exactly the image's entry point) on 127.0.0.1; the load client is
+:mod:`nightshift.loadgen` (one asyncio loop, keep-alive connections). Both sides
+use the same model file and the same ONNX Runtime thread count.
+
+Models: ``small_cnn`` on 32x32x3 (the issue's reference) and ``resnet18`` on
+32x32x3, both with random weights (throughput does not depend on them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "plugins"))
+
+SHAPE = (32, 32, 3)
+
+
+def export_model(arch: str, work: Path) -> Path:
+    """A random-weight ``arch`` classifier exported the way the pipeline exports (model.onnx + model.json)."""
+    import torch
+
+    from nightshift.export import export_and_verify
+    from nightshift.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(arch, 10, SHAPE, [0.5] * 3, [0.25] * 3, width=32).eval()
+    ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
+            "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
+    x = np.random.default_rng(0).integers(0, 256, (64, *SHAPE), dtype=np.uint8)
+    return Path(export_and_verify(ckpt, work / arch, x, model_name=arch)["model_dir"])
+
+
+def in_process_rate(model_dir: Path, threads: int, seconds: float, batch: int = 1) -> float:
+    """Images per second of ``session.run`` in process (batch 1: calls per second, the baseline),
+    with the server's session options (same threads, no spinning)."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(model_dir / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).integers(0, 256, (batch, *SHAPE), dtype=np.uint8)
+    for _ in range(10):
+        sess.run(None, {"pixels": x})
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        sess.run(None, {"pixels": x})
+        n += 1
+    return n * batch / (time.perf_counter() - t0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
+    """Poll ``/v2/health/ready`` every 20 ms until 200."""
+    import requests
+
+    with requests.Session() as http:
+        http.trust_env = False
+        while True:
+            if not alive():
+                raise RuntimeError(f"server at {url} exited before it was ready")
+            try:
+                if http.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+            if time.perf_counter() - t0 > timeout_s:
+                raise RuntimeError(f"{url} not ready in {timeout_s:.0f} s")
+            time.sleep(0.02)
+
+
+class ServerProcess:
+    """``python -m serving.server`` on 127.0.0.1 (started by us, stopped by PID)."""
+
+    def __init__(self, model_dir: Path, threads: int, **env: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        e = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
+        e.update({"NIGHTSHIFT_MODEL_DIR": str(model_dir), "NIGHTSHIFT_PORT": str(self.port),
+                  "NIGHTSHIFT_ORT_THREADS": str(threads), "PYTHONPATH": str(ROOT / "plugins" / "nightshift")}, **env)
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=e,
+                                     cwd=ROOT / "plugins" / "nightshift", stderr=subprocess.PIPE, text=True)
+        wait_ready(self.url, t0, lambda: self.proc.poll() is None)
+        self.ready_s = time.perf_counter() - t0
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = True) -> dict:
+    from nightshift.loadgen import infer_request, run_load
+
+    x = np.random.default_rng(2).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
+    req = infer_request(url, model, x, binary=binary)
+    return run_load(url, req, concurrency=concurrency, duration_s=seconds, timeout_s=2.0, warmup_s=0.5).summary()
+
+
+def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads: int) -> dict:
+    model_dir = export_model(arch, work)
+    out: dict = {"arch": arch, "threads": threads, "repeats": repeats, "seconds": seconds}
+    direct, direct16, c1_bin, c1_json, ready = [], [], [], [], []
+    levels = {c: [] for c in (1, 4, 16, 64)}
+    for _ in range(repeats):  # interleaved so machine noise hits every figure
+        direct.append(in_process_rate(model_dir, threads, seconds))
+        direct16.append(in_process_rate(model_dir, threads, seconds, batch=16))
+        srv = ServerProcess(model_dir, threads)
+        ready.append(srv.ready_s)
+        try:
+            for c in levels:
+                levels[c].append(load(srv.url, arch, c, seconds))
+            c1_json.append(load(srv.url, arch, 1, seconds, binary=False))
+        finally:
+            srv.stop()
+        c1_bin.append(levels[1][-1])
+
+    def med(runs: list[dict], key: str, sub: str | None = None) -> float:
+        vals = [v for v in ((r[key][sub] if sub else r[key]) for r in runs) if v is not None]
+        return statistics.median(vals) if vals else float("nan")  # e.g. every request shed (503)
+
+    out["in_process_calls_per_s"] = statistics.median(direct)
+    # the most batching can give: in-process images/s at batch 16 over batch 1
+    out["in_process_batch16_ips"] = statistics.median(direct16)
+    out["ratio_in_process_batch16_vs_batch1"] = out["in_process_batch16_ips"] / out["in_process_calls_per_s"]
+    out["ready_s"] = statistics.median(ready)
+    out["json_c1_rps"] = med(c1_json, "throughput_rps")
+    out["json_c1_status_counts"] = c1_json[-1]["status_counts"]
+    for c, runs in levels.items():
+        out[f"c{c}"] = {"rps": med(runs, "throughput_rps"), "p50_ms": med(runs, "latency_ms", "p50"),
+                        "p99_ms": med(runs, "latency_ms", "p99"), "timeouts": sum(r["timeouts"] for r in runs),
+                        "rejected_503": sum(r["rejected_503"] for r in runs),
+                        "errors": sum(r["errors"] for r in runs), "status_counts": runs[-1]["status_counts"]}
+    out["ratio_c1_binary_vs_in_process"] = out["c1"]["rps"] / out["in_process_calls_per_s"]
+    out["ratio_c16_vs_c1"] = out["c16"]["rps"] / out["c1"]["rps"] if out["c1"]["rps"] else float("nan")
+    out["ratio_c64_p99_vs_p50"] = out["c64"]["p99_ms"] / out["c64"]["p50_ms"]
+    out["ratio_binary_vs_json_c1"] = out["c1"]["rps"] / out["json_c1_rps"] if out["json_c1_rps"] else float("nan")
+    return out
+
+
+def soak(work: Path, seconds: float, threads: int) -> dict:
+    model_dir = export_model("small_cnn", work)
+    srv = ServerProcess(model_dir, threads)
+    try:
+        r = load(srv.url, "small_cnn", 64, seconds)
+    finally:
+        srv.stop()
+    r["5xx"] = sum(v for k, v in r["status_counts"].items() if k.startswith("5"))
+    return r
+
+
+def bench_image(work: Path, repeats: int = 5) -> dict:
+    """Build the small_cnn inference image; its size and ``docker run`` -> ready time."""
+    import docker
+
+    from nightshift.evaluation import InferenceContainer
+    from nightshift.inference_image import build_inference_image, remove_image
+    from nightshift.settings import Settings
+
+    s = Settings.from_env()
+    model_dir = export_model("small_cnn", work)
+    client = docker.from_env(timeout=600)
+    meta = json.loads((model_dir / "model.json").read_text())
+    built = build_inference_image(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
+                                  repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse,
+                                  docker_client=client)
+    ready = []
+    try:
+        for _ in range(repeats):
+            c = InferenceContainer(built["image"], docker_client=client)
+            t0 = time.perf_counter()
+            with c:
+                wait_ready(c.url, t0, lambda: True)
+                ready.append(time.perf_counter() - t0)
+    finally:
+        remove_image(built["image"], client)
+    base = client.images.get(s.base_image).attrs["Size"]
+    return {"size_mb": built["size_bytes"] / 1e6, "base_mb": base / 1e6, "ready_s": statistics.median(ready),
+            "repeats": repeats, "build_seconds": built["build_seconds"]}
+
+
+def render_markdown(r: dict) -> str:
+    """The serving section of docs/benchmarks.md."""
+    rows = []
+    for key in [k for k in r if k.startswith("small_cnn_t")] + ["resnet18"]:
+        m = r.get(key)
+        if not m:
+            continue
+        lv = {c: m[f"c{c}"] for c in (1, 4, 16, 64)}
+        p99s = " / ".join(f"{lv[c]['p99_ms']:.1f}" for c in lv)
+        rows.append(
+            f"| {m['arch']} | {m['threads']} | {m['in_process_calls_per_s']:,.0f}/s | {lv[1]['rps']:,.0f}/s | "
+            f"**{m['ratio_c1_binary_vs_in_process']:.2f}×** | {lv[16]['rps']:,.0f}/s | **{m['ratio_c16_vs_c1']:.2f}×** | "
+            f"{m.get('ratio_in_process_batch16_vs_batch1', float('nan')):.2f}× | "
+            f"{p99s} | **{m['ratio_c64_p99_vs_p50']:.2f}×** | "
+            f"{sum(lv[c]['timeouts'] for c in lv)} / {sum(lv[c]['rejected_503'] for c in lv)} | "
+            f"{m['json_c1_rps']:,.0f}/s ({m['ratio_binary_vs_json_c1']:.2f}×) | {m['ready_s']:.2f} s |")
+    soak = r.get("soak")
+    soak_line = (f"Soak: 64 connections for {soak['duration_s']:.0f} s: {soak['ok']:,} requests answered 200, "
+                 f"**{soak['5xx']} 5xx**, **{soak['timeouts']} timeouts** (> 2 s), "
+                 f"{soak['errors'] - soak['timeouts'] - soak['connection_errors']} other errors; "
+                 f"p50 {soak['latency_ms']['p50']} ms, p99 {soak['latency_ms']['p99']} ms, "
+                 f"{soak['throughput_rps']:,.0f} req/s.") if soak else "Soak: not run (`bench/serving.py --soak 60`)."
+    for note in r.get("soak_history", []):
+        soak_line += f"\n\n{note}"
+    image = r.get("image")
+    image_line = (f"Image: {image['size_mb']:.0f} MB ({image['base_mb']:.0f} MB of it the base image); "
+                  f"`docker run` to ready: median {image['ready_s']:.2f} s over {image['repeats']} starts.") \
+        if image else ""
+    return f"""## Serving under load (`bench/serving.py`, {r['date']}, {r['machine']['cpus']} CPUs)
+
+Server: `python -m serving.server` (the image's entry point) on 127.0.0.1; client:
+`nightshift.loadgen` (keep-alive connections, binary protocol, 1 image of 32×32×3 per
+request, 2 s timeout); baseline: ONNX Runtime `session.run` on one image in process,
+same model file and thread count. Medians of repeats; each load level runs 5 s after a
+0.5 s warm-up. Random-weight models exported the pipeline's way.
+
+| model | ORT threads | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | in process b16/b1 (ceiling) | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|
+{chr(10).join(rows)}
+
+{soak_line}
+
+{image_line}
+
+Reading them. *c=1 / in process* is what HTTP, validation and serialisation cost
+against the bare model (a ratio of 1 would be free); both sides use the same thread
+count with the server's session options. *c=16 / c=1* is what dynamic batching and
+overlapping the HTTP work with inference buy; its ceiling is *in process b16/b1*, how
+much faster ONNX Runtime runs a batch of 16 than 16 single images on the same threads.
+For small_cnn on these 2 shared cores that ceiling is about 1 (the model is
+compute-bound at batch 1), so the gain comes only from overlap and the 2× target is out
+of reach here; a model or CPU with a real batching gain (vectorised convolutions over a
+batch, more cores) shows it. *c=64 p99/p50* ≤ 4 and zero timeouts say the queue stays
+bounded under overload: excess load is refused with 503 + `Retry-After` (counted apart),
+not queued until clients time out. These machines are shared: absolute figures move
+by ±30% between runs; the ratios are interleaved repeats of the same run.
+"""
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s per level")
+    ap.add_argument("--soak", type=float, default=0, help="also run a soak of this many seconds at 64 connections")
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
+                    help="ONNX Runtime intra-op threads (both sides); one full run per value")
+    ap.add_argument("--only-image", action="store_true", help="only the image size / time-to-ready figures")
+    ap.add_argument("--skip-small", action="store_true",
+                    help="keep the small_cnn figures already in the JSON; run resnet18, the soak and the image")
+    ap.add_argument("--render", action="store_true",
+                    help="only (re)write the serving section of docs/benchmarks.md from the JSON")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-serving.json"))
+    args = ap.parse_args()
+    repeats, seconds = (1, 3.0) if args.quick else (3, 5.0)
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+                     "date": time.strftime("%Y-%m-%d")}
+    out = Path(args.out)
+    if args.render:
+        write_section(json.loads(out.read_text()))
+        return 0
+    if args.only_image:
+        results = json.loads(out.read_text()) if out.is_file() else results
+        with tempfile.TemporaryDirectory() as tmp:
+            results["image"] = bench_image(Path(tmp))
+        print(json.dumps(results["image"], indent=1))
+        out.write_text(json.dumps(results, indent=1) + "\n")
+        return 0
+    if args.skip_small and out.is_file():
+        results = {**json.loads(out.read_text()), **results}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        if not (args.skip_small and "image" in results):
+            results["image"] = bench_image(work)
+            print(json.dumps(results["image"], indent=1), flush=True)
+        for th in ([] if args.skip_small else args.threads):
+            results[f"small_cnn_t{th}"] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=th)
+            print(json.dumps(results[f"small_cnn_t{th}"], indent=1), flush=True)
+        results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=args.threads[0])
+        print(json.dumps(results["resnet18"], indent=1), flush=True)
+        if args.soak:
+            results["soak"] = soak(work, args.soak, args.threads[0])
+            print(json.dumps(results["soak"], indent=1), flush=True)
+    Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+    write_section(results)
+    return 0
+
+
+def write_section(results: dict) -> None:
+    """Replace (or append) the serving section of docs/benchmarks.md."""
+    path = ROOT / "docs" / "benchmarks.md"
+    text = path.read_text() if path.is_file() else "# Benchmarks\n"
+    head = "## Serving under load"
+    if head in text:
+        text = text[: text.index(head)].rstrip("\n") + "\n"
+    path.write_text(text + "\n" + render_markdown(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

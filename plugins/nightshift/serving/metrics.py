@@ -1,0 +1,68 @@
+"""Prometheus metrics of one server (``GET /metrics``), on a registry of its own.
+
+Names follow Prometheus conventions (``_total`` counters, ``_seconds``
+histograms). Labels are bounded: ``route`` is the route's name, not the path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (.0005, .001, .0025, .005, .0075, .01, .025, .05, .075, .1, .25, .5, 1.0, 2.5, 5.0, 10.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class Metrics:
+    """The server's metrics.
+
+    :param registry: default a fresh :class:`CollectorRegistry` (several apps in one process stay apart).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("nightshift_requests", "HTTP requests answered, by route, method and status code",
+                                ["route", "method", "code"], registry=r)
+        self.errors = Counter("nightshift_request_errors", "Requests answered with a 4xx/5xx status, by route and code",
+                              ["route", "code"], registry=r)
+        self.latency = Histogram("nightshift_request_duration_seconds", "Time from the request to the answer",
+                                 ["route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.stages = Histogram("nightshift_stage_duration_seconds",
+                                "Per-stage time: preprocess (parse + validate), queue (waiting for a batch), "
+                                "inference (ONNX Runtime, whole batch), serialization (answer encoding)",
+                                ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.batch_size = Histogram("nightshift_batch_size", "Images per ONNX Runtime call",
+                                    buckets=_BATCH_BUCKETS, registry=r)
+        self.queue_depth = Gauge("nightshift_queue_depth", "Images waiting for a batch", registry=r)
+        self.ready = Gauge("nightshift_model_ready", "1 when the model is loaded", registry=r)
+        self.disconnects = Counter("nightshift_client_disconnects", "Clients that hung up before the answer",
+                                   registry=r)
+        self.log_written = Gauge("nightshift_request_log_records", "Request-log records written", registry=r)
+        self.log_dropped = Gauge("nightshift_request_log_dropped", "Request-log samples dropped (queue full)",
+                                 registry=r)
+        self._stage = {s: self.stages.labels(s) for s in ("preprocess", "queue", "inference", "serialization")}
+
+    def bind(self, app: Any) -> None:
+        """Read the live gauges from ``app`` at scrape time."""
+        self.queue_depth.set_function(lambda: app.batcher.depth)
+        self.ready.set_function(lambda: 1.0 if app.model.ready else 0.0)
+        self.log_written.set_function(lambda: app.request_log.written if app.request_log is not None else 0)
+        self.log_dropped.set_function(lambda: app.request_log.dropped if app.request_log is not None else 0)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        code = str(status)
+        self.requests.labels(route, method, code).inc()
+        if status >= 400:
+            self.errors.labels(route, code).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def stage(self, name: str, seconds: float) -> None:
+        self._stage[name].observe(seconds)
+
+    def observe_batch(self, images: int, seconds: float) -> None:
+        self.batch_size.observe(images)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,403 @@
+"""The ASGI serving stack in process: OIP binary extension, batching, limits, metrics, request log, uploads."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+import requests
+
+from nightshift.serving.app import AppConfig
+from nightshift.serving.batching import DynamicBatcher
+from nightshift.serving.errors import Overloaded
+from nightshift.serving.server import Model, make_server
+
+
+@pytest.fixture
+def http():
+    with requests.Session() as s:
+        s.trust_env = False
+        yield s
+
+
+@pytest.fixture
+def x() -> np.ndarray:
+    return np.random.default_rng(11).integers(0, 256, (3, 4, 4, 1), dtype=np.uint8)
+
+
+def _server(model_dir, **cfg):
+    model = Model(model_dir, max_batch=8, intra_op_threads=1)
+    model.load()
+    request_log = cfg.pop("request_log", None)
+    return make_server(model, "127.0.0.1", 0, config=AppConfig(**cfg), request_log=request_log).start()
+
+
+# ----------------------------------------------------------------------------- OIP with NVIDIA's client
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_in_process(serving_server, x, tiny_onnx_forward, binary):
+    import tritonclient.http as th
+
+    client = th.InferenceServerClient(serving_server.url.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny", "1")
+    assert "binary_tensor_data" in client.get_server_metadata()["extensions"]
+    inp = th.InferInput("pixels", list(x.shape), "UINT8")
+    inp.set_data_from_numpy(x, binary_data=binary)
+    outs = [th.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "embedding", "label")]
+    r = client.infer("tiny", [inp], outputs=outs, model_version="1", request_id="abc")
+    logits, emb = tiny_onnx_forward(x)
+    np.testing.assert_allclose(r.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(r.as_numpy("embedding"), emb, rtol=1e-5, atol=1e-5)
+    labels = [v.decode() if isinstance(v, bytes) else v for v in r.as_numpy("label")]
+    assert labels == [["zero", "one", "two"][i] for i in logits.argmax(1)]
+    resp = r.get_response()
+    assert resp["id"] == "abc" and resp["model_version"] == "1"
+    assert all(("binary_data_size" in o.get("parameters", {})) == binary for o in resp["outputs"])
+    # no outputs named: tritonclient asks binary_data_output for all of them
+    r = client.infer("tiny", [inp])
+    assert {o["name"] for o in r.get_response()["outputs"]} == {"logits", "embedding", "label"}
+    np.testing.assert_allclose(r.as_numpy("logits"), logits, rtol=1e-5, atol=1e-5)
+
+
+def _binary_body(x: np.ndarray, size: int | None = None, extra: bytes = b"") -> tuple[bytes, dict]:
+    head = json.dumps({"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": x.nbytes if size is None else size}}]}).encode()
+    return head + x.tobytes() + extra, {"Inference-Header-Content-Length": str(len(head)),
+                                        "Content-Type": "application/octet-stream"}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "needle"),
+    [
+        pytest.param(lambda x: _binary_body(x, size=x.nbytes + 5), "only 48 remain", id="size-too-big"),
+        pytest.param(lambda x: _binary_body(x, extra=b"zz"), "2 bytes after the JSON header", id="trailing-bytes"),
+        pytest.param(lambda x: _binary_body(x[:, :2], size=None), "expected [n, 4, 4, 1]", id="wrong-shape"),
+        pytest.param(lambda x: (_binary_body(x)[0], {"Inference-Header-Content-Length": "999999"}),
+                     "outside the body", id="header-length-too-big"),
+        pytest.param(lambda x: (_binary_body(x)[0], {"Inference-Header-Content-Length": "x"}),
+                     "not an integer", id="header-length-not-int"),
+    ],
+)
+def test_binary_errors_are_400(serving_server, http, x, mutate, needle):
+    body, headers = mutate(x)
+    r = http.post(f"{serving_server.url}/v2/models/tiny/infer", data=body, headers=headers)
+    assert r.status_code == 400, r.text
+    assert needle in r.json()["error"]
+
+
+def test_gzip_body_and_version_404(serving_server, http, x):
+    import gzip
+
+    body = json.dumps({"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                                   "data": x.ravel().tolist()}]}).encode()
+    r = http.post(f"{serving_server.url}/v2/models/tiny/infer", data=gzip.compress(body),
+                  headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+    assert r.status_code == 200 and r.json()["outputs"][0]["shape"] == [3, 3]
+    r = http.post(f"{serving_server.url}/v2/models/tiny/versions/9/infer", data=body)
+    assert r.status_code == 404 and "no version '9'" in r.json()["error"]
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_413_comes_from_the_headers_without_reading_the_body(serving_server):
+    host, port = serving_server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as s:
+        s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 67108864\r\n\r\n")  # 64 MiB announced, nothing sent
+        t0 = time.perf_counter()
+        answer = s.recv(65536).decode()
+        assert time.perf_counter() - t0 < 2
+    assert answer.startswith("HTTP/1.1 413") and "at most 1048576" in answer
+    assert "connection: close" in answer.lower()
+
+
+def test_slow_body_times_out_with_408(tiny_onnx_model_dir):
+    srv = _server(tiny_onnx_model_dir, body_timeout_s=0.5)
+    try:
+        host, port = srv.url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"in")
+            answer = s.recv(65536).decode()
+        assert answer.startswith("HTTP/1.1 408") and "did not arrive within" in answer
+        assert requests.get(f"{srv.url}/v2/health/live", timeout=5).status_code == 200  # still serving
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_client_hang_up_is_not_an_error(serving_server, http, caplog):
+    host, port = serving_server.url.removeprefix("http://").split(":")
+    before = _metric(http, serving_server.url, "nightshift_client_disconnects_total")
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            with socket.create_connection((host, int(port)), timeout=5) as s:
+                s.sendall(b"POST /v2/models/tiny/infer HTTP/1.1\r\nHost: x\r\nContent-Length: 500\r\n\r\n{")
+        time.sleep(0.3)
+    assert _metric(http, serving_server.url, "nightshift_client_disconnects_total") == before + 3
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")]
+    assert http.get(f"{serving_server.url}/v2/health/ready").status_code == 200
+
+
+# ----------------------------------------------------------------------------- batching
+
+
+def _slow_predict(delay_s: float, calls: list[int]):
+    def predict(pixels):
+        calls.append(len(pixels))
+        time.sleep(delay_s)
+        return {"logits": np.zeros((len(pixels), 3), np.float32) + pixels.reshape(len(pixels), -1)[:, :1]}
+
+    return predict
+
+
+def test_batcher_coalesces_and_splits_in_order():
+    calls: list[int] = []
+    b = DynamicBatcher(_slow_predict(0.05, calls), max_batch_size=8, max_queue_delay_ms=20).start()
+
+    async def main():
+        xs = [np.full((1, 2, 2, 1), i, np.uint8) for i in range(12)]
+        return await asyncio.gather(*(b.submit(v) for v in xs))
+
+    results = asyncio.run(main())
+    b.stop()
+    assert [int(r.outputs["logits"][0, 0]) for r in results] == list(range(12))  # each got its own row
+    assert max(calls) > 1 and sum(calls) == 12 and max(calls) <= 8
+    assert max(r.batch_size for r in results) == max(calls)
+
+
+def test_batcher_queue_full_is_overloaded():
+    calls: list[int] = []
+    b = DynamicBatcher(_slow_predict(0.2, calls), max_batch_size=1, max_queue_size=2).start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit(np.zeros((1, 2, 2, 1), np.uint8)) for _ in range(6)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    b.stop()
+    rejected = [r for r in results if isinstance(r, Overloaded)]
+    assert rejected and all(r.retry_after_s >= 1 for r in rejected)
+    assert len(results) - len(rejected) == len(calls) >= 2
+
+
+def test_batcher_sheds_requests_that_would_wait_too_long():
+    calls: list[int] = []
+    b = DynamicBatcher(_slow_predict(0.1, calls), max_batch_size=1, max_queue_wait_ms=150).start()
+
+    async def main():
+        await b.submit(np.zeros((1, 2, 2, 1), np.uint8))  # teaches the batcher ~0.1 s per image
+        return await asyncio.gather(*(b.submit(np.zeros((1, 2, 2, 1), np.uint8)) for _ in range(8)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    b.stop()
+    shed = [r for r in results if isinstance(r, Overloaded)]
+    served = [r for r in results if not isinstance(r, Exception)]
+    assert shed and served and len(shed) + len(served) == 8
+    assert all(r.queue_s <= 0.15 + 0.05 for r in served)  # nobody waited much past the limit
+    assert any("ms of work" in r.message or "waited" in r.message for r in shed)
+    assert len(calls) == 1 + len(served)  # shed requests were never run
+
+
+def test_batching_under_concurrency_and_503_with_retry_after(tiny_onnx_model_dir, http):
+    srv = _server(tiny_onnx_model_dir, max_batch_size=8, max_queue_delay_ms=5, max_queue_size=4)
+    real = srv.model.predict
+    srv.model.predict = lambda p: (time.sleep(0.03), real(p))[1]  # a slower model, so a queue forms
+    srv.app.batcher.predict = srv.model.predict
+    try:
+        body = {"inputs": [{"name": "pixels", "shape": [1, 4, 4, 1], "datatype": "UINT8", "data": [1] * 16}]}
+        statuses: list[int] = []
+        retry_after: list[str] = []
+
+        def client():
+            with requests.Session() as s:
+                s.trust_env = False
+                for _ in range(5):
+                    r = s.post(f"{srv.url}/v2/models/tiny/infer", json=body, timeout=10)
+                    statuses.append(r.status_code)
+                    if r.status_code == 503:
+                        retry_after.append(r.headers.get("Retry-After"))
+
+        threads = [threading.Thread(target=client) for _ in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        assert len(statuses) == 60 and set(statuses) <= {200, 503}
+        assert statuses.count(503) > 0 and all(v == "1" for v in retry_after)
+        metrics = http.get(f"{srv.url}/metrics").text
+        count = _metric_text(metrics, "nightshift_batch_size_count")
+        total = _metric_text(metrics, "nightshift_batch_size_sum")
+        assert total == statuses.count(200) and total / count > 1.5  # requests were coalesced
+        assert _metric_text(metrics, 'nightshift_requests_total{code="503",method="POST",route="infer"}') == \
+            statuses.count(503)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def _metric_text(text: str, name: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(name + " ") or (("{" in name) and line.startswith(name)):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def _metric(http, url: str, name: str) -> float:
+    return _metric_text(http.get(f"{url}/metrics").text, name)
+
+
+def test_metrics_count_routes_codes_and_stages(serving_server, http, x):
+    url = serving_server.url
+    ok_before = _metric(http, url, 'nightshift_requests_total{code="200",method="POST",route="infer"}')
+    bad_before = _metric(http, url, 'nightshift_request_errors_total{code="400",route="infer"}')
+    nf_before = _metric(http, url, 'nightshift_request_errors_total{code="404",route="unknown"}')
+    body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8", "data": x.ravel().tolist()}]}
+    assert http.post(f"{url}/v2/models/tiny/infer", json=body).status_code == 200
+    assert http.post(f"{url}/v2/models/tiny/infer", json={"inputs": []}).status_code == 400
+    assert http.get(f"{url}/nope").status_code == 404
+    r = http.get(f"{url}/metrics")
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    text = r.text
+    assert _metric_text(text, 'nightshift_requests_total{code="200",method="POST",route="infer"}') == ok_before + 1
+    assert _metric_text(text, 'nightshift_request_errors_total{code="400",route="infer"}') == bad_before + 1
+    assert _metric_text(text, 'nightshift_request_errors_total{code="404",route="unknown"}') == nf_before + 1
+    for stage in ("preprocess", "queue", "inference", "serialization"):
+        assert _metric_text(text, f'nightshift_stage_duration_seconds_count{{stage="{stage}"}}') >= 1, stage
+    assert "nightshift_queue_depth 0.0" in text and "nightshift_model_ready 1.0" in text
+
+
+# ----------------------------------------------------------------------------- request log and uploads
+
+
+def test_request_log_records_match_the_training_profile(tiny_onnx_model_dir, tmp_path, x, tiny_onnx_forward):
+    from nightshift.data.decode import image_stats
+    from nightshift.serving.requestlog import SCHEMA, RequestLog
+
+    rl = RequestLog(tmp_path / "log", sample_rate=1.0, rotate_s=60)
+    srv = _server(tiny_onnx_model_dir, request_log=rl)
+    try:
+        body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                            "data": x.ravel().tolist()}]}
+        assert requests.post(f"{srv.url}/v2/models/tiny/infer", json=body, timeout=5).status_code == 200
+    finally:
+        srv.shutdown()  # drains, then closes the log: the open file is published
+        srv.server_close()
+    assert not list((tmp_path / "log").glob("*.part"))
+    files = list((tmp_path / "log").glob("requests-*.jsonl"))
+    assert len(files) == 1
+    recs = [json.loads(line) for line in files[0].read_text().splitlines()]
+    assert len(recs) == 3
+    stats = image_stats(x)
+    logits, emb = tiny_onnx_forward(x)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    for i, rec in enumerate(recs):
+        assert rec["schema"] == SCHEMA and rec["model_name"] == "tiny" and rec["model_version"] == "1"
+        assert rec["timestamp"].endswith("Z") and rec["endpoint"] == "infer"
+        assert (rec["height"], rec["width"], rec["channels"]) == (4, 4, 1)
+        assert rec["brightness"] == pytest.approx(stats["brightness"][i])
+        assert rec["contrast"] == pytest.approx(stats["contrast"][i])
+        assert rec["mean_ch0"] == pytest.approx(stats["mean_ch0"][i])
+        assert rec["sha256"] == stats["sha256"][i]
+        assert rec["predicted_index"] == int(logits[i].argmax())
+        assert rec["predicted_class"] == ["zero", "one", "two"][rec["predicted_index"]]
+        assert rec["confidence"] == pytest.approx(p[i].max(), rel=1e-5)
+        np.testing.assert_allclose(rec["embedding"], emb[i], rtol=1e-5, atol=1e-6)
+
+
+def test_request_log_never_blocks_and_counts_drops(tmp_path):
+    from nightshift.serving.requestlog import RequestLog
+
+    rl = RequestLog(tmp_path, sample_rate=1.0, queue_size=1)
+    rl._write = lambda text: time.sleep(0.3)  # a slow disk
+    t0 = time.perf_counter()
+    results = [rl.submit(np.zeros((1, 2, 2, 1), np.uint8), {"logits": np.zeros((1, 3), np.float32)},
+                         model_name="m", model_version="1", class_names=["a", "b", "c"], endpoint="infer")
+               for _ in range(50)]
+    assert time.perf_counter() - t0 < 0.1
+    assert results.count(False) == rl.dropped > 0
+    rl.close()
+
+
+def test_request_log_sampling_rate():
+    from nightshift.serving.requestlog import RequestLog
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        rl = RequestLog(d, sample_rate=0.1, seed=3)
+        hits = sum(rl.sampled() for _ in range(5000))
+        rl.close()
+    assert 350 < hits < 650
+    with pytest.raises(ValueError, match="within 0..1"):
+        RequestLog(tempfile.gettempdir(), sample_rate=2)
+
+
+def _png(arr: np.ndarray, fmt: str = "PNG") -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_classify_upload_matches_the_collection_decoder(serving_server, http, tiny_onnx_forward):
+    from nightshift.data.decode import decode_image, to_shape
+
+    img = np.random.default_rng(5).integers(0, 256, (9, 7, 3), dtype=np.uint8)  # other size, RGB
+    data = _png(img)
+    expected_pixels = to_shape(decode_image(data), (4, 4, 1))[None]
+    logits, _ = tiny_onnx_forward(expected_pixels)
+    r = http.post(f"{serving_server.url}/v2/models/tiny/classify", data=data, headers={"Content-Type": "image/png"})
+    assert r.status_code == 200, r.text
+    ans = r.json()
+    assert ans["class"] == ["zero", "one", "two"][int(logits[0].argmax())]
+    assert sum(ans["probabilities"].values()) == pytest.approx(1.0)
+    assert ans["input_size"] == {"height": 9, "width": 7, "channels": 3}
+    jpeg = _png(img, "JPEG")
+    assert http.post(f"{serving_server.url}/v2/models/tiny/versions/1/classify", data=jpeg,
+                     headers={"Content-Type": "image/jpeg"}).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("data", "ctype", "status", "needle"),
+    [
+        pytest.param(b"GIF89a....", "image/png", 415, "not a PNG or JPEG", id="gif"),
+        pytest.param(b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "image/png", 400, "could not decode", id="corrupt-png"),
+        pytest.param(b"--x\r\n", "multipart/form-data; boundary=x", 415, "not a form", id="multipart"),
+        pytest.param(b"{}", "application/json", 415, "image/png or image/jpeg", id="json"),
+    ],
+)
+def test_classify_rejects_bad_uploads(serving_server, http, data, ctype, status, needle):
+    r = http.post(f"{serving_server.url}/v2/models/tiny/classify", data=data, headers={"Content-Type": ctype})
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]
+
+
+def test_model_uri_tarball(tiny_onnx_model_dir, tmp_path):
+    import tarfile
+
+    from nightshift.serving.errors import ModelLoadError
+    from nightshift.serving.server import resolve_model_uri
+
+    archive = tmp_path / "m.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tiny_onnx_model_dir, arcname="tiny")
+    d = resolve_model_uri(archive.as_uri(), workdir=tmp_path)
+    assert (d / "model.onnx").is_file() and Model(d).load()
+    assert resolve_model_uri(str(tiny_onnx_model_dir)) == tiny_onnx_model_dir
+    with pytest.raises(ModelLoadError, match="scheme 's3' is not supported"):
+        resolve_model_uri("s3://bucket/m.tar.gz")
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        resolve_model_uri(str(tmp_path / "nope"))
