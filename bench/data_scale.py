@@ -70,6 +70,7 @@ t = time.perf_counter()
 snap, stats = collect_imagefolder(Path(sys.argv[2]), (32, 32, 3), Path(sys.argv[3]), workers=int(sys.argv[4]),
                                   incremental=sys.argv[5] == "1")
 t_collect = time.perf_counter() - t
+collect_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 res = {"success": None}
 if sys.argv[6] == "1":
@@ -79,6 +80,7 @@ t_validate = time.perf_counter() - t
 print(json.dumps({"collect_s": t_collect, "validate_s": t_validate, "stats": stats.to_dict(),
                   "valid": res["success"], "digest": snap.digest, "collection": str(snap.path),
                   "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "collect_peak_rss_mb": collect_peak,
                   "workers_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
 

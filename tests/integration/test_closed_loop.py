@@ -109,17 +109,29 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     time.sleep(2.5)  # the last rotation publishes the rest
     end = datetime.now(timezone.utc) + timedelta(seconds=1)
 
-    # 3. drift_monitor detects it and asks for a retrain through the Asset
-    dr, states = run(dags["drift_monitor"], {"model_name": MODEL, "min_rows": 100,
-                                              "window_start": start.isoformat(), "window_end": end.isoformat()})
-    assert str(dr.state) == "success" and states["request_retrain"] == "success", states
+    # 3. drift_monitor detects it and asks for a retrain through the Asset (Airflow queues
+    #    asset-triggered runs only for unpaused DAGs: unpause nightly_retrain as a user would,
+    #    and put the project DB back as it was afterwards)
+    from airflow.models import DagModel
+
     with create_session() as session:
-        asset = session.query(AssetModel).filter(AssetModel.name == "nightshift_drift_detected").one()
-        event = session.query(AssetEvent).filter(AssetEvent.asset_id == asset.id).order_by(AssetEvent.id.desc()).first()
-        assert event is not None and event.extra["model_name"] == MODEL and event.extra["drifted_share"] > 0
-        queued = session.query(AssetDagRunQueue).filter(AssetDagRunQueue.asset_id == asset.id,
-                                                         AssetDagRunQueue.target_dag_id == "nightly_retrain").count()
-        assert queued >= 1  # the scheduler will start nightly_retrain from this event
+        session.query(DagModel).filter(DagModel.dag_id == "nightly_retrain").update({"is_paused": False})
+    try:
+        dr, states = run(dags["drift_monitor"], {"model_name": MODEL, "min_rows": 100,
+                                                  "window_start": start.isoformat(), "window_end": end.isoformat()})
+        assert str(dr.state) == "success" and states["request_retrain"] == "success", states
+        with create_session() as session:
+            asset = session.query(AssetModel).filter(AssetModel.name == "nightshift_drift_detected").one()
+            event = (session.query(AssetEvent).filter(AssetEvent.asset_id == asset.id)
+                     .order_by(AssetEvent.id.desc()).first())
+            assert event is not None and event.extra["model_name"] == MODEL and event.extra["drifted_share"] > 0
+            queue = session.query(AssetDagRunQueue).filter(AssetDagRunQueue.asset_id == asset.id,
+                                                           AssetDagRunQueue.target_dag_id == "nightly_retrain")
+            assert queue.count() >= 1  # the scheduler will start nightly_retrain from this event
+            queue.delete()
+    finally:
+        with create_session() as session:
+            session.query(DagModel).filter(DagModel.dag_id == "nightly_retrain").update({"is_paused": True})
 
     # 4. the retrain compares its candidate with the champion re-scored on the same split
     dr, states = run(dags["nightly_retrain"], {**base, "champion_tolerance": 1.0, "champion_relative_tolerance": 1.0})
