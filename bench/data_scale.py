@@ -74,7 +74,7 @@ collect_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 t = time.perf_counter()
 res = {"success": None}
 if sys.argv[6] == "1":
-    res = validate_snapshot(snap.profile(), snap.manifest, ValidationConfig(class_names=None, image_shape=(32, 32, 3)),
+    res = validate_snapshot(snap.profile(locations=False), snap.manifest, ValidationConfig(class_names=None, image_shape=(32, 32, 3)),
                             Path(sys.argv[3]) / "validation")
 t_validate = time.perf_counter() - t
 print(json.dumps({"collect_s": t_collect, "validate_s": t_validate, "stats": stats.to_dict(),

@@ -91,7 +91,10 @@ class _Columns:
         self.parts: list[dict[str, np.ndarray]] = []
 
     def append(self, cols: dict[str, Any]) -> None:
-        part = {k: np.asarray(v) if not isinstance(v, np.ndarray) else v for k, v in cols.items()}
+        # Strings stay Python objects (shared, ~1 pointer each) rather than fixed-width
+        # numpy unicode (4 bytes per character per row): this table is O(images).
+        part = {k: v if isinstance(v, np.ndarray) and v.dtype.kind != "U" else
+                np.asarray(v, dtype=object if _is_text(v) else None) for k, v in cols.items()}
         n = {len(v) for v in part.values()}
         if len(n) != 1:
             raise ValueError(f"columns of unequal length: { {k: len(v) for k, v in part.items()} }")
@@ -117,6 +120,12 @@ class _Columns:
 
     def all(self) -> dict[str, np.ndarray]:
         return _concat(self.parts)
+
+
+def _is_text(v: Any) -> bool:
+    if isinstance(v, np.ndarray):
+        return v.dtype.kind in "USO"
+    return bool(len(v)) and isinstance(next(iter(v)), str)
 
 
 def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -334,15 +343,15 @@ def collect_imagefolder(
     writer.flush()
 
     # ---- 3. the record: whole reused shards first, then the shards written now
-    rows_written = written.all()
+    del entries, files, m, todo, table, listing, label_arr  # O(images) objects not needed any more
     offset = len(final_shards)
-    if rows_written:
-        counts = [n for _, n in writer.written]
-        rows_written["shard"] = np.repeat(np.arange(offset, offset + len(counts)), counts)
-        rows_written["row"] = np.concatenate([np.arange(n) for n in counts])
-        kept.append(rows_written)
+    for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
+        part["shard"] = np.full(n, offset + i)
+        part["row"] = np.arange(n)
     final_shards.extend(writer.written)
-    cols = kept.all()
+    cols = _concat(kept.parts + written.parts)  # one copy of the per-image columns
+    kept.parts.clear()
+    written.parts.clear()
     stats.shards_written = len(writer.written)
     stats.undecodable = len(undecodable)
     if not cols:
@@ -351,7 +360,8 @@ def collect_imagefolder(
     meta = {**{k: cols[k] for k in stat_cols}, "label": cols["label"], "split": cols["split"],
             "orig_size": np.stack([cols["orig_height"], cols["orig_width"], cols["orig_channels"]], axis=1),
             "source": cols["source"].tolist(), "shard": cols["shard"], "row": cols["row"],
-            "file_size": cols["file_size"].astype(str), "file_mtime": cols["file_mtime"].astype(str)}
+            "file_size": cols["file_size"].astype(str).astype(object), "file_mtime": cols["file_mtime"].astype(object)}
+    del cols
     split_cfg = {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
                  "predefined_test": False}
     stats.seconds = round(time.perf_counter() - t0, 3)

@@ -172,10 +172,22 @@ class Snapshot:
         parts = [self.shard(i).labels for i in range(len(self.shard_digests))]
         return np.concatenate(parts) if parts else np.zeros(0, np.int64)
 
-    def profile(self, columns: list[str] | None = None):
+    def profile(self, columns: list[str] | None = None, *, locations: bool = True):
+        """The per-image profile table.
+
+        :param locations: include ``shard``, ``row``, ``file_size`` and ``file_mtime``
+            (where the pixels are, what the file was); validation and drift do not
+            need them, and leaving them out saves memory at 10^6 rows.
+        """
         import pandas as pd
 
-        return pd.read_parquet(self.path / "profile.parquet", columns=columns)
+        path = self.path / "profile.parquet"
+        if columns is None and not locations:
+            import pyarrow.parquet as pq
+
+            drop = {"shard", "row", "file_size", "file_mtime"}
+            columns = [c for c in pq.read_schema(path).names if c not in drop]
+        return pd.read_parquet(path, columns=columns)
 
 
 def _canonical_json(obj: Any) -> bytes:

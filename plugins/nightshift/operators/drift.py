@@ -42,10 +42,10 @@ class DriftCheckOperator(NightshiftOperator):
                 raise DataError(f"champion v{champion['version']} of {self.model_name} has no "
                                 "'nightshift.snapshot_uri' tag: cannot find its training data")
             ref_snap = load_snapshot(ref_uri)
-            reference = ref_snap.profile()
+            reference = ref_snap.profile(locations=False)
             reference = reference[reference["split"] == "train"]
             ref_desc = {"champion_version": champion["version"], "reference_snapshot": ref_uri}
-        cur = current.profile()
+        cur = current.profile(locations=False)
         result = check_drift(reference, cur[cur["split"] == "train"], self.run_dir(context, "drift"),
                              drift_share_threshold=float(self.drift_share_threshold))
         result.update(ref_desc)
