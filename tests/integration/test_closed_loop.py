@@ -17,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import free_port, run_dag as run
+
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = "loop-digits"
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +58,6 @@ def dags():
     return bag.dags
 
 
-def run(dag, conf):
-    from airflow.models import TaskInstance
-    from airflow.utils.session import create_session
-
-    dr = dag.test(run_conf=conf)
-    with create_session() as session:
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
-                                                 TaskInstance.run_id == dr.run_id).all()
-        return dr, {ti.task_id: str(ti.state) for ti in tis}
-
 
 def served_version(port: int) -> str:
     import requests
@@ -89,7 +74,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     from nightshift import registry
     from simulate_traffic import main as simulate
 
-    port = _free_port()
+    port = free_port()
     base = {"model_name": MODEL, "epochs": 6, "deploy_port": port, "min_accuracy": 0.8}
     mlflow = registry.client(os.environ["MLFLOW_TRACKING_URI"])
 

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.integration.conftest import free_port, run_dag as run
+
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +45,8 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def conf(photos):
     return {"epochs": 8, "model_name": MODEL, "source": str(photos), "image_shape": [8, 8, 1], "min_accuracy": 0.8,
-            "deploy_port": _free_port()}
+            "deploy_port": free_port()}
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +103,6 @@ def mlflow(env):
 
     return registry.client(os.environ["MLFLOW_TRACKING_URI"])
 
-
-def run(dag, conf):
-    from airflow.models import TaskInstance
-    from airflow.utils.session import create_session
-
-    dr = dag.test(run_conf=conf)
-    with create_session() as session:
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
-                                                 TaskInstance.run_id == dr.run_id).all()
-        states = {ti.task_id: str(ti.state) for ti in tis}
-    return dr, states
 
 
 def promotion(env, run_id) -> dict:
