@@ -322,3 +322,22 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
     passthrough = FinalizePromotionOperator(task_id="finalize", model_name="op-promote",
                                             promotion={"promoted": False, "version": "9"}).execute(ctx)
     assert passthrough == {"promoted": False, "version": "9"}
+
+
+def test_drift_check_with_an_unreadable_champion_reference_reports_it_and_goes_on(ctx, candidate, tmp_path):
+    import json as _json
+
+    from nightshift import registry
+    from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.operators import DriftCheckOperator
+
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    old = tmp_path / "format1"
+    old.mkdir()
+    (old / "manifest.json").write_text(_json.dumps({"format": 1, "digest": "x"}))  # an older Nightshift's snapshot
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    c.set_model_version_tag("op-promote", out["version"], "nightshift.snapshot_uri", str(old))
+    res = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
+    assert res["status"] == "reference_unavailable" and "format 1" in res["message"]
+    assert res["drift_detected"] is False and res["champion_version"] == out["version"]

@@ -351,6 +351,11 @@ def load_snapshot(path: str | Path, *, verify: bool = True) -> Snapshot:
             f"snapshot {path} has format {manifest.get('format')}, this Nightshift reads format {FORMAT}: "
             "collect the data again (re-run collect_data, or trigger nightly_retrain) to write it in the current format"
         )
+    missing = [k for k in ("digest", "collection_id", "shards", "class_names", "image_shape", "counts")
+               if k not in manifest]
+    if missing:
+        raise DataError(f"snapshot {path} (format {FORMAT}) lacks {missing} in its manifest: it was written by a "
+                        "development version of Nightshift; collect the data again (re-run collect_data)")
     snap = Snapshot(path=path, manifest=manifest)
     for d in snap.shard_digests:
         open_shard(snap.root, d, verify=verify)

@@ -36,21 +36,30 @@ class DriftCheckOperator(NightshiftOperator):
         champion = registry.get_champion(self.mlflow, self.model_name)
         reference = None
         ref_desc: dict[str, Any] = {"champion_version": None, "reference_snapshot": None}
+        unavailable = None
         if champion is not None:
             ref_uri = champion["tags"].get("nightshift.snapshot_uri")
-            if not ref_uri:
-                raise DataError(f"champion v{champion['version']} of {self.model_name} has no "
-                                "'nightshift.snapshot_uri' tag: cannot find its training data")
-            ref_snap = load_snapshot(ref_uri)
-            reference = ref_snap.profile(locations=False)
-            reference = reference[reference["split"] == "train"]
             ref_desc = {"champion_version": champion["version"], "reference_snapshot": ref_uri}
+            try:
+                if not ref_uri:
+                    raise DataError(f"champion v{champion['version']} of {self.model_name} has no "
+                                    "'nightshift.snapshot_uri' tag: its training data is unknown")
+                reference = load_snapshot(ref_uri).profile(locations=False)
+                reference = reference[reference["split"] == "train"]
+            except DataError as exc:
+                # Drift is evidence, not a gate: the champion's data may predate this snapshot
+                # format or be gone. Say so loudly; promotion still re-scores the champion itself.
+                unavailable = str(exc)
+                self.log.warning("the champion's training data cannot be read, so drift is not measured: %s", exc)
         cur = current.profile(locations=False)
         result = check_drift(reference, cur[cur["split"] == "train"], self.run_dir(context, "drift"),
                              drift_share_threshold=float(self.drift_share_threshold))
         result.update(ref_desc)
-        if result["status"] == "no_reference":
-            self.log.info("No champion for %s yet: drift check has no reference (not a failure)", self.model_name)
+        if unavailable:
+            result.update({"status": "reference_unavailable", "message": unavailable})
+        if result["status"] in ("no_reference", "reference_unavailable"):
+            self.log.info("No readable reference for %s (%s): drift not measured (not a failure)", self.model_name,
+                          result.get("message", "no champion yet"))
         else:
             self.log.info("Drift vs champion v%s: %d/%d columns drifted (share %.2f) -> drift_detected=%s; report %s",
                           champion["version"], result["n_drifted"], result["n_columns"], result["drifted_share"],
