@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: setup run test test-fast airflow-ui mlflow-ui bench lock clean
+.PHONY: stop-serving setup run test test-fast airflow-ui mlflow-ui bench lock clean
 
 setup:
 	bash scripts/setup.sh
@@ -38,3 +38,7 @@ lock:
 
 clean:
 	rm -rf .nightshift/artifacts .nightshift/airflow .nightshift/mlflow.db .nightshift/mlartifacts
+
+# Stop the champion nightly_retrain deployed (serving and proxy containers on 127.0.0.1:8600)
+stop-serving:
+	$(ENV) python -c "import sys; from nightshift.deploy import LocalDeployer; from nightshift.inference_image import connect_docker; from nightshift.settings import Settings; LocalDeployer(connect_docker(), model_name=sys.argv[1], artifact_root=Settings.from_env().artifact_root).undeploy()" $${MODEL:-nightshift-digits}
