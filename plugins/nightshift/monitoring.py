@@ -81,7 +81,7 @@ def read_request_log(directory: str | Path, start: datetime, end: datetime, *,
     return df
 
 
-def champion_reference(snapshot, onnx_path: str | Path, cache_path: str | Path) -> pd.DataFrame:
+def champion_reference(snapshot, onnx_path: str | Path | None, cache_path: str | Path) -> pd.DataFrame:
     """The champion's reference frame: its test-split profile rows plus its own
     ``predicted_class``, ``confidence`` and ``embedding`` on them. Cached at
     ``cache_path`` (the caller names it by champion version and ONNX digest)."""
@@ -196,9 +196,11 @@ def check_served_drift(reference: pd.DataFrame, current: pd.DataFrame, out_dir: 
         if str((m.get("config") or {}).get("type", "")).endswith("EmbeddingsDrift"):
             v = m.get("value")
             emb_score = float(v if not isinstance(v, dict) else v.get("value"))
+    if emb_score is None or emb_score != emb_score:  # fail closed: no verdict on embeddings is no verdict
+        raise DataError("Evidently returned no embedding drift score; the window cannot be judged")
     drifted = [c for c, v in per_col.items() if v["drifted"]]
     share = len(drifted) / len(per_col)
-    emb_drift = emb_score is not None and emb_score >= embedding_threshold
+    emb_drift = emb_score >= embedding_threshold
     ref_mix = ref["predicted_class"].astype(str).value_counts(normalize=True).round(4).to_dict()
     cur_mix = current["predicted_class"].astype(str).value_counts(normalize=True).round(4).to_dict()
     html = out_dir / "served_drift.html"

@@ -253,7 +253,8 @@ def collect_imagefolder(
                           "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
     if table is not None:
         m = files.merge(table, left_on="rel", right_on="source", how="inner")
-        m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])]
+        m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
+              & (m["mtime"] != "")]  # no stamp: cannot tell whether it changed, so decode it
     else:
         m = files.iloc[:0].assign(shard_digest=[], row=[])
     reused_pos = set(m["pos"].tolist())

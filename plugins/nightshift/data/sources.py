@@ -97,7 +97,9 @@ def _stat(p: Any) -> tuple[int, str]:
         size = get("st_size", 0)
     stamp = get("ETag", None) or get("etag", None) or get("mtime", None) or get("LastModified", None) \
         or get("last_modified", None) or get("st_mtime", None) or get("created", None)
-    return int(size or 0), str(stamp)
+    # No modification stamp at all: "" means "cannot tell if it changed", and such a
+    # file is always decoded again (incremental collection must not trust size alone).
+    return int(size or 0), "" if stamp is None else str(stamp)
 
 
 def _subdirs(root: Any) -> list[Any]:

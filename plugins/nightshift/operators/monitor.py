@@ -64,11 +64,12 @@ class DriftMonitorOperator(NightshiftOperator):
                             "its reference data cannot be found")
         root = self.settings.artifact_root
         base = contracts.drift_timeline_path(root, self.model_name).parent
-        cache = base / f"reference-v{champion['version']}-{sha[:12]}.parquet"
-        if not cache.is_file():
+        cache = base / f"reference-v{champion['version']}-{sha[:12]}.parquet"  # keyed by everything it depends on
+        if cache.is_file():
+            reference = monitoring.champion_reference(None, None, cache)
+        else:
             onnx = fetch_model_onnx(c, self.model_name, champion["version"], base / "champion" / champion["version"])
-            monitoring.champion_reference(load_snapshot(snap_uri), onnx, cache)
-        reference = monitoring.champion_reference(None, "", cache)  # cached above
+            reference = monitoring.champion_reference(load_snapshot(snap_uri), onnx, cache)
         log_dir = Path(self.request_log_dir or contracts.request_log_dir(root, self.model_name))
         current = monitoring.read_request_log(log_dir, start, end, model_name=self.model_name)
         served_by = {}
