@@ -200,8 +200,10 @@ def test_a_night_with_only_broken_new_files_lists_them(folder, tmp_path):
 def test_files_without_a_modification_stamp_are_decoded_again(folder, tmp_path, monkeypatch):
     from nightshift.data import sources
 
-    monkeypatch.setattr(sources, "_stat", lambda p: (p.stat().st_size, ""))  # a store that gives no mtime/ETag
-    snaps = tmp_path / "snaps"
-    collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
-    _, stats = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    from airflow.sdk import ObjectStoragePath
+
+    monkeypatch.setattr(sources, "_stat", lambda p: (p.stat()["size"], ""))  # a store that gives no mtime/ETag
+    snaps, src = tmp_path / "snaps", ObjectStoragePath(f"file://{folder}")
+    collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    _, stats = collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
     assert stats.reused == 0 and stats.decoded == 300  # size alone never proves a file unchanged

@@ -138,7 +138,7 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
                  io_concurrency: int) -> Iterator[tuple[list[FileEntry], decode.Chunk]]:
     """Decode ``entries`` in chunks, in order, with a bounded number of chunks in flight."""
     chunks = [entries[i:i + CHUNK_FILES] for i in range(0, len(entries), CHUNK_FILES)]
-    local = all(isinstance(e.path, Path) for e in entries)
+    local = all(isinstance(e.path, (str, Path)) for e in entries)
     if workers <= 1 and local:
         for ch in chunks:
             yield ch, decode.decode_files([str(e.path) for e in ch], shape)

@@ -73,7 +73,7 @@ class FileEntry:
 
     rel: str  # "<class>/<file>" or "<partition>/<class>/<file>"
     class_name: str
-    path: Any  # pathlib.Path or ObjectStoragePath
+    path: Any  # a local path (str) or an ObjectStoragePath
     size: int
     mtime: str  # modification time (ns) or the object store's ETag/last-modified
 
@@ -160,20 +160,32 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                             "disappeared, or remove it from the 'classes' setting")
     files: list[tuple[str, str, Any]] = []
     skipped: list[dict[str, str]] = []
+    stats: list[tuple[int, str]] = []
     for prefix, cdir in class_dirs:
-        for f in sorted((p for p in cdir.iterdir() if not p.is_dir()), key=lambda p: p.name):
-            rel = f"{prefix}{cdir.name}/{f.name}"
-            if f.name.startswith("."):
+        if isinstance(cdir, Path):  # local: one scandir, and the stat each entry carries
+            with os.scandir(cdir) as it:
+                listed = sorted(((e.name, e) for e in it if not e.is_dir()), key=lambda t: t[0])
+        else:
+            listed = sorted(((p.name, p) for p in cdir.iterdir() if not p.is_dir()), key=lambda t: t[0])
+        for name, f in listed:
+            rel = f"{prefix}{cdir.name}/{name}"
+            if name.startswith("."):
                 continue
-            if Path(f.name).suffix.lower() not in IMAGE_SUFFIXES:
+            if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 skipped.append({"path": rel, "error": "not an image file (unsupported extension)"})
                 continue
-            files.append((rel, cdir.name, f))
-    if isinstance(root, Path) or len(files) < 64:
-        stats = [_stat(f) for _, _, f in files]
-    else:
-        with ThreadPoolExecutor(max_workers=max(1, io_concurrency)) as pool:
-            stats = list(pool.map(lambda t: _stat(t[2]), files))
+            if isinstance(f, os.DirEntry):
+                st = f.stat()
+                files.append((rel, cdir.name, f.path))
+                stats.append((int(st.st_size), str(st.st_mtime_ns)))
+            else:
+                files.append((rel, cdir.name, f))
+    if len(stats) != len(files):  # object storage: stat with bounded concurrency
+        if len(files) < 64:
+            stats = [_stat(f) for _, _, f in files]
+        else:
+            with ThreadPoolExecutor(max_workers=max(1, io_concurrency)) as pool:
+                stats = list(pool.map(lambda t: _stat(t[2]), files))
     entries = [FileEntry(rel, cls, f, size, mtime) for (rel, cls, f), (size, mtime) in zip(files, stats)]
     if not entries:
         raise DataError(f"imagefolder source {where}{root_s!r} holds no image files "
@@ -183,7 +195,7 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
 
 
 def read_bytes(path: Any) -> bytes:
-    if isinstance(path, Path):
+    if isinstance(path, (str, Path)):
         with open(path, "rb") as f:
             return f.read()
     return path.read_bytes()
