@@ -96,12 +96,13 @@ def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
 class ServerProcess:
     """``python -m serving.server`` on 127.0.0.1 (started by us, stopped by PID)."""
 
-    def __init__(self, model_dir: Path, threads: int, **env: str):
+    def __init__(self, model_dir: Path, threads: int, instances: int = 0, **env: str):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
         e.update({"NIGHTSHIFT_MODEL_DIR": str(model_dir), "NIGHTSHIFT_PORT": str(self.port),
-                  "NIGHTSHIFT_ORT_THREADS": str(threads), "PYTHONPATH": str(ROOT / "plugins" / "nightshift")}, **env)
+                  "NIGHTSHIFT_ORT_THREADS": str(threads), "NIGHTSHIFT_MODEL_INSTANCES": str(instances),
+                  "PYTHONPATH": str(ROOT / "plugins" / "nightshift")}, **env)
         t0 = time.perf_counter()
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=e,
                                      cwd=ROOT / "plugins" / "nightshift", stderr=subprocess.PIPE, text=True)
@@ -125,15 +126,17 @@ def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = 
     return run_load(url, req, concurrency=concurrency, duration_s=seconds, timeout_s=2.0, warmup_s=0.5).summary()
 
 
-def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads: int) -> dict:
+def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads: int, instances: int = 1) -> dict:
+    """One model under load; the server runs ``instances`` batches at once, each on ``threads``
+    intra-op threads; the in-process baseline runs one session on ``threads`` threads."""
     model_dir = export_model(arch, work)
-    out: dict = {"arch": arch, "threads": threads, "repeats": repeats, "seconds": seconds}
+    out: dict = {"arch": arch, "threads": threads, "instances": instances, "repeats": repeats, "seconds": seconds}
     direct, direct16, c1_bin, c1_json, ready = [], [], [], [], []
     levels = {c: [] for c in (1, 4, 16, 64)}
     for _ in range(repeats):  # interleaved so machine noise hits every figure
         direct.append(in_process_rate(model_dir, threads, seconds))
         direct16.append(in_process_rate(model_dir, threads, seconds, batch=16))
-        srv = ServerProcess(model_dir, threads)
+        srv = ServerProcess(model_dir, threads, instances)
         ready.append(srv.ready_s)
         try:
             for c in levels:
@@ -166,15 +169,32 @@ def bench_model(arch: str, work: Path, *, repeats: int, seconds: float, threads:
     return out
 
 
-def soak(work: Path, seconds: float, threads: int) -> dict:
+def soak(work: Path, seconds: float, threads: int, instances: int) -> dict:
     model_dir = export_model("small_cnn", work)
-    srv = ServerProcess(model_dir, threads)
+    srv = ServerProcess(model_dir, threads, instances)
     try:
         r = load(srv.url, "small_cnn", 64, seconds)
+        r["server_loop_lag"] = loop_lag(srv.url)
     finally:
         srv.stop()
     r["5xx"] = sum(v for k, v in r["status_counts"].items() if k.startswith("5"))
     return r
+
+
+def loop_lag(url: str) -> dict:
+    """The server's event-loop lag histogram: how often its 100 ms timer ran 0.5 s / 1 s / 2.5 s late.
+    Timeouts with no server lag behind them were the client's (or the machine's) stall."""
+    import requests
+
+    text = requests.get(f"{url}/metrics", timeout=5).text
+    buckets = {}
+    for line in text.splitlines():
+        if line.startswith("nightshift_event_loop_lag_seconds_bucket"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[le] = float(line.rsplit(" ", 1)[1])
+    total = buckets.get("+Inf", 0.0)
+    return {"samples": int(total), **{f"over_{le}s": int(total - buckets[le]) for le in ("0.5", "1.0", "2.5")
+                                       if le in buckets}}
 
 
 def bench_image(work: Path, repeats: int = 5) -> dict:
@@ -210,14 +230,14 @@ def bench_image(work: Path, repeats: int = 5) -> dict:
 def render_markdown(r: dict) -> str:
     """The serving section of docs/benchmarks.md."""
     rows = []
-    for key in [k for k in r if k.startswith("small_cnn_t")] + ["resnet18"]:
+    for key in [k for k in r if k.startswith("small_cnn_t")] + [k for k in r if k.startswith("resnet18")]:
         m = r.get(key)
         if not m:
             continue
         lv = {c: m[f"c{c}"] for c in (1, 4, 16, 64)}
         p99s = " / ".join(f"{lv[c]['p99_ms']:.1f}" for c in lv)
         rows.append(
-            f"| {m['arch']} | {m['threads']} | {m['in_process_calls_per_s']:,.0f}/s | {lv[1]['rps']:,.0f}/s | "
+            f"| {m['arch']} | {m['threads']} × {m.get('instances', 1)} | {m['in_process_calls_per_s']:,.0f}/s | {lv[1]['rps']:,.0f}/s | "
             f"**{m['ratio_c1_binary_vs_in_process']:.2f}×** | {lv[16]['rps']:,.0f}/s | **{m['ratio_c16_vs_c1']:.2f}×** | "
             f"{m.get('ratio_in_process_batch16_vs_batch1', float('nan')):.2f}× | "
             f"{p99s} | **{m['ratio_c64_p99_vs_p50']:.2f}×** | "
@@ -243,7 +263,7 @@ request, 2 s timeout); baseline: ONNX Runtime `session.run` on one image in proc
 same model file and thread count. Medians of repeats; each load level runs 5 s after a
 0.5 s warm-up. Random-weight models exported the pipeline's way.
 
-| model | ORT threads | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | in process b16/b1 (ceiling) | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
+| model | ORT threads × instances | in process | c=1 binary | c=1 / in process | c=16 | c=16 / c=1 | in process b16/b1 (ceiling) | p99 ms at c=1/4/16/64 | c=64 p99/p50 | timeouts / 503s | c=1 JSON (binary/JSON) | ready |
 |---|---|---|---|---|---|---|---|---|---|---|---|---|
 {chr(10).join(rows)}
 
@@ -270,8 +290,10 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s per level")
     ap.add_argument("--soak", type=float, default=0, help="also run a soak of this many seconds at 64 connections")
-    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                    help="ONNX Runtime intra-op threads (both sides); one full run per value")
+    ap.add_argument("--layouts", nargs="+", default=["1x2", "1x1", "2x1"],
+                    help="THREADSxINSTANCES: ONNX Runtime intra-op threads (both sides) and model instances "
+                         "(server); one full small_cnn run per value; the first is also used for resnet18 "
+                         "and the soak")
     ap.add_argument("--only-image", action="store_true", help="only the image size / time-to-ready figures")
     ap.add_argument("--skip-small", action="store_true",
                     help="keep the small_cnn figures already in the JSON; run resnet18, the soak and the image")
@@ -300,13 +322,17 @@ def main() -> int:
         if not (args.skip_small and "image" in results):
             results["image"] = bench_image(work)
             print(json.dumps(results["image"], indent=1), flush=True)
-        for th in ([] if args.skip_small else args.threads):
-            results[f"small_cnn_t{th}"] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=th)
-            print(json.dumps(results[f"small_cnn_t{th}"], indent=1), flush=True)
-        results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=args.threads[0])
+        layouts = [tuple(int(v) for v in lay.lower().split("x")) for lay in args.layouts]
+        for th, inst in ([] if args.skip_small else layouts):
+            key = f"small_cnn_t{th}i{inst}"
+            results[key] = bench_model("small_cnn", work, repeats=repeats, seconds=seconds, threads=th,
+                                       instances=inst)
+            print(json.dumps(results[key], indent=1), flush=True)
+        th, inst = layouts[0]
+        results["resnet18"] = bench_model("resnet18", work, repeats=1, seconds=seconds, threads=th, instances=inst)
         print(json.dumps(results["resnet18"], indent=1), flush=True)
         if args.soak:
-            results["soak"] = soak(work, args.soak, args.threads[0])
+            results["soak"] = soak(work, args.soak, th, inst)
             print(json.dumps(results["soak"], indent=1), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     write_section(results)

@@ -75,6 +75,8 @@ class LoadResult:
     latencies_ms: list[float] = field(default_factory=list)
     status_counts: dict[int, int] = field(default_factory=dict)
     timeouts: int = 0
+    #: seconds after the start of recording at which each timed-out request was sent (when stalls happen)
+    timeout_at_s: list[float] = field(default_factory=list)
     connection_errors: int = 0
     error_samples: list[str] = field(default_factory=list)
 
@@ -101,6 +103,7 @@ class LoadResult:
             "throughput_ips": round(self.ok * self.images_per_request / self.duration_s, 2)
             if self.duration_s > 0 else None,
             "latency_ms": pct, "error_samples": self.error_samples[:5],
+            "timeout_at_s": sorted(round(t, 2) for t in self.timeout_at_s)[:200],
         }
 
 
@@ -135,6 +138,7 @@ async def _client(host: str, port: int, request: bytes, deadline: float, timeout
             except asyncio.TimeoutError:
                 if t0 >= record_from:
                     result.timeouts += 1
+                    result.timeout_at_s.append(t0 - record_from)
                 if writer is not None:
                     writer.close()
                 reader = writer = None

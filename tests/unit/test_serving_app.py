@@ -173,6 +173,49 @@ def test_batcher_coalesces_and_splits_in_order():
     assert max(r.batch_size for r in results) == max(calls)
 
 
+@pytest.mark.parametrize("instances", [1, 2])
+def test_batcher_instances_run_batches_at_once(instances):
+    """``instances`` workers run that many batches at the same time on one predict function:
+    with two, two single-image batches meet inside predict (the barrier passes); with one
+    they cannot, and the barrier's timeout fails them."""
+    barrier = threading.Barrier(2, timeout=1.0)
+    running, peak = [0], [0]
+    lock = threading.Lock()
+
+    def predict(pixels):
+        with lock:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        try:
+            barrier.wait()
+        finally:
+            with lock:
+                running[0] -= 1
+        return {"logits": np.zeros((len(pixels), 3), np.float32)}
+
+    b = DynamicBatcher(predict, max_batch_size=1, instances=instances).start()
+
+    async def main():
+        return await asyncio.gather(*(b.submit(np.zeros((1, 2, 2, 1), np.uint8)) for _ in range(2)),
+                                    return_exceptions=True)
+
+    results = asyncio.run(main())
+    b.stop()
+    assert peak[0] == instances
+    failed = [r for r in results if isinstance(r, Exception)]
+    assert (not failed) if instances == 2 else (len(failed) >= 1)
+
+
+def test_ort_layout_defaults_to_one_thread_per_instance_per_cpu():
+    from nightshift.serving.server import ort_layout
+
+    assert ort_layout(4) == (1, 4)
+    assert ort_layout(4, threads=2) == (2, 2)
+    assert ort_layout(4, threads=8) == (8, 1)
+    assert ort_layout(4, instances=1) == (1, 1)
+    assert ort_layout(0) == (1, 1)
+
+
 def test_batcher_queue_full_is_overloaded():
     calls: list[int] = []
     b = DynamicBatcher(_slow_predict(0.2, calls), max_batch_size=1, max_queue_size=2).start()

@@ -79,6 +79,7 @@ class AppConfig:
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024
     max_queue_wait_ms: float = 1000.0
+    instances: int = 1
     access_log_sample: float = 0.01
     max_image_bytes: int = 16 << 20
 
@@ -107,9 +108,11 @@ class InferenceApp:
             model.predict, max_batch_size=self.config.max_batch_size,
             max_queue_delay_ms=self.config.max_queue_delay_ms, max_queue_size=self.config.max_queue_size,
             max_queue_wait_ms=self.config.max_queue_wait_ms, observe=self.metrics.observe_batch,
+            instances=self.config.instances,
         )
         self.metrics.bind(self)
         self._rng = random.Random()
+        self._watch: asyncio.Task | None = None
 
     # -- ASGI -----------------------------------------------------------------------------
 
@@ -126,17 +129,36 @@ class InferenceApp:
                 self.startup()
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
+                if self._watch is not None:
+                    self._watch.cancel()
                 await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
     def startup(self) -> None:
-        """Start the batcher; load the model in the background if needed."""
+        """Start the batcher and the event-loop watch; load the model in the background if needed."""
         self.batcher.start()
+        try:
+            self._watch = asyncio.get_running_loop().create_task(self._watch_loop())
+        except RuntimeError:  # called outside an event loop (tests)
+            pass
         if not self.model.ready and self.loader is not None:
             import threading
 
             threading.Thread(target=self._load, name="model-load", daemon=True).start()
+
+    async def _watch_loop(self, interval_s: float = 0.1, warn_s: float = 0.5) -> None:
+        """Measure how late a timer fires: a blocked or CPU-starved event loop delays every
+        request at once (``nightshift_event_loop_lag_seconds``; a WARNING past ``warn_s``)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t = loop.time()
+            await asyncio.sleep(interval_s)
+            lag = max(0.0, loop.time() - t - interval_s)
+            self.metrics.loop_lag.observe(lag)
+            if lag > warn_s:
+                log.warning("the event loop ran %.0f ms late: every request waited that long "
+                            "(CPU starvation or blocking work on the loop)", lag * 1000)
 
     def _load(self) -> None:
         try:

@@ -2,9 +2,13 @@
 
 Standard library + numpy only (copied into the inference image).
 
-Triton semantics: requests wait in a bounded queue; one worker thread takes
+Triton semantics: requests wait in a bounded queue; a worker thread takes
 the oldest, then adds queued requests while the batch stays within
-``max_batch_size`` images. It waits up to ``max_queue_delay_ms`` for more only
+``max_batch_size`` images. ``instances`` worker threads (Triton's instance
+group count) run batches at the same time on the one ONNX Runtime session,
+whose ``run`` is thread-safe: with one intra-op thread each, a model that
+gains little from larger batches on a CPU (a small CNN is compute-bound at
+batch 1) still uses every core under load. It waits up to ``max_queue_delay_ms`` for more only
 while other requests are known to be on their way (accepted by the HTTP layer
 but not yet queued), so a lone client (concurrency 1) never pays the delay.
 When the queue holds ``max_queue_size`` images, or the images already waiting
@@ -77,6 +81,7 @@ class DynamicBatcher:
     :param max_queue_wait_ms: longest a request may wait for its batch (estimated at
         admission from the measured per-image time, enforced when the batch forms).
     :param observe: optional ``(batch_images, inference_s)`` callback per batch (metrics).
+    :param instances: batches that may run at once (worker threads).
     """
 
     def __init__(
@@ -88,11 +93,14 @@ class DynamicBatcher:
         max_queue_size: int = DEFAULT_MAX_QUEUE_SIZE,
         max_queue_wait_ms: float = DEFAULT_MAX_QUEUE_WAIT_MS,
         observe: Callable[[int, float], None] | None = None,
+        instances: int = 1,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         if max_queue_size < 1:
             raise ValueError(f"max_queue_size must be >= 1, got {max_queue_size}")
+        if instances < 1:
+            raise ValueError(f"instances must be >= 1, got {instances}")
         if max_queue_delay_ms < 0:
             raise ValueError(f"max_queue_delay_ms must be >= 0, got {max_queue_delay_ms}")
         self.predict = predict
@@ -100,6 +108,7 @@ class DynamicBatcher:
         self.max_queue_delay_s = float(max_queue_delay_ms) / 1000.0
         self.max_queue_size = int(max_queue_size)
         self.max_queue_wait_s = float(max_queue_wait_ms) / 1000.0
+        self.instances = int(instances)
         self._per_image_s = 0.0  # moving average of inference time per image
         self.expired = 0  # requests answered 503 because they waited too long
         self.observe = observe
@@ -108,11 +117,11 @@ class DynamicBatcher:
         self._incoming = 0  # requests announced (expect()) but not yet submitted
         self._cond = threading.Condition()
         self._stopping = False
-        self._busy = False  # a batch (or an inline call) is running
+        self._running = 0  # batches (or an inline call) running now
         #: ``() -> requests the HTTP server is handling now`` (uvicorn's task count); when set and
         #: it reports 1 and nothing is queued or running, the request runs inline (see :meth:`_inline`)
         self.concurrent_requests: Callable[[], int] | None = None
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
 
     # -- client side (event loop) -----------------------------------------------------
 
@@ -148,10 +157,10 @@ class DynamicBatcher:
             if announced:
                 self._incoming = max(0, self._incoming - 1)
             probe = self.concurrent_requests
-            inline = (probe is not None and not self._busy and not self._queue and self._incoming == 0
+            inline = (probe is not None and not self._running and not self._queue and self._incoming == 0
                       and not self._stopping and probe() <= 1)
             if inline:
-                self._busy = True
+                self._running += 1
         if inline:
             return self._inline(item)
         with self._cond:
@@ -161,7 +170,7 @@ class DynamicBatcher:
                 raise Overloaded(
                     f"the batching queue is full ({self._queued_images} images waiting, limit "
                     f"{self.max_queue_size}); retry later", retry_after_s=1)
-            expected = self._queued_images * self._per_image_s
+            expected = self._queued_images * self._per_image_s / self.instances
             if self._queued_images and expected > self.max_queue_wait_s:
                 raise Overloaded(
                     f"the batching queue holds {self._queued_images} images, about {expected * 1000:.0f} ms of "
@@ -188,7 +197,7 @@ class DynamicBatcher:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}") from exc
         finally:
             with self._cond:
-                self._busy = False
+                self._running -= 1
                 self._cond.notify_all()
         elapsed = time.perf_counter() - start
         n = int(item.pixels.shape[0])
@@ -204,10 +213,12 @@ class DynamicBatcher:
     # -- worker side --------------------------------------------------------------------
 
     def start(self) -> "DynamicBatcher":
-        """Start the worker thread (idempotent)."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="batcher", daemon=True)
-            self._thread.start()
+        """Start the worker threads (idempotent)."""
+        if not self._threads:
+            self._threads = [threading.Thread(target=self._run, name=f"batcher-{i}", daemon=True)
+                             for i in range(self.instances)]
+            for t in self._threads:
+                t.start()
         return self
 
     def stop(self, timeout_s: float = 10.0) -> None:
@@ -215,12 +226,13 @@ class DynamicBatcher:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
 
     def _take(self) -> list[_Item] | None:
         with self._cond:
-            while not self._queue or self._busy:
+            while not self._queue or self._running >= self.instances:
                 if self._stopping and not self._queue:
                     return None
                 self._cond.wait()
@@ -245,7 +257,7 @@ class DynamicBatcher:
                 if self._incoming <= 0 or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
-            self._busy = True
+            self._running += 1
             return batch
 
     def _expired(self, item: _Item) -> bool:
@@ -268,13 +280,14 @@ class DynamicBatcher:
                 return
             if not batch:
                 with self._cond:
-                    self._busy = False
+                    self._running -= 1
+                    self._cond.notify_all()
                 continue
             try:
                 self._execute(batch)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._running -= 1
                     self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:

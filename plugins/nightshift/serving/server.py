@@ -25,7 +25,9 @@ variable                            meaning                                     
 ``NIGHTSHIFT_MAX_QUEUE_WAIT_MS``    longest wait for a batch; beyond: 503 + Retry-After   1000
 ``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
 ``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
-``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads                         container CPUs
+``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads per model instance      1
+``NIGHTSHIFT_MODEL_INSTANCES``      batches run at once on the session (Triton's          CPUs / threads
+                                    instance count)
 ``NIGHTSHIFT_LOG_LEVEL``            log level (JSON lines on stderr)                      WARNING
 ``NIGHTSHIFT_ACCESS_LOG_SAMPLE``    fraction of requests in the access log                0.01
 ``NIGHTSHIFT_REQUEST_LOG_DIR``      request-log directory (drift monitoring); unset: off  (unset)
@@ -189,8 +191,25 @@ def resolve_model_uri(uri: str, workdir: str | os.PathLike[str] | None = None) -
 # --------------------------------------------------------------------------- running
 
 
-def _config_from_env(max_body_bytes: int | None = None) -> AppConfig:
+def ort_layout(cpus: int, threads: int = 0, instances: int = 0) -> tuple[int, int]:
+    """``(intra-op threads per instance, model instances)`` for ``cpus`` CPUs; 0 = choose.
+
+    By default one intra-op thread per instance and one instance per CPU: a batch of
+    one image of a small CNN does not get faster on more threads (ONNX Runtime's
+    per-operator thread hand-offs cost more than they save, ``docs/benchmarks.md``),
+    while concurrent batches on separate cores do scale. Set ``NIGHTSHIFT_ORT_THREADS``
+    for a large model whose single requests must be fast; the instances then default
+    to the CPUs left for them.
+    """
+    cpus = max(1, int(cpus))
+    threads = int(threads) if threads and threads > 0 else 1
+    instances = int(instances) if instances and instances > 0 else max(1, cpus // threads)
+    return threads, instances
+
+
+def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> AppConfig:
     return AppConfig(
+        instances=instances,
         max_body_bytes=max_body_bytes or _env("NIGHTSHIFT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
         body_timeout_s=_env("NIGHTSHIFT_BODY_TIMEOUT_S", 30.0, float),
         max_batch_size=_env("NIGHTSHIFT_MAX_BATCH_SIZE", 32),
@@ -291,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         pass  # a host name
 
     cpus = container_cpus()
-    threads = _env("NIGHTSHIFT_ORT_THREADS", 0) or cpus
+    threads, instances = ort_layout(cpus, _env("NIGHTSHIFT_ORT_THREADS", 0), _env("NIGHTSHIFT_MODEL_INSTANCES", 0))
     model_uri = os.environ.get("MODEL_URI", "").strip()
     model = Model(args.model_dir if not model_uri else ".", name=None if not model_uri else "pending",
                   max_batch=_env("NIGHTSHIFT_MAX_BATCH", DEFAULT_MAX_BATCH), intra_op_threads=threads)
@@ -314,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("request log directory %s is not writable: %s", log_dir, exc)
             return 2
-    app = InferenceApp(model, _config_from_env(), request_log=request_log, loader=load)
+    app = InferenceApp(model, _config_from_env(instances=instances), request_log=request_log, loader=load)
     try:
         srv = InferenceServer(app, args.host, args.port,
                               graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
@@ -328,8 +347,8 @@ def main(argv: list[str] | None = None) -> int:
         srv.server.should_exit = True
 
     app.on_load_failed = failed
-    logging.getLogger("nightshift.serving.lifecycle").info("serving %s on %s (pid %d, %d CPU(s), %d ORT thread(s), batch <= %d, queue <= %d)",
-                model_uri or args.model_dir, srv.url, os.getpid(), cpus, threads, app.config.max_batch_size,
+    logging.getLogger("nightshift.serving.lifecycle").info("serving %s on %s (pid %d, %d CPU(s), %d model instance(s) x %d ORT thread(s), batch <= %d, queue <= %d)",
+                model_uri or args.model_dir, srv.url, os.getpid(), cpus, instances, threads, app.config.max_batch_size,
                 app.config.max_queue_size)
     # uvicorn handles SIGTERM/SIGINT (drain, then stop) and re-raises the signal once it
     # is done; these handlers receive that re-raise, so a graceful stop exits 0.
