@@ -90,9 +90,14 @@ def _version_dict(mv) -> dict[str, Any]:
 
 
 def get_champion(c, model_name: str) -> dict[str, Any] | None:
-    """The model version the ``champion`` alias points to, or None.
+    """The model version the ``champion`` alias points to, or None (see :func:`get_alias`)."""
+    return get_alias(c, model_name, CHAMPION)
 
-    ``None`` means only "the registered model or its ``champion`` alias does not
+
+def get_alias(c, model_name: str, alias: str) -> dict[str, Any] | None:
+    """The model version ``alias`` points to, or None.
+
+    ``None`` means only "the registered model or that alias does not
     exist". Any other registry error (unreachable, permission denied, a broken
     store) raises :class:`RegistryError`: a gate that cannot read the champion
     must not pass as "nothing to beat" (fail closed).
@@ -108,13 +113,13 @@ def get_champion(c, model_name: str) -> dict[str, Any] | None:
         if is_not_found(exc):
             return None
         raise _registry_error("reading the registered model", model_name, exc) from exc
-    version = (rm.aliases or {}).get(CHAMPION)
+    version = (rm.aliases or {}).get(alias)
     if version is None:
         return None
     try:
         mv = c.get_model_version(model_name, str(version))
     except MlflowException as exc:  # the alias names a version: even "not found" is an inconsistency
-        raise _registry_error(f"reading champion v{version}", model_name, exc) from exc
+        raise _registry_error(f"reading {alias} v{version}", model_name, exc) from exc
     return _version_dict(mv)
 
 

@@ -90,15 +90,54 @@ class BuildInferenceImageOperator(NightshiftOperator):
             result.update(pushed)
             self.log.info("Pushed %s (%s)", pushed["pushed"], pushed["digest"])
         if self.keep_images not in (None, "", "None") and in_image:
-            removed = prune_candidates(self.docker_client, repository=self.repository, model_name=self.model_name,
-                                       keep=int(self.keep_images),
-                                       protect={result["image"], result["image_id"], *(self.protect or [])})
-            if removed:
-                self.log.info("Retention removed %d old image(s): %s", len(removed), removed)
-            result["removed_images"] = removed
+            protect = self.protected_images(result)
+            if protect is None:
+                result["removed_images"] = []
+            else:
+                removed = prune_candidates(self.docker_client, repository=self.repository,
+                                           model_name=self.model_name, keep=int(self.keep_images), protect=protect)
+                if removed:
+                    self.log.info("Retention removed %d old image(s): %s", len(removed), removed)
+                result["removed_images"] = removed
         keys = ("image", "image_id", "build_key", "reused", "size_bytes", "base_image", "serving_requirements",
                 "build_seconds", "labels", "pushed", "digest", "removed_images")
         return {k: result[k] for k in keys if k in result}
+
+    def protected_images(self, result: dict[str, Any]) -> set[str] | None:
+        """Images retention must never remove: this build, ``protect``, the images of the
+        versions holding the ``champion`` and ``challenger`` aliases, and what the local
+        deployment serves now and served before (the rollback target).
+
+        :returns: ``None`` when the registry cannot be read: which image is the
+            champion's is then unknown, so nothing is removed (fail closed).
+        """
+        import json
+
+        from nightshift import contracts, registry
+        from nightshift.errors import RegistryError
+
+        keep = {result["image"], result["image_id"], *(self.protect or [])}
+        try:
+            versions = [registry.get_champion(self.mlflow, self.model_name),
+                        registry.get_alias(self.mlflow, self.model_name, contracts.CHALLENGER)]
+        except RegistryError as exc:
+            self.log.warning("Retention skipped: cannot tell which image is the champion's (%s)", exc)
+            return None
+        for mv in versions:
+            tags = (mv or {}).get("tags") or {}
+            keep.update(t for t in (tags.get(contracts.tag(contracts.VersionTag.IMAGE)),
+                                    tags.get(contracts.tag(contracts.VersionTag.IMAGE_ID))) if t)
+        state_path = contracts.deployment_path(self.settings.artifact_root, self.model_name)
+        if state_path.is_file():
+            try:
+                state = json.loads(state_path.read_text())
+            except (OSError, ValueError) as exc:
+                self.log.warning("Retention skipped: the deployment state %s is unreadable (%s)", state_path, exc)
+                return None
+            for entry in (state, state.get("previous") or {}):
+                keep.update(v for v in (entry.get("image"), entry.get("image_id")) if v)
+        keep.discard(None)
+        return keep
 
     def on_kill(self) -> None:
         if self._builder is not None:
