@@ -374,6 +374,35 @@ def test_request_log_never_blocks_and_counts_drops(tmp_path):
     rl.close()
 
 
+def test_request_log_publishes_a_killed_servers_files_but_not_a_live_ones(tmp_path):
+    from nightshift.serving.requestlog import RequestLog
+
+    sample = (np.zeros((1, 2, 2, 1), np.uint8), {"logits": np.zeros((1, 3), np.float32)})
+    meta = {"model_name": "m", "model_version": "1", "class_names": ["a", "b", "c"], "endpoint": "infer"}
+    live = RequestLog(tmp_path, sample_rate=1.0, rotate_s=3600)
+    assert live.submit(*sample, **meta)
+    deadline = time.monotonic() + 5
+    while live.written < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    (live_part,) = tmp_path.glob("requests-*.jsonl.part")
+    # what a SIGKILLed server leaves: a .part file nobody holds, its last line cut short
+    dead = tmp_path / "requests-20260101T000000-deadhost-7-abc123-00001.jsonl.part"
+    dead.write_text('{"schema":"nightshift.request_log/1","n":1}\n{"schema":"nightshift.req')
+    (tmp_path / "requests-20260101T000000-deadhost-7-abc123-00002.jsonl.part").write_text('{"cut')  # no full line
+
+    restarted = RequestLog(tmp_path, sample_rate=1.0)
+
+    assert [p.name for p in restarted.recovered] == [dead.name[:-len(".part")]]
+    assert (tmp_path / dead.name[:-len(".part")]).read_text() == '{"schema":"nightshift.request_log/1","n":1}\n'
+    assert not (tmp_path / "requests-20260101T000000-deadhost-7-abc123-00002.jsonl.part").exists()
+    assert live_part.exists()  # the running server's file is left to it
+    live.close()
+    restarted.close()
+    assert not list(tmp_path.glob("*.part"))
+    records = [json.loads(line) for f in tmp_path.glob("requests-*.jsonl") for line in f.read_text().splitlines()]
+    assert sum(r.get("model_name") == "m" for r in records) == 1
+
+
 def test_request_log_sampling_rate():
     from nightshift.serving.requestlog import RequestLog
     import tempfile

@@ -9,19 +9,25 @@ queue (``O(1)``, never blocks; when the queue is full the sample is dropped and
 counted). A writer thread computes the profile features -- with the *same*
 function the training profile table uses (``nightshift.data.decode.image_stats``,
 copied into the image as ``serving/decode.py``) -- and appends JSON lines to
-``<dir>/requests-<start>-<pid>-<seq>.jsonl.part``; the file is renamed to
-``.jsonl`` when it is rotated (by size or age) or the server stops, so a reader
-only ever sees complete files.
+``<dir>/requests-<start>-<writer>-<seq>.jsonl.part`` (``<writer>``: host name,
+pid and a random token, unique across the containers of a blue/green switch
+that share the directory); the file is renamed to ``.jsonl`` when it is rotated
+(by size or age) or the server stops, so a reader only ever sees complete
+files. The writer holds an exclusive ``flock`` on its open file: a server that
+starts publishes the ``.part`` files nobody holds any more (left by a killed
+server), cut after their last complete line.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
-
 import os
 import queue
 import random
+import secrets
+import socket
 import threading
 import time
 from datetime import datetime, timezone
@@ -80,6 +86,44 @@ def build_records(pixels: np.ndarray, outputs: dict[str, np.ndarray], *, model_n
     return out
 
 
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:32] or "host"
+
+
+def recover_orphans(directory: Path) -> list[Path]:
+    """Publish the ``.part`` files no live writer holds (a killed server's), cut after
+    their last complete line; empty ones are removed. Never blocks.
+
+    :returns: the files published.
+    """
+    published = []
+    for part in sorted(directory.glob(FILE_GLOB + ".part")):
+        try:
+            with open(part, "r+b") as fh:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # a running server is writing it
+                data = fh.read()
+                end = data.rfind(b"\n") + 1  # a line cut by the kill is dropped
+                if end == 0:
+                    part.unlink()
+                    continue
+                if end < len(data):
+                    fh.truncate(end)
+                final = part.with_suffix("")
+                os.replace(part, final)
+                published.append(final)
+        except FileNotFoundError:
+            continue  # published or removed by another server meanwhile
+        except OSError as exc:
+            log.warning("request log: could not recover %s: %s", part, exc)
+    if published:
+        log.warning("request log: published %d file(s) left by a server that stopped without closing them",
+                    len(published))
+    return published
+
+
 class RequestLog:
     """Sampled, rotating, non-blocking request log.
 
@@ -114,6 +158,8 @@ class RequestLog:
         self._path: Path | None = None
         self._opened = 0.0
         self._seq = 0
+        self._writer = f"{_safe(socket.gethostname())}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.recovered = recover_orphans(self.directory)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="request-log", daemon=True)
         self._thread.start()
@@ -170,8 +216,9 @@ class RequestLog:
         if self._file is None:
             stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
             self._seq += 1
-            self._path = self.directory / f"requests-{stamp}-{os.getpid()}-{self._seq:05d}.jsonl.part"
+            self._path = self.directory / f"requests-{stamp}-{self._writer}-{self._seq:05d}.jsonl.part"
             self._file = open(self._path, "a", encoding="utf-8")  # noqa: SIM115 - kept open across writes
+            fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we write it
             self._opened = time.monotonic()
         self._file.write(text)
         self._file.flush()
