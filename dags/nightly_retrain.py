@@ -122,6 +122,11 @@ default_args = {
                               description="Offline test-accuracy floor. Empty: include/gates.yaml"),
         "max_p95_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p95 latency budget (ms)",
                                     description="Served p95 latency budget. Empty: include/gates.yaml"),
+        "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p99 latency budget (ms)",
+                                    description="Served p99 latency budget under load. Empty: include/gates.yaml"),
+        "min_throughput_rps": Param(None, type=["null", "number"], minimum=0, title="Throughput floor (requests/s)",
+                                    description="Requests answered per second in system_eval's load phase, at least. "
+                                                "Empty: include/gates.yaml"),
         "served_accuracy_tolerance": Param(None, type=["null", "number"], minimum=0,
                                            title="Served vs offline accuracy tolerance",
                                            description="Max |served − offline| accuracy. Empty: include/gates.yaml"),
@@ -167,8 +172,8 @@ def nightly_retrain():
         drift=drift.output,
         require_approval="{{ params.require_approval }}",
         thresholds={k: "{{ params.%s }}" % k for k in
-                    ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
-                     "champion_relative_tolerance")},
+                    ("min_accuracy", "max_p95_latency_ms", "max_p99_latency_ms", "min_throughput_rps",
+                     "served_accuracy_tolerance", "champion_tolerance", "champion_relative_tolerance")},
     )
     approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output)
     final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,

@@ -17,8 +17,8 @@ NOT_BLESSED = "NOT_BLESSED"
 #: ``champion_tolerance`` / ``champion_relative_tolerance`` are TFX-style change
 #: thresholds (higher is better): the candidate may be at most this much (absolute,
 #: and relative to the champion) below the champion re-scored on the same examples.
-THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "served_accuracy_tolerance", "champion_tolerance",
-                  "champion_relative_tolerance")
+THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "max_p99_latency_ms", "min_throughput_rps",
+                  "served_accuracy_tolerance", "champion_tolerance", "champion_relative_tolerance")
 
 
 def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
@@ -59,6 +59,8 @@ class Evidence:
     champion_version: str | None = None  # None: there is no champion yet
     candidate_accuracy_same_split: float | None = None  # the candidate scored the same way (ONNX); default offline
     champion_error: str | None = None  # why the champion could not be re-scored (fails vs_champion)
+    p99_latency_ms: float | None = None  # the load phase's
+    throughput_rps: float | None = None  # the load phase's answered requests per second
 
 
 @dataclass
@@ -116,6 +118,14 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
     gates.append(Gate("p95_latency", e.p95_latency_ms is not None and e.p95_latency_ms <= t["max_p95_latency_ms"],
                       e.p95_latency_ms, t["max_p95_latency_ms"],
                       f"p95 {e.p95_latency_ms if e.p95_latency_ms is not None else 'n/a'} ms vs budget {t['max_p95_latency_ms']} ms"))
+    gates.append(Gate("p99_latency", e.p99_latency_ms is not None and e.p99_latency_ms <= t["max_p99_latency_ms"],
+                      e.p99_latency_ms, t["max_p99_latency_ms"],
+                      f"p99 {e.p99_latency_ms if e.p99_latency_ms is not None else 'n/a'} ms vs budget "
+                      f"{t['max_p99_latency_ms']} ms"))
+    gates.append(Gate("throughput", e.throughput_rps is not None and e.throughput_rps >= t["min_throughput_rps"],
+                      e.throughput_rps, t["min_throughput_rps"],
+                      f"{e.throughput_rps if e.throughput_rps is not None else 'n/a (no load phase)'} requests/s "
+                      f"under load vs floor {t['min_throughput_rps']}"))
     gates.append(Gate("serving_errors", e.serving_errors == 0, e.serving_errors, 0,
                       f"{e.serving_errors} failed requests during system evaluation"))
     if e.champion_version is None:

@@ -4,13 +4,14 @@ import pytest
 
 from nightshift.gates import BLESSED, NOT_BLESSED, THRESHOLD_KEYS, Evidence, decide
 
-T = {"min_accuracy": 0.9, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01,
-     "champion_relative_tolerance": 0.02}
+T = {"min_accuracy": 0.9, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 200.0, "min_throughput_rps": 50.0,
+     "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01, "champion_relative_tolerance": 0.02}
 
 
 def good(**over) -> Evidence:
     e = dict(validation_passed=True, offline_accuracy=0.95, parity_passed=True, served_accuracy=0.95,
-             p95_latency_ms=20.0, serving_errors=0, champion_accuracy=None, champion_version=None)
+             p95_latency_ms=20.0, serving_errors=0, champion_accuracy=None, champion_version=None,
+             p99_latency_ms=40.0, throughput_rps=300.0)
     e.update(over)
     return Evidence(**e)
 
@@ -19,7 +20,8 @@ def test_all_gates_pass_blesses():
     d = decide("abc", good(), T)
     assert d.decision == BLESSED and d.blessed and all(g.passed for g in d.gates)
     assert {g.name for g in d.gates} == {"data_validation", "offline_accuracy", "onnx_parity", "served_accuracy",
-                                         "p95_latency", "serving_errors", "vs_champion"}
+                                         "p95_latency", "p99_latency", "throughput", "serving_errors",
+                                         "vs_champion"}
 
 
 @pytest.mark.parametrize("missing", THRESHOLD_KEYS)
@@ -36,6 +38,10 @@ def test_no_threshold_means_no_promotion(missing):
     ({"served_accuracy": 0.90}, "served_accuracy"),
     ({"served_accuracy": None}, "served_accuracy"),
     ({"p95_latency_ms": 150.0}, "p95_latency"),
+    ({"p99_latency_ms": 250.0}, "p99_latency"),
+    ({"p99_latency_ms": None}, "p99_latency"),
+    ({"throughput_rps": 10.0}, "throughput"),
+    ({"throughput_rps": None}, "throughput"),
     ({"serving_errors": 1}, "serving_errors"),
     ({"champion_accuracy": 0.99, "champion_version": "3"}, "vs_champion"),
 ])

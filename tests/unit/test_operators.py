@@ -107,7 +107,8 @@ def candidate(ctx):
     train = TrainGPUOperator(task_id="train", snapshot=snap, model_name="op-promote",
                              hparams={"epochs": 3, "width": 8}).execute(ctx)
     export = ExportONNXOperator(task_id="export", training=train, snapshot=snap, model_name="op-promote").execute(ctx)
-    served = {"accuracy": train["metrics"]["test_accuracy"], "errors": 0, "latency_ms": {"p95": 2.0}}
+    served = {"accuracy": train["metrics"]["test_accuracy"], "errors": 0, "latency_ms": {"p95": 2.0, "p99": 3.0},
+              "throughput_rps": 500.0}
     return {"snapshot": snap, "validation": {"success": True}, "training": train, "export": export,
             "image": {"image": "nightshift/op-promote:x"}, "system_eval": served}
 
@@ -128,7 +129,7 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     from nightshift import registry
     from nightshift.gates import THRESHOLD_KEYS
 
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate)
     out = op.execute(ctx)
     assert out["promoted"] and out["champion"] == out["version"]
@@ -155,7 +156,7 @@ def test_promote_retried_registers_one_version_and_keeps_the_first_decision(ctx,
     from nightshift import registry
     from nightshift.gates import THRESHOLD_KEYS
 
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     first = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
                                  **candidate).execute(ctx)
     retry = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
@@ -192,7 +193,7 @@ def test_registry_errors_fail_drift_check_and_promote_instead_of_passing(ctx, ca
     monkeypatch.setattr(MlflowClient, "search_model_versions", _deny)
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):  # retryable: not an AirflowFailException
         DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
         PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
     monkeypatch.undo()
@@ -208,7 +209,7 @@ def test_drift_check_without_champion_then_against_it(ctx, candidate):
 
     first = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     assert first["status"] == "no_reference" and first["drift_detected"] is False
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
     second = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     assert second["status"] == "ok" and second["drift_detected"] is False and second["drifted_share"] == 0.0
@@ -233,7 +234,7 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     op = DriftMonitorOperator(task_id="monitor", model_name="op-promote", min_rows=50, **window)
     with pytest.raises(AirflowSkipException, match="no champion"):
         op.execute(ctx)
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
     snap = load_snapshot(candidate["snapshot"]["snapshot_uri"])
     x, _ = snap.split("train")
@@ -300,7 +301,7 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
     from nightshift.gates import THRESHOLD_KEYS
     from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, require_approval=True,
                                **candidate).execute(ctx)
     c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
@@ -331,7 +332,7 @@ def test_drift_check_with_an_unreadable_champion_reference_reports_it_and_goes_o
     from nightshift.gates import THRESHOLD_KEYS
     from nightshift.operators import DriftCheckOperator
 
-    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0}
+    loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
     old = tmp_path / "format1"
     old.mkdir()

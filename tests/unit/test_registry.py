@@ -5,8 +5,8 @@ import pytest
 from nightshift import registry
 from nightshift.gates import Evidence, decide
 
-T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0,
-     "champion_relative_tolerance": 0.0}
+T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 200.0, "min_throughput_rps": 10.0,
+     "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0, "champion_relative_tolerance": 0.0}
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def _run(c, tmp_path, acc: float) -> str:
 
 def _decide(acc, champion=None):
     ev = Evidence(True, acc, True, acc, 10.0, 0, champion["acc"] if champion else None,
-                  champion["version"] if champion else None)
+                  champion["version"] if champion else None, p99_latency_ms=20.0, throughput_rps=100.0)
     return decide("cand", ev, T)
 
 

@@ -108,6 +108,8 @@ class PromoteModelOperator(NightshiftOperator):
                 parity_passed=bool(export["parity"]["passed"]),
                 served_accuracy=served.get("accuracy"),
                 p95_latency_ms=(served.get("latency_ms") or {}).get("p95"),
+                p99_latency_ms=(served.get("latency_ms") or {}).get("p99"),
+                throughput_rps=served.get("throughput_rps"),
                 serving_errors=served.get("errors"),
                 champion_accuracy=scores.get("champion"),
                 champion_version=champion["version"] if champion else None,

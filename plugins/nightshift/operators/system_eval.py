@@ -123,6 +123,7 @@ class SystemEvalOperator(NightshiftOperator):
             "errors": acc["errors"] + ((load["errors"] + load["timeouts"]) if load else 0),
             "latency_ms": (load or acc)["latency_ms"],
             "throughput_ips": (load or acc)["throughput_ips"],
+            "throughput_rps": load["throughput_rps"] if load else None,
             "accuracy_phase": {k: v for k, v in acc.items() if k != "latencies"}, "load": load, "skew": skew,
         }
         atomic_write_json(out_dir / "system_eval.json", result)
