@@ -10,7 +10,10 @@ from the Params below; every Param has a default):
    snapshot with a per-image profile; emits the `nightshift_snapshot` Asset.
 2. **validate_data** — Great Expectations over the profile and manifest; fails
    with the list of failed expectations (report in the run's artifact folder).
-3. **train_gpu** — PyTorch on CUDA when present (CPU otherwise); MLflow run.
+3. **train_gpu** — PyTorch on CUDA when present (CPU otherwise); MLflow run with
+   the snapshot as dataset input, training curves and confusion matrix. Runs on
+   this worker, a Celery GPU queue, a KubernetesExecutor GPU pod or a pod of its
+   own, as `NIGHTSHIFT_TRAIN_PLACEMENT` says (README, "Running training on GPUs").
 4. **export_onnx** — uint8 pixels in, logits + embedding out; parity with PyTorch.
 5. **build_inference_image** — ONNX Runtime server image with the model inside.
 6. **system_eval** — runs that image on loopback and sends the test split
@@ -48,13 +51,16 @@ from nightshift.operators import (
     PromoteModelOperator,
     PromotionApprovalOperator,
     SystemEvalOperator,
-    TrainGPUOperator,
     ValidateDataOperator,
+    train_task,
 )
+from nightshift.placement import TrainPlacement
 
 MODEL = "{{ params.model_name }}"
 SHAPE = "{{ params.image_shape }}"
 CLASSES = "{{ params.classes }}"
+#: Where train_gpu runs, from NIGHTSHIFT_TRAIN_PLACEMENT & co. (environment only: no I/O at parse time).
+PLACEMENT = TrainPlacement.from_env()
 
 default_args = {
     "owner": "ml-platform",
@@ -155,8 +161,9 @@ def nightly_retrain():
                                   classes=CLASSES, partition_window="{{ params.partition_window }}")
     validate = ValidateDataOperator(task_id="validate_data", snapshot=collect.output, classes=CLASSES,
                                     image_shape=SHAPE)
-    train = TrainGPUOperator(
-        task_id="train_gpu", pool="nightshift_gpu", snapshot=collect.output, model_name=MODEL, require_gpu="{{ params.require_gpu }}",
+    train = train_task(
+        PLACEMENT, task_id="train_gpu", pool="nightshift_gpu", snapshot=collect.output, model_name=MODEL,
+        require_gpu="{{ params.require_gpu }}",
         hparams={"model": "{{ params.model }}", "epochs": "{{ params.epochs }}",
                  "batch_size": "{{ params.batch_size }}", "lr": "{{ params.lr }}"},
     )

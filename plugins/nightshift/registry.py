@@ -282,6 +282,18 @@ def log_artifacts(c, run_id: str, local_dir: str | Path, artifact_path: str) -> 
     c.log_artifacts(run_id, str(local_dir), artifact_path)
 
 
+def log_dataset_input(c, run_id: str, *, name: str, digest: str, source_type: str, source: str,
+                      schema: str | None = None, profile: str | None = None, context: str = "training") -> None:
+    """Record a data set the run used as an MLflow dataset input (what ``mlflow.log_input`` does),
+    tagged ``mlflow.data.context`` = ``context``. The digest is cut to MLflow's 36 characters."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=name[:500], digest=digest[:36], source_type=source_type[:36], source=source,
+                      schema=schema, profile=profile)
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
 def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, action: str) -> dict[str, Any]:
     """Point ``champion`` at ``version`` by a person's decision (``promote_model``,
     ``rollback_model``), recording who, why and when on the version.

@@ -342,3 +342,37 @@ def test_drift_check_with_an_unreadable_champion_reference_reports_it_and_goes_o
     res = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     assert res["status"] == "reference_unavailable" and "format 1" in res["message"]
     assert res["drift_detected"] is False and res["champion_version"] == out["version"]
+
+
+def test_train_records_data_lineage_and_plots_in_mlflow(ctx, monkeypatch):
+    """What a person sees in the MLflow run: the snapshot as dataset input, lineage tags,
+    the manifest and both figures (the confusion matrix added to the real result here)."""
+    from nightshift import registry, training
+
+    real_train = training.train
+
+    def train_with_confusion(snapshot, *args, **kwargs):
+        result = real_train(snapshot, *args, **kwargs)
+        k = len(snapshot.class_names)
+        result.manifest["confusion_matrix"] = [[5 if i == j else 0 for j in range(k)] for i in range(k)]
+        result.manifest["lineage"] = {"git_sha": "0123abcd"}
+        return result
+
+    monkeypatch.setattr(training, "train", train_with_confusion)
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    op = TrainGPUOperator(task_id="train", snapshot=snap, model_name="op-see", hparams={"epochs": 2, "width": 8})
+    out = op.execute(ctx)
+    c = registry.client(op.settings.mlflow_tracking_uri)
+    run = c.get_run(out["run_id"])
+    (ds,) = run.inputs.dataset_inputs
+    assert ds.dataset.digest == snap["digest"][:36] and ds.dataset.source_type == "nightshift_snapshot"
+    assert json.loads(ds.dataset.source)["uri"] == snap["snapshot_uri"]
+    assert json.loads(ds.dataset.profile)["counts"]["total"] == 1797
+    assert {t.key: t.value for t in ds.tags}["mlflow.data.context"] == "training"
+    tags = run.data.tags
+    assert tags["nightshift.torch_version"] and tags["nightshift.device_name"]
+    assert tags["mlflow.source.git.commit"] == tags["nightshift.git_sha"] == "0123abcd"
+    listed = {f.path for f in c.list_artifacts(out["run_id"], "train")}
+    assert {"train/train_manifest.json", "train/checkpoint.pt", "train/plots"} <= listed
+    assert {f.path for f in c.list_artifacts(out["run_id"], "train/plots")} == {
+        "train/plots/curves.png", "train/plots/confusion_matrix.png"}

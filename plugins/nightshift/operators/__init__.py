@@ -2,6 +2,8 @@
 
 Importing this package is cheap (no torch, onnxruntime, GX, Evidently, MLflow or
 docker): the heavy libraries are imported inside ``execute``.
+``TrainGPUPodOperator`` is imported on first use only: it subclasses the
+cncf-kubernetes provider's pod operator, which takes seconds to import.
 """
 
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
@@ -15,7 +17,7 @@ from nightshift.operators.monitor import DriftMonitorOperator
 from nightshift.operators.approval import PromotionApprovalOperator
 from nightshift.operators.promote import FinalizePromotionOperator, PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
-from nightshift.operators.train import TrainGPUOperator
+from nightshift.operators.train import TrainGPUOperator, train_task
 from nightshift.operators.validate import ValidateDataOperator
 
 __all__ = [
@@ -33,5 +35,14 @@ __all__ = [
     "SetChampionOperator",
     "SystemEvalOperator",
     "TrainGPUOperator",
+    "train_task",
     "ValidateDataOperator",
 ]
+
+
+def __getattr__(name: str):
+    if name == "TrainGPUPodOperator":
+        from nightshift.operators.train_pod import TrainGPUPodOperator
+
+        return TrainGPUPodOperator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,17 +1,25 @@
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
 from nightshift.operators.links import MLflowRunLink
+
+if TYPE_CHECKING:
+    from nightshift.placement import TrainPlacement
 
 
 class TrainGPUOperator(NightshiftOperator):
     """Train the classifier on a snapshot: CUDA when present, else CPU.
 
-    Params and per-epoch metrics go to MLflow; the checkpoint and a run manifest
-    (versions, seed, data digest, device) go to the run's artifact folder and to
-    the MLflow run.
+    Params and per-epoch metrics go to MLflow; the checkpoint, a run manifest
+    (versions, seed, data digest, device) and plots (training curves, confusion
+    matrix) go to the run's artifact folder and to the MLflow run, the snapshot
+    is recorded as the run's dataset input (:mod:`nightshift.train_run`).
+
+    Where it runs is the DAG's business (``queue``, ``executor_config``: see
+    :func:`train_task`); :class:`~nightshift.operators.train_pod.TrainGPUPodOperator`
+    runs the same training in a pod of its own.
 
     :param snapshot: the ``collect_data`` result (XCom). (templated)
     :param hparams: overrides of ``nightshift.training.DEFAULT_HPARAMS``
@@ -34,36 +42,39 @@ class TrainGPUOperator(NightshiftOperator):
         self._stop = False
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift import registry, training
-        from nightshift.data.snapshot import load_snapshot
         from nightshift.settings import to_bool
+        from nightshift.train_run import run_training
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
-        snap = load_snapshot(snap_info["snapshot_uri"])
-        hp = training.resolve_hparams(dict(self.hparams or {}), snap.image_shape)  # None -> by input size
-        require_gpu = to_bool(self.require_gpu)
-        training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
-        out_dir = self.run_dir(context, "train")
-        c = self.mlflow
-        tags = {"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
-                "nightshift.data_digest": snap.digest, "nightshift.task": self.task_id}
-        with registry.training_run(c, self.model_name, f"{context['run_id']}", tags=tags, params=hp,
-                                   artifact_location=(self.settings.home / "mlartifacts").as_uri()) as run_id:
-            def on_epoch(epoch: int, m: dict[str, float]) -> None:
-                self.log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
-                registry.log_metrics(c, run_id, m, step=epoch)
-
-            result = training.train(snap, out_dir, hp, require_gpu=require_gpu, on_epoch=on_epoch,
-                                    should_stop=lambda: self._stop)
-            per_epoch = set(result.history[-1])
-            registry.log_metrics(c, run_id, {k: v for k, v in result.metrics.items() if k not in per_epoch},
-                                 step=hp["epochs"])
-            c.set_tag(run_id, "nightshift.device", result.manifest["device"])
-            registry.log_artifacts(c, run_id, out_dir, "train")
-        self.log.info("Trained on %s: test accuracy %.4f (%s)", result.manifest["device"],
-                      result.metrics["test_accuracy"], run_id)
-        return {"run_id": run_id, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
-                "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
+        return run_training(
+            self.mlflow, snap_info["snapshot_uri"], self.run_dir(context, "train"), self.hparams,
+            model_name=self.model_name, run_name=f"{context['run_id']}", require_gpu=to_bool(self.require_gpu),
+            tags={"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
+                  "nightshift.task": self.task_id},
+            artifact_location=(self.settings.home / "mlartifacts").as_uri(),
+            should_stop=lambda: self._stop, log=self.log,
+        )
 
     def on_kill(self) -> None:
         self._stop = True
+
+
+def train_task(placement: "TrainPlacement", **common: Any) -> Any:
+    """The ``train_gpu`` task placed as configured (:class:`nightshift.placement.TrainPlacement`).
+
+    ``local``/``celery``/``kubernetes_executor`` give a :class:`TrainGPUOperator` with the
+    placement's ``queue``, ``executor`` and GPU ``executor_config``; ``kubernetes_pod`` gives a
+    :class:`~nightshift.operators.train_pod.TrainGPUPodOperator` (imported only then: the
+    provider's pod operator is slow to import). Both take the same ``common`` arguments
+    (``task_id``, ``snapshot``, ``hparams``, ``require_gpu``, ``model_name``, ``pool`` ...) and
+    push the same XCom.
+    """
+    if placement.kind == "kubernetes_pod":
+        from nightshift.operators.train_pod import TrainGPUPodOperator
+
+        extra = {"executor": placement.executor} if placement.executor else {}
+        return TrainGPUPodOperator(image=placement.image, gpus=placement.gpus, node_selector=placement.node_selector,
+                                   tolerations=placement.tolerations, memory=placement.memory, cpu=placement.cpu,
+                                   artifact_pvc=placement.artifact_pvc, namespace=placement.namespace,
+                                   **extra, **common)
+    return TrainGPUOperator(**placement.operator_kwargs(), **common)

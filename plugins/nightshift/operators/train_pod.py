@@ -1,0 +1,134 @@
+"""``train_gpu`` in a pod of its own: the provider's KubernetesPodOperator running
+``python -m nightshift.train_cli`` on a GPU node.
+
+Importing this module imports the cncf-kubernetes provider's pod operator (seconds):
+the DAG imports it only when ``NIGHTSHIFT_TRAIN_PLACEMENT=kubernetes_pod``
+(:func:`nightshift.operators.train.train_task`).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+from nightshift.operators.base import NightshiftOperator, _fail_fast
+from nightshift.operators.links import MLflowRunLink
+from nightshift.placement import artifact_volume, gpu_resources, k8s_tolerations
+from nightshift.train_cli import XCOM_RETURN_PATH
+
+#: Variables passed from the worker's environment into the training pod (when set there).
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "NIGHTSHIFT_HOME", "NIGHTSHIFT_ARTIFACT_ROOT")
+
+
+class TrainGPUPodOperator(KubernetesPodOperator):
+    """Train the classifier in a pod of its own, on a GPU node, and push the same XCom as
+    :class:`~nightshift.operators.train.TrainGPUOperator`.
+
+    The pod runs ``python -m nightshift.train_cli --snapshot-uri … --out-dir … --hparams '<json>'
+    [--require-gpu] --result-path /airflow/xcom/return.json`` in ``image``; the provider's XCom
+    sidecar returns that JSON (``do_xcom_push`` is always on). The CLI logs to the MLflow server
+    named by ``MLFLOW_TRACKING_URI`` (forwarded from the worker, with ``MLFLOW_REGISTRY_URI``,
+    ``NIGHTSHIFT_HOME`` and ``NIGHTSHIFT_ARTIFACT_ROOT``). The artifact root must be the same
+    path for the workers and the pod: ``artifact_pvc`` is mounted at the worker's
+    ``NIGHTSHIFT_ARTIFACT_ROOT`` (unless ``artifact_mount_path`` says otherwise).
+
+    The command line, environment and volumes are built when the pod is (after templates are
+    rendered, so ``snapshot`` may be ``collect_data.output``); ``dry_run()`` prints the pod
+    without a cluster.
+
+    :param snapshot: the ``collect_data`` result (XCom). (templated)
+    :param hparams: overrides of ``nightshift.training.DEFAULT_HPARAMS``. (templated)
+    :param require_gpu: fail (exit 2, no retry) when no CUDA device is visible in the pod. (templated)
+    :param model_name: registered model name; also the MLflow experiment name. (templated)
+    :param image: the trainer image: Nightshift's plugins and CUDA-enabled torch (the project's
+        ``Dockerfile`` builds one). (templated)
+    :param gpus: ``nvidia.com/gpu`` limit.
+    :param node_selector: node labels the pod must match. (templated)
+    :param tolerations: toleration dicts (``key``, ``operator``, ``value``, ``effect``).
+    :param memory: memory request and limit, e.g. ``16Gi``.
+    :param cpu: CPU request, e.g. ``4``.
+    :param artifact_pvc: PersistentVolumeClaim that holds the artifact root; ``None`` mounts
+        nothing (the image or a pod template provides the artifact root).
+    :param artifact_mount_path: where the claim is mounted; default the worker's
+        ``NIGHTSHIFT_ARTIFACT_ROOT``.
+    :param env: more environment variables for the pod (after the forwarded ones). (templated)
+    :param kwargs: any other :class:`KubernetesPodOperator` argument (``namespace``,
+        ``service_account_name``, ``secrets``, ``image_pull_secrets`` ...).
+    """
+
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "snapshot", "hparams", "require_gpu",
+                                      "model_name", "env")
+    ui_color = "#c8e6c9"
+    operator_extra_links = (MLflowRunLink(),)
+
+    def __init__(self, *, snapshot: Any, image: str, hparams: dict[str, Any] | None = None,
+                 require_gpu: bool | str = False, model_name: str = "nightshift-classifier", gpus: int = 1,
+                 node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
+                 memory: str | None = None, cpu: str | None = None, artifact_pvc: str | None = None,
+                 artifact_mount_path: str | None = None, env: dict[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        kwargs.setdefault("name", "train-gpu")
+        kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "nightshift",
+                                     "app.kubernetes.io/component": "train"})
+        kwargs.setdefault("get_logs", True)
+        super().__init__(image=image, cmds=["python", "-m", "nightshift.train_cli"], do_xcom_push=True,
+                         container_resources=gpu_resources(gpus, memory=memory, cpu=cpu),
+                         node_selector=node_selector or {}, tolerations=k8s_tolerations(tolerations), **kwargs)
+        self.snapshot = snapshot
+        self.hparams = hparams
+        self.require_gpu = require_gpu
+        self.model_name = model_name
+        self.gpus = gpus
+        self.artifact_pvc = artifact_pvc
+        self.artifact_mount_path = artifact_mount_path
+        self.env = env or {}
+
+    def cli_arguments(self, run_id: str) -> list[str]:
+        """The ``train_cli`` arguments for the rendered ``snapshot``/``hparams``/``require_gpu``."""
+        from nightshift.artifacts import run_dir
+        from nightshift.settings import Settings, to_bool
+
+        snap_info = NightshiftOperator.require(self.snapshot, "snapshot", "collect_data")
+        out_dir = run_dir(Settings.from_env().artifact_root, self.dag_id, run_id) / "train"
+        args = ["--snapshot-uri", str(snap_info["snapshot_uri"]), "--out-dir", str(out_dir),
+                "--hparams", json.dumps(dict(self.hparams or {}), default=str), "--model-name", str(self.model_name),
+                "--run-name", run_id, "--result-path", XCOM_RETURN_PATH,
+                "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={run_id}",
+                "--tag", f"nightshift.task={self.task_id}"]
+        if to_bool(self.require_gpu):
+            args.append("--require-gpu")
+        return args
+
+    def pod_env(self) -> dict[str, str]:
+        """Forwarded ``FORWARDED_ENV`` (from this worker) + ``env``."""
+        import os
+
+        from nightshift.settings import Settings
+
+        settings = Settings.from_env()
+        env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        env.setdefault("NIGHTSHIFT_ARTIFACT_ROOT", str(settings.artifact_root))
+        env.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
+        env["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update({k: str(v) for k, v in (self.env or {}).items()})
+        return env
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
+        from nightshift.settings import Settings
+
+        run_id = str(context["run_id"]) if context and context.get("run_id") else "dry_run"
+        self.arguments = self.cli_arguments(run_id)
+        self.env_vars = self.pod_env()
+        if self.artifact_pvc:
+            volume, mount = artifact_volume(self.artifact_pvc,
+                                            self.artifact_mount_path or str(Settings.from_env().artifact_root))
+            self.volumes = [v for v in self.volumes if getattr(v, "name", None) != volume.name] + [volume]
+            self.volume_mounts = [m for m in self.volume_mounts if getattr(m, "name", None) != mount.name] + [mount]
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    @_fail_fast
+    def execute(self, context: Any) -> Any:
+        return super().execute(context)

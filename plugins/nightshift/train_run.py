@@ -1,0 +1,168 @@
+"""One training run recorded in MLflow: what ``train_gpu`` does, wherever it runs.
+
+:class:`~nightshift.operators.train.TrainGPUOperator` calls :func:`run_training` in
+the worker; ``python -m nightshift.train_cli`` calls it in a pod of its own
+(``TrainGPUPodOperator``). Both paths therefore log the same things and return
+the same small dict (:data:`RESULT_KEYS`), which goes to XCom.
+
+What a person finds in the MLflow run:
+
+- params (the resolved hyperparameters), per-epoch metrics, final metrics;
+- the snapshot as a **dataset input** (digest, source, shape and class names,
+  split and class counts), context ``training``;
+- lineage tags: data digest, device and device name, torch version, the code's
+  git commit when the training manifest carries one;
+- artifacts under ``train/``: ``checkpoint.pt``, ``train_manifest.json``,
+  ``plots/curves.png`` and ``plots/confusion_matrix.png``.
+
+Airflow-free; MLflow and torch are imported by the functions that use them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+#: The keys of the dict :func:`run_training` returns (the ``train_gpu`` XCom contract).
+RESULT_KEYS = ("run_id", "checkpoint", "metrics", "device", "train_dir", "data_digest")
+#: Where the figures go, relative to the training output folder (and to ``train/`` in MLflow).
+PLOTS_DIR = "plots"
+CURVES_PNG = "curves.png"
+CONFUSION_PNG = "confusion_matrix.png"
+#: Manifest keys that may hold the code's git commit (top level or one level down, e.g. ``lineage``).
+GIT_KEYS = ("git_sha", "git_commit", "commit_sha", "commit")
+
+_log = logging.getLogger(__name__)
+
+
+def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str, Any] | None, *, model_name: str,
+                 run_name: str, require_gpu: bool = False, tags: Mapping[str, str] | None = None,
+                 artifact_location: str | None = None, should_stop: Callable[[], bool] | None = None,
+                 log: logging.Logger | None = None) -> dict[str, Any]:
+    """Train on the snapshot at ``snapshot_uri`` inside an MLflow run of experiment ``model_name``.
+
+    :param c: an ``MlflowClient`` (:func:`nightshift.registry.client`).
+    :param out_dir: where the checkpoint, the manifest and the plots are written.
+    :param hparams: overrides of ``nightshift.training.DEFAULT_HPARAMS``.
+    :param tags: run tags (DAG id, run id, task id); the data digest and lineage are added.
+    :returns: ``run_id``, ``checkpoint``, ``metrics``, ``device``, ``train_dir``, ``data_digest``.
+    :raises GPUUnavailable: ``require_gpu`` and no CUDA device (before any MLflow run is opened).
+    """
+    from nightshift import registry, training
+    from nightshift.data.snapshot import load_snapshot
+
+    log = log or _log
+    snap = load_snapshot(snapshot_uri)
+    hp = training.resolve_hparams(dict(hparams or {}), snap.image_shape)  # None -> by input size
+    training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_tags = {**(tags or {}), "nightshift.data_digest": snap.digest}
+    with registry.training_run(c, model_name, run_name, tags=run_tags, params=hp,
+                               artifact_location=artifact_location) as run_id:
+        log_snapshot_input(c, run_id, snap)  # first: a run that fails still says which data it had
+
+        def on_epoch(epoch: int, m: dict[str, float]) -> None:
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
+            registry.log_metrics(c, run_id, m, step=epoch)
+
+        result = training.train(snap, out_dir, hp, require_gpu=require_gpu, on_epoch=on_epoch,
+                                should_stop=should_stop)
+        per_epoch = set(result.history[-1]) if result.history else set()
+        registry.log_metrics(c, run_id, {k: v for k, v in result.metrics.items() if k not in per_epoch},
+                             step=hp["epochs"])
+        c.set_tag(run_id, "nightshift.device", result.manifest["device"])
+        for key, value in lineage_tags(result.manifest).items():
+            c.set_tag(run_id, key, value)
+        write_plots(result.history, result.manifest, snap.class_names, out_dir / PLOTS_DIR, log=log)
+        registry.log_artifacts(c, run_id, out_dir, "train")  # train/checkpoint.pt, train_manifest.json, plots/
+    log.info("Trained on %s: test accuracy %.4f (MLflow run %s)", result.manifest["device"],
+             result.metrics["test_accuracy"], run_id)
+    return {"run_id": run_id, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
+            "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
+
+
+def snapshot_dataset_fields(snap) -> dict[str, str]:
+    """The MLflow dataset-input fields for a snapshot: name, digest, source type, source (JSON with
+    the snapshot's ``uri`` and original ``source``), schema (shape, dtype, class names) and profile
+    (split and class counts)."""
+    m = snap.manifest
+    source = str(m.get("source") or "snapshot")
+    return {
+        "name": f"{source}@{snap.digest[:12]}",
+        "digest": snap.digest,
+        "source_type": "nightshift_snapshot",
+        "source": json.dumps({"uri": str(snap.path), "source": source, "collection_id": m.get("collection_id")}),
+        "schema": json.dumps({"image_shape": list(snap.image_shape), "dtype": "uint8",
+                              "class_names": snap.class_names}),
+        "profile": json.dumps({"counts": m.get("counts", {}), "undecodable": len(m.get("undecodable") or [])}),
+    }
+
+
+def log_snapshot_input(c, run_id: str, snap) -> None:
+    from nightshift import registry
+
+    registry.log_dataset_input(c, run_id, context="training", **snapshot_dataset_fields(snap))
+
+
+def lineage_tags(manifest: Mapping[str, Any]) -> dict[str, str]:
+    """Run tags from the training manifest: device name, torch (and CUDA) version, git commit.
+    Keys the manifest does not have are left out."""
+    tags: dict[str, str] = {}
+    versions = manifest.get("versions") if isinstance(manifest.get("versions"), Mapping) else {}
+    if manifest.get("device_name"):
+        tags["nightshift.device_name"] = str(manifest["device_name"])
+    if versions.get("torch"):
+        tags["nightshift.torch_version"] = str(versions["torch"])
+    if versions.get("cuda"):
+        tags["nightshift.cuda_version"] = str(versions["cuda"])
+    sha = _find_git_sha(manifest)
+    if sha:
+        tags["nightshift.git_sha"] = sha
+        tags["mlflow.source.git.commit"] = sha  # MLflow's own tag: the UI shows it on the run page
+    return tags
+
+
+def _find_git_sha(manifest: Mapping[str, Any]) -> str | None:
+    places = [manifest, *(v for v in manifest.values() if isinstance(v, Mapping))]
+    for place in places:
+        for key in GIT_KEYS:
+            value = place.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+        git = place.get("git")
+        if isinstance(git, Mapping):
+            for key in ("sha", *GIT_KEYS):
+                if isinstance(git.get(key), str) and git[key].strip():
+                    return git[key].strip()
+    return None
+
+
+def write_plots(history: list[dict[str, Any]], manifest: Mapping[str, Any], class_names: list[str],
+                plots_dir: str | Path, *, log: logging.Logger | None = None) -> list[Path]:
+    """Draw ``curves.png`` and ``confusion_matrix.png`` into ``plots_dir``; return what was written.
+
+    A figure that cannot be drawn (no history, no ``confusion_matrix`` in the manifest, a
+    matrix that does not match the class names) is skipped with a log line: figures are for
+    people and never fail a training run.
+    """
+    from nightshift import plots
+
+    log = log or _log
+    plots_dir = Path(plots_dir)
+    written: list[Path] = []
+    try:
+        written.append(plots.plot_training_curves(history, plots_dir / CURVES_PNG))
+    except Exception as exc:  # noqa: BLE001 - a figure never fails training
+        log.warning("training curves not drawn: %s: %s", type(exc).__name__, exc)
+    matrix = manifest.get("confusion_matrix")
+    if matrix is None:
+        log.info("confusion-matrix plot skipped: the training manifest has no 'confusion_matrix'")
+    else:
+        try:
+            written.append(plots.plot_confusion_matrix(matrix, class_names, plots_dir / CONFUSION_PNG))
+        except Exception as exc:  # noqa: BLE001
+            log.warning("confusion-matrix plot not drawn: %s: %s", type(exc).__name__, exc)
+    return written
