@@ -14,7 +14,8 @@ from the Params below; every Param has a default):
    the snapshot as dataset input, training curves and confusion matrix. Runs on
    this worker, a Celery GPU queue, a KubernetesExecutor GPU pod or a pod of its
    own, as `NIGHTSHIFT_TRAIN_PLACEMENT` says (README, "Running training on GPUs").
-4. **export_onnx** — uint8 pixels in, logits + embedding out; parity with PyTorch.
+4. **export_onnx** — uint8 pixels in; logits, probabilities and embedding out; parity
+   with PyTorch (also at batch 1 and 64); optional int8 quantization.
 5. **build_inference_image** — ONNX Runtime server image with the model inside.
 6. **system_eval** — runs that image on loopback and sends the test split
    through the Open Inference Protocol: accuracy, p50/p95/p99 latency, errors.
@@ -124,6 +125,14 @@ default_args = {
                                 "A run whose loss diverges fails at once with a message saying so"),
         "require_gpu": Param(False, type="boolean", title="Require a GPU",
                              description="Fail train_gpu when no CUDA device is visible, instead of training on CPU"),
+        "onnx_opset": Param(18, type="integer", minimum=18, maximum=25, title="ONNX opset",
+                            description="Opset version of the exported model.onnx (18..25; the PyTorch exporter "
+                                        "emits at least 18)"),
+        "quantize_int8": Param(False, type="boolean", title="Quantize to int8",
+                               description="Also make a static int8 model (ONNX Runtime, QDQ per-channel, "
+                                           "calibrated on the train split); it is served instead of the fp32 "
+                                           "model only when its test accuracy is at most 0.01 below it "
+                                           "(quantization.json says why either way)"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",
                               description="Offline test-accuracy floor. Empty: include/gates.yaml"),
         "max_p95_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p95 latency budget (ms)",
@@ -168,7 +177,8 @@ def nightly_retrain():
                  "batch_size": "{{ params.batch_size }}", "lr": "{{ params.lr }}"},
     )
     export = ExportONNXOperator(task_id="export_onnx", training=train.output, snapshot=collect.output,
-                                model_name=MODEL)
+                                model_name=MODEL, opset="{{ params.onnx_opset }}",
+                                quantize="{{ params.quantize_int8 }}")
     image = BuildInferenceImageOperator(task_id="build_inference_image", export=export.output, model_name=MODEL)
     system_eval = SystemEvalOperator(task_id="system_eval", image=image.output, snapshot=collect.output,
                                      export=export.output, training=train.output, model_name=MODEL)

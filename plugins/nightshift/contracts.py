@@ -58,6 +58,7 @@ def tag(name: str) -> str:
 RUN_REPORTS: dict[str, str] = {
     "validation": "validation/validation.json",
     "parity": "model/parity.json",
+    "quantization": "model/quantization.json",
     "system_eval": "system_eval/system_eval.json",
     "drift": "drift/drift_report.html",
     "drift_json": "drift/drift_report.json",

@@ -24,7 +24,7 @@ def served_dag():
 EXPECTED = {
     "validate_data": {"Validation report": links.ValidationReportLink},
     "train_gpu": {"MLflow run": links.MLflowRunLink},
-    "export_onnx": {"Parity report": links.ParityReportLink},
+    "export_onnx": {"Parity report": links.ParityReportLink, "Quantization report": links.QuantizationReportLink},
     "system_eval": {"System-eval report": links.SystemEvalReportLink},
     "drift_check": {"Drift report": links.DriftReportLink},
     "promote": {"Promotion decision": links.PromotionDecisionLink, "MLflow model version": links.ModelVersionLink,

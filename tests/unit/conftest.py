@@ -121,8 +121,12 @@ def tiny_onnx_forward(tiny_onnx_weights):
     return forward
 
 
-def tiny_onnx_write(model_dir, weights, *, name: str = "tiny", version: str = "1") -> None:
-    """Write ``model.onnx`` + ``model.json`` (docs/architecture.md format) for the tiny model into ``model_dir``."""
+def tiny_onnx_write(model_dir, weights, *, name: str = "tiny", version: str = "1", probabilities: bool = False) -> None:
+    """Write ``model.onnx`` + ``model.json`` (docs/architecture.md format) for the tiny model into ``model_dir``.
+
+    Default: the outputs of models exported before ``probabilities`` existed (``logits``,
+    ``embedding``); ``probabilities=True``: today's export (``logits``, ``probabilities``
+    = softmax in the graph, ``embedding``)."""
     import hashlib
 
     import onnx
@@ -144,11 +148,16 @@ def tiny_onnx_write(model_dir, weights, *, name: str = "tiny", version: str = "1
         helper.make_node("MatMul", ["embedding", "W2"], ["l1"]),
         helper.make_node("Add", ["l1", "b2"], ["logits"]),
     ]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(TINY_ONNX_CLASSES)])]
+    if probabilities:
+        nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
+        outputs.append(helper.make_tensor_value_info("probabilities", TensorProto.FLOAT,
+                                                     ["batch", len(TINY_ONNX_CLASSES)]))
+    outputs.append(helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", TINY_ONNX_EMBED]))
     graph = helper.make_graph(
         nodes, "tiny",
         [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["batch", h, w, c])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(TINY_ONNX_CLASSES)]),
-         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", TINY_ONNX_EMBED])],
+        outputs,
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="nightshift-tests")
@@ -159,7 +168,7 @@ def tiny_onnx_write(model_dir, weights, *, name: str = "tiny", version: str = "1
     (model_dir / "model.onnx").write_bytes(raw)
     meta = {
         "name": name, "version": version, "class_names": TINY_ONNX_CLASSES, "input_name": "pixels",
-        "input_shape": list(TINY_ONNX_SHAPE), "input_datatype": "UINT8", "outputs": ["logits", "embedding"],
+        "input_shape": list(TINY_ONNX_SHAPE), "input_datatype": "UINT8", "outputs": [o.name for o in outputs],
         "onnx_sha256": hashlib.sha256(raw).hexdigest(),
     }
     (model_dir / "model.json").write_text(_serving_json.dumps(meta, indent=2))

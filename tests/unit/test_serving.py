@@ -365,3 +365,47 @@ def test_runs_as_script_and_exits_1_when_model_missing(tmp_path):
     )
     assert proc.returncode == 1
     assert "model failed to load" in proc.stderr and "missing/model.json does not exist" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- the probabilities output
+
+
+def test_model_with_probabilities_lists_and_serves_all_outputs(tiny_onnx_factory, tiny_onnx_forward):
+    model = Model(tiny_onnx_factory("probs", probabilities=True), max_batch=8)
+    model.load()
+    meta = model.metadata()
+    assert [(o["name"], o["datatype"], o["shape"]) for o in meta["outputs"]] == [
+        ("logits", "FP32", [-1, 3]), ("probabilities", "FP32", [-1, 3]), ("embedding", "FP32", [-1, 8]),
+        ("label", "BYTES", [-1])]
+    pixels = np.random.default_rng(3).integers(0, 256, (5, 4, 4, 1), dtype=np.uint8)
+    logits, _ = tiny_onnx_forward(pixels)
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    ref /= ref.sum(1, keepdims=True)
+    # no outputs named: all of them, in graph order, then label
+    out = model.infer(_infer_body(pixels))["outputs"]
+    assert [o["name"] for o in out] == ["logits", "probabilities", "embedding", "label"]
+    # only some, in request order
+    out = model.infer(_infer_body(pixels, outputs=[{"name": "label"}, {"name": "probabilities"}]))["outputs"]
+    assert [o["name"] for o in out] == ["label", "probabilities"]
+    probs = np.asarray(out[1]["data"], dtype=np.float32).reshape(out[1]["shape"])
+    assert out[1]["shape"] == [5, 3] and out[1]["datatype"] == "FP32"
+    np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)
+    assert out[0]["data"] == [["zero", "one", "two"][i] for i in probs.argmax(1)]
+
+
+def test_old_model_without_probabilities_still_serves_and_says_what_it_has(serving_server, http):
+    assert "probabilities" not in serving_server.model.output_names
+    pixels = np.zeros((1, 4, 4, 1), np.uint8)
+    r = http.post(f"{serving_server.url}/v2/models/tiny/infer",
+                  json=_infer_body(pixels, outputs=[{"name": "probabilities"}]))
+    assert r.status_code == 400
+    assert "'probabilities' is not an output of this model" in r.json()["error"]
+    assert "['logits', 'embedding', 'label']" in r.json()["error"]
+
+
+def test_model_json_listing_outputs_the_graph_lacks_is_a_load_error(tiny_onnx_factory):
+    d = tiny_onnx_factory("lying")
+    meta = json.loads((d / "model.json").read_text())
+    (d / "model.json").write_text(json.dumps({**meta, "outputs": ["logits", "probabilities", "embedding"]}))
+    with pytest.raises(ModelLoadError, match=r"lists outputs \['probabilities'\] that the ONNX graph does not have"):
+        Model(d).load()

@@ -473,3 +473,68 @@ def test_model_uri_tarball(tiny_onnx_model_dir, tmp_path):
         resolve_model_uri("s3://bucket/m.tar.gz")
     with pytest.raises(ModelLoadError, match="does not exist"):
         resolve_model_uri(str(tmp_path / "nope"))
+
+
+# ----------------------------------------------------------------------------- the probabilities output
+
+
+@pytest.mark.parametrize("binary", [False, True], ids=["json", "binary"])
+def test_tritonclient_asks_for_probabilities(tiny_onnx_factory, tiny_onnx_forward, x, binary):
+    import tritonclient.http as th
+
+    srv = _server(tiny_onnx_factory("probs", probabilities=True))
+    try:
+        client = th.InferenceServerClient(srv.url.removeprefix("http://"))
+        meta = client.get_model_metadata("tiny")
+        assert [o["name"] for o in meta["outputs"]] == ["logits", "probabilities", "embedding", "label"]
+        inp = th.InferInput("pixels", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x, binary_data=binary)
+        r = client.infer("tiny", [inp], outputs=[th.InferRequestedOutput("probabilities", binary_data=binary)])
+        assert [o["name"] for o in r.get_response()["outputs"]] == ["probabilities"]
+        logits, _ = tiny_onnx_forward(x)
+        ref = np.exp(logits - logits.max(1, keepdims=True))
+        np.testing.assert_allclose(r.as_numpy("probabilities"), ref / ref.sum(1, keepdims=True), rtol=1e-5, atol=1e-6)
+        r = client.infer("tiny", [inp])  # no outputs named: all four
+        assert {o["name"] for o in r.get_response()["outputs"]} == {"logits", "probabilities", "embedding", "label"}
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_request_log_confidence_comes_from_the_probabilities_output():
+    from nightshift.serving.requestlog import build_records
+
+    logits = np.array([[2.0, 1.0, 0.0], [0.0, 0.0, 5.0]], np.float32)
+    kw = dict(model_name="m", model_version="1", class_names=["a", "b", "c"], endpoint="infer", timestamp=0.0)
+    pixels = np.zeros((2, 2, 2, 1), np.uint8)
+    # the model's own probabilities are what the log records (here deliberately not softmax(logits))
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]], np.float32)
+    recs = build_records(pixels, {"logits": logits, "probabilities": probs}, **kw)
+    assert [r["predicted_class"] for r in recs] == ["a", "c"]
+    assert [r["confidence"] for r in recs] == pytest.approx([0.5, 0.8])
+    # a model without the output: softmax of the logits, as before
+    recs = build_records(pixels, {"logits": logits}, **kw)
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    assert [r["confidence"] for r in recs] == pytest.approx(p.max(1).tolist())
+
+
+def test_classify_answers_with_the_models_probabilities(tiny_onnx_factory, tiny_onnx_forward, http):
+    from nightshift.data.decode import decode_image, to_shape
+
+    srv = _server(tiny_onnx_factory("probs", probabilities=True))
+    try:
+        img = np.random.default_rng(8).integers(0, 256, (4, 4, 1), dtype=np.uint8)
+        data = _png(img)
+        logits, _ = tiny_onnx_forward(to_shape(decode_image(data), (4, 4, 1))[None])
+        r = http.post(f"{srv.url}/v2/models/tiny/classify", data=data, headers={"Content-Type": "image/png"})
+        assert r.status_code == 200, r.text
+        ans = r.json()
+        ref = np.exp(logits[0] - logits[0].max())
+        ref /= ref.sum()
+        assert ans["class"] == ["zero", "one", "two"][int(logits[0].argmax())]
+        assert list(ans["probabilities"].values()) == pytest.approx(ref.tolist(), rel=1e-5)
+        assert ans["confidence"] == pytest.approx(float(ref.max()), rel=1e-5)
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -93,6 +93,11 @@ class ParityReportLink(NightshiftReportLink):
     report = "parity"
 
 
+class QuantizationReportLink(NightshiftReportLink):
+    name = "Quantization report"
+    report = "quantization"
+
+
 class SystemEvalReportLink(NightshiftReportLink):
     name = "System-eval report"
     report = "system_eval"

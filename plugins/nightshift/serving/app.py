@@ -51,7 +51,7 @@ from .errors import (
     UnsupportedMediaType,
 )
 from .metrics import Metrics
-from .model import Model
+from .model import Model, probabilities
 from .protocol import EXTENSIONS, HEADER_LENGTH, binary_outputs, decompress, encode_response, parse_request
 
 log = logging.getLogger("nightshift.serving")
@@ -391,10 +391,8 @@ class InferenceApp:
             return await asyncio.get_running_loop().run_in_executor(None, self._decode, body)
 
         result, (pixels, orig) = await self._admit(scope, receive, self.config.max_image_bytes, prepare)
-        logits = result.outputs["logits"][0].astype(np.float64)
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        best = int(p.argmax())
+        p = probabilities({k: v[:1] for k, v in result.outputs.items()})[0]
+        best = int(result.outputs["logits"][0].argmax())
         answer = {
             "model_name": model.name, "model_version": model.version,
             "class": model.class_names[best], "index": best, "confidence": float(p[best]),

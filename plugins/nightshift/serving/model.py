@@ -6,8 +6,11 @@ Nightshift.
 
 The served model directory holds ``model.onnx`` and ``model.json`` (see
 ``docs/architecture.md``). The model takes ``uint8`` NHWC pixels and returns
-``logits`` and ``embedding`` (``float32``); the server adds ``label``
-(``BYTES``), the class name of each row's arg-max.
+``logits``, ``probabilities`` (softmax inside the graph) and ``embedding``
+(``float32``); models exported before ``probabilities`` existed return only
+``logits`` and ``embedding`` and still load. The server exposes exactly the
+graph's outputs and adds ``label`` (``BYTES``), the class name of each row's
+arg-max; a request that names no outputs gets all of them.
 
 Input validation is plain numpy and cheap: :meth:`Model.preprocess` turns an
 OIP request (JSON data or the binary tensor extension) into the input batch or
@@ -41,6 +44,18 @@ _ONNX_TYPES: dict[str, tuple[str, Any]] = {
     "tensor(int64)": ("INT64", np.int64),
     "tensor(bool)": ("BOOL", np.bool_),
 }
+
+
+def probabilities(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Class probabilities per row (``float64``): the model's ``probabilities`` output
+    (softmax inside the graph), or the softmax of ``logits`` for a model exported
+    without it (models made before the output existed)."""
+    p = outputs.get("probabilities")
+    if p is not None:
+        return np.asarray(p, dtype=np.float64)
+    logits = np.asarray(outputs["logits"], dtype=np.float64)
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 # --------------------------------------------------------------------------- model
@@ -174,6 +189,15 @@ class Model:
         output_names = [o.name for o in session.get_outputs()]
         if "logits" not in output_names:
             raise ModelLoadError(f"{onnx_path} has no output named 'logits' (outputs: {output_names})")
+        listed = meta.get("outputs")
+        if listed is not None:
+            if not isinstance(listed, list) or not all(isinstance(o, str) for o in listed):
+                raise ModelLoadError(f"{meta_path}: 'outputs' must be a list of output names, got {listed!r}")
+            missing = [o for o in listed if o not in output_names]
+            if missing:
+                raise ModelLoadError(
+                    f"{meta_path} lists outputs {missing} that the ONNX graph does not have (it has {output_names})"
+                )
         output_types: dict[str, tuple[str, Any]] = {}
         for o in session.get_outputs():
             if o.type not in _ONNX_TYPES:

@@ -41,6 +41,8 @@ try:  # in the image: copied from nightshift/data/decode.py at build time
 except ImportError:  # in the repository
     from nightshift.data import decode as _decode
 
+from .model import probabilities
+
 log = logging.getLogger("nightshift.serving")
 
 #: ``schema`` field of every record; bump when a field changes meaning.
@@ -49,11 +51,9 @@ SCHEMA = "nightshift.request_log/1"
 FILE_GLOB = "requests-*.jsonl"
 
 
-def _softmax_max(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    z = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(axis=1, keepdims=True)
-    idx = p.argmax(axis=1)
+def _softmax_max(outputs: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    p = probabilities(outputs)
+    idx = outputs["logits"].argmax(axis=1)  # the same class the `label` output names
     return idx, p[np.arange(len(p)), idx]
 
 
@@ -63,7 +63,7 @@ def build_records(pixels: np.ndarray, outputs: dict[str, np.ndarray], *, model_n
     """One record per image (see ``docs/serving.md``)."""
     stats = _decode.image_stats(pixels)
     n, h, w, c = pixels.shape
-    idx, conf = _softmax_max(outputs["logits"])
+    idx, conf = _softmax_max(outputs)
     emb = outputs.get("embedding")
     ts = datetime.fromtimestamp(timestamp, timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
     out = []
