@@ -95,3 +95,13 @@ def test_thresholds_come_from_the_gate_file_with_params_on_top(tmp_path):
     assert load_thresholds(str(tmp_path / "missing.yaml"), None) == ({}, {})
     d = decide("abc", good(), values)
     assert not d.blessed and "served_accuracy_tolerance" in d.reason  # the rest unset: fail closed
+
+
+def test_served_model_accuracy_is_the_int8_models_when_it_serves():
+    from nightshift.operators.promote import served_model_accuracy
+
+    train = {"metrics": {"test_accuracy": 0.97}}
+    kept = {"variant": "int8", "quantization": {"kept": True, "int8_accuracy": 0.962, "fp32_accuracy": 0.97}}
+    assert served_model_accuracy(train, kept) == 0.962
+    assert served_model_accuracy(train, {"variant": "fp32", "quantization": {"kept": False, "int8_accuracy": 0.5}}) == 0.97
+    assert served_model_accuracy(train, {}) == 0.97

@@ -104,7 +104,7 @@ class PromoteModelOperator(NightshiftOperator):
             scores = self._rescore(context, c, champion, export, snapshot)
             evidence = Evidence(
                 validation_passed=bool(validation.get("success")),
-                offline_accuracy=float(train["metrics"]["test_accuracy"]),
+                offline_accuracy=served_model_accuracy(train, export),
                 parity_passed=bool(export["parity"]["passed"]),
                 served_accuracy=served.get("accuracy"),
                 p95_latency_ms=(served.get("latency_ms") or {}).get("p95"),
@@ -206,3 +206,13 @@ class FinalizePromotionOperator(NightshiftOperator):
             run_id=context["run_id"]))
         self.log.warning("%s", res["note"])
         return outcome
+
+
+def served_model_accuracy(train: dict[str, Any], export: dict[str, Any]) -> float:
+    """Offline test accuracy of the model the image serves: the int8 model's (ONNX Runtime, test
+    split) when export kept one, else the trained model's. The accuracy floor and the
+    served-vs-offline skew gate then judge what is served, not the fp32 model it came from."""
+    q = export.get("quantization") or {}
+    if export.get("variant") == "int8" and q.get("kept") and q.get("int8_accuracy") is not None:
+        return float(q["int8_accuracy"])
+    return float(train["metrics"]["test_accuracy"])
