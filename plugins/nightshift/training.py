@@ -461,7 +461,7 @@ def _rng_state(gen, dev) -> dict[str, Any]:
     py_version, py_state, py_gauss = random.getstate()
     np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
     return {
-        "python": {"version": py_version, "state": list(py_state), "gauss": py_gauss},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
         "numpy": {"kind": np_kind, "keys": torch.from_numpy(np.asarray(np_keys, np.int64)), "pos": int(np_pos),
                   "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
         "torch": torch.get_rng_state(),
@@ -474,7 +474,7 @@ def _set_rng_state(state: dict[str, Any], gen, dev, seed: int, epoch: int) -> No
     import torch
 
     py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
                          n["cached_gaussian"]))
