@@ -4,6 +4,9 @@ airbench-style: the whole split is preloaded onto the device as uint8, augmentat
 is batched on the device, mixed precision (bf16 autocast) on CUDA, a warm-up step
 before timing, CUDA-event timing on GPU. No Airflow, no MLflow here: the caller
 gets per-epoch metrics through ``on_epoch`` and logs them where it likes.
+
+Restartable: the whole training state goes to ``last.pt`` after every epoch and a
+later call with the same ``out_dir`` resumes from it (see :func:`train`).
 """
 
 from __future__ import annotations
@@ -571,7 +574,10 @@ def _oom_message(where: dict[str, Any], exc: BaseException) -> str:
             f"preload_budget_mb={budget or '0 (half the free memory)'} ({where.get('data_feed') or 'feed not chosen yet'}). "
             f"Lower batch_size (and eval_batch_size={hp.get('eval_batch_size')} if it failed while evaluating), "
             f"set a smaller preload_budget_mb so the split is streamed instead of preloaded, or a smaller width; "
-            f"a retry with the same settings needs the same memory. ({type(exc).__name__}: {first})")
+            f"a retry with the same settings needs the same memory."
+            + (f" This run resumed {where['resumed_from']}, which fixes the feed it started with; delete that "
+               f"file to let the budget choose again." if where.get("resumed_from") else "")
+            + f" ({type(exc).__name__}: {first})")
 
 
 def _eta(seconds: float) -> str:
@@ -639,6 +645,7 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     last = read_resume_checkpoint(last_path) if resume and last_path.is_file() else None
     if last is not None:  # settings and data first: refuse before reading any pixels
         _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot))
+        where["resumed_from"] = str(last_path)
 
     from nightshift.data.loader import make_eval, make_loader
 

@@ -255,9 +255,14 @@ def test_out_of_memory_while_preloading_says_so(snap, tmp_path, monkeypatch):
     def oom(self, *a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory")
 
+    out = tmp_path / "out"
+    with pytest.raises(InterruptedError):  # a preloaded run's last.pt: a resume must preload again
+        training.train(snap, out, HP, should_stop=_stop_after(out / "last.pt", 1))
     monkeypatch.setattr(loader.PreloadedSplit, "__init__", oom)
     with pytest.raises(DeviceOutOfMemory, match="while loading the train split onto the device.*preload_budget_mb"):
-        training.train(snap, tmp_path / "out", HP)
+        training.train(snap, tmp_path / "fresh", HP)
+    with pytest.raises(DeviceOutOfMemory, match=rf"resumed {re.escape(str(out / 'last.pt'))}, which fixes the feed"):
+        training.train(snap, out, HP)
 
 
 # --- progress, lineage, confusion matrix, the checkpoint files ----------------------------------------------------
