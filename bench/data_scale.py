@@ -114,8 +114,8 @@ def bench_stream(work: Path, n: int = 12_000, repeats: int = 3, *, shard_mb: flo
     hp = hparams if hparams is not None else {"epochs": 2, "width": 16, "batch_size": 256}
     pre, stream = [], []
     for r in range(repeats):
-        a = train(snap, work / f"pre{r}", {**hp, "preload_budget_mb": 10_000})
-        b = train(snap, work / f"str{r}", {**hp, "preload_budget_mb": 0.01})
+        a = train(snap, work / f"pre{r}", {**hp, "preload_budget_mb": 10_000}, resume=False)
+        b = train(snap, work / f"str{r}", {**hp, "preload_budget_mb": 0.01}, resume=False)
         assert a.manifest["data_feed"] == "preload" and b.manifest["data_feed"] == "stream"
         key = "steady_images_per_second" if "steady_images_per_second" in a.metrics else "train_images_per_second"
         pre.append(a.metrics[key])

@@ -130,7 +130,7 @@ def bench_training_step(snapshot, work: Path, repeats: int = 5, epochs: int = 4)
         return statistics.median(times[1:])
 
     def full() -> float:
-        r = training.train(snapshot, work / "step", {"epochs": epochs})
+        r = training.train(snapshot, work / "step", {"epochs": epochs}, resume=False)  # same dir each repeat
         return statistics.median([h["epoch_seconds"] for h in r.history[1:]])
 
     bare_s, full_s = [], []

@@ -50,6 +50,16 @@ class TrainingDiverged(NightshiftError):
     """The training loss became NaN or infinite (usually a learning rate far too high)."""
 
 
+class DeviceOutOfMemory(ConfigError):
+    """Training ran out of device memory: the batch, the preloaded split or the model
+    is too large for the device. Not retryable: the same settings need the same memory."""
+
+
+class CheckpointMismatch(ConfigError):
+    """A resume checkpoint (``last.pt``) was written by a run with other settings or
+    other data; it is kept, and the message names the file to delete."""
+
+
 class RegistryError(NightshiftError):
     """The model registry answered with an error other than "not found".
 

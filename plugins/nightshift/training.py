@@ -4,11 +4,15 @@ airbench-style: the whole split is preloaded onto the device as uint8, augmentat
 is batched on the device, mixed precision (bf16 autocast) on CUDA, a warm-up step
 before timing, CUDA-event timing on GPU. No Airflow, no MLflow here: the caller
 gets per-epoch metrics through ``on_epoch`` and logs them where it likes.
+
+Restartable: the whole training state goes to ``last.pt`` after every epoch and a
+later call with the same ``out_dir`` resumes from it (see :func:`train`).
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import math
 import platform
 import random
@@ -21,8 +25,11 @@ import numpy as np
 
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json
 from nightshift.data.snapshot import Snapshot
-from nightshift.errors import ConfigError, DataError, GPUUnavailable, TrainingDiverged
+from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, GPUUnavailable,
+                               TrainingDiverged)
 from nightshift.settings import to_bool
+
+logger = logging.getLogger("nightshift.training")
 
 #: Hyperparameters with their units. Unknown keys are rejected. ``None`` (and
 #: ``"auto"``) means "chosen from the input size and the model" by
@@ -292,18 +299,20 @@ def tta_logits(model, x, level: int, flip: bool):
 
 
 def evaluate(model, images, labels=None, batch_size: int = 1024, *, tta: int = 0,
-             flip: bool = False) -> dict[str, float]:
+             flip: bool = False, num_classes: int | None = None) -> dict[str, Any]:
     """Top-1 accuracy and mean loss of ``model`` (with ``tta``: see :func:`tta_logits`).
 
     ``images, labels``: uint8 image and label tensors on the model's device; or
     ``images`` alone: an iterable of such ``(images, labels)`` pairs (shards).
-    One host sync at the end, none per batch.
+    With ``num_classes``, also ``"confusion"``: a ``num_classes × num_classes`` list of
+    int lists, rows = true class, columns = predicted class, accumulated on the
+    device. One host sync at the end, none per batch.
     """
     import torch
 
     model.eval()
     parts = [(images, labels)] if labels is not None else images
-    correct = loss_sum = None
+    correct = loss_sum = cm = None
     n = 0
     with torch.inference_mode():
         for x, y in parts:
@@ -311,13 +320,22 @@ def evaluate(model, images, labels=None, batch_size: int = 1024, *, tta: int = 0
                 xb, yb = x[i:i + batch_size], y[i:i + batch_size]
                 logits = tta_logits(model, xb, tta, flip) if tta else model(xb)[0]
                 lsum = torch.nn.functional.cross_entropy(logits.float(), yb, reduction="sum")
-                hits = (logits.argmax(1) == yb).sum()
+                pred = logits.argmax(1)
+                hits = (pred == yb).sum()
                 loss_sum = lsum if loss_sum is None else loss_sum + lsum
                 correct = hits if correct is None else correct + hits
+                if num_classes:
+                    if cm is None:
+                        cm = torch.zeros(num_classes * num_classes, dtype=torch.long, device=yb.device)
+                    # index_add_, not bincount: CUDA bincount reads the max on the host (a sync per batch)
+                    cm.index_add_(0, yb * num_classes + pred, torch.ones_like(yb))
                 n += len(yb)
-    if n == 0:
-        return {"accuracy": float("nan"), "loss": float("nan")}
-    return {"accuracy": correct.item() / n, "loss": loss_sum.item() / n}
+    out: dict[str, Any] = ({"accuracy": float("nan"), "loss": float("nan")} if n == 0 else
+                           {"accuracy": correct.item() / n, "loss": loss_sum.item() / n})
+    if num_classes:
+        out["confusion"] = ([[0] * num_classes for _ in range(num_classes)] if cm is None else
+                            cm.view(num_classes, num_classes).cpu().tolist())
+    return out
 
 
 def split_channel_stats(snapshot, split: str = "train") -> tuple[list[float], list[float]]:
@@ -428,32 +446,206 @@ class _Timer:
         return time.perf_counter() - self.t0
 
 
-def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | None = None, *,
-          require_gpu: bool = False, device: str | None = None,
-          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-          should_stop: Callable[[], bool] | None = None) -> TrainResult:
-    """Train a classifier on ``snapshot``'s train split; report val and test accuracy.
+#: The resume checkpoint written after every epoch, next to ``checkpoint.pt``.
+LAST_CHECKPOINT = "last.pt"
+#: Layout version of ``last.pt``; a file of another version is refused, not guessed at.
+RESUME_FORMAT = "nightshift.last/1"
+#: Hyperparameters that do not change the trained weights, so a resumed run may
+#: differ in them: evaluation batching, where the split lives (the feed itself is
+#: kept from the checkpoint) and test-time augmentation (computed at the end).
+#: Every other hyperparameter must equal the checkpoint's.
+RESUME_FREE_HPARAMS = frozenset({"eval_batch_size", "preload_budget_mb", "tta"})
 
-    :param out_dir: where ``checkpoint.pt`` and ``train_manifest.json`` go (atomic).
-    :param hparams: overrides of :data:`DEFAULT_HPARAMS`.
-    :param require_gpu: fail with :class:`GPUUnavailable` when no CUDA device is visible.
-    :param on_epoch: called with ``(epoch, metrics)`` after every epoch.
-    :param should_stop: polled between steps; return True to abort (``on_kill``).
+
+def _rng_state(gen, dev) -> dict[str, Any]:
+    """Every random state the loop draws from, as tensors and plain values (``weights_only``-safe)."""
+    import torch
+
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np.asarray(np_keys, np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_gauss)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if dev.type == "cuda" else [],
+        "generator": gen.get_state(), "generator_device": dev.type,
+    }
+
+
+def _set_rng_state(state: dict[str, Any], gen, dev, seed: int, epoch: int) -> None:
+    import torch
+
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if dev.type == "cuda" and state["cuda"] and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state["generator_device"] == dev.type:
+        gen.set_state(state["generator"])
+    else:  # a CPU generator's state cannot seed a CUDA one (or back): continue from a derived seed
+        gen.manual_seed((int(seed) * 1_000_003 + int(epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
+        logger.warning("resuming on %s a run that was started on %s: the augmentation and shuffle streams "
+                       "restart from a derived seed, so the result is not bit-identical to an "
+                       "uninterrupted run", dev.type, state["generator_device"])
+
+
+def read_resume_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and sanity-check a ``last.pt`` (tensors and plain values only).
+
+    :raises DataError: the file is truncated, corrupt, or not a resume checkpoint of this format.
     """
     import torch
 
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - zip, pickle and weights-only errors all mean "unreadable"
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise DataError(f"the resume checkpoint {path} cannot be read ({type(exc).__name__}: {first}). "
+                        f"It is damaged, so training does not guess; delete it to train this run from "
+                        f"epoch 1: rm {path}") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != RESUME_FORMAT:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise DataError(f"{path} is not a resume checkpoint of format {RESUME_FORMAT!r} (found {found!r}); "
+                        f"delete it to train this run from epoch 1: rm {path}")
+    missing = [k for k in ("epoch", "global_step", "hparams", "model_config", "data_digest", "class_names",
+                           "state_dict", "optimizer", "scheduler", "rng", "history", "data_feed")
+               if k not in ckpt]
+    if missing:
+        raise DataError(f"the resume checkpoint {path} lacks {missing}; delete it to train this run "
+                        f"from epoch 1: rm {path}")
+    return ckpt
+
+
+def _resume_differences(last: dict[str, Any], hp: dict[str, Any], snapshot, model_config=None) -> list[str]:
+    """What differs between a ``last.pt`` and this run, one readable item each."""
+    diffs = []
+    if last["data_digest"] != snapshot.digest:
+        diffs.append(f"data digest: checkpoint {str(last['data_digest'])[:12]}, this run {snapshot.digest[:12]}")
+    if list(last["class_names"]) != list(snapshot.class_names):
+        diffs.append(f"classes: checkpoint {len(last['class_names'])} {list(last['class_names'])[:10]}, "
+                     f"this run {len(snapshot.class_names)} {list(snapshot.class_names)[:10]}")
+    for k in sorted((set(hp) | set(last["hparams"])) - RESUME_FREE_HPARAMS):
+        a, b = last["hparams"].get(k, "<absent>"), hp.get(k, "<absent>")
+        if a != b:
+            diffs.append(f"hparam {k}: checkpoint {a!r}, this run {b!r}")
+    if model_config is not None:
+        for k in sorted(set(model_config) | set(last["model_config"])):
+            a, b = last["model_config"].get(k, "<absent>"), model_config.get(k, "<absent>")
+            if a != b:
+                diffs.append(f"model_config {k}: checkpoint {a!r}, this run {b!r}")
+    return diffs
+
+
+def _refuse_mismatch(path: Path, diffs: list[str]) -> None:
+    if diffs:
+        raise CheckpointMismatch(
+            f"the resume checkpoint {path} was written by a different training run: {'; '.join(diffs)}. "
+            f"Nothing was overwritten. Resuming it would mix two runs; delete it to train this run "
+            f"from epoch 1 (rm {path}), or run with the settings and data it was written with.")
+
+
+def _device_description(dev) -> str:
+    import torch
+
+    from nightshift.data.loader import free_memory_bytes
+
+    try:
+        if dev.type == "cuda":
+            free, total = torch.cuda.mem_get_info(dev)
+            return (f"{torch.cuda.get_device_name(dev)} ({total / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free now, "
+                    f"{torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB peak allocated by this run)")
+        return f"{dev.type} ({free_memory_bytes(dev) / 2**30:.1f} GiB RAM available now)"
+    except Exception:  # noqa: BLE001 - describing the device must not hide the out-of-memory error
+        return str(dev)
+
+
+def _oom_message(where: dict[str, Any], exc: BaseException) -> str:
+    hp, dev = where.get("hp") or {}, where.get("device")
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    budget = hp.get("preload_budget_mb")
+    return (f"out of device memory while {where.get('phase', 'training')} on "
+            f"{_device_description(dev) if dev is not None else 'the device'} with batch_size={hp.get('batch_size')}, "
+            f"model={hp.get('model')} width={hp.get('width')}, "
+            f"preload_budget_mb={budget or '0 (half the free memory)'} ({where.get('data_feed') or 'feed not chosen yet'}). "
+            f"Lower batch_size (and eval_batch_size={hp.get('eval_batch_size')} if it failed while evaluating), "
+            f"set a smaller preload_budget_mb so the split is streamed instead of preloaded, or a smaller width; "
+            f"a retry with the same settings needs the same memory."
+            + (f" This run resumed {where['resumed_from']}, which fixes the feed it started with; delete that "
+               f"file to let the budget choose again." if where.get("resumed_from") else "")
+            + f" ({type(exc).__name__}: {first})")
+
+
+def _eta(seconds: float) -> str:
+    import datetime
+
+    return str(datetime.timedelta(seconds=int(round(max(seconds, 0.0)))))
+
+
+def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | None = None, *,
+          require_gpu: bool = False, device: str | None = None,
+          on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+          should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainResult:
+    """Train a classifier on ``snapshot``'s train split; report val and test accuracy.
+
+    Restartable: after every epoch the whole training state goes to ``out_dir/last.pt``
+    (atomically); with ``resume`` a later call with the same ``out_dir`` continues
+    after the last finished epoch, and on CPU ends bit-identical to an uninterrupted
+    run. A ``last.pt`` of other settings or data is refused (:class:`CheckpointMismatch`),
+    a damaged one too (:class:`DataError`); both name the file to delete.
+
+    :param out_dir: where ``checkpoint.pt``, ``last.pt`` and ``train_manifest.json`` go (atomic).
+    :param hparams: overrides of :data:`DEFAULT_HPARAMS`.
+    :param require_gpu: fail with :class:`GPUUnavailable` when no CUDA device is visible.
+    :param on_epoch: called with ``(epoch, metrics)`` after every epoch (after ``last.pt`` is
+        written). A resumed run first replays the recorded metrics of the epochs it skips.
+    :param should_stop: polled between steps; return True to abort (``on_kill``).
+    :param resume: continue from ``out_dir/last.pt`` when there is one; False starts over
+        (and overwrites it).
+    :raises TrainingDiverged: the loss became NaN/inf (names the epoch and step; the
+        previous epoch's ``last.pt`` is kept).
+    :raises DeviceOutOfMemory: the device ran out of memory (says what to lower).
+    """
+    import torch
+
+    oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+    where: dict[str, Any] = {"phase": "setting up"}
+    try:
+        return _train(snapshot, Path(out_dir), hparams, require_gpu=require_gpu, device=device, on_epoch=on_epoch,
+                      should_stop=should_stop, resume=resume, where=where)
+    except oom as exc:
+        raise DeviceOutOfMemory(_oom_message(where, exc)) from exc
+
+
+def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *, require_gpu: bool,
+           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any]) -> TrainResult:
+    import torch
+
+    from nightshift.lineage import environment_manifest
     from nightshift.models import Classifier
 
     t_begin = time.perf_counter()
     hp = resolve_hparams(hparams, snapshot.image_shape)
+    where["hp"] = hp
     h, w, _c = snapshot.image_shape
     if hp["crop_pad"] >= min(h, w) or hp["cutout"] > min(h, w):
         raise ConfigError(f"crop_pad ({hp['crop_pad']}) must be smaller than, and cutout ({hp['cutout']}) at most, "
                           f"the image side ({min(h, w)} px)")
     dev = select_device(require_gpu, device)
+    where["device"] = dev
     seed_everything(hp["seed"])
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment_manifest()
+
+    last_path = out_dir / LAST_CHECKPOINT
+    last = read_resume_checkpoint(last_path) if resume and last_path.is_file() else None
+    if last is not None:  # settings and data first: refuse before reading any pixels
+        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot))
+        where["resumed_from"] = str(last_path)
 
     from nightshift.data.loader import make_eval, make_loader
 
@@ -466,13 +658,20 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
     budget = hp["preload_budget_mb"] or None
-    train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"])
+    where["phase"] = "loading the train split onto the device"
+    train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"],
+                             mode=last["data_feed"] if last is not None else None)
+    where["data_feed"] = f"train split {train_data.mode}ed"
+    where["phase"] = "loading the val and test splits onto the device"
     val_data = make_eval(snapshot, "val", dev, budget_mb=budget)
     test_data = make_eval(snapshot, "test", dev, budget_mb=budget)
     steps_per_epoch, images_per_epoch = train_data.steps, train_data.images_per_epoch
+    where["phase"] = "building the model"
     mean, std = split_channel_stats(snapshot, "train")
     num_classes = len(snapshot.class_names)
     model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"])
+    if last is not None:
+        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot, model.config))
     if hasattr(model.net, "init_whitening"):
         model.net.init_whitening(model.preprocess(torch.from_numpy(_sample(snapshot, "train", 5000))))
     model = model.to(dev)
@@ -502,15 +701,64 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     train_seconds = 0.0
     first_step_seconds = None
     global_step = 0
-    for epoch in range(1, hp["epochs"] + 1):
+    start_epoch = 1
+    resumed_from = None
+    if last is not None:
+        where["phase"] = f"restoring {last_path}"
+        model.load_state_dict(last["state_dict"])
+        if ema is not None:
+            ema.model.load_state_dict(last["ema_state_dict"])
+        opt.load_state_dict(last["optimizer"])
+        sched.load_state_dict(last["scheduler"])
+        _set_rng_state(last["rng"], gen, dev, hp["seed"], int(last["epoch"]))
+        history = [dict(h) for h in last["history"]]
+        train_seconds = float(last["train_seconds"])
+        first_step_seconds = last["first_step_seconds"]
+        global_step = int(last["global_step"])
+        start_epoch = int(last["epoch"]) + 1
+        resumed_from = {"epoch": int(last["epoch"]), "git_sha": last.get("environment", {}).get("git_sha"),
+                        "versions": last.get("environment", {}).get("versions")}
+        if (resumed_from["git_sha"], resumed_from["versions"]) != (env["git_sha"], env["versions"]):
+            logger.warning("resuming %s written by other code or versions (git %s, %s); this run: git %s, %s",
+                           last_path, resumed_from["git_sha"], resumed_from["versions"], env["git_sha"],
+                           env["versions"])
+        logger.info("resuming from %s: epoch %d/%d done (global step %d); continuing at epoch %d",
+                    last_path, last["epoch"], hp["epochs"], global_step, start_epoch)
+        if on_epoch:  # a retry's fresh MLflow run gets the whole curve
+            for rec in history:
+                on_epoch(int(rec["epoch"]), {k: v for k, v in rec.items() if k != "epoch"})
+        del last  # the states are in the model and optimizer now; free the copy
+
+    def save_last(epoch: int) -> None:
+        """The whole training state after ``epoch``, atomically (outside the epoch timer)."""
+        state = {
+            "format": RESUME_FORMAT, "epoch": epoch, "global_step": global_step, "epochs": hp["epochs"],
+            "hparams": hp, "model_config": model.config, "class_names": list(snapshot.class_names),
+            "data_digest": snapshot.digest, "data_feed": train_data.mode,
+            "state_dict": model.state_dict(), "ema_state_dict": ema.model.state_dict() if ema is not None else None,
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen, dev),
+            "history": history, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
+            "environment": {"git_sha": env["git_sha"], "versions": env["versions"]},
+        }
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        atomic_write_bytes(last_path, buf.getvalue())
+
+    where["phase"] = "training"
+    step_losses = torch.empty(steps_per_epoch, device=dev)  # per-step losses of one epoch, read once at its end
+    mark = time.perf_counter()
+    for epoch in range(start_epoch, hp["epochs"] + 1):
+        where["phase"] = f"training (epoch {epoch}/{hp['epochs']})"
         model.train()
         timer.start()
-        loss_sum = torch.zeros((), device=dev)
-        for xb, yb in train_data.epoch():
+        sizes: list[int] = []
+        step_before = global_step
+        for i, (xb, yb) in enumerate(train_data.epoch(epoch)):
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
             xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
-            loss_sum += step(xb, yb).detach() * len(yb)
+            step_losses[i] = step(xb, yb).detach()
+            sizes.append(len(yb))
             if ema is not None:
                 ema.update(global_step, force=global_step == total_steps - 1)
             global_step += 1
@@ -520,25 +768,41 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
                 first_step_seconds = time.perf_counter() - t_begin
         epoch_s = timer.stop()
         train_seconds += epoch_s
-        train_loss = loss_sum.item() / images_per_epoch  # one host sync per epoch
+        losses = step_losses[:len(sizes)].double().cpu().numpy()  # one host sync per epoch
+        train_loss = float(np.dot(losses, sizes)) / images_per_epoch
         if not math.isfinite(train_loss):
+            bad = int(np.flatnonzero(~np.isfinite(losses))[0]) if not np.isfinite(losses).all() else len(losses) - 1
+            kept = (f"the last good checkpoint, {last_path} (epoch {epoch - 1}), is kept" if epoch > 1
+                    else "no epoch finished, so no checkpoint was written")
             raise TrainingDiverged(
-                f"training diverged: the mean training loss of epoch {epoch} is {train_loss} "
+                f"training diverged: the loss became {losses[bad]} at epoch {epoch}/{hp['epochs']}, "
+                f"step {bad + 1}/{len(sizes)} of the epoch (global step {step_before + bad + 1} of {total_steps}) "
                 f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default for this recipe "
                 f"{recipe_defaults(snapshot.image_shape, hp)['lr']:g}) and trigger again; "
-                "a retry with the same settings would diverge again.")
+                f"a retry with the same settings would diverge again; {kept}.")
+        where["phase"] = f"evaluating the val split (epoch {epoch})"
         eval_model = ema.model if ema is not None else model
         val = evaluate(eval_model, val_data.batches(), batch_size=hp["eval_batch_size"])
+        now = time.perf_counter()
+        wall = now - mark  # this epoch's training and validation + the previous one's checkpoint and callback
+        mark = now
+        walls = [r["epoch_wall_seconds"] for r in history if "epoch_wall_seconds" in r] + [wall]
+        eta = sum(walls) / len(walls) * (hp["epochs"] - epoch)
         m = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
              "epoch_seconds": epoch_s, "train_images_per_second": images_per_epoch / max(epoch_s, 1e-9),
-             "lr": sched.get_last_lr()[0]}
+             "lr": sched.get_last_lr()[0], "epoch_wall_seconds": wall, "eta_seconds": eta}
         history.append({"epoch": epoch, **m})
+        where["phase"] = f"writing {last_path}"
+        save_last(epoch)
+        logger.info("epoch %d/%d  loss %.3f  val_acc %.3f  %s img/s  ETA %s", epoch, hp["epochs"], train_loss,
+                    val["accuracy"], f"{m['train_images_per_second']:,.0f}", _eta(eta))
         if on_epoch:
             on_epoch(epoch, m)
 
+    where["phase"] = "evaluating the test split"
     model = ema.model if ema is not None else model  # the weights that are evaluated, saved and exported
-    test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"])
-    steady = [h["epoch_seconds"] for h in history[1:]] or [history[0]["epoch_seconds"]]
+    test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], num_classes=num_classes)
+    steady = [r["epoch_seconds"] for r in history[1:]] or [history[0]["epoch_seconds"]]
     metrics = {
         "test_accuracy": test["accuracy"], "test_loss": test["loss"],
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
@@ -550,20 +814,22 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     if hp["tta"]:
         tta = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], tta=hp["tta"], flip=hp["flip"])
         metrics.update({"test_accuracy_tta": tta["accuracy"], "test_loss_tta": tta["loss"]})
-    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
-    ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
-            "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    ckpt_path = atomic_write_bytes(out_dir / "checkpoint.pt", buf.getvalue())
     manifest = {
         "data_digest": snapshot.digest, "snapshot": str(snapshot.path), "hparams": hp, "seed": hp["seed"],
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "amp": use_amp, "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                     "cuda": torch.version.cuda, "numpy": np.__version__},
-        "counts": counts, "data_feed": train_data.mode,
+        "amp": use_amp, "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "versions": env["versions"],
+        "packages": env["packages"], "counts": counts, "data_feed": train_data.mode,
         "metrics": metrics, "history": history,
+        "epoch_wall_seconds": [r.get("epoch_wall_seconds") for r in history],
+        "resumed_from_epoch": resumed_from["epoch"] if resumed_from else None, "resumed_from": resumed_from,
+        "class_names": list(snapshot.class_names), "confusion_matrix": test["confusion"],
     }
+    model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
+    ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
+            "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics, "manifest": manifest}
+    buf = io.BytesIO()
+    torch.save(ckpt, buf)
+    ckpt_path = atomic_write_bytes(out_dir / "checkpoint.pt", buf.getvalue())
     atomic_write_json(out_dir / "train_manifest.json", manifest)
     return TrainResult(checkpoint_path=ckpt_path, metrics=metrics, manifest=manifest, history=history)
 

@@ -184,9 +184,10 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     champion = registry.get_champion(c, "op-promote")
     assert champion["tags"]["nightshift.snapshot_uri"] == candidate["snapshot"]["snapshot_uri"]
 
-    # A second candidate (another training run) that fails a gate, with fail_on_reject.
+    # A second candidate (another training run, so another run folder: the first run's train/last.pt
+    # would refuse these other hparams) that fails a gate, with fail_on_reject.
     train2 = TrainGPUOperator(task_id="train", snapshot=candidate["snapshot"], model_name="op-promote",
-                              hparams={"epochs": 1, "width": 8, "seed": 1}).execute(ctx)
+                              hparams={"epochs": 1, "width": 8, "seed": 1}).execute(ctx | {"run_id": "manual__test2"})
     strict = loose | {"min_accuracy": 1.01}
     op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict, fail_on_reject=True,
                               **(candidate | {"training": train2}))

@@ -11,6 +11,12 @@ code runs on CPU.
 
 Streaming shuffles the order of shards every epoch and the images within each
 shard (the standard sharded-dataset shuffle); a batch may span two shards.
+
+Resumable: the order of an epoch depends only on state a checkpoint can restore.
+The shard order of epoch ``e`` is drawn from ``(seed, e)`` alone, and every
+permutation within the device is drawn from the caller's ``torch.Generator``
+(whose state the trainer saves), consumed in a fixed order on the caller's
+thread; the prefetch thread only reads files in the order it is given.
 """
 
 from __future__ import annotations
@@ -85,7 +91,8 @@ class PreloadedSplit:
         self.batch_size, self.steps, self.images_per_epoch = plan_batches(self.n, batch_size)
         self.gen = generator
 
-    def epoch(self) -> Iterator[tuple[Any, Any]]:
+    def epoch(self, number: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """One pass; the order comes from the generator alone (``number`` is unused)."""
         import torch
 
         perm = torch.randperm(self.n, device=self.device, generator=self.gen)
@@ -106,7 +113,8 @@ class StreamedSplit:
         self.split = split
         self.device = device
         self.gen = generator
-        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self._epochs = 0  # epochs started, for callers that do not number them
         self.prefetch = max(1, prefetch)
         self.shards = []  # (index, count in this split)
         for i, d in enumerate(snapshot.shard_digests):
@@ -160,11 +168,18 @@ class StreamedSplit:
                 except queue.Empty:
                     t.join(timeout=0.05)
 
-    def epoch(self) -> Iterator[tuple[Any, Any]]:
+    def shard_order(self, number: int) -> list[int]:
+        """The shard order of epoch ``number`` (1-based): a function of ``(seed, number)`` only."""
+        order = [i for i, _ in self.shards]
+        np.random.default_rng((self.seed & 0xFFFFFFFF, 0x5EED, int(number))).shuffle(order)
+        return order
+
+    def epoch(self, number: int | None = None) -> Iterator[tuple[Any, Any]]:
+        """One pass over the split; ``number`` (1-based) fixes the shard order (default: the next)."""
         import torch
 
-        order = [i for i, _ in self.shards]
-        self.rng.shuffle(order)
+        self._epochs = self._epochs + 1 if number is None else int(number)
+        order = self.shard_order(self._epochs)
         bs, emitted, steps = self.batch_size, 0, 0
         carry_x = carry_y = None
         for hx, hy in self._host_shards(order):
@@ -188,11 +203,15 @@ class StreamedSplit:
 
 
 def make_loader(snapshot, split: str, device, batch_size: int, generator, *, budget_mb: float | None = None,
-                seed: int = 0):
+                seed: int = 0, mode: str | None = None):
     """Preload ``split`` when it fits ``budget_mb`` (default: half the free memory), else stream it.
 
-    :raises ConfigError: a negative budget.
+    :param mode: ``"preload"`` or ``"stream"`` to force the feed whatever the budget (a
+        resumed run keeps the feed of the run it resumes: the shuffle order depends on it).
+    :raises ConfigError: a negative budget, an unknown mode.
     """
+    if mode is not None and mode not in ("preload", "stream"):
+        raise ConfigError(f"data feed mode must be 'preload' or 'stream', got {mode!r}")
     h, w, c = snapshot.image_shape
     need = snapshot.count(split) * h * w * c
     if budget_mb is None:
@@ -201,7 +220,7 @@ def make_loader(snapshot, split: str, device, batch_size: int, generator, *, bud
         raise ConfigError(f"preload_budget_mb must be a non-negative number, got {budget_mb}")
     else:
         budget = budget_mb * 2**20
-    if need <= budget:
+    if mode == "preload" or (mode is None and need <= budget):
         x, y = snapshot.split(split)
         return PreloadedSplit(x, y, device, batch_size, generator)
     return StreamedSplit(snapshot, split, device, batch_size, generator, seed=seed)
