@@ -103,3 +103,9 @@ class PreprocessingSkew(ServingError):
     path changes the pixels (decoding, resizing, dtype). A retry cannot fix it."""
 
     retryable = False
+
+
+class TrainingProcessFailed(NightshiftError):
+    """A training subprocess (``torchrun`` and its ranks) died; a retry resumes from ``last.pt``."""
+
+    retryable = True

@@ -278,8 +278,20 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     }
 
 
-def log_artifacts(c, run_id: str, local_dir: str | Path, artifact_path: str) -> None:
-    c.log_artifacts(run_id, str(local_dir), artifact_path)
+def log_artifacts(c, run_id: str, local_dir: str | Path, artifact_path: str, *,
+                  exclude: tuple[str, ...] = ()) -> None:
+    """Upload ``local_dir`` under ``artifact_path``; top-level files named in ``exclude`` stay local."""
+    local_dir = Path(local_dir)
+    if not exclude:
+        c.log_artifacts(run_id, str(local_dir), artifact_path)
+        return
+    for entry in sorted(local_dir.iterdir()):
+        if entry.name in exclude:
+            continue
+        if entry.is_dir():
+            c.log_artifacts(run_id, str(entry), f"{artifact_path}/{entry.name}")
+        else:
+            c.log_artifact(run_id, str(entry), artifact_path)
 
 
 def log_dataset_input(c, run_id: str, *, name: str, digest: str, source_type: str, source: str,

@@ -12,6 +12,9 @@ sidecar reads it::
 MLflow and the artifact root come from the environment (``MLFLOW_TRACKING_URI``,
 ``NIGHTSHIFT_HOME``, ``NIGHTSHIFT_ARTIFACT_ROOT``), as for the operators.
 
+Under ``torchrun --nproc_per_node=N`` (one process per GPU) the ranks train data-parallel
+(:mod:`nightshift.distributed`); rank 0 records the MLflow run and writes the result.
+
 Exit status: 0 trained; 2 a configuration or data error (bad arguments, bad
 hyperparameters, unreadable snapshot, no GPU with ``--require-gpu``, diverged
 training: running it again cannot help), message on stderr; 1 anything else.
@@ -81,8 +84,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         from nightshift import registry
         from nightshift.train_run import run_training
 
+        from nightshift import distributed
+
         settings = Settings.from_env()
-        c = registry.client(settings.mlflow_tracking_uri, settings.mlflow_registry_uri)
+        main_rank = distributed.from_env().is_main  # torchrun: only rank 0 talks to MLflow
+        c = registry.client(settings.mlflow_tracking_uri, settings.mlflow_registry_uri) if main_rank else None
         result = run_training(c, args.snapshot_uri, args.out_dir, args.hparams, model_name=args.model_name,
                               run_name=args.run_name, require_gpu=args.require_gpu, tags=dict(args.tag),
                               artifact_location=(settings.home / "mlartifacts").as_uri(), log=log)
@@ -92,6 +98,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception:  # noqa: BLE001 - exit 1 with the traceback, the pod's log shows it
         log.exception("train_cli failed")
         return EXIT_ERROR
+    if not main_rank:  # torchrun: rank 0 answers for the run
+        return EXIT_OK
     text = json.dumps(result, default=str)
     if args.result_path:
         atomic_write_json(args.result_path, result)

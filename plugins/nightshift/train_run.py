@@ -53,12 +53,18 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
     from nightshift import registry, training
     from nightshift.data.snapshot import load_snapshot
 
+    from nightshift import distributed
+
     log = log or _log
     snap = load_snapshot(snapshot_uri)
     hp = training.resolve_hparams(dict(hparams or {}), snap.image_shape)  # None -> by input size
     training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if not distributed.from_env().is_main:  # a data-parallel helper rank: rank 0 records the run
+        result = training.train(snap, out_dir, hp, require_gpu=require_gpu, should_stop=should_stop)
+        return {"run_id": None, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
+                "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
     run_tags = {**(tags or {}), "nightshift.data_digest": snap.digest}
     with registry.training_run(c, model_name, run_name, tags=run_tags, params=hp,
                                artifact_location=artifact_location) as run_id:
@@ -77,7 +83,9 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
         for key, value in lineage_tags(result.manifest).items():
             c.set_tag(run_id, key, value)
         write_plots(result.history, result.manifest, snap.class_names, out_dir / PLOTS_DIR, log=log)
-        registry.log_artifacts(c, run_id, out_dir, "train")  # train/checkpoint.pt, train_manifest.json, plots/
+        # train/checkpoint.pt, train_manifest.json, plots/; the resume state (last.pt: weights, EMA and
+        # optimizer, ~3x the model) stays in the run folder, where a retry looks for it
+        registry.log_artifacts(c, run_id, out_dir, "train", exclude=(training.LAST_CHECKPOINT,))
     log.info("Trained on %s: test accuracy %.4f (MLflow run %s)", result.manifest["device"],
              result.metrics["test_accuracy"], run_id)
     return {"run_id": run_id, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,

@@ -609,21 +609,35 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     :raises TrainingDiverged: the loss became NaN/inf (names the epoch and step; the
         previous epoch's ``last.pt`` is kept).
     :raises DeviceOutOfMemory: the device ran out of memory (says what to lower).
+
+    Data-parallel under ``torchrun`` (``WORLD_SIZE`` > 1, :mod:`nightshift.distributed`):
+    each process drives ``cuda:LOCAL_RANK`` (or the CPU, with Gloo), draws the same
+    shuffled and augmented global batch of ``batch_size`` images and trains on its
+    share; DDP averages the gradients. Only rank 0 calls ``on_epoch``, logs progress
+    and writes ``last.pt``, ``checkpoint.pt`` and the manifest; every rank returns the
+    same metrics.
     """
     import torch
 
+    from nightshift import distributed
+
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
     where: dict[str, Any] = {"phase": "setting up"}
+    world = distributed.from_env()
     try:
         return _train(snapshot, Path(out_dir), hparams, require_gpu=require_gpu, device=device, on_epoch=on_epoch,
-                      should_stop=should_stop, resume=resume, where=where)
+                      should_stop=should_stop, resume=resume, where=where, world=world)
     except oom as exc:
         raise DeviceOutOfMemory(_oom_message(where, exc)) from exc
+    finally:
+        distributed.shutdown(world)
 
 
 def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *, require_gpu: bool,
-           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any]) -> TrainResult:
+           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any], world) -> TrainResult:
     import torch
+
+    from nightshift import distributed
 
     from nightshift.lineage import environment_manifest
     from nightshift.models import Classifier
@@ -636,6 +650,13 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         raise ConfigError(f"crop_pad ({hp['crop_pad']}) must be smaller than, and cutout ({hp['cutout']}) at most, "
                           f"the image side ({min(h, w)} px)")
     dev = select_device(require_gpu, device)
+    if world.distributed:
+        if dev.type == "cuda" and dev.index is None:
+            dev = torch.device("cuda", world.local_rank)
+        world = distributed.init(world, dev.type)
+        distributed.check_batch(hp["batch_size"], world)
+        logger.info("data-parallel: rank %d of %d on %s (%s)", world.rank, world.size, dev, world.backend)
+    main = world.is_main
     where["device"] = dev
     seed_everything(hp["seed"])
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -684,7 +705,8 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
     use_amp = bool(hp["amp"]) and dev.type == "cuda"
     ema = WeightEMA(model, hp["ema"]) if hp["ema"] > 0 else None
-    fwd = torch.compile(model) if hp["compile"] else model
+    ddp = distributed.wrap(model, world, dev)  # the model itself when not distributed
+    fwd = torch.compile(ddp) if hp["compile"] else ddp
 
     def step(xb, yb):
         with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=use_amp):
@@ -724,13 +746,15 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
                            env["versions"])
         logger.info("resuming from %s: epoch %d/%d done (global step %d); continuing at epoch %d",
                     last_path, last["epoch"], hp["epochs"], global_step, start_epoch)
-        if on_epoch:  # a retry's fresh MLflow run gets the whole curve
+        if on_epoch and main:  # a retry's fresh MLflow run gets the whole curve
             for rec in history:
                 on_epoch(int(rec["epoch"]), {k: v for k, v in rec.items() if k != "epoch"})
         del last  # the states are in the model and optimizer now; free the copy
 
     def save_last(epoch: int) -> None:
-        """The whole training state after ``epoch``, atomically (outside the epoch timer)."""
+        """The whole training state after ``epoch``, atomically (outside the epoch timer); rank 0 only."""
+        if not main:
+            return
         state = {
             "format": RESUME_FORMAT, "epoch": epoch, "global_step": global_step, "epochs": hp["epochs"],
             "hparams": hp, "model_config": model.config, "class_names": list(snapshot.class_names),
@@ -757,8 +781,11 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
             xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
-            step_losses[i] = step(xb, yb).detach()
             sizes.append(len(yb))
+            if world.distributed:  # every rank augmented the same global batch; each trains on its share
+                share = distributed.rank_slice(len(yb), world)
+                xb, yb = xb[share], yb[share]
+            step_losses[i] = step(xb, yb).detach()
             if ema is not None:
                 ema.update(global_step, force=global_step == total_steps - 1)
             global_step += 1
@@ -768,6 +795,8 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
                 first_step_seconds = time.perf_counter() - t_begin
         epoch_s = timer.stop()
         train_seconds += epoch_s
+        if world.distributed:  # the mean over the ranks' shares: one collective per epoch
+            distributed.all_reduce_sum(step_losses, world).div_(world.size)
         losses = step_losses[:len(sizes)].double().cpu().numpy()  # one host sync per epoch
         train_loss = float(np.dot(losses, sizes)) / images_per_epoch
         if not math.isfinite(train_loss):
@@ -794,9 +823,10 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         history.append({"epoch": epoch, **m})
         where["phase"] = f"writing {last_path}"
         save_last(epoch)
-        logger.info("epoch %d/%d  loss %.3f  val_acc %.3f  %s img/s  ETA %s", epoch, hp["epochs"], train_loss,
-                    val["accuracy"], f"{m['train_images_per_second']:,.0f}", _eta(eta))
-        if on_epoch:
+        if main:
+            logger.info("epoch %d/%d  loss %.3f  val_acc %.3f  %s img/s  ETA %s", epoch, hp["epochs"], train_loss,
+                        val["accuracy"], f"{m['train_images_per_second']:,.0f}", _eta(eta))
+        if on_epoch and main:
             on_epoch(epoch, m)
 
     where["phase"] = "evaluating the test split"
@@ -823,14 +853,18 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         "epoch_wall_seconds": [r.get("epoch_wall_seconds") for r in history],
         "resumed_from_epoch": resumed_from["epoch"] if resumed_from else None, "resumed_from": resumed_from,
         "class_names": list(snapshot.class_names), "confusion_matrix": test["confusion"],
+        "world_size": world.size, "distributed_backend": world.backend,
     }
     model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
     ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
             "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics, "manifest": manifest}
-    buf = io.BytesIO()
-    torch.save(ckpt, buf)
-    ckpt_path = atomic_write_bytes(out_dir / "checkpoint.pt", buf.getvalue())
-    atomic_write_json(out_dir / "train_manifest.json", manifest)
+    ckpt_path = out_dir / "checkpoint.pt"
+    if main:
+        buf = io.BytesIO()
+        torch.save(ckpt, buf)
+        ckpt_path = atomic_write_bytes(ckpt_path, buf.getvalue())
+        atomic_write_json(out_dir / "train_manifest.json", manifest)
+    distributed.barrier(world)  # the other ranks return once rank 0's files are there
     return TrainResult(checkpoint_path=ckpt_path, metrics=metrics, manifest=manifest, history=history)
 
 

@@ -142,7 +142,8 @@ def test_kubernetes_pod_placement_renders_the_training_pod(pod_operator):
     base = next(c for c in spec["containers"] if c["name"] == "base")
     assert base["image"] == "registry.local/nightshift:3.3.2-cuda"
     assert base["resources"]["limits"] == {"nvidia.com/gpu": "2", "memory": "16Gi"}
-    assert base["command"] == ["python", "-m", "nightshift.train_cli"]
+    # two GPUs: one data-parallel process per GPU under torchrun
+    assert base["command"] == ["torchrun", "--standalone", "--nproc_per_node=2", "-m", "nightshift.train_cli"]
     args = base["args"]
 
     def arg(flag):
@@ -186,3 +187,4 @@ def test_pod_without_require_gpu_and_without_pvc(monkeypatch):
     base = pod["spec"]["containers"][0]
     assert "--require-gpu" not in base["args"] and base["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert not any(v["name"] == "nightshift-artifacts" for v in pod["spec"].get("volumes", []))
+    assert base["command"] == ["python", "-m", "nightshift.train_cli"]  # one GPU: one process, no torchrun

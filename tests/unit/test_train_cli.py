@@ -64,3 +64,32 @@ def test_cli_bad_hyperparameter_exits_2(digits_snapshot, tmp_path):
     proc = run_cli(["--snapshot-uri", str(digits_snapshot.path), "--out-dir", str(tmp_path / "o"),
                     "--hparams", '{"epoch": 1}'], tmp_path)
     assert proc.returncode == 2 and "ConfigError: unknown hyperparameter(s) ['epoch']" in proc.stderr
+
+
+def test_torchrun_two_processes_train_data_parallel_on_cpu(digits_snapshot, tmp_path):
+    """`torchrun --nproc_per_node=2` (Gloo on CPU, as NCCL would on GPUs): both ranks train on
+    their halves of each global batch; rank 0 alone records the MLflow run and writes the files."""
+    from nightshift.distributed import launch_command
+
+    result_path = tmp_path / "xcom" / "return.json"
+    out_dir = tmp_path / "artifacts" / "runs" / "ddp"
+    args = ["--snapshot-uri", str(digits_snapshot.path), "--out-dir", str(out_dir),
+            "--hparams", json.dumps({"epochs": 2, "width": 8, "batch_size": 64}), "--model-name", "ddp-test",
+            "--run-name", "manual__ddp", "--result-path", str(result_path)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "plugins"), "NIGHTSHIFT_HOME": str(tmp_path / "home"),
+           "NIGHTSHIFT_ARTIFACT_ROOT": str(tmp_path / "artifacts"), "OMP_NUM_THREADS": "1",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "MLFLOW_ENABLE_ASYNC_LOGGING": "false"}
+    proc = subprocess.run(launch_command(2, args), capture_output=True, text=True, env=env, timeout=600,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(result_path.read_text())
+    manifest = json.loads((out_dir / "train_manifest.json").read_text())
+    assert manifest["world_size"] == 2 and manifest["distributed_backend"] == "gloo"
+    assert result["metrics"]["test_accuracy"] > 0.5  # 10 classes: well above chance after 2 epochs
+    assert "rank 1 of 2" in proc.stderr and "rank 0 of 2" in proc.stderr
+
+    from nightshift import registry
+
+    c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = c.search_runs([c.get_experiment_by_name("ddp-test").experiment_id])
+    assert [r.info.run_id for r in runs] == [result["run_id"]]  # one MLflow run, not one per rank

@@ -26,15 +26,22 @@ class TrainGPUOperator(NightshiftOperator):
         (``epochs``, ``model``, ``lr`` ...). (templated)
     :param require_gpu: fail instead of falling back to CPU when no GPU is visible. (templated)
     :param model_name: registered model name; also the MLflow experiment name. (templated)
+    :param data_parallel: processes for data-parallel training (DDP, one per GPU) under
+        ``torchrun``: ``"auto"`` uses every GPU the worker sees when it sees more than one,
+        else trains in this process; an integer asks for exactly that many (``1``: in
+        process; more than one on a CPU worker trains with Gloo, for tests). (templated)
     """
 
-    template_fields: Sequence[str] = ("snapshot", "hparams", "require_gpu", "model_name")
+    template_fields: Sequence[str] = ("snapshot", "hparams", "require_gpu", "model_name", "data_parallel")
     ui_color = "#c8e6c9"
     operator_extra_links = (MLflowRunLink(),)
 
     def __init__(self, *, snapshot: Any, hparams: dict[str, Any] | None = None, require_gpu: bool = False,
-                 model_name: str = "nightshift-classifier", **kwargs: Any) -> None:
+                 model_name: str = "nightshift-classifier", data_parallel: int | str = "auto",
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.data_parallel = data_parallel
+        self._proc: Any = None
         self.snapshot = snapshot
         self.hparams = hparams
         self.require_gpu = require_gpu
@@ -46,6 +53,9 @@ class TrainGPUOperator(NightshiftOperator):
         from nightshift.train_run import run_training
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
+        nproc = self._processes()
+        if nproc > 1:
+            return self._torchrun(context, snap_info["snapshot_uri"], nproc)
         return run_training(
             self.mlflow, snap_info["snapshot_uri"], self.run_dir(context, "train"), self.hparams,
             model_name=self.model_name, run_name=f"{context['run_id']}", require_gpu=to_bool(self.require_gpu),
@@ -55,8 +65,76 @@ class TrainGPUOperator(NightshiftOperator):
             should_stop=lambda: self._stop, log=self.log,
         )
 
+    def _processes(self) -> int:
+        from nightshift.errors import ConfigError
+
+        value = str(self.data_parallel).strip().lower()
+        if value in ("", "auto", "none"):
+            from nightshift.distributed import gpu_count
+
+            return max(1, gpu_count())
+        try:
+            n = int(value)
+        except ValueError:
+            raise ConfigError(f"data_parallel must be 'auto' or a positive integer, got {self.data_parallel!r}") from None
+        if n < 1:
+            raise ConfigError(f"data_parallel must be 'auto' or a positive integer, got {n}")
+        return n
+
+    def _torchrun(self, context: Any, snapshot_uri: str, nproc: int) -> dict[str, Any]:
+        """Train with ``torchrun --nproc_per_node=nproc -m nightshift.train_cli``; rank 0 records the
+        MLflow run and writes the result this task returns."""
+        import json
+        import os
+        import subprocess
+        from pathlib import Path
+
+        import nightshift
+        from nightshift.distributed import launch_command
+        from nightshift.errors import ConfigError, TrainingProcessFailed
+        from nightshift.settings import to_bool
+
+        out_dir = self.run_dir(context, "train")
+        result_path = out_dir / "train_result.json"
+        result_path.unlink(missing_ok=True)
+        args = ["--snapshot-uri", snapshot_uri, "--out-dir", str(out_dir),
+                "--hparams", json.dumps(dict(self.hparams or {})), "--model-name", self.model_name,
+                "--run-name", str(context["run_id"]), "--result-path", str(result_path),
+                "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={context['run_id']}",
+                "--tag", f"nightshift.task={self.task_id}"]
+        if to_bool(self.require_gpu):
+            args.append("--require-gpu")
+        plugins = str(Path(nightshift.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (plugins, os.environ.get("PYTHONPATH")) if p)}
+        cmd = launch_command(nproc, args)
+        self.log.info("Data-parallel training on %d processes: %s", nproc, " ".join(cmd))
+        self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                      start_new_session=True)
+        tail: list[str] = []
+        for line in self._proc.stdout:
+            line = line.rstrip()
+            self.log.info("%s", line)
+            tail = (tail + [line])[-40:]
+        code = self._proc.wait()
+        if code == 0 and result_path.is_file():
+            return json.loads(result_path.read_text())
+        import re
+
+        detail = "\n".join(tail[-15:])
+        # train_cli exits 2 on a configuration or data error (on any rank; torchrun reports each
+        # rank's exit code): a retry cannot help
+        if code == 2 or any(re.search(r"exitcode\s*:\s*2\b", t) for t in tail):
+            raise ConfigError(f"data-parallel training failed on a configuration or data error:\n{detail}")
+        raise TrainingProcessFailed(f"data-parallel training failed (torchrun exit {code}); a retry resumes "
+                                    f"from the last epoch's last.pt:\n{detail}")
+
     def on_kill(self) -> None:
         self._stop = True
+        if self._proc is not None and self._proc.poll() is None:
+            import os
+            import signal
+
+            os.killpg(self._proc.pid, signal.SIGTERM)  # torchrun forwards it to every rank
 
 
 def train_task(placement: "TrainPlacement", **common: Any) -> Any:

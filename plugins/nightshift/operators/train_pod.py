@@ -73,7 +73,10 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "nightshift",
                                      "app.kubernetes.io/component": "train"})
         kwargs.setdefault("get_logs", True)
-        super().__init__(image=image, cmds=["python", "-m", "nightshift.train_cli"], do_xcom_push=True,
+        # one process per GPU (DDP) when the pod gets several; rank 0 writes the XCom result
+        cmds = (["python", "-m", "nightshift.train_cli"] if int(gpus) <= 1 else
+                ["torchrun", "--standalone", f"--nproc_per_node={int(gpus)}", "-m", "nightshift.train_cli"])
+        super().__init__(image=image, cmds=cmds, do_xcom_push=True,
                          container_resources=gpu_resources(gpus, memory=memory, cpu=cpu),
                          node_selector=node_selector or {}, tolerations=k8s_tolerations(tolerations), **kwargs)
         self.snapshot = snapshot
