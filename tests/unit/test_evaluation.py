@@ -276,6 +276,8 @@ def test_loadgen_refuses_non_loopback_and_counts_timeouts():
         res = run_load(url, b"GET / HTTP/1.1\r\n\r\n", concurrency=2, duration_s=0.6, timeout_s=0.25,
                        warmup_s=0).summary()
     assert res["timeouts"] >= 2 and res["ok"] == 0
+    # when each timed-out request was sent: a stall shows as many timeouts at one moment
+    assert len(res["timeout_at_s"]) == res["timeouts"] and all(0 <= t < 0.6 for t in res["timeout_at_s"])
 
 
 def test_skew_report_names_images():
