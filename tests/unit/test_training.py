@@ -101,19 +101,9 @@ def test_plan_steps_clips_large_batches_and_never_makes_a_batch_of_one():
 
 
 def _tiny_snapshot(tmp_path, classes: int, per_class: int):
-    from sklearn.datasets import load_digits
+    from tests.snapshots import digits_subset_snapshot
 
-    from nightshift.data.snapshot import write_snapshot
-    from nightshift.data.sources import SourceData
-
-    d = load_digits()
-    idx = np.concatenate([np.flatnonzero(d.target == k)[:per_class] for k in range(classes)])
-    images = np.clip(np.rint(d.images[idx] * 255 / 16), 0, 255).astype(np.uint8)[..., None]
-    n = len(idx)
-    data = SourceData(images=images, labels=d.target[idx].astype(np.int64), class_names=[str(k) for k in range(classes)],
-                      orig_sizes=np.tile([[8, 8, 1]], (n, 1)), origins=[f"digits:{i}" for i in idx],
-                      source={"kind": "test"})
-    return write_snapshot(data, tmp_path / "snaps", val_fraction=0.1, test_fraction=0.2)
+    return digits_subset_snapshot(tmp_path, classes=classes, per_class=per_class)
 
 
 @pytest.mark.parametrize("epochs", [1, 2])

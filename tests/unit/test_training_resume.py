@@ -28,20 +28,10 @@ COMPARED = ("test_accuracy", "test_loss", "val_accuracy", "train_loss")
 
 
 def _snapshot(root: Path, *, classes: int = 2, per_class: int = 30, shard_mb: float | None = None):
-    from sklearn.datasets import load_digits
+    from tests.snapshots import digits_subset_snapshot
 
-    from nightshift.data.snapshot import write_snapshot
-    from nightshift.data.sources import SourceData
-
-    d = load_digits()
-    idx = np.concatenate([np.flatnonzero(d.target == k)[:per_class] for k in range(classes)])
-    images = np.clip(np.rint(d.images[idx] * 255 / 16), 0, 255).astype(np.uint8)[..., None]
-    n = len(idx)
-    data = SourceData(images=images, labels=d.target[idx].astype(np.int64), class_names=[str(k) for k in range(classes)],
-                      orig_sizes=np.tile([[8, 8, 1]], (n, 1)), origins=[f"digits:{i}" for i in idx],
-                      source={"kind": "test"})
-    kw = {} if shard_mb is None else {"shard_mb": shard_mb}
-    return write_snapshot(data, root / "snaps", val_fraction=0.15, test_fraction=0.2, **kw)
+    return digits_subset_snapshot(root, classes=classes, per_class=per_class, val_fraction=0.15,
+                                  test_fraction=0.2, shard_mb=shard_mb)
 
 
 @pytest.fixture(autouse=True)
