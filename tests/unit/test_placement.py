@@ -188,3 +188,28 @@ def test_pod_without_require_gpu_and_without_pvc(monkeypatch):
     assert "--require-gpu" not in base["args"] and base["resources"]["limits"] == {"nvidia.com/gpu": "1"}
     assert not any(v["name"] == "nightshift-artifacts" for v in pod["spec"].get("volumes", []))
     assert base["command"] == ["python", "-m", "nightshift.train_cli"]  # one GPU: one process, no torchrun
+
+
+@pytest.mark.parametrize("code, fails_fast", [(2, True), (1, False), (137, False)])
+def test_pod_exit_code_2_fails_without_retry(monkeypatch, code, fails_fast):
+    """train_cli's exit 2 (configuration or data error) fails the task at once; other exits
+    keep the DAG's retries (a retried pod resumes from last.pt)."""
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.sdk.exceptions import AirflowFailException
+    from kubernetes.client import models as k8s
+
+    from nightshift.operators.train_pod import TrainGPUPodOperator
+
+    def provider_cleanup(self, pod, remote_pod, xcom_result=None, context=None):
+        raise RuntimeError("Pod train-gpu returned a failure.")
+
+    monkeypatch.setattr(KubernetesPodOperator, "cleanup", provider_cleanup)
+    op = TrainGPUPodOperator(task_id="t", image="img", namespace="default", snapshot={"snapshot_uri": "/s"})
+    remote = k8s.V1Pod(status=k8s.V1PodStatus(phase="Failed", container_statuses=[k8s.V1ContainerStatus(
+        name="base", image="img", image_id="", ready=False, restart_count=0,
+        state=k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code)))]))
+    with pytest.raises(Exception) as info:
+        op.cleanup(k8s.V1Pod(), remote)
+    assert isinstance(info.value, AirflowFailException) is fails_fast
+    if fails_fast:
+        assert "configuration or data error" in str(info.value)

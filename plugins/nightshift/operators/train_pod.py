@@ -135,3 +135,28 @@ class TrainGPUPodOperator(KubernetesPodOperator):
     @_fail_fast
     def execute(self, context: Any) -> Any:
         return super().execute(context)
+
+    def cleanup(self, pod: Any, remote_pod: Any, xcom_result: dict | None = None, context: Any = None) -> None:
+        """The provider's cleanup; a pod whose ``train_cli`` exited 2 (a configuration or data
+        error: bad hyperparameters, unreadable snapshot, no GPU, diverged loss) fails the task
+        without retries, as :class:`TrainGPUOperator` does; other failures keep the retries."""
+        try:
+            super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
+        except Exception as exc:
+            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+
+            from nightshift.train_cli import EXIT_CONFIG
+
+            if isinstance(exc, AirflowSkipException) or exit_code(remote_pod, self.base_container_name) != EXIT_CONFIG:
+                raise
+            raise AirflowFailException(
+                f"train_cli exited {EXIT_CONFIG}: a configuration or data error, which a retry cannot fix "
+                f"(the reason is in the pod's log above). {exc}") from exc
+
+
+def exit_code(remote_pod: Any, container: str) -> int | None:
+    """The exit code of ``container`` in a finished pod, or ``None``."""
+    statuses = (remote_pod.status.container_statuses if remote_pod is not None and remote_pod.status else None) or []
+    status = next((s for s in statuses if s.name == container), None)
+    terminated = status.state.terminated if status is not None and status.state is not None else None
+    return terminated.exit_code if terminated is not None else None
