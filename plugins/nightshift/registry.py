@@ -191,8 +191,8 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
     before = None if before == "none" else before
     note = "registered by an earlier try of this task; its recorded decision stands"
     awaiting = tags.get(f"{TAG_PREFIX}awaiting_approval") == "true"
-    if awaiting:
-        blessed = False  # champion moves only through approve_candidate
+    if awaiting or tags.get(f"{TAG_PREFIX}approval") == "rejected":
+        blessed = False  # champion moves only through approve_candidate, never after a person said no
     aliases = c.get_registered_model(model_name).aliases or {}
     if str(aliases.get(CHALLENGER)) != version:
         c.set_registered_model_alias(model_name, CHALLENGER, version)

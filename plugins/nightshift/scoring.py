@@ -6,6 +6,8 @@ Airflow-free; onnxruntime and MLflow are imported inside the functions.
 
 from __future__ import annotations
 
+import json
+
 import logging
 import tempfile
 from pathlib import Path
@@ -23,12 +25,16 @@ class ScoringError(DataError):
 
 
 def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
-               batch_size: int = 512, threads: int | None = None) -> dict[str, Any]:
+               batch_size: int = 512, threads: int | None = None,
+               class_names: list[str] | None = None) -> dict[str, Any]:
     """Top-1 accuracy of an ONNX model (``pixels`` uint8 NHWC -> ``logits``) on ``batches``.
 
     :param batches: ``(images, labels)`` pairs, e.g. :meth:`Snapshot.iter_split`.
+    :param class_names: the data's label order; the model's ``class_names`` metadata must be
+        the same list, else its logits index other classes and its accuracy means nothing.
     :returns: ``accuracy``, ``n``, ``correct``, ``predictions`` (int array, input order).
-    :raises ScoringError: the model is missing, broken, or expects another input shape.
+    :raises ScoringError: the model is missing, broken, expects another input shape, or
+        (with ``class_names``) was trained on other classes or does not say which.
     """
     import onnxruntime as ort
 
@@ -42,6 +48,18 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
         sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
         raise ScoringError(f"ONNX model {path} cannot be loaded: {exc}") from exc
+    if class_names is not None:
+        raw = sess.get_modelmeta().custom_metadata_map.get("class_names")
+        try:
+            model_classes = json.loads(raw) if raw else None
+        except ValueError:
+            model_classes = None
+        if model_classes is None:
+            raise ScoringError(f"model {path.name} does not record its class names (metadata 'class_names'): "
+                               "its predictions cannot be matched to today's labels")
+        if list(map(str, model_classes)) != list(map(str, class_names)):
+            raise ScoringError(f"model {path.name} was trained on classes {model_classes}, today's data has "
+                               f"{list(class_names)}: its accuracy on these labels would mean nothing")
     inp = sess.get_inputs()[0]
     want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
     preds: list[np.ndarray] = []

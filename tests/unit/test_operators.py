@@ -417,3 +417,20 @@ def test_train_records_data_lineage_and_plots_in_mlflow(ctx):
     assert "train/last.pt" not in listed and (Path(out["train_dir"]) / "last.pt").is_file()
     assert {f.path for f in c.list_artifacts(out["run_id"], "train/plots")} == {
         "train/plots/curves.png", "train/plots/confusion_matrix.png"}
+
+
+def test_approval_passes_reject_on_to_finalize_and_never_approves_by_default():
+    """ApprovalOperator skips its downstream task on Reject; ours hands the answer to
+    finalize_promotion, which records it. An approval default (approve on timeout) is refused."""
+    from datetime import datetime, timezone
+
+    from nightshift.operators import PromotionApprovalOperator
+
+    op = PromotionApprovalOperator(task_id="approve", promotion={"awaiting_approval": True})
+    assert op.response_timeout is not None
+    answer = op.execute_complete({"ti": None, "task": op}, {
+        "chosen_options": ["Reject"], "params_input": {"comment": "no"},
+        "responded_at": datetime.now(timezone.utc), "responded_by_user": {"id": "u", "name": "carol"}})
+    assert answer["chosen_options"] == ["Reject"]  # returned for finalize, no skip attempted (ti is None)
+    with pytest.raises(ValueError, match="must not approve by default"):
+        PromotionApprovalOperator(task_id="approve2", promotion={}, defaults=["Approve"])

@@ -129,3 +129,19 @@ def test_retry_after_a_crash_before_the_alias_moved_completes_the_promotion(mlfl
     assert out["reused"] and out["promoted"] and "moved now" in out["note"]
     assert registry.get_champion(c, "m")["version"] == out["version"] == "1"
     assert len(c.search_model_versions("name = 'm'")) == 1
+
+
+def test_a_retried_promote_after_a_rejection_does_not_promote(mlflow_client, tmp_path):
+    """A person rejected the BLESSED candidate; clearing or retrying ``promote`` resumes the
+    registered version and must not move champion on the gates' decision alone."""
+    c = mlflow_client
+    run_id = _run(c, tmp_path, 0.9)
+    tags = {"offline_accuracy": 0.9, "onnx_sha256": "d" * 64}
+    first = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags=tags, decision=_decide(0.9),
+                                        require_approval=True)
+    assert first["awaiting_approval"] and not first["promoted"]
+    registry.approve_candidate(c, "m", first["version"], approved=False, actor="carol", comment="not yet")
+    again = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags=tags, decision=_decide(0.9),
+                                        require_approval=True)
+    assert again["reused"] and again["promoted"] is False
+    assert registry.get_champion(c, "m") is None

@@ -18,7 +18,14 @@ class PromotionApprovalOperator(ApprovalOperator):
     template_fields: Sequence[str] = (*ApprovalOperator.template_fields, "promotion")
 
     def __init__(self, *, promotion: Any, **kwargs: Any) -> None:
+        from datetime import timedelta
+
+        if "Approve" in (kwargs.get("defaults") or []):
+            raise ValueError("PromotionApprovalOperator must not approve by default: an unanswered request "
+                             "would promote without a person")
         kwargs.setdefault("subject", "Promote {{ params.model_name }} to champion?")
+        # unanswered for a week: the task fails, nothing is promoted and later runs are not held back forever
+        kwargs.setdefault("response_timeout", timedelta(days=7))
         kwargs.setdefault("params", {"comment": Param("", type="string", title="Comment (recorded)")})
         super().__init__(**kwargs)
         self.promotion = promotion
@@ -35,3 +42,11 @@ class PromotionApprovalOperator(ApprovalOperator):
                      f"v{p.get('previous_champion')}.\n\n{gates}\n\nImage `{p.get('image')}`. "
                      "Approve to move `champion` and deploy; Reject to keep the current champion.")
         return super().execute(context)
+
+    def execute_complete(self, context: Any, event: dict[str, Any]) -> Any:
+        """The answer, Approve or Reject, goes to ``finalize_promotion``, which records it on the
+        model version (ApprovalOperator would skip the downstream task on Reject, and the
+        rejection would never be recorded)."""
+        from airflow.providers.standard.operators.hitl import HITLOperator
+
+        return HITLOperator.execute_complete(self, context, event)

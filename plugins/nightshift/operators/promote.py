@@ -58,12 +58,13 @@ class PromoteModelOperator(NightshiftOperator):
 
         snap = load_snapshot(snapshot["snapshot_uri"])
         out: dict[str, Any] = {"n": snap.count("test")}
-        out["candidate"] = score_onnx(export["onnx_path"], snap.iter_split("test"))["accuracy"]
+        out["candidate"] = score_onnx(export["onnx_path"], snap.iter_split("test"),
+                                      class_names=snap.class_names)["accuracy"]
         if champion is None:
             return out
         try:
             path = fetch_model_onnx(c, self.model_name, champion["version"], self.run_dir(context, "champion"))
-            out["champion"] = score_onnx(path, snap.iter_split("test"))["accuracy"]
+            out["champion"] = score_onnx(path, snap.iter_split("test"), class_names=snap.class_names)["accuracy"]
         except ScoringError as exc:
             out["champion_error"] = str(exc)
             self.log.warning("champion v%s cannot be re-scored on today's test split: %s", champion["version"], exc)

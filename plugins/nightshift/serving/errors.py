@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from http import HTTPStatus
 
+
 class InferenceError(Exception):
     """Base class of errors that become an HTTP answer ``{"error": message}``.
 
@@ -77,7 +78,6 @@ class InferenceFailed(InferenceError):
 
 class ModelLoadError(Exception):
     """The model directory is missing, incomplete or inconsistent."""
-
 
 
 class RequestTimeout(InferenceError):
