@@ -122,6 +122,17 @@ def all_reduce_sum(tensor: Any, world: World) -> Any:
     return tensor
 
 
+def all_gather_object(value: Any, world: World) -> list[Any]:
+    """``value`` of every rank, in rank order (``[value]`` for one process)."""
+    if not world.distributed:
+        return [value]
+    import torch.distributed as dist
+
+    out: list[Any] = [None] * world.size
+    dist.all_gather_object(out, value)
+    return out
+
+
 def wrap(model: Any, world: World, device: Any) -> Any:
     """``DistributedDataParallel(model)`` when distributed, else ``model``."""
     if not world.distributed:

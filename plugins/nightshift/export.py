@@ -213,6 +213,13 @@ def _batch_check(model: Any, sess: Any, x: np.ndarray, num_classes: int, atol: f
     return out
 
 
+def _max_abs_diff(a: np.ndarray, b: np.ndarray) -> float:
+    """Largest |a - b|; ``inf`` when either side holds NaN/inf (``max(0.0, nan)`` is 0.0, which
+    would let a NaN output pass the parity check)."""
+    d = np.abs(a.astype(np.float64) - b.astype(np.float64))
+    return float(d.max()) if d.size and np.isfinite(d).all() else (float("inf") if d.size else 0.0)
+
+
 def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: Any, *,
                  atol: float = 1e-3, min_top1_agreement: float = 0.995, batch_size: int = 256,
                  batch_check_sizes: Iterable[int] = BATCH_CHECK_SIZES) -> dict[str, Any]:
@@ -251,9 +258,9 @@ def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: Any,
         with torch.inference_mode():
             t_logits, t_probs, t_emb = (t.numpy() for t in model(torch.from_numpy(xb)))
         o_logits, o_probs, o_emb = sess.run(OUTPUT_NAMES, {INPUT_NAME: xb})
-        max_diff_logits = max(max_diff_logits, float(np.abs(t_logits - o_logits).max()))
-        max_diff_probs = max(max_diff_probs, float(np.abs(t_probs - o_probs).max()))
-        max_diff_emb = max(max_diff_emb, float(np.abs(t_emb - o_emb).max()))
+        max_diff_logits = max(max_diff_logits, _max_abs_diff(t_logits, o_logits))
+        max_diff_probs = max(max_diff_probs, _max_abs_diff(t_probs, o_probs))
+        max_diff_emb = max(max_diff_emb, _max_abs_diff(t_emb, o_emb))
         agree += int((t_logits.argmax(1) == o_logits.argmax(1)).sum())
     report: dict[str, Any] = {
         "n": n, "max_abs_diff_logits": max_diff_logits, "max_abs_diff_probabilities": max_diff_probs,

@@ -683,6 +683,12 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"],
                              mode=last["data_feed"] if last is not None else None)
     where["data_feed"] = f"train split {train_data.mode}ed"
+    if world.distributed:  # each rank chose by its own free memory; different feeds = different batches
+        modes = distributed.all_gather_object(train_data.mode, world)
+        if len(set(modes)) > 1:
+            raise ConfigError(f"the data-parallel ranks chose different data feeds {modes} (each by its own free "
+                              "memory): set preload_budget_mb so that every rank preloads, or to a value below "
+                              "the split's size so that every rank streams")
     where["phase"] = "loading the val and test splits onto the device"
     val_data = make_eval(snapshot, "val", dev, budget_mb=budget)
     test_data = make_eval(snapshot, "test", dev, budget_mb=budget)
@@ -781,11 +787,15 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
             xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
-            sizes.append(len(yb))
             if world.distributed:  # every rank augmented the same global batch; each trains on its share
+                if len(yb) < 2 * world.size:  # a short trailing batch: some rank would get < 2 images
+                    continue  # (BatchNorm); every rank sees the same length, so all skip it together
                 share = distributed.rank_slice(len(yb), world)
+                sizes.append(len(yb))
                 xb, yb = xb[share], yb[share]
-            step_losses[i] = step(xb, yb).detach()
+            else:
+                sizes.append(len(yb))
+            step_losses[len(sizes) - 1] = step(xb, yb).detach()
             if ema is not None:
                 ema.update(global_step, force=global_step == total_steps - 1)
             global_step += 1
@@ -798,7 +808,7 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         if world.distributed:  # the mean over the ranks' shares: one collective per epoch
             distributed.all_reduce_sum(step_losses, world).div_(world.size)
         losses = step_losses[:len(sizes)].double().cpu().numpy()  # one host sync per epoch
-        train_loss = float(np.dot(losses, sizes)) / images_per_epoch
+        train_loss = float(np.dot(losses, sizes)) / max(sum(sizes), 1)
         if not math.isfinite(train_loss):
             bad = int(np.flatnonzero(~np.isfinite(losses))[0]) if not np.isfinite(losses).all() else len(losses) - 1
             kept = (f"the last good checkpoint, {last_path} (epoch {epoch - 1}), is kept" if epoch > 1

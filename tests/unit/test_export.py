@@ -68,6 +68,15 @@ def test_parity_breach_raises_with_report(exported, tmp_path):
     assert info.value.report["passed"] is False and info.value.report["max_abs_diff_logits"] > 1e-3
 
 
+def test_nan_outputs_breach_parity():
+    """``max(0.0, nan)`` is 0.0 in Python: a NaN difference must count as infinite, not vanish."""
+    a = np.zeros((2, 3), np.float32)
+    b = a.copy()
+    b[1, 2] = np.nan
+    assert export._max_abs_diff(a, b) == float("inf")
+    assert export._max_abs_diff(a, a + 1e-4) == pytest.approx(1e-4, rel=1e-3)
+
+
 def test_probabilities_output_is_softmax_of_logits(exported):
     result, _, x = exported
     sess = ort.InferenceSession(result["onnx_path"], providers=["CPUExecutionProvider"])
