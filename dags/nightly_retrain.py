@@ -159,11 +159,21 @@ def nightly_retrain():
         """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
         from datetime import datetime, timezone
 
+        from nightshift import contracts
         from nightshift.gates import retrain_cooldown
+        from nightshift.settings import Settings
 
-        proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), context.get("prev_start_date_success"),
-                                           datetime.now(timezone.utc), context["params"]["retrain_cooldown_hours"])
+        # Airflow gives asset-triggered runs (no logical date) no previous successful run, so
+        # the start of the last retrain that passed this gate is recorded by the gate itself
+        root, dag_id = Settings.from_env().artifact_root, context["dag"].dag_id
+        prev = getattr(context.get("prev_start_date_success"), "__wrapped__", context.get("prev_start_date_success"))
+        starts = [t for t in (prev, contracts.last_retrain_start(root, dag_id)) if isinstance(t, datetime)]
+        now = datetime.now(timezone.utc)
+        proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), max(starts, default=None), now,
+                                           context["params"]["retrain_cooldown_hours"])
         print(reason)
+        if proceed:
+            contracts.record_retrain_start(root, dag_id, now, context["run_id"])
         return proceed
 
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,

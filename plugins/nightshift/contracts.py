@@ -122,6 +122,38 @@ def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
 # --------------------------------------------------------------------------- deployment and drift
 
 
+def retrain_started_path(artifact_root: str | os.PathLike, dag_id: str) -> Path:
+    """JSON ``{"started_at": ISO 8601, "run_id": ...}``: when the last retrain of ``dag_id`` that
+    passed its cooldown started (the drift-retrain cooldown reads it; Airflow gives asset-triggered
+    runs no previous successful run to compare with)."""
+    return Path(artifact_root) / "state" / dag_id / "last_retrain.json"
+
+
+def last_retrain_start(artifact_root: str | os.PathLike, dag_id: str):
+    """The ``datetime`` :func:`record_retrain_start` wrote last, or ``None``.
+
+    :raises ValueError: the file exists but cannot be read (the cooldown then fails: a retrain
+        storm must not pass through a broken record unseen).
+    """
+    import datetime as _dt
+    import json
+
+    path = retrain_started_path(artifact_root, dag_id)
+    if not path.is_file():
+        return None
+    try:
+        return _dt.datetime.fromisoformat(json.loads(path.read_text())["started_at"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is unreadable ({exc}); delete it to reset the retrain cooldown") from exc
+
+
+def record_retrain_start(artifact_root: str | os.PathLike, dag_id: str, when, run_id: str) -> Path:
+    from nightshift.artifacts import atomic_write_json
+
+    return atomic_write_json(retrain_started_path(artifact_root, dag_id),
+                             {"started_at": when.isoformat(), "run_id": run_id})
+
+
 def deployment_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
     """JSON: what serves ``model_name`` now (version, image, url, container, since)."""
     return Path(artifact_root) / "deployments" / model_name / "state.json"

@@ -153,7 +153,8 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
 
 
 def retrain_cooldown(run_type: str, last_success_start: Any, now: Any, cooldown_hours: float) -> tuple[bool, str]:
-    """Whether a retrain triggered by drift should run, given the last successful run's start.
+    """Whether a retrain triggered by drift should run, given when the last retrain started
+    (the last one that passed this gate, or the last successful run, whichever is later).
 
     Only drift-triggered (``asset_triggered``) runs are held back: a scheduled or
     manual run always proceeds. Returns ``(proceed, reason)``.
@@ -161,9 +162,9 @@ def retrain_cooldown(run_type: str, last_success_start: Any, now: Any, cooldown_
     if run_type != "asset_triggered":
         return True, f"{run_type} run: no cooldown"
     if cooldown_hours is None or float(cooldown_hours) <= 0 or last_success_start is None:
-        return True, "drift-triggered; no earlier successful retrain within a cooldown"
+        return True, "drift-triggered; no earlier retrain recorded"
     elapsed_h = (now - last_success_start).total_seconds() / 3600
     if elapsed_h < float(cooldown_hours):
-        return False, (f"drift-triggered retrain skipped: the last successful retrain started {elapsed_h:.1f} h ago, "
+        return False, (f"drift-triggered retrain skipped: the last retrain started {elapsed_h:.1f} h ago, "
                        f"inside the {float(cooldown_hours):g} h cooldown")
-    return True, f"drift-triggered; last successful retrain {elapsed_h:.1f} h ago (cooldown {float(cooldown_hours):g} h)"
+    return True, f"drift-triggered; last retrain {elapsed_h:.1f} h ago (cooldown {float(cooldown_hours):g} h)"

@@ -94,3 +94,28 @@ def test_cooldown_holds_back_only_drift_triggered_runs():
     assert retrain_cooldown("asset_triggered", now - timedelta(hours=7), now, 6)[0] is True
     assert retrain_cooldown("asset_triggered", None, now, 6)[0] is True
     assert retrain_cooldown("asset_triggered", now - timedelta(minutes=5), now, 0)[0] is True
+
+
+def test_cooldown_task_reads_and_writes_its_own_record(dagbag, tmp_path, monkeypatch):
+    """Asset-triggered runs get no previous successful run from Airflow (a proxy of None): the
+    cooldown must not crash on it and must hold back a second drift retrain by its own record."""
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    import lazy_object_proxy
+
+    from nightshift import contracts
+
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path))
+    dag = dagbag.get_dag("nightly_retrain")
+    task = dag.get_task("cooldown")
+
+    def run(run_id):
+        ctx = {"dag": dag, "run_id": run_id, "dag_run": SimpleNamespace(run_type="asset_triggered"),
+               "prev_start_date_success": lazy_object_proxy.Proxy(lambda: None),
+               "params": {"retrain_cooldown_hours": 6}}
+        return task.python_callable(**ctx)
+
+    assert run("asset_triggered__1") is True  # nothing recorded yet
+    assert contracts.last_retrain_start(tmp_path, "nightly_retrain") <= datetime.now(timezone.utc)
+    assert run("asset_triggered__2") is False  # the drift storm's second retrain waits
