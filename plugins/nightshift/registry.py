@@ -349,9 +349,11 @@ def rollback_target(c, model_name: str, history: list[dict[str, Any]], target: s
     current = get_champion(c, model_name)
     if current is None:
         raise RegistryError(f"{model_name} has no champion: there is nothing to roll back")
+    # only moves forward (promoted, forced): the "previous" of a rollback event is the version
+    # that was rolled back from, and a second "previous" must not bring it back
     for event in reversed(history):
         if str(event.get("champion")) == current["version"] and event.get("previous_champion") not in (None, "none") \
-                and event.get("action") in ("promoted", "forced", "rolled_back"):
+                and event.get("action") in ("promoted", "forced"):
             return str(event["previous_champion"])
     raise RegistryError(f"the promotion history of {model_name} records no champion before v{current['version']}: "
                         "give the target version explicitly")

@@ -76,6 +76,10 @@ def test_reports_of_a_dag_need_read_access_to_that_dag(client, am, world_env):
     assert client.get(f"/reports/{rel}/promotion.json", headers=_bearer("viewer")).status_code == 403
     tl = f"/reports/drift/{MODEL}/2026-11-02T03/drift_report.html"
     assert client.get(tl, headers=_bearer("viewer")).status_code == 200
+    # through another folder and back: authorized on where the file is, not on the spelling
+    for detour in (f"/reports/registry/%2e%2e/{rel}/promotion.json",
+                   f"/reports/runs/open_dag/%2e%2e/{rel.split('/', 1)[1]}/promotion.json"):
+        assert client.get(detour, headers=_bearer("viewer")).status_code in (403, 404), detour
 
 
 def test_view_and_reports_render(client, world_env):

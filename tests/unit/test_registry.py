@@ -145,3 +145,20 @@ def test_a_retried_promote_after_a_rejection_does_not_promote(mlflow_client, tmp
                                         require_approval=True)
     assert again["reused"] and again["promoted"] is False
     assert registry.get_champion(c, "m") is None
+
+
+def test_rollback_previous_twice_does_not_bring_back_the_bad_version(mlflow_client, tmp_path):
+    c = mlflow_client
+    for acc in (0.9, 0.91, 0.92):
+        registry.register_candidate(c, "m", _run(c, tmp_path, acc), artifact_path="onnx",
+                                    tags={"offline_accuracy": acc}, decision=_decide(acc))
+    history = [{"action": "promoted", "champion": "1", "previous_champion": "none"},
+               {"action": "promoted", "champion": "2", "previous_champion": "1"},
+               {"action": "promoted", "champion": "3", "previous_champion": "2"}]
+    registry.set_champion(c, "m", "3", actor="ci", reason="the history above", action="forced")
+    assert registry.get_champion(c, "m")["version"] == "3"
+    assert registry.rollback_target(c, "m", history, "previous") == "2"
+    registry.set_champion(c, "m", "2", actor="ops", reason="v3 is bad", action="rolled_back")
+    history.append({"action": "rolled_back", "champion": "2", "previous_champion": "3"})
+    assert registry.rollback_target(c, "m", history, "previous") == "1"  # further back, never v3 again
+    assert registry.rollback_target(c, "m", history, "v3") == "3"  # an explicit target is honoured

@@ -135,12 +135,13 @@ def create_app() -> FastAPI:
 
     @app.get("/reports/{rel_path:path}")
     def report(request: Request, rel_path: str, raw: bool = False, user: Any = Depends(require_user)) -> Response:
-        parts = rel_path.split("/")
-        if parts[0] == "runs" and len(parts) > 2:
-            _require_dag(user, parts[1])
-        path = data.resolve_report(_settings().artifact_root, rel_path)
+        root = _settings().artifact_root
+        path = data.resolve_report(root, rel_path)
         if path is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "No such report")
+        parts = path.relative_to(Path(root).resolve()).parts  # authorize on where the file really is
+        if parts[0] == "runs" and len(parts) > 2:
+            _require_dag(user, parts[1])
         if path.suffix == ".json" and not raw:
             try:
                 body = json.loads(path.read_text(encoding="utf-8"))

@@ -72,6 +72,8 @@ def resolve_report(artifact_root: str | os.PathLike, rel_path: str) -> Path | No
     """
     if not rel_path or "\x00" in rel_path or rel_path.startswith(("/", "\\")):
         return None
+    if ".." in rel_path.replace("\\", "/").split("/"):
+        return None  # the caller authorizes on the path's folders: they must be the real ones
     root = Path(artifact_root).resolve()
     try:
         target = (root / rel_path).resolve()
