@@ -144,13 +144,19 @@ def bench_training_step(snapshot, work: Path, repeats: int = 5, epochs: int = 4)
 
 
 GPU_SECTION = "## GPU training"
+DATA_SECTION = "## Data path at scale"
 
 
-def kept_gpu_section() -> str:
-    """The GPU section of the current docs/benchmarks.md (measured on a GPU machine, not here)."""
+def kept_section(heading: str) -> str:
+    """The section of the current docs/benchmarks.md that starts with ``heading``, up to the next
+    ``## `` heading: figures another bench measured (GPU training on a GPU machine, the data path)."""
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.is_file() else ""
-    return text[text.index(GPU_SECTION):].rstrip() + "\n" if GPU_SECTION in text else ""
+    if heading not in text:
+        return ""
+    start = text.index(heading)
+    end = text.find("\n## ", start + len(heading))
+    return text[start:end if end != -1 else len(text)].rstrip() + "\n"
 
 
 def main() -> int:
@@ -195,7 +201,7 @@ of each run, median of {a['repeats']} interleaved runs. Target: ≤ 1.10×.
 |---|---|---|---|
 | Epoch of {a['images_per_epoch']:,} images, CPU | {a['bare_epoch_s'] * 1e3:.1f} ms | {a['full_epoch_s'] * 1e3:.1f} ms | {a['ratio']:.2f}× |
 
-{kept_gpu_section()}"""
+{kept_section(GPU_SECTION)}"""
     serving_json = ROOT / "docs" / "benchmarks-serving.json"
     if serving_json.is_file():  # written by bench/serving.py (make bench runs it first)
         sys.path.insert(0, str(ROOT / "bench"))
@@ -204,9 +210,8 @@ of each run, median of {a['repeats']} interleaved runs. Target: ≤ 1.10×.
         md += "\n" + render_markdown(json.loads(serving_json.read_text()))
     else:
         md += "\n## Serving under load\n\nNot measured: run `python bench/serving.py` first.\n"
-    data_md = ROOT / "docs" / "benchmarks-data.md"
-    md += ("\n## Data path at scale\n\nSee `docs/benchmarks-data.md` (`python bench/data_scale.py`).\n"
-           if data_md.is_file() else "")
+    data = kept_section(DATA_SECTION)
+    md += "\n" + (data or f"{DATA_SECTION}\n\nNot measured: run `python bench/data_scale.py`.\n")
 
     (ROOT / "docs").mkdir(exist_ok=True)
     (ROOT / "docs" / "benchmarks.md").write_text(md)

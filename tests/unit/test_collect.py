@@ -87,6 +87,28 @@ def test_recollecting_decodes_only_new_and_changed_files(folder, tmp_path):
     assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
 
 
+def test_a_same_size_replacement_with_its_old_mtime_restored_is_decoded_again(folder, tmp_path):
+    """``cp -p`` / ``rsync -a`` / ``tar x`` put an old mtime on new content: size and mtime match
+    yesterday's, but the pixels are not yesterday's."""
+    snaps = tmp_path / "snaps"
+    collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    by_size: dict[int, list[Path]] = {}
+    for f in sorted(folder.rglob("*.png")):
+        by_size.setdefault(f.stat().st_size, []).append(f)
+    victim, donor = next(g[:2] for g in by_size.values() if len(g) > 1 and g[0].read_bytes() != g[1].read_bytes())
+    old = victim.stat()
+    replaced = tmp_path / "replaced.png"
+    replaced.write_bytes(donor.read_bytes())  # other pixels, the very same size
+    os.replace(replaced, victim)
+    os.utime(victim, ns=(old.st_atime_ns, old.st_mtime_ns))
+    assert (victim.stat().st_size, victim.stat().st_mtime_ns) == (old.st_size, old.st_mtime_ns)
+    again, stats = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    assert stats.decoded == 1 and stats.reused == 299
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   incremental=False)
+    assert _content(again) == _content(fresh)
+
+
 def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, tmp_path):
     snaps = tmp_path / "snaps"
     collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
@@ -207,3 +229,17 @@ def test_files_without_a_modification_stamp_are_decoded_again(folder, tmp_path, 
     collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
     _, stats = collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
     assert stats.reused == 0 and stats.decoded == 300  # size alone never proves a file unchanged
+
+
+def test_the_reuse_key_names_the_decoder_versions(monkeypatch):
+    """Pillow or its JPEG library decode differently after an upgrade: pixels decoded by another
+    version must not be reused."""
+    import PIL
+
+    from nightshift.data.snapshot import source_key
+
+    src = {"kind": "imagefolder", "root": "/data/x"}
+    before = source_key(src, (32, 32, 3))
+    assert source_key(src, (32, 32, 3)) == before and source_key(src, (16, 16, 3)) != before
+    monkeypatch.setattr(PIL, "__version__", "0.0-other")
+    assert source_key(src, (32, 32, 3)) != before

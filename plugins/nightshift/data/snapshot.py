@@ -86,11 +86,17 @@ def data_digest(shape: tuple[int, int, int] | list[int], class_names: list[str],
 
 
 def source_key(source: dict[str, Any], shape: tuple[int, int, int] | list[int]) -> str:
-    """Names the incremental state of one source read at one shape."""
+    """Names the incremental state of one source read at one shape, decoded by this decoder:
+    our resize code (``DECODER_VERSION``) and Pillow with its JPEG library, whose upgrades change
+    decoded pixels; pixels decoded by another version are not reused."""
+    import PIL
+    from PIL import features
+
     from nightshift.data.decode import DECODER_VERSION
 
     ident = {k: source.get(k) for k in ("kind", "root", "name")}
-    return hashlib.sha256(json.dumps({"source": ident, "shape": list(shape), "decoder": DECODER_VERSION},
+    decoder = {"nightshift": DECODER_VERSION, "pillow": PIL.__version__, "jpeg": features.version("jpg")}
+    return hashlib.sha256(json.dumps({"source": ident, "shape": list(shape), "decoder": decoder},
                                      sort_keys=True).encode()).hexdigest()[:32]
 
 

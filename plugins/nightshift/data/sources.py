@@ -86,10 +86,16 @@ class Listing:
     partitions: list[str] = field(default_factory=list)
 
 
+def _local_stamp(st: os.stat_result) -> tuple[int, str]:
+    """``(size, stamp)`` of a local file. The stamp is mtime, ctime and inode: ``cp -p``, ``rsync -a``
+    and ``tar x`` restore an old mtime on new content, but nobody can set ctime, and a
+    replaced file is a new inode; a file whose stamp changed is decoded again."""
+    return int(st.st_size), f"{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
+
+
 def _stat(p: Any) -> tuple[int, str]:
     if isinstance(p, Path):
-        st = p.stat()
-        return int(st.st_size), str(st.st_mtime_ns)
+        return _local_stamp(p.stat())
     info = p.stat()  # ObjectStoragePath: fsspec info dict (size, ETag / mtime / LastModified)
     get = info.get if isinstance(info, dict) else (lambda k, d=None: getattr(info, k, d))
     size = get("size", None)
@@ -175,9 +181,8 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                 skipped.append({"path": rel, "error": "not an image file (unsupported extension)"})
                 continue
             if isinstance(f, os.DirEntry):
-                st = f.stat()
                 files.append((rel, cdir.name, f.path))
-                stats.append((int(st.st_size), str(st.st_mtime_ns)))
+                stats.append(_local_stamp(f.stat()))
             else:
                 files.append((rel, cdir.name, f))
     if len(stats) != len(files):  # object storage: stat with bounded concurrency
