@@ -369,9 +369,14 @@ def write_section(results: dict) -> None:
     path = ROOT / "docs" / "benchmarks.md"
     text = path.read_text() if path.is_file() else "# Benchmarks\n"
     head = "## Serving under load"
-    if head in text:
-        text = text[: text.index(head)].rstrip("\n") + "\n"
-    path.write_text(text + "\n" + render_markdown(results))
+    section = render_markdown(results).rstrip("\n") + "\n"
+    if head in text:  # replace this section only: the sections after it stay
+        start = text.index(head)
+        end = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[end:] if end != -1 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    path.write_text(text)
 
 
 if __name__ == "__main__":

@@ -248,6 +248,7 @@ def test_batcher_sheds_requests_that_would_wait_too_long():
     assert all(r.queue_s <= 0.15 + 0.05 for r in served)  # nobody waited much past the limit
     assert any("ms of work" in r.message or "waited" in r.message for r in shed)
     assert len(calls) == 1 + len(served)  # shed requests were never run
+    assert b._running == 0  # dropped batches leave the running count as it was (inline path stays usable)
 
 
 def test_batching_under_concurrency_and_503_with_retry_after(tiny_onnx_model_dir, http):

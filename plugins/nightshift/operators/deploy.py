@@ -60,6 +60,9 @@ class DeployModelOperator(NightshiftOperator):
         if not image:
             raise ConfigError(f"champion v{champion['version']} has no {contracts.tag('image')} tag: nothing to deploy")
         onnx_sha = tags.get(contracts.tag(contracts.VersionTag.ONNX_SHA256), "")
+        if self.target == "docker" and not onnx_sha:  # without it the switch cannot check what serves
+            raise ConfigError(f"champion v{champion['version']} has no {contracts.tag('onnx_sha256')} tag: the new "
+                              "container's served version cannot be checked before traffic moves to it")
         if self.target == "kubernetes":
             from nightshift.deploy import render_kubernetes, write_manifests
 
@@ -81,7 +84,7 @@ class DeployModelOperator(NightshiftOperator):
         env["NIGHTSHIFT_REQUEST_LOG_SAMPLE"] = str(float(self.request_log_sample))
         deployer = LocalDeployer(connect_docker(), model_name=self.model_name, artifact_root=self.settings.artifact_root,
                                  port=int(self.port), proxy_image=self.settings.base_image, environment=env)
-        state = deployer.deploy(image, registry_version=champion["version"], model_version=onnx_sha[:12] or None,
+        state = deployer.deploy(image, registry_version=champion["version"], model_version=onnx_sha[:12],
                                 reason=f"{self.dag_id} {context['run_id']}")
         self.log.info("%s v%s %s at %s (container %s)", self.model_name, champion["version"],
                       "now serves" if state.get("changed") else "already served", state["url"], state["container"])

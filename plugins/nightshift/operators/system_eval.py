@@ -117,11 +117,17 @@ class SystemEvalOperator(NightshiftOperator):
         skew = None
         if self.export:
             skew = skew_report(served_pred, self._offline_predictions(self.export["onnx_path"], snap.iter_split("test")))
+        else:
+            self.log.warning("no export given: the served-vs-in-process skew check is not run")
+        if load is None and int(self.concurrency) > 0:
+            self.log.warning("the load phase did not run (no test images): no latency under load is reported, "
+                             "so the latency and throughput gates cannot pass")
         result: dict[str, Any] = {
             "image": image, "ready_seconds": ready_s, "n": acc["n"], "accuracy": acc["accuracy"],
             "accuracy_all": acc["accuracy_all"], "correct": acc["correct"],
-            "errors": acc["errors"] + ((load["errors"] + load["timeouts"]) if load else 0),
-            "latency_ms": (load or acc)["latency_ms"],
+            # a request refused with 503 under the evaluation's own bounded load is a failure too
+            "errors": acc["errors"] + ((load["errors"] + load["timeouts"] + load["rejected_503"]) if load else 0),
+            "latency_ms": load["latency_ms"] if load else (acc["latency_ms"] if int(self.concurrency) <= 0 else {}),
             "throughput_ips": (load or acc)["throughput_ips"],
             "throughput_rps": load["throughput_rps"] if load else None,
             "accuracy_phase": {k: v for k, v in acc.items() if k != "latencies"}, "load": load, "skew": skew,
@@ -132,7 +138,11 @@ class SystemEvalOperator(NightshiftOperator):
         self.log.info("served accuracy %s on %d images; under load (c=%s): p50 %s / p95 %s / p99 %s ms, %s img/s, "
                       "%d errors", result["accuracy"], result["n"], self.concurrency, lat.get("p50"), lat.get("p95"),
                       lat.get("p99"), result["throughput_ips"], result["errors"])
-        if skew is not None and skew["mismatch_rate"] is not None and skew["mismatch_rate"] > float(self.skew_tolerance):
+        if skew is not None and skew["mismatch_rate"] is None:
+            raise PreprocessingSkew(f"the skew check compared no images: the server answered none of the "
+                                    f"{result['n']} test images; report {out_dir / 'system_eval.json'}",
+                                    logs=logs_tail)
+        if skew is not None and skew["mismatch_rate"] > float(self.skew_tolerance):
             raise PreprocessingSkew(
                 f"preprocessing skew: the served model disagrees with ONNX Runtime in process on "
                 f"{skew['mismatches']} of {skew['n']} test images ({skew['mismatch_rate']:.2%} > tolerance "

@@ -278,10 +278,7 @@ class DynamicBatcher:
             batch = self._take()
             if batch is None:
                 return
-            if not batch:
-                with self._cond:
-                    self._running -= 1
-                    self._cond.notify_all()
+            if not batch:  # every request it took had expired: nothing runs, nothing was counted
                 continue
             try:
                 self._execute(batch)

@@ -228,10 +228,16 @@ class RequestLog:
     def _publish(self) -> None:
         if self._file is None or self._path is None:
             return
-        self._file.close()
         final = self._path.with_suffix("")  # drop .part
-        os.replace(self._path, final)
-        self._file, self._path = None, None
+        try:
+            # renamed while still locked: a starting server's recover_orphans never takes it over
+            os.replace(self._path, final)
+        except OSError as exc:  # the log must never stop the writer thread
+            self.failed += 1
+            log.warning("request log: could not publish %s: %s", self._path, exc)
+        finally:
+            self._file.close()
+            self._file, self._path = None, None
         files = sorted(self.directory.glob(FILE_GLOB))
         for old in files[: max(0, len(files) - self.max_files)]:
             try:

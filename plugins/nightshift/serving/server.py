@@ -2,9 +2,11 @@
 
 Run ``python -m serving.server`` (in the image) or ``python server.py``.
 One process, one event loop (uvicorn with httptools + uvloop), one batching
-worker thread; ONNX Runtime's intra-op threads use the container's CPUs. One
-process rather than several workers because dynamic batching needs every
-request in one queue, and ONNX Runtime already spreads a batch over the cores.
+queue and one worker thread per model instance (by default one per container
+CPU, each running ONNX Runtime on one intra-op thread: :func:`ort_layout`).
+One process rather than several workers because dynamic batching needs every
+request in one queue; ONNX Runtime's ``run`` is thread-safe, so the instances
+share one session.
 SIGTERM/SIGINT stop accepting connections, finish in-flight requests (up to
 ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``), flush the request log and exit 0.
 
