@@ -71,6 +71,24 @@ def _resolve(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None
         fut.set_result(value)
 
 
+def _resolve_all(answers: list[tuple[asyncio.Future, Any, BaseException | None]]) -> None:
+    for fut, value, exc in answers:
+        _resolve(fut, value, exc)
+
+
+def _deliver(answers: list[tuple[_Item, Any, BaseException | None]]) -> None:
+    """Hand a batch's answers to their event loops: one thread-safe call per loop, not one
+    per request (each call is a wake-up write and a GIL hand-off on the loop's side)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future, Any, BaseException | None]]] = {}
+    for item, value, exc in answers:
+        by_loop.setdefault(item.loop, []).append((item.future, value, exc))
+    for loop, group in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_resolve_all, group)
+        except RuntimeError:  # that loop is closed: nobody is waiting any more
+            pass
+
+
 class DynamicBatcher:
     """Coalesce :meth:`submit` calls into batched ``predict`` calls on one worker thread.
 
@@ -198,7 +216,8 @@ class DynamicBatcher:
         finally:
             with self._cond:
                 self._running -= 1
-                self._cond.notify_all()
+                if self._queue:  # a worker held back by the running count may go on
+                    self._cond.notify()
         elapsed = time.perf_counter() - start
         n = int(item.pixels.shape[0])
         self._learn(elapsed, n)
@@ -285,7 +304,8 @@ class DynamicBatcher:
             finally:
                 with self._cond:
                     self._running -= 1
-                    self._cond.notify_all()
+                    if self._queue or self._stopping:  # wake a worker only when one has something to do
+                        self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
         start = time.perf_counter()
@@ -293,24 +313,26 @@ class DynamicBatcher:
             pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([i.pixels for i in batch])
             outputs = self.predict(pixels)
         except InferenceError as exc:
-            for item in batch:
-                item.loop.call_soon_threadsafe(_resolve, item.future, None, exc)
+            _deliver([(item, None, exc) for item in batch])
             return
         except Exception as exc:  # noqa: BLE001 - must reach every waiting request
             log.exception("batch of %d request(s) failed", len(batch))
             err = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
-            for item in batch:
-                item.loop.call_soon_threadsafe(_resolve, item.future, None, err)
+            _deliver([(item, None, err) for item in batch])
             return
         elapsed = time.perf_counter() - start
         total = sum(int(i.pixels.shape[0]) for i in batch)
         self._learn(elapsed, total)
         if self.observe is not None:
             self.observe(total, elapsed)
+        if len(batch) == 1:
+            _deliver([(batch[0], BatchResult(outputs, start - batch[0].enqueued, elapsed, total), None)])
+            return
+        answers = []
         lo = 0
         for item in batch:
             n = int(item.pixels.shape[0])
             part = {k: v[lo:lo + n] for k, v in outputs.items()}
             lo += n
-            res = BatchResult(part, start - item.enqueued, elapsed, total)
-            item.loop.call_soon_threadsafe(_resolve, item.future, res, None)
+            answers.append((item, BatchResult(part, start - item.enqueued, elapsed, total), None))
+        _deliver(answers)

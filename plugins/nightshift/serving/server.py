@@ -37,7 +37,15 @@ variable                            meaning                                     
 ``NIGHTSHIFT_REQUEST_LOG_ROTATE_S`` age at which a request-log file is published          60
 ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``   drain time on SIGTERM                                 20
 ``NIGHTSHIFT_MAX_CONNECTIONS``      concurrent connections before uvicorn answers 503     2048
+``NIGHTSHIFT_GIL_SWITCH_MS``         Python's thread switch interval (see below)           0.2
 ==================================  ====================================================  ==============
+
+The GIL switch interval: a model instance that finishes ``session.run`` needs
+the GIL back to hand over its answers, and the event loop thread holds it
+while it parses the next requests. Python makes a waiting thread wait up to
+the switch interval (5 ms by default, four times this model's run time), so
+under load an instance's core idled while the loop ran; 0.2 ms keeps the
+instances fed (``docs/benchmarks.md``, "Serving under load").
 """
 
 from __future__ import annotations
@@ -74,6 +82,7 @@ DEFAULT_MODEL_DIR = "/models/model"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
+DEFAULT_GIL_SWITCH_MS = 0.2
 
 __all__ = ["TIMING_HEADER", "InferenceServer", "Model", "ModelLoadError", "container_cpus", "main", "make_server"]
 
@@ -228,6 +237,7 @@ def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connecti
     return uvicorn.Config(
         app, loop="uvloop", http="httptools", lifespan="on", log_config=None, access_log=False,
         server_header=False, date_header=False, limit_concurrency=max_connections, backlog=2048,
+        proxy_headers=False,  # no X-Forwarded-For rewriting per request: the access log shows the peer
         timeout_keep_alive=30, timeout_graceful_shutdown=int(graceful_s), ws="none",
     )
 
@@ -305,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=_env("NIGHTSHIFT_PORT", DEFAULT_PORT))
     args = parser.parse_args(argv)
     setup_logging(os.environ.get("NIGHTSHIFT_LOG_LEVEL", "WARNING"))
+    switch_ms = _env("NIGHTSHIFT_GIL_SWITCH_MS", DEFAULT_GIL_SWITCH_MS, float)
+    if not 0.01 <= switch_ms <= 100:
+        raise SystemExit(f"serving: NIGHTSHIFT_GIL_SWITCH_MS={switch_ms} is outside 0.01..100")
+    sys.setswitchinterval(switch_ms / 1000.0)
     try:
         if not ipaddress.ip_address(args.host).is_loopback:
             log.warning("binding %s, which is not a loopback address: the model is reachable from outside", args.host)
