@@ -29,6 +29,7 @@ mlflow-ui: setup
 	$(ENV) mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000
 
 bench: setup
+	$(ENV) python bench/serving_cpu.py
 	$(ENV) python bench/serving.py --soak 60
 	$(ENV) python bench/run_benchmarks.py
 

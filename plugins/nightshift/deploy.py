@@ -167,9 +167,13 @@ class LocalDeployer:
         last = "no answer yet"
         while time.monotonic() - t0 < self.ready_timeout_s:
             container.reload()
-            if container.status in ("exited", "dead"):
-                raise ServingError(f"new container {container.name} exited with status "
-                                   f"{container.attrs['State'].get('ExitCode')} before it was ready",
+            restarts = int(container.attrs.get("RestartCount") or 0)
+            if container.status in ("exited", "dead", "restarting") or restarts:
+                # with a restart policy a crashing server comes back again and again: the first
+                # crash is the answer, not the end of the ready timeout
+                why = (f"crashed before it was ready and Docker restarted it {restarts} time(s)" if restarts else
+                       f"exited with status {container.attrs['State'].get('ExitCode')} before it was ready")
+                raise ServingError(f"new container {container.name} {why}",
                                    logs=container.logs(tail=80).decode("utf-8", "replace"))
             try:
                 code, body = _get(f"http://{LOOPBACK}:{port}/v2/health/ready")
@@ -205,6 +209,7 @@ class LocalDeployer:
             raise ServingError(f"image {image} is not in the local Docker daemon: build it first "
                                "(nightly_retrain's build_inference_image)") from None
         blue = self._container((current or {}).get("container"))
+        self._remove_drained_leftover(current)
         if current and blue is not None and blue.status == "running" and current.get("image_id") == image_id:
             code, _ = _get(f"{self.url}/v2/health/ready")
             if code == 200:
@@ -245,6 +250,16 @@ class LocalDeployer:
                                    f"{'v' + str(current['registry_version']) + ' keeps serving' if current else 'nothing was serving'}.",
                                    logs=exc.logs or logs) from exc
             raise
+        state = {"model": self.model_name, "registry_version": str(registry_version),
+                 "model_version": served_version, "image": image, "image_id": image_id, "container": name,
+                 "port": port, "url": self.url, "status": "serving", "target": "docker",
+                 "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
+                 "previous": {k: current.get(k) for k in ("registry_version", "image", "container")} if current else None,
+                 "reason": reason}
+        # traffic has moved: record it before blue drains (up to drain_timeout_s), so a task
+        # killed meanwhile leaves a state that names what serves
+        atomic_write_json(self.state_path, state)
+        append_jsonl(self.state_path.parent / "history.jsonl", state)
         if blue is not None and blue.id != green.id:
             log.info("blue: stopping %s (drains up to %ss)", blue.name, self.drain_timeout_s)
             try:
@@ -252,15 +267,18 @@ class LocalDeployer:
                 blue.remove(force=True)
             except APIError as exc:
                 log.warning("could not remove the old container %s: %s", blue.name, exc)
-        state = {"model": self.model_name, "registry_version": str(registry_version),
-                 "model_version": served_version, "image": image, "image_id": image_id, "container": name,
-                 "port": port, "url": self.url, "status": "serving", "target": "docker",
-                 "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
-                 "previous": {k: current.get(k) for k in ("registry_version", "image", "container")} if current else None,
-                 "reason": reason}
-        atomic_write_json(self.state_path, state)
-        append_jsonl(self.state_path.parent / "history.jsonl", state)
         return {**state, "changed": True}
+
+    def _remove_drained_leftover(self, current: dict[str, Any] | None) -> None:
+        """Remove the container the last deploy was draining when its task died: the state
+        already names its successor (traffic had moved), so nothing else would."""
+        prev = self._container(((current or {}).get("previous") or {}).get("container"))
+        if prev is not None and prev.name != (current or {}).get("container"):
+            log.warning("removing %s: the deploy that replaced it stopped before it could", prev.name)
+            try:
+                prev.remove(force=True)
+            except Exception as exc:  # noqa: BLE001 - best effort; the deploy goes on
+                log.warning("could not remove %s: %s", prev.name, exc)
 
     def _check_through_proxy(self, model_version: str | None) -> None:
         deadline = time.monotonic() + 10

@@ -72,6 +72,9 @@ def test_blue_green_switch_serves_throughout_and_a_failed_start_keeps_the_old_on
         with pytest.raises(ServingError, match="v2 keeps serving") as exc:
             d.deploy(broken_img, registry_version="3")
         assert exc.value.logs  # green's log is attached
+        # a server that exits at start is caught at its first exit, not after the ready timeout:
+        # Docker's restart policy would otherwise bring it back again and again
+        assert "exited with status 1 before" in str(exc.value) or "crashed before it was ready" in str(exc.value)
         assert d.state()["registry_version"] == "2"
         assert requests.get(f"{d.url}/v2/health/ready", timeout=5).status_code == 200
         assert len(client.containers.list(filters={"label": "ai.nightshift.model=tiny"})) == 2  # serving + proxy
@@ -95,3 +98,37 @@ def test_kubernetes_manifests_render_and_validate():
         validate_manifests([{**ms[1], "spec": {**ms[1]["spec"], "ports": [{"name": "http", "port": "eighty"}]}}])
     with pytest.raises(ConfigError, match="InferenceService manifest is invalid"):
         validate_manifests([{**ms[2], "spec": {}}])
+
+
+@pytest.mark.docker
+def test_a_deploy_killed_while_blue_drains_names_green_and_the_next_removes_blue(serving_docker, serving_image,
+                                                                               tmp_path, monkeypatch):
+    from docker.models.containers import Container
+
+    client = serving_docker
+    image = serving_image["image"]
+    green_img = _derived(client, image, "nightshift-test/tiny:green2", 'LABEL ai.nightshift.test.colour="green2"')
+    d = LocalDeployer(client, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+                      ready_timeout_s=30, drain_timeout_s=5)
+    try:
+        first = d.deploy(image, registry_version="1")
+        seen = []
+
+        def killed(self, **kw):
+            seen.append(d.state()["container"])  # what the state says while blue would drain
+            raise KeyboardInterrupt  # the worker died here
+
+        monkeypatch.setattr(Container, "stop", killed)
+        with pytest.raises(KeyboardInterrupt):
+            d.deploy(green_img, registry_version="2")
+        monkeypatch.undo()
+        state = d.state()
+        assert state["registry_version"] == "2" and seen == [state["container"]]
+        assert client.containers.get(first["container"]).status == "running"  # blue was left behind
+        again = d.deploy(green_img, registry_version="2")
+        assert again["changed"] is False  # green already serves
+        with pytest.raises(Exception):
+            client.containers.get(first["container"])  # and the leftover blue is gone
+    finally:
+        d.undeploy()
+        client.images.remove(green_img, force=True)
