@@ -269,3 +269,30 @@ def test_an_upload_larger_than_the_pixel_limit_is_refused_from_its_header(monkey
     monkeypatch.undo()
     pixels, orig = images.decode_upload(buf.getvalue(), (8, 8, 3))
     assert pixels.shape == (1, 8, 8, 3) and orig == (200, 300, 3)
+
+
+def test_loop_histogram_exposes_what_prometheus_clients_histogram_does():
+    """Same observations, same ``_bucket``/``_count``/``_sum`` lines (edges included: a value
+    equal to a bound counts in that bucket, beyond the last bound only in +Inf)."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from nightshift.serving.metrics import LoopHistogram
+
+    buckets = (.0005, .001, .0025, .1, 1.0, 10.0)
+    values = [0.0, 0.0004, 0.0005, 0.00051, 0.001, 0.05, 0.1, 3.0, 10.0, 11.0, 1e9]
+    ours, theirs = CollectorRegistry(), CollectorRegistry()
+    fast = LoopHistogram("h_seconds", "doc", "stage", buckets, ours)
+    ref = Histogram("h_seconds", "doc", ["stage"], buckets=buckets, registry=theirs)
+    for v in values:
+        fast.labels("queue").observe(v)
+        ref.labels("queue").observe(v)
+    fast.labels("idle")
+    ref.labels("idle")
+
+    def series(reg):
+        return sorted(line for line in generate_latest(reg).decode().splitlines()
+                      if line.startswith("h_seconds_") and "_created" not in line)
+
+    assert series(ours) == series(theirs)
+    assert 'h_seconds_bucket{le="0.0005",stage="queue"} 3.0' in series(ours)
+    assert 'h_seconds_count{stage="idle"} 0.0' in series(ours)
