@@ -296,3 +296,57 @@ def test_loop_histogram_exposes_what_prometheus_clients_histogram_does():
     assert series(ours) == series(theirs)
     assert 'h_seconds_bucket{le="0.0005",stage="queue"} 3.0' in series(ours)
     assert 'h_seconds_count{stage="idle"} 0.0' in series(ours)
+
+
+def test_sigterm_hands_keep_alive_clients_over_before_closing(tiny_onnx_model_dir):
+    """After SIGTERM an open keep-alive connection is answered once more with
+    ``Connection: close`` (the client reconnects, through a proxy to the new server)
+    instead of being cut while idle; readiness says 503; then the server exits 0."""
+    import http.client as httpclient
+    import json
+    import signal
+    import time
+
+    from nightshift.evaluation import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
+    env.update(NIGHTSHIFT_MODEL_DIR=str(tiny_onnx_model_dir), NIGHTSHIFT_PORT=str(port), NIGHTSHIFT_DRAIN_S="5",
+               PYTHONPATH=str(PLUGIN_SERVING))
+    proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=env, cwd=PLUGIN_SERVING,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                conn = httpclient.HTTPConnection("127.0.0.1", port, timeout=5)
+                conn.request("GET", "/v2/health/ready")
+                resp = conn.getresponse()
+                resp.read()
+                if resp.status == 200:
+                    break
+                conn.close()
+            except OSError:
+                pass
+            assert time.monotonic() < deadline and proc.poll() is None, "server did not become ready"
+            time.sleep(0.05)
+        assert resp.getheader("connection") != "close"  # keep-alive before the signal
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        other = httpclient.HTTPConnection("127.0.0.1", port, timeout=5)  # still accepting meanwhile
+        other.request("GET", "/v2/health/ready")
+        r = other.getresponse()
+        assert r.status == 503 and "shutting down" in json.loads(r.read())["error"]
+        other.close()
+        conn.request("GET", "/v2/models/tiny")  # the idle keep-alive connection is still served
+        resp = conn.getresponse()
+        assert resp.status == 200 and json.loads(resp.read())["name"] == "tiny"
+        assert resp.getheader("connection") == "close"
+        conn.close()
+        assert proc.wait(10) == 0
+        assert time.monotonic() - t0 < 4.5  # ended once its clients had gone, not at the 5 s limit
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -113,6 +113,9 @@ class InferenceApp:
         self.metrics.bind(self)
         self._rng = random.Random()
         self._watch: asyncio.Task | None = None
+        #: set on SIGTERM while keep-alive clients are handed over: answers close their
+        #: connection and readiness is 503 (see :mod:`serving.server`)
+        self.draining = False
 
     # -- ASGI -----------------------------------------------------------------------------
 
@@ -206,6 +209,8 @@ class InferenceApp:
             body = json.dumps({"error": f"internal server error: {type(exc).__name__}: {exc}"}).encode("utf-8")
             headers = {"content-type": "application/json", "connection": "close"}
             status = 500
+        if self.draining:
+            headers = {**headers, "connection": "close"}  # the next request opens a new connection
         raw_headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers.items()]
         raw_headers.append((b"content-length", str(len(body)).encode("ascii")))
         try:
@@ -239,6 +244,8 @@ class InferenceApp:
                                           "extensions": EXTENSIONS}), _JSON
             if path == "/v2/health/live":
                 return route, 200, _json({"live": True}), _JSON
+            if self.draining:
+                return route, 503, _json({"ready": False, "error": "the server is shutting down"}), _JSON
             if not model.ready:
                 return route, 503, _json({"ready": False, "error": self._not_ready()}), _JSON
             return route, 200, _json({"ready": True}), _JSON

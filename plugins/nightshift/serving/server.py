@@ -7,8 +7,14 @@ CPU, each running ONNX Runtime on one intra-op thread: :func:`ort_layout`).
 One process rather than several workers because dynamic batching needs every
 request in one queue; ONNX Runtime's ``run`` is thread-safe, so the instances
 share one session.
-SIGTERM/SIGINT stop accepting connections, finish in-flight requests (up to
-``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``), flush the request log and exit 0.
+SIGTERM/SIGINT first hand clients over (``NIGHTSHIFT_DRAIN_S``): while
+keep-alive connections are open, every answer says ``Connection: close`` and
+``/v2/health/ready`` answers 503, so a client's next request opens a new
+connection (through a blue/green proxy or a Service: to the new server)
+instead of racing the close of an idle one ("connection reset by peer").
+Then the server stops accepting connections, finishes in-flight requests (up
+to ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``), flushes the request log and exits 0.
+A second signal skips the hand-off.
 
 Configuration (environment):
 
@@ -38,6 +44,7 @@ variable                            meaning                                     
 ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``   drain time on SIGTERM                                 20
 ``NIGHTSHIFT_MAX_CONNECTIONS``      concurrent connections before uvicorn answers 503     2048
 ``NIGHTSHIFT_GIL_SWITCH_MS``         Python's thread switch interval (see below)           0.2
+``NIGHTSHIFT_DRAIN_S``               keep-alive hand-off after SIGTERM (see below)         2
 ==================================  ====================================================  ==============
 
 The GIL switch interval: a model instance that finishes ``session.run`` needs
@@ -242,6 +249,34 @@ def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connecti
     )
 
 
+def _draining_server_class() -> type:
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        """uvicorn, with a keep-alive hand-off before its graceful shutdown (see the module doc)."""
+
+        app: Any = None
+        drain_s: float = 0.0
+        _draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self._draining or self.should_exit or self.drain_s <= 0 or not self.server_state.connections:
+                super().handle_exit(sig, frame)
+                return
+            self._draining = True
+            self._captured_signals.append(sig)  # re-raised after the shutdown, as uvicorn does
+            self.app.draining = True
+            threading.Thread(target=self._hand_off, name="drain", daemon=True).start()
+
+        def _hand_off(self) -> None:
+            deadline = time.monotonic() + self.drain_s
+            while self.server_state.connections and time.monotonic() < deadline:
+                time.sleep(0.05)
+            self.should_exit = True
+
+    return DrainingServer
+
+
 class InferenceServer:
     """A bound uvicorn server for one :class:`InferenceApp`, runnable in a thread (tests, benchmarks).
 
@@ -250,16 +285,16 @@ class InferenceServer:
     :param port: 0 picks a free port (see :attr:`url`).
     """
 
-    def __init__(self, app: InferenceApp, host: str = DEFAULT_HOST, port: int = 0, **uvicorn_kw: Any):
-        import uvicorn
-
+    def __init__(self, app: InferenceApp, host: str = DEFAULT_HOST, port: int = 0, *, drain_s: float = 0.0,
+                 **uvicorn_kw: Any):
         self.app = app
         self.model = app.model
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.server_address = self.sock.getsockname()
-        self.server = uvicorn.Server(_uvicorn_config(app, **uvicorn_kw))
+        self.server = _draining_server_class()(_uvicorn_config(app, **uvicorn_kw))
+        self.server.app, self.server.drain_s = app, float(drain_s)
         app.batcher.concurrent_requests = lambda: len(self.server.server_state.tasks)
         self._thread: threading.Thread | None = None
 
@@ -353,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         srv = InferenceServer(app, args.host, args.port,
                               graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
-                              max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048))
+                              max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048),
+                              drain_s=_env("NIGHTSHIFT_DRAIN_S", 2.0, float))
     except OSError as exc:
         log.error("cannot bind %s:%s: %s (is another server on that port? set NIGHTSHIFT_PORT)",
                   args.host, args.port, exc)
