@@ -368,7 +368,7 @@ cores with the loop and the client.) Single repeats in the table above reach eac
 baseline ran at a slow moment (the in-process rate moves by ±20% within a run). resnet18,
 where the model dominates, meets both. At concurrency 1 the requests run in
 series: about half of the event loop's time beyond the model is uvloop's C code
-(epoll, recv, send on loopback), and the model itself runs up to ~20% slower in the
+(epoll, recv, send on loopback), and the model itself ran up to 22% slower in the
 server than in the baseline's tight loop (cache and core migrations between client and
 server; the `x-inference-time-ms` header shows it). These machines are shared: single
 repeats of the c=1 ratio range from 0.6 to 0.8 within one run.
@@ -379,8 +379,8 @@ when the client is another host; `--export-to DIR` here and `--models DIR --no-i
 there run it where the ONNX exporter or Docker is missing.
 
 Tried on this machine and kept: Python's GIL switch interval at 0.2 ms in the server
-(c=16 +8% to +35% in paired runs: an instance waited up to 5 ms for the GIL to hand
-its answers over), one thread-safe hand-off per batch, no worker wake-ups after an
+(c=16 +9% in a paired run of 6 repeats, +35% in one back-to-back run: an instance
+waited up to 5 ms for the GIL to hand its answers over), one thread-safe hand-off per batch, no worker wake-ups after an
 inline request, a load client built on an asyncio protocol (client CPU per request
 0.11 → 0.07 ms at c=16), and lock-free histograms for the per-request metrics the event
 loop records (the app's own time per request, model stubbed, 175 → 116 µs). Tried and dropped (paired runs, within noise): model-instance

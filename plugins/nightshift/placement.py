@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from nightshift.errors import ConfigError
+from nightshift.settings import positive_int
 
 PLACEMENTS = ("local", "celery", "kubernetes_executor", "kubernetes_pod")
 GPU_RESOURCE = "nvidia.com/gpu"
@@ -83,13 +84,8 @@ class TrainPlacement:
         kind = (get("NIGHTSHIFT_TRAIN_PLACEMENT") or "local").lower()
         if kind not in PLACEMENTS:
             raise ConfigError(f"NIGHTSHIFT_TRAIN_PLACEMENT={kind!r}: expected one of {list(PLACEMENTS)}")
-        gpus_raw = get("NIGHTSHIFT_GPU_COUNT") or "1"
-        try:
-            gpus = int(gpus_raw)
-        except ValueError:
-            raise ConfigError(f"NIGHTSHIFT_GPU_COUNT={gpus_raw!r}: expected a whole number of GPUs") from None
-        if gpus < 1:
-            raise ConfigError(f"NIGHTSHIFT_GPU_COUNT={gpus}: the training pod needs at least 1 GPU")
+        gpus = positive_int(get("NIGHTSHIFT_GPU_COUNT") or "1", "NIGHTSHIFT_GPU_COUNT",
+                            "a whole number of GPUs, at least 1")
         for name in ("NIGHTSHIFT_TRAIN_MEMORY", "NIGHTSHIFT_TRAIN_CPU"):
             if get(name) and not _QUANTITY.match(get(name) or ""):
                 raise ConfigError(f"{name}={get(name)!r}: expected a Kubernetes quantity such as 16Gi, 4 or 500m")

@@ -25,6 +25,20 @@ def to_bool(value: Any) -> bool:
     return bool(value)
 
 
+def positive_int(value: Any, what: str, expected: str = "a positive integer") -> int:
+    """``value`` as an integer >= 1, else a :class:`~nightshift.errors.ConfigError` naming ``what``
+    (e.g. ``"NIGHTSHIFT_GPU_COUNT"``) and the value it got."""
+    from nightshift.errors import ConfigError
+
+    try:
+        n = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"{what} must be {expected}, got {value!r}") from None
+    if n < 1:
+        raise ConfigError(f"{what} must be {expected}, got {n}")
+    return n
+
+
 @dataclass(frozen=True)
 class Settings:
     home: Path

@@ -299,3 +299,18 @@ def served_records(images, onnx_path, classes, start, version="v"):
              "embedding": emb[i].tolist()} for i in range(len(images))]
 
 
+
+
+# --- an isolated Nightshift home for operator tests -----------------------------------------
+
+import pytest as _home_pytest
+
+
+@_home_pytest.fixture
+def nightshift_home(tmp_path, monkeypatch):
+    """An isolated Nightshift home in ``tmp_path``: artifacts under ``artifacts/``, MLflow in a SQLite file."""
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    return tmp_path

@@ -11,12 +11,8 @@ from nightshift.operators import BuildInferenceImageOperator
 
 
 @pytest.fixture
-def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    return tmp_path
+def env(nightshift_home):
+    return nightshift_home
 
 
 def _version(c, name: str, image: str, image_id: str) -> str:

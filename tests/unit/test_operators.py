@@ -21,11 +21,7 @@ from nightshift.operators import (
 
 
 @pytest.fixture
-def ctx(tmp_path, monkeypatch):
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+def ctx(nightshift_home):
     return {"run_id": "manual__test", "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
 
 

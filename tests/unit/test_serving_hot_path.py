@@ -338,6 +338,9 @@ def test_sigterm_hands_keep_alive_clients_over_before_closing(tiny_onnx_model_di
         other.request("GET", "/v2/health/ready")
         r = other.getresponse()
         assert r.status == 503 and "shutting down" in json.loads(r.read())["error"]
+        other.request("GET", "/v2/models/tiny/ready")  # the model's readiness says the same
+        r = other.getresponse()
+        assert r.status == 503 and "shutting down" in json.loads(r.read())["error"]
         other.close()
         conn.request("GET", "/v2/models/tiny")  # the idle keep-alive connection is still served
         resp = conn.getresponse()

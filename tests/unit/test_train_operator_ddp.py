@@ -9,12 +9,8 @@ from nightshift.operators import TrainGPUOperator
 
 
 @pytest.fixture
-def ctx(tmp_path, monkeypatch):
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path))
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+def ctx(nightshift_home, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return {"run_id": "manual__ddp"}
 
 

@@ -66,20 +66,14 @@ class TrainGPUOperator(NightshiftOperator):
         )
 
     def _processes(self) -> int:
-        from nightshift.errors import ConfigError
+        from nightshift.settings import positive_int
 
         value = str(self.data_parallel).strip().lower()
         if value in ("", "auto", "none"):
             from nightshift.distributed import gpu_count
 
             return max(1, gpu_count())
-        try:
-            n = int(value)
-        except ValueError:
-            raise ConfigError(f"data_parallel must be 'auto' or a positive integer, got {self.data_parallel!r}") from None
-        if n < 1:
-            raise ConfigError(f"data_parallel must be 'auto' or a positive integer, got {n}")
-        return n
+        return positive_int(value, "data_parallel", "'auto' or a positive integer")
 
     def _torchrun(self, context: Any, snapshot_uri: str, nproc: int) -> dict[str, Any]:
         """Train with ``torchrun --nproc_per_node=nproc -m nightshift.train_cli``; rank 0 records the

@@ -285,6 +285,8 @@ class InferenceApp:
         if not reading:
             raise _routed(MethodNotAllowed(f"{path} accepts GET, not {method}", "GET, HEAD"), route)
         if action == "ready":
+            if self.draining:
+                return route, 503, _json({"name": name, "ready": False, "error": "the server is shutting down"}), _JSON
             if not model.ready:
                 return route, 503, _json({"name": name, "ready": False, "error": self._not_ready()}), _JSON
             return route, 200, _json({"name": name, "ready": True}), _JSON

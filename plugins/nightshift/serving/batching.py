@@ -325,9 +325,6 @@ class DynamicBatcher:
         self._learn(elapsed, total)
         if self.observe is not None:
             self.observe(total, elapsed)
-        if len(batch) == 1:
-            _deliver([(batch[0], BatchResult(outputs, start - batch[0].enqueued, elapsed, total), None)])
-            return
         answers = []
         lo = 0
         for item in batch:

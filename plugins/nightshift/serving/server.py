@@ -58,6 +58,7 @@ instances fed (``docs/benchmarks.md``, "Serving under load").
 from __future__ import annotations
 
 import argparse
+import functools
 import ipaddress
 import json
 import logging
@@ -249,8 +250,9 @@ def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connecti
     )
 
 
+@functools.cache
 def _draining_server_class() -> type:
-    import uvicorn
+    import uvicorn  # imported here: the module is importable without uvicorn (tests of its helpers)
 
     class DrainingServer(uvicorn.Server):
         """uvicorn, with a keep-alive hand-off before its graceful shutdown (see the module doc)."""
