@@ -1,7 +1,8 @@
 """The serving hot path's hand-offs and the load client's HTTP parsing.
 
 The batcher hands a batch's answers to the event loop in one thread-safe call,
-wakes no worker after a request it ran inline, and the load client (an asyncio
+wakes no worker after a request it ran inline, takes no more than its share of
+the queue when several instances run, and the load client (an asyncio
 protocol) reads responses that arrive in pieces, honours ``Connection: close``
 and counts a broken answer as a connection error instead of crashing.
 """
@@ -122,6 +123,56 @@ def test_requests_run_inline_wake_no_worker():
     assert cond.notified == 0
     b.stop()
     assert cond.notified >= 1  # stopping does wake them
+
+
+def _queued_then_started(batcher: DynamicBatcher, sizes: list[int]) -> list:
+    """Queue requests of ``sizes`` images before any worker runs, then start the workers."""
+
+    async def main():
+        tasks = [asyncio.ensure_future(batcher.submit(np.full((n, 1, 1, 1), i, np.uint8)))
+                 for i, n in enumerate(sizes)]
+        await asyncio.sleep(0.05)  # every submit has queued its request
+        assert batcher.depth == sum(sizes)
+        batcher.start()
+        return await asyncio.gather(*tasks)
+
+    try:
+        return asyncio.run(main())
+    finally:
+        batcher.stop()
+
+
+def _recording_predict(calls: list[int], lock: threading.Lock):
+    def predict(pixels):
+        with lock:
+            calls.append(len(pixels))
+        threading.Event().wait(0.02)  # both workers are inside predict at once
+        return {"logits": pixels.reshape(len(pixels), 1).astype(np.float32)}
+
+    return predict
+
+
+@pytest.mark.parametrize("instances", [1, 2])
+def test_a_batch_takes_at_most_its_share_of_the_queue(instances):
+    """With two instances, the first batch takes half of the 8 waiting images, not all of
+    them: a batch that empties the queue leaves the other instance idle (docs/serving.md).
+    One instance takes all 8 in one batch, as max_batch_size allows."""
+    calls: list[int] = []
+    b = DynamicBatcher(_recording_predict(calls, threading.Lock()), max_batch_size=32, max_queue_delay_ms=0,
+                       instances=instances)
+    results = _queued_then_started(b, [1] * 8)
+    assert [int(r.outputs["logits"][0, 0]) for r in results] == list(range(8))  # each got its own row
+    assert sum(calls) == 8
+    assert calls == [8] if instances == 1 else (calls[0] == 4 and max(calls) == 4 and len(calls) >= 3)
+
+
+def test_the_share_never_splits_a_request():
+    calls: list[int] = []
+    b = DynamicBatcher(_recording_predict(calls, threading.Lock()), max_batch_size=32, max_queue_delay_ms=0,
+                       instances=2)
+    results = _queued_then_started(b, [5, 1])
+    assert sorted(calls) == [1, 5]  # the 5-image request is one batch although the share is 3
+    assert [r.outputs["logits"].shape[0] for r in results] == [5, 1]
 
 
 def test_gil_switch_interval_out_of_range_is_refused():
