@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -135,8 +136,18 @@ class Shard:
     splits: np.ndarray
 
 
-_verified: set[str] = set()
+#: Shards whose content matched their digest in this process, keyed by the digest, the
+#: folder and each file's identity (inode, size, mtime): a shard is never modified, so a
+#: file replaced or rewritten since (restored from a backup, edited, another root with
+#: the same digest) is checked again rather than trusted from an earlier check.
+_verified: set[tuple[str, str, tuple[tuple[int, int, int], ...]]] = set()
 _verified_lock = threading.Lock()
+_SHARD_FILES = ("images.npy", "labels.npy", "splits.npy")
+
+
+def _identity(folder: Path) -> tuple[tuple[int, int, int], ...]:
+    stats = [os.stat(folder / name) for name in _SHARD_FILES]
+    return tuple((st.st_ino, st.st_size, st.st_mtime_ns) for st in stats)
 
 
 def open_shard(root: Path, digest: str, *, verify: bool = True) -> Shard:
@@ -154,11 +165,16 @@ def open_shard(root: Path, digest: str, *, verify: bool = True) -> Shard:
         splits = np.load(folder / "splits.npy")
     except (OSError, ValueError) as exc:
         raise DataError(f"shard {digest} ({folder}) cannot be read: {exc}; collect the data again") from exc
-    if verify and digest not in _verified:
-        actual = shard_digest(images, labels, splits)
-        if actual != digest:
-            raise DataError(f"shard {digest} ({folder}) is corrupt: its content hashes to {actual}. "
-                            "Delete the folder and collect the data again")
-        with _verified_lock:
-            _verified.add(digest)
+    if verify:
+        try:
+            key = (digest, str(folder.resolve()), _identity(folder))
+        except OSError as exc:
+            raise DataError(f"shard {digest} ({folder}) cannot be read: {exc}; collect the data again") from exc
+        if key not in _verified:
+            actual = shard_digest(images, labels, splits)
+            if actual != digest:
+                raise DataError(f"shard {digest} ({folder}) is corrupt: its content hashes to {actual}. "
+                                "Delete the folder and collect the data again")
+            with _verified_lock:
+                _verified.add(key)
     return Shard(digest=digest, images=images, labels=labels, splits=splits)

@@ -5,8 +5,8 @@ Standard library + numpy only (copied into the inference image).
 Triton semantics: requests wait in a bounded queue; a worker thread takes
 the oldest, then adds queued requests while the batch stays within
 ``max_batch_size`` images and, with several instances, within its share of
-the waiting images (:meth:`DynamicBatcher._share`). ``instances`` worker threads (Triton's instance
-group count) run batches at the same time on the one ONNX Runtime session,
+the waiting images (:meth:`DynamicBatcher._share`). ``instances`` worker
+threads (Triton's instance group count) run batches at the same time on the one ONNX Runtime session,
 whose ``run`` is thread-safe: with one intra-op thread each, a model that
 gains little from larger batches on a CPU (a small CNN is compute-bound at
 batch 1) still uses every core under load. It waits up to ``max_queue_delay_ms`` for more only
