@@ -321,6 +321,14 @@ def render_markdown(r: dict) -> str:
                   if cpu.get("model_ms_in_process") else float("nan"))
     ceiling, share, need, c16c1, c1ip = (cpu.get(k, float("nan")) for k in (
         "c16_ceiling_rps", "c16_share_of_ceiling", "both_targets_need_c16_rps", "c16_over_c1", "c1_over_in_process"))
+    share_ab = []
+    for arch in ("small_cnn", "resnet18"):
+        f = ROOT / "bench" / "results" / f"serving_ab_share_{arch}.json"
+        if f.is_file():
+            ab = json.loads(f.read_text())
+            lo, hi = ab["b_over_a_quartiles"]
+            share_ab.append(f"{arch} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
+    share_ab_text = "; ".join(share_ab) or "not measured"
     bound = ("more than the cores allow at this CPU cost per request" if need > ceiling else
              f"{need / ceiling:.0%} of what the cores allow, so both targets at once need the server to keep "
              f"the cores busy at least that share of the time")
@@ -381,10 +389,11 @@ when the client is another host; `--export-to DIR` here and `--models DIR --no-i
 there run it where the ONNX exporter or Docker is missing.
 
 Tried on this machine and kept: with several instances a batch takes at most its share
-of the waiting images, ⌈waiting ÷ instances⌉ (c=16 +13% for small_cnn and +5% for
-resnet18, medians of 16 and 10 pairs of 1 s loads alternating between two servers; the
-share of the CPU ceiling reached went from 86% to 94%: a batch that emptied the queue
-left the other instance idle until its answers went out and new requests came in);
+of the waiting images, ⌈waiting ÷ instances⌉ (`NIGHTSHIFT_BATCH_SHARE`; c=16 throughput
+with it over without, `bench/serving_ab.py`, 1 s loads alternating between two servers:
+{share_ab_text}; the share of the CPU ceiling reached went from 86% to 94%: a batch that
+emptied the queue left the other instance idle until its answers went out and new
+requests came in);
 Python's GIL switch interval at 0.2 ms in the server
 (c=16 +9% in a paired run of 6 repeats, +35% in one back-to-back run: an instance
 waited up to 5 ms for the GIL to hand its answers over), one thread-safe hand-off per batch, no worker wake-ups after an

@@ -152,18 +152,22 @@ def _recording_predict(calls: list[int], lock: threading.Lock):
     return predict
 
 
-@pytest.mark.parametrize("instances", [1, 2])
-def test_a_batch_takes_at_most_its_share_of_the_queue(instances):
+@pytest.mark.parametrize(("instances", "share"), [(1, True), (2, True), (2, False)])
+def test_a_batch_takes_at_most_its_share_of_the_queue(instances, share):
     """With two instances, the first batch takes half of the 8 waiting images, not all of
     them: a batch that empties the queue leaves the other instance idle (docs/serving.md).
-    One instance takes all 8 in one batch, as max_batch_size allows."""
+    One instance, or the rule turned off (NIGHTSHIFT_BATCH_SHARE=0), takes all 8 in one
+    batch, as max_batch_size allows."""
     calls: list[int] = []
     b = DynamicBatcher(_recording_predict(calls, threading.Lock()), max_batch_size=32, max_queue_delay_ms=0,
-                       instances=instances)
+                       instances=instances, share_queue=share)
     results = _queued_then_started(b, [1] * 8)
     assert [int(r.outputs["logits"][0, 0]) for r in results] == list(range(8))  # each got its own row
     assert sum(calls) == 8
-    assert calls == [8] if instances == 1 else (calls[0] == 4 and max(calls) == 4 and len(calls) >= 3)
+    if instances == 2 and share:
+        assert calls[0] == 4 and max(calls) == 4 and len(calls) >= 3
+    else:
+        assert calls == [8]
 
 
 def test_the_share_never_splits_a_request():
@@ -175,13 +179,17 @@ def test_the_share_never_splits_a_request():
     assert [r.outputs["logits"].shape[0] for r in results] == [5, 1]
 
 
-def test_gil_switch_interval_out_of_range_is_refused():
+@pytest.mark.parametrize(("var", "value", "message"), [
+    ("NIGHTSHIFT_GIL_SWITCH_MS", "0", "NIGHTSHIFT_GIL_SWITCH_MS=0.0 is outside 0.01..100"),
+    ("NIGHTSHIFT_BATCH_SHARE", "2", "NIGHTSHIFT_BATCH_SHARE=2 must be 0 or 1"),
+])
+def test_out_of_range_settings_are_refused(var, value, message):
     env = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
-    env.update(NIGHTSHIFT_GIL_SWITCH_MS="0", NIGHTSHIFT_PORT="0", PYTHONPATH=str(PLUGIN_SERVING))
+    env.update({var: value, "NIGHTSHIFT_PORT": "0", "PYTHONPATH": str(PLUGIN_SERVING)})
     proc = subprocess.run([sys.executable, "-m", "serving.server"], env=env, cwd=PLUGIN_SERVING,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0
-    assert "NIGHTSHIFT_GIL_SWITCH_MS=0.0 is outside 0.01..100" in proc.stderr
+    assert message in proc.stderr
 
 
 # ----------------------------------------------------------------------------- load client parsing

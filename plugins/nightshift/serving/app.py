@@ -80,6 +80,7 @@ class AppConfig:
     max_queue_size: int = 1024
     max_queue_wait_ms: float = 1000.0
     instances: int = 1
+    share_queue: bool = True
     access_log_sample: float = 0.01
     max_image_bytes: int = 16 << 20
 
@@ -108,7 +109,7 @@ class InferenceApp:
             model.predict, max_batch_size=self.config.max_batch_size,
             max_queue_delay_ms=self.config.max_queue_delay_ms, max_queue_size=self.config.max_queue_size,
             max_queue_wait_ms=self.config.max_queue_wait_ms, observe=self.metrics.observe_batch,
-            instances=self.config.instances,
+            instances=self.config.instances, share_queue=self.config.share_queue,
         )
         self.metrics.bind(self)
         self._rng = random.Random()

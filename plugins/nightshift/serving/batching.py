@@ -101,6 +101,8 @@ class DynamicBatcher:
         admission from the measured per-image time, enforced when the batch forms).
     :param observe: optional ``(batch_images, inference_s)`` callback per batch (metrics).
     :param instances: batches that may run at once (worker threads).
+    :param share_queue: with several instances, a batch takes at most its share of the
+        waiting images (:meth:`_share`); ``False``: as many as ``max_batch_size`` allows.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class DynamicBatcher:
         max_queue_wait_ms: float = DEFAULT_MAX_QUEUE_WAIT_MS,
         observe: Callable[[int, float], None] | None = None,
         instances: int = 1,
+        share_queue: bool = True,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -128,6 +131,7 @@ class DynamicBatcher:
         self.max_queue_size = int(max_queue_size)
         self.max_queue_wait_s = float(max_queue_wait_ms) / 1000.0
         self.instances = int(instances)
+        self.share_queue = bool(share_queue)
         self._per_image_s = 0.0  # moving average of inference time per image
         self.expired = 0  # requests answered 503 because they waited too long
         self.observe = observe
@@ -288,11 +292,11 @@ class DynamicBatcher:
         the images waiting, ``ceil(waiting / instances)`` (a request on its way counts as
         one image): a batch that took the whole queue left the other instances idle until
         its answers went out and the next requests came in, and then every instance started
-        at once. Measured with two instances at concurrency 16: +13% (small_cnn) and +5%
-        (resnet18) throughput (``docs/benchmarks.md``). One instance takes what
-        ``max_batch_size`` allows, as before.
+        at once. Measured with two instances at concurrency 16 (``bench/serving_ab.py``,
+        ``docs/benchmarks.md``): +10% throughput for small_cnn, +4% for resnet18. One
+        instance, or ``share_queue=False``, takes what ``max_batch_size`` allows.
         """
-        if self.instances == 1:
+        if self.instances == 1 or not self.share_queue:
             return self.max_batch_size
         waiting = first + self._queued_images + self._incoming
         return min(self.max_batch_size, max(first, -(-waiting // self.instances)))

@@ -31,6 +31,8 @@ variable                            meaning                                     
 ``NIGHTSHIFT_MAX_QUEUE_DELAY_MS``   longest a batch waits for requests on their way       2
 ``NIGHTSHIFT_MAX_QUEUE_SIZE``       images that may wait; beyond: 503 + Retry-After       1024
 ``NIGHTSHIFT_MAX_QUEUE_WAIT_MS``    longest wait for a batch; beyond: 503 + Retry-After   1000
+``NIGHTSHIFT_BATCH_SHARE``          1: with several instances a batch takes at most its   1
+                                    share of the waiting images; 0: up to MAX_BATCH_SIZE
 ``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
 ``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
 ``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads per model instance      1
@@ -127,6 +129,13 @@ def _env(name: str, default: Any, kind: type = int) -> Any:
         return kind(raw)
     except ValueError:
         raise SystemExit(f"serving: environment variable {name}={raw!r} is not a {kind.__name__}") from None
+
+
+def _env_flag(name: str, default: bool) -> bool:
+    value = _env(name, int(default))
+    if value not in (0, 1):
+        raise SystemExit(f"serving: environment variable {name}={value} must be 0 or 1")
+    return bool(value)
 
 
 class JsonFormatter(logging.Formatter):
@@ -235,6 +244,7 @@ def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> A
         max_queue_delay_ms=_env("NIGHTSHIFT_MAX_QUEUE_DELAY_MS", 2.0, float),
         max_queue_size=_env("NIGHTSHIFT_MAX_QUEUE_SIZE", 1024),
         max_queue_wait_ms=_env("NIGHTSHIFT_MAX_QUEUE_WAIT_MS", 1000.0, float),
+        share_queue=_env_flag("NIGHTSHIFT_BATCH_SHARE", True),
         access_log_sample=_env("NIGHTSHIFT_ACCESS_LOG_SAMPLE", 0.01, float),
     )
 
