@@ -404,6 +404,14 @@ threads at nice 10 (0.98×), each pinned to a core (1.02×), the response head a
 in one write (half the `write` calls, yet 0.99× at c=1 and 0.98× at c=16 over 20
 alternating pairs: the write that wakes the client is the costly one, and it stays), and
 Triton's default queue delay of 0 with a 0.05 ms switch interval (c=16 1.03×, c=1 0.97×).
+Measured and not built: two server processes with 8 connections each instead of one
+process with two instances (c=16 +5% to +16% over 5 back-to-back pairs; it needs
+prometheus_client's multiprocess mode, request-log files per process and per-process
+drain), and other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
+5.3k (RSGI) req/s against uvicorn's 7–9k, a bare httptools protocol 14–18k (about
+50–75 µs less per request than uvicorn, at the price of owning keep-alive, pipelining,
+413/408 handling and drain). A C load client (`wrk`) raises c=1 by 6–17% and c=16 by
+2–6% by taking the client's CPU off the server's cores; c=16 / c=1 stays where it is.
 
 The soak's server-side event-loop lag (`nightshift_event_loop_lag_seconds`) is read
 after it: no timer ran more than 0.5 s late. An earlier soak (192 timeouts, three
