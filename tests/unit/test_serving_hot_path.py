@@ -165,12 +165,14 @@ def test_a_batch_takes_at_most_its_share_of_the_queue(instances, share):
     assert [int(r.outputs["logits"][0, 0]) for r in results] == list(range(8))  # each got its own row
     assert sum(calls) == 8
     if instances == 2 and share:
-        assert calls[0] == 4 and max(calls) == 4 and len(calls) >= 3
+        # 4 of the 8, then 2 of the 4 left, then 1 and 1 -- in whichever order the two
+        # workers reach predict (a later batch may get there first)
+        assert sorted(calls) == [1, 1, 2, 4] and max(calls) == 4 and len(calls) >= 3
     else:
         assert calls == [8]
 
 
-def test_the_share_never_splits_a_request():
+def test_a_request_larger_than_its_share_runs_whole():
     calls: list[int] = []
     b = DynamicBatcher(_recording_predict(calls, threading.Lock()), max_batch_size=32, max_queue_delay_ms=0,
                        instances=2)

@@ -6,8 +6,8 @@ Triton semantics: requests wait in a bounded queue; a worker thread takes
 the oldest, then adds queued requests while the batch stays within
 ``max_batch_size`` images and, with several instances, within its share of
 the waiting images (:meth:`DynamicBatcher._share`). ``instances`` worker
-threads (Triton's instance group count) run batches at the same time on the one ONNX Runtime session,
-whose ``run`` is thread-safe: with one intra-op thread each, a model that
+threads (Triton's instance group count) run batches at the same time on the
+one ONNX Runtime session, whose ``run`` is thread-safe: with one intra-op thread each, a model that
 gains little from larger batches on a CPU (a small CNN is compute-bound at
 batch 1) still uses every core under load. It waits up to ``max_queue_delay_ms`` for more only
 while other requests are known to be on their way (accepted by the HTTP layer
@@ -299,7 +299,8 @@ class DynamicBatcher:
         if self.instances == 1 or not self.share_queue:
             return self.max_batch_size
         waiting = first + self._queued_images + self._incoming
-        return min(self.max_batch_size, max(first, -(-waiting // self.instances)))
+        # a first request larger than the share still runs whole: _take adds nothing to it
+        return min(self.max_batch_size, -(-waiting // self.instances))
 
     def _expired(self, item: _Item) -> bool:
         """Drop a request whose client is gone or that waited too long (called under the lock)."""
