@@ -134,7 +134,8 @@ default_args = {
                                            "model only when its test accuracy is at most 0.01 below it "
                                            "(quantization.json says why either way)"),
         "min_accuracy": Param(None, type=["null", "number"], minimum=0, maximum=1, title="Accuracy floor",
-                              description="Offline test-accuracy floor. Empty: include/gates.yaml"),
+                              description="Offline test-accuracy floor. Empty: include/gates.yaml. A threshold "
+                                          "looser than that file makes a passing candidate wait for approval"),
         "max_p95_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p95 latency budget (ms)",
                                     description="Served p95 latency budget. Empty: include/gates.yaml"),
         "max_p99_latency_ms": Param(None, type=["null", "number"], exclusiveMinimum=0, title="p99 latency budget (ms)",

@@ -21,6 +21,23 @@ THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "max_p99_latency_ms", "m
                   "served_accuracy_tolerance", "champion_tolerance", "champion_relative_tolerance")
 
 
+#: For each threshold, which way is looser: a lower floor, or a higher budget or tolerance.
+LOOSER_IF_LOWER = frozenset({"min_accuracy", "min_throughput_rps"})
+
+
+def _file_thresholds(path: str | None) -> dict[str, Any]:
+    """The thresholds set in the gate file (none when ``path`` is empty or the file is missing)."""
+    import os
+
+    if not path or not os.path.isfile(path):
+        return {}
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        doc = yaml.safe_load(f) or {}
+    return {k: v for k, v in (doc.get("thresholds") or {}).items() if k in THRESHOLD_KEYS and v is not None}
+
+
 def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Thresholds from the gate file (``include/gates.yaml``) with per-run overrides on top.
 
@@ -29,22 +46,44 @@ def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -
     is not an error here: its thresholds are simply unset, and :func:`decide`
     then refuses to promote (fail closed) and says which are missing.
     """
-    import os
-
-    values: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    if path and os.path.isfile(path):
-        import yaml
-
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f) or {}
-        for k, v in (doc.get("thresholds") or {}).items():
-            if k in THRESHOLD_KEYS and v is not None:
-                values[k], origin[k] = v, f"file {path}"
+    values = _file_thresholds(path)
+    origin = {k: f"file {path}" for k in values}
     for k, v in (overrides or {}).items():
         if k in THRESHOLD_KEYS and v not in (None, ""):
             values[k], origin[k] = v, "param"
     return values, origin
+
+
+def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) -> list[str]:
+    """Per-run overrides that are looser than the gate file: one sentence each.
+
+    The gate file is the reviewed policy; a run's Params may tighten it freely,
+    but a lower floor, a larger latency budget or tolerance, or a threshold the
+    file leaves unset (which there means "never promote") loosens it, and the
+    promote step then asks a person before ``champion`` moves. Without a gate
+    file (``path`` empty) there is no policy to loosen: nothing is returned.
+
+    :raises ValueError: an override is not a number.
+    """
+    if not path:
+        return []
+    policy = _file_thresholds(path)
+    out = []
+    for k in THRESHOLD_KEYS:
+        v = (overrides or {}).get(k)
+        if v in (None, ""):
+            continue
+        try:
+            value = float(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"threshold {k}={v!r} is not a number") from None
+        if k not in policy:
+            out.append(f"{k}={value:g} is set by this run, while {path} leaves it unset (never promote)")
+            continue
+        base = float(policy[k])
+        if (value < base) if k in LOOSER_IF_LOWER else (value > base):
+            out.append(f"{k}={value:g} from this run is looser than {base:g} in {path}")
+    return out
 
 
 @dataclass

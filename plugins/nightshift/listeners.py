@@ -39,6 +39,9 @@ def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
         head = f"NOT PROMOTED {model} v{version}; champion stays {('v' + str(p['champion'])) if p.get('champion') else 'none'}"
     failed = [g for g in p.get("gates", []) if not g.get("passed")]
     lines = [MARK + head, "", str(p.get("reason", ""))]
+    if p.get("awaiting_approval") and p.get("loosened_thresholds"):
+        lines += ["", "Approval needed: this run loosened the gate file:",
+                  *[f"- {why}" for why in p["loosened_thresholds"]]]
     if failed:
         lines += ["", *[f"- {g['name']}: {g.get('detail', '')}" for g in failed]]
     return "\n".join(lines)[:1000]

@@ -97,6 +97,29 @@ def test_thresholds_come_from_the_gate_file_with_params_on_top(tmp_path):
     assert not d.blessed and "served_accuracy_tolerance" in d.reason  # the rest unset: fail closed
 
 
+def test_overrides_looser_than_the_gate_file_are_named_and_tighter_ones_are_not(tmp_path):
+    from nightshift.gates import loosened_by_overrides
+
+    f = tmp_path / "gates.yaml"
+    f.write_text("thresholds:\n  min_accuracy: 0.9\n  max_p95_latency_ms: 250\n  min_throughput_rps: 50\n"
+                 "  champion_tolerance: 0.01\n")
+    tighter = {"min_accuracy": 0.95, "max_p95_latency_ms": 100, "min_throughput_rps": "60",
+               "champion_tolerance": 0.0, "max_p99_latency_ms": None, "served_accuracy_tolerance": ""}
+    assert loosened_by_overrides(str(f), tighter) == []
+    assert loosened_by_overrides(str(f), {"min_accuracy": 0.9, "max_p95_latency_ms": 250}) == []  # equal: not looser
+    looser = loosened_by_overrides(str(f), {"min_accuracy": 0.8, "max_p95_latency_ms": 300, "min_throughput_rps": 10,
+                                            "champion_tolerance": 0.05})
+    assert [w.split("=")[0] for w in looser] == ["min_accuracy", "max_p95_latency_ms", "min_throughput_rps",
+                                                 "champion_tolerance"]
+    assert "0.8" in looser[0] and "0.9" in looser[0] and str(f) in looser[0]
+    (unset,) = loosened_by_overrides(str(f), {"max_p99_latency_ms": 1000})  # the file says: never promote
+    assert "unset" in unset
+    assert loosened_by_overrides("", {"min_accuracy": 0.0}) == []  # no gate file: the thresholds are the policy
+    assert len(loosened_by_overrides(str(tmp_path / "missing.yaml"), {"min_accuracy": 0.5})) == 1
+    with pytest.raises(ValueError, match="min_accuracy"):
+        loosened_by_overrides(str(f), {"min_accuracy": "high"})
+
+
 def test_served_model_accuracy_is_the_int8_models_when_it_serves():
     from nightshift.operators.promote import served_model_accuracy
 

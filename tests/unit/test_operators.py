@@ -173,7 +173,7 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     from nightshift.gates import THRESHOLD_KEYS
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate)
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate)
     out = op.execute(ctx)
     assert out["promoted"] and out["champion"] == out["version"]
     c = registry.client(op.settings.mlflow_tracking_uri)
@@ -185,7 +185,7 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     train2 = TrainGPUOperator(task_id="train", snapshot=candidate["snapshot"], model_name="op-promote",
                               hparams={"epochs": 1, "width": 8, "seed": 1}).execute(ctx | {"run_id": "manual__test2"})
     strict = loose | {"min_accuracy": 1.01}
-    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict, fail_on_reject=True,
+    op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=strict, gates_file="", fail_on_reject=True,
                               **(candidate | {"training": train2}))
     with pytest.raises(Exception, match="not promoted.*offline_accuracy"):
         op.execute(ctx)
@@ -201,9 +201,9 @@ def test_promote_retried_registers_one_version_and_keeps_the_first_decision(ctx,
     from nightshift.gates import THRESHOLD_KEYS
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    first = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
+    first = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="",
                                  **candidate).execute(ctx)
-    retry = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose,
+    retry = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="",
                                  **candidate).execute(ctx)
     c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
     assert len(c.search_model_versions("name = 'op-promote'")) == 1
@@ -239,7 +239,7 @@ def test_registry_errors_fail_drift_check_and_promote_instead_of_passing(ctx, ca
         DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
     with pytest.raises(RegistryError, match="PERMISSION_DENIED"):
-        PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+        PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate).execute(ctx)
     monkeypatch.undo()
     from nightshift import registry
 
@@ -254,7 +254,7 @@ def test_drift_check_without_champion_then_against_it(ctx, candidate):
     first = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     assert first["status"] == "no_reference" and first["drift_detected"] is False
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate).execute(ctx)
     second = DriftCheckOperator(task_id="drift", snapshot=candidate["snapshot"], model_name="op-promote").execute(ctx)
     assert second["status"] == "ok" and second["drift_detected"] is False and second["drifted_share"] == 0.0
     assert second["champion_version"] == "1"
@@ -279,7 +279,7 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     with pytest.raises(AirflowSkipException, match="no champion"):
         op.execute(ctx)
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate).execute(ctx)
     snap = load_snapshot(candidate["snapshot"]["snapshot_uri"])
     x, _ = snap.split("train")
     dark = (x[np.random.default_rng(1).permutation(len(x))[:300]] // 3).astype(np.uint8)
@@ -346,7 +346,7 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
     from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, require_approval=True,
+    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", require_approval=True,
                                **candidate).execute(ctx)
     c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
     assert out["awaiting_approval"] is True and out["promoted"] is False
@@ -369,6 +369,40 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
     assert passthrough == {"promoted": False, "version": "9"}
 
 
+def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp_path):
+    """The gate file is the reviewed policy: a Param may tighten it and promote at once, but a
+    looser one (a lower floor here) leaves champion alone until a person approves, and says why
+    in the outcome, the run note and the approval request."""
+    from nightshift import registry
+    from nightshift.listeners import run_note
+    from nightshift.operators import PromotionApprovalOperator
+
+    gates = tmp_path / "gates.yaml"
+    gates.write_text("thresholds:\n  min_accuracy: 0.1\n  max_p95_latency_ms: 100\n  max_p99_latency_ms: 100\n"
+                     "  min_throughput_rps: 0\n  served_accuracy_tolerance: 0\n  champion_tolerance: 0\n"
+                     "  champion_relative_tolerance: 0\n")
+    c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
+    loosened = PromoteModelOperator(task_id="promote", model_name="op-loosen", gates_file=str(gates),
+                                    thresholds={"min_accuracy": 0.05, "max_p95_latency_ms": None},
+                                    **candidate).execute(ctx)
+    assert loosened["awaiting_approval"] is True and loosened["promoted"] is False
+    assert registry.get_champion(c, "op-loosen") is None
+    (why,) = loosened["loosened_thresholds"]
+    assert "min_accuracy=0.05" in why and "0.1" in why and str(gates) in why
+    report = Path(loosened["report_path"])  # <artifact root>/runs/<dag>/<run>/promotion.json
+    note = run_note(report.parents[3], report.parent.parent.name, report.parent.name)
+    assert note is not None and "waiting for approval" in note and "min_accuracy=0.05" in note
+    approval = PromotionApprovalOperator(task_id="approve", promotion=loosened)
+    with pytest.raises(Exception):  # no HITL backend in a unit test; the body is built first
+        approval.execute(ctx)
+    assert "loosened the gate file" in approval.body and "min_accuracy=0.05" in approval.body
+
+    tightened = PromoteModelOperator(task_id="promote", model_name="op-tighten", gates_file=str(gates),
+                                     thresholds={"max_p95_latency_ms": 50.0}, **candidate).execute(ctx)
+    assert tightened["loosened_thresholds"] == [] and tightened["promoted"] is True
+    assert registry.get_champion(c, "op-tighten")["version"] == tightened["version"]
+
+
 def test_drift_check_with_an_unreadable_champion_reference_reports_it_and_goes_on(ctx, candidate, tmp_path):
     import json as _json
 
@@ -377,7 +411,7 @@ def test_drift_check_with_an_unreadable_champion_reference_reports_it_and_goes_o
     from nightshift.operators import DriftCheckOperator
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
-    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, **candidate).execute(ctx)
+    out = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate).execute(ctx)
     old = tmp_path / "format1"
     old.mkdir()
     (old / "manifest.json").write_text(_json.dumps({"format": 1, "digest": "x"}))  # an older Nightshift's snapshot

@@ -38,8 +38,11 @@ class PromotionApprovalOperator(ApprovalOperator):
             raise AirflowSkipException("no approval needed (require_approval is off, or the candidate was not blessed)")
         gates = "\n".join(f"- {'PASS' if g.get('passed') else 'FAIL'} **{g.get('name')}**: {g.get('detail', '')}"
                           for g in p.get("gates", []))
+        loosened = "".join(f"\n- {why}" for why in p.get("loosened_thresholds") or [])
+        if loosened:
+            loosened = f"\n\nThis run loosened the gate file, so a person decides:{loosened}"
         self.body = (f"Candidate **v{p.get('version')}** passed every gate against champion "
-                     f"v{p.get('previous_champion')}.\n\n{gates}\n\nImage `{p.get('image')}`. "
+                     f"v{p.get('previous_champion')}.\n\n{gates}{loosened}\n\nImage `{p.get('image')}`. "
                      "Approve to move `champion` and deploy; Reject to keep the current champion.")
         return super().execute(context)
 

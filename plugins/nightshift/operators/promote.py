@@ -16,7 +16,10 @@ class PromoteModelOperator(NightshiftOperator):
     :param thresholds: per-run overrides of the gate file's thresholds
         (``min_accuracy``, ``max_p95_latency_ms``, ``served_accuracy_tolerance``,
         ``champion_tolerance``, ``champion_relative_tolerance``); ``None`` values
-        do not override. Any threshold unset in both -> no promotion. (templated)
+        do not override. Any threshold unset in both -> no promotion. An override
+        looser than the gate file (a lower floor, a larger budget or tolerance, or
+        a threshold the file leaves unset) makes a BLESSED candidate wait for
+        approval, as ``require_approval`` does. (templated)
     :param require_approval: a BLESSED candidate waits for a person (the
         ``approve_promotion`` HITL task) before ``champion`` moves. (templated)
     :param gates_file: YAML file with ``thresholds:``; default ``include/gates.yaml``
@@ -75,7 +78,7 @@ class PromoteModelOperator(NightshiftOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import registry
         from nightshift.artifacts import atomic_write_json
-        from nightshift.errors import NightshiftError
+        from nightshift.errors import ConfigError, NightshiftError
         from nightshift.gates import Evidence, decide
         from nightshift.settings import to_bool
 
@@ -86,10 +89,18 @@ class PromoteModelOperator(NightshiftOperator):
         validation = self.validation or {}
         snapshot = self.require(self.snapshot, "snapshot", "collect_data")
         c = self.mlflow
-        from nightshift.gates import load_thresholds
+        from nightshift.gates import load_thresholds, loosened_by_overrides
 
         gates_file = str(self.settings.gates_file) if self.gates_file is None else (self.gates_file or None)
         thresholds, origin = load_thresholds(gates_file, self.thresholds)
+        try:
+            loosened = loosened_by_overrides(gates_file, self.thresholds)
+        except ValueError as exc:
+            raise ConfigError(f"promote: {exc}") from None
+        require_approval = to_bool(self.require_approval) or bool(loosened)
+        if loosened:
+            self.log.warning("this run loosens the gate file (%s): a BLESSED candidate waits for approval",
+                             "; ".join(loosened))
         drift = {k: (self.drift or {}).get(k) for k in ("status", "drift_detected", "drifted_share", "report_html")}
 
         existing = registry.find_candidate(c, self.model_name, train["run_id"], export["onnx_sha256"])
@@ -126,11 +137,12 @@ class PromoteModelOperator(NightshiftOperator):
                     "dag_run": context["run_id"], "drift_share": (self.drift or {}).get("drifted_share")}
             outcome = registry.register_candidate(c, self.model_name, train["run_id"], artifact_path="onnx",
                                                   tags=tags, decision=decision,
-                                                  require_approval=to_bool(self.require_approval))
+                                                  require_approval=require_approval)
             outcome.update({"image": image.get("image"), "gates": decision.to_dict()["gates"],
                             "thresholds": thresholds, "offline_accuracy": evidence.offline_accuracy,
                             "served_accuracy": evidence.served_accuracy, "p95_latency_ms": evidence.p95_latency_ms,
-                            "drift": drift, "threshold_origin": origin, "same_split_scores": {
+                            "drift": drift, "threshold_origin": origin, "loosened_thresholds": loosened,
+                            "same_split_scores": {
                                 k: v for k, v in scores.items() if k != "predictions"}})
         path = atomic_write_json(self.run_dir(context) / "promotion.json", outcome)
         if not outcome.get("reused"):  # a retry's outcome is already in the history
