@@ -10,12 +10,21 @@ and 16, and reads each server thread's CPU time and scheduler statistics from
 thread and the client spent, how much of the machine was used, and how long
 each thread sat runnable but off a core (run-queue wait). With the two
 throughputs this says how close concurrency 16 is to what the cores allow.
+
+It also measures how the bare model scales across the cores: one in-process
+session per core, all running at once, against one session alone (persistent
+worker processes, alternating pairs). Two cores busy with ONNX Runtime do not
+each run as fast as one core alone (shared caches, memory bandwidth, clock
+boost, neighbours on a shared host), and no server can beat that; with the
+measured CPU per request beside the model it gives the per-request overhead
+that the two serving targets together would allow.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -76,16 +85,95 @@ def measure(srv: ServerProcess, concurrency: int, seconds: float) -> dict:
     }
 
 
+def _core_worker(model_dir: str, cpu: int, conn) -> None:
+    """One ONNX Runtime session pinned to ``cpu``; answers each ``seconds`` sent with calls/s."""
+    os.sched_setaffinity(0, {cpu})
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    sess = ort.InferenceSession(str(Path(model_dir) / "model.onnx"), opts, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(1).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
+    for _ in range(20):
+        sess.run(None, {"pixels": x})
+    conn.send("ready")
+    while (seconds := conn.recv()) is not None:
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sess.run(None, {"pixels": x})
+            n += 1
+        conn.send(n / (time.perf_counter() - t0))
+
+
+def core_scaling(model_dir: Path, seconds: float, pairs: int) -> dict:
+    """Per-core speed of the bare model with every core running it at once, over one core alone.
+
+    One pinned worker process per core (``os.sched_getaffinity``); each pair runs one worker
+    alone (the cores in turn) and all of them together, in alternating order, and the figure
+    is the median of the per-pair ratios (mean rate together / rate alone).
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    ctx = multiprocessing.get_context("spawn")
+    workers = []
+    try:
+        for cpu in cores:
+            parent, child = ctx.Pipe()
+            proc = ctx.Process(target=_core_worker, args=(str(model_dir), cpu, child), daemon=True)
+            proc.start()
+            workers.append((proc, parent))
+        for _, conn in workers:
+            if not conn.poll(120) or conn.recv() != "ready":
+                raise RuntimeError("a core_scaling worker did not start")
+
+        def run(ws: list) -> list[float]:
+            for _, conn in ws:
+                conn.send(seconds)
+            return [conn.recv() for _, conn in ws]
+
+        ratios, alone_all, together_all = [], [], []
+        for i in range(pairs):
+            solo = [workers[i % len(workers)]]
+            first_alone = i % 2 == 0
+            alone = run(solo)[0] if first_alone else None
+            together = run(workers)
+            if not first_alone:
+                alone = run(solo)[0]
+            ratios.append(statistics.mean(together) / alone)
+            alone_all.append(alone)
+            together_all.append(round(sum(together), 1))
+    finally:
+        for proc, conn in workers:
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+            proc.join(10)
+            if proc.is_alive():
+                proc.kill()
+    return {"cores": len(cores), "pairs": pairs, "seconds": seconds,
+            "per_core_speed_all_busy": round(statistics.median(ratios), 3),
+            "ratios": [round(r, 3) for r in ratios], "alone_calls_per_s": [round(a, 1) for a in alone_all],
+            "together_calls_per_s": together_all}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scaling-pairs", type=int, default=12,
+                    help="alternating pairs for the model's scaling across cores (0: skip)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serving_cpu.json"))
     args = ap.parse_args()
     runs: dict[int, list[dict]] = {1: [], 16: []}
     direct = []
+    scaling = None
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model("small_cnn", Path(tmp))
+        if args.scaling_pairs:
+            scaling = core_scaling(model_dir, min(args.seconds, 2.0), args.scaling_pairs)
+            print(json.dumps({k: v for k, v in scaling.items() if k == "per_core_speed_all_busy"}), flush=True)
         for _ in range(args.repeats):
             direct.append(in_process_rate(model_dir, 1, args.seconds))
             srv = ServerProcess(model_dir, 1, 0)
@@ -123,6 +211,18 @@ def main() -> int:
         # c=1 >= 0.75x in process and c=16 >= 2x c=1 together need c=16 >= 1.5x in process
         "both_targets_need_c16_rps": round(1.5 * statistics.median(direct), 1),
     }
+    if scaling is not None:
+        speed = scaling["per_core_speed_all_busy"]
+        model_ms = 1e3 / statistics.median(direct)
+        need = out["both_targets_need_c16_rps"]
+        out["core_scaling"] = scaling
+        # a server with nothing but the model on every core, each at the speed measured with all busy
+        out["model_only_c16_bound_rps"] = round(cpus * speed * statistics.median(direct), 1)
+        # CPU per request beside the model (event loop + client) that still reaches `need`:
+        # cpus / need seconds of CPU per request, minus the model's at all-busy speed
+        out["both_targets_allow_overhead_ms"] = round(cpus * 1e3 / need - model_ms / speed, 3)
+        out["c16_overhead_ms"] = round(out["c16_ms_per_request"]["event_loop"]
+                                       + out["c16_ms_per_request"]["client"], 3)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k != "runs"}, indent=1))
