@@ -67,7 +67,10 @@ def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) ->
     """
     if not path:
         return []
+    import os
+
     policy = _file_thresholds(path)
+    unset = "leaves it unset (never promote)" if os.path.isfile(path) else "does not exist (never promote)"
     out = []
     for k in THRESHOLD_KEYS:
         v = (overrides or {}).get(k)
@@ -78,7 +81,7 @@ def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) ->
         except (TypeError, ValueError):
             raise ValueError(f"threshold {k}={v!r} is not a number") from None
         if k not in policy:
-            out.append(f"{k}={value:g} is set by this run, while {path} leaves it unset (never promote)")
+            out.append(f"{k}={value:g} is set by this run, while {path} {unset}")
             continue
         base = float(policy[k])
         if (value < base) if k in LOOSER_IF_LOWER else (value > base):
