@@ -341,7 +341,7 @@ def render_markdown(r: dict) -> str:
             f"{need:,.0f} req/s leaves at most **{cpu['both_targets_allow_overhead_ms']:.2f} ms** of CPU per "
             f"request for HTTP, batching and the load client together, with every core busy all the time. "
             f"They took **{cpu['c16_overhead_ms']:.2f} ms** (event loop {cpu16_loop}, client {cpu16_client}); "
-            f"the model instances ran at {cpu['model_ms_in_process'] / cpu['core_scaling']['per_core_speed_all_busy'] / cpu16.get('model_instances', float('nan')):.0%} "
+            f"the model instances ran at {cpu['model_ms_in_process'] / scaling['per_core_speed_all_busy'] / cpu16.get('model_instances', float('nan')):.0%} "
             f"of the bare sessions' all-busy speed. Both small_cnn targets at once need that "
             f"overhead cut by about {1 - cpu['both_targets_allow_overhead_ms'] / cpu['c16_overhead_ms']:.0%}, on "
             f"top of what the measures below already took off. A hand-written HTTP protocol (about "

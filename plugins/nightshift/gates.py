@@ -25,8 +25,12 @@ THRESHOLD_KEYS = ("min_accuracy", "max_p95_latency_ms", "max_p99_latency_ms", "m
 LOOSER_IF_LOWER = frozenset({"min_accuracy", "min_throughput_rps"})
 
 
-def _file_thresholds(path: str | None) -> dict[str, Any]:
-    """The thresholds set in the gate file (none when ``path`` is empty or the file is missing)."""
+def read_gate_file(path: str | None) -> dict[str, Any]:
+    """The thresholds set in the gate file (none when ``path`` is empty or the file is missing).
+
+    Read it once per decision and pass it as ``policy`` to :func:`load_thresholds` and
+    :func:`loosened_by_overrides`.
+    """
     import os
 
     if not path or not os.path.isfile(path):
@@ -38,15 +42,18 @@ def _file_thresholds(path: str | None) -> dict[str, Any]:
     return {k: v for k, v in (doc.get("thresholds") or {}).items() if k in THRESHOLD_KEYS and v is not None}
 
 
-def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
+def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None, *,
+                    policy: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Thresholds from the gate file (``include/gates.yaml``) with per-run overrides on top.
 
     Overrides that are ``None`` or ``""`` do not override. Returns the thresholds
     and where each came from (``file`` / ``param``). A missing or unreadable file
     is not an error here: its thresholds are simply unset, and :func:`decide`
     then refuses to promote (fail closed) and says which are missing.
+
+    :param policy: the gate file already read (:func:`read_gate_file`); default: read ``path``.
     """
-    values = _file_thresholds(path)
+    values = dict(read_gate_file(path) if policy is None else policy)
     origin = {k: f"file {path}" for k in values}
     for k, v in (overrides or {}).items():
         if k in THRESHOLD_KEYS and v not in (None, ""):
@@ -54,7 +61,8 @@ def load_thresholds(path: str | None, overrides: dict[str, Any] | None = None) -
     return values, origin
 
 
-def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) -> list[str]:
+def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None, *,
+                          policy: dict[str, Any] | None = None) -> list[str]:
     """Per-run overrides that are looser than the gate file: one sentence each.
 
     The gate file is the reviewed policy; a run's Params may tighten it freely,
@@ -63,14 +71,16 @@ def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) ->
     promote step then asks a person before ``champion`` moves. Without a gate
     file (``path`` empty) there is no policy to loosen: nothing is returned.
 
-    :raises ValueError: an override is not a number.
+    :param policy: the gate file already read (:func:`read_gate_file`); default: read ``path``.
+    :raises ValueError: an override is not a finite number.
     """
-    if not path:
-        return []
+    import math
     import os
 
-    policy = _file_thresholds(path)
-    unset = "leaves it unset (never promote)" if os.path.isfile(path) else "does not exist (never promote)"
+    if not path:
+        return []
+    if policy is None:
+        policy = read_gate_file(path)
     out = []
     for k in THRESHOLD_KEYS:
         v = (overrides or {}).get(k)
@@ -79,9 +89,12 @@ def loosened_by_overrides(path: str | None, overrides: dict[str, Any] | None) ->
         try:
             value = float(v)
         except (TypeError, ValueError):
-            raise ValueError(f"threshold {k}={v!r} is not a number") from None
+            value = math.nan
+        if math.isnan(value):  # NaN compares as neither looser nor tighter: refuse it
+            raise ValueError(f"threshold {k}={v!r} is not a number")
         if k not in policy:
-            out.append(f"{k}={value:g} is set by this run, while {path} {unset}")
+            unset = "leaves it unset" if os.path.isfile(path) else "does not exist"
+            out.append(f"{k}={value:g} is set by this run, while {path} {unset} (never promote)")
             continue
         base = float(policy[k])
         if (value < base) if k in LOOSER_IF_LOWER else (value > base):

@@ -119,6 +119,10 @@ def test_overrides_looser_than_the_gate_file_are_named_and_tighter_ones_are_not(
     assert "does not exist" in missing
     with pytest.raises(ValueError, match="min_accuracy"):
         loosened_by_overrides(str(f), {"min_accuracy": "high"})
+    with pytest.raises(ValueError, match="max_p95_latency_ms"):  # NaN is neither looser nor tighter
+        loosened_by_overrides(str(f), {"max_p95_latency_ms": float("nan")})
+    # the gate file read once by the caller is what is compared (no second read)
+    assert loosened_by_overrides(str(f), {"min_accuracy": 0.5}, policy={"min_accuracy": 0.4}) == []
 
 
 def test_served_model_accuracy_is_the_int8_models_when_it_serves():

@@ -396,6 +396,11 @@ def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp
     with pytest.raises(Exception):  # no HITL backend in a unit test; the body is built first
         approval.execute(ctx)
     assert "loosened the gate file" in approval.body and "min_accuracy=0.05" in approval.body
+    retried = PromoteModelOperator(task_id="promote", model_name="op-loosen", gates_file=str(gates),
+                                   thresholds={"min_accuracy": 0.05}, **candidate).execute(ctx)
+    assert retried["reused"] and retried["awaiting_approval"] is True  # a retry keeps the first decision
+    assert retried["loosened_thresholds"] == loosened["loosened_thresholds"]
+    assert registry.get_champion(c, "op-loosen") is None
 
     tightened = PromoteModelOperator(task_id="promote", model_name="op-tighten", gates_file=str(gates),
                                      thresholds={"max_p95_latency_ms": 50.0}, **candidate).execute(ctx)

@@ -89,12 +89,13 @@ class PromoteModelOperator(NightshiftOperator):
         validation = self.validation or {}
         snapshot = self.require(self.snapshot, "snapshot", "collect_data")
         c = self.mlflow
-        from nightshift.gates import load_thresholds, loosened_by_overrides
+        from nightshift.gates import load_thresholds, loosened_by_overrides, read_gate_file
 
         gates_file = str(self.settings.gates_file) if self.gates_file is None else (self.gates_file or None)
-        thresholds, origin = load_thresholds(gates_file, self.thresholds)
+        policy = read_gate_file(gates_file)
+        thresholds, origin = load_thresholds(gates_file, self.thresholds, policy=policy)
         try:
-            loosened = loosened_by_overrides(gates_file, self.thresholds)
+            loosened = loosened_by_overrides(gates_file, self.thresholds, policy=policy)
         except ValueError as exc:
             raise ConfigError(f"promote: {exc}") from None
         require_approval = to_bool(self.require_approval) or bool(loosened)
@@ -109,7 +110,7 @@ class PromoteModelOperator(NightshiftOperator):
             self.log.warning("v%s was already registered for this run by an earlier try: %s",
                              outcome["version"], outcome["note"])
             outcome.update({"image": image.get("image"), "gates": outcome.pop("recorded_gates"),
-                            "thresholds": thresholds, "drift": drift})
+                            "thresholds": thresholds, "drift": drift, "loosened_thresholds": loosened})
             decision = None
         else:
             champion = registry.get_champion(c, self.model_name)  # RegistryError (retryable) unless "not found"
