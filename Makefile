@@ -30,6 +30,7 @@ mlflow-ui: setup
 
 bench: setup
 	$(ENV) python bench/serving_cpu.py
+	$(ENV) python bench/serving_app.py
 	$(ENV) python bench/serving.py --soak 60
 	$(ENV) python bench/run_benchmarks.py
 

@@ -329,6 +329,23 @@ def render_markdown(r: dict) -> str:
             lo, hi = ab["b_over_a_quartiles"]
             share_ab.append(f"{arch} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
     share_ab_text = "; ".join(share_ab) or "not measured"
+    plan_ab = []
+    for c in (1, 16):
+        f = ROOT / "bench" / "results" / f"serving_ab_plan_cache_c{c}.json"
+        if f.is_file():
+            ab = json.loads(f.read_text())
+            lo, hi = ab["b_over_a_quartiles"]
+            plan_ab.append(f"c={c} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
+    f = ROOT / "bench" / "results" / "serving_app.json"
+    app_us = json.loads(f.read_text()) if f.is_file() else None
+    plan_text = (
+        "the validated plan of a binary request's JSON header kept and reused when the same header comes "
+        "again, with the answer's JSON header (`NIGHTSHIFT_PLAN_CACHE_SIZE`; the app's own CPU per request, "
+        "model stubbed, `bench/serving_app.py`: "
+        + (f"{app_us['us_per_request_cache_off']:.0f} → {app_us['us_per_request_cache_on']:.0f} µs, median of "
+           f"{app_us['rounds']} alternating rounds" if app_us else "not measured")
+        + "; throughput with it over without, `bench/serving_ab.py`: " + ("; ".join(plan_ab) or "not measured")
+        + ")")
     scaling = cpu.get("core_scaling") or {}
     if scaling:
         q = sorted(scaling["ratios"])
@@ -414,6 +431,7 @@ with it over without, `bench/serving_ab.py`, 1 s loads alternating between two s
 {share_ab_text}; the share of the CPU ceiling reached went from 86% to 94%: a batch that
 emptied the queue left the other instance idle until its answers went out and new
 requests came in);
+{plan_text};
 Python's GIL switch interval at 0.2 ms in the server
 (c=16 +9% in a paired run of 6 repeats, +35% in one back-to-back run: an instance
 waited up to 5 ms for the GIL to hand its answers over), one thread-safe hand-off per batch, no worker wake-ups after an
@@ -423,11 +441,13 @@ loop records (the app's own time per request, model stubbed, 175 → 116 µs). T
 threads at nice 10 (0.98×), each pinned to a core (1.02×), the response head and body
 in one write (half the `write` calls, yet 0.99× at c=1 and 0.98× at c=16 over 20
 alternating pairs: the write that wakes the client is the costly one, and it stays), and
-Triton's default queue delay of 0 with a 0.05 ms switch interval (c=16 1.03×, c=1 0.97×).
-Measured and not built: two server processes with 8 connections each instead of one
-process with two instances (c=16 +5% to +16% over 5 back-to-back pairs; it needs
-prometheus_client's multiprocess mode, request-log files per process and per-process
-drain), and other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
+Triton's default queue delay of 0 with a 0.05 ms switch interval (c=16 1.03×, c=1 0.97×),
+three or four 1-thread instances on the two cores instead of two (c=16 0.99× over 20
+alternating pairs for three, 0.95× over 12 for four), and two server processes sharing
+the port (`SO_REUSEPORT`), one instance each, instead of one process with two (c=16
+0.99× over 14 alternating pairs; an earlier 5-pair back-to-back run had suggested +5% to
++16%, and it would have needed prometheus_client's multiprocess mode, request-log files
+per process and per-process drain). Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
 5.3k (RSGI) req/s against uvicorn's 7–9k, a bare httptools protocol 14–18k (about
 50–75 µs less per request than uvicorn, at the price of owning keep-alive, pipelining,
 413/408 handling and drain). A C load client (`wrk`) raises c=1 by 6–17% and c=16 by

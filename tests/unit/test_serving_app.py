@@ -104,6 +104,84 @@ def test_gzip_body_and_version_404(serving_server, http, x):
     assert r.status_code == 404 and "no version '9'" in r.json()["error"]
 
 
+def _decode_binary_answer(r: requests.Response) -> tuple[dict, dict[str, np.ndarray]]:
+    hl = int(r.headers["Inference-Header-Content-Length"])
+    head = json.loads(r.content[:hl])
+    arrays, offset = {}, hl
+    for o in head["outputs"]:
+        size = o["parameters"]["binary_data_size"]
+        raw = r.content[offset:offset + size]
+        offset += size
+        if o["datatype"] == "BYTES":
+            arrays[o["name"]] = raw
+        else:
+            arrays[o["name"]] = np.frombuffer(raw, {"FP32": "<f4"}[o["datatype"]]).reshape(o["shape"])
+    assert offset == len(r.content)
+    return head, arrays
+
+
+def test_a_repeated_binary_header_is_validated_once_and_never_carries_old_pixels(serving_server, http, x,
+                                                                                tiny_onnx_forward):
+    """The server keeps the validated plan of a binary request's JSON header (clients send the same
+    header every time): later requests with that header skip the JSON parse, yet every answer is
+    computed from its own pixels, carries its own request's id, and a body whose length does not
+    fit the header is still refused."""
+    url = f"{serving_server.url}/v2/models/tiny/infer"
+    plans = serving_server.app._plans
+    head = json.dumps({"id": "same-every-time",
+                       "inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                                   "parameters": {"binary_data_size": x.nbytes}}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}},
+                                   {"name": "embedding", "parameters": {"binary_data": True}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    hits0 = plans.hits
+    rng = np.random.default_rng(5)
+    batches = [rng.integers(0, 256, x.shape, dtype=np.uint8) for _ in range(4)]
+    answers = []
+    for batch in batches:
+        r = http.post(url, data=head + batch.tobytes(), headers=headers)
+        assert r.status_code == 200, r.text
+        answers.append(_decode_binary_answer(r))
+    assert plans.hits - hits0 == 3  # the first request made the plan; the other three used it
+    for batch, (resp, arrays) in zip(batches, answers, strict=True):
+        logits, emb = tiny_onnx_forward(batch)
+        np.testing.assert_allclose(arrays["logits"], logits, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(arrays["embedding"], emb, rtol=1e-5, atol=1e-5)
+        assert resp["id"] == "same-every-time" and resp["model_name"] == "tiny"
+    # the kept answer header is the one a fresh encode gives (same shapes, same sizes)
+    assert answers[0][0] == answers[-1][0]
+    # the same JSON header with two stray bytes: not the cached plan, the full parse's 400
+    r = http.post(url, data=head + batches[0].tobytes() + b"zz", headers=headers)
+    assert r.status_code == 400 and "2 bytes after the JSON header" in r.json()["error"]
+    # a different header (the label as binary BYTES, a new id) gets its own plan, and its
+    # variable-size answer is encoded afresh each time
+    head2 = head.replace(b"same-every-time", b"another").replace(b'"embedding"', b'"label"')
+    headers2 = {**headers, "Inference-Header-Content-Length": str(len(head2))}
+    for batch in batches[:2]:
+        r = http.post(url, data=head2 + batch.tobytes(), headers=headers2)
+        assert r.status_code == 200, r.text
+        resp, arrays = _decode_binary_answer(r)
+        assert resp["id"] == "another"
+        names = ["zero", "one", "two"]
+        want = b"".join(len(n).to_bytes(4, "little") + n.encode()
+                        for n in (names[i] for i in tiny_onnx_forward(batch)[0].argmax(1)))
+        assert arrays["label"] == want
+
+
+def test_plan_cache_is_bounded_and_refuses_malformed_header_lengths():
+    from nightshift.serving.protocol import InferPlan, PlanCache
+
+    cache = PlanCache(max_entries=2)
+    assert PlanCache.key(b"{}abc", "x") is None and PlanCache.key(b"{}abc", "99") is None
+    assert PlanCache.key(b"{}abc", "-1") is None
+    keys = [PlanCache.key(b'{"n":%d}xyz' % i, "7") for i in range(3)]
+    assert keys[0] == (b'{"n":0}', 10)
+    for k in keys:
+        cache.put(k, InferPlan((1,), ["logits"], True, {}, None))
+    assert len(cache) == 2 and cache.get(keys[0]) is None  # the oldest went first
+    assert cache.get(keys[2]) is not None and cache.hits == 1
+
+
 # ----------------------------------------------------------------------------- limits
 
 

@@ -52,7 +52,16 @@ from .errors import (
 )
 from .metrics import Metrics
 from .model import Model, probabilities
-from .protocol import EXTENSIONS, HEADER_LENGTH, binary_outputs, decompress, encode_response, parse_request
+from .protocol import (
+    EXTENSIONS,
+    HEADER_LENGTH,
+    InferPlan,
+    PlanCache,
+    binary_outputs,
+    decompress,
+    encode_planned,
+    parse_request,
+)
 
 log = logging.getLogger("nightshift.serving")
 access_log = logging.getLogger("nightshift.serving.access")
@@ -82,6 +91,7 @@ class AppConfig:
     instances: int = 1
     share_queue: bool = True
     access_log_sample: float = 0.01
+    plan_cache_size: int = 256
     max_image_bytes: int = 16 << 20
 
 
@@ -112,6 +122,8 @@ class InferenceApp:
             instances=self.config.instances, share_queue=self.config.share_queue,
         )
         self.metrics.bind(self)
+        #: validated JSON headers of binary infer requests (see :class:`~serving.protocol.InferPlan`)
+        self._plans = PlanCache(self.config.plan_cache_size)
         self._rng = random.Random()
         self._watch: asyncio.Task | None = None
         #: set on SIGTERM while keep-alive clients are handed over: answers close their
@@ -364,24 +376,32 @@ class InferenceApp:
 
     async def _infer(self, scope: Scope, receive: Receive) -> tuple[int, bytes, dict[str, str]]:
         model = self.model
+        plans = self._plans
 
-        async def prepare(body: bytes, headers: dict[str, str]) -> tuple[np.ndarray, Any]:
+        async def prepare(body: bytes, headers: dict[str, str]) -> tuple[np.ndarray, InferPlan]:
             ctype = headers.get("content-type", "application/json").split(";")[0].strip().lower()
             hl = headers.get(HEADER_LENGTH)
             if hl is None and ctype not in ("application/json", "", "text/plain"):
                 raise InvalidInput(f"Content-Type {ctype!r} needs the Inference-Header-Content-Length header "
                                    "(binary tensor data); send application/json otherwise")
+            key = plans.key(body, hl) if hl is not None and plans.max_entries else None
+            if key is not None:
+                plan = plans.get(key)
+                if plan is not None:  # this JSON header was validated before: only the tensor bytes differ
+                    return np.frombuffer(body, np.uint8, len(body) - len(key[0]), len(key[0])).reshape(
+                        plan.shape), plan
             request, binary = parse_request(body, hl)
             pixels, wanted = model.preprocess(request, binary)
-            return pixels, (request, wanted, binary_outputs(request))
+            plan = InferPlan(pixels.shape, wanted, *binary_outputs(request), request.get("id"))
+            if key is not None:
+                plans.put(key, plan)
+            return pixels, plan
 
-        result, (pixels, (request, wanted, (bin_default, bin_per))) = await self._admit(
-            scope, receive, self.config.max_body_bytes, prepare)
+        result, (pixels, plan) = await self._admit(scope, receive, self.config.max_body_bytes, prepare)
         t_ser = time.perf_counter()
-        outputs = model.select_outputs(result.outputs, wanted, pixels.shape[0])
-        out, out_headers = encode_response(
-            model_name=model.name, model_version=model.version, outputs=outputs, binary_default=bin_default,
-            binary_per_output=bin_per, request_id=request.get("id"))
+        outputs = model.select_outputs(result.outputs, plan.wanted, pixels.shape[0])
+        out, out_headers = encode_planned(plan, model_name=model.name, model_version=model.version,
+                                          outputs=outputs)
         self.metrics.stage("serialization", time.perf_counter() - t_ser)
         out_headers[TIMING_HEADER] = f"{result.inference_s * 1000:.3f}"
         self._log_sample(pixels, result.outputs, "infer")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import struct
 import zlib
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -126,6 +127,94 @@ def binary_outputs(request: dict[str, Any]) -> tuple[bool, dict[str, bool]]:
                 raise InvalidInput(f"outputs[{i}].parameters.binary_data must be true or false, got {flag!r}")
             per[str(o.get("name"))] = flag
     return default, per
+
+
+@dataclass(eq=False)
+class InferPlan:
+    """What an infer request's JSON part asks for, validated: the input's shape, the outputs
+    to return and how (:meth:`serving.model.Model.preprocess`, :func:`binary_outputs`).
+
+    A binary client sends the same JSON header with every request (``tritonclient``, the
+    load generator: only the tensor bytes change), so the server keeps the plan of a header
+    it has seen (:class:`PlanCache`) and neither parses nor validates it again. The answer's
+    JSON header is kept on the plan too when every output is binary and fixed-size: it is
+    then the same bytes for every answer (:func:`encode_planned`).
+    """
+
+    shape: tuple[int, ...]
+    wanted: list[str]
+    binary_default: bool
+    binary_per_output: dict[str, bool]
+    request_id: Any
+    response_head: bytes | None = None
+    response_key: tuple | None = None
+
+
+class PlanCache:
+    """Plans of binary requests by their JSON header bytes and body length, at most
+    ``max_entries`` (oldest out first; 0 keeps none). Event-loop thread only: no lock.
+
+    The key is everything validation reads: the JSON header itself and the body's length
+    (the binary sizes must add up to it); the served model never changes in a process.
+    """
+
+    def __init__(self, max_entries: int = 256):
+        if max_entries < 0:
+            raise ValueError(f"max_entries must be >= 0, got {max_entries}")
+        self.max_entries = int(max_entries)
+        self._plans: dict[tuple[bytes, int], InferPlan] = {}
+        self.hits = 0
+
+    @staticmethod
+    def key(body: bytes, header_length: str) -> tuple[bytes, int] | None:
+        """The cache key of a binary body, or ``None`` when its header length is malformed
+        (the full parse then says what is wrong)."""
+        try:
+            hl = int(header_length)
+        except ValueError:
+            return None
+        if hl < 0 or hl > len(body):
+            return None
+        return bytes(body[:hl]), len(body)
+
+    def get(self, key: tuple[bytes, int]) -> InferPlan | None:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self.hits += 1
+        return plan
+
+    def put(self, key: tuple[bytes, int], plan: InferPlan) -> None:
+        if self.max_entries <= 0:
+            return
+        if len(self._plans) >= self.max_entries:
+            del self._plans[next(iter(self._plans))]
+        self._plans[key] = plan
+
+    def __len__(self) -> int:
+        return len(self._plans)
+
+
+def encode_planned(plan: InferPlan, *, model_name: str, model_version: str,
+                   outputs: list[tuple[str, str, np.ndarray]]) -> tuple[bytes, dict[str, str]]:
+    """:func:`encode_response` for ``plan``, reusing the plan's answer header when it fits.
+
+    The header of an all-binary, fixed-size answer depends only on the outputs' names,
+    datatypes and shapes (``binary_data_size`` follows from them); it is built once and
+    kept on the plan with those as its key.
+    """
+    key = tuple((name, dt, arr.shape) for name, dt, arr in outputs)
+    head = plan.response_head
+    if head is not None and key == plan.response_key:
+        return b"".join([head, *(_tensor_bytes(dt, arr) for _, dt, arr in outputs)]), {
+            "content-type": "application/octet-stream", HEADER_LENGTH: str(len(head))}
+    body, headers = encode_response(model_name=model_name, model_version=model_version, outputs=outputs,
+                                    binary_default=plan.binary_default,
+                                    binary_per_output=plan.binary_per_output, request_id=plan.request_id)
+    per = plan.binary_per_output
+    if HEADER_LENGTH in headers and all(per.get(name, plan.binary_default) and dt != "BYTES"
+                                        for name, dt, _ in outputs):
+        plan.response_head, plan.response_key = body[:int(headers[HEADER_LENGTH])], key
+    return body, headers
 
 
 def _tensor_bytes(datatype: str, arr: np.ndarray) -> bytes:

@@ -33,6 +33,8 @@ variable                            meaning                                     
 ``NIGHTSHIFT_MAX_QUEUE_WAIT_MS``    longest wait for a batch; beyond: 503 + Retry-After   1000
 ``NIGHTSHIFT_BATCH_SHARE``          1: with several instances a batch takes at most its   1
                                     share of the waiting images; 0: up to MAX_BATCH_SIZE
+``NIGHTSHIFT_PLAN_CACHE_SIZE``      validated JSON headers of binary requests kept        256
+                                    (:class:`~serving.protocol.InferPlan`); 0: none
 ``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
 ``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
 ``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads per model instance      1
@@ -236,6 +238,8 @@ def ort_layout(cpus: int, threads: int = 0, instances: int = 0) -> tuple[int, in
 
 
 def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> AppConfig:
+    if _env("NIGHTSHIFT_PLAN_CACHE_SIZE", 256) < 0:
+        raise SystemExit("serving: NIGHTSHIFT_PLAN_CACHE_SIZE must be 0 (no cache) or more")
     return AppConfig(
         instances=instances,
         max_body_bytes=max_body_bytes or _env("NIGHTSHIFT_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES),
@@ -246,6 +250,7 @@ def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> A
         max_queue_wait_ms=_env("NIGHTSHIFT_MAX_QUEUE_WAIT_MS", 1000.0, float),
         share_queue=_env_flag("NIGHTSHIFT_BATCH_SHARE", True),
         access_log_sample=_env("NIGHTSHIFT_ACCESS_LOG_SAMPLE", 0.01, float),
+        plan_cache_size=_env("NIGHTSHIFT_PLAN_CACHE_SIZE", 256),
     )
 
 
