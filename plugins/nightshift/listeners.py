@@ -39,6 +39,9 @@ def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
         head = f"NOT PROMOTED {model} v{version}; champion stays {('v' + str(p['champion'])) if p.get('champion') else 'none'}"
     failed = [g for g in p.get("gates", []) if not g.get("passed")]
     lines = [MARK + head, "", str(p.get("reason", ""))]
+    if p.get("approved_by"):  # a person answered approve_promotion: say who and what
+        lines += ["", f"{'Approved' if p.get('approved') else 'Rejected'} by {p['approved_by']}"
+                      + (f": {p['approval_comment']}" if p.get("approval_comment") else "")]
     if p.get("awaiting_approval") and p.get("loosened_thresholds"):
         lines += ["", "Approval needed: this run loosened the gate file:",
                   *[f"- {why}" for why in p["loosened_thresholds"]]]

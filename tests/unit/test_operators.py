@@ -343,6 +343,7 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
 
     from nightshift import registry
     from nightshift.gates import THRESHOLD_KEYS
+    from nightshift.listeners import run_note
     from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
@@ -358,10 +359,21 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
         "chosen_options": ["Reject"], "responded_by_user": {"id": "u2", "name": "carol"},
         "params_input": {"comment": "wait for the new labels"}}).execute(ctx)
     assert rejected["promoted"] is False and registry.get_champion(c, "op-promote") is None
+    report = Path(out["report_path"])  # <artifact root>/runs/<dag>/<run>/promotion.json
+
+    def note() -> str:
+        return run_note(report.parents[3], report.parent.parent.name, report.parent.name) or ""
+
+    # the run note follows the person's answer, not the promote step's "waiting"
+    assert json.loads(report.read_text())["awaiting_approval"] is False
+    assert "NOT PROMOTED" in note() and "Rejected by carol: wait for the new labels" in note()
+    assert "waiting for approval" not in note()
     approved = FinalizePromotionOperator(task_id="finalize", model_name="op-promote", promotion=out, approval={
         "chosen_options": ["Approve"], "responded_by_user": {"id": "u1", "name": "bob"},
         "params_input": {"comment": "numbers look right"}}).execute(ctx)
     assert approved["promoted"] is True and approved["champion"] == out["version"]
+    assert approved["report_path"] == str(report)
+    assert note().startswith(f"[nightshift] PROMOTED op-promote v{out['version']}") and "Approved by bob" in note()
     tags = c.get_model_version("op-promote", out["version"]).tags
     assert tags["nightshift.approved_by"] == "bob" and tags["nightshift.approval_comment"] == "numbers look right"
     passthrough = FinalizePromotionOperator(task_id="finalize", model_name="op-promote",

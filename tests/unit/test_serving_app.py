@@ -174,6 +174,9 @@ def test_plan_cache_is_bounded_and_refuses_malformed_header_lengths():
     cache = PlanCache(max_entries=2)
     assert PlanCache.key(b"{}abc", "x") is None and PlanCache.key(b"{}abc", "99") is None
     assert PlanCache.key(b"{}abc", "-1") is None
+    big = b"{" + b" " * PlanCache.MAX_HEADER_BYTES + b"}"  # a long header is never kept: keys hold it
+    assert PlanCache.key(big + b"abc", str(len(big))) is None
+    assert PlanCache.key(big[-2:] + b"abc", "2") is not None
     keys = [PlanCache.key(b'{"n":%d}xyz' % i, "7") for i in range(3)]
     assert keys[0] == (b'{"n":0}', 10)
     for k in keys:

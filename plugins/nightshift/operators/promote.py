@@ -195,6 +195,7 @@ class FinalizePromotionOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import contracts, registry
+        from nightshift.artifacts import atomic_write_json
         from nightshift.errors import ConfigError
 
         outcome = dict(self.require(self.promotion, "promotion", "promote"))
@@ -212,7 +213,10 @@ class FinalizePromotionOperator(NightshiftOperator):
                                          actor=actor, comment=comment,
                                          expected_champion=outcome.get("previous_champion"))
         outcome.update({"promoted": res["promoted"], "champion": res["champion"], "awaiting_approval": False,
-                        "approved_by": actor, "approval_comment": comment, "note": res["note"]})
+                        "approved_by": actor, "approval_comment": comment, "approved": approved, "note": res["note"]})
+        # the run's report (and so its run note) says what the person decided, not "waiting"
+        outcome["report_path"] = str(atomic_write_json(self.run_dir(context) / "promotion.json",
+                                                       {k: v for k, v in outcome.items() if k != "report_path"}))
         contracts.append_history(self.settings.artifact_root, contracts.HistoryEvent(
             model=self.model_name, action="promoted" if res["promoted"] else "approval_rejected",
             version=outcome["version"], previous_champion=outcome.get("previous_champion"),

@@ -165,15 +165,19 @@ class PlanCache:
         self._plans: dict[tuple[bytes, int], InferPlan] = {}
         self.hits = 0
 
+    #: longest JSON header kept (a plan's key holds it: 256 headers of up to the body limit
+    #: would be gigabytes); a longer one is parsed every time
+    MAX_HEADER_BYTES = 4096
+
     @staticmethod
     def key(body: bytes, header_length: str) -> tuple[bytes, int] | None:
         """The cache key of a binary body, or ``None`` when its header length is malformed
-        (the full parse then says what is wrong)."""
+        (the full parse then says what is wrong) or longer than :attr:`MAX_HEADER_BYTES`."""
         try:
             hl = int(header_length)
         except ValueError:
             return None
-        if hl < 0 or hl > len(body):
+        if hl < 0 or hl > len(body) or hl > PlanCache.MAX_HEADER_BYTES:
             return None
         return bytes(body[:hl]), len(body)
 
