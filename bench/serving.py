@@ -448,11 +448,12 @@ in one write (half the `write` calls, yet 0.99× at c=1 and 0.98× at c=16 over 
 alternating pairs: the write that wakes the client is the costly one, and it stays), and
 Triton's default queue delay of 0 with a 0.05 ms switch interval (c=16 1.03×, c=1 0.97×),
 three or four 1-thread instances on the two cores instead of two (c=16 0.99× over 20
-alternating pairs for three, 0.95× over 12 for four), and two server processes sharing
-the port (`SO_REUSEPORT`), one instance each, instead of one process with two (c=16
-0.99× over 14 alternating pairs; an earlier 5-pair back-to-back run had suggested +5% to
-+16%, and it would have needed prometheus_client's multiprocess mode, request-log files
-per process and per-process drain). Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
+alternating pairs for three, 0.95× over 12 for four; `bench/results/serving_ab_instances{{3,4}}.json`),
+and two server processes sharing the port (`SO_REUSEPORT`), one instance each, instead
+of one process with two (a prototype not kept in the repository: c=16 0.99× over 14
+alternating pairs; an earlier 5-pair back-to-back run had suggested +5% to +16%, and it
+would have needed prometheus_client's multiprocess mode, request-log files per process
+and per-process drain). Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
 5.3k (RSGI) req/s against uvicorn's 7–9k, a bare httptools protocol 14–18k (about
 50–75 µs less per request than uvicorn, at the price of owning keep-alive, pipelining,
 413/408 handling and drain). A C load client (`wrk`) raises c=1 by 6–17% and c=16 by

@@ -168,16 +168,32 @@ def test_a_repeated_binary_header_is_validated_once_and_never_carries_old_pixels
         assert arrays["label"] == want
 
 
+def test_json_pixels_with_binary_outputs_are_answered_every_time(serving_server, http, x, tiny_onnx_forward):
+    """A header-length request whose pixels are JSON data (binary outputs only, as tritonclient
+    sends with binary_data=False on the input) carries no tensor bytes after the header: it is
+    parsed every time, never answered from a kept plan."""
+    head = json.dumps({"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                                   "data": x.ravel().tolist()}],
+                       "outputs": [{"name": "logits", "parameters": {"binary_data": True}}]}).encode()
+    headers = {"Inference-Header-Content-Length": str(len(head)), "Content-Type": "application/octet-stream"}
+    logits, _ = tiny_onnx_forward(x)
+    for _ in range(3):
+        r = http.post(f"{serving_server.url}/v2/models/tiny/infer", data=head, headers=headers)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(_decode_binary_answer(r)[1]["logits"], logits, rtol=1e-5, atol=1e-5)
+
+
 def test_plan_cache_is_bounded_and_refuses_malformed_header_lengths():
     from nightshift.serving.protocol import InferPlan, PlanCache
 
     cache = PlanCache(max_entries=2)
-    assert PlanCache.key(b"{}abc", "x") is None and PlanCache.key(b"{}abc", "99") is None
-    assert PlanCache.key(b"{}abc", "-1") is None
+    assert cache.key(b"{}abc", "x") is None and cache.key(b"{}abc", "99") is None
+    assert cache.key(b"{}abc", "-1") is None
     big = b"{" + b" " * PlanCache.MAX_HEADER_BYTES + b"}"  # a long header is never kept: keys hold it
-    assert PlanCache.key(big + b"abc", str(len(big))) is None
-    assert PlanCache.key(big[-2:] + b"abc", "2") is not None
-    keys = [PlanCache.key(b'{"n":%d}xyz' % i, "7") for i in range(3)]
+    assert cache.key(big + b"abc", str(len(big))) is None
+    assert cache.key(big[-2:] + b"abc", "2") is not None
+    assert PlanCache(max_entries=0).key(b"{}abc", "2") is None  # off: nothing is looked up or kept
+    keys = [cache.key(b'{"n":%d}xyz' % i, "7") for i in range(3)]
     assert keys[0] == (b'{"n":0}', 10)
     for k in keys:
         cache.put(k, InferPlan((1,), ["logits"], True, {}, None))

@@ -384,16 +384,15 @@ class InferenceApp:
             if hl is None and ctype not in ("application/json", "", "text/plain"):
                 raise InvalidInput(f"Content-Type {ctype!r} needs the Inference-Header-Content-Length header "
                                    "(binary tensor data); send application/json otherwise")
-            key = plans.key(body, hl) if hl is not None and plans.max_entries else None
-            if key is not None:
-                plan = plans.get(key)
-                if plan is not None:  # this JSON header was validated before: only the tensor bytes differ
-                    return np.frombuffer(body, np.uint8, len(body) - len(key[0]), len(key[0])).reshape(
-                        plan.shape), plan
+            key = plans.key(body, hl) if hl is not None else None
+            plan = plans.get(key) if key is not None else None
+            if plan is not None:  # this JSON header was validated before: only the tensor bytes differ
+                start = len(key[0])
+                return np.frombuffer(body, np.uint8, count=len(body) - start, offset=start).reshape(plan.shape), plan
             request, binary = parse_request(body, hl)
             pixels, wanted = model.preprocess(request, binary)
             plan = InferPlan(pixels.shape, wanted, *binary_outputs(request), request.get("id"))
-            if key is not None:
+            if key is not None and binary:  # pixels sent as JSON data live in the header: nothing to reuse
                 plans.put(key, plan)
             return pixels, plan
 

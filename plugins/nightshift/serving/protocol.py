@@ -156,6 +156,8 @@ class PlanCache:
 
     The key is everything validation reads: the JSON header itself and the body's length
     (the binary sizes must add up to it); the served model never changes in a process.
+    Only plans whose input came as binary data are kept: a cached plan's pixels are read
+    from the bytes after the header.
     """
 
     def __init__(self, max_entries: int = 256):
@@ -169,15 +171,17 @@ class PlanCache:
     #: would be gigabytes); a longer one is parsed every time
     MAX_HEADER_BYTES = 4096
 
-    @staticmethod
-    def key(body: bytes, header_length: str) -> tuple[bytes, int] | None:
-        """The cache key of a binary body, or ``None`` when its header length is malformed
-        (the full parse then says what is wrong) or longer than :attr:`MAX_HEADER_BYTES`."""
+    def key(self, body: bytes, header_length: str) -> tuple[bytes, int] | None:
+        """The cache key of a binary body, or ``None`` when the cache is off, or the header
+        length is malformed (the full parse then says what is wrong) or longer than
+        :attr:`MAX_HEADER_BYTES`."""
+        if not self.max_entries:
+            return None
         try:
             hl = int(header_length)
         except ValueError:
             return None
-        if hl < 0 or hl > len(body) or hl > PlanCache.MAX_HEADER_BYTES:
+        if hl < 0 or hl > len(body) or hl > self.MAX_HEADER_BYTES:
             return None
         return bytes(body[:hl]), len(body)
 
@@ -188,8 +192,7 @@ class PlanCache:
         return plan
 
     def put(self, key: tuple[bytes, int], plan: InferPlan) -> None:
-        if self.max_entries <= 0:
-            return
+        """Keep ``plan`` for ``key`` (a key from :meth:`key`, so the cache is on)."""
         if len(self._plans) >= self.max_entries:
             del self._plans[next(iter(self._plans))]
         self._plans[key] = plan

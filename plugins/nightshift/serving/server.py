@@ -238,7 +238,8 @@ def ort_layout(cpus: int, threads: int = 0, instances: int = 0) -> tuple[int, in
 
 
 def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> AppConfig:
-    if _env("NIGHTSHIFT_PLAN_CACHE_SIZE", 256) < 0:
+    plan_cache_size = _env("NIGHTSHIFT_PLAN_CACHE_SIZE", 256)
+    if plan_cache_size < 0:
         raise SystemExit("serving: NIGHTSHIFT_PLAN_CACHE_SIZE must be 0 (no cache) or more")
     return AppConfig(
         instances=instances,
@@ -250,7 +251,7 @@ def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> A
         max_queue_wait_ms=_env("NIGHTSHIFT_MAX_QUEUE_WAIT_MS", 1000.0, float),
         share_queue=_env_flag("NIGHTSHIFT_BATCH_SHARE", True),
         access_log_sample=_env("NIGHTSHIFT_ACCESS_LOG_SAMPLE", 0.01, float),
-        plan_cache_size=_env("NIGHTSHIFT_PLAN_CACHE_SIZE", 256),
+        plan_cache_size=plan_cache_size,
     )
 
 
