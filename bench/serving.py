@@ -423,7 +423,11 @@ series: about half of the event loop's time beyond the model is uvloop's C code
 (epoll, recv, send on loopback), and the model itself ran up to 22% slower in the
 server than in the baseline's tight loop (cache and core migrations between client and
 server; the `x-inference-time-ms` header shows it). These machines are shared: single
-repeats of the c=1 ratio range from 0.6 to 0.8 within one run.{scaling_text}
+repeats of the c=1 ratio range from 0.6 to 0.8 within one run, and whole runs of the same
+code differ too (2026-11-23: 0.66× with the in-process rate at 860/s, then 0.73× at 908/s;
+in a quiet spell between them, four fresh servers gave c=1 0.76–0.80× and c=16 / c=1
+1.90–2.02×, and one server measured before and after a c=64 load gave 0.79× both ways,
+so a loaded server does not stay slower).{scaling_text}
 
 On a machine with more cores, `bench/serving.py --server-cpus 0,1 --client-cpus 2,3`
 gives the server (and the baseline) two cores of their own and the client others, as
@@ -453,7 +457,11 @@ and two server processes sharing the port (`SO_REUSEPORT`), one instance each, i
 of one process with two (a prototype not kept in the repository: c=16 0.99× over 14
 alternating pairs; an earlier 5-pair back-to-back run had suggested +5% to +16%, and it
 would have needed prometheus_client's multiprocess mode, request-log files per process
-and per-process drain). Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
+and per-process drain); at c=1, the model on a worker thread pinned to a core of its own
+with the event loop and the client on the other (so HTTP work cannot evict the model's
+cache lines) instead of inline on the loop: 0.91× over 10 alternating pairs (the two
+hand-offs cost more than the warmer cache gives); ONNX Runtime's CPU memory arena off:
+0.99× at c=1 over 8 pairs. Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
 5.3k (RSGI) req/s against uvicorn's 7–9k, a bare httptools protocol 14–18k (about
 50–75 µs less per request than uvicorn, at the price of owning keep-alive, pipelining,
 413/408 handling and drain). A C load client (`wrk`) raises c=1 by 6–17% and c=16 by

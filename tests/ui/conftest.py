@@ -84,7 +84,9 @@ def world(tmp_path_factory):
     with open(tl, "w") as f:
         for t, status, share, n, rep in points:
             f.write(json.dumps({"time": t, "window_start": t, "window_end": t, "status": status,
-                                "drifted_share": share, "n": n, "report": rep}) + "\n")
+                                "drifted_share": share, "n": n, "report": rep,
+                                "message": "12 request(s) in this window, fewer than min_rows=100: no verdict"
+                                if status == "not_enough_data" else None}) + "\n")
     yield {"root": root, "tracking_uri": uri, "versions": [v1, v2], "tmp": tmp}
 
 

@@ -86,6 +86,7 @@ def test_view_and_reports_render(client, world_env):
     page = client.get("/", headers=_bearer("viewer")).text
     assert MODEL in page and "v1" in page and "champion" in page and "NOT BLESSED" in page
     assert "reports/runs/nightly_retrain/" in page and "http://mlflow.example:5000/#/runs/" in page
+    assert "fewer than min_rows=100: no verdict" in page  # why a drift check gave no verdict
     rel = world_env["versions"][0]["folder"].relative_to(world_env["root"]).as_posix()
     r = client.get(f"/reports/{rel}/system_eval/system_eval.json", headers=_bearer("viewer"))
     assert r.status_code == 200 and "text/html" in r.headers["content-type"] and "latency_ms.p95" in r.text

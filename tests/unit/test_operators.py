@@ -296,6 +296,19 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     assert out["served_versions"] == {version: 299, "an-older-champion": 1}
     timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
     assert timeline[-1]["drift_detected"] is True and timeline[-1]["champion_version"] == "1"
+    # an hour whose traffic all came from another model: not enough data, and the reason says so
+    later = t0 + timedelta(hours=1)
+    (log_dir / "requests-2.jsonl").write_text("".join(
+        json.dumps(r | {"model_name": "op-promote", "model_version": "an-older-champion"}) + "\n"
+        for r in served_records(dark[:80], candidate["export"]["onnx_path"], snap.class_names,
+                                later + timedelta(minutes=1), version="an-older-champion")))
+    quiet = DriftMonitorOperator(task_id="monitor", model_name="op-promote", min_rows=50, window_start=later.isoformat(),
+                                 window_end=(later + timedelta(hours=1)).isoformat()).execute(ctx)
+    assert quiet["status"] == "not_enough_data" and quiet["served_versions"] == {"an-older-champion": 80}
+    assert "80 other request(s)" in quiet["message"] and "an-older-champion" in quiet["message"]
+    assert version in quiet["message"] and "serving the champion" in quiet["message"]
+    timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
+    assert timeline[-1]["status"] == "not_enough_data" and "an-older-champion" in timeline[-1]["message"]
 
 
 def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
@@ -387,7 +400,7 @@ def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp
     in the outcome, the run note and the approval request."""
     from nightshift import registry
     from nightshift.listeners import run_note
-    from nightshift.operators import PromotionApprovalOperator
+    from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
     gates = tmp_path / "gates.yaml"
     gates.write_text("thresholds:\n  min_accuracy: 0.1\n  max_p95_latency_ms: 100\n  max_p99_latency_ms: 100\n"
@@ -413,6 +426,14 @@ def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp
     assert retried["reused"] and retried["awaiting_approval"] is True  # a retry keeps the first decision
     assert retried["loosened_thresholds"] == loosened["loosened_thresholds"]
     assert registry.get_champion(c, "op-loosen") is None
+    # after the answer the note still says what was loosened: that is what the person approved
+    approved = FinalizePromotionOperator(task_id="finalize", model_name="op-loosen", promotion=loosened, approval={
+        "chosen_options": ["Approve"], "responded_by_user": {"id": "u4", "name": "dave"},
+        "params_input": {"comment": "known label noise"}}).execute(ctx)
+    assert approved["promoted"] is True and registry.get_champion(c, "op-loosen")["version"] == loosened["version"]
+    note = run_note(report.parents[3], report.parent.parent.name, report.parent.name) or ""
+    assert "Approved by dave: known label noise" in note and "Approval needed" not in note
+    assert "This run loosened the gate file:" in note and "min_accuracy=0.05" in note
 
     tightened = PromoteModelOperator(task_id="promote", model_name="op-tighten", gates_file=str(gates),
                                      thresholds={"max_p95_latency_ms": 50.0}, **candidate).execute(ctx)

@@ -83,6 +83,12 @@ class DriftMonitorOperator(NightshiftOperator):
         result = monitoring.check_served_drift(reference, current, out, min_rows=int(self.min_rows),
                                                drift_share_threshold=float(self.drift_share_threshold),
                                                embedding_threshold=float(self.embedding_threshold))
+        others = {v: n for v, n in served_by.items() if v != sha[:12]}
+        if result["status"] == "not_enough_data" and others:  # traffic there was, from another model
+            result["message"] += (
+                f"; {sum(others.values())} other request(s) in the window were answered by other model versions "
+                f"(by ONNX sha256 prefix: {others}), not by the champion v{champion['version']} ({sha[:12]}): is the "
+                "deployment serving the champion? promote_model and rollback_model redeploy it")
         result.update({"model_name": self.model_name, "champion_version": champion["version"],
                        "window_start": start.isoformat(), "window_end": end.isoformat(),
                        "served_versions": served_by, "request_log_dir": str(log_dir)})
@@ -93,6 +99,7 @@ class DriftMonitorOperator(NightshiftOperator):
             "status": result["status"], "drift_detected": result["drift_detected"],
             "drifted_share": result.get("drifted_share"), "embedding_drift_score": result.get("embedding_drift_score"),
             "n": result["n_current"], "champion_version": champion["version"], "report": result.get("report_html"),
+            "message": result.get("message"),
             "dag_id": self.dag_id, "run_id": context["run_id"]})
         if result["status"] == "not_enough_data":
             self.log.info("not enough traffic: %s", result["message"])
