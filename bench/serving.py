@@ -277,6 +277,19 @@ def bench_image(work: Path, repeats: int = 5) -> dict:
             "repeats": repeats, "build_seconds": built["build_seconds"]}
 
 
+def ab_figures(files: dict[str, str]) -> str:
+    """``label B/A× (quartiles lo–hi, n pairs); ...`` from ``bench/serving_ab.py`` results in
+    ``bench/results`` (label -> file name); "not measured" when none is there."""
+    out = []
+    for label, name in files.items():
+        f = ROOT / "bench" / "results" / name
+        if f.is_file():
+            ab = json.loads(f.read_text())
+            lo, hi = ab["b_over_a_quartiles"]
+            out.append(f"{label} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
+    return "; ".join(out) or "not measured"
+
+
 def render_markdown(r: dict) -> str:
     """The serving section of docs/benchmarks.md."""
     rows = []
@@ -321,21 +334,8 @@ def render_markdown(r: dict) -> str:
                   if cpu.get("model_ms_in_process") else float("nan"))
     ceiling, share, need, c16c1, c1ip = (cpu.get(k, float("nan")) for k in (
         "c16_ceiling_rps", "c16_share_of_ceiling", "both_targets_need_c16_rps", "c16_over_c1", "c1_over_in_process"))
-    share_ab = []
-    for arch in ("small_cnn", "resnet18"):
-        f = ROOT / "bench" / "results" / f"serving_ab_share_{arch}.json"
-        if f.is_file():
-            ab = json.loads(f.read_text())
-            lo, hi = ab["b_over_a_quartiles"]
-            share_ab.append(f"{arch} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
-    share_ab_text = "; ".join(share_ab) or "not measured"
-    plan_ab = []
-    for c in (1, 16):
-        f = ROOT / "bench" / "results" / f"serving_ab_plan_cache_c{c}.json"
-        if f.is_file():
-            ab = json.loads(f.read_text())
-            lo, hi = ab["b_over_a_quartiles"]
-            plan_ab.append(f"c={c} {ab['b_over_a_median']:.2f}× (quartiles {lo:.2f}–{hi:.2f}, {ab['pairs']} pairs)")
+    share_ab_text = ab_figures({arch: f"serving_ab_share_{arch}.json" for arch in ("small_cnn", "resnet18")})
+    plan_ab_text = ab_figures({f"c={c}": f"serving_ab_plan_cache_c{c}.json" for c in (1, 16)})
     f = ROOT / "bench" / "results" / "serving_app.json"
     app_us = json.loads(f.read_text()) if f.is_file() else None
     plan_text = (
@@ -344,7 +344,7 @@ def render_markdown(r: dict) -> str:
         "model stubbed, `bench/serving_app.py`: "
         + (f"{app_us['us_per_request_cache_off']:.0f} → {app_us['us_per_request_cache_on']:.0f} µs, median of "
            f"{app_us['rounds']} alternating rounds" if app_us else "not measured")
-        + "; throughput with it over without, `bench/serving_ab.py`: " + ("; ".join(plan_ab) or "not measured")
+        + "; throughput with it over without, `bench/serving_ab.py`: " + plan_ab_text
         + ")")
     scaling = cpu.get("core_scaling") or {}
     if scaling:
@@ -427,7 +427,7 @@ repeats of the c=1 ratio range from 0.6 to 0.8 within one run, and whole runs of
 code differ too (2026-11-23: 0.66× with the in-process rate at 860/s, then 0.73× at 908/s;
 in a quiet spell between them, four fresh servers gave c=1 0.76–0.80× and c=16 / c=1
 1.90–2.02×, and one server measured before and after a c=64 load gave 0.79× both ways,
-so a loaded server does not stay slower).{scaling_text}
+so a loaded server does not stay slower; `bench/results/serving_c1_probes.json`).{scaling_text}
 
 On a machine with more cores, `bench/serving.py --server-cpus 0,1 --client-cpus 2,3`
 gives the server (and the baseline) two cores of their own and the client others, as
@@ -461,7 +461,7 @@ and per-process drain); at c=1, the model on a worker thread pinned to a core of
 with the event loop and the client on the other (so HTTP work cannot evict the model's
 cache lines) instead of inline on the loop: 0.91× over 10 alternating pairs (the two
 hand-offs cost more than the warmer cache gives); ONNX Runtime's CPU memory arena off:
-0.99× at c=1 over 8 pairs. Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
+0.99× at c=1 over 8 pairs (both in `bench/results/serving_c1_probes.json`). Measured and not built: other HTTP front ends on a hello-world app at c=1: granian 3.9k (ASGI) and
 5.3k (RSGI) req/s against uvicorn's 7–9k, a bare httptools protocol 14–18k (about
 50–75 µs less per request than uvicorn, at the price of owning keep-alive, pipelining,
 413/408 handling and drain). A C load client (`wrk`) raises c=1 by 6–17% and c=16 by
