@@ -145,6 +145,7 @@ def bench_training_step(snapshot, work: Path, repeats: int = 5, epochs: int = 4)
 
 GPU_SECTION = "## GPU training"
 DATA_SECTION = "## Data path at scale"
+OPSET_SECTION = "## ONNX opset of the exported model"  # bench/onnx_opset.py
 
 
 def kept_section(heading: str) -> str:
@@ -201,7 +202,8 @@ of each run, median of {a['repeats']} interleaved runs. Target: ≤ 1.10×.
 |---|---|---|---|
 | Epoch of {a['images_per_epoch']:,} images, CPU | {a['bare_epoch_s'] * 1e3:.1f} ms | {a['full_epoch_s'] * 1e3:.1f} ms | {a['ratio']:.2f}× |
 
-{kept_section(GPU_SECTION)}"""
+{kept_section(GPU_SECTION)}
+{kept_section(OPSET_SECTION)}"""
     serving_json = ROOT / "docs" / "benchmarks-serving.json"
     if serving_json.is_file():  # written by bench/serving.py (make bench runs it first)
         sys.path.insert(0, str(ROOT / "bench"))

@@ -547,21 +547,12 @@ def main() -> int:
 
 def write_section(results: dict) -> None:
     """Replace (or append) the serving section of docs/benchmarks.md."""
-    path = ROOT / "docs" / "benchmarks.md"
-    text = path.read_text() if path.is_file() else "# Benchmarks\n"
-    head = "## Serving under load"
+    from docs_section import write_section as replace
+
     cpu_json = ROOT / "bench" / "results" / "serving_cpu.json"  # bench/serving_cpu.py
     if cpu_json.is_file():
         results = {**results, "cpu": json.loads(cpu_json.read_text())}
-    section = render_markdown(results).rstrip("\n") + "\n"
-    if head in text:  # replace this section only: the sections after it stay
-        start = text.index(head)
-        end = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[end:] if end != -1 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
+    replace("## Serving under load", render_markdown(results))
 
 if __name__ == "__main__":
     sys.exit(main())

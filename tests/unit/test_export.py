@@ -11,6 +11,7 @@ import torch
 
 from nightshift import export
 from nightshift.errors import ConfigError, ParityError
+from nightshift.models import classifier_from_checkpoint
 from nightshift.training import load_checkpoint
 
 RUN_ID = "0123456789abcdef0123456789abcdef"
@@ -118,11 +119,11 @@ def test_metadata_props_carry_the_model_contract(exported, digits_snapshot):
     assert meta["data_digest"] == ckpt["data_digest"] == digits_snapshot.digest
     assert meta["training_run_id"] == RUN_ID
     assert meta["git_sha"] and meta["git_sha"] != "unknown"
-    assert meta["opset"] == "18" and meta["arch"] == "small_cnn" and meta["variant"] == "fp32"
+    assert meta["opset"] == "20" and meta["arch"] == "small_cnn" and meta["variant"] == "fp32"
     assert meta["producer"] == "nightshift" and meta["producer_version"]
     model_json = json.loads(Path(result["model_dir"], "model.json").read_text())
     assert model_json["outputs"] == ["logits", "probabilities", "embedding"]
-    assert (model_json["opset"], model_json["training_run_id"], model_json["variant"]) == (18, RUN_ID, "fp32")
+    assert (model_json["opset"], model_json["training_run_id"], model_json["variant"]) == (20, RUN_ID, "fp32")
     assert model_json["git_sha"] == meta["git_sha"] and model_json["input_layout"] == "NHWC"
 
 
@@ -151,6 +152,17 @@ def test_opset_is_honoured(exported, tmp_path):
     x = np.zeros((3, 8, 8, 1), np.uint8)
     logits, probs, _ = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"pixels": x})
     assert logits.shape == (3, 10) and probs.shape == (3, 10)
+
+
+def test_default_opset_exports_gelu_as_one_node(exported, tmp_path):
+    """At the default opset nn.GELU is ONNX's Gelu (one fused kernel in ONNX Runtime);
+    at 18 it is Div/Erf/Add/Mul/Mul, ~10% slower for small_cnn (bench/onnx_opset.py)."""
+    result, ckpt, x = exported
+    ops = [n.op_type for n in onnx.load(result["onnx_path"]).graph.node]
+    n_gelu = sum(isinstance(m, torch.nn.GELU) for m in classifier_from_checkpoint(ckpt).modules())
+    assert n_gelu > 0 and ops.count("Gelu") == n_gelu and "Erf" not in ops
+    old = [n.op_type for n in onnx.load(export.export_onnx(ckpt, tmp_path / "m18.onnx", opset=18)).graph.node]
+    assert "Gelu" not in old and old.count("Erf") == n_gelu
 
 
 @pytest.mark.parametrize("opset", [17, 26, 0, "eighteen", None, True, 18.5])

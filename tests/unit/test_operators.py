@@ -130,13 +130,13 @@ def test_export_logs_parity_and_batch_checks_to_mlflow(ctx, candidate):
     export, train = candidate["export"], candidate["training"]
     assert export["variant"] == "fp32" and export["quantization"] is None
     assert set(export["parity"]["batch_checks"]) == {"1", "64"}
-    assert export["model_meta"]["training_run_id"] == train["run_id"] and export["model_meta"]["opset"] == 18
+    assert export["model_meta"]["training_run_id"] == train["run_id"] and export["model_meta"]["opset"] == 20
     from nightshift.settings import Settings
 
     c = registry.client(Settings.from_env().mlflow_tracking_uri)
     metrics = c.get_run(train["run_id"]).data.metrics
     assert metrics["parity_passed"] == 1.0 and metrics["parity_batch1_passed"] == 1.0
-    assert metrics["parity_batch64_passed"] == 1.0 and metrics["onnx_opset"] == 18
+    assert metrics["parity_batch64_passed"] == 1.0 and metrics["onnx_opset"] == 20
     assert metrics["parity_max_abs_diff"] == pytest.approx(export["parity"]["max_abs_diff_logits"])
     logged = {f.path for f in c.list_artifacts(train["run_id"], "onnx")}
     assert {"onnx/parity.json", "onnx/model.json", "onnx/model.onnx"} <= logged
@@ -145,7 +145,7 @@ def test_export_logs_parity_and_batch_checks_to_mlflow(ctx, candidate):
     from nightshift.operators import ExportONNXOperator
 
     q_export = ExportONNXOperator(task_id="export", training=train, snapshot=candidate["snapshot"],
-                                  model_name="op-promote", opset="18", quantize="True",
+                                  model_name="op-promote", opset="20", quantize="True",
                                   int8_max_accuracy_drop="1.0").execute(ctx)
     q = q_export["quantization"]
     assert q["decision"] == "kept" and q_export["variant"] == "int8" and q_export["model_meta"]["variant"] == "int8"

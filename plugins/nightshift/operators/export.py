@@ -19,7 +19,8 @@ class ExportONNXOperator(NightshiftOperator):
     :param training: the ``train_gpu`` result (XCom); its ``run_id`` goes into the model's metadata. (templated)
     :param snapshot: the ``collect_data`` result (XCom). (templated)
     :param model_name: name written into ``model.json``. (templated)
-    :param opset: ONNX opset version, 18..25. (templated)
+    :param opset: ONNX opset version, 18..25; default 20, the first with a fused ``Gelu``
+        (``nightshift.export.DEFAULT_OPSET``). (templated)
     :param atol: max allowed |logits difference| between ONNX Runtime and PyTorch. (templated)
     :param min_top1_agreement: min share of images with the same top-1 class. (templated)
     :param quantize: also make a static int8 model (calibrated on the train split);
@@ -34,7 +35,7 @@ class ExportONNXOperator(NightshiftOperator):
     operator_extra_links = (ParityReportLink(), QuantizationReportLink())
 
     def __init__(self, *, training: Any, snapshot: Any, model_name: str = "nightshift-classifier",
-                 opset: int | str = 18, atol: float | str = 1e-3, min_top1_agreement: float | str = 0.995,
+                 opset: int | str = 20, atol: float | str = 1e-3, min_top1_agreement: float | str = 0.995,
                  quantize: bool | str = False, int8_max_accuracy_drop: float | str = 0.01, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.training = training
