@@ -58,6 +58,11 @@ def threads(pid: int) -> dict[int, dict[str, float]]:
     return out
 
 
+def machine_ticks() -> list[int]:
+    """/proc/stat's first line: user, nice, system, idle, iowait, irq, softirq, steal (all cores)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
 def measure(srv: ServerProcess, concurrency: int, seconds: float) -> dict:
     from nightshift.loadgen import infer_request, run_load
 
@@ -65,9 +70,11 @@ def measure(srv: ServerProcess, concurrency: int, seconds: float) -> dict:
     req = infer_request(srv.url, "small_cnn", x)
     run_load(srv.url, req, concurrency=concurrency, duration_s=1.0, warmup_s=0)
     main_tid = srv.proc.pid
+    m_a = machine_ticks()
     a, ru_a, t0 = threads(srv.proc.pid), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     res = run_load(srv.url, req, concurrency=concurrency, duration_s=seconds, warmup_s=0).summary()
     b, ru_b, elapsed = threads(srv.proc.pid), resource.getrusage(resource.RUSAGE_SELF), time.perf_counter() - t0
+    m_d = [y - x for x, y in zip(m_a, machine_ticks())]
     n = max(1, res["ok"])
     d = {tid: {k: b[tid][k] - a.get(tid, {}).get(k, 0.0) for k in ("cpu_s", "wait_s")} for tid in b}
     loop = d.pop(main_tid)
@@ -80,6 +87,9 @@ def measure(srv: ServerProcess, concurrency: int, seconds: float) -> dict:
                            "model_instances": round(sum(v["cpu_s"] for v in workers) / n * 1e3, 3),
                            "client": round(client / n * 1e3, 3)},
         "cores_used": round((loop["cpu_s"] + sum(v["cpu_s"] for v in others) + client) / elapsed, 2),
+        # share of all cores' time that nothing ran (idle + iowait) and that the host took (steal)
+        "machine_idle_share": round((m_d[3] + m_d[4]) / max(1, sum(m_d)), 3),
+        "machine_steal_share": round(m_d[7] / max(1, sum(m_d)), 3),
         "runqueue_wait_share": {"event_loop": round(loop["wait_s"] / elapsed, 2),
                                 "model_instances": [round(v["wait_s"] / elapsed, 2) for v in workers]},
     }
@@ -205,6 +215,7 @@ def main() -> int:
         "c16_ceiling_rps": round(cpus * 1e3 / total16, 1),
         "c16_rps": med(16, "rps"), "c1_rps": med(1, "rps"),
         "c16_share_of_ceiling": round(med(16, "rps") / (cpus * 1e3 / total16), 3),
+        "c16_machine_idle_share": med(16, "machine_idle_share"),
         "ceiling_vs_c1": round(cpus * 1e3 / total16 / med(1, "rps"), 3),
         "c16_over_c1": round(med(16, "rps") / med(1, "rps"), 3),
         "c1_over_in_process": round(med(1, "rps") / statistics.median(direct), 3),
