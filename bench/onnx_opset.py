@@ -28,22 +28,15 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+sys.path.insert(0, str(ROOT / "bench"))
 
 SHAPE = (32, 32, 3)
 
 
 def export(arch: str, opset: int, out: Path) -> Path:
-    import torch
+    from serving import export_model  # bench/serving.py: the model the serving bench uses
 
-    from nightshift.export import export_and_verify
-    from nightshift.models import Classifier
-
-    torch.manual_seed(0)
-    model = Classifier(arch, 10, SHAPE, [0.5] * 3, [0.25] * 3, width=32).eval()
-    ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
-            "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
-    x = np.random.default_rng(0).integers(0, 256, (64, *SHAPE), dtype=np.uint8)
-    return Path(export_and_verify(ckpt, out / f"{arch}-{opset}", x, model_name=arch, opset=opset)["onnx_path"])
+    return export_model(arch, out / f"opset{opset}", opset) / "model.onnx"
 
 
 def session(path: Path):
@@ -114,7 +107,6 @@ def main() -> int:
     ap.add_argument("--render", action="store_true", help="only rewrite the docs section from --out")
     ap.add_argument("--no-docs", action="store_true", help="write the JSON only")
     args = ap.parse_args()
-    sys.path.insert(0, str(ROOT / "bench"))
     from docs_section import write_section
 
     if args.render:

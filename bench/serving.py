@@ -56,8 +56,9 @@ class pinned:
             os.sched_setaffinity(0, self.saved)
 
 
-def export_model(arch: str, work: Path) -> Path:
-    """A random-weight ``arch`` classifier exported the way the pipeline exports (model.onnx + model.json)."""
+def export_model(arch: str, work: Path, opset: int | None = None) -> Path:
+    """A random-weight ``arch`` classifier exported the way the pipeline exports (model.onnx + model.json);
+    ``opset``: the exporter's default when ``None``."""
     if MODELS["dir"] is not None:
         given = MODELS["dir"] / arch
         if not (given / "model.onnx").is_file():
@@ -74,7 +75,8 @@ def export_model(arch: str, work: Path) -> Path:
     ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
             "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
     x = np.random.default_rng(0).integers(0, 256, (64, *SHAPE), dtype=np.uint8)
-    return Path(export_and_verify(ckpt, work / arch, x, model_name=arch)["model_dir"])
+    kw = {} if opset is None else {"opset": opset}
+    return Path(export_and_verify(ckpt, work / arch, x, model_name=arch, **kw)["model_dir"])
 
 
 def in_process_rate(model_dir: Path, threads: int, seconds: float, batch: int = 1) -> float:
