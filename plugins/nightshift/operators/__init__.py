@@ -14,8 +14,8 @@ from nightshift.operators.drift import DriftCheckOperator
 from nightshift.operators.export import ExportONNXOperator
 from nightshift.operators.image import BuildInferenceImageOperator
 from nightshift.operators.monitor import DriftMonitorOperator
-from nightshift.operators.approval import PromotionApprovalOperator
-from nightshift.operators.promote import FinalizePromotionOperator, PromoteModelOperator
+from nightshift.operators.approval import FinalizePromotionOperator, PromotionApprovalOperator
+from nightshift.operators.promote import PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
 from nightshift.operators.train import TrainGPUOperator, train_task
 from nightshift.operators.validate import ValidateDataOperator

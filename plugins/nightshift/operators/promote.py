@@ -174,58 +174,6 @@ class PromoteModelOperator(NightshiftOperator):
         return outcome
 
 
-class FinalizePromotionOperator(NightshiftOperator):
-    """After the optional approval: move ``champion`` for an approved candidate and
-    record who approved and why; otherwise pass the promotion outcome through.
-
-    :param promotion: the ``promote`` result (XCom). (templated)
-    :param approval: the ``approve_promotion`` result (XCom; none when it was skipped). (templated)
-    :param model_name: registered model. (templated)
-    """
-
-    template_fields: Sequence[str] = ("promotion", "approval", "model_name")
-    ui_color = "#ffe0b2"
-
-    def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, **kwargs: Any) -> None:
-        kwargs.setdefault("trigger_rule", "none_failed")  # runs when approval was skipped (not needed)
-        super().__init__(**kwargs)
-        self.promotion = promotion
-        self.approval = approval
-        self.model_name = model_name
-
-    def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift import contracts, registry
-        from nightshift.artifacts import atomic_write_json
-        from nightshift.errors import ConfigError
-
-        outcome = dict(self.require(self.promotion, "promotion", "promote"))
-        if not outcome.get("awaiting_approval"):
-            return outcome
-        answer = self.approval or {}
-        chosen = answer.get("chosen_options") or []
-        if not chosen:
-            raise ConfigError(f"v{outcome['version']} awaits approval but approve_promotion gave no answer")
-        approved = chosen[0] == "Approve"
-        who = answer.get("responded_by_user") or {}
-        actor = (who.get("name") or who.get("id") if isinstance(who, dict) else str(who)) or "unknown"
-        comment = str((answer.get("params_input") or {}).get("comment") or "")
-        res = registry.approve_candidate(self.mlflow, self.model_name, outcome["version"], approved=approved,
-                                         actor=actor, comment=comment,
-                                         expected_champion=outcome.get("previous_champion"))
-        outcome.update({"promoted": res["promoted"], "champion": res["champion"], "awaiting_approval": False,
-                        "approved_by": actor, "approval_comment": comment, "approved": approved, "note": res["note"]})
-        # the run's report (and so its run note) says what the person decided, not "waiting"
-        outcome["report_path"] = str(atomic_write_json(self.run_dir(context) / "promotion.json",
-                                                       {k: v for k, v in outcome.items() if k != "report_path"}))
-        contracts.append_history(self.settings.artifact_root, contracts.HistoryEvent(
-            model=self.model_name, action="promoted" if res["promoted"] else "approval_rejected",
-            version=outcome["version"], previous_champion=outcome.get("previous_champion"),
-            champion=res["champion"], reason=f"{res['note']}", actor=actor, dag_id=self.dag_id,
-            run_id=context["run_id"]))
-        self.log.warning("%s", res["note"])
-        return outcome
-
-
 def served_model_accuracy(train: dict[str, Any], export: dict[str, Any]) -> float:
     """Offline test accuracy of the model the image serves: the int8 model's (ONNX Runtime, test
     split) when export kept one, else the trained model's. The accuracy floor and the
