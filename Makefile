@@ -32,6 +32,7 @@ bench: setup
 	$(ENV) python bench/serving_cpu.py
 	$(ENV) python bench/serving_app.py
 	$(ENV) python bench/serving.py --soak 60
+	$(ENV) python bench/serving_deployed.py
 	$(ENV) python bench/run_benchmarks.py
 
 # Re-resolve the full pinned set after editing requirements.txt.

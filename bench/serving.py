@@ -1,6 +1,11 @@
 """Serving benchmarks: the inference server under load vs ONNX Runtime in process.
 
     python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
+    python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
+
+``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
+request log on at the deployed rate) next to what the system evaluation measures of it
+(``run_system_eval``'s load phase), see ``bench/serving_deployed.py``.
 
 Every figure is a ratio against a baseline measured in the same run; medians of
 repeats. The server runs as its own process (``python -m serving.server``,
@@ -71,7 +76,7 @@ def export_model(arch: str, work: Path, opset: int | None = None) -> Path:
     from nightshift.models import Classifier
 
     torch.manual_seed(0)
-    model = Classifier(arch, 10, SHAPE, [0.5] * 3, [0.25] * 3, width=32).eval()
+    model = Classifier(arch, 10, SHAPE, [0.5] * SHAPE[2], [0.25] * SHAPE[2], width=32).eval()
     ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
             "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
     x = np.random.default_rng(0).integers(0, 256, (64, *SHAPE), dtype=np.uint8)
@@ -498,6 +503,11 @@ every log write blocked the server's event loop. The server now logs to a file h
 
 
 def main() -> int:
+    if "--deployed" in sys.argv[1:]:  # the gates' figures against the deployed configuration
+        sys.argv.remove("--deployed")
+        import serving_deployed
+
+        return serving_deployed.main()
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="1 repeat, 3 s per level")
     ap.add_argument("--soak", type=float, default=0, help="also run a soak of this many seconds at 64 connections")

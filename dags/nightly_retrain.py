@@ -22,6 +22,18 @@ from the Params below; every Param has a default):
 7. **drift_check** — Evidently: new data vs the champion's training data.
 8. **promote** — MLflow alias `champion` moves only if every gate passes.
    Unset thresholds mean no promotion. The decision is recorded on the model version.
+9. **approve_promotion** — only with `require_approval` (or a run that loosened the
+   gate file): a Human-in-the-loop request (Approve / Reject). The wait ends with the
+   answer, after 7 days (failed, nothing promoted), or as soon as a newer candidate of
+   the same model is registered (recorded as `superseded`, champion untouched).
+10. **finalize_promotion** — records the answer (`promoted`, `approval_rejected`,
+    `approval_stale` when champion moved while it waited, `superseded`); **deploy**
+    makes the serving port serve the champion.
+
+Up to three runs are active at once, so a run waiting for approval holds back neither
+the next nightly run nor a drift retrain. What must not overlap is serialised on its own:
+`train_gpu` (pool `nightshift_gpu`), `system_eval` (one at a time), and every move of
+`champion` and of the serving port (a per-model lock).
 
 Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run_id>/`. Each task's
 **extra links** (task instance page) open its report (validation, parity,
@@ -63,6 +75,9 @@ CLASSES = "{{ params.classes }}"
 #: Where train_gpu runs, from NIGHTSHIFT_TRAIN_PLACEMENT & co. (environment only: no I/O at parse time).
 PLACEMENT = TrainPlacement.from_env()
 
+#: Runs that may be active at once: one waiting for approval (or two) plus the newest.
+MAX_ACTIVE_RUNS = 3
+
 default_args = {
     "owner": "ml-platform",
     "retries": 2,
@@ -76,7 +91,10 @@ default_args = {
                                  assets=DRIFT_DETECTED_ASSET),
     start_date=datetime(2026, 1, 1),
     catchup=False,
-    max_active_runs=1,
+    # a run waiting for approval must not hold back the next nightly or a drift retrain; what must not
+    # overlap is serialised on its own: train_gpu by the nightshift_gpu pool, system_eval by
+    # max_active_tis_per_dag=1, champion and the serving port by the per-model champion lock
+    max_active_runs=MAX_ACTIVE_RUNS,
     default_args=default_args,
     description="Retrain the image classifier on the newest data, evaluate it as a running service and "
                 "promote it to champion only when every gate passes",
@@ -159,6 +177,7 @@ def nightly_retrain():
     @task.short_circuit(ignore_downstream_trigger_rules=True)
     def cooldown(**context) -> bool:
         """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
+        import fcntl
         from datetime import datetime, timezone
 
         from nightshift import contracts
@@ -169,13 +188,18 @@ def nightly_retrain():
         # the start of the last retrain that passed this gate is recorded by the gate itself
         root, dag_id = Settings.from_env().artifact_root, context["dag"].dag_id
         prev = getattr(context.get("prev_start_date_success"), "__wrapped__", context.get("prev_start_date_success"))
-        starts = [t for t in (prev, contracts.last_retrain_start(root, dag_id)) if isinstance(t, datetime)]
-        now = datetime.now(timezone.utc)
-        proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), max(starts, default=None), now,
-                                           context["params"]["retrain_cooldown_hours"])
-        print(reason)
-        if proceed:
-            contracts.record_retrain_start(root, dag_id, now, context["run_id"])
+        record = contracts.retrain_started_path(root, dag_id)
+        record.parent.mkdir(parents=True, exist_ok=True)
+        # runs overlap (max_active_runs > 1): two drift runs check and record one after the other
+        with open(record.with_name(record.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            starts = [t for t in (prev, contracts.last_retrain_start(root, dag_id)) if isinstance(t, datetime)]
+            now = datetime.now(timezone.utc)
+            proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), max(starts, default=None), now,
+                                               context["params"]["retrain_cooldown_hours"])
+            print(reason)
+            if proceed:
+                contracts.record_retrain_start(root, dag_id, now, context["run_id"])
         return proceed
 
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,
@@ -193,7 +217,8 @@ def nightly_retrain():
                                 quantize="{{ params.quantize_int8 }}")
     image = BuildInferenceImageOperator(task_id="build_inference_image", export=export.output, model_name=MODEL)
     system_eval = SystemEvalOperator(task_id="system_eval", image=image.output, snapshot=collect.output,
-                                     export=export.output, training=train.output, model_name=MODEL)
+                                     export=export.output, training=train.output, model_name=MODEL,
+                                     max_active_tis_per_dag=1)  # one load test at a time: overlapping runs
     drift = DriftCheckOperator(task_id="drift_check", snapshot=collect.output, model_name=MODEL)
     promote = PromoteModelOperator(
         task_id="promote", model_name=MODEL, snapshot=collect.output, validation=validate.output,
@@ -204,7 +229,8 @@ def nightly_retrain():
                     ("min_accuracy", "max_p95_latency_ms", "max_p99_latency_ms", "min_throughput_rps",
                      "served_accuracy_tolerance", "champion_tolerance", "champion_relative_tolerance")},
     )
-    approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output)
+    # waits for a person; a newer candidate of the model ends the wait (superseded), and other runs go on
+    approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output, model_name=MODEL)
     final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,
                                       approval=approve.output, model_name=MODEL)
     approve >> final

@@ -6,6 +6,13 @@ emergency). Trigger it with the model, the version and a **required reason**;
 the move is recorded on the version (`nightshift.forced_by`, `_reason`, `_at`,
 `_from`) and in the promotion history the Nightshift view shows. The new
 champion is then deployed.
+
+Under the model's champion lock (the one every writer of champion and the
+serving port takes), `set_champion` checks the version can be deployed (ONNX
+digest and image recorded, the image still in the Docker daemon), serves it,
+then moves the alias with a compare-and-set; a version that cannot be served
+moves nothing. Forcing today's champion redeploys it; `rollback_model`'s
+`previous` skips such a self-move.
 """
 
 from __future__ import annotations

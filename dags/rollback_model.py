@@ -5,6 +5,15 @@ Trigger with the model, a target version (or `previous`: the champion before
 the current one, from the promotion history) and a **required reason**. The
 move is recorded on the version (`nightshift.rolled_back_by`, `_reason`, `_at`,
 `_from`) and in the promotion history; the restored champion is redeployed.
+
+A rollback always moves: a target equal to the current champion is refused, and
+`previous` skips history events that set champion to itself, so a second rollback
+goes further back and never restores the version rolled back from. Under the
+model's champion lock (the one every writer of champion and the serving port
+takes), `set_champion` checks the target can be deployed (its image is still in
+the Docker daemon), serves it, then moves the alias with a compare-and-set; if
+anything fails before that, nothing moved. `deploy` then reconciles (a no-op when
+the port already serves the champion; the manifests for `kubernetes`).
 """
 
 from __future__ import annotations

@@ -11,7 +11,18 @@ echo "== airflow dags test nightly_retrain (full log: $log)"
 rm -f "$log"
 airflow dags test nightly_retrain --conf "$conf" >"$log" 2>&1 &
 pid=$!
-trap 'kill $pid 2>/dev/null' INT TERM
+# Ctrl-C: stop the run (a waiting approval stays open in Airflow; the summary says where).
+# `airflow dags test` catches SIGTERM and may go on waiting for a person: kill it after 15 s.
+stop() {
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 30); do
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.5
+  done
+  echo "(airflow dags test did not stop within 15 s of SIGTERM: killing it)"
+  kill -KILL "$pid" 2>/dev/null
+}
+trap stop INT TERM
 python scripts/progress.py "$log" "$pid"
 wait $pid
 rc=$?

@@ -1,57 +1,123 @@
 """Print the outcome of the latest run of a Nightshift DAG: task states, the
 promotion decision and its gates, champion version, image, key metrics and
-where the reports are. Exit status 1 when the run did not succeed."""
+where the reports are; and every run of the DAG whose approval
+(``approve_promotion``) still waits for a person, with where and how to answer.
+Exit status 1 when the run did not succeed (a run waiting for a person has not)."""
 
 from __future__ import annotations
 
 import json
+import os
 import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from approve import answer_command, required_actions_url  # noqa: E402 - the sibling script
 
 
-def main(dag_id: str) -> int:
+def _load(dag_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """The latest run (``run_id``, ``state``, ``tasks``: task -> state) and every task
+    instance of the DAG that awaits a person (``run_id``, ``task_id``, ``since``)."""
     from airflow.models import DagRun, TaskInstance
+    from airflow.models.hitl import HITLDetail
     from airflow.utils.session import create_session
-
-    from nightshift.artifacts import run_dir
-    from nightshift.settings import Settings
+    from airflow.utils.state import TaskInstanceState
 
     with create_session() as session:
         run = session.query(DagRun).filter(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).first()
-        if run is None:
-            print(f"no run of {dag_id} found")
-            return 1
-        tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id, TaskInstance.run_id == run.run_id).all()
-        states = {ti.task_id: str(ti.state) for ti in tis}
-        run_id, run_state = run.run_id, str(run.state)
-    folder = run_dir(Settings.from_env().artifact_root, dag_id, run_id)
-    print(f"\n=== {dag_id} {run_id}: {run_state.upper()}")
-    for task, state in sorted(states.items()):
-        print(f"  {task:<24} {state}")
+        latest = None
+        if run is not None:
+            tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag_id,
+                                                     TaskInstance.run_id == run.run_id).all()
+            latest = {"run_id": run.run_id, "state": str(run.state),
+                      "tasks": {ti.task_id: str(ti.state) for ti in tis}}
+        # parked (Airflow 3.3's awaiting_input) or deferred on a trigger, with a request nobody answered
+        parked = (session.query(TaskInstance).join(HITLDetail, HITLDetail.ti_id == TaskInstance.id)
+                  .filter(TaskInstance.dag_id == dag_id,
+                          TaskInstance.state.in_([TaskInstanceState.AWAITING_INPUT, TaskInstanceState.DEFERRED]),
+                          HITLDetail.responded_at.is_(None)).all())
+        waiting = [{"run_id": ti.run_id, "task_id": ti.task_id,
+                    "since": ti.start_date.strftime("%Y-%m-%d %H:%M UTC") if ti.start_date else None}
+                   for ti in sorted(parked, key=lambda t: (t.start_date is None, t.start_date))]
+    return latest, waiting
+
+
+def waiting_lines(dag_id: str, waiting: list[dict[str, Any]]) -> list[str]:
+    """What to tell a person about runs that wait for them."""
+    if not waiting:
+        return []
+    out = [f"\nWAITING FOR A PERSON: {len(waiting)} run(s) of {dag_id} wait for an answer "
+           "(`airflow dags test` does not drive them once it has stopped):"]
+    for w in waiting:
+        out += [f"  run {w['run_id']}: task {w['task_id']} awaits approval"
+                + (f" since {w['since']}" if w.get("since") else ""),
+                f"    answer in the Airflow UI (`make airflow-ui`): "
+                f"{required_actions_url(dag_id, w['run_id'], w['task_id'])}",
+                f"    or from a shell, with `make airflow-ui` running: {answer_command(w['run_id'], 'approve', dag_id)}"
+                f"  (or reject)"]
+    out.append(f"  Once answered, a scheduler finishes the run: unpause {dag_id} in `make airflow-ui` "
+               "(which also starts its schedule).")
+    return out
+
+
+def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str, Any]],
+              artifact_root: str | os.PathLike, out: TextIO | None = None) -> int:
+    from nightshift.artifacts import run_path
+
+    out = out or sys.stdout
+
+    def say(text: str = "") -> None:
+        print(text, file=out)
+
+    if latest is None:
+        say(f"no run of {dag_id} found")
+        return 1
+    run_id, run_state = latest["run_id"], latest["state"]
+    folder = run_path(artifact_root, dag_id, run_id)
+    say(f"\n=== {dag_id} {run_id}: {run_state.upper()}")
+    for task, state in sorted(latest["tasks"].items()):
+        say(f"  {task:<24} {state}")
     validation = folder / "validation" / "validation.json"
     if validation.exists():
         v = json.loads(validation.read_text())["summary"]
         if not v.get("success", True):
-            print(f"\nDATA VALIDATION FAILED ({v.get('failed')} of {v.get('evaluated')} expectations); nothing was trained:")
+            say(f"\nDATA VALIDATION FAILED ({v.get('failed')} of {v.get('evaluated')} expectations); nothing was trained:")
             for f in v.get("failures", []):
-                print(f"  - {f.get('expectation')}{' [' + f['column'] + ']' if f.get('column') else ''}: {f.get('summary')}")
+                say(f"  - {f.get('expectation')}{' [' + f['column'] + ']' if f.get('column') else ''}: {f.get('summary')}")
     promo = folder / "promotion.json"
     if promo.exists():
         p = json.loads(promo.read_text())
-        print(f"\n{'PROMOTED' if p['promoted'] else 'NOT PROMOTED'}: {p['model_name']} v{p['version']} — {p['reason']}")
-        print(f"  champion: v{p['champion']} (before this run: {p['previous_champion'] or 'none'})")
-        print(f"  image:    {p['image']}")
-        print(f"  offline accuracy {p['offline_accuracy']:.4f}, served accuracy {p['served_accuracy']:.4f}, "
-              f"p95 latency {p['p95_latency_ms']:.2f} ms")
-        for g in p["gates"]:
-            print(f"    {'PASS' if g['passed'] else 'FAIL'}  {g['name']:<18} {g['detail']}")
+        head = ("PROMOTED" if p.get("promoted") else
+                "BLESSED, WAITING FOR APPROVAL" if p.get("awaiting_approval") else "NOT PROMOTED")
+        say(f"\n{head}: {p.get('model_name')} v{p.get('version')} — {p.get('reason')}")
+        say(f"  champion: v{p.get('champion')} (before this run: {p.get('previous_champion') or 'none'})")
+        say(f"  image:    {p.get('image')}")
+        say(f"  offline accuracy {_f(p.get('offline_accuracy'))}, served accuracy {_f(p.get('served_accuracy'))}, "
+            f"p95 latency {_f(p.get('p95_latency_ms'), 2)} ms")
+        for g in p.get("gates", []):
+            say(f"    {'PASS' if g.get('passed') else 'FAIL'}  {g.get('name', ''):<18} {g.get('detail', '')}")
         d = p.get("drift") or {}
-        print(f"  drift: {d.get('status')}, drifted share {d.get('drifted_share')}, report {d.get('report_html')}")
+        say(f"  drift: {d.get('status')}, drifted share {d.get('drifted_share')}, report {d.get('report_html')}")
+    for line in waiting_lines(dag_id, waiting):
+        say(line)
     for name in ("validation/validation.json", "system_eval/system_eval.json", "model/parity.json", "promotion.json"):
         if (folder / name).exists():
-            print(f"  report: {folder / name}")
-    print(f"  artifacts: {folder}")
-    print("  Nightshift view: `make airflow-ui`, then Browse → Nightshift (http://127.0.0.1:8080/nightshift/)")
+            say(f"  report: {folder / name}")
+    say(f"  artifacts: {folder}")
+    say("  Nightshift view: `make airflow-ui`, then Browse → Nightshift (http://127.0.0.1:8080/nightshift/)")
     return 0 if run_state == "success" else 1
+
+
+def _f(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, (int, float)) else str(value)
+
+
+def main(dag_id: str) -> int:
+    from nightshift.settings import Settings
+
+    latest, waiting = _load(dag_id)
+    return summarize(dag_id, latest, waiting, Settings.from_env().artifact_root)
 
 
 if __name__ == "__main__":

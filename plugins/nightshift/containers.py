@@ -23,6 +23,8 @@ LOOPBACK = "127.0.0.1"
 ROLE_LABEL = "ai.nightshift.role"
 MODEL_LABEL = "ai.nightshift.model"
 VERSION_LABEL = "ai.nightshift.model.registry_version"
+#: The deployment (one stable port's state) a serving container belongs to: what a deploy may sweep.
+DEPLOYMENT_LABEL = "ai.nightshift.deployment"
 #: Where the serving container writes its request log (a host folder is mounted there).
 CONTAINER_LOG_DIR = "/var/log/nightshift/requests"
 #: The unprivileged user the inference image runs as (``APP_UID`` in include/inference/Dockerfile).
@@ -117,6 +119,6 @@ def run_serving_container(client: Any, image: str, **kwargs: Any) -> Any:
     return client.containers.run(spec.pop("image"), **spec)
 
 
-__all__ = ["CONTAINER_LOG_DIR", "DEPLOYED_REQUEST_LOG_SAMPLE", "LOOPBACK", "MODEL_LABEL", "ROLE_LABEL",
-           "SERVING_UID", "ServingConfig", "VERSION_LABEL", "free_port", "prepare_request_log_dir",
+__all__ = ["CONTAINER_LOG_DIR", "DEPLOYED_REQUEST_LOG_SAMPLE", "DEPLOYMENT_LABEL", "LOOPBACK", "MODEL_LABEL",
+           "ROLE_LABEL", "SERVING_UID", "ServingConfig", "VERSION_LABEL", "free_port", "prepare_request_log_dir",
            "run_serving_container", "serving_run_kwargs"]

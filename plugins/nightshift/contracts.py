@@ -45,6 +45,13 @@ class VersionTag:
     REASON = "reason"
     BASELINE_VERSION = "baseline_version"  # the champion the decision compared with ("none")
     APPROVED_BY = "approved_by"
+    # the training data's identity, compared by the next run's promote (a run on other data
+    # waits for a person): the snapshot's source without its rolling partitions (JSON), the
+    # class list in label order (JSON) and the partition window ("none": not partitioned)
+    DATA_SOURCE = "data_source"
+    DATA_CLASSES = "data_classes"
+    PARTITION_WINDOW = "partition_window"
+    DATA_CHANGED = "data_changed"      # JSON list: how this run's data differs from the champion's
     APPROVAL_COMMENT = "approval_comment"
 
 
@@ -81,6 +88,11 @@ class HistoryEvent:
 
     ``action``: ``promoted`` (gates passed), ``rejected`` (gates failed, champion
     unchanged), ``forced`` (``promote_model``), ``rolled_back`` (``rollback_model``).
+
+    ``key`` makes the append idempotent (:func:`append_history`): by default, for an event
+    of a DAG run (``run_id`` set), ``<dag_id>/<run_id>/<model>/v<version>/<action>``, so a
+    retried task that records the same move again writes it once. Events without a run
+    (a script, a test) get no key and are always appended.
     """
 
     model: str
@@ -94,13 +106,53 @@ class HistoryEvent:
     run_id: str | None = None
     time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
     extra: dict[str, Any] = field(default_factory=dict)
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is None and self.run_id:
+            self.key = history_key(self.model, self.version, self.action, run_id=self.run_id, dag_id=self.dag_id)
+
+
+def history_key(model: str, version: str | None, action: str, *, run_id: str, dag_id: str | None = None) -> str:
+    """The idempotency key of a history event written by a DAG run."""
+    return f"{dag_id or '-'}/{run_id}/{model}/v{version}/{action}"
 
 
 def append_history(artifact_root: str | os.PathLike, event: HistoryEvent) -> Path:
-    """Append one event (a single ``write`` of one line, so concurrent writers do not interleave)."""
-    from nightshift.artifacts import append_jsonl
+    """Append one event, once: an event whose ``key`` the history already holds is not written again.
 
-    return append_jsonl(history_path(artifact_root, event.model), asdict(event))
+    The read and the append happen under an exclusive ``flock`` of the history file, so two
+    writers cannot both find a key missing and both append it; the line is one ``write``.
+    """
+    import fcntl
+
+    from nightshift.artifacts import json_safe
+
+    path = history_path(artifact_root, event.model)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(json_safe(asdict(event)), sort_keys=True) + "\n").encode("utf-8")
+    with open(path, "ab+") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            if event.key is not None:
+                f.seek(0)
+                for raw in f:
+                    try:
+                        if json.loads(raw).get("key") == event.key:
+                            return path
+                    except ValueError:  # a torn line (writer killed): not this event
+                        continue
+            end = f.seek(0, os.SEEK_END)
+            if end:  # a torn last line without its newline must not swallow this event
+                f.seek(end - 1)
+                if f.read(1) != b"\n":
+                    line = b"\n" + line
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+    return path
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -6,13 +6,21 @@ No Airflow here; :mod:`docker` and :mod:`requests` are imported where used.
 (``include/deploy/tcp_proxy.py`` on the inference base image) listens on a
 stable port on 127.0.0.1 and forwards every new connection to the backend
 named in its upstream file. A deploy starts the new ("green") container on a
-free port with the request log mounted, waits until ``/v2/health/ready``
-answers and the model it reports is the expected version, rewrites the
-upstream file (atomically: new connections go to green at once), checks the
-answer through the stable port, then stops the old ("blue") container
-gracefully (SIGTERM: it drains in-flight requests). If green does not become
-ready, it is removed, blue keeps serving and the error says why, with green's
-log. Deploying what already serves is a no-op.
+free port through :func:`nightshift.containers.run_serving_container` (the
+same function system evaluation uses: request log, limits, environment), waits
+until ``/v2/health/ready`` answers and the model it reports is the expected
+version, rewrites the upstream file (atomically: new connections go to green
+at once), checks the answer through the stable port, records the state, then
+stops the old ("blue") container gracefully (SIGTERM: it drains in-flight
+requests). If green does not become ready, it is removed, blue keeps serving
+and the error says why, with green's log. Deploying what already serves is a no-op.
+
+Every deploy runs inside the model's champion lock
+(:func:`nightshift.champion.champion_lock`): one writer at a time moves the
+port, and it removes any serving container of this deployment that the state
+does not name (left by a deploy killed midway), so nothing is orphaned. Which
+version to serve is :func:`nightshift.champion.reconcile`'s business (the
+registry's champion *now*), not the caller's.
 
 **Kubernetes** (:func:`render_kubernetes`): a Deployment and a Service with
 readiness/liveness probes on the OIP health routes, and a KServe
@@ -23,6 +31,7 @@ cluster (``kubectl apply -f``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -30,27 +39,18 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from nightshift import contracts
 from nightshift.artifacts import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from nightshift.champion import DEFAULT_LOCK_TIMEOUT_S, champion_lock
+from nightshift.containers import (CONTAINER_LOG_DIR, DEPLOYMENT_LABEL, LOOPBACK, MODEL_LABEL, ROLE_LABEL,
+                                   VERSION_LABEL, ServingConfig, free_port, run_serving_container)
 from nightshift.errors import ConfigError, ServingError
 
 log = logging.getLogger(__name__)
 
-LOOPBACK = "127.0.0.1"
-ROLE_LABEL = "ai.nightshift.role"
-MODEL_LABEL = "ai.nightshift.model"
-VERSION_LABEL = "ai.nightshift.model.registry_version"
 PROXY_SCRIPT = Path(__file__).resolve().parents[2] / "include" / "deploy" / "tcp_proxy.py"
-#: Where the serving container writes its request log (mounted from the host).
-CONTAINER_LOG_DIR = "/var/log/nightshift/requests"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((LOOPBACK, 0))
-        return int(s.getsockname()[1])
 
 
 def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
@@ -70,19 +70,22 @@ class LocalDeployer:
 
     :param docker_client: a ``docker.DockerClient``.
     :param model_name: the served model name (OIP ``/v2/models/<name>``).
-    :param artifact_root: where the deployment state, proxy config and request log live.
+    :param artifact_root: where the deployment state, proxy config, request log and lock live.
     :param port: the stable port on 127.0.0.1 clients use.
     :param proxy_image: image with ``python3`` to run the proxy (the inference base image).
     :param ready_timeout_s: how long green may take to become ready.
     :param drain_timeout_s: how long blue may take to finish in-flight requests on SIGTERM.
-    :param mem_limit: memory limit of the serving container.
-    :param environment: extra serving environment (``NIGHTSHIFT_REQUEST_LOG_SAMPLE`` ...).
+    :param config: how the serving container runs (memory limit, request-log sampling,
+        environment); ``ServingConfig.from_env()`` in the operators, the deployed default here.
+    :param lock_timeout_s: how long a deploy waits for another writer's champion lock.
+    :param hook: test/tracing hook, called with ``green_started``, ``before_switch`` and
+        ``before_record`` as a deploy passes those points.
     """
 
     def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path, port: int = 8600,
                  proxy_image: str = "nightshift/base:bookworm", ready_timeout_s: float = 60.0,
-                 drain_timeout_s: int = 20, mem_limit: str | None = "2g",
-                 environment: dict[str, str] | None = None):
+                 drain_timeout_s: int = 20, config: ServingConfig | None = None,
+                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Callable[[str], None] | None = None):
         if not 0 < int(port) < 65536:
             raise ConfigError(f"deploy port must be 1..65535, got {port}")
         self.client = docker_client
@@ -92,11 +95,14 @@ class LocalDeployer:
         self.proxy_image = proxy_image
         self.ready_timeout_s = ready_timeout_s
         self.drain_timeout_s = drain_timeout_s
-        self.mem_limit = mem_limit
-        self.environment = dict(environment or {})
+        self.config = config or ServingConfig()
+        self.lock_timeout_s = lock_timeout_s
+        self.hook = hook
         self.state_path = contracts.deployment_path(self.root, model_name)
         self.proxy_dir = self.state_path.parent / "proxy"
         self.log_dir = contracts.request_log_dir(self.root, model_name)
+        #: labels this deployment's serving containers carry (what a deploy may sweep)
+        self.deployment_id = hashlib.sha256(str(self.state_path.absolute()).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ state
 
@@ -107,6 +113,13 @@ class LocalDeployer:
     def state(self) -> dict[str, Any] | None:
         return read_json(self.state_path) if self.state_path.is_file() else None
 
+    def _hook(self, point: str) -> None:
+        if self.hook is not None:
+            self.hook(point)
+
+    def _lock(self, purpose: str):
+        return champion_lock(self.root, self.model_name, timeout_s=self.lock_timeout_s, purpose=purpose)
+
     def _container(self, name: str | None):
         from docker.errors import NotFound
 
@@ -116,6 +129,11 @@ class LocalDeployer:
             return self.client.containers.get(name)
         except NotFound:
             return None
+
+    def serving_containers(self) -> list[Any]:
+        """The serving containers of this deployment (running or not)."""
+        return self.client.containers.list(all=True, filters={"label": [f"{DEPLOYMENT_LABEL}={self.deployment_id}",
+                                                                         f"{ROLE_LABEL}=serving"]})
 
     # ------------------------------------------------------------------ proxy
 
@@ -143,7 +161,7 @@ class LocalDeployer:
                          "UPSTREAM_FILE": "/etc/nightshift-proxy/upstream", "PYTHONUNBUFFERED": "1"},
             volumes={str(PROXY_SCRIPT.parent): {"bind": "/opt/nightshift-proxy", "mode": "ro"},
                      str(self.proxy_dir): {"bind": "/etc/nightshift-proxy", "mode": "ro"}},
-            labels={ROLE_LABEL: "proxy", MODEL_LABEL: self.model_name})
+            labels={ROLE_LABEL: "proxy", MODEL_LABEL: self.model_name, DEPLOYMENT_LABEL: self.deployment_id})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
             with socket.socket() as s:
@@ -159,6 +177,13 @@ class LocalDeployer:
         atomic_write_text(self.proxy_dir / "upstream", f"{LOOPBACK}:{port}\n")
         os.chmod(self.proxy_dir / "upstream", 0o644)
         os.chmod(self.proxy_dir, 0o755)
+
+    def upstream_port(self) -> int | None:
+        """The backend port the proxy forwards new connections to, per its upstream file."""
+        try:
+            return int((self.proxy_dir / "upstream").read_text().strip().rsplit(":", 1)[1])
+        except (OSError, ValueError, IndexError):
+            return None
 
     # ------------------------------------------------------------------ deploy
 
@@ -191,15 +216,34 @@ class LocalDeployer:
         raise ServingError(f"new container {container.name} was not ready within {self.ready_timeout_s:.0f}s "
                            f"(last: {last})", logs=container.logs(tail=80).decode("utf-8", "replace"))
 
+    def _serves(self, model_version: str | None) -> bool:
+        """The stable port answers ready and reports ``model_version`` (when given)."""
+        try:
+            code, _ = _get(f"{self.url}/v2/health/ready")
+            if code != 200:
+                return False
+            if model_version is None:
+                return True
+            code, meta = _get(f"{self.url}/v2/models/{self.model_name}")
+            return code == 200 and isinstance(meta, dict) and model_version in meta.get("versions", [])
+        except Exception:  # noqa: BLE001 - not serving
+            return False
+
     def deploy(self, image: str, *, registry_version: str, model_version: str | None = None,
                reason: str = "") -> dict[str, Any]:
-        """Serve ``image`` on the stable port, blue/green. Returns the new state.
+        """Serve ``image`` on the stable port, blue/green, inside the model's champion lock.
+        Returns the new state.
 
         :param registry_version: the registered model version (recorded, labelled).
         :param model_version: the version the server must report for the model
             (its ``model.json`` version); checked before traffic moves.
         :raises ServingError: green did not become ready (blue keeps serving).
         """
+        with self._lock(f"deploy v{registry_version}: {reason}"):
+            return self._deploy(image, registry_version=str(registry_version), model_version=model_version,
+                                reason=reason)
+
+    def _deploy(self, image: str, *, registry_version: str, model_version: str | None, reason: str) -> dict[str, Any]:
         from docker.errors import APIError, ImageNotFound
 
         current = self.state()
@@ -209,34 +253,36 @@ class LocalDeployer:
             raise ServingError(f"image {image} is not in the local Docker daemon: build it first "
                                "(nightly_retrain's build_inference_image)") from None
         blue = self._container((current or {}).get("container"))
+        if current and blue is not None and blue.status == "running":
+            # a deploy killed between its switch and its record left the proxy on an unrecorded
+            # container: traffic goes back to what the state names before that container is removed
+            if self.upstream_port() != int(current["port"]):
+                log.warning("the proxy pointed at port %s, not at the recorded %s: switching back",
+                            self.upstream_port(), current["port"])
+                self._switch(int(current["port"]))
+        self._sweep(keep=blue.name if blue is not None else None)
         self._remove_drained_leftover(current)
-        if current and blue is not None and blue.status == "running" and current.get("image_id") == image_id:
-            code, _ = _get(f"{self.url}/v2/health/ready")
-            if code == 200:
-                log.info("%s v%s (%s) already serves on %s: nothing to do", self.model_name, registry_version,
-                         image, self.url)
-                return {**current, "changed": False}
+        if current and blue is not None and blue.status == "running" and current.get("image_id") == image_id \
+                and str(current.get("registry_version")) == registry_version and self._serves(model_version):
+            log.info("%s v%s (%s) already serves on %s: nothing to do", self.model_name, registry_version,
+                     image, self.url)
+            return {**current, "changed": False}
 
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.log_dir, 0o1777)  # the server runs as an unprivileged user in the container
-        port = _free_port()
+        port = free_port()
         name = f"nightshift-serve-{self.model_name}-v{registry_version}-{uuid.uuid4().hex[:6]}"
-        env = {**self.environment, "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(port),
-               "NIGHTSHIFT_REQUEST_LOG_DIR": CONTAINER_LOG_DIR}
-        env.setdefault("NIGHTSHIFT_REQUEST_LOG_SAMPLE", "1.0")
         log.info("green: %s from %s on port %d", name, image, port)
         try:
-            green = self.client.containers.run(
-                image, name=name, detach=True, network_mode="host", environment=env, cap_drop=["ALL"],
-                security_opt=["no-new-privileges"], mem_limit=self.mem_limit, pids_limit=512,
-                restart_policy={"Name": "unless-stopped"},
-                volumes={str(self.log_dir): {"bind": CONTAINER_LOG_DIR, "mode": "rw"}},
-                labels={ROLE_LABEL: "serving", MODEL_LABEL: self.model_name, VERSION_LABEL: str(registry_version)})
+            green = run_serving_container(
+                self.client, image, name=name, port=port, config=self.config, request_log_dir=self.log_dir,
+                restart=True, labels={ROLE_LABEL: "serving", MODEL_LABEL: self.model_name,
+                                      VERSION_LABEL: registry_version, DEPLOYMENT_LABEL: self.deployment_id})
         except APIError as exc:
             raise ServingError(f"could not start {name} from {image}: {exc}; the current deployment keeps serving") \
                 from exc
         try:
+            self._hook("green_started")
             served_version = self._wait_ready(green, port, model_version)
+            self._hook("before_switch")
             self._switch(port)
             self._ensure_proxy()
             self._check_through_proxy(model_version)
@@ -246,11 +292,12 @@ class LocalDeployer:
             if current and blue is not None:
                 self._switch(int(current["port"]))  # traffic stays on (or goes back to) blue
             if isinstance(exc, ServingError):
-                raise ServingError(f"deploy of {self.model_name} v{registry_version} failed: {exc}. "
-                                   f"{'v' + str(current['registry_version']) + ' keeps serving' if current else 'nothing was serving'}.",
+                kept = f"v{current['registry_version']} keeps serving" if current else "nothing was serving"
+                raise ServingError(f"deploy of {self.model_name} v{registry_version} failed: {exc}. {kept}.",
                                    logs=exc.logs or logs) from exc
             raise
-        state = {"model": self.model_name, "registry_version": str(registry_version),
+        self._hook("before_record")
+        state = {"model": self.model_name, "registry_version": registry_version,
                  "model_version": served_version, "image": image, "image_id": image_id, "container": name,
                  "port": port, "url": self.url, "status": "serving", "target": "docker",
                  "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
@@ -269,9 +316,23 @@ class LocalDeployer:
                 log.warning("could not remove the old container %s: %s", blue.name, exc)
         return {**state, "changed": True}
 
+    def _sweep(self, keep: str | None) -> None:
+        """Remove this deployment's serving containers other than ``keep`` (what the state
+        names): greens and blues of deploys killed midway. Only ever called under the lock,
+        so no other deploy of this port is in flight."""
+        for c in self.serving_containers():
+            if c.name != keep:
+                log.warning("removing %s: a serving container of %s that the deployment state does not name "
+                            "(left by a deploy that stopped midway)", c.name, self.model_name)
+                try:
+                    c.remove(force=True)
+                except Exception as exc:  # noqa: BLE001 - best effort; the deploy goes on
+                    log.warning("could not remove %s: %s", c.name, exc)
+
     def _remove_drained_leftover(self, current: dict[str, Any] | None) -> None:
         """Remove the container the last deploy was draining when its task died: the state
-        already names its successor (traffic had moved), so nothing else would."""
+        already names its successor (traffic had moved), so nothing else would. (Containers
+        started before deployments were labelled are found by name here, not by :meth:`_sweep`.)"""
         prev = self._container(((current or {}).get("previous") or {}).get("container"))
         if prev is not None and prev.name != (current or {}).get("container"):
             log.warning("removing %s: the deploy that replaced it stopped before it could", prev.name)
@@ -295,11 +356,19 @@ class LocalDeployer:
         raise ServingError(f"the stable port {self.url} does not serve the new version after the switch (last: {last})")
 
     def undeploy(self) -> None:
-        """Remove the serving and proxy containers of this model (tests, decommissioning)."""
-        for c in self.client.containers.list(all=True, filters={"label": f"{MODEL_LABEL}={self.model_name}"}):
-            c.remove(force=True)
-        if self.state_path.exists():
-            self.state_path.unlink()
+        """Remove this deployment's serving containers and the model's proxy (tests, decommissioning)."""
+        with self._lock("undeploy"):
+            current = self.state() or {}
+            names = {f"nightshift-proxy-{self.model_name}", current.get("container"),
+                     (current.get("previous") or {}).get("container")}
+            for c in [*self.serving_containers(), *(self._container(n) for n in names if n)]:
+                if c is not None:
+                    try:
+                        c.remove(force=True)
+                    except Exception as exc:  # noqa: BLE001 - listed twice, or already gone
+                        log.debug("could not remove %s: %s", c.name, exc)
+            if self.state_path.exists():
+                self.state_path.unlink()
 
 
 # ---------------------------------------------------------------------- Kubernetes

@@ -1,17 +1,21 @@
 """System evaluation: run the inference image and check what it answers (OIP v2).
 
 No Airflow here; :mod:`docker` and :mod:`requests` are imported where used.
-:class:`InferenceContainer` runs the image on the host network bound to
-127.0.0.1 on a free port, with a memory limit, every capability dropped and
-no privilege escalation; :func:`sweep_containers` removes containers that a
-dead worker left behind. :func:`evaluate_endpoint` sends a labelled test set
-through ``POST /v2/models/{name}/infer`` and reports accuracy, and
-:func:`skew_report` compares it with the offline predictions. The load
-client lives in :mod:`nightshift.loadgen`.
+:class:`InferenceContainer` runs the image through
+:func:`nightshift.containers.serving_run_kwargs`, the function deployment uses
+too (host network bound to 127.0.0.1 on a free port, the deployed memory and
+process limits, every capability dropped, no privilege escalation, and the
+request log when given a folder); :func:`sweep_containers` removes containers
+that a dead worker left behind. :func:`evaluate_endpoint` sends a labelled test
+set through ``POST /v2/models/{name}/infer`` and reports accuracy, and
+:func:`skew_report` compares it with the offline predictions. The whole system
+evaluation (accuracy, skew, load) is :func:`nightshift.system_eval.run_system_eval`;
+the load client lives in :mod:`nightshift.loadgen`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -19,52 +23,47 @@ import socket
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
+from nightshift.containers import LOOPBACK, ROLE_LABEL, ServingConfig, free_port, serving_run_kwargs
 from nightshift.errors import DataError, ServingError
 
 log = logging.getLogger(__name__)
 
-#: Label put on every evaluation container, so leftovers can be found.
-ROLE_LABEL = "ai.nightshift.role"
+#: ``ROLE_LABEL`` value of every evaluation container, so leftovers can be found.
 ROLE_SYSTEM_EVAL = "system-eval"
 STARTED_LABEL = "ai.nightshift.started"
 HOST_LABEL = "ai.nightshift.host"
 OWNER_LABEL = "ai.nightshift.owner"
-LOOPBACK = "127.0.0.1"
-
-
-def free_port(host: str = LOOPBACK) -> int:
-    """A TCP port that is free on ``host`` right now (the OS picks it).
-
-    :returns: the port number; another process could take it before it is used,
-        so callers should be ready to retry.
-    """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 class InferenceContainer:
     """One inference container for an evaluation, as a context manager.
 
-    The container uses the host network (no bridge), binds 127.0.0.1 on a free
-    port, and is labelled ``ai.nightshift.role=system-eval``. :meth:`stop`
-    force-removes it; it is idempotent and thread-safe, so call it from
-    ``finally`` and from an operator's ``on_kill``.
+    The container runs as :func:`nightshift.containers.serving_run_kwargs` says a
+    serving container runs (the arguments :class:`nightshift.deploy.LocalDeployer`
+    uses too): host network, 127.0.0.1 on a free port, ``config``'s memory limit,
+    environment and request-log sampling, the request log mounted from
+    ``request_log_dir``. It is labelled ``ai.nightshift.role=system-eval`` and has
+    no restart policy. :meth:`stop` force-removes it; it is idempotent and
+    thread-safe, so call it from ``finally`` and from an operator's ``on_kill``.
 
     :param image: image reference or id to run.
     :param docker_client: a ``docker.DockerClient``; default ``docker.from_env()``.
     :param port: port to serve on; default a free one.
     :param name: container name; default ``nightshift-eval-<random>``.
-    :param environment: extra environment variables.
-    :param command: override the image's command (for tests and debugging).
+    :param config: how the image runs; default ``ServingConfig.from_env()`` (the deployed one).
+    :param request_log_dir: host folder for the request log (created, not world-writable);
+        ``None``: no request log.
     :param labels: extra labels.
-    :param mem_limit: docker memory limit (default ``"2g"``); ``None`` for none.
-    :param volumes: docker volume bindings, e.g. a request-log directory.
     :param owner: recorded as label ``ai.nightshift.owner`` (e.g. ``dag/run/task``) for the sweep.
+    :param command: override the image's command (tests and debugging).
+    :param environment: extra environment variables on top of ``config``'s (tests and the
+        model-load variant; the system evaluation passes none).
+    :param volumes: extra docker volume bindings (tests and the model-load variant).
     """
 
     def __init__(
@@ -74,24 +73,28 @@ class InferenceContainer:
         docker_client: Any | None = None,
         port: int | None = None,
         name: str | None = None,
-        environment: dict[str, str] | None = None,
-        command: str | Sequence[str] | None = None,
+        config: ServingConfig | None = None,
+        request_log_dir: str | os.PathLike | None = None,
         labels: dict[str, str] | None = None,
-        mem_limit: str | None = "2g",
-        volumes: dict[str, dict[str, str]] | None = None,
         owner: str | None = None,
+        command: str | Sequence[str] | None = None,
+        environment: dict[str, str] | None = None,
+        volumes: dict[str, dict[str, str]] | None = None,
     ):
         self.image = image
         self.client = docker_client
         self.port = port or free_port()
         self.name = name or f"nightshift-eval-{uuid.uuid4().hex[:12]}"
-        self.environment = {**(environment or {}), "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(self.port)}
+        config = config or ServingConfig.from_env()
+        if environment:
+            config = dataclasses.replace(config, environment={**config.environment, **environment})
+        self.config = config
+        self.request_log_dir = Path(request_log_dir) if request_log_dir is not None else None
         self.command = list(command) if command is not None and not isinstance(command, str) else command
         self.labels = {**(labels or {}), ROLE_LABEL: ROLE_SYSTEM_EVAL, STARTED_LABEL: str(int(time.time())),
                        HOST_LABEL: socket.gethostname()}
         if owner:
             self.labels[OWNER_LABEL] = owner
-        self.mem_limit = mem_limit
         self.volumes = volumes
         self.container: Any = None
         self._lock = threading.Lock()
@@ -123,6 +126,16 @@ class InferenceContainer:
                 ) from exc
         return self.client
 
+    def run_kwargs(self) -> dict[str, Any]:
+        """The ``containers.run`` arguments (image included): :func:`serving_run_kwargs`
+        for this container, plus the extra ``volumes`` when given. Creates the request-log folder."""
+        spec = serving_run_kwargs(self.image, name=self.name, port=self.port, config=self.config,
+                                  request_log_dir=self.request_log_dir, labels=self.labels, restart=False,
+                                  command=self.command)
+        if self.volumes:
+            spec["volumes"] = {**spec.get("volumes", {}), **self.volumes}
+        return spec
+
     def start(self) -> "InferenceContainer":
         """Run the image detached on the host network.
 
@@ -144,25 +157,19 @@ class InferenceContainer:
         except ImageNotFound:
             raise ServingError(f"image {self.image} does not exist in the local daemon; build it first") from None
         log.info("starting %s from %s on %s", self.name, self.image, self.url)
-        kwargs: dict[str, Any] = dict(
-            detach=True, name=self.name, network_mode="host", environment=self.environment,
-            labels=self.labels, auto_remove=False, cap_drop=["ALL"], security_opt=["no-new-privileges"],
-            pids_limit=512,
-        )
-        if self.volumes:
-            kwargs["volumes"] = self.volumes
-        if self.command is not None:
-            kwargs["command"] = self.command
-        if self.mem_limit:
-            kwargs["mem_limit"] = self.mem_limit
         try:
-            container = client.containers.run(self.image, **kwargs)
+            spec = self.run_kwargs()
+            container = client.containers.run(spec.pop("image"), **spec)
         except ImageNotFound as exc:
             self.stop()
             raise ServingError(f"image {self.image} does not exist in the local daemon; build it first") from exc
         except APIError as exc:
             self.stop()
             raise ServingError(f"could not start container {self.name} from {self.image}: {exc}") from exc
+        except OSError as exc:  # the request-log folder could not be made
+            self.stop()
+            raise ServingError(f"could not prepare the request-log folder {self.request_log_dir} for "
+                               f"{self.name}: {exc}") from exc
         with self._lock:
             self.container = container
             stopped = self._stopped

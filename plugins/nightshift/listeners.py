@@ -21,9 +21,9 @@ MARK = "[nightshift] "
 
 def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
     """The note for one run, from its ``promotion.json``; None when there is none."""
-    from nightshift.artifacts import safe_name
+    from nightshift.artifacts import run_path
 
-    path = Path(artifact_root) / "runs" / safe_name(dag_id) / safe_name(run_id) / "promotion.json"
+    path = run_path(artifact_root, dag_id, run_id) / "promotion.json"
     if not path.is_file():
         return None
     try:
@@ -42,12 +42,37 @@ def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
     if p.get("approved_by"):  # a person answered approve_promotion: say who and what
         lines += ["", f"{'Approved' if p.get('approved') else 'Rejected'} by {p['approved_by']}"
                       + (f": {p['approval_comment']}" if p.get("approval_comment") else "")]
+    if p.get("approval") in ("superseded", "stale"):  # the wait ended and champion did not move: say why
+        lines += ["", str(p.get("note") or "")]
     if p.get("loosened_thresholds"):  # also after the answer: what the person approved or rejected
         lines += ["", "Approval needed: this run loosened the gate file:" if p.get("awaiting_approval")
                   else "This run loosened the gate file:", *[f"- {why}" for why in p["loosened_thresholds"]]]
+    if p.get("data_changed"):
+        lines += ["", "Approval needed: this run's data differs from the champion's:" if p.get("awaiting_approval")
+                  else "This run's data differs from the champion's:", *[f"- {why}" for why in p["data_changed"]]]
     if failed:
         lines += ["", *[f"- {g['name']}: {g.get('detail', '')}" for g in failed]]
+    evidence = _evidence_line(p.get("evidence") or {})  # last: the note is cut at 1,000 characters
+    if evidence:
+        lines += ["", evidence]
     return "\n".join(lines)[:1000]
+
+
+def _evidence_line(ev: dict) -> str:
+    """One line on how much the accuracies are worth: n, 95% intervals, the paired comparison."""
+    if not ev.get("test_images"):
+        return ""
+    parts = [f"Evidence: {ev['test_images']} test images (min {ev.get('min_test_images')})"]
+    for name, a in (ev.get("accuracies") or {}).items():
+        ci = a.get("ci95") or []
+        if a.get("value") is not None and len(ci) == 2:
+            parts.append(f"{name} {float(a['value']):.4f} (95% CI {float(ci[0]):.3f}-{float(ci[1]):.3f})")
+    paired = ev.get("paired") or {}
+    if paired.get("mcnemar_p") is not None:
+        parts.append(f"paired vs champion: {paired.get('champion_only_correct')} images only the champion got "
+                     f"right, {paired.get('candidate_only_correct')} only the candidate, McNemar p="
+                     f"{float(paired['mcnemar_p']):.3g}")
+    return "; ".join(parts)
 
 
 def _set_note(dag_id: str, run_id: str, note: str, *, attempts: int = 20, wait_s: float = 0.5) -> bool:

@@ -11,6 +11,16 @@ the manifest (undecodable files) are first turned into small derived frames
 with pandas, and GX validates those frames, so every check shows up in the
 result in the same shape.
 
+Two kinds of check. **Integrity** checks (schema, nulls, shape, label set,
+undecodable or unread files, too few rows or images per class, train/test
+leakage, identical pixels under two labels) fail the validation on any
+offending row. **Appearance** checks (per-image brightness range, minimum
+contrast) describe what an image usually looks like, and real data has
+legitimate outliers (a sky crop, a product on a white background): each fails
+only when more than ``ValidationConfig.max_outlier_share`` of the images are
+outside its range. Either way the report lists the outlier images (source
+path, row index, value, the range) under ``appearance``.
+
 Great Expectations is imported inside the functions that need it (about 2-3 s),
 so importing this module for :class:`ValidationConfig` stays cheap.
 """
@@ -57,12 +67,17 @@ BASE_COLUMNS: tuple[str, ...] = (
 _SHOW = 5
 #: How many offending rows GX returns per expectation (and ``details`` keeps).
 _PARTIAL = 20
+#: How many outlier images the report lists per appearance check (the count is always complete).
+OUTLIER_LIST = 100
+#: Default share of images each appearance check tolerates outside its range.
+DEFAULT_MAX_OUTLIER_SHARE = 0.02
 
 _DATASOURCE = "nightshift"
 _PROFILE = "profile"
 _UNDECODABLE = "undecodable_files"
 _CLASS_COUNTS = "train_class_counts"
 _OVERLAP = "train_test_overlap"
+_CONFLICTS = "conflicting_labels"
 
 
 @dataclass
@@ -74,11 +89,16 @@ class ValidationConfig:
     :param image_shape: expected ``(height, width, channels)`` after conversion.
     :param min_rows: the profile must have at least this many rows (decoded images).
     :param min_per_class: every class needs at least this many ``train`` images.
-    :param brightness_range: allowed ``(low, high)`` of per-image mean pixel value, inclusive.
-    :param min_contrast: per-image pixel std must be at least this (blank images fail).
-    :param mostly: fraction of rows that must pass the per-image pixel checks
-        (brightness, contrast); ``1.0`` means every image. Schema, shape, label
-        and null checks are always strict.
+    :param brightness_range: allowed ``(low, high)`` of per-image mean pixel value, inclusive
+        (an appearance check).
+    :param min_contrast: per-image pixel std should be at least this (an appearance check:
+        blank frames are outliers).
+    :param max_outlier_share: the largest share of images (0..1) each appearance check
+        (brightness, contrast) may find outside its range and still pass; default 0.02
+        (2%: at least one image in any set of 50 or more). ``0`` makes every image count.
+        Outliers are listed in the report either way. Integrity checks (schema, nulls,
+        shape, labels, undecodable files, per-class counts, leakage, conflicting labels)
+        are always strict.
     """
 
     class_names: list[str] | None
@@ -87,7 +107,7 @@ class ValidationConfig:
     min_per_class: int = 5
     brightness_range: tuple[float, float] = (5.0, 250.0)
     min_contrast: float = 1.0
-    mostly: float = 1.0
+    max_outlier_share: float = DEFAULT_MAX_OUTLIER_SHARE
 
     def __post_init__(self) -> None:
         shape = tuple(self.image_shape)
@@ -109,8 +129,23 @@ class ValidationConfig:
             raise ConfigError(
                 f"min_rows and min_per_class must be >= 0, got {self.min_rows} and {self.min_per_class}"
             )
-        if not 0.0 < self.mostly <= 1.0:
-            raise ConfigError(f"mostly must be in (0, 1], got {self.mostly}")
+        share = float(self.max_outlier_share)
+        if not 0.0 <= share <= 1.0:
+            raise ConfigError(
+                "max_outlier_share must be a share of images in [0, 1] (e.g. 0.02 for 2%), "
+                f"got {self.max_outlier_share!r}"
+            )
+        self.max_outlier_share = share
+
+    @property
+    def mostly(self) -> float:
+        """GX ``mostly`` of the appearance checks: passes while outliers are at most ``max_outlier_share``
+        (a hair below ``1 - share`` so that exactly that share, e.g. 1 of 50 at 2%, passes despite rounding)."""
+        return 1.0 if self.max_outlier_share == 0 else max(0.0, 1.0 - self.max_outlier_share - 1e-9)
+
+    def allowed_outliers(self, n: int) -> int:
+        """How many of ``n`` images an appearance check tolerates outside its range."""
+        return int(np.floor(self.max_outlier_share * n + 1e-9))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -169,6 +204,8 @@ class _Check:
     expectation: Any
     column: str | None
     summarize: Callable[[dict[str, Any]], tuple[Any, str, Any]]
+    kind: str = "integrity"  # or "appearance": tolerated up to ValidationConfig.max_outlier_share
+    appearance: _Appearance | None = None  # an appearance check's outliers (computed with pandas)
 
 
 def _map_summary(
@@ -176,7 +213,6 @@ def _map_summary(
     n_rows: int,
     condition: str,
     *,
-    mostly: float = 1.0,
     show_values: bool = True,
 ) -> Callable[[dict[str, Any]], tuple[Any, str, Any]]:
     """Summarizer for per-row (map) expectations: count, condition, offending sources."""
@@ -195,11 +231,76 @@ def _map_summary(
             text += f" (values {_listing(values)})"
         if rows and any(("source" in r or "image_id" in r) for r in rows):
             text += f": {_listing(_row_names(rows), count)}"
-        if mostly < 1.0:
-            text += f"; at most {(1 - mostly) * 100:g}% may fail (mostly={mostly:g})"
         return observed, text, rows
 
     return summarize
+
+
+def _outliers(profile: pd.DataFrame, column: str, low: float | None, high: float | None) -> tuple[pd.Series, int]:
+    """``(mask, considered)``: the rows whose non-null ``column`` is outside ``[low, high]`` (inclusive
+    bounds, as GX's ``expect_column_values_to_be_between``), and how many non-null rows there are."""
+    values = pd.to_numeric(profile[column], errors="coerce")
+    mask = pd.Series(False, index=profile.index)
+    if low is not None:
+        mask |= values < low
+    if high is not None:
+        mask |= values > high
+    return mask & values.notna(), int(values.notna().sum())
+
+
+def _outlier_images(profile: pd.DataFrame, column: str, mask: pd.Series, limit: int) -> list[dict[str, Any]]:
+    """The first ``limit`` outlier rows: ``{"index", "image_id", "source", "value"}`` (what is present)."""
+    rows = profile.loc[mask].head(limit)
+    out = []
+    for index, row in rows.iterrows():
+        item: dict[str, Any] = {"index": int(index)}
+        for key in ("image_id", "source"):
+            if key in profile.columns:
+                item[key] = json_safe(row[key])
+        item["value"] = json_safe(round(float(row[column]), 4))
+        out.append(item)
+    return out
+
+
+@dataclass
+class _Appearance:
+    """One appearance check's outliers, computed with pandas (GX decides pass/fail)."""
+
+    check: str
+    column: str
+    low: float | None
+    high: float | None
+    condition: str
+    mask: pd.Series
+    considered: int
+
+    def entry(self, profile: pd.DataFrame, config: ValidationConfig, count: int, passed: bool) -> dict[str, Any]:
+        """What the report lists for this check: counts, the range, the tolerance and the outlier images."""
+        n = self.considered
+        allowed = config.allowed_outliers(n)
+        images = _outlier_images(profile, self.column, self.mask, OUTLIER_LIST)
+        share = count / n if n else 0.0
+        named = [f"{i.get('source', 'row ' + str(i['index']))} ({_fmt(i['value'])})" for i in images]
+        text = f"{count} of {n} images ({100 * share:.3g}%) have {self.condition}"
+        if named:
+            text += f": {_listing(named, count)}"
+        tolerance = (f"{100 * config.max_outlier_share:g}% ({allowed} of {n}) tolerated "
+                     f"(max_outlier_share={config.max_outlier_share:g})")
+        text += f"; {'within' if passed else 'more than'} the {tolerance}"
+        return {
+            "check": self.check,
+            "column": self.column,
+            "range": [self.low, self.high],
+            "rows": n,
+            "outliers": int(count),
+            "share": round(share, 6),
+            "max_share": config.max_outlier_share,
+            "allowed": allowed,
+            "passed": bool(passed),
+            "summary": text,
+            "listed": len(images),
+            "images": images,
+        }
 
 
 def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names: list[str]) -> list[_Check]:
@@ -213,9 +314,10 @@ def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names
     lo, hi = config.brightness_range
     checks: list[_Check] = []
 
-    def add(name: str, expectation: Any, column: str | None, summarize: Callable) -> None:
-        expectation.meta = {"check": name}
-        checks.append(_Check(name, _PROFILE, expectation, column, summarize))
+    def add(name: str, expectation: Any, column: str | None, summarize: Callable, kind: str = "integrity",
+            appearance: _Appearance | None = None) -> None:
+        expectation.meta = {"check": name, "kind": kind}
+        checks.append(_Check(name, _PROFILE, expectation, column, summarize, kind, appearance))
 
     def row_count(res: dict[str, Any]) -> tuple[Any, str, Any]:
         obs = res.get("observed_value")
@@ -302,24 +404,35 @@ def _profile_checks(profile: pd.DataFrame, config: ValidationConfig, class_names
                 _map_summary(col, n, f"{col} != {expected} (configured shape {h}x{w}x{c})"),
             )
 
+    # appearance: each tolerates up to max_outlier_share of the images outside its range
+    appearance = []
     if "brightness" in present:
-        add(
-            "brightness_range",
-            gxe.ExpectColumnValuesToBeBetween(column="brightness", min_value=lo, max_value=hi, mostly=config.mostly),
-            "brightness",
-            _map_summary("brightness", n, f"brightness outside [{_fmt(lo)}, {_fmt(hi)}]", mostly=config.mostly),
-        )
+        appearance.append(("brightness_range", "brightness", lo, hi, f"brightness outside [{_fmt(lo)}, {_fmt(hi)}]"))
     if "contrast" in present:
+        appearance.append(("min_contrast", "contrast", config.min_contrast, None,
+                           f"contrast (pixel std) below {_fmt(config.min_contrast)} (blank or near-blank images)"))
+    for name, col, low, high, condition in appearance:
+        mask, considered = _outliers(profile, col, low, high)
+        info = _Appearance(name, col, low, high, condition, mask, considered)
+
+        def summarize(res: dict[str, Any], info: _Appearance = info) -> tuple[Any, str, Any]:
+            count = int(res.get("unexpected_count") or 0)
+            entry = info.entry(profile, config, count, passed=False)
+            observed = {
+                "unexpected_count": count,
+                "unexpected_percent": json_safe(res.get("unexpected_percent")),
+                "max_outlier_share": config.max_outlier_share,
+                "allowed": entry["allowed"],
+            }
+            return observed, entry["summary"], entry["images"][:_PARTIAL]
+
         add(
-            "min_contrast",
-            gxe.ExpectColumnValuesToBeBetween(column="contrast", min_value=config.min_contrast, mostly=config.mostly),
-            "contrast",
-            _map_summary(
-                "contrast",
-                n,
-                f"contrast (pixel std) below {_fmt(config.min_contrast)} (blank or near-blank images)",
-                mostly=config.mostly,
-            ),
+            name,
+            gxe.ExpectColumnValuesToBeBetween(column=col, min_value=low, max_value=high, mostly=config.mostly),
+            col,
+            summarize,
+            kind="appearance",
+            appearance=info,
         )
     return checks
 
@@ -366,6 +479,28 @@ def _overlap_frame(profile: pd.DataFrame) -> pd.DataFrame:
     )
 
 
+def _conflict_frame(profile: pd.DataFrame) -> pd.DataFrame:
+    """One row per image whose pixels (``sha256``) also appear under another label."""
+    cols = ["sha256", "label", "source", "index"]
+    label_col = "label_name" if "label_name" in profile.columns else "label"
+    src = profile["source"].astype(str) if "source" in profile.columns else profile.index.map(lambda i: f"row {i}")
+    frame = pd.DataFrame(
+        {"sha256": profile["sha256"], "label": profile[label_col], "source": src, "index": profile.index}
+    ).dropna(subset=["sha256", "label"])  # nulls are reported by the not-null checks, not matched here
+    frame["label"] = frame["label"].astype(str)
+    labels = frame.groupby("sha256")["label"].transform("nunique")
+    out = frame[labels > 1].sort_values(["sha256", "label", "source"])
+    return pd.DataFrame(
+        {
+            "sha256": out["sha256"].astype(str),
+            "label": out["label"],
+            "source": out["source"],
+            "index": out["index"].astype(int),
+        },
+        columns=cols,
+    ).reset_index(drop=True)
+
+
 def _derived_checks(
     profile: pd.DataFrame, manifest: dict[str, Any], config: ValidationConfig, class_names: list[str]
 ) -> tuple[dict[str, pd.DataFrame], list[_Check]]:
@@ -381,7 +516,7 @@ def _derived_checks(
     def undecodable_summary(res: dict[str, Any]) -> tuple[Any, str, Any]:
         files = undecodable.to_dict("records")
         named = [f"{f['path']} ({f['error']})" for f in files]
-        text = f"{len(files)} source file(s) could not be decoded: {_listing(named, show=10)}"
+        text = f"{len(files)} source file(s) could not be read or decoded: {_listing(named, show=10)}"
         return len(files), text, files[:_PARTIAL]
 
     exp = gxe.ExpectTableRowCountToEqual(value=0, meta={"check": "no_undecodable"})
@@ -424,6 +559,35 @@ def _derived_checks(
 
         exp = gxe.ExpectTableRowCountToEqual(value=0, meta={"check": "no_train_test_overlap"})
         checks.append(_Check("no_train_test_overlap", _OVERLAP, exp, "sha256", overlap_summary))
+
+    if "sha256" in profile.columns and ({"label_name", "label"} & set(profile.columns)):
+        conflicts = _conflict_frame(profile)
+        frames[_CONFLICTS] = conflicts
+
+        def conflict_summary(res: dict[str, Any]) -> tuple[Any, str, Any]:
+            groups = []
+            for sha, grp in conflicts.groupby("sha256", sort=True):
+                groups.append(
+                    {
+                        "sha256": sha,
+                        "labels": sorted(grp["label"].unique().tolist()),
+                        "images": [
+                            {"source": r.source, "index": int(r.index), "label": r.label} for r in grp.itertuples()
+                        ],
+                    }
+                )
+            named = []
+            for g in groups:
+                files = ", ".join(f"{i['source']} as {i['label']!r}" for i in g["images"])
+                named.append(f"{g['sha256'][:12]} ({files})")
+            text = (
+                f"{len(groups)} image(s) have identical pixels under different labels ({len(conflicts)} files): "
+                f"{_listing(named, len(groups))}"
+            )
+            return len(groups), text, groups[:_PARTIAL]
+
+        exp = gxe.ExpectTableRowCountToEqual(value=0, meta={"check": "no_conflicting_labels"})
+        checks.append(_Check("no_conflicting_labels", _CONFLICTS, exp, "label_name", conflict_summary))
 
     return frames, checks
 
@@ -518,6 +682,8 @@ def _statistics(
         stats["per_class_train"] = json_safe(dict(zip(counts["label_name"], counts["count"])))
     if _OVERLAP in frames:
         stats["train_test_overlap"] = int(len(frames[_OVERLAP]))
+    if _CONFLICTS in frames:
+        stats["conflicting_labels"] = int(frames[_CONFLICTS]["sha256"].nunique())
     for col in ("brightness", "contrast"):
         if col in profile.columns and len(profile):
             values = pd.to_numeric(profile[col], errors="coerce")
@@ -539,10 +705,16 @@ def validate_snapshot(
     present; no nulls in any column; unique ``image_id``; ``label_name`` set
     equals the class list; ``label`` within ``0..num_classes-1`` and consistent
     with ``label_name``; ``split`` in train/val/test; ``height``/``width``/
-    ``channels`` equal the configured shape; per-image brightness within
-    ``brightness_range`` and contrast at least ``min_contrast``; no undecodable
-    files in the manifest; at least ``min_per_class`` train images per class;
-    no image (same ``sha256``) in both train and test.
+    ``channels`` equal the configured shape; no undecodable (or unread) files
+    in the manifest; at least ``min_per_class`` train images per class; no
+    image (same ``sha256``) in both train and test; no image (same ``sha256``)
+    under two labels. These integrity checks fail on any offending row.
+
+    Appearance checks: per-image brightness within ``brightness_range`` and
+    contrast at least ``min_contrast``; each fails only when more than
+    ``max_outlier_share`` of the images are outside its range. The outliers
+    are listed under ``appearance`` (and, when tolerated, in ``warnings``)
+    whether the check passed or not.
 
     Never raises on failed expectations: call :func:`raise_for_failures` for
     that. The full GX results plus the summary are written atomically to
@@ -552,8 +724,12 @@ def validate_snapshot(
     :param manifest: the snapshot manifest (``class_names``, ``undecodable`` ...).
     :param config: what a valid snapshot looks like.
     :param report_dir: folder for ``validation.json`` (created if needed).
-    :returns: ``{"success", "evaluated", "failed", "failures", "statistics", "report_path"}``;
-        each failure is ``{"expectation", "check", "column", "observed", "summary", "details"}``.
+    :returns: ``{"success", "evaluated", "failed", "failures", "appearance", "warnings", "statistics",
+        "report_path"}``; each failure is ``{"expectation", "check", "kind", "column", "observed", "summary",
+        "details"}`` (``kind``: ``integrity`` or ``appearance``); each ``appearance`` entry is
+        ``{"check", "column", "range", "rows", "outliers", "share", "max_share", "allowed", "passed",
+        "summary", "listed", "images"}`` with up to :data:`OUTLIER_LIST` images as
+        ``{"index", "image_id", "source", "value"}``.
     :raises ConfigError: no class list in ``config`` nor in ``manifest``.
     :raises DataError: ``profile`` is not a DataFrame.
     """
@@ -588,17 +764,21 @@ def validate_snapshot(
 
     by_name = {c.name: c for c in checks}
     failures: list[dict[str, Any]] = []
+    appearance: list[dict[str, Any]] = []
     evaluated = 0
     for frame_name, suite_result in suite_results.items():
         for res in suite_result.results:
             evaluated += 1
-            if res.success:
-                continue
             cfg = res.expectation_config
             check = by_name.get((cfg.meta or {}).get("check", ""))
-            column = cfg.kwargs.get("column") if check is None else check.column
             error = _exception_message(res.exception_info)
             result_dict = res.result.to_json_dict() if hasattr(res.result, "to_json_dict") else dict(res.result or {})
+            if check is not None and check.appearance is not None and error is None:
+                count = int(result_dict.get("unexpected_count") or 0)
+                appearance.append(check.appearance.entry(profile, config, count, passed=bool(res.success)))
+            if res.success:
+                continue
+            column = cfg.kwargs.get("column") if check is None else check.column
             if error is not None:
                 observed, summary, details = None, f"could not be evaluated: {error}", None
             elif check is None:
@@ -609,6 +789,7 @@ def validate_snapshot(
                 {
                     "expectation": cfg.type,
                     "check": check.name if check else None,
+                    "kind": check.kind if check else "integrity",
                     "column": column,
                     "observed": json_safe(observed),
                     "summary": summary,
@@ -617,8 +798,12 @@ def validate_snapshot(
             )
     order = {c.name: i for i, c in enumerate(checks)}
     failures.sort(key=lambda f: order.get(f["check"], len(order)))
+    appearance.sort(key=lambda a: order.get(a["check"], len(order)))
+    warnings = [f"tolerated appearance outliers: {a['summary']}" for a in appearance if a["passed"] and a["outliers"]]
 
     stats = _statistics(profile, frames, evaluated, len(failures))
+    masks = [c.appearance.mask for c in checks if c.appearance is not None]
+    stats["appearance_outliers"] = int(pd.concat(masks, axis=1).any(axis=1).sum()) if masks else 0
     stats["gx_seconds"] = round(gx_seconds, 3)
     stats["duration_s"] = round(time.perf_counter() - started, 3)
 
@@ -628,6 +813,8 @@ def validate_snapshot(
         "evaluated": evaluated,
         "failed": len(failures),
         "failures": failures,
+        "appearance": appearance,
+        "warnings": warnings,
         "statistics": stats,
         "report_path": str(report_path),
     }
@@ -643,6 +830,8 @@ def validate_snapshot(
             "gx_results": {name: r.to_json_dict() for name, r in suite_results.items()},
         },
     )
+    for warning in warnings:
+        log.warning("snapshot validation: %s", warning)
     if failures:
         log.warning("snapshot validation: %d of %d expectations failed", len(failures), evaluated)
     else:

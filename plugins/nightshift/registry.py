@@ -191,8 +191,8 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
     before = None if before == "none" else before
     note = "registered by an earlier try of this task; its recorded decision stands"
     awaiting = tags.get(f"{TAG_PREFIX}awaiting_approval") == "true"
-    if awaiting or tags.get(f"{TAG_PREFIX}approval") == "rejected":
-        blessed = False  # champion moves only through approve_candidate, never after a person said no
+    if awaiting or tags.get(f"{TAG_PREFIX}approval") in ("rejected", "stale", "superseded"):
+        blessed = False  # champion moves only through approve_candidate, never after a no, a stale yes or a newer one
     aliases = c.get_registered_model(model_name).aliases or {}
     if str(aliases.get(CHALLENGER)) != version:
         c.set_registered_model_alias(model_name, CHALLENGER, version)
@@ -258,7 +258,9 @@ def register_candidate(c, model_name: str, run_id: str, *, artifact_path: str, t
     if decision.blessed and require_approval:
         all_tags[f"{TAG_PREFIX}awaiting_approval"] = "true"
     for g in decision.gates:
-        all_tags[f"gate.{g.name}"] = json.dumps({"passed": g.passed, "observed": g.observed, "threshold": g.threshold})
+        recorded = {"passed": g.passed, "observed": g.observed, "threshold": g.threshold}
+        recorded.update({k: v for k, v in (("n", g.n), ("ci95", g.ci95)) if v is not None})
+        all_tags[f"gate.{g.name}"] = json.dumps(recorded)
     source = f"runs:/{run_id}/{artifact_path}"
     mv = c.create_model_version(model_name, source=source, run_id=run_id, tags=all_tags,
                                 description=f"{decision.decision}: {decision.reason}"[:4900])
@@ -306,11 +308,25 @@ def log_dataset_input(c, run_id: str, *, name: str, digest: str, source_type: st
     c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
-def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, action: str) -> dict[str, Any]:
+class ChampionMoved(RegistryError):
+    """``champion`` no longer points where the caller read it (another writer moved it):
+    the move is refused. Not retryable: the decision was made on a state that is gone."""
+
+    retryable = False
+
+
+def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, action: str,
+                 expected: str | None) -> dict[str, Any]:
     """Point ``champion`` at ``version`` by a person's decision (``promote_model``,
     ``rollback_model``), recording who, why and when on the version.
 
+    A compare-and-set: the alias moves only if it still points at ``expected``
+    (``None``: there is no champion). Callers hold
+    :func:`nightshift.champion.champion_lock`, which makes the read and the write
+    one step for every writer that shares the artifact root.
+
     :raises RegistryError: the version does not exist, or the registry fails.
+    :raises ChampionMoved: champion is not ``expected`` (nothing written).
     :raises ValueError: no reason given (a forced move must say why).
     """
     import datetime as _dt
@@ -327,6 +343,11 @@ def set_champion(c, model_name: str, version: str, *, reason: str, actor: str, a
         raise _registry_error(f"reading v{version}", model_name, exc) from exc
     before = get_champion(c, model_name)
     previous = before["version"] if before else None
+    expected = None if expected in (None, "", "none") else str(expected).lstrip("v")
+    if previous != expected:
+        raise ChampionMoved(f"champion of {model_name} is v{previous} now, not v{expected} as read before this "
+                            f"{action} to v{version}: another writer moved it meanwhile; nothing was changed. "
+                            "Look at the promotion history and decide again.")
     if previous != str(version):
         c.set_registered_model_alias(model_name, CHAMPION, str(version))
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
@@ -342,21 +363,33 @@ def rollback_target(c, model_name: str, history: list[dict[str, Any]], target: s
     """The version ``rollback_model`` goes back to: ``target``, or with ``previous`` /
     empty, the champion before the current one according to the promotion history.
 
-    :raises RegistryError: no champion, or no earlier champion is recorded.
+    A rollback always moves: the target is never today's champion. For
+    ``previous`` only forward moves count (``promoted``, ``forced``) whose
+    previous champion differs from the champion they set (forcing the champion
+    onto itself, e.g. to redeploy it, records no earlier version), so a second
+    ``previous`` goes further back and never brings back the version rolled back from.
+
+    :raises ConfigError: no champion, the target is the champion, or no earlier champion is recorded.
     """
-    if target not in (None, "", "previous"):
-        return str(target).lstrip("v")
+    from nightshift.errors import ConfigError
+
     current = get_champion(c, model_name)
     if current is None:
-        raise RegistryError(f"{model_name} has no champion: there is nothing to roll back")
-    # only moves forward (promoted, forced): the "previous" of a rollback event is the version
-    # that was rolled back from, and a second "previous" must not bring it back
+        raise ConfigError(f"{model_name} has no champion: there is nothing to roll back")
+    cur = current["version"]
+    if target not in (None, "", "previous"):
+        version = str(target).strip().lstrip("v")
+        if version == cur:
+            raise ConfigError(f"rollback target v{version} is the current champion of {model_name} (v{cur}): a "
+                              "rollback must move champion; give an older version, or 'previous'")
+        return version
     for event in reversed(history):
-        if str(event.get("champion")) == current["version"] and event.get("previous_champion") not in (None, "none") \
-                and event.get("action") in ("promoted", "forced"):
-            return str(event["previous_champion"])
-    raise RegistryError(f"the promotion history of {model_name} records no champion before v{current['version']}: "
-                        "give the target version explicitly")
+        before, after = str(event.get("previous_champion")), str(event.get("champion"))
+        if after == cur and event.get("action") in ("promoted", "forced") \
+                and event.get("previous_champion") not in (None, "", "none") and before != after:
+            return before
+    raise ConfigError(f"the promotion history of {model_name} records no champion before v{cur} (other than "
+                      f"v{cur} itself): give the target version explicitly")
 
 
 def approve_candidate(c, model_name: str, version: str, *, approved: bool, actor: str, comment: str = "",

@@ -32,7 +32,9 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
     :param batches: ``(images, labels)`` pairs, e.g. :meth:`Snapshot.iter_split`.
     :param class_names: the data's label order; the model's ``class_names`` metadata must be
         the same list, else its logits index other classes and its accuracy means nothing.
-    :returns: ``accuracy``, ``n``, ``correct``, ``predictions`` (int array, input order).
+    :returns: ``accuracy``, ``n``, ``correct``, ``predictions`` (int array, input order) and
+        ``hits`` (bool array, input order: whether each image was classified correctly), so two
+        models scored on the same batches can be compared image by image (:func:`paired_counts`).
     :raises ScoringError: the model is missing, broken, expects another input shape, or
         (with ``class_names``) was trained on other classes or does not say which.
     """
@@ -63,6 +65,7 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
     inp = sess.get_inputs()[0]
     want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
     preds: list[np.ndarray] = []
+    hits: list[np.ndarray] = []
     correct = n = 0
     for images, labels in batches:
         got = list(images.shape[1:])
@@ -73,12 +76,30 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
             logits = sess.run(["logits"], {inp.name: x})[0]
             p = logits.argmax(axis=1)
             preds.append(p)
-            correct += int((p == labels[i:i + batch_size]).sum())
+            hit = p == np.asarray(labels[i:i + batch_size])
+            hits.append(hit)
+            correct += int(hit.sum())
             n += len(x)
     if n == 0:
         raise ScoringError("no images to score on")
     return {"accuracy": correct / n, "n": n, "correct": correct,
-            "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64)}
+            "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64),
+            "hits": np.concatenate(hits) if hits else np.zeros(0, bool)}
+
+
+def paired_counts(champion_hits: np.ndarray, candidate_hits: np.ndarray) -> dict[str, int]:
+    """The 2x2 table of two models scored on the same images, in the same order.
+
+    :returns: ``both`` right, ``neither``, ``champion_only`` (only the champion right) and
+        ``candidate_only``: the last two are McNemar's discordant pairs.
+    :raises ScoringError: the two were not scored on the same number of images.
+    """
+    a, b = np.asarray(champion_hits, bool), np.asarray(candidate_hits, bool)
+    if a.shape != b.shape:
+        raise ScoringError(f"champion and candidate were scored on different images ({a.size} vs {b.size}): "
+                           "they cannot be compared image by image")
+    return {"both": int((a & b).sum()), "neither": int((~a & ~b).sum()),
+            "champion_only": int((a & ~b).sum()), "candidate_only": int((~a & b).sum())}
 
 
 def fetch_model_onnx(c, model_name: str, version: str, dst: str | Path | None = None) -> Path:

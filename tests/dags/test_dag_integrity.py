@@ -47,7 +47,7 @@ def test_every_dag_has_a_description_and_every_param_a_title_and_description(dag
 
 def test_nightly_retrain_shape(dagbag):
     dag = dagbag.dags["nightly_retrain"]
-    assert dag.max_active_runs == 1 and dag.catchup is False
+    assert dag.max_active_runs > 1 and dag.catchup is False  # a run waiting for approval holds back no other
     assert {t.task_id for t in dag.tasks} >= {"cooldown", "collect_data", "validate_data", "train_gpu", "export_onnx",
                                               "build_inference_image", "system_eval", "drift_check", "promote"}
     assert dag.get_task("collect_data").upstream_task_ids == {"cooldown"}

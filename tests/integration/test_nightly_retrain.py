@@ -59,7 +59,10 @@ def env(tmp_path_factory):
     gates = home / "gates.yaml"
     policy = (ROOT / "include" / "gates.yaml").read_text()
     assert "min_accuracy: 0.9" in policy
-    gates.write_text(policy.replace("min_accuracy: 0.9", "min_accuracy: 0.8"))
+    # 600 photos leave about 60 test images: the production minimum (200) would (rightly) refuse them
+    assert "min_test_images: 200" in policy
+    gates.write_text(policy.replace("min_accuracy: 0.9", "min_accuracy: 0.8")
+                     .replace("min_test_images: 200", "min_test_images: 30"))
     os.environ.update({
         "NIGHTSHIFT_GATES_FILE": str(gates),
         "NIGHTSHIFT_ARTIFACT_ROOT": str(home / "artifacts"),

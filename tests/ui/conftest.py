@@ -12,7 +12,8 @@ import pytest
 MODEL = "nightshift-classifier"
 DAG = "nightly_retrain"
 T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 200.0, "min_throughput_rps": 10.0,
-     "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0, "champion_relative_tolerance": 0.0}
+     "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0, "champion_relative_tolerance": 0.0,
+     "min_test_images": 100, "champion_alpha": 0.05}
 
 
 def _version(c, root: Path, tmp: Path, n: int, acc: float, champion: dict | None) -> dict:
@@ -36,7 +37,8 @@ def _version(c, root: Path, tmp: Path, n: int, acc: float, champion: dict | None
     ev = Evidence(validation_passed=True, offline_accuracy=acc, parity_passed=True, served_accuracy=acc,
                   p95_latency_ms=4.5, serving_errors=0, champion_accuracy=champion["acc"] if champion else None,
                   champion_version=champion["version"] if champion else None, p99_latency_ms=6.0,
-                  throughput_rps=400.0)
+                  throughput_rps=400.0, test_images=400, served_images=400,
+                  champion_only_correct=20 if champion else None, candidate_only_correct=0 if champion else None)
     decision = decide(f"cand{n}", ev, T)
     outcome = registry.register_candidate(
         c, MODEL, mlflow_run, artifact_path="onnx", decision=decision,

@@ -102,3 +102,43 @@ def test_view_and_reports_render(client, world_env):
                                   "/reports/%2e%2e/mlflow.db", "/reports/runs/%2e%2e/%2e%2e/mlflow.db"])
 def test_paths_outside_the_served_folders_are_404(client, path):
     assert client.get(path, headers=_bearer("viewer")).status_code == 404
+
+
+def test_a_report_is_authorized_on_the_dag_its_run_recorded_not_on_the_folder_name(client, am, tmp_path,
+                                                                                    monkeypatch):
+    """``_private``, ``private_`` and ``private`` once shared the folder ``runs/private``: a user
+    allowed on ``private`` could read ``_private``'s reports (issue 19, item 9)."""
+    from nightshift.artifacts import RUN_META, atomic_write_json, run_dir
+    from nightshift.ui import app as ui_app
+
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path))
+    run_id = "manual__2026-11-01T02:00:00+00:00"
+    rel = {}
+    for dag in ("private", "_private", "private_"):
+        folder = run_dir(tmp_path, dag, run_id)
+        atomic_write_json(folder / "promotion.json", {"dag": dag})
+        rel[dag] = f"/reports/{folder.relative_to(tmp_path).as_posix()}/promotion.json"
+    assert len(set(rel.values())) == 3
+    am.denied_dags.update({"_private", "private_"})
+    ok = client.get(rel["private"], headers=_bearer("viewer"))
+    assert ok.status_code == 200 and "private" in ok.text
+    for dag in ("_private", "private_"):
+        r = client.get(rel[dag], headers=_bearer("viewer"))
+        assert r.status_code == 403 and repr(dag) in r.json()["detail"], dag
+    # a run.json naming a DAG whose runs live elsewhere is not believed
+    forged = tmp_path / "runs" / "private" / "forged"
+    atomic_write_json(forged / "promotion.json", {})
+    atomic_write_json(forged / RUN_META, {"dag_id": "_private", "run_id": "forged"})
+    # a folder recording no DAG (written before run.json) needs every DAG whose runs it may hold
+    legacy = tmp_path / "runs" / "private" / "manual__2026-10-01T02_00_00_00_00"
+    atomic_write_json(legacy / "promotion.json", {})
+    monkeypatch.setattr(ui_app, "_known_dag_ids", lambda: ["private", "_private", "private_", "other"])
+    for folder in (forged, legacy):
+        url = f"/reports/{folder.relative_to(tmp_path).as_posix()}/promotion.json"
+        assert client.get(url, headers=_bearer("viewer")).status_code == 403, folder
+    am.denied_dags.clear()
+    assert client.get(f"/reports/{legacy.relative_to(tmp_path).as_posix()}/promotion.json",
+                      headers=_bearer("viewer")).status_code == 200
+    monkeypatch.setattr(ui_app, "_known_dag_ids", lambda: ["other"])  # no DAG could own it: refused
+    assert client.get(f"/reports/{legacy.relative_to(tmp_path).as_posix()}/promotion.json",
+                      headers=_bearer("viewer")).status_code == 403

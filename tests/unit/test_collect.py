@@ -243,3 +243,70 @@ def test_the_reuse_key_names_the_decoder_versions(monkeypatch):
     assert source_key(src, (32, 32, 3)) == before and source_key(src, (16, 16, 3)) != before
     monkeypatch.setattr(PIL, "__version__", "0.0-other")
     assert source_key(src, (32, 32, 3)) != before
+
+
+def _main_module(tmp_path: Path, how: str):
+    """A ``__main__`` that breaks any worker process that re-imports it, as the ``airflow``
+    entry point does inside a task (the supervisor has blocked the metadata DB there)."""
+    import importlib.util
+    import shutil
+    import types
+
+    main = types.ModuleType("__main__")
+    if how == "airflow entry point":  # the real thing: `airflow` re-run in a task process's child
+        main.__file__, main.__spec__ = shutil.which("airflow"), None
+        assert main.__file__, "the airflow entry point is not on PATH"
+    elif how == "script":
+        script = tmp_path / "exploding_main.py"
+        script.write_text("raise RuntimeError('a decode worker re-ran the parent main script')\n")
+        main.__file__, main.__spec__ = str(script), None
+    else:  # a main started with `python -m <module>`: re-imported by name
+        (tmp_path / "ns_exploding_main.py").write_text("raise RuntimeError('a decode worker re-imported main')\n")
+        main.__spec__ = importlib.util.spec_from_file_location("ns_exploding_main", tmp_path / "ns_exploding_main.py")
+        main.__file__ = main.__spec__.origin
+    return main
+
+
+@pytest.mark.parametrize("how", ["airflow entry point", "script", "module"])
+def test_decode_workers_never_rerun_the_parents_main(folder, tmp_path, monkeypatch, how):
+    """Under a real scheduler the task's main is the `airflow` entry point: spawned decode workers
+    that re-ran it died (BrokenProcessPool, 'Could not parse SQLAlchemy URL')."""
+    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "airflow-db-not-allowed:///")  # as in a task
+    monkeypatch.syspath_prepend(str(tmp_path))
+    main = _main_module(tmp_path, how)
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    snap, stats = collect_imagefolder(folder, SHAPE, tmp_path / "snaps", shard_mb=SMALL_SHARD_MB, workers=2)
+    assert stats.decoded == 300 and snap.count("train") > 0
+    assert sys.modules["__main__"] is main  # the parent's main is back
+
+
+def _airflow_and_main() -> tuple[list[str], str | None, str]:
+    main = sys.modules["__main__"]
+    return ([m for m in sys.modules if m == "airflow" or m.startswith("airflow.")],
+            getattr(main, "__file__", None), getattr(main.__spec__, "name", None) or "")
+
+
+def test_decode_workers_import_no_airflow(tmp_path, monkeypatch):
+    from concurrent.futures import ProcessPoolExecutor
+
+    import airflow  # noqa: F401 - the parent has it, as a task process does
+
+    from nightshift.data.workers import worker_context
+
+    monkeypatch.setitem(sys.modules, "__main__", _main_module(tmp_path, "airflow entry point"))
+    with ProcessPoolExecutor(max_workers=1, mp_context=worker_context()) as pool:
+        airflow_modules, main_file, main_name = pool.submit(_airflow_and_main).result(timeout=60)
+    assert airflow_modules == [] and main_file is None and main_name == ""
+
+
+def test_collect_workers_setting(monkeypatch):
+    from nightshift.data.collect import default_workers
+
+    monkeypatch.setenv("NIGHTSHIFT_COLLECT_WORKERS", "3")
+    assert default_workers() == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("NIGHTSHIFT_COLLECT_WORKERS", bad)
+        with pytest.raises(DataError, match="NIGHTSHIFT_COLLECT_WORKERS"):
+            default_workers()
+    monkeypatch.delenv("NIGHTSHIFT_COLLECT_WORKERS")
+    assert default_workers() >= 1

@@ -200,3 +200,101 @@ def test_truncated_image_is_listed_not_dropped(make_imagefolder):
     assert len(out.images) == 10
     assert [b["path"] for b in out.undecodable] == ["1/truncated.png"]
     assert "object at 0x" not in out.undecodable[0]["error"]
+
+
+def test_imagefolder_does_not_follow_symlinks_out_of_the_root(make_imagefolder, tmp_path, caplog):
+    """Item 11: a link (file or folder) that resolves outside the source root is not read: it is
+    recorded with where it points, a warning is logged, and validation fails naming it; a link
+    that stays inside the root is followed."""
+    import logging
+
+    from nightshift.quality import ValidationConfig, validate_snapshot
+
+    root = make_imagefolder(classes=("0", "1"), per_class=30)
+    private = make_imagefolder(classes=("8",), per_class=5, name="private")
+    secret = sorted((private / "8").iterdir())[0]
+    (root / "0" / "escape.png").symlink_to(secret)  # a file link out of the root
+    (root / "8").symlink_to(private / "8", target_is_directory=True)  # a class folder link out of the root
+    inside = sorted((root / "0").glob("0*.png"))[0]
+    (root / "1" / "inside.png").symlink_to(inside)  # a link inside the root: fine
+    (root / "1" / "dangling.png").symlink_to(root / "1" / "gone.png")  # points nowhere: reported, not a crash
+
+    with caplog.at_level(logging.WARNING, logger="nightshift.data.sources"):
+        listing = sources.list_imagefolder(root)
+    skipped = {s["path"]: s["error"] for s in listing.skipped}
+    assert set(skipped) == {"0/escape.png", "8/", "1/dangling.png"}
+    assert skipped["0/escape.png"].startswith(f"symbolic link to {secret}, outside the source root {root}")
+    assert "not followed" in skipped["8/"] and str(private / "8") in skipped["8/"]
+    assert "cannot be read" in skipped["1/dangling.png"]
+    assert listing.class_names == ["0", "1"]  # the linked-in class is not collected
+    rels = [e.rel for e in listing.entries]
+    assert "1/inside.png" in rels and "0/escape.png" not in rels and not any(r.startswith("8/") for r in rels)
+    assert any("lead outside the source root" in r.message and "0/escape.png" in r.message for r in caplog.records)
+
+    data = sources.load_imagefolder(root, (8, 8, 1))
+    assert len(data.images) == 61  # 60 photos + the inside link; nothing from outside the root
+    assert {u["path"] for u in data.undecodable} == {"0/escape.png", "8/", "1/dangling.png"}
+    snap = write_snapshot(data, tmp_path / "snaps")
+    config = ValidationConfig(class_names=["0", "1"], image_shape=(8, 8, 1), min_rows=10)
+    result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
+    assert result["success"] is False
+    [f] = [f for f in result["failures"] if f["check"] == "no_undecodable"]
+    assert "0/escape.png (symbolic link to" in f["summary"] and "8/ (symbolic link to" in f["summary"]
+
+    # a configured class whose folder is a link out of the root: the error says so
+    with pytest.raises(DataError, match=r"no folder for configured class.*\['8'\].*not followed: \['8/'\]"):
+        sources.list_imagefolder(root, ["0", "1", "8"])
+
+    # the same through an object-storage path on file://
+    from airflow.sdk import ObjectStoragePath
+
+    listing = sources.list_imagefolder(ObjectStoragePath(f"file://{root}"))
+    assert {"0/escape.png", "8/"} <= {s["path"] for s in listing.skipped}
+
+
+def test_one_bright_photo_in_an_imagefolder_is_listed_not_fatal(make_imagefolder, tmp_path):
+    """Item 8 end to end: decoded from files, one near-white photo (mean brightness above 250, like
+    the sky crop of issue 19) passes validation with the default suite and is named in the report."""
+    from PIL import Image
+
+    from nightshift.quality import ValidationConfig, validate_snapshot
+
+    root = make_imagefolder(classes=("0", "1", "2"), per_class=30)
+    yy, xx = np.mgrid[0:16, 0:16]
+    sky = (255 - (yy + 2 * xx) % 7).astype(np.uint8)  # bright, faintly textured
+    Image.fromarray(np.stack([sky, sky, sky], axis=2)).save(root / "2" / "sky.png")
+    snap = write_snapshot(sources.load_imagefolder(root, (16, 16, 1)), tmp_path / "snaps")
+    config = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1))
+    result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
+
+    assert result["success"] is True, result["failures"]
+    bright = next(a for a in result["appearance"] if a["check"] == "brightness_range")
+    assert bright["outliers"] == 1 and bright["rows"] == 91 and bright["passed"] is True
+    [image] = bright["images"]
+    assert image["source"] == "2/sky.png" and image["value"] > 250
+    assert any("2/sky.png" in w for w in result["warnings"])
+
+    strict = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1), max_outlier_share=0)
+    assert validate_snapshot(snap.profile(), snap.manifest, strict, tmp_path / "strict")["success"] is False
+
+
+def test_partition_links_out_of_the_root_are_not_followed(make_imagefolder, tmp_path):
+    """Item 11 with date partitions: a partition folder linked in from outside is not read; it keeps
+    its place in the window and is recorded there; older than the window, it is none of the run's business."""
+    root = tmp_path / "parts"
+    root.mkdir()
+    make_imagefolder(classes=("0", "1"), per_class=6, name="parts/2026-11-02")
+    outside = make_imagefolder(classes=("0", "1"), per_class=6, name="elsewhere")
+    (root / "2026-11-01").symlink_to(outside, target_is_directory=True)  # older than a window of 1
+    (root / "2026-11-03").symlink_to(outside, target_is_directory=True)  # the newest partition
+
+    # the newest partition is the link: no quiet fall-back to an older one
+    with pytest.raises(DataError, match=r"no class folders.*not followed: \['2026-11-03/'\]"):
+        sources.list_imagefolder(root, partition_window=1)
+    listing = sources.list_imagefolder(root, partition_window=2)
+    assert listing.partitions == ["2026-11-02"]  # never the linked-in folder
+    assert [s["path"] for s in listing.skipped] == ["2026-11-03/"]
+    assert "outside the source root" in listing.skipped[0]["error"]
+    listing = sources.list_imagefolder(root, partition_window=3)
+    assert listing.partitions == ["2026-11-02"]
+    assert [s["path"] for s in listing.skipped] == ["2026-11-01/", "2026-11-03/"]

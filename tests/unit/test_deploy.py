@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -132,3 +133,186 @@ def test_a_deploy_killed_while_blue_drains_names_green_and_the_next_removes_blue
     finally:
         d.undeploy()
         client.images.remove(green_img, force=True)
+
+
+# --------------------------------------------------------------------------- one writer, on the real daemon
+
+
+@pytest.fixture(scope="module")
+def versioned_images(serving_docker, serving_image):
+    """Three images of the tiny model whose servers report versions ``111111111111``,
+    ``222222222222``, ``333333333333`` (the first 12 characters of each version's onnx digest tag)."""
+    client = serving_docker
+    out = {}
+    for i in (1, 2, 3):
+        tag = f"nightshift-test/tiny:served-{i}"
+        fix = (f"import json; p='/models/tiny/model.json'; m=json.load(open(p)); m['version']='{str(i) * 12}'; "
+               "json.dump(m, open(p, 'w'))")
+        _derived(client, serving_image["image"], tag, "USER root", f'RUN python3 -c "{fix}"', "USER 10001:10001")
+        out[str(i)] = {"image": tag, "image_id": client.images.get(tag).id}
+    yield out
+    for v in out.values():
+        client.images.remove(v["image"], force=True)
+
+
+def _registry_with_three_versions(tmp_path, images):
+    from nightshift import contracts, registry
+    from nightshift.gates import Decision
+
+    c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    root = tmp_path / "artifacts"
+    (tmp_path / "onnx").mkdir()
+    (tmp_path / "onnx" / "model.onnx").write_bytes(b"x")
+    for i in ("1", "2", "3"):
+        with registry.training_run(c, "exp", f"r{i}", tags={}, params={},
+                                   artifact_location=(tmp_path / "art").as_uri()) as run_id:
+            registry.log_artifacts(c, run_id, tmp_path / "onnx", "onnx")
+        prev = registry.get_champion(c, "tiny")
+        out = registry.register_candidate(
+            c, "tiny", run_id, artifact_path="onnx",
+            tags={"onnx_sha256": i * 64, "image": images[i]["image"], "image_id": images[i]["image_id"]},
+            decision=Decision("BLESSED", "test", prev["version"] if prev else None))
+        contracts.append_history(root, contracts.HistoryEvent(
+            model="tiny", action="promoted", version=out["version"], previous_champion=out["previous_champion"],
+            champion=out["champion"], reason="test"))
+    return c, root
+
+
+def _deployer(client, root, port, hook=None):
+    return LocalDeployer(client, model_name="tiny", artifact_root=root, port=port, ready_timeout_s=30,
+                         drain_timeout_s=2, hook=hook)
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("serving,first,point", [("2", "deploy", "champion_read"), ("2", "deploy", "before_switch"),
+                                                 ("3", "rollback", "green_started"),
+                                                 ("3", "rollback", "before_record")])
+def test_rollback_racing_the_nightly_deploy_ends_serving_the_registry_champion(
+        serving_docker, versioned_images, tmp_path, serving, first, point):
+    """Issue 19 item 4 on the real daemon: the nightly run promoted v3 and its deploy runs while a
+    person rolls back to ``previous`` (v2). When the first writer reaches ``point`` the second
+    starts and waits on the champion lock; the stable port ends serving exactly the registry's
+    champion, the state names that container, and no other serving container is left."""
+    import requests
+
+    from nightshift import champion, registry
+    from nightshift.containers import DEPLOYMENT_LABEL, ROLE_LABEL
+
+    client = serving_docker
+    c, root = _registry_with_three_versions(tmp_path, versioned_images)
+    port = _free_port()
+    base = _deployer(client, root, port)
+    base.deploy(versioned_images[serving]["image"], registry_version=serving, model_version=serving * 12)
+    second_waits, errors = threading.Event(), []
+
+    def run_second():
+        try:
+            d = _deployer(client, root, port)
+            hook = (lambda p: second_waits.set() if p == "lock_wait" else None)
+            if first == "deploy":
+                champion.change_champion(c, model_name="tiny", artifact_root=root, version="previous",
+                                         action="rolled_back", reason="v3 misbehaves", actor="ops", deployer=d,
+                                         run_id="rb", hook=hook)
+            else:
+                champion.reconcile(c, d, reason="nightly", hook=hook)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    second = threading.Thread(target=run_second)
+
+    def first_hook(p):
+        if p == point and second.ident is None:
+            second.start()
+            deadline = time.monotonic() + 30
+            while not second_waits.is_set() and second.is_alive() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert second.is_alive(), f"the second writer finished while the first was at {point}"
+
+    try:
+        d1 = _deployer(client, root, port, hook=first_hook)
+        if first == "deploy":
+            champion.reconcile(c, d1, reason="nightly", hook=first_hook)
+        else:
+            champion.change_champion(c, model_name="tiny", artifact_root=root, version="previous",
+                                     action="rolled_back", reason="v3 misbehaves", actor="ops", deployer=d1,
+                                     run_id="rb", hook=first_hook)
+        assert second.ident is not None, f"the first writer never passed {point}"
+        second.join(120)
+        assert not errors, errors
+        assert second_waits.is_set()
+        champ = registry.get_champion(c, "tiny")["version"]
+        assert champ == "2"
+        meta = requests.get(f"{base.url}/v2/models/tiny", timeout=5).json()
+        assert meta["versions"] == [champ * 12]  # the stable port serves exactly the champion
+        state = base.state()
+        assert state["registry_version"] == champ and base.upstream_port() == state["port"]
+        serving_now = client.containers.list(all=True, filters={"label": [f"{DEPLOYMENT_LABEL}={base.deployment_id}",
+                                                                           f"{ROLE_LABEL}=serving"]})
+        assert [x.name for x in serving_now] == [state["container"]]  # no orphaned container
+    finally:
+        if second.ident is not None:
+            second.join(120)
+        base.undeploy()
+
+
+@pytest.mark.docker
+def test_repeated_rollback_on_the_real_daemon_always_moves(serving_docker, versioned_images, tmp_path):
+    """rollback previous, twice: v3 -> v2 -> v1, each served; the third has nowhere to go and moves nothing."""
+    import requests
+
+    from nightshift import champion, registry
+
+    client = serving_docker
+    c, root = _registry_with_three_versions(tmp_path, versioned_images)
+    d = _deployer(client, root, _free_port())
+    try:
+        champion.reconcile(c, d, reason="nightly")
+        served = []
+        for i in (1, 2, 3):
+            try:
+                out = champion.change_champion(c, model_name="tiny", artifact_root=root, version="previous",
+                                               action="rolled_back", reason="bad", actor="ops", deployer=d,
+                                               run_id=f"rb{i}")
+                assert out["moved"]
+            except ConfigError as exc:
+                assert i == 3 and "records no champion before v1" in str(exc)
+            served.append((registry.get_champion(c, "tiny")["version"],
+                           requests.get(f"{d.url}/v2/models/tiny", timeout=5).json()["versions"][0]))
+        assert served == [("2", "2" * 12), ("1", "1" * 12), ("1", "1" * 12)]
+    finally:
+        d.undeploy()
+
+
+@pytest.mark.docker
+def test_request_log_folder_is_not_world_writable_and_the_server_writes_it(serving_docker, serving_image, tmp_path):
+    """Issue 19 item 10 (host part): the deployed server writes its request log into a folder
+    no other local user can write (old code: chmod 1777)."""
+    import json
+    import stat
+
+    import numpy as np
+    import requests
+
+    from nightshift.containers import SERVING_UID
+
+    d = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+                      ready_timeout_s=30, drain_timeout_s=2)
+    try:
+        d.deploy(serving_image["image"], registry_version="1")
+        x = np.arange(2 * 16, dtype=np.uint8).reshape(2, 4, 4, 1)
+        body = {"inputs": [{"name": "pixels", "shape": list(x.shape), "datatype": "UINT8",
+                            "data": x.ravel().tolist()}]}
+        r = requests.post(f"{d.url}/v2/models/tiny/infer", data=json.dumps(body), timeout=10,
+                          headers={"Content-Type": "application/json"})
+        assert r.status_code == 200, r.text
+        mode = d.log_dir.stat().st_mode
+        assert not mode & (stat.S_IWOTH | stat.S_IWGRP), oct(mode)  # nobody else can forge the traffic
+        assert d.log_dir.stat().st_uid == (SERVING_UID if os.geteuid() == 0 else os.getuid())
+        deadline, records = time.monotonic() + 15, []
+        while time.monotonic() < deadline and len(records) < 2:
+            records = [json.loads(line) for f in sorted(d.log_dir.glob("requests-*.jsonl*"))
+                       for line in f.read_text().splitlines() if line.strip()]
+            time.sleep(0.2)
+        assert len(records) == 2 and records[0]["model_name"] == "tiny"  # the server could write there
+    finally:
+        d.undeploy()

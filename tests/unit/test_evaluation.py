@@ -10,8 +10,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
+from nightshift.containers import free_port
 from nightshift.errors import DataError, ServingError
-from nightshift.evaluation import InferenceContainer, evaluate_endpoint, free_port
+from nightshift.evaluation import InferenceContainer, evaluate_endpoint
 
 
 @pytest.fixture
@@ -142,6 +143,27 @@ def test_stop_before_start_is_a_no_op():
     assert c.url == f"http://127.0.0.1:{c.port}" and c.name.startswith("nightshift-eval-")
 
 
+def test_container_arguments_come_from_serving_run_kwargs(tmp_path):
+    """InferenceContainer's ``containers.run`` arguments are containers.serving_run_kwargs' (what
+    deploy uses), with the system-eval labels, no restart policy, and the extras on top."""
+    from nightshift.containers import CONTAINER_LOG_DIR, ServingConfig, serving_run_kwargs
+
+    config = ServingConfig(environment={"NIGHTSHIFT_REQUEST_LOG_ROTATE_S": "5"})
+    c = InferenceContainer("img:1", docker_client=object(), config=config, request_log_dir=tmp_path / "log",
+                           owner="d/r/t")
+    spec = c.run_kwargs()
+    assert spec == serving_run_kwargs("img:1", name=c.name, port=c.port, config=config,
+                                      request_log_dir=tmp_path / "log", labels=c.labels)
+    assert spec["environment"]["NIGHTSHIFT_REQUEST_LOG_SAMPLE"] == "1.0" and "restart_policy" not in spec
+    assert spec["labels"]["ai.nightshift.role"] == "system-eval" and spec["labels"]["ai.nightshift.owner"] == "d/r/t"
+    bare = InferenceContainer("img:1", docker_client=object(), config=config, environment={"MODEL_URI": "file:///m"},
+                              volumes={"/host/m": {"bind": "/m", "mode": "ro"}}).run_kwargs()
+    assert "NIGHTSHIFT_REQUEST_LOG_DIR" not in bare["environment"]  # no folder given: no request log
+    assert bare["environment"]["MODEL_URI"] == "file:///m" and bare["environment"]["NIGHTSHIFT_REQUEST_LOG_ROTATE_S"] == "5"
+    assert bare["volumes"] == {"/host/m": {"bind": "/m", "mode": "ro"}} and bare["mem_limit"] == "2g"
+    assert CONTAINER_LOG_DIR in {v["bind"] for v in spec["volumes"].values()}
+
+
 # ----------------------------------------------------------------------------- real container
 
 
@@ -158,22 +180,19 @@ def _gone(client, name: str) -> bool:
 @pytest.mark.docker
 def test_container_serves_tritonclient_and_is_removed(serving_image, serving_docker, serving_eval_set, tmp_path,
                                                       tiny_onnx_forward):
-    """The built image, hardened as SystemEval runs it: NVIDIA's client in JSON and binary mode,
-    /metrics, and the request log in a mounted directory."""
+    """The built image, hardened as SystemEval (and deploy) run it: NVIDIA's client in JSON and
+    binary mode, /metrics, and the request log in a mounted folder at the deployed rate."""
     import json
     import os
+    import stat
 
     import requests
     import tritonclient.http as th
 
     images, labels = serving_eval_set
     log_dir = tmp_path / "requests"
-    log_dir.mkdir()
-    os.chmod(log_dir, 0o777)  # the image runs as uid 10001
-    env = {"NIGHTSHIFT_REQUEST_LOG_DIR": "/var/log/nightshift", "NIGHTSHIFT_REQUEST_LOG_SAMPLE": "1",
-           "NIGHTSHIFT_GRACEFUL_TIMEOUT_S": "2"}
-    with InferenceContainer(serving_image["image"], docker_client=serving_docker, environment=env,
-                            volumes={str(log_dir): {"bind": "/var/log/nightshift", "mode": "rw"}}) as c:
+    with InferenceContainer(serving_image["image"], docker_client=serving_docker, request_log_dir=log_dir,
+                            environment={"NIGHTSHIFT_GRACEFUL_TIMEOUT_S": "2"}) as c:
         waited = c.wait_ready(timeout_s=60)
         assert waited >= 0
         info = serving_docker.containers.get(c.name).attrs
@@ -184,6 +203,8 @@ def test_container_serves_tritonclient_and_is_removed(serving_image, serving_doc
         assert info["Config"]["Labels"]["ai.nightshift.role"] == "system-eval"
         assert f"NIGHTSHIFT_PORT={c.port}" in info["Config"]["Env"]
         assert "NIGHTSHIFT_HOST=127.0.0.1" in info["Config"]["Env"]
+        assert "NIGHTSHIFT_REQUEST_LOG_SAMPLE=1.0" in info["Config"]["Env"]
+        assert not stat.S_IMODE(os.stat(log_dir).st_mode) & 0o002  # never world-writable
         res = evaluate_endpoint(c.url, "tiny", images, labels, batch_size=4)
         assert res["errors"] == 0 and res["accuracy"] == pytest.approx(0.75)
 

@@ -5,13 +5,16 @@ import pytest
 from nightshift.gates import BLESSED, NOT_BLESSED, THRESHOLD_KEYS, Evidence, decide
 
 T = {"min_accuracy": 0.9, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 200.0, "min_throughput_rps": 50.0,
-     "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01, "champion_relative_tolerance": 0.02}
+     "served_accuracy_tolerance": 0.01, "champion_tolerance": 0.01, "champion_relative_tolerance": 0.02,
+     "min_test_images": 200, "champion_alpha": 0.05}
 
 
 def good(**over) -> Evidence:
     e = dict(validation_passed=True, offline_accuracy=0.95, parity_passed=True, served_accuracy=0.95,
              p95_latency_ms=20.0, serving_errors=0, champion_accuracy=None, champion_version=None,
-             p99_latency_ms=40.0, throughput_rps=300.0)
+             p99_latency_ms=40.0, throughput_rps=300.0, test_images=1000, served_images=1000)
+    if over.get("champion_accuracy") is not None:  # a re-scored champion comes with its paired counts
+        e.update(champion_only_correct=12, candidate_only_correct=10)
     e.update(over)
     return Evidence(**e)
 
@@ -112,6 +115,12 @@ def test_overrides_looser_than_the_gate_file_are_named_and_tighter_ones_are_not(
     assert [w.split("=")[0] for w in looser] == ["min_accuracy", "max_p95_latency_ms", "min_throughput_rps",
                                                  "champion_tolerance"]
     assert "0.8" in looser[0] and "0.9" in looser[0] and str(f) in looser[0]
+    # less evidence and a smaller significance level are looser too
+    f2 = tmp_path / "evidence.yaml"
+    f2.write_text("thresholds:\n  min_test_images: 200\n  champion_alpha: 0.05\n")
+    assert [w.split("=")[0] for w in loosened_by_overrides(str(f2), {"min_test_images": 50, "champion_alpha": 0.01})] \
+        == ["min_test_images", "champion_alpha"]
+    assert loosened_by_overrides(str(f2), {"min_test_images": 500, "champion_alpha": 0.1}) == []
     (unset,) = loosened_by_overrides(str(f), {"max_p99_latency_ms": 1000})  # the file says: never promote
     assert "unset" in unset
     assert loosened_by_overrides("", {"min_accuracy": 0.0}) == []  # no gate file: the thresholds are the policy
@@ -126,10 +135,114 @@ def test_overrides_looser_than_the_gate_file_are_named_and_tighter_ones_are_not(
 
 
 def test_served_model_accuracy_is_the_int8_models_when_it_serves():
-    from nightshift.operators.promote import served_model_accuracy
+    from nightshift.promotion import served_model_accuracy
 
     train = {"metrics": {"test_accuracy": 0.97}}
     kept = {"variant": "int8", "quantization": {"kept": True, "int8_accuracy": 0.962, "fp32_accuracy": 0.97}}
     assert served_model_accuracy(train, kept) == 0.962
     assert served_model_accuracy(train, {"variant": "fp32", "quantization": {"kept": False, "int8_accuracy": 0.5}}) == 0.97
     assert served_model_accuracy(train, {}) == 0.97
+
+
+# --- minimum evidence, intervals and the paired comparison (issue 19, item 6) ------------------
+
+
+def test_too_few_test_images_fail_every_accuracy_gate_even_on_a_tie():
+    """Five test images, candidate and champion both 5/5: not enough evidence, never BLESSED."""
+    d = decide("abc", good(offline_accuracy=1.0, served_accuracy=1.0, test_images=5, served_images=5,
+                           champion_accuracy=1.0, champion_version="2", candidate_accuracy_same_split=1.0,
+                           champion_only_correct=0, candidate_only_correct=0), T)
+    assert d.decision == NOT_BLESSED
+    failed = {g.name: g.detail for g in d.gates if not g.passed}
+    assert set(failed) == {"offline_accuracy", "served_accuracy", "vs_champion"}
+    assert failed["offline_accuracy"].startswith("not enough evidence: 5 test images < min_test_images 200")
+    assert failed["served_accuracy"].startswith("not enough evidence: 5 served test images < min_test_images 200")
+    assert failed["vs_champion"].startswith("not enough evidence: 5 test images < min_test_images 200")
+    assert "not enough evidence" in d.reason
+    first = decide("abc", good(test_images=5, served_images=5), T)  # no champion: the first run too
+    assert {g.name for g in first.gates if not g.passed} == {"offline_accuracy", "served_accuracy", "vs_champion"}
+    unknown = decide("abc", good(test_images=None, served_images=None), T)  # fail closed
+    assert not unknown.blessed and "number of test images is unknown" in unknown.reason
+    enough = decide("abc", good(test_images=200, served_images=200), T)  # at the minimum: enough
+    assert enough.blessed
+
+
+def test_accuracy_gates_report_wilson_intervals_and_n():
+    d = decide("abc", good(test_images=221, served_images=221, champion_accuracy=0.95, champion_version="2",
+                           candidate_accuracy_same_split=0.95, champion_only_correct=3, candidate_only_correct=3), T)
+    assert d.blessed
+    g = {x.name: x for x in d.gates}
+    lo, hi = g["offline_accuracy"].ci95
+    assert g["offline_accuracy"].n == 221 and 0.90 < lo < 0.95 < hi < 0.98
+    assert "95% CI" in g["offline_accuracy"].detail and "n=221" in g["offline_accuracy"].detail
+    assert g["served_accuracy"].ci95 == [lo, hi] and g["served_accuracy"].n == 221
+    vs = g["vs_champion"].observed
+    assert vs["n"] == 221 and vs["candidate_ci95"] == vs["champion_ci95"] == [lo, hi] and vs["mcnemar_p"] == 1.0
+    assert "McNemar exact p=1" in g["vs_champion"].detail
+    assert d.reason.startswith("every gate passed on 221 test images") and "95% CI" in d.reason
+
+
+def test_wilson_interval_and_mcnemar_agree_with_statsmodels():
+    from statsmodels.stats.contingency_tables import mcnemar
+    from statsmodels.stats.proportion import proportion_confint
+
+    from nightshift.gates import mcnemar_exact, wilson_interval
+
+    for k, n in [(5, 5), (0, 7), (190, 200), (210, 221), (3, 10), (9990, 10000)]:
+        assert wilson_interval(k, n) == pytest.approx(proportion_confint(k, n, method="wilson"), abs=1e-12)
+    assert wilson_interval(0, 0) is None
+    for b, c in [(0, 0), (3, 0), (10, 2), (7, 7), (40, 20), (2, 30), (600, 500)]:
+        assert mcnemar_exact(b, c) == pytest.approx(mcnemar([[0, b], [c, 0]], exact=True).pvalue, rel=1e-9)
+
+
+@pytest.mark.parametrize("b, c, alpha, passes", [
+    (40, 20, 0.05, False),   # 20 more images only the champion gets right: p = 0.013, significantly worse
+    (40, 20, 0.01, True),    # ... not at the 1 % level
+    (40, 20, 0.0, True),     # the paired test off
+    (12, 10, 0.05, True),    # a difference of 2 images: p = 0.83, no evidence either way
+    (20, 40, 0.05, True),    # significantly *better*: never a reason to fail
+])
+def test_vs_champion_fails_a_significantly_worse_candidate_inside_the_tolerances(b, c, alpha, passes):
+    wide = T | {"champion_tolerance": 1.0, "champion_relative_tolerance": 1.0, "champion_alpha": alpha}
+    d = decide("abc", good(test_images=1000, champion_accuracy=0.95, champion_version="2",
+                           candidate_accuracy_same_split=0.95 - (b - c) / 1000, champion_only_correct=b,
+                           candidate_only_correct=c), wide)
+    gate = next(g for g in d.gates if g.name == "vs_champion")
+    assert gate.passed is passes, gate.detail
+    assert gate.observed["champion_only_correct"] == b and gate.observed["candidate_only_correct"] == c
+    if not passes:
+        assert "significantly worse" in gate.detail and f"alpha {alpha:g}" in gate.detail
+
+
+def test_vs_champion_without_per_image_results_fails_closed():
+    d = decide("abc", good(champion_accuracy=0.95, champion_version="2", champion_only_correct=None,
+                           candidate_only_correct=None), T)
+    gate = next(g for g in d.gates if g.name == "vs_champion")
+    assert not gate.passed and "McNemar's test cannot run" in gate.detail
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"champion_alpha": 1.5}, "champion_alpha=1.5 is not a significance level"),
+    ({"min_test_images": -1}, "min_test_images=-1 is negative"),
+    ({"min_test_images": "many"}, "min_test_images='many' is not a number"),
+    ({"champion_alpha": float("nan")}, "champion_alpha is not a number"),
+])
+def test_nonsense_evidence_settings_refuse_promotion_and_name_the_setting(bad, match):
+    d = decide("abc", good(), T | bad)
+    assert not d.blessed and match in d.reason
+
+
+def test_the_project_gate_file_sets_every_threshold_and_the_bundled_test_split_is_enough():
+    """include/gates.yaml is the reviewed policy: every threshold set (else nothing is ever
+    promoted), and `make run`'s bundled digits have more test images than it asks for."""
+    from pathlib import Path
+
+    from nightshift.data.snapshot import assign_splits, pixel_hashes
+    from nightshift.data.sources import load_bundled
+    from nightshift.gates import read_gate_file
+
+    policy = read_gate_file(str(Path(__file__).resolve().parents[2] / "include" / "gates.yaml"))
+    assert set(policy) == set(THRESHOLD_KEYS)
+    data = load_bundled((8, 8, 1))
+    splits = assign_splits(pixel_hashes(data.images), val_fraction=0.1, test_fraction=0.1)
+    assert int((splits == "test").sum()) >= policy["min_test_images"]

@@ -176,6 +176,9 @@ def test_promote_blesses_and_fail_on_reject_raises(ctx, candidate):
     op = PromoteModelOperator(task_id="promote", model_name="op-promote", thresholds=loose, gates_file="", **candidate)
     out = op.execute(ctx)
     assert out["promoted"] and out["champion"] == out["version"]
+    # the evidence the decision stood on: the test split's size, each accuracy with its interval
+    assert out["evidence"]["test_images"] == candidate["snapshot"]["counts"]["per_split"]["test"]
+    assert len(out["evidence"]["accuracies"]["offline_accuracy"]["ci95"]) == 2
     c = registry.client(op.settings.mlflow_tracking_uri)
     champion = registry.get_champion(c, "op-promote")
     assert champion["tags"]["nightshift.snapshot_uri"] == candidate["snapshot"]["snapshot_uri"]
@@ -405,7 +408,7 @@ def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp
     gates = tmp_path / "gates.yaml"
     gates.write_text("thresholds:\n  min_accuracy: 0.1\n  max_p95_latency_ms: 100\n  max_p99_latency_ms: 100\n"
                      "  min_throughput_rps: 0\n  served_accuracy_tolerance: 0\n  champion_tolerance: 0\n"
-                     "  champion_relative_tolerance: 0\n")
+                     "  champion_relative_tolerance: 0\n  min_test_images: 100\n  champion_alpha: 0.05\n")
     c = registry.client(f"sqlite:///{ctx_home(ctx)}/mlflow.db")
     loosened = PromoteModelOperator(task_id="promote", model_name="op-loosen", gates_file=str(gates),
                                     thresholds={"min_accuracy": 0.05, "max_p95_latency_ms": None},

@@ -41,14 +41,18 @@ def test_clean_data_passes_and_writes_report(quality_profile, quality_manifest, 
     assert result["evaluated"] >= 25  # one not-null check per column plus the rest
     stats = result["statistics"]
     assert stats["rows"] == len(quality_profile) == 1797
-    assert stats["undecodable"] == 0 and stats["train_test_overlap"] == 0
+    assert stats["undecodable"] == 0 and stats["train_test_overlap"] == 0 and stats["conflicting_labels"] == 0
+    assert stats["appearance_outliers"] == 0 and result["warnings"] == []
+    assert [(a["check"], a["outliers"], a["passed"]) for a in result["appearance"]] == [
+        ("brightness_range", 0, True), ("min_contrast", 0, True)]
     assert set(stats["per_class_train"]) == {str(i) for i in range(10)}
     assert elapsed < 30, f"validation of 1,797 rows took {elapsed:.1f}s"
 
     report = json.loads((tmp_path / "validation.json").read_text())
     assert result["report_path"] == str(tmp_path / "validation.json")
     assert report["summary"]["success"] is True
-    assert set(report["gx_results"]) == {"profile", "undecodable_files", "train_class_counts", "train_test_overlap"}
+    assert set(report["gx_results"]) == {
+        "profile", "undecodable_files", "train_class_counts", "train_test_overlap", "conflicting_labels"}
     assert all(r["success"] for r in report["gx_results"].values())
     json.dumps(result, allow_nan=False)  # strictly JSON-safe
     raise_for_failures(result)  # no exception on success
@@ -119,7 +123,7 @@ def test_undecodable_files_are_listed(quality_profile, quality_manifest, quality
     assert f["expectation"] == "expect_table_row_count_to_equal"
     assert f["observed"] == 2
     assert f["summary"] == (
-        "2 source file(s) could not be decoded: incoming/cat.png (cannot identify image file), "
+        "2 source file(s) could not be read or decoded: incoming/cat.png (cannot identify image file), "
         "incoming/half.jpg (image file is truncated)"
     )
     assert f["details"][0] == {"path": "incoming/cat.png", "error": "cannot identify image file"}
@@ -154,9 +158,10 @@ def test_class_below_minimum_is_detected(quality_profile, quality_manifest, qual
 
 
 def test_train_test_duplicate_is_detected(quality_profile, quality_manifest, quality_config, tmp_path):
-    train = quality_profile.index[quality_profile["split"] == "train"][:3]
     test = quality_profile.index[quality_profile["split"] == "test"][:3]
-    quality_profile.loc[test, "sha256"] = quality_profile.loc[train, "sha256"].to_numpy()
+    train = [quality_profile.index[(quality_profile["split"] == "train")
+                                   & (quality_profile["label"] == quality_profile.loc[t, "label"])][0] for t in test]
+    quality_profile.loc[test, "sha256"] = quality_profile.loc[train, "sha256"].to_numpy()  # same label: no conflict
     result = validate_snapshot(quality_profile, quality_manifest, quality_config, tmp_path)
 
     f = _failure(result, "no_train_test_overlap")
@@ -179,17 +184,30 @@ def test_blank_images_fail_brightness_and_contrast(
     images[12] = 128  # flat grey: brightness fine, no contrast
     d = quality_digits
     profile = quality_make_profile(images, d["labels"], d["splits"], d["class_names"])
-    result = validate_snapshot(profile, quality_manifest, quality_config, tmp_path)
+    strict = ValidationConfig(class_names=None, image_shape=(8, 8, 1), max_outlier_share=0)
+    result = validate_snapshot(profile, quality_manifest, strict, tmp_path)
 
     b = _failure(result, "brightness_range")
-    assert b["summary"] == "2 of 1797 rows have brightness outside [5, 250] (values 0, 255): digits:10, digits:11"
+    assert b["kind"] == "appearance"
+    assert b["summary"] == (
+        "2 of 1797 images (0.111%) have brightness outside [5, 250]: digits:10 (0), digits:11 (255); "
+        "more than the 0% (0 of 1797) tolerated (max_outlier_share=0)"
+    )
     c = _failure(result, "min_contrast")
-    assert c["summary"].startswith("3 of 1797 rows have contrast (pixel std) below 1")
-    assert c["summary"].endswith("digits:10, digits:11, digits:12")
+    assert c["summary"].startswith("3 of 1797 images (0.167%) have contrast (pixel std) below 1")
+    assert "digits:10 (0), digits:11 (0), digits:12 (0);" in c["summary"]
     assert [r["source"] for r in c["details"]] == ["digits:10", "digits:11", "digits:12"]
+    assert _checks(result) == {"brightness_range", "min_contrast"}
 
-    lenient = ValidationConfig(class_names=None, image_shape=(8, 8, 1), mostly=0.99)
-    assert validate_snapshot(profile, quality_manifest, lenient, tmp_path)["success"] is True
+    # the default tolerates a few outliers (2%) and still lists them
+    result = validate_snapshot(profile, quality_manifest, quality_config, tmp_path)
+    assert result["success"] is True, result["failures"]
+    assert result["statistics"]["appearance_outliers"] == 3
+    bright = result["appearance"][0]
+    assert bright["check"] == "brightness_range" and bright["passed"] is True and bright["outliers"] == 2
+    assert [(i["index"], i["source"], i["value"]) for i in bright["images"]] == [(10, "digits:10", 0.0),
+                                                                             (11, "digits:11", 255.0)]
+    assert len(result["warnings"]) == 2 and "digits:12 (0)" in result["warnings"][1]
 
 
 def test_too_few_rows_and_missing_column(quality_profile, quality_manifest, quality_config, tmp_path):
@@ -216,7 +234,8 @@ def test_raise_for_failures_lists_every_failure(quality_profile, quality_manifes
     assert message.startswith("2 expectation(s) failed:")
     assert "expect_column_values_to_be_in_set [height]: 1 of 1797 rows have height != 8" in message
     assert (
-        "expect_table_row_count_to_equal: 1 source file(s) could not be decoded: x/broken.png (bad header)" in message
+        "expect_table_row_count_to_equal: 1 source file(s) could not be read or decoded: x/broken.png (bad header)"
+        in message
     )
     assert f"full result: {tmp_path / 'validation.json'}" in message
 
@@ -230,8 +249,9 @@ def test_config_errors(quality_profile, quality_manifest, tmp_path):
         ValidationConfig(class_names=None, image_shape=(8, 8))  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="brightness_range"):
         ValidationConfig(class_names=None, image_shape=(8, 8, 1), brightness_range=(200, 100))
-    with pytest.raises(ConfigError, match="mostly"):
-        ValidationConfig(class_names=None, image_shape=(8, 8, 1), mostly=0)
+    for share in (-0.1, 1.5):
+        with pytest.raises(ConfigError, match="max_outlier_share"):
+            ValidationConfig(class_names=None, image_shape=(8, 8, 1), max_outlier_share=share)
     assert ValidationConfig(class_names=None, image_shape=[8, 8, 1]).image_shape == (8, 8, 1)  # type: ignore[arg-type]
 
     manifest = dict(quality_manifest, class_names=None)
@@ -287,3 +307,140 @@ def test_each_collection_reports_its_own_undecodable_files(tmp_path):
     again, result = collect_and_validate("v3")
     assert again.digest == clean.digest and again.collection_id not in (clean.collection_id, dirty.collection_id)
     assert again.manifest["undecodable"] == [] and result["success"] is True, result["failures"]
+
+
+def _with_bright_images(profile, indices, value=250.2):
+    """The profile with the images at ``indices`` as bright as the sky crop of issue 19 (mean 250.2)."""
+    profile = profile.copy()
+    profile.loc[list(indices), "brightness"] = value
+    return profile
+
+
+def test_one_bright_image_is_listed_but_does_not_fail_the_dataset(
+    quality_profile, quality_manifest, quality_config, tmp_path
+):
+    """Item 8: one legitimate bright photo (a sky crop, a product on white) must not veto the dataset."""
+    profile = _with_bright_images(quality_profile, [42])
+    brightness = 250.2
+
+    result = validate_snapshot(profile, quality_manifest, quality_config, tmp_path)
+    assert result["success"] is True, result["failures"]
+    raise_for_failures(result)
+    bright = next(a for a in result["appearance"] if a["check"] == "brightness_range")
+    assert bright["passed"] is True and bright["outliers"] == 1 and bright["rows"] == 1797
+    assert bright["range"] == [5.0, 250.0] and bright["max_share"] == 0.02 and bright["allowed"] == 35
+    assert bright["images"] == [{"index": 42, "image_id": int(profile.loc[42, "image_id"]), "source": "digits:42",
+                                 "value": round(brightness, 4)}]
+    assert result["warnings"] == [f"tolerated appearance outliers: {bright['summary']}"]
+    assert bright["summary"].startswith(
+        "1 of 1797 images (0.0556%) have brightness outside [5, 250]: digits:42 (250.2)")
+    assert "within the 2% (35 of 1797) tolerated" in bright["summary"]
+    saved = json.loads((tmp_path / "validation.json").read_text())
+    assert saved["summary"]["appearance"][0]["images"][0]["source"] == "digits:42"  # the view reads this
+
+
+def test_many_bright_images_still_fail(quality_profile, quality_manifest, quality_config, tmp_path):
+    """Item 8: past the share set in the suite, appearance outliers do fail the run (30% here)."""
+    n = len(quality_profile)
+    bright_rows = list(range(0, n, 3))[: int(0.3 * n)]
+    profile = _with_bright_images(quality_profile, bright_rows, value=253.0)
+
+    result = validate_snapshot(profile, quality_manifest, quality_config, tmp_path)
+    assert result["success"] is False
+    f = _failure(result, "brightness_range")
+    assert f["kind"] == "appearance" and f["observed"]["unexpected_count"] == len(bright_rows)
+    assert f["summary"].startswith(f"{len(bright_rows)} of {n} images (30%) have brightness outside [5, 250]: ")
+    assert "more than the 2% (35 of 1797) tolerated (max_outlier_share=0.02)" in f["summary"]
+    bright = next(a for a in result["appearance"] if a["check"] == "brightness_range")
+    assert bright["passed"] is False and bright["outliers"] == len(bright_rows)
+    assert bright["listed"] == 100 and len(bright["images"]) == 100  # the report lists at most OUTLIER_LIST
+    with pytest.raises(ValidationFailed, match="brightness outside"):
+        raise_for_failures(result)
+
+    # the share is configurable: a suite that tolerates 35% passes the same data
+    lenient = ValidationConfig(class_names=None, image_shape=(8, 8, 1), max_outlier_share=0.35)
+    assert validate_snapshot(profile, quality_manifest, lenient, tmp_path)["success"] is True
+
+
+def test_outlier_share_boundary_is_inclusive(quality_profile, quality_manifest, tmp_path):
+    """Exactly the tolerated share passes; one more image fails (no float rounding at the boundary)."""
+    head = quality_profile.head(100)  # 100 images: 2% = 2
+    profile2 = _with_bright_images(head, [1, 2])
+    profile3 = _with_bright_images(head, [1, 2, 3])
+    config = ValidationConfig(class_names=None, image_shape=(8, 8, 1), min_per_class=1)
+    assert config.allowed_outliers(100) == 2 and config.allowed_outliers(50) == 1
+    assert validate_snapshot(profile2, quality_manifest, config, tmp_path)["success"] is True
+    result = validate_snapshot(profile3, quality_manifest, config, tmp_path)
+    assert _checks(result) == {"brightness_range"}
+
+
+def test_conflicting_labels_on_identical_pixels_fail(quality_digits, quality_make_profile, quality_manifest,
+                                                     quality_config, tmp_path):
+    """Item 11: the same pixels under two class folders is an integrity failure naming both files and labels."""
+    d = quality_digits
+    images = d["images"].copy()
+    labels = d["labels"].copy()
+    three = int(np.flatnonzero(labels == 3)[0])
+    five = int(np.flatnonzero(labels == 5)[0])
+    images[five] = images[three]  # the same picture filed under "5" too
+    splits = d["splits"].copy()
+    splits[five] = splits[three]  # identical pixels share a split, as the snapshot code assigns them
+    sources = [f"{lab}/{i:04d}.png" for i, lab in enumerate(labels)]
+    profile = quality_make_profile(images, labels, splits, d["class_names"], sources)
+
+    result = validate_snapshot(profile, quality_manifest, quality_config, tmp_path)
+    assert result["success"] is False
+    f = _failure(result, "no_conflicting_labels")
+    assert f["kind"] == "integrity" and f["observed"] == 1
+    sha = profile.loc[three, "sha256"]
+    assert f["summary"] == (
+        f"1 image(s) have identical pixels under different labels (2 files): "
+        f"{sha[:12]} (3/{three:04d}.png as '3', 5/{five:04d}.png as '5')"
+    )
+    assert f["details"] == [{"sha256": sha, "labels": ["3", "5"], "images": [
+        {"source": f"3/{three:04d}.png", "index": three, "label": "3"},
+        {"source": f"5/{five:04d}.png", "index": five, "label": "5"}]}]
+    assert result["statistics"]["conflicting_labels"] == 1
+    with pytest.raises(ValidationFailed, match="identical pixels under different labels"):
+        raise_for_failures(result)
+
+    # the same pixels twice under ONE label are duplicates, not a conflict
+    labels_same = labels.copy()
+    labels_same[five] = 3
+    profile = quality_make_profile(images, labels_same, splits, d["class_names"], sources)
+    assert "no_conflicting_labels" not in _checks(validate_snapshot(profile, quality_manifest, quality_config,
+                                                                    tmp_path))
+
+
+def test_the_nightshift_view_shows_the_outliers_of_a_versions_validation(quality_profile, quality_manifest,
+                                                                         quality_config, tmp_path):
+    """Item 8: the outliers a passing validation tolerated are visible where a person looks: the view
+    reads them from the run's validation report and lists the images with their values."""
+    from types import SimpleNamespace
+
+    from nightshift.artifacts import run_dir
+    from nightshift.ui import data as view_data
+    from nightshift.ui.app import _jinja
+
+    root = tmp_path / "artifacts"
+    run_id = "scheduled__2026-12-01T02:00:00+00:00"
+    profile = _with_bright_images(quality_profile, [42])
+    report_dir = run_dir(root, "nightly_retrain", run_id) / "validation"
+    validate_snapshot(profile, quality_manifest, quality_config, report_dir)
+
+    outliers = view_data.validation_outliers(root, run_id)
+    assert outliers is not None and outliers["outliers"] == 1
+    bright = outliers["checks"][0]
+    assert bright["check"] == "brightness_range" and bright["range"] == "[5, 250]" and bright["passed"] is True
+    assert bright["images"][0]["source"] == "digits:42" and bright["images"][0]["value"] == 250.2
+    assert view_data.validation_outliers(root, "manual__no_such_run") is None
+
+    mv = SimpleNamespace(version="3", tags={"nightshift.dag_run": run_id}, run_id=None, creation_timestamp=None)
+    version = view_data.version_view(root, "m", mv, {})
+    assert version["validation"] == outliers
+    overview = {"generated": "now", "mlflow_ui_url": "http://x", "models": [
+        {"name": "m", "versions": [version], "n_versions": 1, "history": [], "drift": []}]}
+    html = _jinja().get_template("view.html").render(o=overview, user="")
+    assert "1 appearance outlier<" in html
+    assert "brightness [5, 250]: 1 (0.0556% of images; tolerated at ≤ 2%)" in html
+    assert "digits:42 = 250.2" in html

@@ -6,7 +6,8 @@ from nightshift import registry
 from nightshift.gates import Evidence, decide
 
 T = {"min_accuracy": 0.5, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 200.0, "min_throughput_rps": 10.0,
-     "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0, "champion_relative_tolerance": 0.0}
+     "served_accuracy_tolerance": 0.05, "champion_tolerance": 0.0, "champion_relative_tolerance": 0.0,
+     "min_test_images": 100, "champion_alpha": 0.0}
 
 
 @pytest.fixture
@@ -26,7 +27,8 @@ def _run(c, tmp_path, acc: float) -> str:
 
 def _decide(acc, champion=None):
     ev = Evidence(True, acc, True, acc, 10.0, 0, champion["acc"] if champion else None,
-                  champion["version"] if champion else None, p99_latency_ms=20.0, throughput_rps=100.0)
+                  champion["version"] if champion else None, p99_latency_ms=20.0, throughput_rps=100.0,
+                  test_images=1000, served_images=1000)
     return decide("cand", ev, T)
 
 
@@ -155,10 +157,55 @@ def test_rollback_previous_twice_does_not_bring_back_the_bad_version(mlflow_clie
     history = [{"action": "promoted", "champion": "1", "previous_champion": "none"},
                {"action": "promoted", "champion": "2", "previous_champion": "1"},
                {"action": "promoted", "champion": "3", "previous_champion": "2"}]
-    registry.set_champion(c, "m", "3", actor="ci", reason="the history above", action="forced")
+    registry.set_champion(c, "m", "3", actor="ci", reason="the history above", action="forced", expected="1")
     assert registry.get_champion(c, "m")["version"] == "3"
     assert registry.rollback_target(c, "m", history, "previous") == "2"
-    registry.set_champion(c, "m", "2", actor="ops", reason="v3 is bad", action="rolled_back")
+    registry.set_champion(c, "m", "2", actor="ops", reason="v3 is bad", action="rolled_back", expected="3")
     history.append({"action": "rolled_back", "champion": "2", "previous_champion": "3"})
     assert registry.rollback_target(c, "m", history, "previous") == "1"  # further back, never v3 again
     assert registry.rollback_target(c, "m", history, "v3") == "3"  # an explicit target is honoured
+
+
+def _three_versions(c, tmp_path):
+    for acc in (0.9, 0.91, 0.92):
+        registry.register_candidate(c, "m", _run(c, tmp_path, acc), artifact_path="onnx",
+                                    tags={"offline_accuracy": acc}, decision=_decide(acc))
+
+
+def test_rollback_after_forcing_the_champion_onto_itself_still_moves(mlflow_client, tmp_path):
+    """Issue 19 item 3: forcing today's champion (to redeploy it) writes a history event whose
+    previous champion is the champion itself; ``previous`` must skip it, and a rollback target
+    equal to the champion is refused, never a silent no-op."""
+    from nightshift.errors import ConfigError
+
+    c = mlflow_client
+    _three_versions(c, tmp_path)
+    registry.set_champion(c, "m", "3", actor="ci", reason="set up", action="forced", expected="1")
+    history = [{"action": "promoted", "champion": "1", "previous_champion": "none"},
+               {"action": "promoted", "champion": "2", "previous_champion": "1"},
+               {"action": "promoted", "champion": "3", "previous_champion": "2"}]
+    out = registry.set_champion(c, "m", "3", actor="ops", reason="redeploy it", action="forced", expected="3")
+    assert out["moved"] is False and out["previous_champion"] == "3"
+    history.append({"action": "forced", "champion": "3", "previous_champion": "3"})
+    assert registry.rollback_target(c, "m", history, "previous") == "2"  # old code: "3", a no-op
+    with pytest.raises(ConfigError, match=r"rollback target v3 is the current champion of m \(v3\)"):
+        registry.rollback_target(c, "m", history, "v3")
+    only_self = [{"action": "forced", "champion": "3", "previous_champion": "3"}]
+    with pytest.raises(ConfigError, match="records no champion before v3"):
+        registry.rollback_target(c, "m", only_self, "previous")
+
+
+def test_set_champion_is_a_compare_and_set(mlflow_client, tmp_path):
+    """Issue 19 item 4: a move decided on a champion that has moved since is refused."""
+    c = mlflow_client
+    _three_versions(c, tmp_path)
+    assert registry.get_champion(c, "m")["version"] == "1"
+    with pytest.raises(registry.ChampionMoved, match="champion of m is v1 now, not v2"):
+        registry.set_champion(c, "m", "3", actor="ops", reason="stale read", action="forced", expected="2")
+    assert registry.get_champion(c, "m")["version"] == "1"
+    assert "nightshift.forced_by" not in c.get_model_version("m", "3").tags  # nothing written
+    with pytest.raises(registry.ChampionMoved, match="not vNone"):
+        registry.set_champion(c, "m", "3", actor="ops", reason="thought there was none", action="forced",
+                              expected=None)
+    out = registry.set_champion(c, "m", "3", actor="ops", reason="fresh read", action="forced", expected="1")
+    assert out["moved"] and registry.get_champion(c, "m")["version"] == "3"

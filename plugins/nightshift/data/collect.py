@@ -25,7 +25,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -60,7 +59,12 @@ _STAT_COLS = ("sha256", "brightness", "contrast")
 
 
 def default_workers() -> int:
-    """One decode worker per CPU this process may use."""
+    """``NIGHTSHIFT_COLLECT_WORKERS`` decode workers when set, else one per CPU this process may use."""
+    setting = os.environ.get("NIGHTSHIFT_COLLECT_WORKERS", "").strip()
+    if setting:
+        if not setting.isdigit() or int(setting) < 1:
+            raise DataError(f"NIGHTSHIFT_COLLECT_WORKERS={setting!r}: expected a whole number of decode processes >= 1")
+        return int(setting)
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
@@ -143,13 +147,11 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
         for ch in chunks:
             yield ch, decode.decode_files([str(e.path) for e in ch], shape)
         return
-    import multiprocessing
+    from nightshift.data.workers import worker_context
 
-    # spawn, not fork: the collector may run inside an Airflow task process with threads.
-    # (spawn re-imports the main script in each worker; a main read from stdin has no
-    # file to re-import, and only then do we fork.)
-    main_file = getattr(sys.modules.get("__main__"), "__file__", None)
-    ctx = multiprocessing.get_context("spawn" if main_file is None or os.path.exists(main_file) else "fork")
+    # spawn, not fork: the collector may run inside an Airflow task process with threads;
+    # and workers that never run the parent's main script (there, the `airflow` entry point).
+    ctx = worker_context()
     io_pool = None if local else ThreadPoolExecutor(max_workers=max(1, io_concurrency))
 
     def read_all(ch: list[FileEntry]) -> list[bytes | BaseException]:

@@ -2,6 +2,9 @@
 
 A source never silently drops data: files it cannot decode are reported in
 ``SourceData.undecodable`` with the reason, and the snapshot manifest lists them.
+An ImageFolder source stays inside its root: a symbolic link (file or folder)
+that resolves outside the root is not followed; it is reported the same way,
+with where it points, and validation then fails naming it.
 
 Sources:
 
@@ -16,6 +19,7 @@ Sources:
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +31,8 @@ from nightshift.data.decode import decode_blobs, decode_error, decode_image, to_
 from nightshift.errors import ConfigError, DataError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+
+log = logging.getLogger(__name__)
 
 
 class PathLike(Protocol):  # what we need from Path / ObjectStoragePath
@@ -82,7 +88,7 @@ class FileEntry:
 class Listing:
     entries: list[FileEntry]
     class_names: list[str]
-    skipped: list[dict[str, str]]  # files that are not images: reported as undecodable
+    skipped: list[dict[str, str]]  # files not read (not images, links out of the root): reported as undecodable
     partitions: list[str] = field(default_factory=list)
 
 
@@ -108,8 +114,45 @@ def _stat(p: Any) -> tuple[int, str]:
     return int(size or 0), "" if stamp is None else str(stamp)
 
 
-def _subdirs(root: Any) -> list[Any]:
-    return sorted((p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+def _local_path(p: Any) -> str | None:
+    """``p`` on the local file system (a ``Path``, a ``DirEntry`` or a ``file://`` ObjectStoragePath), else None."""
+    if isinstance(p, (Path, os.DirEntry)):
+        return os.fspath(p)
+    if getattr(p, "protocol", None) in ("file", "local"):
+        return str(p.path)
+    return None
+
+
+def _escape(p: Any, root_real: str | None) -> str | None:
+    """Where ``p`` leads when it is a symbolic link that resolves outside the source root
+    (``root_real``, itself resolved); None for anything else (a link inside the root is fine)."""
+    local = _local_path(p) if root_real is not None else None
+    if local is None or not (p.is_symlink() if isinstance(p, os.DirEntry) else os.path.islink(local)):
+        return None
+    target = os.path.realpath(local)
+    return None if target == root_real or target.startswith(root_real.rstrip(os.sep) + os.sep) else target
+
+
+def _not_followed(target: str, root_real: str) -> str:
+    return (f"symbolic link to {target}, outside the source root {root_real}: not followed (copy the file "
+            "into the source folder, or point the source at the folder that holds it)")
+
+
+def _subdirs(root: Any, root_real: str | None = None, skipped: list[dict[str, str]] | None = None,
+             prefix: str = "") -> list[Any]:
+    """Sub-folders of ``root`` in name order, hidden ones left out; a folder that is a link out of
+    the source root is left out too and recorded in ``skipped``."""
+    out = []
+    for p in root.iterdir():
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        target = _escape(p, root_real)
+        if target is not None:
+            if skipped is not None:
+                skipped.append({"path": f"{prefix}{p.name}/", "error": _not_followed(target, root_real or "")})
+            continue
+        out.append(p)
+    return sorted(out, key=lambda p: p.name)
 
 
 def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partition_window: int | None = None,
@@ -120,6 +163,10 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
     Files are stat-ed (size and modification time or ETag) with up to
     ``io_concurrency`` requests in flight, for object storage.
 
+    A symbolic link (file or folder) that resolves outside the root is not
+    followed: it lands in ``Listing.skipped`` with where it points (and a
+    warning is logged); a link that stays inside the root is followed.
+
     :raises DataError: the root is missing or empty, a class folder is not in
         ``class_names``, or a configured class has no folder.
     """
@@ -127,29 +174,43 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
 
     root = Path(root) if isinstance(root, (str, os.PathLike)) and not hasattr(root, "iterdir") else root
     root_s = str(root)
+    local_root = _local_path(root)
+    root_real = os.path.realpath(local_root) if local_root is not None else None
+    skipped: list[dict[str, str]] = []
+    top_links: list[dict[str, str]] = []  # top-level folder links out of the root
     try:
         if not root.is_dir():
             raise DataError(f"imagefolder source {root_s!r} is not a directory")
-        top = _subdirs(root)
+        top = _subdirs(root, root_real, top_links)
     except FileNotFoundError as exc:
         raise DataError(f"imagefolder source {root_s!r} does not exist") from exc
+    top_links.sort(key=lambda s: s["path"])
     partitions: list[str] = []
     if partition_window is not None:
         if int(partition_window) < 1:
             raise ConfigError(f"partition_window must be a positive number of partitions, got {partition_window}")
-        if not top:
+        if not top and not top_links:
             raise DataError(f"imagefolder source {root_s!r} has no partition folders (expected "
                             "<root>/<partition>/<class>/<image>, e.g. <root>/2026-11-22/cat/1.jpg)")
-        chosen = top[-int(partition_window):]
+        # the window counts a partition linked in from outside (not read, reported), so a run never
+        # quietly falls back to older partitions; links older than the window are none of its business
+        names = sorted([p.name for p in top] + [s["path"].rstrip("/") for s in top_links])
+        window = set(names[-int(partition_window):])
+        chosen = [p for p in top if p.name in window]
         partitions = [p.name for p in chosen]
-        class_dirs = [(f"{part.name}/", c) for part in chosen for c in _subdirs(part)]
+        skipped.extend(s for s in top_links if s["path"].rstrip("/") in window)
+        class_dirs = [(f"{part.name}/", c) for part in chosen
+                      for c in _subdirs(part, root_real, skipped, f"{part.name}/")]
     else:
         class_dirs = [("", c) for c in top]
+        skipped.extend(top_links)
     found = sorted({c.name for _, c in class_dirs})
     where = f"partitions {partitions} of " if partitions else ""
     if not found:
+        links = [s["path"] for s in skipped if s["path"].endswith("/")]
         raise DataError(f"imagefolder source {where}{root_s!r} has no class folders "
-                        "(expected <root>/<class>/<image>)")
+                        "(expected <root>/<class>/<image>)"
+                        + (f"; folder link(s) out of the source root, not followed: {links}" if links else ""))
     if class_names is None:
         class_names = found
     else:
@@ -161,11 +222,12 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
             )
         missing = [c for c in class_names if c not in found]
         if missing:
+            links = [s["path"] for s in skipped if s["path"].endswith("/")]
             raise DataError(f"imagefolder source {where}{root_s!r} has no folder for configured class(es) "
                             f"{missing} (expected {root_s}/<class>/ for each of {class_names}): a class folder "
-                            "disappeared, or remove it from the 'classes' setting")
+                            "disappeared, or remove it from the 'classes' setting"
+                            + (f"; folder link(s) out of the source root, not followed: {links}" if links else ""))
     files: list[tuple[str, str, Any]] = []
-    skipped: list[dict[str, str]] = []
     stats: list[tuple[int, str]] = []
     for prefix, cdir in class_dirs:
         if isinstance(cdir, Path):  # local: one scandir, and the stat each entry carries
@@ -177,20 +239,49 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
             rel = f"{prefix}{cdir.name}/{name}"
             if name.startswith("."):
                 continue
+            target = _escape(f, root_real)
+            if target is not None:
+                skipped.append({"path": rel, "error": _not_followed(target, root_real or "")})
+                continue
             if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 skipped.append({"path": rel, "error": "not an image file (unsupported extension)"})
                 continue
             if isinstance(f, os.DirEntry):
+                try:
+                    stat = f.stat()
+                except OSError as exc:  # a dangling link, or the file went away
+                    reason = f"cannot be read: {type(exc).__name__}: {exc.strerror or exc}"
+                    skipped.append({"path": rel, "error": reason})
+                    continue
                 files.append((rel, cdir.name, f.path))
-                stats.append(_local_stamp(f.stat()))
+                stats.append(_local_stamp(stat))
             else:
                 files.append((rel, cdir.name, f))
+    links = [s for s in skipped if s["error"].startswith("symbolic link")]
+    if links:
+        log.warning("imagefolder source %s: %d symbolic link(s) lead outside the source root and were not followed "
+                    "(reported as unreadable, so validation fails naming them): %s", root_s, len(links),
+                    ", ".join(f"{s['path']}" for s in links[:5]) + (" ..." if len(links) > 5 else ""))
     if len(stats) != len(files):  # object storage: stat with bounded concurrency
+
+        def stat_or_error(t: tuple[str, str, Any]) -> tuple[int, str] | OSError:
+            try:
+                return _stat(t[2])
+            except OSError as exc:  # gone since the listing, or a dangling link on file://
+                return exc
+
         if len(files) < 64:
-            stats = [_stat(f) for _, _, f in files]
+            results = [stat_or_error(t) for t in files]
         else:
             with ThreadPoolExecutor(max_workers=max(1, io_concurrency)) as pool:
-                stats = list(pool.map(lambda t: _stat(t[2]), files))
+                results = list(pool.map(stat_or_error, files))
+        kept = []
+        for t, r in zip(files, results):
+            if isinstance(r, OSError):
+                skipped.append({"path": t[0], "error": f"cannot be read: {type(r).__name__}: {r.strerror or r}"})
+            else:
+                kept.append((t, r))
+        files, stats = [t for t, _ in kept], [r for _, r in kept]
     entries = [FileEntry(rel, cls, f, size, mtime) for (rel, cls, f), (size, mtime) in zip(files, stats)]
     if not entries:
         raise DataError(f"imagefolder source {where}{root_s!r} holds no image files "

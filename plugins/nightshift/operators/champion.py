@@ -12,18 +12,30 @@ class SetChampionOperator(NightshiftOperator):
     """Move ``champion`` by a person's decision and record who, why and when (on the
     model version and in the promotion history).
 
+    One critical section (:func:`nightshift.champion.change_champion` under the
+    model's champion lock): resolve the target, check it can be deployed (the version
+    exists, has its ONNX digest and image; for ``docker`` the image is in the local
+    daemon), serve it on the stable port, then move the alias with a compare-and-set.
+    A target that cannot be deployed moves nothing. A rollback always moves: its
+    target is never today's champion.
+
     :param model_name: registered model. (templated)
     :param version: the version to make champion; for ``rolled_back``, ``previous``
         (or empty) means the champion before the current one. (templated)
     :param reason: why (required). (templated)
     :param action: ``forced`` (``promote_model``) or ``rolled_back`` (``rollback_model``).
+    :param deploy_target: ``docker`` (serve it on ``port`` before the alias moves),
+        ``kubernetes`` (the image must be recorded; ``deploy`` renders manifests) or
+        ``none`` (the alias only). (templated)
+    :param port: the stable port on 127.0.0.1 (docker target). (templated)
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "reason")
+    template_fields: Sequence[str] = ("model_name", "version", "reason", "deploy_target", "port")
     operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#ffe0b2"
 
-    def __init__(self, *, model_name: str, version: Any, reason: str, action: str, **kwargs: Any) -> None:
+    def __init__(self, *, model_name: str, version: Any, reason: str, action: str, deploy_target: str = "none",
+                 port: Any = 8600, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if action not in _ACTIONS:
             raise ValueError(f"action must be one of {sorted(_ACTIONS)}, got {action!r}")
@@ -31,32 +43,21 @@ class SetChampionOperator(NightshiftOperator):
         self.version = version
         self.reason = reason
         self.action = action
+        self.deploy_target = deploy_target
+        self.port = port
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift import contracts, registry
-        from nightshift.errors import ConfigError
+        from nightshift import champion
 
-        if not str(self.reason or "").strip():
-            raise ConfigError(f"{_ACTIONS[self.action]} needs a reason: say why champion moves (it is recorded)")
-        c = self.mlflow
-        root = self.settings.artifact_root
-        version = str(self.version or "").strip()
-        if self.action == "rolled_back":
-            history = list(contracts.read_jsonl(contracts.history_path(root, self.model_name)))
-            version = registry.rollback_target(c, self.model_name, history, version or None)
-        elif not version:
-            raise ConfigError("promote_model needs the version to make champion")
+        target = str(self.deploy_target or "none")
+        deployer = None
+        if target == "docker":
+            from nightshift.operators.deploy import local_deployer
+
+            deployer = local_deployer(self, model_name=self.model_name, port=self.port)
         dag_run = context.get("dag_run")
         actor = getattr(dag_run, "triggering_user_name", None) or "unknown"
-        out = registry.set_champion(c, self.model_name, version.lstrip("v"), reason=str(self.reason), actor=actor,
-                                    action=self.action)
-        contracts.append_history(root, contracts.HistoryEvent(
-            model=self.model_name, action=self.action, version=out["version"],
-            previous_champion=out["previous_champion"], champion=out["champion"], reason=str(self.reason),
-            actor=actor, dag_id=self.dag_id, run_id=context["run_id"]))
-        self.log.warning("%s: champion of %s is now v%s (was v%s), by %s: %s", _ACTIONS[self.action],
-                         self.model_name, out["champion"], out["previous_champion"], actor, self.reason)
-        mv = c.get_model_version(self.model_name, out["version"])
-        out["image"] = dict(mv.tags).get(contracts.tag(contracts.VersionTag.IMAGE))
-        out["promoted"] = True
-        return out
+        return champion.change_champion(
+            self.mlflow, model_name=self.model_name, artifact_root=self.settings.artifact_root,
+            version=str(self.version or "").strip() or None, action=self.action, reason=str(self.reason or ""),
+            actor=actor, deploy=target, deployer=deployer, dag_id=self.dag_id, run_id=context["run_id"])

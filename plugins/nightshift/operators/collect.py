@@ -101,4 +101,7 @@ class CollectDataOperator(NightshiftOperator):
         return {"snapshot_uri": str(snap.path), "digest": snap.digest, "collection_id": snap.collection_id,
                 "class_names": m["class_names"], "image_shape": m["image_shape"], "counts": m["counts"],
                 "source": m["source"], "undecodable": len(m["undecodable"]), "shards": len(snap.shard_digests),
+                # the promote step compares it with the champion's (a run on other data waits for a person)
+                "partition_window": (int(window) if window not in (None, "") else None)
+                if src["kind"] == "imagefolder" else None,
                 "incremental": incremental}

@@ -1,5 +1,10 @@
 """The shape shared by the manual champion DAGs (``promote_model``, ``rollback_model``):
-a version Param, a required reason, ``set_champion`` then ``deploy``. Cheap to import."""
+a version Param, a required reason, ``set_champion`` then ``deploy``. Cheap to import.
+
+``set_champion`` does the whole move in the model's champion lock (check the target
+can be deployed, serve it, move the alias with a compare-and-set); ``deploy`` then
+reconciles once more (a no-op when the port already serves the champion; it renders
+the manifests for the kubernetes target)."""
 
 from __future__ import annotations
 
@@ -32,7 +37,8 @@ def champion_dag(*, dag_id: str, description: str, doc_md: str, action: str, ver
              default_args={"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=1)}) as dag:
         champion = SetChampionOperator(task_id="set_champion", model_name="{{ params.model_name }}",
                                        version="{{ params.%s }}" % version_param, reason="{{ params.reason }}",
-                                       action=action)
+                                       action=action, deploy_target="{{ params.deploy_target }}",
+                                       port="{{ params.deploy_port }}")
         DeployModelOperator(task_id="deploy", promotion=champion.output, model_name="{{ params.model_name }}",
                             target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
     return dag

@@ -46,7 +46,7 @@ class DriftMonitorOperator(NightshiftOperator):
         from airflow.sdk.exceptions import AirflowSkipException
 
         from nightshift import contracts, monitoring, registry
-        from nightshift.artifacts import safe_name
+        from nightshift.artifacts import folder_name
         from nightshift.data.snapshot import load_snapshot
         from nightshift.errors import DataError
         from nightshift.scoring import fetch_model_onnx
@@ -79,7 +79,7 @@ class DriftMonitorOperator(NightshiftOperator):
         self.log.info("window %s .. %s: %d request(s) from the champion v%s (%s) in %s; by served version: %s",
                       start.isoformat(), end.isoformat(), len(current), champion["version"], sha[:12], log_dir,
                       served_by)
-        out = base / safe_name(context["run_id"])
+        out = base / folder_name(context["run_id"])
         result = monitoring.check_served_drift(reference, current, out, min_rows=int(self.min_rows),
                                                drift_share_threshold=float(self.drift_share_threshold),
                                                embedding_threshold=float(self.embedding_threshold))

@@ -16,10 +16,14 @@ Routes (``{m}`` = ``/v2/models/{name}`` or ``/v2/models/{name}/versions/{v}``)::
     POST {m}/classify             a PNG/JPEG file as the body -> class and probabilities
     GET  /metrics                 Prometheus metrics
 
-Errors are JSON ``{"error": "..."}``: 400 bad input, 404 unknown model,
-version or route, 405 wrong method, 408 body too slow, 413 body or batch too
-large (from ``Content-Length`` before reading), 415 unsupported upload type,
-503 not ready or queue full (``Retry-After``), 500 only for server faults.
+Errors are JSON ``{"error": "..."}``: 400 bad input (also JSON nested deeper
+than :data:`~serving.protocol.MAX_JSON_DEPTH`), 404 unknown model, version or
+route, 405 wrong method, 408 body too slow, 413 body or batch too large (from
+``Content-Length`` before reading; an infer body, also after decompression, is
+capped at what the model's largest batch can need:
+:class:`~serving.protocol.InferLimits`), 415 unsupported upload type, 503 not
+ready or queue full (``Retry-After``), 500 only for server faults. Header count
+and size limits (431) are the HTTP layer's (:mod:`serving.server`).
 """
 
 from __future__ import annotations
@@ -53,8 +57,10 @@ from .errors import (
 from .metrics import Metrics
 from .model import Model, probabilities
 from .protocol import (
+    BODY_LIMIT_WHY,
     EXTENSIONS,
     HEADER_LENGTH,
+    InferLimits,
     InferPlan,
     PlanCache,
     binary_outputs,
@@ -72,6 +78,8 @@ TIMING_HEADER = "x-inference-time-ms"
 Scope = dict[str, Any]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 Send = Callable[[dict[str, Any]], Awaitable[None]]
+#: (request headers -> the largest body in bytes, request headers -> why: the 413 message)
+BodyLimits = tuple[Callable[[dict[str, str]], int], Callable[[dict[str, str]], str]]
 
 
 class ClientDisconnected(Exception):
@@ -124,6 +132,11 @@ class InferenceApp:
         self.metrics.bind(self)
         #: validated JSON headers of binary infer requests (see :class:`~serving.protocol.InferPlan`)
         self._plans = PlanCache(self.config.plan_cache_size)
+        #: the infer body limits of the loaded model (:class:`~serving.protocol.InferLimits`)
+        self._infer_limits: InferLimits | None = None
+        self._limit_by_hl: dict[str | None, int] = {}
+        self._infer_limits_for: BodyLimits = (self._infer_limit, self._infer_limit_why)
+        self._image_limits_for: BodyLimits = (self._image_limit, self._image_limit_why)
         self._rng = random.Random()
         self._watch: asyncio.Task | None = None
         #: set on SIGTERM while keep-alive clients are handed over: answers close their
@@ -312,8 +325,50 @@ class InferenceApp:
         why = self.model.load_error or "model is still loading"
         return f"model {self.model.name!r} is not ready: {why}"
 
-    async def _read_body(self, scope: Scope, receive: Receive, limit: int) -> tuple[bytes, dict[str, str]]:
+    def _infer_limits_now(self) -> InferLimits | None:
+        limits = self._infer_limits
+        if limits is None and self.model.ready:
+            model = self.model
+            limits = self._infer_limits = InferLimits(max_batch=model.max_batch, image_shape=model.input_shape,
+                                                      max_body_bytes=self.config.max_body_bytes)
+        return limits
+
+    def _infer_limit(self, headers: dict[str, str]) -> int:
+        """The largest infer body this request may have, after decompression
+        (:class:`~serving.protocol.InferLimits`; ``max_body_bytes`` until the model is loaded).
+        Kept per header length: a binary client sends the same one every time."""
+        hl = headers.get(HEADER_LENGTH)
+        limit = self._limit_by_hl.get(hl)
+        if limit is None:
+            limits = self._infer_limits_now()
+            if limits is None:
+                return self.config.max_body_bytes
+            limit = limits.limit(hl)
+            if len(self._limit_by_hl) < 256:
+                self._limit_by_hl[hl] = limit
+        return limit
+
+    def _infer_limit_why(self, headers: dict[str, str]) -> str:
+        limits = self._infer_limits_now()
+        return BODY_LIMIT_WHY if limits is None else limits.why(headers.get(HEADER_LENGTH))
+
+    def _image_limit(self, headers: dict[str, str]) -> int:  # noqa: ARG002 - the signature of _infer_limit
+        return self.config.max_image_bytes
+
+    @staticmethod
+    def _image_limit_why(headers: dict[str, str]) -> str:  # noqa: ARG004
+        return "the image upload limit"
+
+    async def _read_body(self, scope: Scope, receive: Receive, limits: BodyLimits) -> tuple[bytes, dict[str, str]]:
+        """The whole body, decompressed, and the request headers.
+
+        :param limits: the largest body in bytes for these headers, which bounds the body
+            as announced, as received and as inflated (413), and where that limit comes
+            from, naming the setting (for the 413 message).
+        """
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        limit = limits[0](headers)
+        why_for = limits[1]
         raw = headers.get("content-length")
         if raw is not None:
             try:
@@ -322,7 +377,7 @@ class InferenceApp:
                 raise InvalidInput(f"Content-Length {raw!r} is not an integer") from None
             if length > limit:
                 raise PayloadTooLarge(f"request body is {length} bytes; this server accepts at most {limit} "
-                                      "(send smaller batches)")
+                                      f"({why_for(headers)})")
         elif "transfer-encoding" not in headers:
             raise LengthRequired("POST needs a Content-Length header (or a chunked body)")
         chunks: list[bytes] = []
@@ -336,7 +391,7 @@ class InferenceApp:
                     chunk = msg.get("body", b"")
                     total += len(chunk)
                     if total > limit:
-                        raise PayloadTooLarge(f"request body exceeds {limit} bytes")
+                        raise PayloadTooLarge(f"request body exceeds {limit} bytes ({why_for(headers)})")
                     chunks.append(chunk)
                     if not msg.get("more_body", False):
                         break
@@ -345,10 +400,13 @@ class InferenceApp:
                                  f"({total} bytes received)") from None
         body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         if "content-encoding" in headers:
-            body = decompress(body, headers["content-encoding"], limit)
+            try:
+                body = decompress(body, headers["content-encoding"], limit)
+            except PayloadTooLarge as exc:
+                raise PayloadTooLarge(f"{exc.message} ({why_for(headers)})") from None
         return body, headers
 
-    async def _admit(self, scope: Scope, receive: Receive, limit: int,
+    async def _admit(self, scope: Scope, receive: Receive, limits: BodyLimits,
                      prepare: Callable[[bytes, dict[str, str]], Awaitable[tuple[np.ndarray, Any]]]) -> tuple[Any, Any]:
         """Read the body, check readiness, ``prepare`` the pixels, run them through the batcher.
 
@@ -360,7 +418,7 @@ class InferenceApp:
         self.batcher.expect()
         submitted = False
         try:
-            body, headers = await self._read_body(scope, receive, limit)
+            body, headers = await self._read_body(scope, receive, limits)
             self.model._require_ready()
             t_pre = time.perf_counter()
             pixels, extra = await prepare(body, headers)
@@ -396,7 +454,7 @@ class InferenceApp:
                 plans.put(key, plan)
             return pixels, plan
 
-        result, (pixels, plan) = await self._admit(scope, receive, self.config.max_body_bytes, prepare)
+        result, (pixels, plan) = await self._admit(scope, receive, self._infer_limits_for, prepare)
         t_ser = time.perf_counter()
         outputs = model.select_outputs(result.outputs, plan.wanted, pixels.shape[0])
         out, out_headers = encode_planned(plan, model_name=model.name, model_version=model.version,
@@ -419,7 +477,7 @@ class InferenceApp:
                 raise UnsupportedMediaType(f"Content-Type {ctype!r} is not supported; send image/png or image/jpeg")
             return await asyncio.get_running_loop().run_in_executor(None, self._decode, body)
 
-        result, (pixels, orig) = await self._admit(scope, receive, self.config.max_image_bytes, prepare)
+        result, (pixels, orig) = await self._admit(scope, receive, self._image_limits_for, prepare)
         p = probabilities({k: v[:1] for k, v in result.outputs.items()})[0]
         best = int(result.outputs["logits"][0].argmax())
         answer = {

@@ -18,6 +18,7 @@ flag). Everything else is JSON.
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from dataclasses import dataclass
@@ -36,10 +37,81 @@ _DTYPES = {"FP32": "<f4", "FP64": "<f8", "FP16": "<f2", "UINT8": "u1", "INT8": "
            "INT64": "<i8", "BOOL": "?"}
 
 
+#: Deepest nesting of arrays and objects a JSON request may have. An OIP infer request
+#: needs 7 (the body, ``inputs``, the tensor, four levels of NHWC ``data``); deeper JSON
+#: is refused before it is parsed (400), so no deep structure reaches the parser's
+#: recursion or the code that walks the request.
+MAX_JSON_DEPTH = 32
+#: The most bytes one UINT8 value may take in a JSON infer body: ``255, `` and its share
+#: of the brackets of nested ``data`` (``[255], `` is 7). Pretty-printed JSON takes more.
+JSON_BYTES_PER_VALUE = 8
+#: Room in an infer body for everything but the pixel values: names, shape, parameters,
+#: outputs, id; for a binary request, the whole JSON header.
+REQUEST_OVERHEAD_BYTES = 64 << 10
+
+
+#: why a body limit is ``NIGHTSHIFT_MAX_BODY_BYTES`` (the 413 message names the setting)
+BODY_LIMIT_WHY = "the body limit, NIGHTSHIFT_MAX_BODY_BYTES"
+
+
+class InferLimits:
+    """The largest infer body (after decompression) a server of this model accepts.
+
+    A request carries at most ``max_batch`` images of ``image_shape`` UINT8 values. As
+    JSON that is at most :data:`JSON_BYTES_PER_VALUE` bytes per value plus
+    :data:`REQUEST_OVERHEAD_BYTES`; as binary tensor data, exactly ``max_batch x H x W x C``
+    bytes after a JSON header of ``Inference-Header-Content-Length`` bytes (itself at
+    most the JSON limit: it may carry the pixels as JSON). A larger body cannot be a
+    valid request, so it is refused (413) from ``Content-Length``, while it arrives, or
+    while it inflates, never parsed on the event loop (a 57 KB gzip body can inflate to
+    57 MB of JSON). ``max_body_bytes`` (``NIGHTSHIFT_MAX_BODY_BYTES``) caps both.
+    Computed once per model; :meth:`limit` is a few integer operations per request, and
+    :meth:`why` builds the 413 message only for a refused request.
+    """
+
+    def __init__(self, *, max_batch: int, image_shape: tuple[int, ...], max_body_bytes: int):
+        self.max_batch = int(max_batch)
+        self.image_shape = tuple(int(d) for d in image_shape)
+        self.max_body_bytes = int(max_body_bytes)
+        self.tensor_bytes = self.max_batch
+        for d in self.image_shape:
+            self.tensor_bytes *= d
+        #: the largest JSON body (and JSON header of a binary body)
+        self.json_limit = min(self.max_body_bytes, REQUEST_OVERHEAD_BYTES + self.tensor_bytes * JSON_BYTES_PER_VALUE)
+
+    def limit(self, header_length: str | None) -> int:
+        """The largest body with this ``Inference-Header-Content-Length`` (``None``: a JSON
+        body). A malformed header length gets the JSON limit (the parse then says what is wrong)."""
+        if header_length is None:
+            return self.json_limit
+        try:
+            hl = int(header_length)
+        except ValueError:
+            return self.json_limit
+        if hl < 0 or hl > self.json_limit:
+            return self.json_limit
+        return min(self.max_body_bytes, hl + self.tensor_bytes)
+
+    def why(self, header_length: str | None) -> str:
+        """Where :meth:`limit` comes from, naming the setting (for the 413 message)."""
+        limit = self.limit(header_length)
+        if limit == self.max_body_bytes:
+            return BODY_LIMIT_WHY
+        batch = f"NIGHTSHIFT_MAX_BATCH={self.max_batch} images of {'x'.join(map(str, self.image_shape))}"
+        if limit == self.json_limit:
+            return (f"the most a request of {batch} can need as JSON ({JSON_BYTES_PER_VALUE} bytes per value, "
+                    f"plus {REQUEST_OVERHEAD_BYTES} for the rest); send fewer images per request")
+        return (f"a {limit - self.tensor_bytes}-byte JSON header and the most a request of {batch} can need "
+                "as binary tensor data; send fewer images per request")
+
+
 def decompress(body: bytes, encoding: str, limit: int) -> bytes:
     """Undo a ``Content-Encoding`` of gzip or deflate, refusing results over ``limit`` bytes.
 
-    :raises InvalidInput: unknown encoding or corrupt data.
+    Inflates in one bounded step (``max_length``): never more than ``limit + 1`` bytes
+    are produced, however far the body would inflate.
+
+    :raises InvalidInput: unknown encoding, corrupt or truncated data, bytes after the stream.
     :raises PayloadTooLarge: the decompressed body is larger than ``limit``.
     """
     enc = encoding.strip().lower()
@@ -54,7 +126,45 @@ def decompress(body: bytes, encoding: str, limit: int) -> bytes:
         raise InvalidInput(f"request body is not valid {enc} data: {exc}") from exc
     if len(out) > limit or d.unconsumed_tail:
         raise PayloadTooLarge(f"the decompressed request body exceeds {limit} bytes")
+    if not d.eof:
+        raise InvalidInput(f"the {enc} request body is truncated (its stream does not end)")
+    if d.unused_data:
+        raise InvalidInput(f"the request body has {len(d.unused_data)} bytes after the end of its {enc} stream")
     return out
+
+
+_ESCAPE = re.compile(rb"\\.", re.DOTALL)
+_STRING = re.compile(rb'"[^"]*"')
+#: every byte but the brackets and the quote: deleted before the depth is counted
+_NOT_STRUCTURE = bytes(b for b in range(256) if b not in b'[]{}"')
+
+
+def json_too_deep(raw: bytes, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether the JSON text ``raw`` nests arrays and objects more than ``limit`` deep.
+
+    Linear and in C (``bytes.count``/``translate``, ``re``, numpy), without parsing: text
+    with at most ``limit`` opening brackets cannot be too deep (a binary request's JSON
+    header, a flat ``data`` list: two ``count`` calls); otherwise escapes and strings are
+    removed and the running depth of the brackets that are left is computed. Brackets
+    inside strings do not count. Invalid JSON may be judged either way; the parser
+    refuses it next.
+    """
+    if raw.count(b"[") + raw.count(b"{") <= limit:
+        return False
+    if b"\\" in raw:
+        raw = _ESCAPE.sub(b"", raw)
+    s = raw.translate(None, _NOT_STRUCTURE)
+    if b'"' in s:
+        s = _STRING.sub(b"", s)
+    a = np.frombuffer(s, np.uint8)
+    depth = 0
+    for i in range(0, len(a), 1 << 20):  # bounded temporaries for a large body
+        # '[' 0x5B and '{' 0x7B have bit 1 set, ']' 0x5D and '}' 0x7D do not: +1 / -1
+        run = np.cumsum((a[i:i + (1 << 20)] & 2).view(np.int8) - 1, dtype=np.int32) + depth
+        if int(run.max()) > limit:
+            return True
+        depth = int(run[-1])
+    return False
 
 
 def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any], dict[str, memoryview]]:
@@ -96,16 +206,26 @@ def parse_request(body: bytes, header_length: str | None) -> tuple[dict[str, Any
 
 
 def _loads(raw: bytes | memoryview, what: str) -> dict[str, Any]:
+    data = bytes(raw)
+    if json_too_deep(data):
+        raise _too_deep(what)
     try:
-        obj = json.loads(bytes(raw).decode("utf-8"))
+        obj = json.loads(data.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise InvalidInput(f"{what} is not UTF-8 text: {exc}; binary tensors need the "
                            "Inference-Header-Content-Length header") from exc
+    except RecursionError:  # a second fence: json_too_deep should have refused it
+        raise _too_deep(what) from None
     except ValueError as exc:
         raise InvalidInput(f"{what} is not valid JSON: {exc}") from exc
     if not isinstance(obj, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def _too_deep(what: str) -> InvalidInput:
+    return InvalidInput(f"{what} nests arrays and objects more than {MAX_JSON_DEPTH} levels deep; "
+                        "an OIP infer request needs at most 7")
 
 
 def binary_outputs(request: dict[str, Any]) -> tuple[bool, dict[str, bool]]:

@@ -35,7 +35,9 @@ variable                            meaning                                     
                                     share of the waiting images; 0: up to MAX_BATCH_SIZE
 ``NIGHTSHIFT_PLAN_CACHE_SIZE``      validated JSON headers of binary requests kept        256
                                     (:class:`~serving.protocol.InferPlan`); 0: none
-``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length)        64 MiB
+``NIGHTSHIFT_MAX_BODY_BYTES``       largest request body (413 from Content-Length); an    64 MiB
+                                    infer body, also after decompression, is capped
+                                    lower at what ``MAX_BATCH`` images can need (below)
 ``NIGHTSHIFT_BODY_TIMEOUT_S``       time to receive a whole body (else 408)               30
 ``NIGHTSHIFT_ORT_THREADS``          ONNX Runtime intra-op threads per model instance      1
 ``NIGHTSHIFT_MODEL_INSTANCES``      batches run at once on the session (Triton's          CPUs / threads
@@ -47,9 +49,24 @@ variable                            meaning                                     
 ``NIGHTSHIFT_REQUEST_LOG_ROTATE_S`` age at which a request-log file is published          60
 ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``   drain time on SIGTERM                                 20
 ``NIGHTSHIFT_MAX_CONNECTIONS``      concurrent connections before uvicorn answers 503     2048
+``NIGHTSHIFT_MAX_HEADERS``          header fields per request; beyond: 431                100
+``NIGHTSHIFT_MAX_HEADER_BYTES``     request line + header fields of one request; beyond:  16384
+                                    431
 ``NIGHTSHIFT_GIL_SWITCH_MS``         Python's thread switch interval (see below)           0.2
 ``NIGHTSHIFT_DRAIN_S``               keep-alive hand-off after SIGTERM (see below)         2
 ==================================  ====================================================  ==============
+
+Request limits. An infer body is refused (413, naming the limit and the setting)
+when it is larger than the model's largest batch can need, from its
+``Content-Length``, while it arrives, or while it inflates (``Content-Encoding:
+gzip|deflate``, inflated with a bounded ``max_length``, never whole first): as
+binary tensor data, its JSON header and ``MAX_BATCH x H x W x C`` bytes; as JSON,
+8 bytes per value plus 64 KiB (:class:`~serving.protocol.InferLimits`). JSON
+nested more than 32 levels deep is a 400 before it is parsed
+(:func:`~serving.protocol.json_too_deep`). The HTTP layer (uvicorn's httptools
+protocol, :func:`limited_http_protocol`) answers 431 and closes the connection
+when a request has more than ``MAX_HEADERS`` header fields or its request line
+and header fields exceed ``MAX_HEADER_BYTES``, counted as they arrive.
 
 The GIL switch interval: a model instance that finishes ``session.run`` needs
 the GIL back to hand over its answers, and the event loop thread holds it
@@ -95,6 +112,8 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_GIL_SWITCH_MS = 0.2
+DEFAULT_MAX_HEADERS = 100
+DEFAULT_MAX_HEADER_BYTES = 16 << 10
 
 __all__ = ["TIMING_HEADER", "InferenceServer", "Model", "ModelLoadError", "container_cpus", "main", "make_server"]
 
@@ -255,11 +274,106 @@ def _config_from_env(max_body_bytes: int | None = None, instances: int = 1) -> A
     )
 
 
-def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connections: int = 2048) -> Any:
+@functools.cache
+def limited_http_protocol(max_headers: int = DEFAULT_MAX_HEADERS,
+                          max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> type:
+    """uvicorn's httptools protocol with limits on a request's header fields (431).
+
+    uvicorn's httptools protocol keeps every header field a client sends, and httptools
+    buffers a field until its line ends: without limits, one request can hold any
+    amount of memory and parser time before the app sees it. This subclass counts,
+    per request, the header fields and the bytes of the request line and fields as
+    the parser hands them over, and the bytes that arrive while a request's head is
+    still incomplete (a field that never ends); past a limit it answers 431 with a
+    JSON error and closes the connection. The count is a few integer operations per
+    field on top of uvicorn's own callbacks.
+
+    :param max_headers: most header fields per request (``NIGHTSHIFT_MAX_HEADERS``).
+    :param max_header_bytes: most bytes of request line and header fields
+        (``NIGHTSHIFT_MAX_HEADER_BYTES``); a head that is still incomplete may overrun it
+        by one read from the socket before it is refused.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    if max_headers < 1 or max_header_bytes < 1:
+        raise ValueError(f"header limits must be positive, got {max_headers} fields, {max_header_bytes} bytes")
+
+    # the base methods, called directly (cheaper than super() on every request and field)
+    base_data_received = HttpToolsProtocol.data_received
+    base_on_message_begin = HttpToolsProtocol.on_message_begin
+    base_on_url = HttpToolsProtocol.on_url
+    base_on_header = HttpToolsProtocol.on_header
+    base_on_headers_complete = HttpToolsProtocol.on_headers_complete
+    too_large = (f"the request line and header fields exceed {max_header_bytes} bytes "
+                 "(NIGHTSHIFT_MAX_HEADER_BYTES)")
+
+    class LimitedHttpToolsProtocol(HttpToolsProtocol):
+        _head_bytes = 0  # request line and fields handed over by the parser
+        _raw_head_bytes = 0  # bytes of reads that held only an unfinished head (not yet handed over)
+        _in_head = False  # between a request's first byte and the end of its header fields
+        _began = False  # a request began during the current data_received
+        _refusal: str | None = None
+
+        def data_received(self, data: bytes) -> None:
+            self._began = False
+            base_data_received(self, data)
+            if self._in_head and not self._began and self._refusal is None:
+                # the whole read belongs to a head that httptools is still buffering
+                self._raw_head_bytes += len(data)
+                if self._raw_head_bytes > max_header_bytes:
+                    self._refusal = too_large
+                    self.send_400_response(too_large)
+
+        def on_message_begin(self) -> None:
+            base_on_message_begin(self)
+            self._head_bytes = self._raw_head_bytes = 0
+            self._in_head = self._began = True
+
+        def on_url(self, url: bytes) -> None:
+            base_on_url(self, url)
+            self._head_bytes += len(url)
+            if self._head_bytes > max_header_bytes:
+                self._refuse(f"the request line exceeds {max_header_bytes} bytes (NIGHTSHIFT_MAX_HEADER_BYTES)")
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            base_on_header(self, name, value)
+            n = self._head_bytes = self._head_bytes + len(name) + len(value) + 4  # ": " and CRLF
+            if n > max_header_bytes or len(self.headers) > max_headers:
+                self._refuse(too_large if n > max_header_bytes else
+                             f"the request has more than {max_headers} header fields (NIGHTSHIFT_MAX_HEADERS)")
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            base_on_headers_complete(self)
+
+        def _refuse(self, message: str) -> None:
+            """Remember why; raising stops the parser, and uvicorn answers through
+            :meth:`send_400_response`, which sends the 431."""
+            self._refusal = message
+            raise ValueError(message)
+
+        def send_400_response(self, msg: str) -> None:
+            if self._refusal is None:
+                super().send_400_response(msg)
+                return
+            if self.transport.is_closing():
+                return
+            body = json.dumps({"error": self._refusal}).encode("utf-8")
+            self.transport.write(b"".join([
+                b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-type: application/json\r\n",
+                b"content-length: ", str(len(body)).encode("ascii"), b"\r\nconnection: close\r\n\r\n", body]))
+            self.transport.close()
+
+    return LimitedHttpToolsProtocol
+
+
+def _uvicorn_config(app: InferenceApp, *, graceful_s: float = 20.0, max_connections: int = 2048,
+                    max_headers: int = DEFAULT_MAX_HEADERS, max_header_bytes: int = DEFAULT_MAX_HEADER_BYTES) -> Any:
     import uvicorn
 
     return uvicorn.Config(
-        app, loop="uvloop", http="httptools", lifespan="on", log_config=None, access_log=False,
+        app, loop="uvloop", http=limited_http_protocol(max_headers, max_header_bytes), lifespan="on",
+        log_config=None, access_log=False,
         server_header=False, date_header=False, limit_concurrency=max_connections, backlog=2048,
         proxy_headers=False,  # no X-Forwarded-For rewriting per request: the access log shows the peer
         timeout_keep_alive=30, timeout_graceful_shutdown=int(graceful_s), ws="none",
@@ -378,6 +492,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         pass  # a host name
 
+    for name in ("NIGHTSHIFT_MAX_HEADERS", "NIGHTSHIFT_MAX_HEADER_BYTES"):
+        if _env(name, 1) < 1:
+            raise SystemExit(f"serving: {name} must be at least 1")
     cpus = container_cpus()
     threads, instances = ort_layout(cpus, _env("NIGHTSHIFT_ORT_THREADS", 0), _env("NIGHTSHIFT_MODEL_INSTANCES", 0))
     model_uri = os.environ.get("MODEL_URI", "").strip()
@@ -407,6 +524,8 @@ def main(argv: list[str] | None = None) -> int:
         srv = InferenceServer(app, args.host, args.port,
                               graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
                               max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048),
+                              max_headers=_env("NIGHTSHIFT_MAX_HEADERS", DEFAULT_MAX_HEADERS),
+                              max_header_bytes=_env("NIGHTSHIFT_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
                               drain_s=_env("NIGHTSHIFT_DRAIN_S", 2.0, float))
     except OSError as exc:
         log.error("cannot bind %s:%s: %s (is another server on that port? set NIGHTSHIFT_PORT)",

@@ -5,7 +5,9 @@ Every route requires an Airflow identity (the UI's ``_token`` cookie or an
 :func:`~airflow.api_fastapi.core_api.security.get_user`) and read access to
 DAG runs through the configured auth manager: no identity is 401 (browsers are
 sent to the login page instead), a bad token or a user without access 403.
-Reports under ``runs/<dag_id>/`` also need read access to that DAG.
+Reports under ``runs/`` also need read access to the DAG their run folder's
+``run.json`` records (never the folder's name: names are sanitised); a folder
+that records none needs access to every DAG whose runs could be in it.
 
 Built lazily by the plugin, only in the API server; MLflow is imported inside
 the request handlers.
@@ -91,6 +93,38 @@ def _require_dag(user: Any, dag_id: str) -> None:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"Forbidden: read access to DAG {dag_id!r} is required")
 
 
+def _known_dag_ids() -> list[str]:
+    """Every DAG id the metadata DB knows."""
+    from sqlalchemy import select
+
+    from airflow.models.dag import DagModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return list(session.scalars(select(DagModel.dag_id)))
+
+
+def _authorize_report(user: Any, root: Path, parts: tuple[str, ...]) -> None:
+    """403 unless ``user`` may read the DAG runs the report at ``parts`` (relative to
+    the artifact root, symlinks resolved) belongs to."""
+    if parts[0] != "runs":
+        return
+    dag_id = data.report_dag_id(root, "/".join(parts))
+    if dag_id is not None:
+        _require_dag(user, dag_id)
+        return
+    # No run.json (a folder from before run folders recorded their DAG, or a file beside
+    # the run folders): any DAG whose id maps to this folder, old or new naming, may own it.
+    from nightshift.artifacts import folder_owners
+
+    owners = folder_owners(parts[1], _known_dag_ids())
+    if not owners:
+        raise HTTPException(status.HTTP_403_FORBIDDEN,
+                            f"Forbidden: runs/{parts[1]} records no DAG (no run.json) and names no known DAG")
+    for dag_id in owners:
+        _require_dag(user, dag_id)
+
+
 def _settings():
     from nightshift.settings import Settings
 
@@ -140,8 +174,7 @@ def create_app() -> FastAPI:
         if path is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "No such report")
         parts = path.relative_to(Path(root).resolve()).parts  # authorize on where the file really is
-        if parts[0] == "runs" and len(parts) > 2:
-            _require_dag(user, parts[1])
+        _authorize_report(user, Path(root), parts)
         if path.suffix == ".json" and not raw:
             try:
                 body = json.loads(path.read_text(encoding="utf-8"))

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from nightshift.artifacts import safe_name
+from nightshift.artifacts import folder_name, read_run_meta, run_path
 from nightshift.contracts import (
     CHALLENGER,
     CHAMPION,
@@ -100,18 +100,36 @@ def report_rel_path(artifact_root: str | os.PathLike, path: str | os.PathLike | 
 
 
 def run_folder(artifact_root: str | os.PathLike, run_id: str, dag_id: str | None = None) -> Path | None:
-    """The artifact folder of DAG run ``run_id`` (of ``dag_id``, or of any DAG)."""
-    runs = Path(artifact_root) / "runs"
+    """The artifact folder of DAG run ``run_id`` (of ``dag_id``, or of any DAG).
+
+    Without ``dag_id`` the first DAG folder (sorted) holding a folder for
+    ``run_id`` whose ``run.json`` does not name another run is taken.
+    """
     if dag_id:
-        p = runs / safe_name(dag_id) / safe_name(run_id)
+        p = run_path(artifact_root, dag_id, run_id)
         return p if p.is_dir() else None
+    runs = Path(artifact_root) / "runs"
     if not runs.is_dir():
         return None
     for d in sorted(runs.iterdir()):
-        p = d / safe_name(run_id)
-        if p.is_dir():
+        p = d / folder_name(run_id)
+        meta = read_run_meta(p)
+        if p.is_dir() and (meta is None or meta["run_id"] == run_id):
             return p
     return None
+
+
+def report_dag_id(artifact_root: str | os.PathLike, rel_path: str) -> str | None:
+    """The DAG a served report under ``runs/`` belongs to, as its run folder's
+    ``run.json`` records it; None when the folder records none, or one whose
+    folder name is not where that DAG's runs go (the caller then fails closed)."""
+    parts = Path(rel_path).parts
+    if len(parts) < 4 or parts[0] != "runs":  # runs/<dag folder>/<run folder>/<file...>
+        return None
+    meta = read_run_meta(Path(artifact_root).resolve().joinpath(*parts[:3]))
+    if meta is None or run_path("", meta["dag_id"], meta["run_id"]).parts[-2:] != tuple(parts[1:3]):
+        return None
+    return meta["dag_id"]
 
 
 def run_reports(artifact_root: str | os.PathLike, run_id: str | None, dag_id: str | None = None) -> list[dict[str, str]]:
@@ -128,6 +146,40 @@ def run_reports(artifact_root: str | os.PathLike, run_id: str | None, dag_id: st
         if f.is_file():
             out.append({"name": name, "label": label, "path": f.resolve().relative_to(root).as_posix()})
     return out
+
+
+def validation_outliers(artifact_root: str | os.PathLike, run_id: str | None, dag_id: str | None = None,
+                        show: int = 10) -> dict[str, Any] | None:
+    """The appearance outliers a run's validation report lists (tolerated or not), or None when the
+    run left no readable report: ``{"outliers", "checks": [{"check", "column", "range", "outliers",
+    "share", "max_share", "passed", "images" (the first ``show``), "more"}]}``."""
+    folder = run_folder(artifact_root, run_id, dag_id) if run_id else None
+    if folder is None:
+        return None
+    try:
+        body = json.loads((folder / RUN_REPORTS["validation"]).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    summary = body.get("summary", body) if isinstance(body, dict) else {}
+    entries = summary.get("appearance") if isinstance(summary, dict) else None
+    if not isinstance(entries, list):
+        return None  # a report from before appearance outliers were listed
+    checks = []
+    for a in entries:
+        if not isinstance(a, dict):
+            continue
+        images = [i for i in (a.get("images") or []) if isinstance(i, dict)][:show]
+        count = int(a.get("outliers") or 0)
+        low, high = (list(a.get("range") or []) + [None, None])[:2]
+        allowed = f"[{low:g}, {high:g}]" if low is not None and high is not None else (
+            f">= {low:g}" if low is not None else f"<= {high:g}" if high is not None else "")
+        checks.append({"check": a.get("check"), "column": a.get("column"), "range": allowed,
+                       "outliers": count, "share": a.get("share"), "max_share": a.get("max_share"),
+                       "passed": a.get("passed"), "images": images, "more": max(0, count - len(images))})
+    stats = summary.get("statistics") if isinstance(summary.get("statistics"), dict) else {}
+    total = stats.get("appearance_outliers")
+    return {"outliers": int(total) if isinstance(total, int) else sum(c["outliers"] for c in checks),
+            "checks": checks}
 
 
 # --------------------------------------------------------------------------- registry
@@ -183,6 +235,7 @@ def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
         "mlflow_run_url": mlflow_run_url(mv.run_id) if mv.run_id else None,
         "mlflow_version_url": mlflow_version_url(model_name, version),
         "reports": run_reports(artifact_root, run_id),
+        "validation": validation_outliers(artifact_root, run_id),
     }
 
 

@@ -1,0 +1,37 @@
+"""The run note (listeners.run_note): what a person reads on the DAG run in the Airflow UI."""
+
+from __future__ import annotations
+
+from nightshift.artifacts import atomic_write_json, run_dir
+from nightshift.listeners import run_note
+
+
+def _note(tmp_path, promotion: dict) -> str:
+    atomic_write_json(run_dir(tmp_path, "nightly_retrain", "manual__1") / "promotion.json", promotion)
+    return run_note(tmp_path, "nightly_retrain", "manual__1") or ""
+
+
+def test_note_says_the_data_changed_and_how_much_evidence_decided(tmp_path):
+    note = _note(tmp_path, {
+        "model_name": "m", "version": "3", "promoted": False, "awaiting_approval": True,
+        "previous_champion": "2", "champion": "2", "reason": "every gate passed",
+        "data_changed": ["source: /data/a -> /data/b"],
+        "evidence": {"test_images": 240, "min_test_images": 200,
+                     "accuracies": {"offline_accuracy": {"value": 0.95, "n": 240, "ci95": [0.915, 0.971]}},
+                     "paired": {"champion_only_correct": 3, "candidate_only_correct": 5, "mcnemar_p": 0.7265}},
+    })
+    assert "BLESSED m v3: waiting for approval" in note
+    assert "Approval needed: this run's data differs from the champion's:" in note
+    assert "- source: /data/a -> /data/b" in note
+    assert "Evidence: 240 test images (min 200)" in note
+    assert "offline_accuracy 0.9500 (95% CI 0.915-0.971)" in note
+    assert "3 images only the champion got right, 5 only the candidate, McNemar p=0.727" in note
+
+
+def test_failed_gates_come_before_the_evidence_line_so_the_cut_keeps_them(tmp_path):
+    note = _note(tmp_path, {
+        "model_name": "m", "version": "4", "promoted": False, "champion": "2", "reason": "gates failed",
+        "gates": [{"name": "offline_accuracy", "passed": False, "detail": "not enough evidence: 5 < 200"}],
+        "evidence": {"test_images": 5, "min_test_images": 200, "accuracies": {}},
+    })
+    assert note.index("- offline_accuracy: not enough evidence") < note.index("Evidence: 5 test images")
