@@ -35,7 +35,8 @@ the next nightly run nor a drift retrain. What must not overlap is serialised on
 `train_gpu` (pool `nightshift_gpu`), `system_eval` (one at a time), and every move of
 `champion` and of the serving port (a per-model lock).
 
-Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run_id>/`. Each task's
+Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run folder>/` (the run id, or
+`<sanitised run id>~<hash>` when it is not a safe folder name). Each task's
 **extra links** (task instance page) open its report (validation, parity,
 system eval, drift, promotion decision) or its MLflow run / model version; the
 **Nightshift** entry in the UI's *Browse* menu lists models, versions, gates,

@@ -14,24 +14,15 @@ answered Approve through the REST API, as the UI does, and B promotes.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port
+from tests.integration.airflow_stack import AirflowStack
 
 pytestmark = [pytest.mark.integration]
 
-ROOT = Path(__file__).resolve().parents[2]
 DAG_ID = "approval_supersede"
 MODEL = "supersede-model"
-STARTUP_TIMEOUT_S = 240
-STEP_TIMEOUT_S = 180
 
 DAG_FILE = '''
 from datetime import datetime
@@ -83,146 +74,18 @@ approval_supersede()
 '''
 
 
-class Stack:
-    """``airflow standalone`` in a process group of its own, its log in a file."""
-
-    def __init__(self, home: Path, env: dict[str, str], port: int) -> None:
-        self.home, self.env = home, env
-        self.base = f"http://127.0.0.1:{port}"
-        self.log_path = home / "standalone.log"
-        self.proc: subprocess.Popen | None = None
-        self._token: str | None = None
-
-    def start(self) -> None:
-        out = subprocess.run(["airflow", "db", "migrate"], env=self.env, cwd=ROOT, capture_output=True, text=True,
-                             timeout=300)
-        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(["airflow", "standalone"], env=self.env, cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
-
-    def _group_alive(self) -> bool:
-        try:
-            os.killpg(self.proc.pid, 0)
-        except ProcessLookupError:
-            return False
-        return True
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                pass
-        for sig, grace in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
-            if not self._group_alive():
-                break
-            os.killpg(self.proc.pid, sig)
-            deadline = time.monotonic() + grace
-            while self._group_alive() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=5)
-
-    def token(self) -> str:
-        import requests
-
-        if self._token is None:
-            r = requests.get(f"{self.base}/auth/token", timeout=10)
-            r.raise_for_status()
-            self._token = r.json()["access_token"]
-        return self._token
-
-    def api(self, method: str, path: str, **kwargs):
-        import requests
-
-        return requests.request(method, f"{self.base}/api/v2{path}", timeout=30,
-                                headers={"Authorization": f"Bearer {self.token()}"}, **kwargs)
-
-    def logs(self, tail: int = 8000) -> str:
-        parts = [f"===== {self.log_path} =====\n{self.log_path.read_text(errors='replace')[-tail:]}"]
-        for f in sorted((self.home / "airflow" / "logs").glob(f"dag_id={DAG_ID}/**/*.log")):
-            parts.append(f"===== {f} =====\n{f.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
-
-    def wait_until_ready(self) -> None:
-        import requests
-
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"airflow standalone exited ({self.proc.returncode})\n{self.logs()}"
-            try:
-                if self.api("GET", f"/dags/{DAG_ID}").status_code == 200:
-                    return
-            except requests.ConnectionError:
-                pass
-            time.sleep(2)
-        pytest.fail(f"the Airflow stack was not ready within {STARTUP_TIMEOUT_S}s\n{self.logs()}")
-
-    def trigger(self) -> str:
-        r = self.api("POST", f"/dags/{DAG_ID}/dagRuns", json={"logical_date": None})
-        assert r.status_code in (200, 201), r.text
-        return r.json()["dag_run_id"]
-
-    def tis(self, run_id: str) -> dict[str, dict]:
-        r = self.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances")
-        assert r.status_code == 200, r.text
-        return {ti["task_id"]: ti for ti in r.json()["task_instances"]}
-
-    def wait_for(self, what: str, check, timeout: float = STEP_TIMEOUT_S):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            got = check()
-            if got:
-                return got
-            time.sleep(1)
-        pytest.fail(f"timed out waiting for {what}\n{self.logs()}")
-
-    def state(self, run_id: str, task_id: str) -> str | None:
-        return (self.tis(run_id).get(task_id) or {}).get("state")
-
-
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    from nightly_retrain import MAX_ACTIVE_RUNS
+
     home = tmp_path_factory.mktemp("supersede")
     dags = home / "dags"
     dags.mkdir()
-    from nightly_retrain import MAX_ACTIVE_RUNS
-
     (dags / f"{DAG_ID}.py").write_text(DAG_FILE.format(dag_id=DAG_ID, model=MODEL, max_active_runs=MAX_ACTIVE_RUNS))
-    port = free_port()
-    env = {
-        **os.environ,
-        "NIGHTSHIFT_HOME": str(home),
-        "NIGHTSHIFT_ARTIFACT_ROOT": str(home / "artifacts"),
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "MLFLOW_REGISTRY_URI": f"sqlite:///{home / 'mlflow.db'}",
-        "MLFLOW_ENABLE_ASYNC_LOGGING": "false",
-        "AIRFLOW_HOME": str(home / "airflow"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home / 'airflow' / 'airflow.db'}",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(dags),
-        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
-        "AIRFLOW__CORE__PARALLELISM": "4",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
-        "AIRFLOW__API__HOST": "127.0.0.1",
-        "AIRFLOW__API__PORT": str(port),
-        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{port}/execution/",
-        "AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
-        "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), *filter(None, [os.environ.get("PYTHONPATH")])]),
-        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
-    }
-    (home / "airflow").mkdir()
-    s = Stack(home, env, port)
-    s.start()
+    s = AirflowStack(home, DAG_ID, dags_folder=dags)
     try:
-        s.wait_until_ready()
-        r = s.api("PATCH", f"/dags/{DAG_ID}", json={"is_paused": False})
-        assert r.status_code == 200, r.text
+        s.start()
+        s.unpause()
         yield s
     finally:
         s.stop()

@@ -310,3 +310,37 @@ def test_collect_workers_setting(monkeypatch):
             default_workers()
     monkeypatch.delenv("NIGHTSHIFT_COLLECT_WORKERS")
     assert default_workers() >= 1
+
+
+def test_two_collections_of_one_source_take_turns(folder, tmp_path):
+    """Overlapping runs collecting the same source share its staging journal, which the first
+    to finish removes: the second waits for the first (a flock the kernel drops if the holder
+    dies) and then reuses every pixel it decoded."""
+    import threading
+
+    from nightshift.data.collect import source_lock
+    from nightshift.data.snapshot import source_key
+
+    snaps = tmp_path / "snaps"
+    first, _ = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
+    _add_images(folder, 10_000, 3)
+    key = source_key({"kind": "imagefolder", "root": str(folder)}, SHAPE)
+    waiting, done, out = threading.Event(), threading.Event(), {}
+
+    def progress(msg: str) -> None:
+        if "waiting for it" in msg:
+            waiting.set()
+
+    def second() -> None:
+        out["snap"], out["stats"] = collect_imagefolder(folder, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1,
+                                                        progress=progress)
+        done.set()
+
+    with source_lock(snaps, key):  # another collector of this source holds it
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        assert waiting.wait(60), "the second collection did not wait for the lock"
+        assert not done.is_set()
+    t.join(120)
+    assert done.is_set()
+    assert out["stats"].reused == first.count() and out["stats"].decoded == 3

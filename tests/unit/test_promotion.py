@@ -328,3 +328,21 @@ def test_paired_counts_and_per_image_hits(snap, tmp_path):
     assert sum(t.values()) == snap.count("test")
     with pytest.raises(ScoringError, match="different images"):
         paired_counts(good["hits"], bad["hits"][:-1])
+
+
+def test_a_torchvision_subset_is_other_data(tmp_path):
+    """The manifest records the dataset's limit and options: a run on the first 300 images of
+    the champion's dataset is other data, so a person decides."""
+    from nightshift.data.sources import load_torchvision
+
+    full = load_torchvision("FakeData", tmp_path, (8, 8, 1), options={"size": 40, "num_classes": 3}).source
+    subset = load_torchvision("FakeData", tmp_path, (8, 8, 1), limit=12,
+                              options={"size": 40, "num_classes": 3}).source
+    assert subset["limit"] == 12 and full["limit"] is None and full["options"] == {"size": 40, "num_classes": 3}
+    champion = {"version": "3", "tags": {
+        "nightshift.data_source": json.dumps(data_identity({"source": full, "class_names": ["0", "1", "2"]})["source"]),
+        "nightshift.data_classes": json.dumps(["0", "1", "2"]), "nightshift.partition_window": "none"}}
+    same = data_identity({"source": full, "class_names": ["0", "1", "2"]})
+    assert data_changes(same, champion) == []
+    (why,) = data_changes(data_identity({"source": subset, "class_names": ["0", "1", "2"]}), champion)
+    assert why.startswith("source:")

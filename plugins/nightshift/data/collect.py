@@ -27,6 +27,7 @@ import os
 import shutil
 import time
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -205,6 +206,27 @@ def _index(previous: Snapshot | None, staged: list[Any]):
     return table.drop_duplicates(subset="source", keep="last")
 
 
+@contextmanager
+def source_lock(root_dir: Path, key: str, say: Callable[[str], None] | None = None) -> Iterator[None]:
+    """Exclusive ``flock`` on ``<snapshots root>/locks/<key>.lock``: two runs that collect the same
+    source at once (overlapping DAG runs, a retry beside a zombie) would share and remove each
+    other's staging journal; the second waits, then reuses what the first collected."""
+    import fcntl
+
+    path = Path(root_dir) / "locks" / f"{key}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            (say or log.info)(f"another collection of this source holds {path}: waiting for it")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def collect_imagefolder(
     root: Any, shape: tuple[int, int, int], snapshots_root: str | Path, *,
     class_names: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -236,147 +258,150 @@ def collect_imagefolder(
     stats = CollectStats(listed=len(listing.entries))
     say = progress or (lambda msg: log.info("%s", msg))
 
-    # ---- what can be reused: the previous collection of this source + a killed try's journal
-    import pandas as pd
+    # ---- one collection of a source at a time (overlapping runs share its staging journal);
+    # the kernel releases the lock when a killed collector dies
+    with source_lock(root_dir, key, say):
+        # ---- what can be reused: the previous collection of this source + a killed try's journal
+        import pandas as pd
 
-    staging = root_dir / STAGING_DIR / key
-    previous = latest(root_dir, key) if incremental else None
-    staged = []
-    if incremental and staging.is_dir():
-        for f in sorted(staging.glob("*.parquet")):
+        staging = root_dir / STAGING_DIR / key
+        previous = latest(root_dir, key) if incremental else None
+        staged = []
+        if incremental and staging.is_dir():
+            for f in sorted(staging.glob("*.parquet")):
+                try:
+                    staged.append(pd.read_parquet(f).assign(shard_digest=f.stem))
+                except Exception as exc:  # noqa: BLE001 - a journal we cannot read only costs decoding
+                    log.warning("ignoring unreadable collection journal %s: %s", f, exc)
+        table = _index(previous, staged) if incremental else None
+
+        entries = listing.entries
+        files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
+                              "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
+        if table is not None:
+            m = files.merge(table, left_on="rel", right_on="source", how="inner")
+            m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
+                  & (m["mtime"] != "")]  # no stamp: cannot tell whether it changed, so decode it
+        else:
+            m = files.iloc[:0].assign(shard_digest=[], row=[])
+        reused_pos = set(m["pos"].tolist())
+        todo = [e for i, e in enumerate(entries) if i not in reused_pos]
+        say(f"collect {root}: {len(entries)} image files, {len(m)} unchanged (reused), {len(todo)} to decode "
+            f"with {workers} worker(s)")
+
+        h, w, c = shape
+        cap = capacity(shape, shard_mb)
+        stat_cols = ["sha256", "brightness", "contrast", *[f"mean_ch{k}" for k in range(c)]]
+        kept = _Columns()      # rows of shards kept whole, in final order
+        pending = _Columns()   # rows pushed to the writer, not yet in a written shard
+        written = _Columns()   # rows of the shards written now, in order
+        undecodable = list(listing.skipped)
+        final_shards: list[tuple[str, int]] = []  # kept whole, in order
+
+        def journal(digest: str, count: int) -> None:
+            import io
+
+            from nightshift.artifacts import atomic_write_bytes
+
+            rows = pending.take(count)
+            written.append(rows)
+            buf = io.BytesIO()
+            pd.DataFrame({k: v for k, v in rows.items() if k not in ("label", "split")}).assign(
+                row=np.arange(count)).to_parquet(buf, index=False)
+            atomic_write_bytes(staging / f"{digest}.parquet", buf.getvalue())
+
+        writer = ShardWriter(root_dir, shape, cap, on_shard=journal)
+
+        def push(images: np.ndarray, cols: dict[str, Any]) -> None:
+            pending.append(cols)
+            writer.add(images, np.asarray(cols["label"], np.int64), np.asarray(cols["split"]))
+
+        # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
+        label_arr = np.asarray([label_of[e.class_name] for e in entries], np.int64)
+        for digest, grp in m.groupby("shard_digest", sort=False):
             try:
-                staged.append(pd.read_parquet(f).assign(shard_digest=f.stem))
-            except Exception as exc:  # noqa: BLE001 - a journal we cannot read only costs decoding
-                log.warning("ignoring unreadable collection journal %s: %s", f, exc)
-    table = _index(previous, staged) if incremental else None
+                shard = open_shard(root_dir, digest)
+            except DataError as exc:  # the shard went away: decode those files again
+                log.warning("cannot reuse shard %s (%s); decoding its %d file(s) again", digest[:12], exc, len(grp))
+                todo.extend(entries[i] for i in grp["pos"])
+                continue
+            grp = grp.sort_values("row")
+            idx = grp["row"].to_numpy(np.int64)
+            pos = grp["pos"].to_numpy(np.int64)
+            labels = label_arr[pos]
+            splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
+            cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
+                    "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
+                    "orig_channels": grp["orig_channels"].to_numpy(np.int64), "source": grp["rel"].to_numpy(),
+                    "file_size": grp["size"].to_numpy(), "file_mtime": grp["mtime"].to_numpy()}
+            whole = (len(idx) == len(shard.labels) == cap and np.array_equal(idx, np.arange(cap))
+                     and np.array_equal(labels, shard.labels) and np.array_equal(splits, shard.splits))
+            stats.reused += len(idx)
+            if whole:  # the whole shard, unchanged: share it as it is
+                final_shards.append((digest, cap))
+                kept.append({**cols, "shard": np.full(cap, len(final_shards) - 1), "row": np.arange(cap)})
+                stats.shards_reused += 1
+            else:  # part of it: copy those rows into new shards
+                for i in range(0, len(idx), cap):
+                    sel = slice(i, i + cap)
+                    push(np.asarray(shard.images[idx[sel]]), {k: v[sel] for k, v in cols.items()})
 
-    entries = listing.entries
-    files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
-                          "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
-    if table is not None:
-        m = files.merge(table, left_on="rel", right_on="source", how="inner")
-        m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
-              & (m["mtime"] != "")]  # no stamp: cannot tell whether it changed, so decode it
-    else:
-        m = files.iloc[:0].assign(shard_digest=[], row=[])
-    reused_pos = set(m["pos"].tolist())
-    todo = [e for i, e in enumerate(entries) if i not in reused_pos]
-    say(f"collect {root}: {len(entries)} image files, {len(m)} unchanged (reused), {len(todo)} to decode "
-        f"with {workers} worker(s)")
+        # ---- 2. new and changed files, decoded in parallel, in listing order
+        todo.sort(key=lambda e: e.rel)
+        done = 0
+        last_report = time.monotonic()
+        for chunk_entries, chunk in _iter_chunks(todo, shape, workers, io_concurrency):
+            for i, msg in chunk.errors:
+                undecodable.append({"path": chunk_entries[i].rel, "error": msg})
+            ok = [chunk_entries[i] for i in chunk.ok]
+            if ok:
+                splits = assign_splits(chunk.stats["sha256"], val_fraction=val_fraction, test_fraction=test_fraction)
+                push(chunk.images, {
+                    **{k: np.asarray(chunk.stats[k]) for k in stat_cols},
+                    "label": np.asarray([label_of[e.class_name] for e in ok], np.int64), "split": splits,
+                    "orig_height": chunk.orig_sizes[:, 0], "orig_width": chunk.orig_sizes[:, 1],
+                    "orig_channels": chunk.orig_sizes[:, 2], "source": np.asarray([e.rel for e in ok]),
+                    "file_size": np.asarray([str(e.size) for e in ok]), "file_mtime": np.asarray([e.mtime for e in ok])})
+            stats.decoded += len(ok)
+            done += len(chunk_entries)
+            if time.monotonic() - last_report > 10:
+                last_report = time.monotonic()
+                rate = done / max(time.perf_counter() - t0, 1e-9)
+                say(f"decoded {done}/{len(todo)} files ({rate:.0f}/s), {len(writer.written)} shard(s) written")
+        writer.flush()
 
-    h, w, c = shape
-    cap = capacity(shape, shard_mb)
-    stat_cols = ["sha256", "brightness", "contrast", *[f"mean_ch{k}" for k in range(c)]]
-    kept = _Columns()      # rows of shards kept whole, in final order
-    pending = _Columns()   # rows pushed to the writer, not yet in a written shard
-    written = _Columns()   # rows of the shards written now, in order
-    undecodable = list(listing.skipped)
-    final_shards: list[tuple[str, int]] = []  # kept whole, in order
-
-    def journal(digest: str, count: int) -> None:
-        import io
-
-        from nightshift.artifacts import atomic_write_bytes
-
-        rows = pending.take(count)
-        written.append(rows)
-        buf = io.BytesIO()
-        pd.DataFrame({k: v for k, v in rows.items() if k not in ("label", "split")}).assign(
-            row=np.arange(count)).to_parquet(buf, index=False)
-        atomic_write_bytes(staging / f"{digest}.parquet", buf.getvalue())
-
-    writer = ShardWriter(root_dir, shape, cap, on_shard=journal)
-
-    def push(images: np.ndarray, cols: dict[str, Any]) -> None:
-        pending.append(cols)
-        writer.add(images, np.asarray(cols["label"], np.int64), np.asarray(cols["split"]))
-
-    # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
-    label_arr = np.asarray([label_of[e.class_name] for e in entries], np.int64)
-    for digest, grp in m.groupby("shard_digest", sort=False):
-        try:
-            shard = open_shard(root_dir, digest)
-        except DataError as exc:  # the shard went away: decode those files again
-            log.warning("cannot reuse shard %s (%s); decoding its %d file(s) again", digest[:12], exc, len(grp))
-            todo.extend(entries[i] for i in grp["pos"])
-            continue
-        grp = grp.sort_values("row")
-        idx = grp["row"].to_numpy(np.int64)
-        pos = grp["pos"].to_numpy(np.int64)
-        labels = label_arr[pos]
-        splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
-        cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
-                "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
-                "orig_channels": grp["orig_channels"].to_numpy(np.int64), "source": grp["rel"].to_numpy(),
-                "file_size": grp["size"].to_numpy(), "file_mtime": grp["mtime"].to_numpy()}
-        whole = (len(idx) == len(shard.labels) == cap and np.array_equal(idx, np.arange(cap))
-                 and np.array_equal(labels, shard.labels) and np.array_equal(splits, shard.splits))
-        stats.reused += len(idx)
-        if whole:  # the whole shard, unchanged: share it as it is
-            final_shards.append((digest, cap))
-            kept.append({**cols, "shard": np.full(cap, len(final_shards) - 1), "row": np.arange(cap)})
-            stats.shards_reused += 1
-        else:  # part of it: copy those rows into new shards
-            for i in range(0, len(idx), cap):
-                sel = slice(i, i + cap)
-                push(np.asarray(shard.images[idx[sel]]), {k: v[sel] for k, v in cols.items()})
-
-    # ---- 2. new and changed files, decoded in parallel, in listing order
-    todo.sort(key=lambda e: e.rel)
-    done = 0
-    last_report = time.monotonic()
-    for chunk_entries, chunk in _iter_chunks(todo, shape, workers, io_concurrency):
-        for i, msg in chunk.errors:
-            undecodable.append({"path": chunk_entries[i].rel, "error": msg})
-        ok = [chunk_entries[i] for i in chunk.ok]
-        if ok:
-            splits = assign_splits(chunk.stats["sha256"], val_fraction=val_fraction, test_fraction=test_fraction)
-            push(chunk.images, {
-                **{k: np.asarray(chunk.stats[k]) for k in stat_cols},
-                "label": np.asarray([label_of[e.class_name] for e in ok], np.int64), "split": splits,
-                "orig_height": chunk.orig_sizes[:, 0], "orig_width": chunk.orig_sizes[:, 1],
-                "orig_channels": chunk.orig_sizes[:, 2], "source": np.asarray([e.rel for e in ok]),
-                "file_size": np.asarray([str(e.size) for e in ok]), "file_mtime": np.asarray([e.mtime for e in ok])})
-        stats.decoded += len(ok)
-        done += len(chunk_entries)
-        if time.monotonic() - last_report > 10:
-            last_report = time.monotonic()
-            rate = done / max(time.perf_counter() - t0, 1e-9)
-            say(f"decoded {done}/{len(todo)} files ({rate:.0f}/s), {len(writer.written)} shard(s) written")
-    writer.flush()
-
-    # ---- 3. the record: whole reused shards first, then the shards written now
-    del entries, files, m, todo, table, listing, label_arr  # O(images) objects not needed any more
-    offset = len(final_shards)
-    for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
-        part["shard"] = np.full(n, offset + i)
-        part["row"] = np.arange(n)
-    final_shards.extend(writer.written)
-    cols = _concat(kept.parts + written.parts)  # one copy of the per-image columns
-    kept.parts.clear()
-    written.parts.clear()
-    stats.shards_written = len(writer.written)
-    stats.undecodable = len(undecodable)
-    if not cols:
-        raise DataError(f"imagefolder source {root} yielded no decodable image: {len(undecodable)} file(s) failed "
-                        f"(first: {undecodable[:3]})")
-    meta = {**{k: cols[k] for k in stat_cols}, "label": cols["label"], "split": cols["split"],
-            "orig_size": np.stack([cols["orig_height"], cols["orig_width"], cols["orig_channels"]], axis=1),
-            "source": cols["source"].tolist(), "shard": cols["shard"], "row": cols["row"],
-            "file_size": cols["file_size"].astype(str).astype(object), "file_mtime": cols["file_mtime"].astype(object)}
-    del cols
-    split_cfg = {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
-                 "predefined_test": False}
-    stats.seconds = round(time.perf_counter() - t0, 3)
-    snap = write_record(root_dir, shards=final_shards, meta=meta, class_names=classes, shape=shape,
-                        source=source, undecodable=sorted(undecodable, key=lambda b: b["path"]),
-                        split_cfg=split_cfg, collected_at=collected_at, context=context,
-                        extra={"shard_mb": shard_mb, "incremental": {
-                            "previous_collection": previous.collection_id if previous else None,
-                            "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
-    set_latest(root_dir, key, snap)
-    shutil.rmtree(staging, ignore_errors=True)
-    say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
-        f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "
-        f"{stats.seconds:.1f}s")
-    return snap, stats
+        # ---- 3. the record: whole reused shards first, then the shards written now
+        del entries, files, m, todo, table, listing, label_arr  # O(images) objects not needed any more
+        offset = len(final_shards)
+        for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
+            part["shard"] = np.full(n, offset + i)
+            part["row"] = np.arange(n)
+        final_shards.extend(writer.written)
+        cols = _concat(kept.parts + written.parts)  # one copy of the per-image columns
+        kept.parts.clear()
+        written.parts.clear()
+        stats.shards_written = len(writer.written)
+        stats.undecodable = len(undecodable)
+        if not cols:
+            raise DataError(f"imagefolder source {root} yielded no decodable image: {len(undecodable)} file(s) failed "
+                            f"(first: {undecodable[:3]})")
+        meta = {**{k: cols[k] for k in stat_cols}, "label": cols["label"], "split": cols["split"],
+                "orig_size": np.stack([cols["orig_height"], cols["orig_width"], cols["orig_channels"]], axis=1),
+                "source": cols["source"].tolist(), "shard": cols["shard"], "row": cols["row"],
+                "file_size": cols["file_size"].astype(str).astype(object), "file_mtime": cols["file_mtime"].astype(object)}
+        del cols
+        split_cfg = {"method": "sha256-of-pixels", "val_fraction": val_fraction, "test_fraction": test_fraction,
+                     "predefined_test": False}
+        stats.seconds = round(time.perf_counter() - t0, 3)
+        snap = write_record(root_dir, shards=final_shards, meta=meta, class_names=classes, shape=shape,
+                            source=source, undecodable=sorted(undecodable, key=lambda b: b["path"]),
+                            split_cfg=split_cfg, collected_at=collected_at, context=context,
+                            extra={"shard_mb": shard_mb, "incremental": {
+                                "previous_collection": previous.collection_id if previous else None,
+                                "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
+        set_latest(root_dir, key, snap)
+        shutil.rmtree(staging, ignore_errors=True)
+        say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
+            f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "
+            f"{stats.seconds:.1f}s")
+        return snap, stats

@@ -339,6 +339,10 @@ def load_torchvision(
     if cls is None:
         raise ConfigError(f"torchvision.datasets has no dataset {name!r}")
     options = dict(options or {})
+    # recorded in the manifest: a subset (limit) or other options is other data, for every
+    # reuse key and for promotion's "same data as the champion" check
+    recorded = {"kind": "torchvision", "name": name, "root": str(root), "limit": limit,
+                "options": {k: options[k] for k in sorted(options)}}
     parts = []
     if name == "FakeData":  # generated, needs no download; used by tests and demos
         size = options.pop("size", 200)
@@ -375,7 +379,7 @@ def load_torchvision(
         class_names=class_names,
         orig_sizes=np.asarray(sizes, np.int64),
         origins=origins,
-        source={"kind": "torchvision", "name": name, "root": str(root)},
+        source=recorded,
         predefined_split=np.asarray(splits),
     )
 
