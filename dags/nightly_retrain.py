@@ -233,7 +233,8 @@ def nightly_retrain():
     # waits for a person; a newer candidate of the model ends the wait (superseded), and other runs go on
     approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output, model_name=MODEL)
     final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,
-                                      approval=approve.output, model_name=MODEL)
+                                      approval=approve.output, model_name=MODEL,
+                                      deploy_target="{{ params.deploy_target }}")
     approve >> final
     deploy = DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
                                  target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")

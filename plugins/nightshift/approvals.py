@@ -18,11 +18,18 @@ answered after a newer candidate of the same model exists:
 * **Stale.** Approved, but ``champion`` moved while the candidate waited (a
   rollback, ``promote_model``): the gates compared the candidate with a champion
   that no longer serves, so the alias is left where it is.
+* **Undeployable.** Approved, but the run deploys (``docker``, ``kubernetes``) and the
+  candidate cannot be deployed (:func:`nightshift.champion.deploy_target`: e.g. image
+  retention removed its image while it waited): the alias is left where it is, so the
+  registry and the serving port never disagree (fail closed).
 
 Outcomes (the ``action`` of the promotion-history line, and the version tag
 ``approval``): ``promoted`` (approved), ``approval_rejected`` (rejected),
-``approval_stale`` (approved, champion moved meanwhile), ``superseded`` (a newer
-candidate arrived first). Only ``promoted`` moves ``champion``.
+``approval_stale`` (approved, champion moved meanwhile), ``approval_undeployable``
+(approved, cannot be deployed), ``superseded`` (a newer candidate arrived first).
+Only ``promoted`` moves ``champion``. A retry of a ``finalize_promotion`` whose first
+try moved ``champion`` (and died before its history line) records ``promoted``, even
+if a newer candidate was registered since.
 
 No Airflow here.
 """
@@ -45,9 +52,11 @@ APPROVE, REJECT = "Approve", "Reject"
 
 #: History actions of the outcomes of a wait (besides ``promoted``).
 REJECTED, STALE, SUPERSEDED = "approval_rejected", "approval_stale", "superseded"
+UNDEPLOYABLE = "approval_undeployable"
 
 #: Values of the version tag ``nightshift.approval``.
-APPROVAL_TAG_VALUES = {"promoted": "approved", REJECTED: "rejected", STALE: "stale", SUPERSEDED: "superseded"}
+APPROVAL_TAG_VALUES = {"promoted": "approved", REJECTED: "rejected", STALE: "stale", SUPERSEDED: "superseded",
+                       UNDEPLOYABLE: "undeployable"}
 
 
 @dataclass(frozen=True)
@@ -168,16 +177,47 @@ def record_superseded(c, model_name: str, version: str, *, by: Mapping[str, Any]
             "action": SUPERSEDED, "superseded_by": str(by["version"])}
 
 
+def _undeployable(c, model_name: str, version: str, *, answer: Answer, target: str, docker_client: Any,
+                  champion: str | None) -> dict[str, Any] | None:
+    """``None`` when ``version`` can be deployed with ``target``; else record the approval as
+    ``undeployable`` (tags; ``champion`` is not touched) and return the outcome."""
+    from nightshift import champion as _champion_mod
+
+    if target == "docker" and docker_client is None:  # a caller's mistake, not the candidate's
+        raise ConfigError("checking that the approved candidate can be deployed on 'docker' needs a Docker client")
+    try:
+        _champion_mod.deploy_target(c, model_name, version, target=target, docker_client=docker_client)
+    except ConfigError as exc:
+        why = str(exc)
+    else:
+        return None
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    _tag(c, model_name, version, {"approved_by": answer.actor, "approval_comment": answer.comment[:4900] or "-",
+                                  "approved_at": stamp, "approval": APPROVAL_TAG_VALUES[UNDEPLOYABLE],
+                                  "awaiting_approval": "false", "undeployable_reason": why[:4900]})
+    note = (f"approved by {answer.actor}, but not promoted: v{version} cannot be deployed with the run's deploy "
+            f"target {target!r}: {why} champion stays {f'v{champion}' if champion else 'unset'}")
+    log.error("%s", note)
+    return {"version": str(version), "promoted": False, "champion": champion, "note": note,
+            "action": UNDEPLOYABLE, "superseded_by": None}
+
+
 def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expected_champion: str | None,
-                      artifact_root: str | os.PathLike | None = None) -> dict[str, Any]:
+                      artifact_root: str | os.PathLike | None = None, deploy_target: str | None = None,
+                      docker_client: Any = None) -> dict[str, Any]:
     """Record how the wait of ``version`` ended and move ``champion`` only for an approval
-    that is neither superseded nor stale.
+    that is neither superseded, stale nor undeployable.
 
     :param expected_champion: the champion the gates compared the candidate with.
     :param artifact_root: where the per-model champion lock lives
         (:func:`nightshift.champion.champion_lock`); ``None``: no lock (tests).
+    :param deploy_target: the run's deploy target: for ``docker`` and ``kubernetes`` the
+        candidate must be deployable (:func:`nightshift.champion.deploy_target`) before the
+        alias moves; ``None`` / ``none``: not checked.
+    :param docker_client: for ``docker``: the Docker client that checks the image.
     :returns: ``{"version", "promoted", "champion", "note", "action", "superseded_by"}``;
-        ``action`` is ``promoted``, ``approval_rejected``, ``approval_stale`` or ``superseded``.
+        ``action`` is ``promoted``, ``approval_rejected``, ``approval_stale``,
+        ``approval_undeployable`` or ``superseded``.
     :raises RegistryError: the registry cannot be read or written (nothing is promoted).
     """
     from contextlib import nullcontext
@@ -199,10 +239,27 @@ def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expec
     else:
         lock = nullcontext()
     with lock:
+        current = registry.get_champion(c, model_name)
+        if current is not None and current["version"] == version \
+                and current["tags"].get(f"{TAG_PREFIX}approval") == APPROVAL_TAG_VALUES["promoted"]:
+            # an earlier try of this task approved and moved champion (then died before its history
+            # line): it was promoted, whatever was registered since
+            return {"version": version, "promoted": True, "champion": version, "action": "promoted",
+                    "superseded_by": None,
+                    "note": f"approved by {answer.actor}; champion already pointed at v{version} (moved by an "
+                            "earlier try of this task)"}
         # checked under the lock: a candidate registered after this one, or a champion that moved, wins
         newer = superseding_version(c, model_name, version)
         if newer is not None:
             return record_superseded(c, model_name, version, by=newer, answer=answer)
+        current_v = current["version"] if current else None
+        expected = None if expected_champion in (None, "", "none") else str(expected_champion).lstrip("v")
+        # only an approval that would move the alias (not a stale one) must be deployable
+        if deploy_target not in (None, "", "none") and current_v == expected:
+            undeployable = _undeployable(c, model_name, version, answer=answer, target=deploy_target,
+                                         docker_client=docker_client, champion=current_v)
+            if undeployable is not None:
+                return undeployable
         res = registry.approve_candidate(c, model_name, version, approved=True, actor=answer.actor,
                                          comment=answer.comment, expected_champion=expected_champion)
     if res["promoted"]:

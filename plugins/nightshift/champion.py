@@ -274,6 +274,8 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
         renders manifests) or ``none`` (the alias only).
     :param dag_id, run_id: recorded in the history; a retry of the same run whose
         move already happened does not move ``champion`` again (it only reconciles).
+        The run is also marked on the target version (:func:`run_tag`) before the alias
+        moves, so a try that died between the move and its history line is found too.
     :param hook: test/tracing hook (``lock_wait``, ``target_resolved``, ``alias_moved``).
     :raises ConfigError: no reason, no such version, a rollback target equal to the
         champion, or a target that cannot be deployed (nothing moved).
@@ -294,10 +296,14 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
         current_v = current["version"] if current else None
         history = list(contracts.read_jsonl(contracts.history_path(artifact_root, model_name)))
         done = _already_done(history, action=action, dag_id=dag_id, run_id=run_id, champion=current_v,
-                             requested=None if version in (None, "previous") else version.lstrip("v"))
+                             requested=None if version in (None, "previous") else version.lstrip("v"),
+                             champion_tags=current["tags"] if current else None)
         if done is not None:  # a retry of a run whose move already happened: converge, do not move twice
             log.warning("%s: this run already moved champion of %s to v%s; only reconciling the port",
                         ACTIONS[action], model_name, current_v)
+            if done.get("_from_tag"):  # the earlier try died after the alias moved, before its history line
+                done = _finish_recording(c, artifact_root, model_name, current_v, done, action=action,
+                                         reason=reason, actor=actor, dag_id=dag_id, run_id=run_id)
             out = {"model_name": model_name, "version": current_v, "previous_champion": done.get("previous_champion"),
                    "champion": current_v, "moved": False, "actor": done.get("actor"), "reason": done.get("reason"),
                    "action": action, "time": done.get("time"), "note": "moved by an earlier try of this run"}
@@ -319,10 +325,20 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
         if deploy == "docker":
             # the port moves first: a target that does not become ready moves nothing at all
             deployment = _deploy_locked(c, deployer, target, reason=f"{ACTIONS[action]}: {reason}")
+        mark = run_tag(action)
         try:
+            if run_id:  # before the alias moves: a retry of this run finds its own move (see _already_done)
+                c.set_model_version_tag(model_name, target.version, mark, json.dumps(
+                    {"dag_id": dag_id, "run_id": run_id, "from": current_v}, sort_keys=True))
             out = registry.set_champion(c, model_name, target.version, reason=reason, actor=actor, action=action,
                                         expected=current_v)
         except BaseException:
+            if run_id:
+                try:  # the alias did not move: the mark must not claim it did
+                    if (registry.get_champion(c, model_name) or {}).get("version") != target.version:
+                        c.delete_model_version_tag(model_name, target.version, mark)
+                except Exception as exc:  # noqa: BLE001 - a stale mark only matters if champion later points here
+                    log.warning("could not remove %s from %s v%s: %s", mark, model_name, target.version, exc)
             if deploy == "docker":  # the port serves the target but the alias did not move: put it back
                 try:
                     reconcile(c, deployer, reason=f"{ACTIONS[action]} failed to move champion: restore", hook=None)
@@ -338,16 +354,53 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
         return {**out, "deployment": deployment, "image": target.image, "promoted": True}
 
 
+def run_tag(action: str) -> str:
+    """The version tag naming the run that moved ``champion`` to it by ``action``
+    (``nightshift.rolled_back_run``, ``nightshift.forced_run``): written before the alias moves."""
+    from nightshift.contracts import TAG_PREFIX
+
+    return f"{TAG_PREFIX}{action}_run"
+
+
 def _already_done(history: list[dict[str, Any]], *, action: str, dag_id: str | None, run_id: str | None,
-                  champion: str | None, requested: str | None) -> dict[str, Any] | None:
-    """The history event this run wrote for this request, when champion still points where it moved it."""
+                  champion: str | None, requested: str | None,
+                  champion_tags: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """The history event this run wrote for this request, when champion still points where it moved it.
+
+    Without one, the champion's :func:`run_tag` naming this run says an earlier try moved the
+    alias and died before its history line: returns ``{"_from_tag": True, "previous_champion"}``.
+    """
     if not run_id or (requested is not None and requested != champion):
         return None
     for event in reversed(history):
         if event.get("run_id") == run_id and event.get("dag_id") == dag_id and event.get("action") == action:
             return event if str(event.get("champion")) == str(champion) else None
+    try:
+        mark = json.loads((champion_tags or {}).get(run_tag(action)) or "{}")
+    except ValueError:
+        return None
+    if isinstance(mark, dict) and mark.get("run_id") == run_id and mark.get("dag_id") == dag_id:
+        return {"_from_tag": True, "previous_champion": mark.get("from")}
     return None
 
 
+def _finish_recording(c, artifact_root: str | os.PathLike, model_name: str, version: str, done: dict[str, Any], *,
+                      action: str, reason: str, actor: str, dag_id: str | None, run_id: str | None) -> dict[str, Any]:
+    """What an earlier try that moved the alias and died left unwritten: the version's
+    ``<action>_by/_reason/_at/_from`` tags and the history line (keyed by run: written once)."""
+    from nightshift import contracts
+
+    previous = done.get("previous_champion")
+    stamp = datetime.now(timezone.utc).isoformat()
+    for k, v in {f"{action}_by": actor, f"{action}_reason": str(reason)[:4900], f"{action}_at": stamp,
+                 f"{action}_from": str(previous or "none")}.items():
+        c.set_model_version_tag(model_name, str(version), contracts.tag(k), v)
+    contracts.append_history(artifact_root, contracts.HistoryEvent(
+        model=model_name, action=action, version=str(version), previous_champion=previous, champion=str(version),
+        reason=str(reason), actor=actor, dag_id=dag_id, run_id=run_id,
+        extra={"note": "recorded by a retry: the earlier try moved champion and stopped before recording it"}))
+    return {"previous_champion": previous, "actor": actor, "reason": reason, "time": stamp}
+
+
 __all__ = ["ACTIONS", "DEFAULT_LOCK_TIMEOUT_S", "DEPLOY_TARGETS", "ChampionLockTimeout", "DeployTarget",
-           "champion_lock", "change_champion", "deploy_target", "lock_path", "reconcile"]
+           "champion_lock", "change_champion", "deploy_target", "lock_path", "reconcile", "run_tag"]

@@ -191,7 +191,7 @@ def resume_candidate(c, model_name: str, existing: dict[str, Any]) -> dict[str, 
     before = None if before == "none" else before
     note = "registered by an earlier try of this task; its recorded decision stands"
     awaiting = tags.get(f"{TAG_PREFIX}awaiting_approval") == "true"
-    if awaiting or tags.get(f"{TAG_PREFIX}approval") in ("rejected", "stale", "superseded"):
+    if awaiting or tags.get(f"{TAG_PREFIX}approval") in ("rejected", "stale", "superseded", "undeployable"):
         blessed = False  # champion moves only through approve_candidate, never after a no, a stale yes or a newer one
     aliases = c.get_registered_model(model_name).aliases or {}
     if str(aliases.get(CHALLENGER)) != version:

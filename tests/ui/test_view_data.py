@@ -81,3 +81,44 @@ def test_resolve_report_refuses_anything_outside_the_served_folders(tmp_path):
     for bad in ("snapshots/secret.json", "../outside.txt", "runs/../snapshots/secret.json", "/etc/passwd",
                 "runs/d/r/link.txt", "runs", "runs/d", "runs/d/r/missing.json", "", "runs/d/r/ok.json\x00"):
         assert data.resolve_report(root, bad) is None, bad
+
+
+def test_each_version_says_how_its_approval_ended_not_always_approved_by(tmp_path):
+    """``approved_by`` names whoever answered: a Reject, a stale or superseded Approve must not
+    read "approved by" in the view."""
+    from nightshift.ui.app import _jinja
+
+    def mv(n, **tags):
+        return SimpleNamespace(version=str(n), run_id=None, creation_timestamp=None,
+                               tags={f"nightshift.{k}": v for k, v in tags.items()})
+
+    versions = [
+        mv(1, approval="approved", approved_by="bob"),
+        mv(2, approval="rejected", approved_by="carol"),
+        mv(3, approval="superseded", approved_by="erin", superseded_by="5"),
+        mv(4, approval="superseded", superseded_by="5"),
+        mv(5, approval="stale", approved_by="dan"),
+        mv(6, approval="undeployable", approved_by="fay"),
+        mv(7, awaiting_approval="true"),
+        mv(8),
+    ]
+
+    class Client:
+        def search_registered_models(self):
+            return [SimpleNamespace(name="m", aliases={"champion": "1"}, description="")]
+
+        def search_model_versions(self, _filter):
+            return versions
+
+    o = data.build_overview(SimpleNamespace(artifact_root=tmp_path), Client())
+    texts = {v["version"]: v["approval_text"] for v in o["models"][0]["versions"]}
+    assert texts == {
+        "1": "approved by bob", "2": "rejected by carol", "3": "superseded by v5 (erin answered too late)",
+        "4": "superseded by v5 before anyone answered",
+        "5": "approved by dan, stale: champion moved while it waited (not promoted)",
+        "6": "approved by fay, but not deployable (not promoted)", "7": "awaiting approval", "8": None}
+    assert {v["version"]: v["approval"] for v in o["models"][0]["versions"]}["2"] == "rejected"
+    html = _jinja().get_template("view.html").render(o=o, user="u")
+    assert "rejected by carol" in html and "superseded by v5 (erin answered too late)" in html
+    for wrong in ("approved by carol", "approved by erin"):
+        assert wrong not in html, wrong

@@ -325,12 +325,20 @@ def test_an_approval_that_raced_a_newer_candidate_is_superseded(ctx, reg, tmp_pa
     newer = candidate(reg, tmp_path, 2, blessed=False)
     out = _finalize(ctx, waiting, _approve("erin", "ship it"))
     assert out["promoted"] is False and champion(reg) is None
-    assert out["approval"] == "superseded" and out["approved_by"] == "erin"
+    # the Approve decided nothing: not recorded as approved (nor as "approved by"); who answered is kept
+    assert out["approval"] == "superseded" and out["approved"] is False and out["approved_by"] is None
+    assert out["answered_by"] == "erin"
     event = history()[-1]
     assert event["action"] == "superseded" and event["actor"] == "erin"
     assert f"approved by erin, but superseded by the newer candidate v{newer['version']}" in event["reason"]
     tags = reg.get_model_version(MODEL, waiting["version"]).tags
     assert tags["nightshift.approved_by"] == "erin" and tags["nightshift.approval"] == "superseded"
+    from nightshift.listeners import run_note
+
+    report = Path(out["report_path"])
+    note = run_note(report.parents[3], report.parent.parent.name, report.parent.name) or ""
+    assert "Approved by erin" not in note and "Rejected by erin" not in note
+    assert f"approved by erin, but superseded by the newer candidate v{newer['version']}" in note
 
 
 def test_an_approval_whose_champion_moved_meanwhile_is_recorded_stale_not_rejected(ctx, reg, tmp_path):
@@ -374,6 +382,98 @@ def test_finalize_still_promotes_an_approval_nothing_overtook(ctx, reg, tmp_path
                                     "params_input": {"comment": "no"}})
     assert out["promoted"] is False and history()[-1]["action"] == "approval_rejected"
     assert champion(reg) == waiting["version"]
+
+
+class _Images:
+    """A Docker client's ``images`` holding only ``have``."""
+
+    def __init__(self, have):
+        self.have = set(have)
+
+    def get(self, image):
+        from docker.errors import ImageNotFound
+
+        if image not in self.have:
+            raise ImageNotFound(f"no such image: {image}")
+        return SimpleNamespace(id=f"sha256:{image}")
+
+
+def _docker(monkeypatch, *images):
+    from nightshift import inference_image
+
+    client = SimpleNamespace(images=_Images(images))
+    monkeypatch.setattr(inference_image, "connect_docker", lambda *a, **k: client)
+    return client
+
+
+def _finalize_to(ctx, outcome, approval, target):
+    from nightshift.operators import FinalizePromotionOperator
+
+    return FinalizePromotionOperator(task_id="finalize_promotion", model_name=MODEL, promotion=outcome,
+                                     approval=approval, deploy_target=target).execute(ctx)
+
+
+def test_an_approval_whose_image_is_gone_moves_nothing(ctx, reg, tmp_path, monkeypatch):
+    """Retention removed the waiting candidate's image: the Approve is recorded, champion stays
+    (the deploy that follows would fail, and registry and port would disagree)."""
+    from nightshift import registry
+
+    first = candidate(reg, tmp_path, 1)  # champion v1
+    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    for v in (first, waiting):
+        reg.set_model_version_tag(MODEL, v["version"], "nightshift.image", f"img:{v['version']}")
+    _docker(monkeypatch, f"img:{first['version']}")  # v2's image is gone
+    out = _finalize_to(ctx, waiting, _approve("bob", "ship it"), "docker")
+    assert out["promoted"] is False and champion(reg) == first["version"] == out["champion"]
+    assert out["approval"] == "undeployable" and out["approved_by"] == "bob"
+    assert f"img:{waiting['version']}" in out["note"] and "not promoted" in out["note"]
+    event = history()[-1]
+    assert event["action"] == "approval_undeployable" and event["champion"] == first["version"]
+    assert f"img:{waiting['version']}" in event["reason"]
+    tags = reg.get_model_version(MODEL, waiting["version"]).tags
+    assert tags["nightshift.approval"] == "undeployable" and tags["nightshift.awaiting_approval"] == "false"
+    # a retried promote of that run does not move champion either
+    existing = registry.find_candidate(reg, MODEL, reg.get_model_version(MODEL, waiting["version"]).run_id,
+                                       f"{2:064d}")
+    assert registry.resume_candidate(reg, MODEL, existing)["promoted"] is False
+    assert champion(reg) == first["version"]
+
+
+def test_an_approval_whose_image_is_there_is_promoted(ctx, reg, tmp_path, monkeypatch):
+    candidate(reg, tmp_path, 1)
+    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    reg.set_model_version_tag(MODEL, waiting["version"], "nightshift.image", "img:2")
+    _docker(monkeypatch, "img:2")
+    out = _finalize_to(ctx, waiting, _approve(), "docker")
+    assert out["promoted"] is True and champion(reg) == waiting["version"] and out["approval"] == "approved"
+    # kubernetes needs the image tag only; none checks nothing
+    bare = candidate(reg, tmp_path, 3, require_approval=True)  # no image tag
+    out = _finalize_to(ctx, bare, _approve(), "kubernetes")
+    assert out["promoted"] is False and out["approval"] == "undeployable" and "no nightshift.image tag" in out["note"]
+    assert champion(reg) == waiting["version"]
+
+
+def test_a_retried_finalize_after_the_move_records_promoted_not_superseded(ctx, reg, tmp_path):
+    """The first try approved and moved champion, then died before its history line; a newer
+    candidate registered before the retry. The retry records the promotion that happened."""
+    from nightshift import approvals
+
+    first = candidate(reg, tmp_path, 1)
+    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    approvals.finalize_approval(reg, MODEL, waiting["version"], answer=approvals.parse_answer(_approve(), "2"),
+                                expected_champion=first["version"])  # the first try, up to its death
+    assert champion(reg) == waiting["version"]
+    assert [e["action"] for e in history()].count("promoted") == 0
+    candidate(reg, tmp_path, 3, require_approval=True)  # a newer candidate, before the retry
+    out = _finalize(ctx, waiting, _approve())  # the retry
+    assert out["promoted"] is True and out["approval"] == "approved" and out["champion"] == waiting["version"]
+    assert champion(reg) == waiting["version"]
+    events = [e for e in history() if e["version"] == waiting["version"]]
+    assert [e["action"] for e in events] == ["promoted"]
+    _finalize(ctx, waiting, _approve())  # and once more: still one line
+    assert [e["action"] for e in history() if e["version"] == waiting["version"]] == ["promoted"]
+    tags = reg.get_model_version(MODEL, waiting["version"]).tags
+    assert tags["nightshift.approval"] == "approved" and "nightshift.superseded_by" not in tags
 
 
 def test_finalize_on_a_registry_error_promotes_nothing(ctx, reg, tmp_path, monkeypatch):

@@ -317,6 +317,60 @@ def test_a_retried_rollback_does_not_roll_back_twice(tmp_path, template):
     assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count("rolled_back") == 1
 
 
+class _Died(BaseException):
+    """The task process dying at a hook point (nothing after it runs)."""
+
+
+@pytest.mark.parametrize("action", ["rolled_back", "forced"])
+def test_a_retry_after_dying_between_the_alias_move_and_the_history_line_moves_once(tmp_path, template, action):
+    """The first try moved champion 3 -> 2 and died before append_history; its retry (same
+    run) must find its own move on v2 (not roll back again to v1) and write the one history line."""
+    c, root, world = _setup(tmp_path, template, serving="3")
+
+    def die(p):
+        if p == "alias_moved":
+            raise _Died()
+
+    def move(hook=None):
+        if action == "rolled_back":
+            return _rollback(c, root, FakeDeployer(world, root), run_id="r1", hook=hook)
+        return champion.change_champion(c, model_name=MODEL, artifact_root=root, version="2", action="forced",
+                                        reason="the nightly model misbehaves", actor="ops", dag_id="promote_model",
+                                        deployer=FakeDeployer(world, root), run_id="r1", hook=hook)
+
+    with pytest.raises(_Died):
+        move(hook=die)
+    assert registry.get_champion(c, MODEL)["version"] == "2"  # moved, but not recorded
+    assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 0
+    again = move()  # the same run's retry
+    assert again["moved"] is False and again["champion"] == "2" and again["previous_champion"] == "3"
+    assert _assert_converged(c, world) == "2"
+    events = [e for e in contracts.read_jsonl(contracts.history_path(root, MODEL)) if e["action"] == action]
+    assert len(events) == 1
+    assert events[0]["champion"] == "2" and events[0]["previous_champion"] == "3" and events[0]["run_id"] == "r1"
+    assert c.get_model_version(MODEL, "2").tags[f"nightshift.{action}_from"] == "3"
+    move()  # a third try: still nothing moves, nothing more is recorded
+    assert registry.get_champion(c, MODEL)["version"] == "2"
+    assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 1
+    # another run's rollback is not mistaken for this one's retry: it moves on (2 -> 1)
+    if action == "rolled_back":
+        assert _rollback(c, root, FakeDeployer(world, root), run_id="r2")["champion"] == "1"
+
+
+def test_a_move_that_fails_leaves_no_mark_of_this_run(tmp_path, template, monkeypatch):
+    """The alias did not move (compare-and-set refused): the target carries no mark claiming it did."""
+    c, root, world = _setup(tmp_path, template, serving="3")
+
+    def refuse(*_a, **_k):
+        raise registry.ChampionMoved("moved meanwhile")
+
+    monkeypatch.setattr(registry, "set_champion", refuse)
+    with pytest.raises(registry.ChampionMoved):
+        _rollback(c, root, FakeDeployer(world, root), run_id="r1")
+    assert champion.run_tag("rolled_back") not in c.get_model_version(MODEL, "2").tags
+    assert _assert_converged(c, world) == "3"
+
+
 # --------------------------------------------------------------------------- deployable before the alias moves
 
 

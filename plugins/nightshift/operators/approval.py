@@ -265,23 +265,35 @@ class FinalizePromotionOperator(NightshiftOperator):
 
     How the wait ended is recorded as what it was (history ``action``, version tag
     ``approval``): ``promoted``; ``approval_rejected``; ``approval_stale`` (approved, but
-    champion moved while it waited: not moved); ``superseded`` (a newer candidate came
-    first, also when it raced an Approve). See :mod:`nightshift.approvals`.
+    champion moved while it waited: not moved); ``approval_undeployable`` (approved, but
+    the candidate cannot be deployed with ``deploy_target``: not moved); ``superseded``
+    (a newer candidate came first, also when it raced an Approve). See :mod:`nightshift.approvals`.
 
     :param promotion: the ``promote`` result (XCom). (templated)
     :param approval: the ``approve_promotion`` result (XCom; none when it was skipped). (templated)
     :param model_name: registered model. (templated)
+    :param deploy_target: the run's deploy target (``docker``, ``kubernetes``, ``none``); for
+        ``docker`` and ``kubernetes`` an approved candidate must be deployable before
+        ``champion`` moves. ``None``: not checked. (templated)
     """
 
-    template_fields: Sequence[str] = ("promotion", "approval", "model_name")
+    template_fields: Sequence[str] = ("promotion", "approval", "model_name", "deploy_target")
     ui_color = "#ffe0b2"
 
-    def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, **kwargs: Any) -> None:
+    def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, deploy_target: str | None = None,
+                 **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", "none_failed")  # runs when approval was skipped (not needed)
         super().__init__(**kwargs)
         self.promotion = promotion
         self.approval = approval
         self.model_name = model_name
+        self.deploy_target = deploy_target
+
+    def _docker_client(self) -> Any:
+        """The Docker client that checks an approved candidate's image (docker target only)."""
+        from nightshift.inference_image import connect_docker
+
+        return connect_docker()
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import approvals, contracts
@@ -291,13 +303,20 @@ class FinalizePromotionOperator(NightshiftOperator):
         if not outcome.get("awaiting_approval"):
             return outcome
         answer = approvals.parse_answer(self.approval, outcome["version"])
+        target = str(self.deploy_target or "").strip() or None
         res = approvals.finalize_approval(self.mlflow, self.model_name, outcome["version"], answer=answer,
                                           expected_champion=outcome.get("previous_champion"),
-                                          artifact_root=self.settings.artifact_root)
+                                          artifact_root=self.settings.artifact_root, deploy_target=target,
+                                          docker_client=self._docker_client() if target == "docker" and answer.approved
+                                          and answer.superseded_by is None else None)
         person = answer.superseded_by is None  # else nobody answered: the newer candidate ended the wait
+        superseded = res["action"] == approvals.SUPERSEDED
+        # a superseded answer decided nothing: no "approved"/"rejected by" (the note names who answered)
         outcome.update({"promoted": res["promoted"], "champion": res["champion"], "awaiting_approval": False,
-                        "approved_by": answer.actor if person else None,
-                        "approval_comment": answer.comment if person else "", "approved": answer.approved,
+                        "approved_by": answer.actor if person and not superseded else None,
+                        "answered_by": answer.actor if person else None,
+                        "approval_comment": answer.comment if person else "",
+                        "approved": answer.approved and not superseded,
                         "approval": approvals.APPROVAL_TAG_VALUES[res["action"]], "note": res["note"]})
         if res.get("superseded_by"):
             outcome["superseded_by"] = res["superseded_by"]

@@ -207,6 +207,31 @@ def _gates(tags: dict[str, str]) -> list[dict[str, Any]]:
     return gates
 
 
+def approval_text(ns: dict[str, str]) -> str | None:
+    """How a version's approval ended, from its tags (``approval``, ``approved_by``,
+    ``superseded_by``): ``approved by bob``, ``rejected by carol``, ``superseded by v7``, ...
+    The name in ``approved_by`` is whoever answered, whatever the answer was."""
+    state, who = ns.get("approval"), ns.get(VersionTag.APPROVED_BY)
+    by = f" by {who}" if who else ""
+    if state == "approved":
+        return f"approved{by}"
+    if state == "rejected":
+        return f"rejected{by}"
+    if state == "stale":
+        return f"approved{by}, stale: champion moved while it waited (not promoted)"
+    if state == "undeployable":
+        return f"approved{by}, but not deployable (not promoted)"
+    if state == "superseded":
+        newer = ns.get("superseded_by")
+        text = f"superseded by v{newer}" if newer else "superseded"
+        return text + (f" ({who} answered too late)" if who else " before anyone answered")
+    if ns.get("awaiting_approval") == "true":
+        return "awaiting approval"
+    if who:  # an answer recorded without its outcome
+        return f"answered by {who}"
+    return None
+
+
 def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
                  aliases_by_version: dict[str, list[str]]) -> dict[str, Any]:
     """One model version as the view shows it."""
@@ -229,6 +254,8 @@ def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
         "served_accuracy": ns.get(VersionTag.SERVED_ACCURACY),
         "p95_latency_ms": ns.get(VersionTag.P95_LATENCY_MS),
         "approved_by": ns.get(VersionTag.APPROVED_BY),
+        "approval": ns.get("approval"),
+        "approval_text": approval_text(ns),
         "dag_run": run_id,
         "tags": ns,
         "mlflow_run_id": mv.run_id,
