@@ -5,7 +5,7 @@ SHELL := /bin/bash
 ENV := . scripts/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: stop-serving setup run test test-fast airflow-ui mlflow-ui bench lock clean
+.PHONY: stop-serving setup run test test-fast airflow-ui mlflow-ui bench lock clean cluster cluster-down cluster-status
 
 setup:
 	bash scripts/setup.sh
@@ -28,6 +28,18 @@ airflow-ui: setup
 mlflow-ui: setup
 	$(ENV) mlflow ui --backend-store-uri "$$MLFLOW_TRACKING_URI" --host 127.0.0.1 --port 5000
 
+# Cluster profile, all on 127.0.0.1: PostgreSQL, Redis, SeaweedFS's S3 gateway, an MLflow
+# tracking server, Airflow (api-server http://127.0.0.1:18403, scheduler, dag-processor,
+# triggerer) with two Celery workers. Use it from a shell with `. scripts/cluster/env.sh`.
+cluster: setup
+	$(ENV) python scripts/cluster/cluster.py up
+
+cluster-down:
+	$(ENV) python scripts/cluster/cluster.py down
+
+cluster-status:
+	$(ENV) python scripts/cluster/cluster.py status
+
 bench: setup
 	$(ENV) python bench/serving_cpu.py
 	$(ENV) python bench/serving_app.py
@@ -42,6 +54,7 @@ lock:
 clean:
 	rm -rf .nightshift/artifacts .nightshift/airflow .nightshift/mlflow.db .nightshift/mlartifacts
 
-# Stop the champion nightly_retrain deployed (serving and proxy containers on 127.0.0.1:8600)
+# Stop the champion nightly_retrain deployed (serving and proxy containers on 127.0.0.1:8600), on the
+# daemon the deploy task uses: the Airflow connection NIGHTSHIFT_DOCKER_CONN_ID names, else DOCKER_HOST
 stop-serving:
-	$(ENV) python -c "import sys; from nightshift.deploy import LocalDeployer; from nightshift.inference_image import connect_docker; from nightshift.settings import Settings; LocalDeployer(connect_docker(), model_name=sys.argv[1], artifact_root=Settings.from_env().artifact_root).undeploy()" $${MODEL:-nightshift-digits}
+	$(ENV) python -c "import sys; from nightshift.deploy import LocalDeployer; from nightshift.operators.base import resolve_docker_client; from nightshift.placement import DockerPlacement; from nightshift.settings import Settings; LocalDeployer(resolve_docker_client(DockerPlacement.from_env().conn_id), model_name=sys.argv[1], artifact_root=Settings.from_env().artifact_root).undeploy()" $${MODEL:-nightshift-digits}

@@ -35,6 +35,11 @@ the next nightly run nor a drift retrain. What must not overlap is serialised on
 `train_gpu` (pool `nightshift_gpu`), `system_eval` (one at a time), and every move of
 `champion` and of the serving port (a per-model lock).
 
+`build_inference_image`, `system_eval`, `finalize_promotion` (its image check) and `deploy` talk
+to the Docker daemon: with `NIGHTSHIFT_DOCKER_QUEUE` set they run on that queue's workers (the ones
+next to the daemon), and each uses the daemon of `NIGHTSHIFT_DOCKER_CONN_ID` when that names an
+Airflow connection (README, "Production").
+
 Artifacts: `$NIGHTSHIFT_ARTIFACT_ROOT/runs/nightly_retrain/<run folder>/` (the run id, or
 `<sanitised run id>~<hash>` when it is not a safe folder name). Each task's
 **extra links** (task instance page) open its report (validation, parity,
@@ -68,13 +73,16 @@ from nightshift.operators import (
     ValidateDataOperator,
     train_task,
 )
-from nightshift.placement import TrainPlacement
+from nightshift.placement import DockerPlacement, TrainPlacement
 
 MODEL = "{{ params.model_name }}"
 SHAPE = "{{ params.image_shape }}"
 CLASSES = "{{ params.classes }}"
 #: Where train_gpu runs, from NIGHTSHIFT_TRAIN_PLACEMENT & co. (environment only: no I/O at parse time).
 PLACEMENT = TrainPlacement.from_env()
+#: The Docker-bound tasks (build, system_eval, finalize_promotion's image check, deploy) go to the queue of the
+#: worker next to the daemon, NIGHTSHIFT_DOCKER_QUEUE; unset: Airflow's default queue, like every other task.
+DOCKER = DockerPlacement.from_env().operator_kwargs()
 
 #: Runs that may be active at once: one waiting for approval (or two) plus the newest.
 MAX_ACTIVE_RUNS = 3
@@ -216,10 +224,12 @@ def nightly_retrain():
     export = ExportONNXOperator(task_id="export_onnx", training=train.output, snapshot=collect.output,
                                 model_name=MODEL, opset="{{ params.onnx_opset }}",
                                 quantize="{{ params.quantize_int8 }}")
-    image = BuildInferenceImageOperator(task_id="build_inference_image", export=export.output, model_name=MODEL)
+    image = BuildInferenceImageOperator(task_id="build_inference_image", export=export.output, model_name=MODEL,
+                                        **DOCKER)
     system_eval = SystemEvalOperator(task_id="system_eval", image=image.output, snapshot=collect.output,
                                      export=export.output, training=train.output, model_name=MODEL,
-                                     max_active_tis_per_dag=1)  # one load test at a time: overlapping runs
+                                     max_active_tis_per_dag=1,  # one load test at a time: overlapping runs
+                                     **DOCKER)
     drift = DriftCheckOperator(task_id="drift_check", snapshot=collect.output, model_name=MODEL)
     promote = PromoteModelOperator(
         task_id="promote", model_name=MODEL, snapshot=collect.output, validation=validate.output,
@@ -234,10 +244,10 @@ def nightly_retrain():
     approve = PromotionApprovalOperator(task_id="approve_promotion", promotion=promote.output, model_name=MODEL)
     final = FinalizePromotionOperator(task_id="finalize_promotion", promotion=promote.output,
                                       approval=approve.output, model_name=MODEL,
-                                      deploy_target="{{ params.deploy_target }}")
+                                      deploy_target="{{ params.deploy_target }}", **DOCKER)
     approve >> final
     deploy = DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
-                                 target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
+                                 target="{{ params.deploy_target }}", port="{{ params.deploy_port }}", **DOCKER)
     cooldown() >> collect
     validate >> train
     [system_eval, drift] >> promote

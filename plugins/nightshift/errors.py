@@ -88,6 +88,13 @@ class BuildError(NightshiftError):
         super().__init__(f"{message}\n--- build log (tail) ---\n{logs[-4000:]}" if logs else message)
 
 
+class DockerUnavailable(NightshiftError):
+    """The Docker daemon a task was pointed at (an Airflow connection or ``DOCKER_HOST``)
+    cannot be reached. Retryable: a daemon that is restarting may be back."""
+
+    retryable = True
+
+
 class ServingError(NightshiftError):
     """The inference container did not start, became unhealthy, or answered badly."""
 

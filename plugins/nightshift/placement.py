@@ -1,7 +1,8 @@
-"""Where ``train_gpu`` runs: configuration in, task arguments and pod specs out.
+"""Where tasks run: ``train_gpu`` (:class:`TrainPlacement`) and the Docker-bound tasks
+(:class:`DockerPlacement`); configuration in, task arguments and pod specs out.
 
-Airflow-free. :meth:`TrainPlacement.from_env` reads only environment variables
-(cheap, no I/O), so the DAG may call it at parse time. The Kubernetes client
+Airflow-free. :meth:`TrainPlacement.from_env` and :meth:`DockerPlacement.from_env` read
+only environment variables (cheap, no I/O), so the DAGs may call them at parse time. The Kubernetes client
 models are imported inside the functions that build pod objects (importing
 them takes about half a second), and the DAG calls those only when a
 Kubernetes placement is configured.
@@ -26,6 +27,13 @@ variable                               meaning
                                        training pod at ``NIGHTSHIFT_ARTIFACT_ROOT`` (``kubernetes_pod``)
 ``NIGHTSHIFT_K8S_NAMESPACE``           namespace of the training pod (``kubernetes_pod``; default: the
                                        ``kubernetes_default`` connection's, else ``default``)
+``NIGHTSHIFT_DOCKER_QUEUE``            Celery queue of the worker(s) next to the Docker daemon: the build,
+                                       system evaluation, approval check, set-champion and deploy tasks
+                                       go there; unset: Airflow's default queue (``[operators]
+                                       default_queue``), as every other task
+``NIGHTSHIFT_DOCKER_CONN_ID``          Airflow connection of the Docker daemon (and registry login) every
+                                       Docker call uses, read on the worker when the task runs; unset:
+                                       the worker's environment (``DOCKER_HOST`` or the local socket)
 =====================================  ==================================================================
 """
 
@@ -51,6 +59,9 @@ _TOLERATION_EFFECTS = ("", "NoSchedule", "PreferNoSchedule", "NoExecute")
 # Kubernetes resource quantities: 4, 0.5, 500m, 16Gi, 1e9 ...
 _QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?([eE][0-9]+|m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$")
 _K8S_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+# a Celery queue name / an Airflow connection id: one word, no spaces or commas
+_QUEUE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:@-]*$")
+_CONN_ID = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 
 
 @dataclass(frozen=True)
@@ -125,6 +136,41 @@ class TrainPlacement:
                 gpus=self.gpus, node_selector=self.node_selector, tolerations=self.tolerations,
                 image=self.image, memory=self.memory, cpu=self.cpu)}
         return kwargs
+
+
+@dataclass(frozen=True)
+class DockerPlacement:
+    """Where the Docker-bound tasks run and which daemon they talk to. Build it with :meth:`from_env`.
+
+    :param queue: the Celery queue of the worker(s) that have the daemon; ``None``: Airflow's
+        default queue (nothing changes; the LocalExecutor ignores queues anyway).
+    :param conn_id: the Airflow connection of the daemon; ``None``: the environment's daemon.
+    """
+
+    queue: str | None = None
+    conn_id: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> "DockerPlacement":
+        """Parse ``NIGHTSHIFT_DOCKER_QUEUE`` and ``NIGHTSHIFT_DOCKER_CONN_ID`` (see the module docstring).
+
+        :raises ConfigError: a value is malformed; the message names the variable.
+        """
+        env = os.environ if env is None else env
+        values: dict[str, str | None] = {}
+        for name, pattern, what in (("NIGHTSHIFT_DOCKER_QUEUE", _QUEUE, "one Celery queue name"),
+                                    ("NIGHTSHIFT_DOCKER_CONN_ID", _CONN_ID, "an Airflow connection id")):
+            value = (env.get(name) or "").strip() or None
+            if value is not None and not pattern.match(value):
+                raise ConfigError(f"{name}={value!r}: expected {what} (letters, digits, '_', '-', '.'; "
+                                  "no spaces or commas)")
+            values[name] = value
+        return cls(queue=values["NIGHTSHIFT_DOCKER_QUEUE"], conn_id=values["NIGHTSHIFT_DOCKER_CONN_ID"])
+
+    def operator_kwargs(self) -> dict[str, Any]:
+        """BaseOperator arguments of a Docker-bound task: ``queue`` when one is configured, else
+        none (the task keeps Airflow's default queue)."""
+        return {"queue": self.queue} if self.queue else {}
 
 
 def _node_selector(raw: str | None) -> dict[str, str]:

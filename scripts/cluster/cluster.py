@@ -165,6 +165,7 @@ def client_env(cfg: dict) -> dict[str, str]:
         # train_gpu goes to the gpu worker (read at parse time: the same value everywhere)
         "NIGHTSHIFT_TRAIN_PLACEMENT": "celery",
         "NIGHTSHIFT_GPU_QUEUE": "gpu",
+        "NIGHTSHIFT_DOCKER_QUEUE": "docker",  # build, system eval, deploy: the worker with the daemon
         "PYTHONPATH": str(ROOT / "plugins"),
         "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
     }

@@ -101,7 +101,6 @@ def _comparable(kwargs: dict) -> dict:
 def test_system_eval_starts_the_container_as_deploy_does(tmp_path, monkeypatch):
     """Issue 19 item 5: system eval and deploy start the image with the same arguments
     (request log at the deployed rate, memory limit, environment) from one function."""
-    import nightshift.inference_image as inference_image
     from nightshift.operators.deploy import local_deployer
     from nightshift.system_eval import run_system_eval
 
@@ -114,9 +113,9 @@ def test_system_eval_starts_the_container_as_deploy_does(tmp_path, monkeypatch):
         run_system_eval("nightshift/m:1", snap, model_name="m", out_dir=tmp_path / "run" / "system_eval",
                         onnx_path=None, docker_client=eval_client)
     deploy_client = FakeDocker()
-    monkeypatch.setattr(inference_image, "connect_docker", lambda *a, **k: deploy_client)
     operator = SimpleNamespace(settings=SimpleNamespace(artifact_root=tmp_path / "artifacts",
-                                                        base_image="nightshift/base:bookworm"))
+                                                        base_image="nightshift/base:bookworm"),
+                               docker_client=lambda: deploy_client)
     deployer = local_deployer(operator, model_name="m", port=free_port())
     with pytest.raises(_Captured):
         deployer.deploy("nightshift/m:1", registry_version="3")

@@ -275,25 +275,23 @@ class FinalizePromotionOperator(NightshiftOperator):
     :param deploy_target: the run's deploy target (``docker``, ``kubernetes``, ``none``); for
         ``docker`` and ``kubernetes`` an approved candidate must be deployable before
         ``champion`` moves. ``None``: not checked. (templated)
+    :param docker_conn_id: the Airflow connection of the Docker daemon that checks the image (``docker`` target; see
+        :func:`nightshift.operators.base.resolve_docker_client`); ``None``:
+        ``$NIGHTSHIFT_DOCKER_CONN_ID`` where the task runs, else ``DOCKER_HOST``. (templated)
     """
 
-    template_fields: Sequence[str] = ("promotion", "approval", "model_name", "deploy_target")
+    template_fields: Sequence[str] = ("promotion", "approval", "model_name", "deploy_target", "docker_conn_id")
     ui_color = "#ffe0b2"
 
     def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, deploy_target: str | None = None,
-                 **kwargs: Any) -> None:
+                 docker_conn_id: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("trigger_rule", "none_failed")  # runs when approval was skipped (not needed)
         super().__init__(**kwargs)
         self.promotion = promotion
         self.approval = approval
         self.model_name = model_name
         self.deploy_target = deploy_target
-
-    def _docker_client(self) -> Any:
-        """The Docker client that checks an approved candidate's image (docker target only)."""
-        from nightshift.inference_image import connect_docker
-
-        return connect_docker()
+        self.docker_conn_id = docker_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import approvals, contracts
@@ -307,7 +305,7 @@ class FinalizePromotionOperator(NightshiftOperator):
         res = approvals.finalize_approval(self.mlflow, self.model_name, outcome["version"], answer=answer,
                                           expected_champion=outcome.get("previous_champion"),
                                           artifact_root=self.settings.artifact_root, deploy_target=target,
-                                          docker_client=self._docker_client() if target == "docker" and answer.approved
+                                          docker_client=self.docker_client() if target == "docker" and answer.approved
                                           and answer.superseded_by is None else None)
         person = answer.superseded_by is None  # else nobody answered: the newer candidate ended the wait
         superseded = res["action"] == approvals.SUPERSEDED

@@ -28,14 +28,17 @@ class SetChampionOperator(NightshiftOperator):
         ``kubernetes`` (the image must be recorded; ``deploy`` renders manifests) or
         ``none`` (the alias only). (templated)
     :param port: the stable port on 127.0.0.1 (docker target). (templated)
+    :param docker_conn_id: the Airflow connection of the Docker daemon (see
+        :func:`nightshift.operators.base.resolve_docker_client`); ``None``:
+        ``$NIGHTSHIFT_DOCKER_CONN_ID`` where the task runs, else ``DOCKER_HOST``. (templated)
     """
 
-    template_fields: Sequence[str] = ("model_name", "version", "reason", "deploy_target", "port")
+    template_fields: Sequence[str] = ("model_name", "version", "reason", "deploy_target", "port", "docker_conn_id")
     operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#ffe0b2"
 
     def __init__(self, *, model_name: str, version: Any, reason: str, action: str, deploy_target: str = "none",
-                 port: Any = 8600, **kwargs: Any) -> None:
+                 port: Any = 8600, docker_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if action not in _ACTIONS:
             raise ValueError(f"action must be one of {sorted(_ACTIONS)}, got {action!r}")
@@ -45,6 +48,7 @@ class SetChampionOperator(NightshiftOperator):
         self.action = action
         self.deploy_target = deploy_target
         self.port = port
+        self.docker_conn_id = docker_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import champion

@@ -7,20 +7,21 @@ from nightshift.operators.links import ModelVersionLink, NightshiftViewLink
 
 
 def local_deployer(operator: NightshiftOperator, *, model_name: str, port: Any, request_log_sample: Any = None):
-    """The :class:`nightshift.deploy.LocalDeployer` of ``model_name`` on this worker's Docker host,
-    serving in the deployed configuration (``ServingConfig.from_env``)."""
+    """The :class:`nightshift.deploy.LocalDeployer` of ``model_name`` on the operator's Docker daemon
+    (:meth:`NightshiftOperator.docker_client`: its ``docker_conn_id``, else the worker's), serving in
+    the deployed configuration (``ServingConfig.from_env``)."""
     from nightshift.containers import ServingConfig
     from nightshift.deploy import LocalDeployer
     from nightshift.errors import ConfigError
-    from nightshift.inference_image import connect_docker
 
     try:
         config = ServingConfig.from_env(
             request_log_sample=None if request_log_sample in (None, "") else float(request_log_sample))
     except ValueError as exc:
         raise ConfigError(f"request_log_sample: {exc}") from exc
-    return LocalDeployer(connect_docker(), model_name=model_name, artifact_root=operator.settings.artifact_root,
-                         port=int(port), proxy_image=operator.settings.base_image, config=config)
+    return LocalDeployer(operator.docker_client(), model_name=model_name,
+                         artifact_root=operator.settings.artifact_root, port=int(port),
+                         proxy_image=operator.settings.base_image, config=config)
 
 
 class DeployModelOperator(NightshiftOperator):
@@ -42,14 +43,19 @@ class DeployModelOperator(NightshiftOperator):
     :param namespace: Kubernetes namespace (kubernetes target). (templated)
     :param request_log_sample: share of requests the server writes to its request log;
         empty for the deployed default. (templated)
+    :param docker_conn_id: the Airflow connection of the Docker daemon (see
+        :func:`nightshift.operators.base.resolve_docker_client`); ``None``:
+        ``$NIGHTSHIFT_DOCKER_CONN_ID`` where the task runs, else ``DOCKER_HOST``. (templated)
     """
 
-    template_fields: Sequence[str] = ("promotion", "model_name", "target", "port", "namespace", "request_log_sample")
+    template_fields: Sequence[str] = ("promotion", "model_name", "target", "port", "namespace", "request_log_sample",
+                                      "docker_conn_id")
     operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#c5cae9"
 
     def __init__(self, *, promotion: Any, model_name: str, target: str = "docker", port: int = 8600,
-                 namespace: str = "default", request_log_sample: float | None = None, **kwargs: Any) -> None:
+                 namespace: str = "default", request_log_sample: float | None = None,
+                 docker_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.promotion = promotion
         self.model_name = model_name
@@ -57,6 +63,7 @@ class DeployModelOperator(NightshiftOperator):
         self.port = port
         self.namespace = namespace
         self.request_log_sample = request_log_sample
+        self.docker_conn_id = docker_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException

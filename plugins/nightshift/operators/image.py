@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from typing import Any, Sequence
 
 from nightshift.operators.base import NightshiftOperator
@@ -24,9 +23,11 @@ class BuildInferenceImageOperator(NightshiftOperator):
     :param base_image: base image with python3; default ``$NIGHTSHIFT_BASE_IMAGE``. (templated)
     :param variant: ``model-in-image`` (default) or ``model-load`` (a generic
         server that reads ``MODEL_URI`` at start). (templated)
-    :param docker_conn_id: an Airflow Docker connection (host, TLS, registry
-        login) used through the docker provider's ``DockerHook``; ``None``
-        uses the environment (``DOCKER_HOST`` or the local socket).
+    :param docker_conn_id: the Airflow connection of the Docker daemon (extra ``docker_url``,
+        TLS extras, registry login), through the docker provider's ``DockerHook``
+        (:func:`nightshift.operators.base.resolve_docker_client`); ``None``:
+        ``$NIGHTSHIFT_DOCKER_CONN_ID`` where the task runs, else ``DOCKER_HOST`` or the local
+        socket. (templated)
     :param registry: ``host:port`` to push the image to after the build;
         default ``$NIGHTSHIFT_REGISTRY``; empty means no push. (templated)
     :param keep_images: retention: newest inference images of this model to
@@ -36,7 +37,7 @@ class BuildInferenceImageOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("export", "model_name", "repository", "base_image", "variant", "registry",
-                                      "keep_images", "protect")
+                                      "keep_images", "protect", "docker_conn_id")
     ui_color = "#bbdefb"
 
     def __init__(self, *, export: Any, model_name: str = "nightshift-classifier", repository: str = "nightshift",
@@ -55,27 +56,13 @@ class BuildInferenceImageOperator(NightshiftOperator):
         self.protect = protect
         self._builder = None
 
-    @cached_property
-    def docker_client(self) -> Any:
-        """``DockerHook(docker_conn_id).api_client`` wrapped as a ``DockerClient``, or the environment's."""
-        if self.docker_conn_id:
-            import docker
-            from airflow.providers.docker.hooks.docker import DockerHook
-
-            api = DockerHook(docker_conn_id=self.docker_conn_id).api_client
-            client = docker.DockerClient.__new__(docker.DockerClient)
-            client.api = api
-            return client
-        from nightshift.inference_image import connect_docker
-
-        return connect_docker()
-
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.inference_image import ImageBuilder, prune_candidates, push_image
 
         in_image = self.variant == "model-in-image"
         export = self.require(self.export, "export", "export_onnx") if in_image else (self.export or {})
-        self._builder = ImageBuilder(self.docker_client)
+        client = self.docker_client()
+        self._builder = ImageBuilder(client)
         result = self._builder.build(
             onnx_path=export.get("onnx_path"), model_meta=export.get("model_meta"),
             model_name=self.model_name if in_image else None, repository=self.repository,
@@ -86,7 +73,7 @@ class BuildInferenceImageOperator(NightshiftOperator):
                       result["image_id"][:19], result["size_bytes"] / 1e6, result["build_seconds"])
         registry = self.registry if self.registry is not None else os.environ.get("NIGHTSHIFT_REGISTRY", "")
         if registry:
-            pushed = push_image(result["image"], registry, self.docker_client)
+            pushed = push_image(result["image"], registry, client)
             result.update(pushed)
             self.log.info("Pushed %s (%s)", pushed["pushed"], pushed["digest"])
         if self.keep_images not in (None, "", "None") and in_image:
@@ -94,7 +81,7 @@ class BuildInferenceImageOperator(NightshiftOperator):
             if protect is None:
                 result["removed_images"] = []
             else:
-                removed = prune_candidates(self.docker_client, repository=self.repository,
+                removed = prune_candidates(client, repository=self.repository,
                                            model_name=self.model_name, keep=int(self.keep_images), protect=protect)
                 if removed:
                     self.log.info("Retention removed %d old image(s): %s", len(removed), removed)

@@ -15,11 +15,16 @@ from airflow.sdk import DAG, Param
 
 from nightshift.operators.champion import SetChampionOperator
 from nightshift.operators.deploy import DeployModelOperator
+from nightshift.placement import DockerPlacement
 
 
 def champion_dag(*, dag_id: str, description: str, doc_md: str, action: str, version_param: str,
                  version: Param, reason_description: str) -> DAG:
-    """A manual DAG that moves ``champion`` (``action``: forced / rolled_back) and redeploys."""
+    """A manual DAG that moves ``champion`` (``action``: forced / rolled_back) and redeploys.
+
+    Both tasks talk to the Docker daemon: they go to ``NIGHTSHIFT_DOCKER_QUEUE`` when it is set
+    (read from the environment here, at parse time)."""
+    docker = DockerPlacement.from_env().operator_kwargs()
     params: dict[str, Any] = {
         "model_name": Param("nightshift-digits", type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
                             title="Registered model", description="MLflow registered model whose 'champion' alias moves"),
@@ -38,7 +43,7 @@ def champion_dag(*, dag_id: str, description: str, doc_md: str, action: str, ver
         champion = SetChampionOperator(task_id="set_champion", model_name="{{ params.model_name }}",
                                        version="{{ params.%s }}" % version_param, reason="{{ params.reason }}",
                                        action=action, deploy_target="{{ params.deploy_target }}",
-                                       port="{{ params.deploy_port }}")
+                                       port="{{ params.deploy_port }}", **docker)
         DeployModelOperator(task_id="deploy", promotion=champion.output, model_name="{{ params.model_name }}",
-                            target="{{ params.deploy_target }}", port="{{ params.deploy_port }}")
+                            target="{{ params.deploy_target }}", port="{{ params.deploy_port }}", **docker)
     return dag

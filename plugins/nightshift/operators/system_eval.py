@@ -35,18 +35,21 @@ class SystemEvalOperator(NightshiftOperator):
         predictions may differ (default 0.005: a near-tie may flip with the batch
         size's numerics; preprocessing skew moves far more). (templated)
     :param ready_timeout_s: how long the server may take to become ready. (templated)
+    :param docker_conn_id: the Airflow connection of the Docker daemon (see
+        :func:`nightshift.operators.base.resolve_docker_client`); ``None``:
+        ``$NIGHTSHIFT_DOCKER_CONN_ID`` where the task runs, else ``DOCKER_HOST``. (templated)
     """
 
     template_fields: Sequence[str] = ("image", "snapshot", "export", "training", "model_name", "batch_size",
                                       "concurrency", "load_seconds", "request_timeout_s", "skew_tolerance",
-                                      "ready_timeout_s")
+                                      "ready_timeout_s", "docker_conn_id")
     ui_color = "#b2ebf2"
     operator_extra_links = (SystemEvalReportLink(),)
 
     def __init__(self, *, image: Any, snapshot: Any, export: Any = None, training: Any = None,
                  model_name: str = "nightshift-classifier", batch_size: int = 32, concurrency: int = 16,
                  load_seconds: float = 5.0, request_timeout_s: float = 2.0, skew_tolerance: float = 0.005,
-                 ready_timeout_s: float = 60.0, **kwargs: Any) -> None:
+                 ready_timeout_s: float = 60.0, docker_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.image = image
         self.snapshot = snapshot
@@ -59,6 +62,7 @@ class SystemEvalOperator(NightshiftOperator):
         self.request_timeout_s = request_timeout_s
         self.skew_tolerance = skew_tolerance
         self.ready_timeout_s = ready_timeout_s
+        self.docker_conn_id = docker_conn_id
         self._container = None
 
     def execute(self, context: Any) -> dict[str, Any]:
@@ -74,7 +78,8 @@ class SystemEvalOperator(NightshiftOperator):
                                      "export['onnx_path']", "export_onnx")
         return run_system_eval(
             image, snap, model_name=self.model_name, out_dir=self.run_dir(context, "system_eval"),
-            onnx_path=onnx_path, config=ServingConfig.from_env(), batch_size=int(self.batch_size),
+            onnx_path=onnx_path, config=ServingConfig.from_env(), docker_client=self.docker_client(),
+            batch_size=int(self.batch_size),
             concurrency=int(self.concurrency), load_seconds=float(self.load_seconds),
             request_timeout_s=float(self.request_timeout_s), skew_tolerance=float(self.skew_tolerance),
             ready_timeout_s=float(self.ready_timeout_s), owner=f"{self.dag_id}/{context['run_id']}/{self.task_id}",
