@@ -259,16 +259,15 @@ def bench_image(work: Path, repeats: int = 5) -> dict:
     import docker
 
     from nightshift.evaluation import InferenceContainer
-    from nightshift.inference_image import build_inference_image, remove_image
+    from nightshift.inference_image import ImageBuilder, remove_image
     from nightshift.settings import Settings
 
     s = Settings.from_env()
     model_dir = export_model("small_cnn", work)
     client = docker.from_env(timeout=600)
     meta = json.loads((model_dir / "model.json").read_text())
-    built = build_inference_image(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
-                                  repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse,
-                                  docker_client=client)
+    built = ImageBuilder(client).build(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
+                                       repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse)
     ready = []
     try:
         for _ in range(repeats):

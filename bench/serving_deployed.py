@@ -125,15 +125,14 @@ def measure_no_log(client, image: str, model: str, shape, seconds: float) -> dic
 
 
 def build_image(client, work: Path) -> tuple[str, str, tuple[int, int, int], Path]:
-    from nightshift.inference_image import build_inference_image
+    from nightshift.inference_image import ImageBuilder
     from nightshift.settings import Settings
 
     s = Settings.from_env()
     model_dir = bench.export_model("small_cnn", work)
     meta = json.loads((model_dir / "model.json").read_text())
-    built = build_inference_image(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
-                                  repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse,
-                                  docker_client=client)
+    built = ImageBuilder(client).build(onnx_path=model_dir / "model.onnx", model_meta=meta, model_name="small_cnn",
+                                       repository="nightshift-bench", base_image=s.base_image, wheelhouse=s.wheelhouse)
     return built["image"], "small_cnn", bench.SHAPE, model_dir / "model.onnx"
 
 

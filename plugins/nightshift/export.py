@@ -20,12 +20,12 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 
+from nightshift import lineage
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
 from nightshift.errors import ConfigError, ParityError
 
@@ -67,32 +67,6 @@ def validate_opset(opset: Any) -> int:
     return value
 
 
-def _git_sha() -> str:
-    """The git commit of the code that exported the model.
-
-    ``nightshift.lineage.git_sha`` when that module exists; else ``git rev-parse
-    HEAD`` in the repository holding this plugin folder; else the
-    ``NIGHTSHIFT_GIT_SHA`` environment variable; else ``"unknown"``.
-    """
-    try:
-        from nightshift.lineage import git_sha  # type: ignore[import-not-found]
-
-        sha = git_sha()
-        if sha:
-            return str(sha)
-    except Exception:  # noqa: BLE001 - lineage is optional here
-        pass
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, capture_output=True,
-                             text=True, timeout=5, check=True)
-        sha = out.stdout.strip()
-        if sha:
-            return sha
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("NIGHTSHIFT_GIT_SHA", "").strip() or "unknown"
-
-
 def model_metadata(checkpoint: dict[str, Any], *, opset: int, training_run_id: str | None = None,
                    git_sha: str | None = None) -> dict[str, str]:
     """The ``metadata_props`` every exported model carries (all values strings)."""
@@ -111,7 +85,7 @@ def model_metadata(checkpoint: dict[str, Any], *, opset: int, training_run_id: s
         "outputs": json.dumps(OUTPUT_NAMES),
         "data_digest": str(checkpoint.get("data_digest") or ""),
         "training_run_id": str(training_run_id or ""),
-        "git_sha": git_sha if git_sha is not None else _git_sha(),
+        "git_sha": git_sha if git_sha is not None else lineage.git_sha(),
         "opset": str(opset),
         "arch": str(checkpoint["model_config"]["arch"]),
         "variant": "fp32",

@@ -190,8 +190,33 @@ class ImageBuilder:
         revision: str | None = None,
         reuse: bool = True,
     ) -> dict[str, Any]:
-        """Assemble a build context and build the image, or reuse the one with the same key
-        (see :func:`build_inference_image`)."""
+        """Build (or reuse) the inference image for one exported model.
+
+        The build context holds the Dockerfile (``include/inference``), ``serving/``
+        (``plugins/nightshift/serving`` + ``data/decode.py``), ``wheels/``
+        (:func:`~nightshift.wheelhouse.ensure_wheelhouse` for
+        :func:`~nightshift.wheelhouse.serving_requirements`) and ``model/``
+        (``model.onnx`` and ``model.json``; empty for ``model-load``). The model
+        lands in ``/models/<model_name>``. The build uses the host network and the
+        local base image only (no pull, no index).
+
+        :param onnx_path: the exported ``model.onnx`` (``None`` for ``model-load``).
+        :param model_meta: ``model.json`` content (``class_names``, ``input_shape``, ``version`` ...).
+        :param model_name: the served model name (also the folder under ``/models``).
+        :param base_image: the local base image (python3 + venv), e.g. ``Settings.base_image``.
+        :param wheelhouse: wheelhouse root (``Settings.wheelhouse``).
+        :param repository: image repository prefix; the tag is :func:`image_tag` of the content key.
+        :param tag: an explicit tag instead (tests); reuse still checks the key label.
+        :param variant: ``model-in-image`` or ``model-load``.
+        :param labels: extra image labels.
+        :param revision: source revision for ``org.opencontainers.image.revision``
+            (default ``$NIGHTSHIFT_REVISION`` or ``unknown``).
+        :param reuse: skip the build when an image with this tag and key exists.
+        :returns: ``image``, ``image_id``, ``build_key``, ``reused``, ``size_bytes``, ``base_image``,
+            ``serving_requirements``, ``build_seconds``, ``labels``, ``model_sha256``, ``wheelhouse``, ``repo_digests``.
+        :raises BuildError: the daemon is unreachable, the base image is missing, a
+            wheel cannot be fetched, or the build failed (``logs`` holds the log tail).
+        """
         t0 = time.monotonic()
         if variant not in VARIANTS:
             raise BuildError(f"variant {variant!r} is not one of {VARIANTS}")
@@ -392,58 +417,6 @@ class ImageBuilder:
         if not image_id:
             raise BuildError(f"docker build of {tag} ended without reporting an image id", logs=build_log)
         return image_id, build_log
-
-
-def build_inference_image(
-    *,
-    onnx_path: str | os.PathLike[str] | None,
-    model_meta: dict[str, Any] | None,
-    model_name: str | None,
-    base_image: str,
-    wheelhouse: str | os.PathLike[str],
-    repository: str = "nightshift",
-    tag: str | None = None,
-    variant: str = "model-in-image",
-    serving_src: str | os.PathLike[str] | None = None,
-    dockerfile: str | os.PathLike[str] | None = None,
-    docker_client: Any | None = None,
-    labels: dict[str, str] | None = None,
-    revision: str | None = None,
-    reuse: bool = True,
-) -> dict[str, Any]:
-    """Build (or reuse) the inference image for one exported model.
-
-    The build context holds the Dockerfile (``include/inference``), ``serving/``
-    (``plugins/nightshift/serving`` + ``data/decode.py``), ``wheels/``
-    (:func:`~nightshift.wheelhouse.ensure_wheelhouse` for
-    :func:`~nightshift.wheelhouse.serving_requirements`) and ``model/``
-    (``model.onnx`` and ``model.json``; empty for ``model-load``). The model
-    lands in ``/models/<model_name>``. The build uses the host network and the
-    local base image only (no pull, no index).
-
-    :param onnx_path: the exported ``model.onnx`` (``None`` for ``model-load``).
-    :param model_meta: ``model.json`` content (``class_names``, ``input_shape``, ``version`` ...).
-    :param model_name: the served model name (also the folder under ``/models``).
-    :param base_image: the local base image (python3 + venv), e.g. ``Settings.base_image``.
-    :param wheelhouse: wheelhouse root (``Settings.wheelhouse``).
-    :param repository: image repository prefix; the tag is :func:`image_tag` of the content key.
-    :param tag: an explicit tag instead (tests); reuse still checks the key label.
-    :param variant: ``model-in-image`` or ``model-load``.
-    :param docker_client: a ``docker.DockerClient`` (default ``docker.from_env()``).
-    :param labels: extra image labels.
-    :param revision: source revision for ``org.opencontainers.image.revision``
-        (default ``$NIGHTSHIFT_REVISION`` or ``unknown``).
-    :param reuse: skip the build when an image with this tag and key exists.
-    :returns: ``image``, ``image_id``, ``build_key``, ``reused``, ``size_bytes``, ``base_image``,
-        ``serving_requirements``, ``build_seconds``, ``labels``, ``model_sha256``, ``wheelhouse``, ``repo_digests``.
-    :raises BuildError: the daemon is unreachable, the base image is missing, a
-        wheel cannot be fetched, or the build failed (``logs`` holds the log tail).
-    """
-    return ImageBuilder(docker_client).build(
-        onnx_path=onnx_path, model_meta=model_meta, model_name=model_name, repository=repository, tag=tag,
-        base_image=base_image, wheelhouse=wheelhouse, variant=variant, serving_src=serving_src,
-        dockerfile=dockerfile, labels=labels, revision=revision, reuse=reuse,
-    )
 
 
 def push_image(tag: str, registry: str, docker_client: Any, *, auth_config: dict[str, str] | None = None) -> dict:

@@ -256,15 +256,15 @@ def serving_image(serving_docker, tiny_onnx_model_dir):
     """The tiny model built into an inference image (once per session); removed afterwards."""
     import uuid
 
-    from nightshift.inference_image import build_inference_image, remove_image
+    from nightshift.inference_image import ImageBuilder, remove_image
     from nightshift.settings import Settings
 
     settings = Settings.from_env()
     tag = f"nightshift-test/tiny:{uuid.uuid4().hex[:10]}"
     meta = _serving_json.loads((tiny_onnx_model_dir / "model.json").read_text())
-    result = build_inference_image(
+    result = ImageBuilder(serving_docker).build(  # what BuildInferenceImageOperator runs
         onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta=meta, model_name="tiny", tag=tag,
-        base_image=settings.base_image, wheelhouse=settings.wheelhouse, docker_client=serving_docker,
+        base_image=settings.base_image, wheelhouse=settings.wheelhouse,
         labels={"ai.nightshift.test": "1"}, revision="test-rev",
     )
     yield result

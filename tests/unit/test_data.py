@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from nightshift.data import sources
+from nightshift.data.collect import collect_imagefolder
 from nightshift.data.snapshot import assign_splits, load_snapshot, pixel_hashes, write_snapshot
 from nightshift.errors import ConfigError, DataError
 
@@ -43,12 +44,18 @@ def test_small_shards_split_the_data_and_read_back_in_order(tmp_path):
     assert prof["shard"].max() == 7 and (prof["row"] < 256).all()
 
 
+def _collect(root, shape, snapshots, **kw):
+    """An ImageFolder collected the way CollectDataOperator does (one decode process, nothing reused)."""
+    snap, _ = collect_imagefolder(root, shape, snapshots, workers=1, incremental=False, **kw)
+    return snap
+
+
 def test_same_pixels_from_another_source_keep_that_source(make_imagefolder, tmp_path):
     root = make_imagefolder(classes=("0", "1"), per_class=6)
-    first = write_snapshot(sources.load_imagefolder(root, (8, 8, 1)), tmp_path / "snaps")
+    first = _collect(root, (8, 8, 1), tmp_path / "snaps")
     moved = tmp_path / "moved"
     root.rename(moved)
-    second = write_snapshot(sources.load_imagefolder(moved, (8, 8, 1)), tmp_path / "snaps")
+    second = _collect(moved, (8, 8, 1), tmp_path / "snaps")
     assert second.digest == first.digest
     assert second.manifest["source"]["root"] == str(moved) != first.manifest["source"]["root"]
     assert second.profile()["source"].tolist() == first.profile()["source"].tolist()  # relative origins
@@ -131,31 +138,29 @@ def test_split_is_stable_as_data_grows_and_duplicates_share_a_split():
 def test_imagefolder_converts_and_lists_undecodable(make_imagefolder, tmp_path):
     root = make_imagefolder(classes=("0", "1"), per_class=10, corrupt=2)
     (root / "1" / "notes.txt").write_text("not an image")
-    data = sources.load_imagefolder(root, (8, 8, 1))
-    assert data.images.shape == (20, 8, 8, 1)
-    assert data.class_names == ["0", "1"]
-    assert (data.orig_sizes == [16, 16, 3]).all()
-    bad = {b["path"]: b["error"] for b in data.undecodable}
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert snap.images.shape == (20, 8, 8, 1)
+    assert snap.class_names == ["0", "1"]
+    assert (snap.profile()[["orig_height", "orig_width", "orig_channels"]].to_numpy() == [16, 16, 3]).all()
+    bad = {b["path"]: b["error"] for b in snap.manifest["undecodable"]}
     assert set(bad) == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
     assert "UnidentifiedImageError" in bad["0/corrupt_0.png"] or "cannot identify" in bad["0/corrupt_0.png"]
-    snap = write_snapshot(data, tmp_path / "snaps")
-    assert len(snap.manifest["undecodable"]) == 3
 
 
 def test_imagefolder_rejects_unknown_class_and_missing_root(make_imagefolder, tmp_path):
     root = make_imagefolder(classes=("0", "1", "7"), per_class=3)
     with pytest.raises(DataError, match=r"\['7'\].*not in the configured classes"):
-        sources.load_imagefolder(root, (8, 8, 1), class_names=["0", "1"])
+        _collect(root, (8, 8, 1), tmp_path / "snaps", class_names=["0", "1"])
     with pytest.raises(DataError, match="does not exist|not a directory"):
-        sources.load_imagefolder(tmp_path / "nope", (8, 8, 1))
+        _collect(tmp_path / "nope", (8, 8, 1), tmp_path / "snaps")
 
 
-def test_imagefolder_through_object_storage_path(make_imagefolder):
+def test_imagefolder_through_object_storage_path(make_imagefolder, tmp_path):
     from airflow.sdk import ObjectStoragePath
 
     root = make_imagefolder(classes=("0", "1"), per_class=4)
-    data = sources.load_imagefolder(ObjectStoragePath(f"file://{root}"), (8, 8, 3))
-    assert data.images.shape == (8, 8, 8, 3)
+    snap = _collect(ObjectStoragePath(f"file://{root}"), (8, 8, 3), tmp_path / "snaps")
+    assert snap.images.shape == (8, 8, 8, 3)
 
 
 def test_torchvision_fakedata_source():
@@ -191,15 +196,15 @@ def test_to_shape_channel_conversions():
     assert sources.to_shape(gray, (2, 2, 3)).shape == (2, 2, 3)
 
 
-def test_truncated_image_is_listed_not_dropped(make_imagefolder):
+def test_truncated_image_is_listed_not_dropped(make_imagefolder, tmp_path):
     root = make_imagefolder(classes=("0", "1"), per_class=5)
     good = sorted((root / "1").iterdir())[0]
     data = good.read_bytes()
     (root / "1" / "truncated.png").write_bytes(data[: len(data) // 2])
-    out = sources.load_imagefolder(root, (8, 8, 1))
-    assert len(out.images) == 10
-    assert [b["path"] for b in out.undecodable] == ["1/truncated.png"]
-    assert "object at 0x" not in out.undecodable[0]["error"]
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert len(snap.images) == 10
+    assert [b["path"] for b in snap.manifest["undecodable"]] == ["1/truncated.png"]
+    assert "object at 0x" not in snap.manifest["undecodable"][0]["error"]
 
 
 def test_imagefolder_does_not_follow_symlinks_out_of_the_root(make_imagefolder, tmp_path, caplog):
@@ -231,10 +236,9 @@ def test_imagefolder_does_not_follow_symlinks_out_of_the_root(make_imagefolder, 
     assert "1/inside.png" in rels and "0/escape.png" not in rels and not any(r.startswith("8/") for r in rels)
     assert any("lead outside the source root" in r.message and "0/escape.png" in r.message for r in caplog.records)
 
-    data = sources.load_imagefolder(root, (8, 8, 1))
-    assert len(data.images) == 61  # 60 photos + the inside link; nothing from outside the root
-    assert {u["path"] for u in data.undecodable} == {"0/escape.png", "8/", "1/dangling.png"}
-    snap = write_snapshot(data, tmp_path / "snaps")
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert len(snap.images) == 61  # 60 photos + the inside link; nothing from outside the root
+    assert {u["path"] for u in snap.manifest["undecodable"]} == {"0/escape.png", "8/", "1/dangling.png"}
     config = ValidationConfig(class_names=["0", "1"], image_shape=(8, 8, 1), min_rows=10)
     result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
     assert result["success"] is False
@@ -263,7 +267,7 @@ def test_one_bright_photo_in_an_imagefolder_is_listed_not_fatal(make_imagefolder
     yy, xx = np.mgrid[0:16, 0:16]
     sky = (255 - (yy + 2 * xx) % 7).astype(np.uint8)  # bright, faintly textured
     Image.fromarray(np.stack([sky, sky, sky], axis=2)).save(root / "2" / "sky.png")
-    snap = write_snapshot(sources.load_imagefolder(root, (16, 16, 1)), tmp_path / "snaps")
+    snap = _collect(root, (16, 16, 1), tmp_path / "snaps")
     config = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1))
     result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
 

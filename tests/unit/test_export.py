@@ -127,20 +127,12 @@ def test_metadata_props_carry_the_model_contract(exported, digits_snapshot):
     assert model_json["git_sha"] == meta["git_sha"] and model_json["input_layout"] == "NHWC"
 
 
-def test_git_sha_falls_back_to_env_then_unknown(monkeypatch):
-    import subprocess
-    import sys
-
-    monkeypatch.setitem(sys.modules, "nightshift.lineage", None)  # import fails, as on a branch without it
-
-    def no_git(*a, **k):
-        raise subprocess.TimeoutExpired("git", 5)
-
-    monkeypatch.setattr(export.subprocess, "run", no_git)
-    monkeypatch.setenv("NIGHTSHIFT_GIT_SHA", "feedbeef")
-    assert export._git_sha() == "feedbeef"
-    monkeypatch.delenv("NIGHTSHIFT_GIT_SHA")
-    assert export._git_sha() == "unknown"
+def test_metadata_git_sha_comes_from_lineage(exported, monkeypatch):
+    """Without an explicit ``git_sha`` the commit is lineage's (its fallbacks are tested in test_training_resume)."""
+    _, ckpt, _ = exported
+    monkeypatch.setattr(export.lineage, "git_sha", lambda: "feedbeef")
+    assert export.model_metadata(ckpt, opset=20)["git_sha"] == "feedbeef"
+    assert export.model_metadata(ckpt, opset=20, git_sha="cafe")["git_sha"] == "cafe"
 
 
 def test_opset_is_honoured(exported, tmp_path):

@@ -12,7 +12,6 @@ import pytest
 from nightshift.errors import BuildError, ConfigError
 from nightshift.inference_image import (
     ImageBuilder,
-    build_inference_image,
     build_key,
     connect_docker,
     image_tag,
@@ -85,25 +84,25 @@ def test_unreachable_daemon_says_how_to_start_one(monkeypatch):
 
 def test_missing_onnx_file(tmp_path):
     with pytest.raises(BuildError, match="does not exist; run the export step first"):
-        build_inference_image(onnx_path=tmp_path / "model.onnx", model_meta={}, model_name="m", tag="x:y",
-                              base_image="b", wheelhouse=tmp_path, docker_client=object())
+        ImageBuilder(object()).build(onnx_path=tmp_path / "model.onnx", model_meta={}, model_name="m", tag="x:y",
+                                     base_image="b", wheelhouse=tmp_path)
 
 
 def test_meta_sha_mismatch(tiny_onnx_model_dir, tmp_path):
     meta = json.loads((tiny_onnx_model_dir / "model.json").read_text())
     with pytest.raises(BuildError, match="does not match"):
-        build_inference_image(onnx_path=tiny_onnx_model_dir / "model.onnx",
-                              model_meta={**meta, "onnx_sha256": "0" * 64}, model_name="tiny", tag="x:y",
-                              base_image="b", wheelhouse=tmp_path, docker_client=object())
+        ImageBuilder(object()).build(onnx_path=tiny_onnx_model_dir / "model.onnx",
+                                     model_meta={**meta, "onnx_sha256": "0" * 64}, model_name="tiny", tag="x:y",
+                                     base_image="b", wheelhouse=tmp_path)
 
 
 @pytest.mark.docker
 def test_missing_base_image_says_how_to_make_it(serving_docker, tiny_onnx_model_dir, tmp_path):
     meta = json.loads((tiny_onnx_model_dir / "model.json").read_text())
     with pytest.raises(BuildError, match="ensure_base_image.sh"):
-        build_inference_image(onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta=meta, model_name="tiny",
-                              tag="nightshift-test/never:1", base_image="nightshift-test/no-such-base:0",
-                              wheelhouse=tmp_path, docker_client=serving_docker)
+        ImageBuilder(serving_docker).build(onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta=meta,
+                                           model_name="tiny", tag="nightshift-test/never:1",
+                                           base_image="nightshift-test/no-such-base:0", wheelhouse=tmp_path)
 
 
 @pytest.mark.docker
@@ -255,13 +254,12 @@ def test_same_inputs_reuse_the_image_without_a_build(serving_image, serving_dock
     settings = Settings.from_env()
     meta = json.loads((tiny_onnx_model_dir / "model.json").read_text())
     kw = dict(onnx_path=tiny_onnx_model_dir / "model.onnx", model_meta=meta, model_name="tiny",
-              repository="nightshift-test", base_image=settings.base_image, wheelhouse=settings.wheelhouse,
-              docker_client=serving_docker)
-    first = build_inference_image(**kw)
+              repository="nightshift-test", base_image=settings.base_image, wheelhouse=settings.wheelhouse)
+    first = ImageBuilder(serving_docker).build(**kw)
     try:
         assert first["build_key"] == serving_image["build_key"]  # same inputs as the fixture's build
         assert first["image"] == f"nightshift-test/tiny:1-{first['build_key'][:16]}"
-        second = build_inference_image(**kw)
+        second = ImageBuilder(serving_docker).build(**kw)
         assert second["reused"] is True and second["image_id"] == first["image_id"]
         assert second["image"] == first["image"] and second["build_seconds"] < 5
     finally:
@@ -278,9 +276,9 @@ def test_model_load_variant_reads_model_uri(serving_docker, tiny_onnx_model_dir,
     from nightshift.evaluation import InferenceContainer
 
     settings = Settings.from_env()
-    built = build_inference_image(onnx_path=None, model_meta=None, model_name=None, variant="model-load",
-                                  repository="nightshift-test", base_image=settings.base_image,
-                                  wheelhouse=settings.wheelhouse, docker_client=serving_docker)
+    built = ImageBuilder(serving_docker).build(onnx_path=None, model_meta=None, model_name=None, variant="model-load",
+                                               repository="nightshift-test", base_image=settings.base_image,
+                                               wheelhouse=settings.wheelhouse)
     try:
         assert built["image"].startswith("nightshift-test/server:")
         assert built["labels"]["ai.nightshift.variant"] == "model-load"

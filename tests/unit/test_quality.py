@@ -276,15 +276,14 @@ def _write_jpegs(root, per_class=20):
 def test_each_collection_reports_its_own_undecodable_files(tmp_path):
     """Clean → dirty → clean again on the same ImageFolder: the pixels of all three
     collections are identical, yet each validation sees exactly its own bad files."""
-    from nightshift.data import sources
-    from nightshift.data.snapshot import write_snapshot
+    from nightshift.data.collect import collect_imagefolder
 
     root = tmp_path / "photos"
     _write_jpegs(root)
     config = ValidationConfig(class_names=["0", "1", "2"], image_shape=(8, 8, 1), min_rows=30, min_per_class=5)
 
     def collect_and_validate(name):
-        snap = write_snapshot(sources.load_imagefolder(root, (8, 8, 1)), tmp_path / "snapshots")
+        snap, _ = collect_imagefolder(root, (8, 8, 1), tmp_path / "snapshots", workers=1, incremental=False)
         return snap, validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / name)
 
     clean, result = collect_and_validate("v1")

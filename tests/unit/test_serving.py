@@ -381,12 +381,21 @@ def test_model_with_probabilities_lists_and_serves_all_outputs(tiny_onnx_factory
     logits, _ = tiny_onnx_forward(pixels)
     ref = np.exp(logits - logits.max(1, keepdims=True))
     ref /= ref.sum(1, keepdims=True)
-    # no outputs named: all of them, in graph order, then label
-    out = model.infer(_infer_body(pixels))["outputs"]
-    assert [o["name"] for o in out] == ["logits", "probabilities", "embedding", "label"]
-    # only some, in request order
-    out = model.infer(_infer_body(pixels, outputs=[{"name": "label"}, {"name": "probabilities"}]))["outputs"]
-    assert [o["name"] for o in out] == ["label", "probabilities"]
+    server = make_server(model, "127.0.0.1", 0).start()
+    try:
+        with requests.Session() as s:
+            s.trust_env = False
+            url = f"{server.url}/v2/models/{model.name}/infer"
+            # no outputs named: all of them, in graph order, then label
+            out = s.post(url, json=_infer_body(pixels)).json()["outputs"]
+            assert [o["name"] for o in out] == ["logits", "probabilities", "embedding", "label"]
+            # only some, in request order
+            out = s.post(url, json=_infer_body(pixels, outputs=[{"name": "label"}, {"name": "probabilities"}])
+                         ).json()["outputs"]
+            assert [o["name"] for o in out] == ["label", "probabilities"]
+    finally:
+        server.shutdown()
+        server.server_close()
     probs = np.asarray(out[1]["data"], dtype=np.float32).reshape(out[1]["shape"])
     assert out[1]["shape"] == [5, 3] and out[1]["datatype"] == "FP32"
     np.testing.assert_allclose(probs, ref, rtol=1e-5, atol=1e-6)

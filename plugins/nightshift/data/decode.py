@@ -149,13 +149,3 @@ def decode_files(paths: Sequence[str], shape: tuple[int, int, int]) -> Chunk:
         except OSError as exc:
             blobs.append(exc)
     return decode_blobs(blobs, shape)
-
-
-def convert_arrays(arrays: Sequence[np.ndarray], shape: tuple[int, int, int]) -> Chunk:
-    """Already-decoded arrays (bundled and torchvision sources) to ``shape``."""
-    out, sizes = [], []
-    for a in arrays:
-        a = a[:, :, None] if a.ndim == 2 else a
-        sizes.append(a.shape)
-        out.append(to_shape(a, shape))
-    return _finish(shape, out, list(range(len(out))), sizes, [])

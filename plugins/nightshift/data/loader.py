@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import queue
 import threading
-from dataclasses import dataclass
 from typing import Any, Iterator
 
 import numpy as np
@@ -68,12 +67,6 @@ def plan_batches(n: int, batch_size: int) -> tuple[int, int, int]:
     if rest >= 2:
         steps += 1
     return bs, steps, (n if rest != 1 else n - 1)
-
-
-@dataclass
-class _Part:
-    images: Any  # torch uint8 tensor on the device
-    labels: Any
 
 
 class PreloadedSplit:

@@ -297,37 +297,6 @@ def read_bytes(path: Any) -> bytes:
     return path.read_bytes()
 
 
-def load_imagefolder(
-    root: Any, shape: tuple[int, int, int], class_names: list[str] | None = None, *,
-    partition_window: int | None = None,
-) -> SourceData:
-    """Read a (small) ImageFolder into memory. ``class_names`` fixes the label order;
-    a class folder not in it is reported as an error rather than silently ignored.
-
-    Collection streams large folders instead (:mod:`nightshift.data.collect`).
-    """
-    listing = list_imagefolder(root, class_names, partition_window=partition_window)
-    index = {name: i for i, name in enumerate(listing.class_names)}
-    blobs: list[bytes | BaseException] = []
-    for e in listing.entries:
-        try:
-            blobs.append(read_bytes(e.path))
-        except OSError as exc:
-            blobs.append(exc)
-    chunk = decode_blobs(blobs, shape)
-    ok = [listing.entries[i] for i in chunk.ok]
-    bad = list(listing.skipped) + [{"path": listing.entries[i].rel, "error": msg} for i, msg in chunk.errors]
-    return SourceData(
-        images=chunk.images,
-        labels=np.asarray([index[e.class_name] for e in ok], np.int64),
-        class_names=listing.class_names,
-        orig_sizes=chunk.orig_sizes,
-        origins=[e.rel for e in ok],
-        source={"kind": "imagefolder", "root": str(root)},
-        undecodable=sorted(bad, key=lambda b: b["path"]),
-    )
-
-
 def load_torchvision(
     name: str, root: str | Path, shape: tuple[int, int, int], *, download: bool = True, limit: int | None = None,
     options: dict[str, Any] | None = None,

@@ -414,29 +414,3 @@ class Model:
                 raise InferenceFailed(f"model output {name!r} contains NaN or infinity")
             result.append((name, self.output_types[name][0], arr))
         return result
-
-    def postprocess(self, outputs: dict[str, np.ndarray], wanted: list[str], n: int) -> list[dict[str, Any]]:
-        """Turn model outputs into OIP JSON output tensors (adds ``label``).
-
-        :raises InferenceFailed: an output has the wrong batch size or holds NaN/inf.
-        """
-        return [{"name": name, "shape": list(arr.shape), "datatype": dt, "data": arr.reshape(-1).tolist()}
-                for name, dt, arr in self.select_outputs(outputs, wanted, n)]
-
-    def infer(self, request: Any) -> dict[str, Any]:
-        """Answer one OIP infer request (validate, run, format).
-
-        :param request: the decoded JSON body.
-        :returns: the OIP response object.
-        """
-        self._require_ready()
-        pixels, wanted = self.preprocess(request)
-        outputs = self.predict(pixels)
-        response: dict[str, Any] = {
-            "model_name": self.name,
-            "model_version": self.version,
-            "outputs": self.postprocess(outputs, wanted, pixels.shape[0]),
-        }
-        if isinstance(request.get("id"), str):
-            response["id"] = request["id"]
-        return response

@@ -93,7 +93,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlsplit
 
 if __package__ in (None, ""):  # `python server.py`: make the package importable
@@ -462,10 +462,17 @@ class InferenceServer:
 
 def make_server(model: Model, host: str = DEFAULT_HOST, port: int = 0, *,
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, config: AppConfig | None = None,
-                request_log: Any = None, **uvicorn_kw: Any) -> InferenceServer:
-    """Bind a server for ``model`` (does not start serving; call ``start()`` or ``serve_forever()``)."""
+                request_log: Any = None, loader: Callable[[], Any] | None = None,
+                **uvicorn_kw: Any) -> InferenceServer:
+    """Bind a server for ``model`` (does not start serving; call ``start()`` or ``serve_forever()``).
+
+    :func:`main` serves through it too, so embedding it (tests, benches) runs the server's own path.
+    :param loader: loads the model in the background once serving starts (``main``); ``None``: the
+        model is already loaded, or stays unready.
+    :param uvicorn_kw: :class:`InferenceServer`'s keyword arguments (``drain_s``, ``graceful_s`` ...).
+    """
     cfg = config or AppConfig(max_body_bytes=max_body_bytes)
-    return InferenceServer(InferenceApp(model, cfg, request_log=request_log), host, port, **uvicorn_kw)
+    return InferenceServer(InferenceApp(model, cfg, request_log=request_log, loader=loader), host, port, **uvicorn_kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -519,18 +526,19 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             log.error("request log directory %s is not writable: %s", log_dir, exc)
             return 2
-    app = InferenceApp(model, _config_from_env(instances=instances), request_log=request_log, loader=load)
     try:
-        srv = InferenceServer(app, args.host, args.port,
-                              graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
-                              max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048),
-                              max_headers=_env("NIGHTSHIFT_MAX_HEADERS", DEFAULT_MAX_HEADERS),
-                              max_header_bytes=_env("NIGHTSHIFT_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
-                              drain_s=_env("NIGHTSHIFT_DRAIN_S", 2.0, float))
+        srv = make_server(model, args.host, args.port, config=_config_from_env(instances=instances),
+                          request_log=request_log, loader=load,
+                          graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
+                          max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048),
+                          max_headers=_env("NIGHTSHIFT_MAX_HEADERS", DEFAULT_MAX_HEADERS),
+                          max_header_bytes=_env("NIGHTSHIFT_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
+                          drain_s=_env("NIGHTSHIFT_DRAIN_S", 2.0, float))
     except OSError as exc:
         log.error("cannot bind %s:%s: %s (is another server on that port? set NIGHTSHIFT_PORT)",
                   args.host, args.port, exc)
         return 2
+    app = srv.app
 
     def failed(exc: BaseException) -> None:
         srv.server.should_exit = True
