@@ -4,9 +4,8 @@ Airflow's default queue when it is not (``make run``, the LocalExecutor)."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from tests.dags.conftest import DAGS, parse_dags
 
-DAGS = Path(__file__).resolve().parents[2] / "dags"
 DOCKER_VARS = ("NIGHTSHIFT_DOCKER_QUEUE", "NIGHTSHIFT_DOCKER_CONN_ID")
 #: Every task that talks to the Docker daemon, per DAG (drift_monitor reads the request log: none).
 DOCKER_TASKS = {
@@ -19,14 +18,7 @@ DOCKER_TASKS = {
 
 def parse(monkeypatch, **env):
     """Parse the DAG folder afresh with exactly these Docker variables; return (dags, import_errors)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    for name in DOCKER_VARS:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    bag = DagBag(dag_folder=str(DAGS))
-    return bag.dags, bag.import_errors
+    return parse_dags(monkeypatch, DAGS, DOCKER_VARS, **env)
 
 
 def queues(dags) -> dict[str, dict[str, str]]:

@@ -4,11 +4,12 @@ NIGHTSHIFT_TRAIN_PLACEMENT & co. at parse time), and every placement serializes.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-DAG_FILE = Path(__file__).resolve().parents[2] / "dags" / "nightly_retrain.py"
+from tests.dags.conftest import DAGS, parse_dags
+
+DAG_FILE = DAGS / "nightly_retrain.py"
 PLACEMENT_VARS = ("NIGHTSHIFT_TRAIN_PLACEMENT", "NIGHTSHIFT_GPU_QUEUE", "NIGHTSHIFT_TRAIN_EXECUTOR",
                   "NIGHTSHIFT_GPU_COUNT", "NIGHTSHIFT_GPU_NODE_SELECTOR", "NIGHTSHIFT_GPU_TOLERATIONS",
                   "NIGHTSHIFT_TRAIN_MEMORY", "NIGHTSHIFT_TRAIN_CPU", "NIGHTSHIFT_TRAINER_IMAGE",
@@ -17,14 +18,8 @@ PLACEMENT_VARS = ("NIGHTSHIFT_TRAIN_PLACEMENT", "NIGHTSHIFT_GPU_QUEUE", "NIGHTSH
 
 def parse(monkeypatch, **env):
     """Parse the DAG file afresh with exactly these placement variables; return (dag, import_errors)."""
-    from airflow.dag_processing.dagbag import DagBag
-
-    for name in PLACEMENT_VARS:
-        monkeypatch.delenv(name, raising=False)
-    for name, value in env.items():
-        monkeypatch.setenv(name, value)
-    bag = DagBag(dag_folder=str(DAG_FILE))
-    return bag.dags.get("nightly_retrain"), bag.import_errors
+    dags, errors = parse_dags(monkeypatch, DAG_FILE, PLACEMENT_VARS, **env)
+    return dags.get("nightly_retrain"), errors
 
 
 def serializes(dag) -> dict:
