@@ -89,8 +89,7 @@ class TrainPlacement:
         env = os.environ if env is None else env
 
         def get(name: str) -> str | None:
-            value = env.get(name)
-            return value.strip() if value is not None and value.strip() else None
+            return _env_value(env, name)
 
         kind = (get("NIGHTSHIFT_TRAIN_PLACEMENT") or "local").lower()
         if kind not in PLACEMENTS:
@@ -160,7 +159,7 @@ class DockerPlacement:
         values: dict[str, str | None] = {}
         for name, pattern, what in (("NIGHTSHIFT_DOCKER_QUEUE", _QUEUE, "one Celery queue name"),
                                     ("NIGHTSHIFT_DOCKER_CONN_ID", _CONN_ID, "an Airflow connection id")):
-            value = (env.get(name) or "").strip() or None
+            value = _env_value(env, name)
             if value is not None and not pattern.match(value):
                 raise ConfigError(f"{name}={value!r}: expected {what} (letters, digits, '_', '-', '.'; "
                                   "no spaces or commas)")
@@ -171,6 +170,11 @@ class DockerPlacement:
         """BaseOperator arguments of a Docker-bound task: ``queue`` when one is configured, else
         none (the task keeps Airflow's default queue)."""
         return {"queue": self.queue} if self.queue else {}
+
+
+def _env_value(env: Mapping[str, str], name: str) -> str | None:
+    """A variable's value without surrounding blanks; unset or blank: None."""
+    return (env.get(name) or "").strip() or None
 
 
 def _node_selector(raw: str | None) -> dict[str, str]:
