@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from nightshift.contracts import TAG_PREFIX, VersionTag
-from nightshift.errors import ConfigError, RegistryError
+from nightshift.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -92,13 +92,6 @@ def parse_answer(answer: Mapping[str, Any] | None, version: str) -> Answer:
     return Answer(approved=chosen[0] == APPROVE, actor=actor, comment=comment)
 
 
-def _registry_error(action: str, model_name: str, exc: BaseException) -> RegistryError:
-    code = getattr(exc, "error_code", type(exc).__name__)
-    return RegistryError(f"the model registry failed while {action} for {model_name!r} "
-                         f"({code}: {str(exc).splitlines()[0][:300] if str(exc) else ''}). Nothing is promoted "
-                         "while the registry cannot be read; check MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI.")
-
-
 def superseding_version(c, model_name: str, version: str | int) -> dict[str, Any] | None:
     """The newest version of ``model_name`` registered after ``version`` that carries a
     promotion decision (a candidate of a later ``promote``), or ``None``.
@@ -121,7 +114,7 @@ def superseding_version(c, model_name: str, version: str | int) -> dict[str, Any
     except MlflowException as exc:
         if registry.is_not_found(exc):
             return None
-        raise _registry_error(f"searching versions newer than v{mine}", model_name, exc) from exc
+        raise registry._registry_error(f"searching versions newer than v{mine}", model_name, exc) from exc
     newer = [mv for mv in versions
              if int(mv.version) > mine and dict(mv.tags or {}).get(f"{TAG_PREFIX}{VersionTag.DECISION}")]
     if not newer:
@@ -141,11 +134,13 @@ def describe(newer: Mapping[str, Any]) -> str:
 def _tag(c, model_name: str, version: str, tags: Mapping[str, str]) -> None:
     from mlflow.exceptions import MlflowException
 
+    from nightshift import registry
+
     try:
         for k, v in tags.items():
             c.set_model_version_tag(model_name, str(version), f"{TAG_PREFIX}{k}", str(v))
     except MlflowException as exc:
-        raise _registry_error(f"recording the approval outcome on v{version}", model_name, exc) from exc
+        raise registry._registry_error(f"recording the approval outcome on v{version}", model_name, exc) from exc
 
 
 def _champion(c, model_name: str) -> str | None:
@@ -203,14 +198,14 @@ def _undeployable(c, model_name: str, version: str, *, answer: Answer, target: s
 
 
 def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expected_champion: str | None,
-                      artifact_root: str | os.PathLike | None = None, deploy_target: str | None = None,
+                      artifact_root: str | os.PathLike, deploy_target: str | None = None,
                       docker_client: Any = None) -> dict[str, Any]:
     """Record how the wait of ``version`` ended and move ``champion`` only for an approval
     that is neither superseded, stale nor undeployable.
 
     :param expected_champion: the champion the gates compared the candidate with.
     :param artifact_root: where the per-model champion lock lives
-        (:func:`nightshift.champion.champion_lock`); ``None``: no lock (tests).
+        (:func:`nightshift.champion.champion_lock`).
     :param deploy_target: the run's deploy target: for ``docker`` and ``kubernetes`` the
         candidate must be deployable (:func:`nightshift.champion.deploy_target`) before the
         alias moves; ``None`` / ``none``: not checked.
@@ -220,9 +215,8 @@ def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expec
         ``approval_undeployable`` or ``superseded``.
     :raises RegistryError: the registry cannot be read or written (nothing is promoted).
     """
-    from contextlib import nullcontext
-
     from nightshift import registry
+    from nightshift.champion import champion_lock
 
     version = str(version)
     if answer.superseded_by is not None:
@@ -232,13 +226,7 @@ def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expec
         res = registry.approve_candidate(c, model_name, version, approved=False, actor=answer.actor,
                                          comment=answer.comment, expected_champion=expected_champion)
         return {**res, "action": REJECTED, "superseded_by": None}
-    if artifact_root is not None:
-        from nightshift.champion import champion_lock
-
-        lock = champion_lock(artifact_root, model_name, purpose=f"finalize approval of v{version}")
-    else:
-        lock = nullcontext()
-    with lock:
+    with champion_lock(artifact_root, model_name, purpose=f"finalize approval of v{version}"):
         current = registry.get_champion(c, model_name)
         if current is not None and current["version"] == version \
                 and current["tags"].get(f"{TAG_PREFIX}approval") == APPROVAL_TAG_VALUES["promoted"]:
@@ -262,9 +250,10 @@ def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expec
                 return undeployable
         res = registry.approve_candidate(c, model_name, version, approved=True, actor=answer.actor,
                                          comment=answer.comment, expected_champion=expected_champion)
+        if not res["promoted"]:  # still under the lock: never left tagged "approved" when it did not move
+            _tag(c, model_name, version, {"approval": APPROVAL_TAG_VALUES[STALE]})
     if res["promoted"]:
         return {**res, "action": "promoted", "superseded_by": None}
-    _tag(c, model_name, version, {"approval": APPROVAL_TAG_VALUES[STALE]})
     before = f"v{expected_champion}" if expected_champion else "none"
     now = f"v{res['champion']}" if res["champion"] else "none"
     note = (f"approved by {answer.actor}, but champion moved from {before} to {now} while v{version} waited "

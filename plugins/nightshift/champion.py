@@ -28,23 +28,20 @@ No Airflow here.
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import logging
 import os
 import re
-import socket
 import threading
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from nightshift.errors import ConfigError, NightshiftError
+from nightshift.errors import ConfigError
+from nightshift.locks import LockTimeout, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +55,7 @@ DEPLOY_TARGETS = ("docker", "kubernetes", "none")
 Hook = Callable[[str], None]
 
 
-class ChampionLockTimeout(NightshiftError):
+class ChampionLockTimeout(LockTimeout):
     """Another writer held the model's champion lock for longer than the timeout.
     Retryable: the holder finishes (or dies, and the kernel releases its lock)."""
 
@@ -76,16 +73,6 @@ def lock_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
     if safe != model_name:  # keep the mapping injective
         safe = f"{safe}-{hashlib.sha256(str(model_name).encode()).hexdigest()[:12]}"
     return Path(artifact_root) / "locks" / "champion" / f"{safe}.lock"
-
-
-def _holder_text(fd: int) -> str:
-    try:
-        raw = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip()
-        h = json.loads(raw) if raw else {}
-        return (f"pid {h.get('pid')} on {h.get('host')} since {h.get('since')}"
-                + (f" ({h['purpose']})" if h.get("purpose") else ""))
-    except (OSError, ValueError):
-        return "an unknown holder"
 
 
 @contextmanager
@@ -113,39 +100,14 @@ def champion_lock(artifact_root: str | os.PathLike, model_name: str, *, timeout_
         finally:
             depth[key] -= 1
         return
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        deadline = time.monotonic() + max(0.0, float(timeout_s))
-        waited = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except OSError as exc:
-                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise
-            if not waited:
-                waited = True
-                log.info("champion lock %s is held by %s: waiting up to %.0fs", path, _holder_text(fd), timeout_s)
-                if on_wait is not None:
-                    on_wait()
-            if time.monotonic() >= deadline:
-                raise ChampionLockTimeout(
-                    f"the champion lock of {model_name!r} ({path}) is held by {_holder_text(fd)}; waited "
-                    f"{timeout_s:.0f}s. Another deploy, promote_model or rollback_model is moving champion or the "
-                    "serving port; nothing was changed by this one.")
-            time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose[:200],
-                                  "since": datetime.now(timezone.utc).isoformat()}).encode(), 0)
+    with file_lock(path, timeout_s=timeout_s, purpose=purpose, what=f"the champion lock of {model_name!r}",
+                   hint="Another deploy, promote_model or rollback_model is moving champion or the serving port; "
+                        "nothing was changed by this one.", error=ChampionLockTimeout, on_wait=on_wait):
         depth[key] = 1
         try:
             yield path
         finally:
             depth.pop(key, None)
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
 
 
 def _hook(hook: Hook | None, point: str) -> None:
@@ -261,7 +223,7 @@ def reconcile(c, deployer: Any, *, reason: str, lock_timeout_s: float = DEFAULT_
 
 def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, version: str | None, action: str,
                     reason: str, actor: str, deploy: str = "docker", deployer: Any = None,
-                    docker_client: Any = None, dag_id: str | None = None, run_id: str | None = None,
+                    dag_id: str | None = None, run_id: str | None = None,
                     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Hook | None = None) -> dict[str, Any]:
     """Move ``champion`` by a person's decision and make the port serve it, in one critical section.
 
@@ -308,7 +270,7 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
                    "champion": current_v, "moved": False, "actor": done.get("actor"), "reason": done.get("reason"),
                    "action": action, "time": done.get("time"), "note": "moved by an earlier try of this run"}
             target = deploy_target(c, model_name, current_v, target=deploy,
-                                   docker_client=deployer.client if deployer is not None else docker_client)
+                                   docker_client=deployer.client if deployer is not None else None)
             if deploy == "docker":
                 out["deployment"] = _deploy_locked(c, deployer, target, reason=f"{ACTIONS[action]}: {reason}")
             return {**out, "image": target.image, "promoted": True}
@@ -320,7 +282,7 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
             target_v = version.lstrip("v")
         _hook(hook, "target_resolved")
         target = deploy_target(c, model_name, target_v, target=deploy,
-                               docker_client=deployer.client if deployer is not None else docker_client)
+                               docker_client=deployer.client if deployer is not None else None)
         deployment = None
         if deploy == "docker":
             # the port moves first: a target that does not become ready moves nothing at all

@@ -266,7 +266,7 @@ def decide(candidate: str, evidence: Evidence, thresholds: dict[str, Any]) -> De
     if e.served_accuracy is None:
         gates.append(Gate("served_accuracy", False, None, t["served_accuracy_tolerance"], "no served accuracy measured"))
     else:
-        n_served = e.served_images if e.served_images is not None else n_test
+        n_served = e.served_images  # unknown: not enough evidence (never assumed to be the test split)
         few_served = _too_few(n_served, t["min_test_images"], "served test images")
         served_ci = wilson_interval(round(e.served_accuracy * n_served), n_served) if n_served else None
         gap = abs(e.served_accuracy - e.offline_accuracy)

@@ -79,7 +79,7 @@ def is_not_found(exc: BaseException) -> bool:
 def _registry_error(action: str, model_name: str, exc: BaseException) -> RegistryError:
     code = getattr(exc, "error_code", type(exc).__name__)
     return RegistryError(
-        f"the model registry failed while {action} for {model_name!r} ({code}: {str(exc).splitlines()[0][:300]}). "
+        f"the model registry failed while {action} for {model_name!r} ({code}: {str(exc).splitlines()[0][:300] if str(exc) else ''}). "
         "Nothing is promoted while the registry cannot be read; check MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI "
         "and access rights. The task will be retried."
     )

@@ -287,7 +287,7 @@ def http_ok(url: str, expect: tuple[int, ...] = (200,)) -> bool:
         return e.code in expect
 
 
-def _children(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """``pid`` and all its descendants, from /proc."""
     parent: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
@@ -762,7 +762,7 @@ def status_rows(cfg: dict | None = None) -> list[dict]:
                     "mlflow": cfg["ports"]["mlflow"], "api-server": cfg["ports"]["airflow-api"]}.get(name)
         rss = pss = nproc = 0
         if alive:
-            for pid in _children(p.pid):
+            for pid in process_tree(p.pid):
                 r, s = _mem_kb(pid)
                 rss, pss, nproc = rss + r, pss + s, nproc + 1
         rows.append({"name": name, "pid": p.pid if alive else None, "port": port, "running": alive,

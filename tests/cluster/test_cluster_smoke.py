@@ -31,6 +31,8 @@ from pathlib import Path
 
 import pytest
 
+from cluster.cluster import process_tree  # scripts/ is on pytest's path
+
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -146,7 +148,7 @@ def test_cluster_smoke(cluster: Cluster):
     idle_rss = sum(row["rss_mb"] for row in status)
 
     # every listening socket of every component is on loopback
-    pids = {p for row in status if row["pid"] for p in _tree(row["pid"])}
+    pids = {p for row in status if row["pid"] for p in process_tree(row["pid"])}
     listening = _listening_addresses(pids)
     assert listening and all(a.startswith("127.") or a == "::1" for a in listening), listening
 
@@ -218,23 +220,6 @@ def _mlflow_text(c: Cluster, run_id: str) -> str:
 def _overlap(a: Path, b: Path) -> bool:
     a, b = a.resolve(), b.resolve()
     return a == b or a in b.parents or b in a.parents
-
-
-def _tree(pid: int) -> list[int]:
-    kids: dict[int, list[int]] = {}
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            kids.setdefault(ppid, []).append(int(d.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(kids.get(p, ()))
-    return out
 
 
 def _listening_addresses(pids: set[int]) -> set[str]:

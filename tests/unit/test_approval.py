@@ -461,7 +461,8 @@ def test_a_retried_finalize_after_the_move_records_promoted_not_superseded(ctx, 
     first = candidate(reg, tmp_path, 1)
     waiting = candidate(reg, tmp_path, 2, require_approval=True)
     approvals.finalize_approval(reg, MODEL, waiting["version"], answer=approvals.parse_answer(_approve(), "2"),
-                                expected_champion=first["version"])  # the first try, up to its death
+                                expected_champion=first["version"], artifact_root=tmp_path / "artifacts")
+    # (that was the first try, up to its death)
     assert champion(reg) == waiting["version"]
     assert [e["action"] for e in history()].count("promoted") == 0
     candidate(reg, tmp_path, 3, require_approval=True)  # a newer candidate, before the retry

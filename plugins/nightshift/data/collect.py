@@ -206,25 +206,25 @@ def _index(previous: Snapshot | None, staged: list[Any]):
     return table.drop_duplicates(subset="source", keep="last")
 
 
+#: How long a collection waits for another collection of the same source (then it fails, retryable).
+SOURCE_LOCK_TIMEOUT_S = 3600.0
+
+
 @contextmanager
-def source_lock(root_dir: Path, key: str, say: Callable[[str], None] | None = None) -> Iterator[None]:
-    """Exclusive ``flock`` on ``<snapshots root>/locks/<key>.lock``: two runs that collect the same
-    source at once (overlapping DAG runs, a retry beside a zombie) would share and remove each
-    other's staging journal; the second waits, then reuses what the first collected."""
-    import fcntl
+def source_lock(root_dir: Path, key: str, say: Callable[[str], None] | None = None, *,
+                timeout_s: float = SOURCE_LOCK_TIMEOUT_S) -> Iterator[None]:
+    """One collection of a source at a time (:func:`nightshift.locks.file_lock` on
+    ``<snapshots root>/locks/<key>.lock``): overlapping runs would share and remove each
+    other's staging journal; the second waits, then reuses what the first collected.
+
+    :raises LockTimeout: the other collection held it for ``timeout_s``; names its holder."""
+    from nightshift.locks import file_lock
 
     path = Path(root_dir) / "locks" / f"{key}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            (say or log.info)(f"another collection of this source holds {path}: waiting for it")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+    with file_lock(path, timeout_s=timeout_s, purpose="collect_data", what="another collection of this source",
+                   on_wait=lambda: (say or log.info)(f"another collection of this source holds {path}: "
+                                                     "waiting for it")):
         yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def collect_imagefolder(

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+from nightshift.champion import ACTIONS
 from nightshift.operators.base import NightshiftOperator
 from nightshift.operators.links import ModelVersionLink, NightshiftViewLink
-
-_ACTIONS = {"forced": "promote_model", "rolled_back": "rollback_model"}
 
 
 class SetChampionOperator(NightshiftOperator):
@@ -40,8 +39,8 @@ class SetChampionOperator(NightshiftOperator):
     def __init__(self, *, model_name: str, version: Any, reason: str, action: str, deploy_target: str = "none",
                  port: Any = 8600, docker_conn_id: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        if action not in _ACTIONS:
-            raise ValueError(f"action must be one of {sorted(_ACTIONS)}, got {action!r}")
+        if action not in ACTIONS:
+            raise ValueError(f"action must be one of {sorted(ACTIONS)}, got {action!r}")
         self.model_name = model_name
         self.version = version
         self.reason = reason
