@@ -183,7 +183,9 @@ default_args = {
     },
 )
 def nightly_retrain():
-    @task.short_circuit(ignore_downstream_trigger_rules=True)
+    # one cooldown at a time across workers (max_active_tis_per_dag); the flock below covers one host's
+    # in-process runs too (dag.test)
+    @task.short_circuit(ignore_downstream_trigger_rules=True, max_active_tis_per_dag=1)
     def cooldown(**context) -> bool:
         """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
         import fcntl

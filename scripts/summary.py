@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from approve import answer_command, required_actions_url  # noqa: E402 - the sibling script
+from approve import airflow_url, answer_command, required_actions_url  # noqa: E402 - the sibling script
 
 
 def _load(dag_id: str) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
@@ -105,7 +105,7 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
         if (folder / name).exists():
             say(f"  report: {folder / name}")
     say(f"  artifacts: {folder}")
-    say("  Nightshift view: `make airflow-ui`, then Browse → Nightshift (http://127.0.0.1:8080/nightshift/)")
+    say(f"  Nightshift view: `make airflow-ui`, then Browse → Nightshift ({airflow_url()}/nightshift/)")
     return 0 if run_state == "success" else 1
 
 

@@ -42,8 +42,8 @@ def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
     if p.get("approved_by"):  # a person answered approve_promotion: say who and what
         lines += ["", f"{'Approved' if p.get('approved') else 'Rejected'} by {p['approved_by']}"
                       + (f": {p['approval_comment']}" if p.get("approval_comment") else "")]
-    if p.get("approval") in ("superseded", "stale", "undeployable"):  # the wait ended and champion did not move: say why
-        lines += ["", str(p.get("note") or "")]
+    if p.get("approval") in ("superseded", "stale", "undeployable") and p.get("note"):
+        lines += ["", str(p["note"])]  # the wait ended and champion did not move: say why
     if p.get("loosened_thresholds"):  # also after the answer: what the person approved or rejected
         lines += ["", "Approval needed: this run loosened the gate file:" if p.get("awaiting_approval")
                   else "This run loosened the gate file:", *[f"- {why}" for why in p["loosened_thresholds"]]]

@@ -119,3 +119,11 @@ def test_cooldown_task_reads_and_writes_its_own_record(dagbag, tmp_path, monkeyp
     assert run("asset_triggered__1") is True  # nothing recorded yet
     assert contracts.last_retrain_start(tmp_path, "nightly_retrain") <= datetime.now(timezone.utc)
     assert run("asset_triggered__2") is False  # the drift storm's second retrain waits
+
+
+def test_overlapping_runs_take_turns_at_the_cooldown_and_system_eval(dagbag):
+    """With several active runs, the cooldown's read-then-record and the load test run one at a
+    time across all workers (the flock in the cooldown covers only one host)."""
+    dag = dagbag.get_dag("nightly_retrain")
+    assert dag.get_task("cooldown").max_active_tis_per_dag == 1
+    assert dag.get_task("system_eval").max_active_tis_per_dag == 1

@@ -35,3 +35,14 @@ def test_failed_gates_come_before_the_evidence_line_so_the_cut_keeps_them(tmp_pa
         "evidence": {"test_images": 5, "min_test_images": 200, "accuracies": {}},
     })
     assert note.index("- offline_accuracy: not enough evidence") < note.index("Evidence: 5 test images")
+
+
+def test_note_says_why_a_wait_ended_without_moving_champion(tmp_path):
+    for approval in ("superseded", "stale", "undeployable"):
+        note = _note(tmp_path, {"model_name": "m", "version": "4", "promoted": False, "champion": "2",
+                                "reason": "every gate passed", "approval": approval,
+                                "note": f"the wait ended: {approval}"})
+        assert f"the wait ended: {approval}" in note
+    bare = _note(tmp_path, {"model_name": "m", "version": "4", "promoted": False, "champion": "2",
+                            "reason": "every gate passed", "approval": "stale"})
+    assert not bare.endswith("\n")  # no empty note line when the outcome carries no note

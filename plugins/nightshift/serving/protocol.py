@@ -63,7 +63,7 @@ class InferLimits:
     bytes after a JSON header of ``Inference-Header-Content-Length`` bytes (itself at
     most the JSON limit: it may carry the pixels as JSON). A larger body cannot be a
     valid request, so it is refused (413) from ``Content-Length``, while it arrives, or
-    while it inflates, never parsed on the event loop (a 57 KB gzip body can inflate to
+    while it inflates, never parsed on the event loop (a 55 KB gzip body can inflate to
     57 MB of JSON). ``max_body_bytes`` (``NIGHTSHIFT_MAX_BODY_BYTES``) caps both.
     Computed once per model; :meth:`limit` is a few integer operations per request, and
     :meth:`why` builds the 413 message only for a refused request.
