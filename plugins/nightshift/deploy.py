@@ -75,6 +75,9 @@ class LocalDeployer:
     :param proxy_image: image with ``python3`` to run the proxy (the inference base image).
     :param ready_timeout_s: how long green may take to become ready.
     :param drain_timeout_s: how long blue may take to finish in-flight requests on SIGTERM.
+    :param switch_grace_s: how long blue keeps running after traffic moved, before SIGTERM: a
+        connection the proxy opened to blue just before the switch may still wait in blue's
+        accept queue, and a server that stops listening resets it (Kubernetes' preStop sleep).
     :param config: how the serving container runs (memory limit, request-log sampling,
         environment); ``ServingConfig.from_env()`` in the operators, the deployed default here.
     :param lock_timeout_s: how long a deploy waits for another writer's champion lock.
@@ -84,7 +87,7 @@ class LocalDeployer:
 
     def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path, port: int = 8600,
                  proxy_image: str = "nightshift/base:bookworm", ready_timeout_s: float = 60.0,
-                 drain_timeout_s: int = 20, config: ServingConfig | None = None,
+                 drain_timeout_s: int = 20, switch_grace_s: float = 1.0, config: ServingConfig | None = None,
                  lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Callable[[str], None] | None = None):
         if not 0 < int(port) < 65536:
             raise ConfigError(f"deploy port must be 1..65535, got {port}")
@@ -95,6 +98,7 @@ class LocalDeployer:
         self.proxy_image = proxy_image
         self.ready_timeout_s = ready_timeout_s
         self.drain_timeout_s = drain_timeout_s
+        self.switch_grace_s = float(switch_grace_s)
         self.config = config or ServingConfig()
         self.lock_timeout_s = lock_timeout_s
         self.hook = hook
@@ -308,7 +312,9 @@ class LocalDeployer:
         atomic_write_json(self.state_path, state)
         append_jsonl(self.state_path.parent / "history.jsonl", state)
         if blue is not None and blue.id != green.id:
-            log.info("blue: stopping %s (drains up to %ss)", blue.name, self.drain_timeout_s)
+            log.info("blue: stopping %s in %.1fs (drains up to %ss)", blue.name, self.switch_grace_s,
+                     self.drain_timeout_s)
+            time.sleep(self.switch_grace_s)  # connections accepted by blue's kernel before the switch
             try:
                 blue.stop(timeout=self.drain_timeout_s)
                 blue.remove(force=True)
