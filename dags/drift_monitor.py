@@ -16,6 +16,13 @@ Every hour, for the hour that just ended (the run's data interval):
 
 The report and a line in the drift timeline (shown in the Nightshift view) are
 written every hour.
+
+**Where it runs.** The request log is a folder on the Docker host that serves the
+champion (the serving container's mount), not in the artifact store: the container
+appends to it continuously. So `check_served_drift` runs on the Docker queue
+(`NIGHTSHIFT_DOCKER_QUEUE`, like `deploy`), where the log is written, and publishes
+what it read (`request_window.parquet`), its reports and the timeline point to the
+artifact store, where every worker and the Nightshift view read them.
 """
 
 from __future__ import annotations
@@ -25,6 +32,11 @@ from datetime import datetime, timedelta
 from airflow.sdk import Param, dag, task
 
 from nightshift.operators import DRIFT_DETECTED_ASSET, DriftMonitorOperator
+from nightshift.placement import DockerPlacement
+
+#: check_served_drift reads the serving container's request log: on the queue of the worker next to
+#: the Docker daemon that serves (NIGHTSHIFT_DOCKER_QUEUE; unset: Airflow's default queue).
+DOCKER = DockerPlacement.from_env().operator_kwargs()
 
 default_args = {"owner": "ml-platform", "retries": 2, "retry_delay": timedelta(minutes=2)}
 
@@ -61,7 +73,7 @@ def drift_monitor():
         task_id="check_served_drift", model_name="{{ params.model_name }}", min_rows="{{ params.min_rows }}",
         drift_share_threshold="{{ params.drift_share_threshold }}",
         embedding_threshold="{{ params.embedding_threshold }}", window_start="{{ params.window_start }}",
-        window_end="{{ params.window_end }}",
+        window_end="{{ params.window_end }}", **DOCKER,
     )
 
     @task.short_circuit(ignore_downstream_trigger_rules=True)

@@ -183,34 +183,22 @@ default_args = {
     },
 )
 def nightly_retrain():
-    # one cooldown at a time across workers (max_active_tis_per_dag); the flock below covers one host's
-    # in-process runs too (dag.test)
+    # one cooldown at a time (max_active_tis_per_dag); the store's lock in drift_retrain_cooldown also
+    # serialises overlapping runs on any worker and in one process (dag.test)
     @task.short_circuit(ignore_downstream_trigger_rules=True, max_active_tis_per_dag=1)
     def cooldown(**context) -> bool:
         """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
-        import fcntl
-        from datetime import datetime, timezone
-
-        from nightshift import contracts
-        from nightshift.gates import retrain_cooldown
+        from nightshift.gates import drift_retrain_cooldown
         from nightshift.settings import Settings
 
         # Airflow gives asset-triggered runs (no logical date) no previous successful run, so
         # the start of the last retrain that passed this gate is recorded by the gate itself
-        root, dag_id = Settings.from_env().artifact_root, context["dag"].dag_id
         prev = getattr(context.get("prev_start_date_success"), "__wrapped__", context.get("prev_start_date_success"))
-        record = contracts.retrain_started_path(root, dag_id)
-        record.parent.mkdir(parents=True, exist_ok=True)
-        # runs overlap (max_active_runs > 1): two drift runs check and record one after the other
-        with open(record.with_name(record.name + ".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            starts = [t for t in (prev, contracts.last_retrain_start(root, dag_id)) if isinstance(t, datetime)]
-            now = datetime.now(timezone.utc)
-            proceed, reason = retrain_cooldown(str(context["dag_run"].run_type), max(starts, default=None), now,
-                                               context["params"]["retrain_cooldown_hours"])
-            print(reason)
-            if proceed:
-                contracts.record_retrain_start(root, dag_id, now, context["run_id"])
+        proceed, reason = drift_retrain_cooldown(
+            Settings.from_env().store(), context["dag"].dag_id, run_type=str(context["dag_run"].run_type),
+            run_id=context["run_id"], last_success_start=prev,
+            cooldown_hours=context["params"]["retrain_cooldown_hours"])
+        print(reason)
         return proceed
 
     collect = CollectDataOperator(task_id="collect_data", source="{{ params.source }}", image_shape=SHAPE,

@@ -6,10 +6,8 @@ Exit status 1 when the run did not succeed (a run waiting for a person has not).
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -62,10 +60,14 @@ def waiting_lines(dag_id: str, waiting: list[dict[str, Any]]) -> list[str]:
 
 
 def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str, Any]],
-              artifact_root: str | os.PathLike, out: TextIO | None = None) -> int:
+              artifact_root: Any, out: TextIO | None = None) -> int:
+    """:param artifact_root: the artifact store (``Settings.store()``) or a local root folder: the
+    run's reports are read through it (with an ``s3://`` root, not from this machine's disk)."""
     from nightshift.artifacts import run_path
+    from nightshift.contracts import as_store
 
     out = out or sys.stdout
+    store = as_store(artifact_root)
 
     def say(text: str = "") -> None:
         print(text, file=out)
@@ -74,20 +76,20 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
         say(f"no run of {dag_id} found")
         return 1
     run_id, run_state = latest["run_id"], latest["state"]
-    folder = run_path(artifact_root, dag_id, run_id)
+    rel = run_path("", dag_id, run_id).as_posix()
+    folder = store.to_uri(store.local_root / rel)  # where the reports are, for people (URI or path)
     say(f"\n=== {dag_id} {run_id}: {run_state.upper()}")
     for task, state in sorted(latest["tasks"].items()):
         say(f"  {task:<24} {state}")
-    validation = folder / "validation" / "validation.json"
-    if validation.exists():
-        v = json.loads(validation.read_text())["summary"]
+    validation = store.read_json(f"{rel}/validation/validation.json")
+    if validation is not None:
+        v = validation["summary"]
         if not v.get("success", True):
             say(f"\nDATA VALIDATION FAILED ({v.get('failed')} of {v.get('evaluated')} expectations); nothing was trained:")
             for f in v.get("failures", []):
                 say(f"  - {f.get('expectation')}{' [' + f['column'] + ']' if f.get('column') else ''}: {f.get('summary')}")
-    promo = folder / "promotion.json"
-    if promo.exists():
-        p = json.loads(promo.read_text())
+    p = store.read_json(f"{rel}/promotion.json")
+    if p is not None:
         head = ("PROMOTED" if p.get("promoted") else
                 "BLESSED, WAITING FOR APPROVAL" if p.get("awaiting_approval") else "NOT PROMOTED")
         say(f"\n{head}: {p.get('model_name')} v{p.get('version')} — {p.get('reason')}")
@@ -102,8 +104,8 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
     for line in waiting_lines(dag_id, waiting):
         say(line)
     for name in ("validation/validation.json", "system_eval/system_eval.json", "model/parity.json", "promotion.json"):
-        if (folder / name).exists():
-            say(f"  report: {folder / name}")
+        if store.exists(f"{rel}/{name}"):
+            say(f"  report: {folder}/{name}")
     say(f"  artifacts: {folder}")
     say(f"  Nightshift view: `make airflow-ui`, then Browse → Nightshift ({airflow_url()}/nightshift/)")
     return 0 if run_state == "success" else 1
@@ -117,7 +119,7 @@ def main(dag_id: str) -> int:
     from nightshift.settings import Settings
 
     latest, waiting = _load(dag_id)
-    return summarize(dag_id, latest, waiting, Settings.from_env().artifact_root)
+    return summarize(dag_id, latest, waiting, Settings.from_env().store())
 
 
 if __name__ == "__main__":

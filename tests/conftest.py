@@ -68,3 +68,21 @@ def make_imagefolder(tmp_path):
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3 endpoint (SeaweedFS on loopback, :mod:`tests.s3server`) with bucket ``nightshift-test``."""
+    from tests import s3server
+
+    server = s3server.start(tmp_path_factory.mktemp("seaweedfs"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_root(s3_server, request):
+    """A fresh ``s3://nightshift-test/<test>-<random>`` prefix."""
+    import uuid
+
+    return f"s3://{s3_server.bucket}/{request.node.name[:40].replace('[', '_').replace(']', '_')}-{uuid.uuid4().hex[:8]}"

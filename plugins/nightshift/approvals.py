@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -198,14 +197,14 @@ def _undeployable(c, model_name: str, version: str, *, answer: Answer, target: s
 
 
 def finalize_approval(c, model_name: str, version: str, *, answer: Answer, expected_champion: str | None,
-                      artifact_root: str | os.PathLike, deploy_target: str | None = None,
+                      artifact_root: Any, deploy_target: str | None = None,
                       docker_client: Any = None) -> dict[str, Any]:
     """Record how the wait of ``version`` ended and move ``champion`` only for an approval
     that is neither superseded, stale nor undeployable.
 
     :param expected_champion: the champion the gates compared the candidate with.
-    :param artifact_root: where the per-model champion lock lives
-        (:func:`nightshift.champion.champion_lock`).
+    :param artifact_root: the artifact store (or a local root folder) whose per-model champion
+        lock this takes (:func:`nightshift.champion.champion_lock`).
     :param deploy_target: the run's deploy target: for ``docker`` and ``kubernetes`` the
         candidate must be deployable (:func:`nightshift.champion.deploy_target`) before the
         alias moves; ``None`` / ``none``: not checked.

@@ -14,14 +14,15 @@ under the artifact root. Inside it:
   with ``expected``) and records the move in the promotion history. A target
   that cannot be deployed moves nothing.
 
-**The lock** is ``fcntl.flock`` on ``<artifact_root>/locks/champion/<model>.lock``:
-the kernel releases it when its holder's process dies (a killed task, a
-SIGKILLed worker), so it never needs a stale-lock timeout. It is reentrant
-within one thread (the deployer takes it too, so a direct ``LocalDeployer.deploy``
-is serialised as well). It serialises the writers that share the artifact root's
-file system: the deploy target "docker" is per host anyway (the stable port is
-on 127.0.0.1); across hosts that share no folder the compare-and-set on the
-alias still refuses a stale move.
+**The lock** is the artifact store's lock on ``locks/champion/<model>.lock``
+(:meth:`nightshift.store.Store.lock`): with a local root an ``fcntl.flock`` of
+that file, which the kernel releases when its holder's process dies (a killed
+task, a SIGKILLed worker); with an ``s3://`` root a lease object that its holder
+renews and that another writer takes over once it expired (a killed holder's
+lease lapses after ``S3Store.LEASE_S``), so the workers that share no folder
+are serialised too. It is reentrant within one thread (the deployer takes it
+too, so a direct ``LocalDeployer.deploy`` is serialised as well). Whatever the
+lock, the compare-and-set on the alias still refuses a stale move.
 
 No Airflow here.
 """
@@ -38,10 +39,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from nightshift.errors import ConfigError
-from nightshift.locks import LockTimeout, file_lock
+from nightshift.locks import LockTimeout
+
+if TYPE_CHECKING:
+    from nightshift.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -64,48 +68,59 @@ class ChampionLockTimeout(LockTimeout):
 
 # --------------------------------------------------------------------------- the lock
 
-_held = threading.local()  # path -> depth, per thread (reentrancy)
+_held = threading.local()  # lock URI -> depth, per thread (reentrancy)
 
 
-def lock_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
-    """The lock file of ``model_name`` (one per model; distinct names give distinct files)."""
+def lock_rel(model_name: str) -> str:
+    """The champion lock of ``model_name`` relative to the artifact root (one per model;
+    distinct names give distinct locks)."""
     safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", str(model_name)).strip(".") or "_"
     if safe != model_name:  # keep the mapping injective
         safe = f"{safe}-{hashlib.sha256(str(model_name).encode()).hexdigest()[:12]}"
-    return Path(artifact_root) / "locks" / "champion" / f"{safe}.lock"
+    return f"locks/champion/{safe}.lock"
+
+
+def lock_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
+    """The lock file of ``model_name`` under a local root."""
+    return Path(artifact_root) / lock_rel(model_name)
 
 
 @contextmanager
-def champion_lock(artifact_root: str | os.PathLike, model_name: str, *, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
-                  purpose: str = "", on_wait: Callable[[], None] | None = None) -> Iterator[Path]:
+def champion_lock(store: str | os.PathLike | Store, model_name: str, *,
+                  timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, purpose: str = "",
+                  on_wait: Callable[[], None] | None = None) -> Iterator[Path | str]:
     """Hold the per-model critical section for every writer of ``champion`` and of the
-    stable port: ``with champion_lock(root, "digits", timeout_s=600): ...``.
+    stable port: ``with champion_lock(store, "digits", timeout_s=600): ...``.
 
-    Reentrant within a thread; other threads and processes wait. Released when the
-    block ends or, if the holder dies, by the kernel.
+    Reentrant within a thread; other threads, processes and workers sharing the store wait.
+    Released when the block ends or, if the holder dies, by the kernel (a local root) or when
+    its lease expires (an object store, :meth:`nightshift.store.Store.lock`).
 
-    :param purpose: recorded in the lock file, quoted to a writer that waits.
+    :param store: the artifact store (or a local root folder).
+    :param purpose: recorded in the lock, quoted to a writer that waits.
     :param on_wait: called once when the lock is busy and this writer starts waiting.
     :raises ChampionLockTimeout: not acquired within ``timeout_s``; names the holder.
-    :yields: the lock file's path.
+    :yields: the lock's path (local root) or URI (object store).
     """
-    path = lock_path(artifact_root, model_name)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    key = str(path.resolve())
+    from nightshift.contracts import as_store
+
+    store = as_store(store)
+    rel = lock_rel(model_name)
+    key = f"{store.uri.rstrip('/')}/{rel}" if store.remote else str((store.local_root / rel).resolve())
     depth: dict[str, int] = _held.__dict__.setdefault("depth", {})
     if depth.get(key):
         depth[key] += 1
         try:
-            yield path
+            yield key if store.remote else store.local_root / rel
         finally:
             depth[key] -= 1
         return
-    with file_lock(path, timeout_s=timeout_s, purpose=purpose, what=f"the champion lock of {model_name!r}",
-                   hint="Another deploy, promote_model or rollback_model is moving champion or the serving port; "
-                        "nothing was changed by this one.", error=ChampionLockTimeout, on_wait=on_wait):
+    with store.lock(rel, timeout_s=timeout_s, purpose=purpose, what=f"the champion lock of {model_name!r}",
+                    hint="Another deploy, promote_model or rollback_model is moving champion or the serving port; "
+                         "nothing was changed by this one.", error=ChampionLockTimeout, on_wait=on_wait) as held:
         depth[key] = 1
         try:
-            yield path
+            yield held
         finally:
             depth.pop(key, None)
 
@@ -202,7 +217,7 @@ def reconcile(c, deployer: Any, *, reason: str, lock_timeout_s: float = DEFAULT_
     recorded, what serves afterwards is what the registry says.
 
     :param deployer: a :class:`nightshift.deploy.LocalDeployer` (``model_name``,
-        ``root``, ``client``, ``deploy``).
+        ``store``, ``client``, ``deploy``).
     :param hook: test/tracing hook, called with ``lock_wait`` and ``champion_read``.
     :raises ConfigError: no champion, or it cannot be deployed.
     :raises ServingError: its container did not become ready (what served keeps serving).
@@ -210,7 +225,7 @@ def reconcile(c, deployer: Any, *, reason: str, lock_timeout_s: float = DEFAULT_
     from nightshift import registry
 
     name = deployer.model_name
-    with champion_lock(deployer.root, name, timeout_s=lock_timeout_s, purpose=f"deploy: {reason}",
+    with champion_lock(deployer.store, name, timeout_s=lock_timeout_s, purpose=f"deploy: {reason}",
                        on_wait=lambda: _hook(hook, "lock_wait")):
         champ = registry.get_champion(c, name)
         _hook(hook, "champion_read")
@@ -221,12 +236,13 @@ def reconcile(c, deployer: Any, *, reason: str, lock_timeout_s: float = DEFAULT_
         return _deploy_locked(c, deployer, target, reason=reason)
 
 
-def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, version: str | None, action: str,
+def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike | Store, version: str | None, action: str,
                     reason: str, actor: str, deploy: str = "docker", deployer: Any = None,
                     dag_id: str | None = None, run_id: str | None = None,
                     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Hook | None = None) -> dict[str, Any]:
     """Move ``champion`` by a person's decision and make the port serve it, in one critical section.
 
+    :param artifact_root: the artifact store (or a local root): the lock and the promotion history.
     :param version: the version to make champion; for ``rolled_back``, ``None`` /
         ``previous`` means the champion before the current one (from the promotion
         history, read under the lock; see :func:`nightshift.registry.rollback_target`).
@@ -252,11 +268,12 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike, ver
     if deploy == "docker" and deployer is None:
         raise ConfigError("deploy target 'docker' needs a deployer")
     version = str(version or "").strip() or None
+    artifact_root = contracts.as_store(artifact_root)
     with champion_lock(artifact_root, model_name, timeout_s=lock_timeout_s, purpose=f"{ACTIONS[action]}: {reason}",
                        on_wait=lambda: _hook(hook, "lock_wait")):
         current = registry.get_champion(c, model_name)
         current_v = current["version"] if current else None
-        history = list(contracts.read_jsonl(contracts.history_path(artifact_root, model_name)))
+        history = contracts.read_history(artifact_root, model_name)
         done = _already_done(history, action=action, dag_id=dag_id, run_id=run_id, champion=current_v,
                              requested=None if version in (None, "previous") else version.lstrip("v"),
                              champion_tags=current["tags"] if current else None)
@@ -346,7 +363,7 @@ def _already_done(history: list[dict[str, Any]], *, action: str, dag_id: str | N
     return None
 
 
-def _finish_recording(c, artifact_root: str | os.PathLike, model_name: str, version: str, done: dict[str, Any], *,
+def _finish_recording(c, artifact_root: Store, model_name: str, version: str, done: dict[str, Any], *,
                       action: str, reason: str, actor: str, dag_id: str | None, run_id: str | None) -> dict[str, Any]:
     """What an earlier try that moved the alias and died left unwritten: the version's
     ``<action>_by/_reason/_at/_from`` tags and the history line (keyed by run: written once)."""
@@ -365,4 +382,4 @@ def _finish_recording(c, artifact_root: str | os.PathLike, model_name: str, vers
 
 
 __all__ = ["ACTIONS", "DEFAULT_LOCK_TIMEOUT_S", "DEPLOY_TARGETS", "ChampionLockTimeout", "DeployTarget",
-           "champion_lock", "change_champion", "deploy_target", "lock_path", "reconcile", "run_tag"]
+           "champion_lock", "change_champion", "deploy_target", "lock_path", "lock_rel", "reconcile", "run_tag"]

@@ -2,18 +2,23 @@
 
 One place for the names several parts of Nightshift read and write: registry
 aliases and tag names, the files each run leaves behind, the promotion
-history, the deployment state and the drift timeline. Documented in
+history, the deployment state and the drift timeline (read and written
+through the artifact store, :mod:`nightshift.store`). Documented in
 ``docs/contracts.md``. Airflow-free and dependency-free.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
+
+from nightshift.store import as_store  # noqa: F401 - re-exported: every state function takes a Store or a folder
+
+if TYPE_CHECKING:
+    from nightshift.store import Store
 
 # --------------------------------------------------------------------------- registry (MLflow)
 
@@ -74,12 +79,24 @@ RUN_REPORTS: dict[str, str] = {
 }
 
 
-# --------------------------------------------------------------------------- promotion history
+# --------------------------------------------------------------------------- the store of shared state
+#
+# The promotion history, the deployment state, the drift timeline and the retrain-start record are
+# shared by every worker, the Airflow API server (the Nightshift view) and the scheduler (the run
+# note): they are read and written through the artifact store (:mod:`nightshift.store`), never as
+# files of one worker's working copy. With a local root the store is the folder itself, and the
+# files are what they always were (``history.jsonl``, ``state.json``, ``timeline.jsonl``, ...).
+
+
+def history_rel(model_name: str) -> str:
+    """Where the promotion history of ``model_name`` is, relative to the artifact root."""
+    return f"registry/{model_name}/history.jsonl"
 
 
 def history_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
-    """Append-only JSON Lines log of every move of ``champion`` (and every rejection)."""
-    return Path(artifact_root) / "registry" / model_name / "history.jsonl"
+    """The promotion history's file under a local root (JSON Lines); on an object store
+    read it with :func:`read_history`."""
+    return Path(artifact_root) / history_rel(model_name)
 
 
 @dataclass
@@ -118,104 +135,131 @@ def history_key(model: str, version: str | None, action: str, *, run_id: str, da
     return f"{dag_id or '-'}/{run_id}/{model}/v{version}/{action}"
 
 
-def append_history(artifact_root: str | os.PathLike, event: HistoryEvent) -> Path:
-    """Append one event, once: an event whose ``key`` the history already holds is not written again.
+def append_history(store: str | os.PathLike | Store, event: HistoryEvent) -> bool:
+    """Append one event, once: an event whose ``key`` the history already holds is not written
+    again, whichever worker wrote it (:meth:`~nightshift.store.Store.append_record`: under an
+    ``flock`` of ``history.jsonl`` locally, a conditional create of the key's object on S3).
+    True when written."""
+    return as_store(store).append_record(history_rel(event.model), asdict(event), key=event.key)
 
-    The read and the append happen under an exclusive ``flock`` of the history file, so two
-    writers cannot both find a key missing and both append it; the line is one ``write``.
-    """
-    import fcntl
 
-    from nightshift.artifacts import json_safe
-
-    path = history_path(artifact_root, event.model)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(json_safe(asdict(event)), sort_keys=True) + "\n").encode("utf-8")
-    with open(path, "ab+") as f:
-        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
-        try:
-            if event.key is not None:
-                f.seek(0)
-                for raw in f:
-                    try:
-                        if json.loads(raw).get("key") == event.key:
-                            return path
-                    except ValueError:  # a torn line (writer killed): not this event
-                        continue
-            end = f.seek(0, os.SEEK_END)
-            if end:  # a torn last line without its newline must not swallow this event
-                f.seek(end - 1)
-                if f.read(1) != b"\n":
-                    line = b"\n" + line
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-        finally:
-            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
-    return path
+def read_history(store: str | os.PathLike | Store, model_name: str) -> list[dict[str, Any]]:
+    """The promotion history of ``model_name``, oldest first (``[]`` when there is none)."""
+    return as_store(store).read_records(history_rel(model_name))
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Records of a JSON Lines file; a torn last line (writer killed) is skipped."""
+    """Records of a local JSON Lines file; a torn line (writer killed) is skipped. Shared state
+    is read with :func:`read_history` / :func:`read_drift_timeline` instead."""
+    from nightshift.store import LocalStore
+
     p = Path(path)
-    if not p.is_file():
-        return
-    with open(p, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
+    yield from LocalStore(p.parent).read_records(p.name)
 
 
 # --------------------------------------------------------------------------- deployment and drift
 
 
-def retrain_started_path(artifact_root: str | os.PathLike, dag_id: str) -> Path:
+def retrain_started_rel(dag_id: str) -> str:
     """JSON ``{"started_at": ISO 8601, "run_id": ...}``: when the last retrain of ``dag_id`` that
     passed its cooldown started (the drift-retrain cooldown reads it; Airflow gives asset-triggered
     runs no previous successful run to compare with)."""
-    return Path(artifact_root) / "state" / dag_id / "last_retrain.json"
+    return f"state/{dag_id}/last_retrain.json"
 
 
-def last_retrain_start(artifact_root: str | os.PathLike, dag_id: str):
+def retrain_started_path(artifact_root: str | os.PathLike, dag_id: str) -> Path:
+    """:func:`retrain_started_rel` under a local root."""
+    return Path(artifact_root) / retrain_started_rel(dag_id)
+
+
+def last_retrain_start(store: str | os.PathLike | Store, dag_id: str):
     """The ``datetime`` :func:`record_retrain_start` wrote last, or ``None``.
 
-    :raises ValueError: the file exists but cannot be read (the cooldown then fails: a retrain
+    :raises ValueError: the record exists but cannot be read (the cooldown then fails: a retrain
         storm must not pass through a broken record unseen).
     """
     import datetime as _dt
-    import json
 
-    path = retrain_started_path(artifact_root, dag_id)
-    if not path.is_file():
-        return None
+    from nightshift.store import StoreError
+
+    store = as_store(store)
+    rel = retrain_started_rel(dag_id)
     try:
-        return _dt.datetime.fromisoformat(json.loads(path.read_text())["started_at"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is unreadable ({exc}); delete it to reset the retrain cooldown") from exc
+        record = store.read_json(rel)
+        if record is None:
+            return None
+        return _dt.datetime.fromisoformat(record["started_at"])
+    except (StoreError, ValueError, KeyError, TypeError) as exc:
+        if isinstance(exc, StoreError) and exc.retryable:
+            raise  # the store is unreachable: say so, not "unreadable"
+        raise ValueError(f"{store.to_uri(store.local_root / rel)} is unreadable ({exc}); delete it to reset the "
+                         "retrain cooldown") from exc
 
 
-def record_retrain_start(artifact_root: str | os.PathLike, dag_id: str, when, run_id: str) -> Path:
-    from nightshift.artifacts import atomic_write_json
+def record_retrain_start(store: str | os.PathLike | Store, dag_id: str, when, run_id: str) -> str:
+    """Record that a retrain of ``dag_id`` started at ``when``; returns where (URI or path)."""
+    return as_store(store).write_json(retrain_started_rel(dag_id), {"started_at": when.isoformat(), "run_id": run_id})
 
-    return atomic_write_json(retrain_started_path(artifact_root, dag_id),
-                             {"started_at": when.isoformat(), "run_id": run_id})
+
+def deployment_rel(model_name: str) -> str:
+    """JSON: what serves ``model_name`` now (version, image, url, container, since)."""
+    return f"deployments/{model_name}/state.json"
 
 
 def deployment_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
-    """JSON: what serves ``model_name`` now (version, image, url, container, since)."""
-    return Path(artifact_root) / "deployments" / model_name / "state.json"
+    """:func:`deployment_rel` under a local root (the deploy host's working copy)."""
+    return Path(artifact_root) / deployment_rel(model_name)
+
+
+def read_deployment(store: str | os.PathLike | Store, model_name: str) -> dict[str, Any] | None:
+    """What serves ``model_name`` now, as the last deploy recorded it; ``None`` when nothing does.
+
+    :raises StoreError: the state cannot be read (unreachable store, not JSON).
+    """
+    state = as_store(store).read_json(deployment_rel(model_name))
+    return state if isinstance(state, dict) else None
+
+
+def write_deployment(store: str | os.PathLike | Store, model_name: str, state: dict[str, Any]) -> str:
+    """Record what serves ``model_name`` (whole object, atomic) and append it to the
+    deployment log (``deployments/<model>/history.jsonl``)."""
+    store = as_store(store)
+    where = store.write_json(deployment_rel(model_name), state)
+    store.append_record(f"deployments/{model_name}/history.jsonl", state)
+    return where
+
+
+def clear_deployment(store: str | os.PathLike | Store, model_name: str) -> None:
+    """Nothing serves ``model_name`` any more (undeploy): its state goes."""
+    store = as_store(store)
+    store.delete(deployment_rel(model_name))
+
+
+def drift_timeline_rel(model_name: str) -> str:
+    """JSON Lines: one record per drift check (time, window, status, drifted share, rows, report)."""
+    return f"drift/{model_name}/timeline.jsonl"
 
 
 def drift_timeline_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
-    """JSON Lines: one record per drift check (time, window, status, drifted share, rows, report)."""
-    return Path(artifact_root) / "drift" / model_name / "timeline.jsonl"
+    """:func:`drift_timeline_rel` under a local root."""
+    return Path(artifact_root) / drift_timeline_rel(model_name)
+
+
+def append_drift_point(store: str | os.PathLike | Store, model_name: str, point: dict[str, Any],
+                       *, key: str | None = None) -> bool:
+    """Add one drift check to the timeline of ``model_name``, once per ``key`` (a retried check of
+    the same DAG run records its first point only); True when written."""
+    return as_store(store).append_record(drift_timeline_rel(model_name), point, key=key)
+
+
+def read_drift_timeline(store: str | os.PathLike | Store, model_name: str) -> list[dict[str, Any]]:
+    """The drift checks of ``model_name``, oldest first."""
+    return as_store(store).read_records(drift_timeline_rel(model_name))
 
 
 def request_log_dir(artifact_root: str | os.PathLike, model_name: str) -> Path:
-    """Where the serving container of ``model_name`` writes its sampled request log (mounted)."""
+    """Where the serving container of ``model_name`` writes its sampled request log: a folder
+    of the Docker host's working copy, mounted into the container. It stays on that host (the
+    container appends to it); the drift monitor reads it there, on the Docker queue, and
+    publishes what it read with its report (:class:`nightshift.operators.monitor.DriftMonitorOperator`)."""
     return Path(artifact_root) / "request_logs" / model_name

@@ -22,6 +22,14 @@ does not name (left by a deploy killed midway), so nothing is orphaned. Which
 version to serve is :func:`nightshift.champion.reconcile`'s business (the
 registry's champion *now*), not the caller's.
 
+**Where its state lives.** The deployment state (``deployments/<model>/state.json``, what
+serves now) is shared: the Nightshift view, image retention and the drift monitor read it
+from other workers, so it goes through the artifact store
+(:func:`nightshift.contracts.write_deployment`), and the lock is the store's. The deploy
+host's own files stay in its working copy (:attr:`LocalDeployer.root`): the proxy's upstream
+file and the serving container's request log are bind mounts of that host's Docker daemon,
+and only deploy, which runs on that host's queue (``NIGHTSHIFT_DOCKER_QUEUE``), touches them.
+
 **Kubernetes** (:func:`render_kubernetes`): a Deployment and a Service with
 readiness/liveness probes on the OIP health routes, and a KServe
 ``InferenceService`` with the same image, validated against the Kubernetes
@@ -39,14 +47,17 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from nightshift import contracts
-from nightshift.artifacts import append_jsonl, atomic_write_json, atomic_write_text, read_json
+from nightshift.artifacts import atomic_write_text
 from nightshift.champion import DEFAULT_LOCK_TIMEOUT_S, champion_lock
 from nightshift.containers import (CONTAINER_LOG_DIR, DEPLOYMENT_LABEL, LOOPBACK, MODEL_LABEL, ROLE_LABEL,
                                    VERSION_LABEL, ServingConfig, free_port, run_serving_container)
 from nightshift.errors import ConfigError, ServingError
+
+if TYPE_CHECKING:
+    from nightshift.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +81,9 @@ class LocalDeployer:
 
     :param docker_client: a ``docker.DockerClient``.
     :param model_name: the served model name (OIP ``/v2/models/<name>``).
-    :param artifact_root: where the deployment state, proxy config, request log and lock live.
+    :param artifact_root: the artifact store (or a local root folder): the deployment state and the
+        lock go through it; the proxy config and the request log live in its working copy
+        (:attr:`root`) on this Docker host.
     :param port: the stable port on 127.0.0.1 clients use.
     :param proxy_image: image with ``python3`` to run the proxy (the inference base image).
     :param ready_timeout_s: how long green may take to become ready.
@@ -85,7 +98,7 @@ class LocalDeployer:
         ``before_record`` as a deploy passes those points.
     """
 
-    def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path, port: int = 8600,
+    def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path | Store, port: int = 8600,
                  proxy_image: str = "nightshift/base:bookworm", ready_timeout_s: float = 60.0,
                  drain_timeout_s: int = 20, switch_grace_s: float = 1.0, config: ServingConfig | None = None,
                  lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Callable[[str], None] | None = None):
@@ -93,7 +106,9 @@ class LocalDeployer:
             raise ConfigError(f"deploy port must be 1..65535, got {port}")
         self.client = docker_client
         self.model_name = model_name
-        self.root = Path(artifact_root)
+        self.store = contracts.as_store(artifact_root)
+        #: this Docker host's working copy: the proxy config and the request log (bind mounts)
+        self.root = self.store.local_root
         self.port = int(port)
         self.proxy_image = proxy_image
         self.ready_timeout_s = ready_timeout_s
@@ -106,7 +121,7 @@ class LocalDeployer:
         self.proxy_dir = self.state_path.parent / "proxy"
         self.log_dir = contracts.request_log_dir(self.root, model_name)
         #: labels this deployment's serving containers carry (what a deploy may sweep)
-        self.deployment_id = hashlib.sha256(str(self.state_path.absolute()).encode()).hexdigest()[:16]
+        self.deployment_id = hashlib.sha256(self.store.to_uri(self.state_path.absolute()).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ state
 
@@ -115,14 +130,15 @@ class LocalDeployer:
         return f"http://{LOOPBACK}:{self.port}"
 
     def state(self) -> dict[str, Any] | None:
-        return read_json(self.state_path) if self.state_path.is_file() else None
+        """What serves now, as the store records it (:func:`nightshift.contracts.read_deployment`)."""
+        return contracts.read_deployment(self.store, self.model_name)
 
     def _hook(self, point: str) -> None:
         if self.hook is not None:
             self.hook(point)
 
     def _lock(self, purpose: str):
-        return champion_lock(self.root, self.model_name, timeout_s=self.lock_timeout_s, purpose=purpose)
+        return champion_lock(self.store, self.model_name, timeout_s=self.lock_timeout_s, purpose=purpose)
 
     def _container(self, name: str | None):
         from docker.errors import NotFound
@@ -309,8 +325,7 @@ class LocalDeployer:
                  "reason": reason}
         # traffic has moved: record it before blue drains (up to drain_timeout_s), so a task
         # killed meanwhile leaves a state that names what serves
-        atomic_write_json(self.state_path, state)
-        append_jsonl(self.state_path.parent / "history.jsonl", state)
+        contracts.write_deployment(self.store, self.model_name, state)
         if blue is not None and blue.id != green.id:
             log.info("blue: stopping %s in %.1fs (drains up to %ss)", blue.name, self.switch_grace_s,
                      self.drain_timeout_s)
@@ -373,8 +388,7 @@ class LocalDeployer:
                         c.remove(force=True)
                     except Exception as exc:  # noqa: BLE001 - listed twice, or already gone
                         log.debug("could not remove %s: %s", c.name, exc)
-            if self.state_path.exists():
-                self.state_path.unlink()
+            contracts.clear_deployment(self.store, self.model_name)
 
 
 # ---------------------------------------------------------------------- Kubernetes

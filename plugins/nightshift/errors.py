@@ -23,6 +23,11 @@ class DataError(NightshiftError):
     """The input data cannot be read or does not match what was configured."""
 
 
+class ScoringError(DataError):
+    """A model cannot be scored on the given data (missing file, other input shape, broken model,
+    other or unnamed classes); raised by :mod:`nightshift.scoring`."""
+
+
 class ValidationFailed(NightshiftError):
     """Data validation found failed expectations.
 

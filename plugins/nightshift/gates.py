@@ -360,3 +360,38 @@ def retrain_cooldown(run_type: str, last_success_start: Any, now: Any, cooldown_
         return False, (f"drift-triggered retrain skipped: the last retrain started {elapsed_h:.1f} h ago, "
                        f"inside the {float(cooldown_hours):g} h cooldown")
     return True, f"drift-triggered; last retrain {elapsed_h:.1f} h ago (cooldown {float(cooldown_hours):g} h)"
+
+
+#: How long a run's cooldown waits for another run's (the read-then-record takes milliseconds).
+COOLDOWN_LOCK_TIMEOUT_S = 120.0
+
+
+def drift_retrain_cooldown(store: Any, dag_id: str, *, run_type: str, run_id: str, last_success_start: Any,
+                           cooldown_hours: float, now: Any = None) -> tuple[bool, str]:
+    """The cooldown of a retrain DAG with its shared record: :func:`retrain_cooldown` against the
+    later of ``last_success_start`` (Airflow's previous successful run; asset-triggered runs get
+    none) and the start this gate recorded last (:func:`nightshift.contracts.last_retrain_start`);
+    a run that proceeds records its own start.
+
+    The read and the record happen under the store's lock on the record (an ``flock`` on a
+    local root, a lease on S3), so two overlapping drift runs, on any workers, check one after
+    the other and only the first proceeds. Returns ``(proceed, reason)``.
+
+    :param store: the artifact store (or a local root folder).
+    :raises ValueError: the record is unreadable (a retrain storm must not pass unseen).
+    :raises StoreError: the store cannot be reached, or the lock not taken in time.
+    """
+    from datetime import datetime, timezone
+
+    from nightshift import contracts
+
+    store = contracts.as_store(store)
+    with store.lock(contracts.retrain_started_rel(dag_id) + ".lock", timeout_s=COOLDOWN_LOCK_TIMEOUT_S,
+                    purpose=f"cooldown {dag_id} {run_id}", what=f"the retrain cooldown of {dag_id!r}"):
+        starts = [t for t in (last_success_start, contracts.last_retrain_start(store, dag_id))
+                  if isinstance(t, datetime)]
+        now = now or datetime.now(timezone.utc)
+        proceed, reason = retrain_cooldown(run_type, max(starts, default=None), now, cooldown_hours)
+        if proceed:
+            contracts.record_retrain_start(store, dag_id, now, run_id)
+    return proceed, reason

@@ -4,13 +4,14 @@ Registered by the Nightshift plugin. When a ``nightly_retrain`` (or any DAG with
 a ``promotion.json`` in its run folder) run ends, its DAG-run note — shown on
 the run in the Airflow UI — says whether the candidate was promoted and why
 not, with the numbers. A note a person wrote is never overwritten.
+
+The scheduler that runs this listener shares no folder with the workers when the
+artifact root is ``s3://``: ``promotion.json`` is read through the artifact store.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from pathlib import Path
 from typing import Any
 
 from airflow.listeners import hookimpl
@@ -19,16 +20,25 @@ log = logging.getLogger(__name__)
 MARK = "[nightshift] "
 
 
-def run_note(artifact_root: str | Path, dag_id: str, run_id: str) -> str | None:
-    """The note for one run, from its ``promotion.json``; None when there is none."""
-    from nightshift.artifacts import run_path
+def run_note(artifact_root: Any, dag_id: str, run_id: str) -> str | None:
+    """The note for one run, from its ``promotion.json`` in the artifact store (or a local root
+    folder); None when there is none or it is not JSON.
 
-    path = run_path(artifact_root, dag_id, run_id) / "promotion.json"
-    if not path.is_file():
-        return None
+    :raises StoreError: the store cannot be reached (the caller logs it; no note is written).
+    """
+    from nightshift.artifacts import run_path
+    from nightshift.contracts import as_store
+    from nightshift.store import StoreError
+
+    rel = (run_path("", dag_id, run_id) / "promotion.json").as_posix()
     try:
-        p = json.loads(path.read_text())
-    except ValueError:
+        p = as_store(artifact_root).read_json(rel)
+    except StoreError as exc:
+        if exc.retryable:
+            raise
+        log.warning("no Nightshift note for %s %s: %s", dag_id, run_id, exc)
+        return None
+    if not isinstance(p, dict):
         return None
     model, version = p.get("model_name"), p.get("version")
     if p.get("promoted"):
@@ -109,7 +119,7 @@ def _annotate(dag_run: Any) -> None:
 
         from nightshift.settings import Settings
 
-        note = run_note(Settings.from_env().artifact_root, dag_run.dag_id, dag_run.run_id)
+        note = run_note(Settings.from_env().store(), dag_run.dag_id, dag_run.run_id)
         if note is None:
             return
         if object_session(dag_run) is not None:  # the scheduler's own session: write with it

@@ -37,6 +37,9 @@ from nightshift.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 REQUEST_LOG_GLOB = "requests-*.jsonl"
+#: The window of request-log records a check read, published beside its report (the request
+#: log itself stays on the Docker host that serves).
+REQUEST_WINDOW = "request_window.parquet"
 #: Records below which a window is "not enough data".
 DEFAULT_MIN_ROWS = 100
 #: Embedding drift: ROC AUC of a classifier separating reference from current embeddings.
@@ -79,6 +82,16 @@ def read_request_log(directory: str | Path, start: datetime, end: datetime, *,
     df = pd.DataFrame(rows)
     df.attrs["bad_lines"] = bad
     return df
+
+
+def write_request_window(window: pd.DataFrame, path: str | Path) -> Path:
+    """Write the request-log records a check read (:func:`read_request_log`'s frame) as Parquet,
+    atomically, so the window can be judged again away from the host whose log it came from."""
+    import io
+
+    buf = io.BytesIO()
+    window.reset_index(drop=True).to_parquet(buf, index=False)
+    return atomic_write_bytes(path, buf.getvalue())
 
 
 def champion_reference(snapshot, onnx_path: str | Path | None, cache_path: str | Path) -> pd.DataFrame:

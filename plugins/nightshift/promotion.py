@@ -166,9 +166,11 @@ def data_changes(identity: dict[str, Any], champion: dict[str, Any] | None) -> l
 
 
 def rescore(c, model_name: str, champion: dict[str, Any] | None, onnx_path: str, snapshot_uri: str,
-            dst: str | Path, *, logger: Any = None) -> dict[str, Any]:
+            dst: str | Path, *, logger: Any = None, store: Any = None) -> dict[str, Any]:
     """Candidate and champion ONNX models on exactly today's test split, image by image
     (TFX Evaluator style).
+
+    ``store``: the artifact store ``snapshot_uri`` is a URI of (None: a local path).
 
     :returns: ``n`` (test images), ``candidate`` (accuracy), and with a champion either
         ``champion`` and the paired counts ``champion_only``/``candidate_only``/``both``/
@@ -179,7 +181,7 @@ def rescore(c, model_name: str, champion: dict[str, Any] | None, onnx_path: str,
     from nightshift.scoring import ScoringError, fetch_model_onnx, paired_counts, score_onnx
 
     lg = logger or log
-    snap = load_snapshot(snapshot_uri)
+    snap = load_snapshot(snapshot_uri, store=store)
     cand = score_onnx(onnx_path, snap.iter_split("test"), class_names=snap.class_names)
     out: dict[str, Any] = {"n": cand["n"], "candidate": cand["accuracy"]}
     if champion is None:
@@ -225,7 +227,7 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
                       drift: dict[str, Any] | None = None, validation: dict[str, Any] | None = None,
                       overrides: dict[str, Any] | None = None, gates_file: str | None = None,
                       require_approval: Any = False, run_id: str, dag_id: str, run_dir: str | Path,
-                      artifact_root: str | Path, logger: Any = None) -> dict[str, Any]:
+                      artifact_root: Any, logger: Any = None) -> dict[str, Any]:
     """Decide on the candidate, register it, move ``champion`` when it may, record it all.
 
     :param c: an MLflow client (:func:`nightshift.registry.client`).
@@ -239,20 +241,22 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
     :param require_approval: a BLESSED candidate waits for a person in any case.
     :param run_id: the DAG run (history, tags); ``dag_id`` likewise.
     :param run_dir: the run's folder: ``promotion.json`` and the champion's downloaded model go there.
-    :param artifact_root: where the promotion history is.
+    :param artifact_root: the artifact store (or a local root folder): the champion lock and the
+        promotion history go through it.
     :returns: the outcome (also in ``promotion.json``, path in ``report_path``).
     :raises ConfigError: an override is not a number.
     :raises RegistryError: the registry cannot be read (retryable; nothing is promoted).
     """
     from nightshift import registry
     from nightshift.artifacts import atomic_write_json
-    from nightshift.contracts import TAG_PREFIX, HistoryEvent, VersionTag, append_history
+    from nightshift.contracts import TAG_PREFIX, HistoryEvent, VersionTag, append_history, as_store
     from nightshift.data.snapshot import load_snapshot
     from nightshift.errors import ConfigError
     from nightshift.gates import Evidence, decide, load_thresholds, loosened_by_overrides, read_gate_file
     from nightshift.settings import to_bool
 
     lg = logger or log
+    store = as_store(artifact_root)
     run_dir = Path(run_dir)
     gates_file = gates_file or None
     policy = read_gate_file(gates_file)
@@ -268,7 +272,7 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
 
     existing = registry.find_candidate(c, model_name, training["run_id"], export["onnx_sha256"])
     if existing is not None:  # a retry: never register twice, never re-decide against ourselves
-        with champion_lock(artifact_root, model_name, purpose=f"promote (retry) {dag_id} {run_id}"):
+        with champion_lock(store, model_name, purpose=f"promote (retry) {dag_id} {run_id}"):
             outcome = registry.resume_candidate(c, model_name, existing)
         lg.warning("v%s was already registered for this run by an earlier try: %s", outcome["version"],
                    outcome["note"])
@@ -281,14 +285,14 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
                         "data_changed": changed})
     else:
         champion = registry.get_champion(c, model_name)  # RegistryError (retryable) unless "not found"
-        manifest = load_snapshot(snapshot["snapshot_uri"]).manifest
+        manifest = load_snapshot(snapshot["snapshot_uri"], store=store).manifest
         identity = data_identity(manifest, _window(snapshot, manifest))
         changed = data_changes(identity, champion)
         if changed:
             lg.warning("this run's data differs from champion v%s's (%s): a BLESSED candidate waits for approval",
                        champion["version"] if champion else None, "; ".join(changed))
         scores = rescore(c, model_name, champion, export["onnx_path"], snapshot["snapshot_uri"],
-                         run_dir / "champion", logger=lg)
+                         run_dir / "champion", logger=lg, store=store)
         served = system_eval
         evidence = Evidence(
             validation_passed=bool(validation.get("success")),
@@ -318,7 +322,7 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
                 **identity_tags(identity), VersionTag.DATA_CHANGED: json.dumps(changed)}
         wait = to_bool(require_approval) or bool(loosened) or bool(changed)
         # one writer of champion: the alias moves (compare-and-set on the baseline) under the model's lock
-        with champion_lock(artifact_root, model_name, purpose=f"promote {dag_id} {run_id}"):
+        with champion_lock(store, model_name, purpose=f"promote {dag_id} {run_id}"):
             outcome = registry.register_candidate(c, model_name, training["run_id"], artifact_path="onnx",
                                                   tags=tags, decision=decision, require_approval=wait)
         gates = decision.to_dict()["gates"]
@@ -339,13 +343,14 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
     path = atomic_write_json(run_dir / "promotion.json", outcome)
     # Always recorded, once: a retry whose first try moved champion (or decided) but died before
     # this line writes it now; one that finds it there writes nothing (the key is the run's).
-    append_history(artifact_root, HistoryEvent(
+    report = store.publish(path)  # the history names it for every reader (the path itself on a local root)
+    append_history(store, HistoryEvent(
         model=model_name,
         action="promoted" if outcome["promoted"] else
         ("awaiting_approval" if outcome.get("awaiting_approval") else "rejected"),
         version=outcome["version"], previous_champion=outcome["previous_champion"],
         champion=outcome["champion"], reason=outcome["reason"], dag_id=dag_id,
-        run_id=run_id, extra={"report": str(path)}))
+        run_id=run_id, extra={"report": report}))
     outcome["report_path"] = str(path)
     return outcome
 

@@ -7,7 +7,6 @@ Airflow-free; onnxruntime and MLflow are imported inside the functions.
 from __future__ import annotations
 
 import json
-
 import logging
 import tempfile
 from pathlib import Path
@@ -15,13 +14,11 @@ from typing import Any, Iterable
 
 import numpy as np
 
-from nightshift.errors import DataError
+from nightshift.errors import ScoringError
 
 log = logging.getLogger(__name__)
 
-
-class ScoringError(DataError):
-    """A model cannot be scored on the given data (missing file, other input shape, broken model)."""
+__all__ = ["ScoringError", "fetch_model_onnx", "paired_counts", "score_onnx"]
 
 
 def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,

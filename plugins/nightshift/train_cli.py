@@ -12,6 +12,12 @@ sidecar reads it::
 MLflow and the artifact root come from the environment (``MLFLOW_TRACKING_URI``,
 ``NIGHTSHIFT_HOME``, ``NIGHTSHIFT_ARTIFACT_ROOT``), as for the operators.
 
+With an object-store root (``NIGHTSHIFT_ARTIFACT_ROOT=s3://...``, credentials from
+``AWS_*``), ``--snapshot-uri`` and ``--out-dir`` are URIs: the snapshot and an earlier
+try's ``train/`` folder (its ``last.pt``: resume) are fetched into the working copy,
+``last.pt`` is published after every epoch and ``train/`` at the end, and the result
+names URIs. ``--snapshot-path`` gives a local copy the caller already fetched.
+
 Under ``torchrun --nproc_per_node=N`` (one process per GPU) the ranks train data-parallel
 (:mod:`nightshift.distributed`); rank 0 records the MLflow run and writes the result.
 
@@ -54,7 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m nightshift.train_cli",
                                 description="Train the classifier on a snapshot and record the run in MLflow.")
     p.add_argument("--snapshot-uri", required=True, help="the snapshot folder (collect_data's snapshot_uri)")
-    p.add_argument("--out-dir", required=True, help="where checkpoint.pt, train_manifest.json and plots/ go")
+    p.add_argument("--out-dir", required=True, help="where checkpoint.pt, train_manifest.json and plots/ go "
+                                                    "(a folder, or a URI under an object-store artifact root)")
+    p.add_argument("--snapshot-path", default=None,
+                   help="a local copy of --snapshot-uri already fetched (default: fetched when it is a URI)")
     p.add_argument("--hparams", type=_hparams, default={}, help="JSON object of hyperparameter overrides")
     p.add_argument("--require-gpu", action="store_true", help="fail (exit 2) when no CUDA device is visible")
     p.add_argument("--model-name", default="nightshift-classifier", help="MLflow experiment / registered model name")
@@ -82,16 +91,39 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         from nightshift import registry
-        from nightshift.train_run import run_training
+        from nightshift.train_run import default_artifact_location, run_training
 
         from nightshift import distributed
 
         settings = Settings.from_env()
         main_rank = distributed.from_env().is_main  # torchrun: only rank 0 talks to MLflow
         c = registry.client(settings.mlflow_tracking_uri, settings.mlflow_registry_uri) if main_rank else None
-        result = run_training(c, args.snapshot_uri, args.out_dir, args.hparams, model_name=args.model_name,
-                              run_name=args.run_name, require_gpu=args.require_gpu, tags=dict(args.tag),
-                              artifact_location=(settings.home / "mlartifacts").as_uri(), log=log)
+        store, out_dir, snapshot_path = _working_copy(settings, args, main_rank, log)
+        after_epoch = None
+        if store is not None and main_rank:
+            from nightshift.training import LAST_CHECKPOINT
+
+            def after_epoch(epoch: int) -> None:  # a retry (another pod) resumes from it
+                store.publish(out_dir / LAST_CHECKPOINT)
+
+        try:
+            result = run_training(c, args.snapshot_uri, out_dir, args.hparams, model_name=args.model_name,
+                                  run_name=args.run_name, require_gpu=args.require_gpu, tags=dict(args.tag),
+                                  artifact_location=default_artifact_location(settings.mlflow_tracking_uri,
+                                                                              settings.home),
+                                  log=log, snapshot_path=snapshot_path, after_epoch=after_epoch)
+        except BaseException:
+            if store is not None and main_rank and out_dir.is_dir():
+                try:  # what this try reached (plots, manifest) is readable; its own error is the one to report
+                    store.publish(out_dir)
+                except Exception as exc:  # noqa: BLE001
+                    log.error("publishing %s after the failure failed: %s", args.out_dir, exc)
+            raise
+        if store is not None and main_rank:
+            store.publish(out_dir)
+        if store is not None:
+            result = {**result, "checkpoint": store.to_uri(result["checkpoint"]),
+                      "train_dir": store.to_uri(result["train_dir"])}
     except NightshiftError as exc:
         print(f"train_cli: {type(exc).__name__}: {exc}", file=sys.stderr)
         return EXIT_ERROR if exc.retryable else EXIT_CONFIG
@@ -107,6 +139,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         print(text)
     return EXIT_OK
+
+
+def _working_copy(settings: Any, args: Any, main_rank: bool, log: logging.Logger) -> tuple[Any, Any, Any]:
+    """``(store, local out dir, local snapshot path)``: with ``--out-dir`` a URI of an object-store
+    root, the store (credentials from the environment), the out dir's working copy with an earlier
+    try's files fetched (resume), and the snapshot fetched; else ``(None, out dir, --snapshot-path)``."""
+    from pathlib import Path
+
+    from nightshift.errors import ConfigError
+
+    if "://" not in str(args.out_dir):
+        return None, Path(args.out_dir), args.snapshot_path
+    from nightshift.data.snapshot import fetch_snapshot
+
+    store = settings.store()
+    if not store.remote or store.rel(args.out_dir) is None:
+        raise ConfigError(f"--out-dir {args.out_dir} is not under the artifact root {settings.artifact_uri} "
+                          "(NIGHTSHIFT_ARTIFACT_ROOT)")
+    out_dir = store.fetch(args.out_dir, required=False)  # an earlier try's last.pt: resume from it
+    if (out_dir / "last.pt").is_file():
+        log.info("found %s/last.pt from an earlier try", args.out_dir)
+    snapshot_path = args.snapshot_path or fetch_snapshot(store, args.snapshot_uri)
+    return store, out_dir, snapshot_path
 
 
 if __name__ == "__main__":

@@ -37,16 +37,32 @@ GIT_KEYS = ("git_sha", "git_commit", "commit_sha", "commit")
 _log = logging.getLogger(__name__)
 
 
+def default_artifact_location(tracking_uri: str, home: str | Path) -> str | None:
+    """Where a new MLflow experiment keeps its artifacts: ``<home>/mlartifacts`` with a local
+    tracking store (SQLite, a folder), ``None`` with a tracking server (``http(s)://``,
+    ``databricks``...): the server's own artifact location, which every worker reaches, rather
+    than a folder of the worker that happened to create the experiment."""
+    scheme = str(tracking_uri).split("://", 1)[0].lower() if "://" in str(tracking_uri) else ""
+    if scheme in ("", "file", "sqlite", "postgresql", "mysql", "mssql") or scheme.startswith(("postgresql+", "mysql+")):
+        return (Path(home) / "mlartifacts").as_uri()
+    return None
+
+
 def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str, Any] | None, *, model_name: str,
                  run_name: str, require_gpu: bool = False, tags: Mapping[str, str] | None = None,
                  artifact_location: str | None = None, should_stop: Callable[[], bool] | None = None,
-                 log: logging.Logger | None = None) -> dict[str, Any]:
+                 log: logging.Logger | None = None, snapshot_path: str | Path | None = None,
+                 after_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
     """Train on the snapshot at ``snapshot_uri`` inside an MLflow run of experiment ``model_name``.
 
     :param c: an ``MlflowClient`` (:func:`nightshift.registry.client`).
     :param out_dir: where the checkpoint, the manifest and the plots are written.
     :param hparams: overrides of ``nightshift.training.DEFAULT_HPARAMS``.
     :param tags: run tags (DAG id, run id, task id); the data digest and lineage are added.
+    :param snapshot_path: the snapshot's local copy when ``snapshot_uri`` is an object-store URI
+        (:func:`nightshift.data.snapshot.fetch_snapshot`); the URI is what MLflow records.
+    :param after_epoch: called with the epoch after each epoch's ``last.pt`` is written and its
+        metrics logged (e.g. to publish ``last.pt`` so a retry elsewhere resumes from it).
     :returns: ``run_id``, ``checkpoint``, ``metrics``, ``device``, ``train_dir``, ``data_digest``.
     :raises GPUUnavailable: ``require_gpu`` and no CUDA device (before any MLflow run is opened).
     """
@@ -56,7 +72,7 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
     from nightshift import distributed
 
     log = log or _log
-    snap = load_snapshot(snapshot_uri)
+    snap = load_snapshot(snapshot_path if snapshot_path is not None else snapshot_uri)
     hp = training.resolve_hparams(dict(hparams or {}), snap.image_shape)  # None -> by input size
     training.select_device(require_gpu)  # fail fast, before an MLflow run is opened
     out_dir = Path(out_dir)
@@ -68,11 +84,14 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
     run_tags = {**(tags or {}), "nightshift.data_digest": snap.digest}
     with registry.training_run(c, model_name, run_name, tags=run_tags, params=hp,
                                artifact_location=artifact_location) as run_id:
-        log_snapshot_input(c, run_id, snap)  # first: a run that fails still says which data it had
+        # first: a run that fails still says which data it had (its URI, never a worker's copy)
+        log_snapshot_input(c, run_id, snap, uri=str(snapshot_uri))
 
         def on_epoch(epoch: int, m: dict[str, float]) -> None:
             log.info("epoch %d: %s", epoch, ", ".join(f"{k}={v:.4g}" for k, v in m.items()))
             registry.log_metrics(c, run_id, m, step=epoch)
+            if after_epoch is not None:
+                after_epoch(epoch)
 
         result = training.train(snap, out_dir, hp, require_gpu=require_gpu, on_epoch=on_epoch,
                                 should_stop=should_stop)
@@ -92,27 +111,27 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
             "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
 
 
-def snapshot_dataset_fields(snap) -> dict[str, str]:
+def snapshot_dataset_fields(snap, uri: str | None = None) -> dict[str, str]:
     """The MLflow dataset-input fields for a snapshot: name, digest, source type, source (JSON with
-    the snapshot's ``uri`` and original ``source``), schema (shape, dtype, class names) and profile
-    (split and class counts)."""
+    the snapshot's ``uri``, default its path, and original ``source``), schema (shape, dtype, class
+    names) and profile (split and class counts)."""
     m = snap.manifest
     source = str(m.get("source") or "snapshot")
     return {
         "name": f"{source}@{snap.digest[:12]}",
         "digest": snap.digest,
         "source_type": "nightshift_snapshot",
-        "source": json.dumps({"uri": str(snap.path), "source": source, "collection_id": m.get("collection_id")}),
+        "source": json.dumps({"uri": uri or str(snap.path), "source": source, "collection_id": m.get("collection_id")}),
         "schema": json.dumps({"image_shape": list(snap.image_shape), "dtype": "uint8",
                               "class_names": snap.class_names}),
         "profile": json.dumps({"counts": m.get("counts", {}), "undecodable": len(m.get("undecodable") or [])}),
     }
 
 
-def log_snapshot_input(c, run_id: str, snap) -> None:
+def log_snapshot_input(c, run_id: str, snap, uri: str | None = None) -> None:
     from nightshift import registry
 
-    registry.log_dataset_input(c, run_id, context="training", **snapshot_dataset_fields(snap))
+    registry.log_dataset_input(c, run_id, context="training", **snapshot_dataset_fields(snap, uri))
 
 
 def lineage_tags(manifest: Mapping[str, Any]) -> dict[str, str]:

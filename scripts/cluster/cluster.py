@@ -4,6 +4,8 @@
     python scripts/cluster/cluster.py status    # each component, its PID, port and RSS
     python scripts/cluster/cluster.py down      # stop exactly what `up` started
     python scripts/cluster/cluster.py env       # the shell exports (scripts/cluster/env.sh sources them)
+    python scripts/cluster/cluster.py env --component worker-gpu   # what that component starts with (JSON)
+    python scripts/cluster/cluster.py restart worker-gpu   # stop one component (if alive) and start it again
 
 Parts (ports are ``NIGHTSHIFT_CLUSTER_PORT_BASE`` + offset, default base 18400):
 
@@ -16,6 +18,20 @@ Parts (ports are ``NIGHTSHIFT_CLUSTER_PORT_BASE`` + offset, default base 18400):
   AIRFLOW_HOME for the control plane) and two Celery workers, ``worker-default`` (queues
   ``default`` and ``docker``) and ``worker-gpu`` (queue ``gpu``), each started in its own empty
   working directory with its own AIRFLOW_HOME, logs and TMPDIR; no folder is shared between them.
+
+The artifact root is the object store: every Airflow component gets
+``NIGHTSHIFT_ARTIFACT_ROOT=s3://nightshift-artifacts/artifacts`` with the S3 credentials in its
+environment and in the Airflow connection ``nightshift_s3`` (``NIGHTSHIFT_ARTIFACT_CONN_ID``), and a
+``NIGHTSHIFT_HOME`` of its own, so each keeps its own working copy of the store
+(``$NIGHTSHIFT_HOME/artifact-cache``): tasks hand each other URIs, and a file one worker wrote
+reaches another only through the bucket. ``train_gpu`` goes to queue ``gpu``
+(``NIGHTSHIFT_TRAIN_PLACEMENT=celery``), the Docker-bound tasks to queue ``docker``
+(``NIGHTSHIFT_DOCKER_QUEUE``) on ``worker-default``, which uses the host's Docker daemon
+(``scripts/ensure_docker.sh``) and gets a copy of the project's serving wheelhouse, if there is one,
+in its own ``NIGHTSHIFT_WHEELHOUSE``. A task whose worker died is noticed after
+``NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT`` seconds (default 60: Airflow's
+``[scheduler] task_instance_heartbeat_timeout``) and retried. Other Airflow settings for every
+component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY`` (see :func:`airflow_overrides`).
 
 State lives under ``NIGHTSHIFT_CLUSTER_HOME`` (default ``.nightshift/cluster``, ignored by git):
 ``config.json`` (ports and the generated dev secrets, mode 0600), ``cluster.env`` (the exports),
@@ -57,6 +73,10 @@ PORTS = {
     "weed-master-grpc": 8, "weed-volume-grpc": 9, "weed-filer-grpc": 10, "weed-s3-grpc": 11,
 }
 BUCKETS = ("nightshift-artifacts", "nightshift-mlflow")
+#: NIGHTSHIFT_ARTIFACT_ROOT of every component: the object store, never a shared folder
+ARTIFACT_ROOT = f"s3://{BUCKETS[0]}/artifacts"
+#: the Airflow connection the operators resolve the store's endpoint and keys from (also in the env)
+ARTIFACT_CONN_ID = "nightshift_s3"
 MLFLOW_ARTIFACTS = "s3://nightshift-mlflow/mlflow"
 #: the two Celery workers: name -> (queues, concurrency)
 WORKERS = {"worker-default": ("default,docker", 2), "worker-gpu": ("gpu", 1)}
@@ -64,6 +84,8 @@ AIRFLOW_COMPONENTS = ("api-server", "scheduler", "dag-processor", "triggerer")
 #: start order (down stops in reverse)
 COMPONENTS = ("postgres", "redis", "seaweedfs", "mlflow", *AIRFLOW_COMPONENTS, *WORKERS)
 DB_USER = "nightshift"
+#: the project's serving wheelhouse (``make setup``), copied into the Docker worker's own home
+PROJECT_WHEELHOUSE = ROOT / ".nightshift" / "wheelhouse"
 
 
 def log(msg: str) -> None:
@@ -166,17 +188,47 @@ def client_env(cfg: dict) -> dict[str, str]:
         "NIGHTSHIFT_TRAIN_PLACEMENT": "celery",
         "NIGHTSHIFT_GPU_QUEUE": "gpu",
         "NIGHTSHIFT_DOCKER_QUEUE": "docker",  # build, system eval, deploy: the worker with the daemon
+        # the artifact store: the bucket, reached with the credentials above / the connection below
+        "NIGHTSHIFT_ARTIFACT_ROOT": ARTIFACT_ROOT,
+        "NIGHTSHIFT_ARTIFACT_CONN_ID": ARTIFACT_CONN_ID,
+        # a shell's own working copy of the store (each component gets its own, see component_env)
+        "NIGHTSHIFT_HOME": str(HOME / "client" / "nightshift"),
+        # a task whose worker died (SIGKILL, lost node) fails and is retried after this long without
+        # a heartbeat, not Airflow's default 5 minutes
+        "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": heartbeat_timeout(),
         "PYTHONPATH": str(ROOT / "plugins"),
         "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        **airflow_overrides(),
     }
+
+
+def airflow_overrides() -> dict[str, str]:
+    """Extra Airflow settings for every component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY=value`` in the
+    caller's environment becomes ``AIRFLOW__SECTION__KEY=value`` (the caller's own ``AIRFLOW__*`` point at
+    the embedded profile and are dropped); e.g. the tests turn off the cron schedule with
+    ``NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False``."""
+    prefix = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
+    return {"AIRFLOW__" + k[len(prefix):]: v for k, v in os.environ.items() if k.startswith(prefix)}
+
+
+def heartbeat_timeout() -> str:
+    value = os.environ.get("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "60").strip()
+    if not value.isdigit() or int(value) < 10:
+        raise ClusterError(f"NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT={value!r}: expected whole seconds, at least 10")
+    return value
+
+
+#: the caller's variables that would point a component at the embedded profile's folders, or make
+#: the components share one (the store's working copy, the wheelhouse)
+LOCAL_ONLY = ("AIRFLOW_HOME", "NIGHTSHIFT_HOME", "NIGHTSHIFT_ARTIFACT_ROOT", "NIGHTSHIFT_ARTIFACT_CACHE",
+              "NIGHTSHIFT_ARTIFACT_CONN_ID", "NIGHTSHIFT_WHEELHOUSE", "NIGHTSHIFT_CLUSTER_WORKER", "PYTHONPATH",
+              "VIRTUAL_ENV", "TMPDIR")
 
 
 def base_env() -> dict[str, str]:
     """The caller's environment without anything that points at the embedded profile."""
     drop = ("AIRFLOW__", "AIRFLOW_CONN_", "AIRFLOW_VAR_", "MLFLOW_", "AWS_")
-    keep = {k: v for k, v in os.environ.items()
-            if not k.startswith(drop) and k not in ("AIRFLOW_HOME", "NIGHTSHIFT_HOME", "NIGHTSHIFT_ARTIFACT_ROOT",
-                                                    "PYTHONPATH", "VIRTUAL_ENV")}
+    keep = {k: v for k, v in os.environ.items() if not k.startswith(drop) and k not in LOCAL_ONLY}
     return keep
 
 
@@ -574,6 +626,34 @@ def airflow_env(cfg: dict, home: Path) -> dict[str, str]:
     return {**base_env(), **client_env(cfg), "AIRFLOW_HOME": str(home)}
 
 
+def component_env(cfg: dict, name: str) -> dict[str, str]:
+    """The environment of one control-plane component: the shared AIRFLOW_HOME, its own NIGHTSHIFT_HOME
+    (so its working copy of the artifact store is its own folder)."""
+    return {**airflow_env(cfg, HOME / "airflow"), "NIGHTSHIFT_HOME": str(HOME / "airflow" / "nightshift" / name)}
+
+
+def worker_env(cfg: dict, name: str) -> dict[str, str]:
+    """The environment of one Celery worker: everything under its own folder (AIRFLOW_HOME, TMPDIR,
+    NIGHTSHIFT_HOME and with it the store's working copy, the serving wheelhouse)."""
+    whome = HOME / name / "home"
+    return {**airflow_env(cfg, whome), "TMPDIR": str(HOME / name / "tmp"), "NIGHTSHIFT_HOME": str(whome / "nightshift"),
+            "NIGHTSHIFT_WHEELHOUSE": str(whome / "nightshift" / "wheelhouse"), "NIGHTSHIFT_CLUSTER_WORKER": name}
+
+
+def _seed_wheelhouse(name: str, env: dict[str, str]) -> None:
+    """Give a worker of the docker queue the project's serving wheelhouse (a copy, never a shared folder),
+    so its first image build does not download the wheels again; without one it downloads them itself."""
+    dest = Path(env["NIGHTSHIFT_WHEELHOUSE"])
+    if "docker" not in WORKERS[name][0].split(",") or not PROJECT_WHEELHOUSE.is_dir():
+        return
+    for src in PROJECT_WHEELHOUSE.iterdir():
+        if src.is_dir() and (src / "requirements.txt").is_file() and not (dest / src.name).exists():
+            tmp = dest / f".{src.name}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(src, tmp)
+            tmp.rename(dest / src.name)
+
+
 def migrate_airflow(cfg: dict) -> None:
     home = HOME / "airflow"
     home.mkdir(parents=True, exist_ok=True)
@@ -594,7 +674,6 @@ def migrate_airflow(cfg: dict) -> None:
 
 def start_airflow(cfg: dict) -> dict[str, Proc]:
     home = HOME / "airflow"
-    env = airflow_env(cfg, home)
     api_port = cfg["ports"]["airflow-api"]
     procs: dict[str, Proc] = {}
     argvs = {
@@ -609,6 +688,8 @@ def start_airflow(cfg: dict) -> dict[str, Proc]:
             continue
         if name == "api-server":
             _need_port(name, api_port)
+        env = component_env(cfg, name)
+        Path(env["NIGHTSHIFT_HOME"]).mkdir(parents=True, exist_ok=True)
         procs[name] = spawn(name, [str(BIN / "airflow"), *args], cwd=home, env=env,
                             log_path=HOME / "logs" / f"{name}.log", port=api_port if name == "api-server" else None)
     ready_from: dict[str, int] = {}  # where in its console log a worker started now says " ready."
@@ -622,10 +703,10 @@ def start_airflow(cfg: dict) -> dict[str, Proc]:
         cwd, whome, tmp = wdir / "cwd", wdir / "home", wdir / "tmp"
         shutil.rmtree(cwd, ignore_errors=True)  # an empty working directory on every start
         shutil.rmtree(tmp, ignore_errors=True)
-        for d in (cwd, whome, tmp):
+        wenv = worker_env(cfg, name)
+        for d in (cwd, whome, tmp, Path(wenv["NIGHTSHIFT_WHEELHOUSE"])):
             d.mkdir(parents=True, exist_ok=True)
-        wenv = {**airflow_env(cfg, whome), "TMPDIR": str(tmp), "NIGHTSHIFT_HOME": str(whome / "nightshift"),
-                "NIGHTSHIFT_CLUSTER_WORKER": name}
+        _seed_wheelhouse(name, wenv)
         argv = [str(BIN / "airflow"), "celery", "worker", "--queues", queues, "--concurrency", str(concurrency),
                 "--celery-hostname", f"{name}@%h", "--skip-serve-logs"]
         procs[name] = spawn(name, argv, cwd=cwd, env=wenv, log_path=wdir / "console.log", port=None)
@@ -688,11 +769,28 @@ def cmd_up(args) -> int:
         for f in futs:
             f.result()
     start_airflow(cfg)
+    _check_docker()
     took = time.monotonic() - t0
     (HOME / "last_start_seconds").write_text(f"{took:.1f}\n")
     log(f"all up in {took:.0f}s. Use it from a shell:  . scripts/cluster/env.sh   (stop: make cluster-down)")
     print_status(cfg)
     return 0
+
+
+def _check_docker() -> None:
+    """The docker-queue worker builds, evaluates and deploys images on this host's daemon: say when
+    there is none (``make cluster`` starts one through ``make setup``)."""
+    try:
+        r = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True,
+                           timeout=20, check=False, env=base_env())
+        ok = r.returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    if ok:
+        log(f"docker daemon {r.stdout.strip()} reachable: worker-default runs the docker queue on it")
+    else:
+        log("WARNING: no Docker daemon is reachable: build_inference_image, system_eval and deploy (queue docker) "
+            "will fail; start one with `bash scripts/ensure_docker.sh` (make setup does)")
 
 
 def _importable(mod: str) -> bool:
@@ -790,8 +888,38 @@ def cmd_status(args) -> int:
     return 0 if all(r["running"] for r in rows) else 3
 
 
+def cmd_restart(args) -> int:
+    """Stop the named components (whatever state they are in: a SIGKILLed worker leaves its PID file)
+    and start them again; Airflow components come back without a DB migration, others via ``up``."""
+    unknown = [n for n in args.components if n not in COMPONENTS]
+    if unknown:
+        raise ClusterError(f"unknown component(s) {', '.join(unknown)}; expected some of {', '.join(COMPONENTS)}")
+    cfg = load_config(create=False)
+    t0 = time.monotonic()
+    for tier in STOP_TIERS:
+        for name in tier:
+            if name in args.components:
+                _stop_one(name)
+    if set(args.components) <= {*AIRFLOW_COMPONENTS, *WORKERS}:
+        start_airflow(cfg)
+    else:
+        args.no_install = True
+        return cmd_up(args)
+    log(f"restarted {', '.join(args.components)} in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
 def cmd_env(args) -> int:
     cfg = load_config(create=False)
+    if args.component:
+        if args.component in WORKERS:
+            env = worker_env(cfg, args.component)
+        elif args.component in AIRFLOW_COMPONENTS:
+            env = component_env(cfg, args.component)
+        else:
+            raise ClusterError(f"env --component: expected one of {', '.join((*AIRFLOW_COMPONENTS, *WORKERS))}")
+        print(json.dumps({k: v for k, v in env.items() if k not in base_env() or k in client_env(cfg)}, indent=1))
+        return 0
     print(write_env_file(cfg).read_text(), end="")
     return 0
 
@@ -806,7 +934,13 @@ def main(argv: list[str] | None = None) -> int:
     st = sub.add_parser("status", help="each component, its PID, port and RSS")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
-    sub.add_parser("env", help="print the shell exports").set_defaults(func=cmd_env)
+    ev = sub.add_parser("env", help="print the shell exports")
+    ev.add_argument("--component", help="instead: the environment this Airflow component starts with (JSON, "
+                                        "without what it inherits from the caller)")
+    ev.set_defaults(func=cmd_env)
+    rs = sub.add_parser("restart", help="stop the named components (if alive) and start them again")
+    rs.add_argument("components", nargs="+", metavar="component", help=", ".join(COMPONENTS))
+    rs.set_defaults(func=cmd_restart)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

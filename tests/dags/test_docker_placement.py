@@ -7,12 +7,13 @@ from __future__ import annotations
 from tests.dags.conftest import DAGS, parse_dags
 
 DOCKER_VARS = ("NIGHTSHIFT_DOCKER_QUEUE", "NIGHTSHIFT_DOCKER_CONN_ID")
-#: Every task that talks to the Docker daemon, per DAG (drift_monitor reads the request log: none).
+#: Every task that talks to the Docker daemon or reads what its host holds, per DAG (drift_monitor's
+#: check reads the request log the serving container writes on the Docker host).
 DOCKER_TASKS = {
     "nightly_retrain": {"build_inference_image", "system_eval", "finalize_promotion", "deploy"},
     "promote_model": {"set_champion", "deploy"},
     "rollback_model": {"set_champion", "deploy"},
-    "drift_monitor": set(),
+    "drift_monitor": {"check_served_drift"},
 }
 
 

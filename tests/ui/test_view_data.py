@@ -10,8 +10,7 @@ from .conftest import MODEL
 def _overview(world):
     from nightshift import registry
 
-    s = SimpleNamespace(artifact_root=world["root"])
-    return data.build_overview(s, registry.client(world["tracking_uri"]))
+    return data.build_overview(world["root"], registry.client(world["tracking_uri"]))
 
 
 def test_overview_lists_versions_aliases_gates_and_reports(world_env):
@@ -48,8 +47,7 @@ def test_overview_has_deployment_history_and_drift_newest_first(world_env):
 def test_empty_world_says_none_yet(tmp_path):
     from nightshift import registry
 
-    s = SimpleNamespace(artifact_root=tmp_path / "artifacts")
-    o = data.build_overview(s, registry.client(f"sqlite:///{tmp_path / 'empty.db'}"))
+    o = data.build_overview(tmp_path / "artifacts", registry.client(f"sqlite:///{tmp_path / 'empty.db'}"))
     assert o["models"] == [] and o["registry_error"] is None
 
 
@@ -62,7 +60,7 @@ def test_files_without_a_registered_model_still_show(tmp_path):
 
     append_history(tmp_path, HistoryEvent(model="m", action="forced", version="3", previous_champion="2",
                                           champion="3", reason="manual", actor="alice"))
-    o = data.build_overview(SimpleNamespace(artifact_root=tmp_path), Broken())
+    o = data.build_overview(tmp_path, Broken())
     assert "registry down" in o["registry_error"]
     (m,) = o["models"]
     assert m["name"] == "m" and m["versions"] == [] and m["history"][0]["actor"] == "alice"
@@ -110,7 +108,7 @@ def test_each_version_says_how_its_approval_ended_not_always_approved_by(tmp_pat
         def search_model_versions(self, _filter):
             return versions
 
-    o = data.build_overview(SimpleNamespace(artifact_root=tmp_path), Client())
+    o = data.build_overview(tmp_path, Client())
     texts = {v["version"]: v["approval_text"] for v in o["models"][0]["versions"]}
     assert texts == {
         "1": "approved by bob", "2": "rejected by carol", "3": "superseded by v5 (erin answered too late)",
@@ -122,3 +120,55 @@ def test_each_version_says_how_its_approval_ended_not_always_approved_by(tmp_pat
     assert "rejected by carol" in html and "superseded by v5 (erin answered too late)" in html
     for wrong in ("approved by carol", "approved by erin"):
         assert wrong not in html, wrong
+
+
+def test_the_view_reads_history_deployment_drift_and_reports_from_s3(s3_server, s3_root, tmp_path):
+    """Workers published to an s3 root; the view (the API server, its own working copy) shows it all."""
+    from nightshift import contracts
+    from nightshift.artifacts import atomic_write_json, atomic_write_text, run_dir
+    from nightshift.store import open_store
+
+    worker = open_store(s3_root, cache_dir=tmp_path / "worker", s3=s3_server.options())
+    view = open_store(s3_root, cache_dir=tmp_path / "api-server", s3=s3_server.options())
+    folder = run_dir(worker.local_root, "nightly_retrain", "scheduled__1")
+    report = atomic_write_json(folder / "promotion.json", {"promoted": True, "version": "1"})
+    atomic_write_json(folder / "validation" / "validation.json", {"summary": {"appearance": [
+        {"check": "brightness", "column": "brightness", "range": [0.1, 0.9], "outliers": 2, "images": []}]}})
+    worker.publish(folder)
+    drift_html = atomic_write_text(worker.local_root / "drift" / "m" / "run1" / "served_drift.html", "<html>drift</html>")
+    worker.publish(drift_html)
+    contracts.append_history(worker, contracts.HistoryEvent(
+        model="m", action="promoted", version="1", previous_champion=None, champion="1", reason="gates passed",
+        dag_id="nightly_retrain", run_id="scheduled__1", extra={"report": worker.to_uri(report)}))
+    contracts.write_deployment(worker, "m", {"registry_version": "1", "status": "serving"})
+    contracts.append_drift_point(worker, "m", {"time": "2026-01-01T01:00:00+00:00", "status": "ok",
+                                               "report": worker.to_uri(drift_html)})
+    contracts.append_drift_point(worker, "unregistered", {"time": "2026-01-01T01:00:00+00:00", "status": "ok"})
+
+    class Client:
+        def search_registered_models(self):
+            return [SimpleNamespace(name="m", aliases={"champion": "1"}, description="")]
+
+        def search_model_versions(self, _filter):
+            return [SimpleNamespace(version="1", run_id=None, creation_timestamp=None,
+                                    tags={"nightshift.dag_run": "scheduled__1"})]
+
+    o = data.build_overview(view, Client())
+    assert o["artifact_root"] == s3_root and [m["name"] for m in o["models"]] == ["m", "unregistered"]
+    m = o["models"][0]
+    assert m["deployment"] == {"registry_version": "1", "status": "serving"}
+    assert [(e["action"], e["report_path"]) for e in m["history"]] == [
+        ("promoted", "runs/nightly_retrain/scheduled__1/promotion.json")]
+    assert [(p["status"], p["report_path"]) for p in m["drift"]] == [("ok", "drift/m/run1/served_drift.html")]
+    (v,) = m["versions"]
+    assert [r["path"] for r in v["reports"]] == ["runs/nightly_retrain/scheduled__1/validation/validation.json",
+                                                "runs/nightly_retrain/scheduled__1/promotion.json"]
+    assert v["validation"]["outliers"] == 2
+    got = data.resolve_report(view, "runs/nightly_retrain/scheduled__1/promotion.json")
+    assert got.is_relative_to(view.local_root.resolve()) and got.read_text() == report.read_text()
+    assert data.resolve_report(view, "drift/m/run1/served_drift.html").read_text() == "<html>drift</html>"
+    assert data.report_dag_id(view, "runs/nightly_retrain/scheduled__1/promotion.json") == "nightly_retrain"
+    for bad in ("runs/nightly_retrain/scheduled__1", "runs/../state/x.json", "deployments/m/state.json",
+                "runs/nightly_retrain/scheduled__1/missing.json", "/etc/passwd", "runs//x"):
+        assert data.resolve_report(view, bad) is None, bad
+    assert not contracts.history_path(view.local_root, "m").exists()  # read from the store, not a working copy

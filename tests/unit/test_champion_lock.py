@@ -51,7 +51,7 @@ class FakeDeployer:
     critical section under test is the one :mod:`nightshift.champion` holds."""
 
     def __init__(self, world: World, root: Path, hook=None, fail: bool = False):
-        self.world, self.root, self.model_name, self.hook, self.fail = world, root, MODEL, hook, fail
+        self.world, self.store, self.model_name, self.hook, self.fail = world, root, MODEL, hook, fail
         self.client = SimpleNamespace(images=SimpleNamespace(get=self._image))
 
     def _image(self, image):
@@ -454,3 +454,90 @@ def test_a_lock_held_by_a_sigkilled_process_is_released(tmp_path):
         if child.poll() is None:
             child.kill()
             child.wait(10)
+
+
+# --------------------------------------------------------------------------- the lock on an object store
+
+
+@pytest.fixture
+def s3_pair(s3_server, s3_root, tmp_path):
+    """Two workers' stores on one s3 root (different working copies): they share no folder."""
+    from nightshift.store import open_store
+
+    return (open_store(s3_root, cache_dir=tmp_path / "worker-a", s3=s3_server.options()),
+            open_store(s3_root, cache_dir=tmp_path / "worker-b", s3=s3_server.options()))
+
+
+def test_the_lock_excludes_across_workers_that_share_no_folder(s3_pair):
+    a, b = s3_pair
+    held, release, order = threading.Event(), threading.Event(), []
+
+    def holder():
+        with champion.champion_lock(a, MODEL, purpose="deploy on worker a") as uri:
+            order.append(uri)
+            with champion.champion_lock(a, MODEL, timeout_s=0.1):  # reentrant on the object store too
+                held.set()
+                release.wait(20)
+            order.append("a-end")
+
+    t = threading.Thread(target=holder)
+    t.start()
+    assert held.wait(20)
+    try:
+        with pytest.raises(champion.ChampionLockTimeout, match=r"champion lock of 'm' \(s3://.*/locks/champion/m.lock\)"
+                                                               r" is held by pid \d+ .*deploy on worker a"):
+            with champion.champion_lock(b, MODEL, timeout_s=0.5):
+                pass
+        waited = threading.Event()
+        threading.Timer(0.5, release.set).start()
+        with champion.champion_lock(b, MODEL, timeout_s=20, on_wait=waited.set):
+            order.append("b")
+        assert waited.is_set()
+    finally:
+        release.set()
+        t.join(20)
+    assert order == [f"{a.uri}/locks/champion/m.lock", "a-end", "b"]
+
+
+def test_a_dead_holders_lease_expires_and_a_waiter_takes_over(s3_pair, s3_server, monkeypatch):
+    """A holder killed without releasing leaves its lease object; once its ``expires`` passed,
+    a waiter on another worker takes the lock over (a lease not yet expired still excludes)."""
+    import json as _json
+
+    from nightshift.store import S3Store
+
+    a, b = s3_pair
+    monkeypatch.setattr(S3Store, "LEASE_S", 1.0)
+    key = a.key(champion.lock_rel(MODEL))
+
+    def dead_holder(expires):
+        s3_server.client().put_object(Bucket=a.bucket, Key=key, Body=_json.dumps(
+            {"token": "dead", "pid": 999999, "host": "gone", "purpose": "killed deploy", "since": "earlier",
+             "expires": expires}).encode())
+
+    dead_holder(time.time() + 60)  # alive as far as anyone can tell
+    with pytest.raises(champion.ChampionLockTimeout, match="pid 999999 on gone .*killed deploy"):
+        with champion.champion_lock(b, MODEL, timeout_s=0.5):
+            pass
+    dead_holder(time.time() - 5)  # its lease ran out: the holder died
+    t0 = time.monotonic()
+    with champion.champion_lock(b, MODEL, timeout_s=10, purpose="the waiter"):
+        assert time.monotonic() - t0 < 5
+        body = _json.loads(s3_server.client().get_object(Bucket=a.bucket, Key=key)["Body"].read())
+        assert body["purpose"] == "the waiter" and body["token"] != "dead"
+        time.sleep(1.5)  # longer than LEASE_S: the live holder renews its lease, so A cannot take it over
+        refused = []
+
+        def other_worker():  # another thread: this one's reentrancy does not apply
+            try:
+                with champion.champion_lock(a, MODEL, timeout_s=0.5):
+                    refused.append(False)
+            except champion.ChampionLockTimeout:
+                refused.append(True)
+
+        t = threading.Thread(target=other_worker)
+        t.start()
+        t.join(20)
+        assert refused == [True]
+    with champion.champion_lock(a, MODEL, timeout_s=5):  # released: free at once
+        pass

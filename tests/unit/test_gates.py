@@ -246,3 +246,61 @@ def test_the_project_gate_file_sets_every_threshold_and_the_bundled_test_split_i
     data = load_bundled((8, 8, 1))
     splits = assign_splits(pixel_hashes(data.images), val_fraction=0.1, test_fraction=0.1)
     assert int((splits == "test").sum()) >= policy["min_test_images"]
+
+
+# --------------------------------------------------------------------------- the drift-retrain cooldown's record
+
+
+def _cooldown(store, run_id, now, run_type="asset_triggered"):
+    from nightshift.gates import drift_retrain_cooldown
+
+    return drift_retrain_cooldown(store, "nightly_retrain", run_type=run_type, run_id=run_id, last_success_start=None,
+                                  cooldown_hours=6, now=now)
+
+
+def test_the_cooldown_records_the_start_it_let_through(tmp_path):
+    import json
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime(2026, 1, 1, 2, tzinfo=timezone.utc)
+    assert _cooldown(tmp_path, "asset_triggered__1", now)[0] is True
+    record = tmp_path / "state" / "nightly_retrain" / "last_retrain.json"
+    assert json.loads(record.read_text()) == {"started_at": now.isoformat(), "run_id": "asset_triggered__1"}
+    proceed, reason = _cooldown(tmp_path, "asset_triggered__2", now + timedelta(hours=1))
+    assert proceed is False and "1.0 h ago" in reason
+    assert _cooldown(tmp_path, "scheduled__3", now + timedelta(hours=1), run_type="scheduled")[0] is True
+    assert _cooldown(tmp_path, "asset_triggered__4", now + timedelta(hours=8))[0] is True  # past the scheduled one's
+
+
+def test_the_cooldown_lets_one_of_two_workers_through(s3_server, s3_root, tmp_path, monkeypatch):
+    """Two drift runs on two workers (no shared folder) reach the cooldown together: the store's
+    lock serialises the read-then-record, so exactly one proceeds and the other sees its start."""
+    import threading
+    from datetime import datetime, timezone
+
+    from nightshift import contracts
+    from nightshift.store import open_store
+
+    real = contracts.last_retrain_start
+
+    def slow_read(*a, **k):  # widen the read-then-record window
+        got = real(*a, **k)
+        threading.Event().wait(0.5)
+        return got
+
+    monkeypatch.setattr(contracts, "last_retrain_start", slow_read)
+    stores = [open_store(s3_root, cache_dir=tmp_path / f"worker-{i}", s3=s3_server.options()) for i in range(2)]
+    results = {}
+
+    def run(i):
+        results[i] = _cooldown(stores[i], f"asset_triggered__{i}", datetime.now(timezone.utc))[0]
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(results.values()) == [False, True], results
+    winner = next(i for i, ok in results.items() if ok)
+    assert stores[1 - winner].read_json("state/nightly_retrain/last_retrain.json")["run_id"] == \
+        f"asset_triggered__{winner}"

@@ -46,3 +46,22 @@ def test_note_says_why_a_wait_ended_without_moving_champion(tmp_path):
     bare = _note(tmp_path, {"model_name": "m", "version": "4", "promoted": False, "champion": "2",
                             "reason": "every gate passed", "approval": "stale"})
     assert not bare.endswith("\n")  # no empty note line when the outcome carries no note
+
+
+def test_note_of_a_run_whose_report_a_worker_published_to_s3(s3_server, s3_root, tmp_path):
+    """The scheduler shares no folder with the worker that decided: the note comes from the store."""
+    from nightshift.store import open_store
+
+    worker = open_store(s3_root, cache_dir=tmp_path / "worker", s3=s3_server.options())
+    scheduler = open_store(s3_root, cache_dir=tmp_path / "scheduler", s3=s3_server.options())
+    assert run_note(scheduler, "nightly_retrain", "manual__1") is None  # nothing decided yet
+    worker.publish(atomic_write_json(run_dir(worker.local_root, "nightly_retrain", "manual__1") / "promotion.json",
+                                     {"model_name": "m", "version": "4", "promoted": True, "previous_champion": "3",
+                                      "reason": "every gate passed"}))
+    note = run_note(scheduler, "nightly_retrain", "manual__1")
+    assert note.startswith("[nightshift] PROMOTED m v4 to champion (was v3)") and "every gate passed" in note
+
+
+def test_an_unreadable_report_gives_no_note(tmp_path):
+    (run_dir(tmp_path, "nightly_retrain", "manual__1") / "promotion.json").write_text("{torn")
+    assert run_note(tmp_path, "nightly_retrain", "manual__1") is None

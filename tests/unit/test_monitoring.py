@@ -8,7 +8,7 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 import pytest
 
-from tests.unit.conftest import served_records as _records
+from tests.unit.served_traffic import served_records as _records
 
 from nightshift import monitoring
 

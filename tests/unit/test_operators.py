@@ -277,7 +277,7 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     from nightshift.data.snapshot import load_snapshot
     from nightshift.gates import THRESHOLD_KEYS
     from nightshift.operators import DriftMonitorOperator
-    from tests.unit.conftest import served_records
+    from tests.unit.served_traffic import served_records
 
     t0 = datetime(2026, 11, 23, 10, tzinfo=timezone.utc)
     window = {"window_start": t0.isoformat(), "window_end": (t0 + timedelta(hours=1)).isoformat()}

@@ -39,3 +39,15 @@ def test_a_model_that_does_not_name_its_classes_cannot_be_compared(onnx_model, d
     with pytest.raises(ScoringError, match="does not record its class names"):
         score_onnx(bare, digits_snapshot.iter_split("test"), class_names=digits_snapshot.class_names)
     assert score_onnx(bare, digits_snapshot.iter_split("test"))["n"] > 0  # without class_names: no check
+
+
+def test_scoring_error_is_a_domain_error_importable_from_both_modules(tmp_path):
+    """The error type lives with the others in :mod:`nightshift.errors`; callers that import it
+    from :mod:`nightshift.scoring` get the same class (a data error: a retry cannot fix it)."""
+    from nightshift import errors, scoring
+
+    assert scoring.ScoringError is errors.ScoringError
+    assert issubclass(errors.ScoringError, errors.DataError) and not errors.ScoringError.retryable
+    missing = tmp_path / "absent.onnx"
+    with pytest.raises(errors.ScoringError, match=f"ONNX model {missing} does not exist"):
+        score_onnx(missing, [])

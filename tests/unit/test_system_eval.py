@@ -113,9 +113,11 @@ def test_system_eval_starts_the_container_as_deploy_does(tmp_path, monkeypatch):
         run_system_eval("nightshift/m:1", snap, model_name="m", out_dir=tmp_path / "run" / "system_eval",
                         onnx_path=None, docker_client=eval_client)
     deploy_client = FakeDocker()
+    from nightshift.store import open_store
+
     operator = SimpleNamespace(settings=SimpleNamespace(artifact_root=tmp_path / "artifacts",
                                                         base_image="nightshift/base:bookworm"),
-                               docker_client=lambda: deploy_client)
+                               store=open_store(tmp_path / "artifacts"), docker_client=lambda: deploy_client)
     deployer = local_deployer(operator, model_name="m", port=free_port())
     with pytest.raises(_Captured):
         deployer.deploy("nightshift/m:1", registry_version="3")

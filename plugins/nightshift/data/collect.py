@@ -42,12 +42,14 @@ from nightshift.data.snapshot import (
     Snapshot,
     assign_splits,
     check_fractions,
+    fetch_latest,
     latest,
+    publish_snapshot,
     set_latest,
     source_key,
     write_record,
 )
-from nightshift.data.sources import FileEntry, list_imagefolder, read_bytes
+from nightshift.data.sources import FileEntry, list_imagefolder, read_many
 from nightshift.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -56,6 +58,8 @@ STAGING_DIR = "staging"
 #: Files per decode task: large enough to amortise inter-process transfer,
 #: small enough that a few chunks in flight stay a few MB.
 CHUNK_FILES = 256
+#: Object storage: chunks fetched ahead of the decoders (each one ``cat`` of CHUNK_FILES objects).
+READ_AHEAD = 2
 _STAT_COLS = ("sha256", "brightness", "contrast")
 
 
@@ -153,26 +157,29 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
     # spawn, not fork: the collector may run inside an Airflow task process with threads;
     # and workers that never run the parent's main script (there, the `airflow` entry point).
     ctx = worker_context()
-    io_pool = None if local else ThreadPoolExecutor(max_workers=max(1, io_concurrency))
+    # object storage: whole chunks are fetched (concurrent requests, sources.read_many) by two
+    # threads, up to READ_AHEAD chunks ahead of the decoders; bytes held: those chunks + in flight
+    io_pool = None if local else ThreadPoolExecutor(max_workers=2, thread_name_prefix="collect-read")
+    reads: deque[tuple[list[FileEntry], Future]] = deque()
 
-    def read_all(ch: list[FileEntry]) -> list[bytes | BaseException]:
-        def one(e: FileEntry) -> bytes | BaseException:
-            try:
-                return read_bytes(e.path)
-            except Exception as exc:  # noqa: BLE001 - reported per file
-                return exc
-        return list(io_pool.map(one, ch))  # type: ignore[union-attr]
+    def submissions(pool: ProcessPoolExecutor) -> Iterator[tuple[list[FileEntry], Future]]:
+        for ch in chunks:
+            if local:
+                yield ch, pool.submit(decode.decode_files, [str(e.path) for e in ch], shape)
+                continue
+            reads.append((ch, io_pool.submit(read_many, [e.path for e in ch], io_concurrency)))  # type: ignore[union-attr]
+            if len(reads) > READ_AHEAD:
+                ready, fetched = reads.popleft()
+                yield ready, pool.submit(decode.decode_blobs, fetched.result(), shape)
+        while reads:
+            ready, fetched = reads.popleft()
+            yield ready, pool.submit(decode.decode_blobs, fetched.result(), shape)
 
     pending: deque[tuple[list[FileEntry], Future]] = deque()
     in_flight = max(2, 2 * workers)
     with ProcessPoolExecutor(max_workers=max(1, workers), mp_context=ctx) as pool:
         try:
-            it = iter(chunks)
-            for ch in it:
-                if local:
-                    fut = pool.submit(decode.decode_files, [str(e.path) for e in ch], shape)
-                else:
-                    fut = pool.submit(decode.decode_blobs, read_all(ch), shape)
+            for ch, fut in submissions(pool):
                 pending.append((ch, fut))
                 if len(pending) >= in_flight:
                     done_ch, done = pending.popleft()
@@ -181,7 +188,7 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
                 done_ch, done = pending.popleft()
                 yield done_ch, done.result()
         finally:
-            for _, fut in pending:
+            for _, fut in [*pending, *reads]:
                 fut.cancel()
             if io_pool is not None:
                 io_pool.shutdown(wait=False, cancel_futures=True)
@@ -212,18 +219,26 @@ SOURCE_LOCK_TIMEOUT_S = 3600.0
 
 @contextmanager
 def source_lock(root_dir: Path, key: str, say: Callable[[str], None] | None = None, *,
-                timeout_s: float = SOURCE_LOCK_TIMEOUT_S) -> Iterator[None]:
+                timeout_s: float = SOURCE_LOCK_TIMEOUT_S, store: Any = None) -> Iterator[None]:
     """One collection of a source at a time (:func:`nightshift.locks.file_lock` on
-    ``<snapshots root>/locks/<key>.lock``): overlapping runs would share and remove each
+    ``<snapshots root>/locks/<key>.lock``; with an object-store ``store``, its lease lock on
+    the same key, which holds across workers): overlapping runs would share and remove each
     other's staging journal; the second waits, then reuses what the first collected.
 
     :raises LockTimeout: the other collection held it for ``timeout_s``; names its holder."""
-    from nightshift.locks import file_lock
+    from nightshift.locks import LockTimeout, file_lock
 
     path = Path(root_dir) / "locks" / f"{key}.lock"
+    def on_wait() -> None:
+        (say or log.info)(f"another collection of this source holds {path}: waiting for it")
+
+    if store is not None and store.remote and store.rel(path):
+        with store.lock(store.rel(path), timeout_s=timeout_s, purpose="collect_data",
+                        what="another collection of this source", error=LockTimeout, on_wait=on_wait):
+            yield
+        return
     with file_lock(path, timeout_s=timeout_s, purpose="collect_data", what="another collection of this source",
-                   on_wait=lambda: (say or log.info)(f"another collection of this source holds {path}: "
-                                                     "waiting for it")):
+                   on_wait=on_wait):
         yield
 
 
@@ -232,7 +247,7 @@ def collect_imagefolder(
     class_names: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
     workers: int | None = None, shard_mb: float = DEFAULT_SHARD_MB, partition_window: int | None = None,
     io_concurrency: int = 16, incremental: bool = True, context: dict[str, Any] | None = None,
-    collected_at: datetime | None = None, progress: Callable[[str], None] | None = None,
+    collected_at: datetime | None = None, progress: Callable[[str], None] | None = None, store: Any = None,
 ) -> tuple[Snapshot, CollectStats]:
     """Collect ``root/<class>/<image>`` into a sharded snapshot under ``snapshots_root``.
 
@@ -242,6 +257,10 @@ def collect_imagefolder(
         last N partitions in name order (e.g. dates).
     :param io_concurrency: object-storage reads/stats in flight.
     :param incremental: reuse pixels of unchanged files (see the module docstring).
+    :param store: the artifact store ``snapshots_root`` is the working copy of
+        (:class:`nightshift.store.Store`). On an object store the previous collection of the
+        source is fetched first, the lock holds across workers, and the new collection (shards,
+        record, source pointer) is published before the lock is released.
     :returns: the snapshot and what was decoded, reused and written.
     """
     t0 = time.perf_counter()
@@ -260,11 +279,13 @@ def collect_imagefolder(
 
     # ---- one collection of a source at a time (overlapping runs share its staging journal);
     # the kernel releases the lock when a killed collector dies
-    with source_lock(root_dir, key, say):
+    with source_lock(root_dir, key, say, store=store):
         # ---- what can be reused: the previous collection of this source + a killed try's journal
         import pandas as pd
 
         staging = root_dir / STAGING_DIR / key
+        if incremental and store is not None:
+            fetch_latest(store, root_dir, key)  # another worker's collection (object store)
         previous = latest(root_dir, key) if incremental else None
         staged = []
         if incremental and staging.is_dir():
@@ -400,6 +421,8 @@ def collect_imagefolder(
                                 "previous_collection": previous.collection_id if previous else None,
                                 "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
         set_latest(root_dir, key, snap)
+        if store is not None:
+            publish_snapshot(store, snap)  # shards, record, then the pointer: under the lock
         shutil.rmtree(staging, ignore_errors=True)
         say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
             f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "

@@ -14,6 +14,11 @@ Layout and column meanings: ``docs/architecture.md``. Under the snapshots root:
 * ``sources/<source key>.json`` — the latest collection of each source and
   shape, which incremental collection starts from.
 
+With an object-store artifact root (:mod:`nightshift.store`) the snapshots root is a
+working copy: :func:`publish_snapshot` uploads a collection (shards first, then its
+record, then the source pointer) and :func:`fetch_snapshot` brings one back on another
+worker (the record, then only the shards the cache does not hold verified).
+
 A :class:`Snapshot` is a collection record joined with its shards; its
 ``path`` is the collection folder (what ``collect_data`` passes on XCom). Its
 ``digest`` (the *data digest*) is the sha256 of the shape, class names and the
@@ -34,7 +39,13 @@ from typing import Any, Iterator
 import numpy as np
 
 from nightshift.artifacts import atomic_dir, atomic_write_json, read_json
-from nightshift.data.shards import DEFAULT_SHARD_MB, ShardWriter, capacity, open_shard
+from nightshift.data.shards import (
+    DEFAULT_SHARD_MB,
+    SHARDS_DIR,
+    ShardWriter,
+    capacity,
+    open_shard,
+)
 from nightshift.data.sources import SourceData
 from nightshift.errors import DataError
 
@@ -340,13 +351,18 @@ def write_snapshot(data: SourceData, snapshots_root: str | Path, *, val_fraction
                         extra={"shard_mb": shard_mb, "incremental": {"decoded": len(labels), "reused": 0}})
 
 
-def load_snapshot(path: str | Path, *, verify: bool = True) -> Snapshot:
+def load_snapshot(path: str | Path, *, verify: bool = True, store: Any = None) -> Snapshot:
     """Open a collection record and check that its shards are there.
 
     :param verify: also check each shard's content against its digest (once per
         process and shard).
+    :param store: the artifact store (:class:`nightshift.store.Store`) ``path`` is a URI of:
+        the collection is fetched first (:func:`fetch_snapshot`). None: ``path`` is local.
     :raises DataError: not a snapshot, an older format, or a shard is missing or corrupt.
+    :raises StoreError: the store cannot give the record or a shard (names the URI).
     """
+    if store is not None:
+        path = fetch_snapshot(store, path)
     path = Path(path)
     manifest_path = path / "manifest.json"
     if not manifest_path.is_file():
@@ -366,3 +382,92 @@ def load_snapshot(path: str | Path, *, verify: bool = True) -> Snapshot:
     for d in snap.shard_digests:
         open_shard(snap.root, d, verify=verify)
     return snap
+
+
+# --------------------------------------------------------------------------- object-store root
+
+
+def fetch_snapshot(store: Any, uri: str | Path) -> Path:
+    """The local folder of the collection at ``uri`` in ``store``'s working copy, with every
+    shard it lists (:class:`nightshift.store.Store`). A local root: the path itself, no I/O.
+
+    On an object store the record (``manifest.json``, ``profile.parquet``) is downloaded
+    (sha256-verified); a shard is downloaded only when the cache does not already hold it
+    with content matching its digest (shards are content-addressed).
+
+    :raises DataError: ``uri`` is not under the store, or the record is not a snapshot.
+    :raises StoreError: the record or a shard cannot be read from the store (names the URI).
+    """
+    if not store.remote:
+        return store.to_local(uri)
+    rel = store.rel(uri)
+    if not rel:
+        raise DataError(f"snapshot {uri} is not in the artifact store {store.uri} (expected "
+                        f"{store.uri}/snapshots/{COLLECTIONS_DIR}/<id>, collect_data's snapshot_uri)")
+    local = store.fetch(uri)
+    manifest_path = local / "manifest.json"
+    if not manifest_path.is_file():
+        raise DataError(f"{store.to_uri(local)} is not a Nightshift snapshot (no manifest.json)")
+    manifest = read_json(manifest_path)
+    root = local.parent.parent
+    for entry in manifest.get("shards") or []:
+        digest = str(entry["digest"])
+        try:
+            open_shard(root, digest, verify=True)  # cached and intact: nothing to download
+            continue
+        except DataError:
+            pass
+        store.fetch(store.to_uri(root / SHARDS_DIR / digest))
+    return local
+
+
+def publish_snapshot(store: Any, snap: Snapshot) -> str:
+    """Upload a collection to ``store``: its shards, then its record, then (when the working
+    copy's source pointer names this collection) ``sources/<key>.json``; return the record's
+    URI. Readers never see a record whose shards are not there yet, nor a pointer to a
+    record that is not. A local root: the path itself, no I/O.
+
+    :raises StoreError: an upload failed (names the URI).
+    """
+    if not store.remote:
+        return str(snap.path)
+    root = snap.root
+    for digest in snap.shard_digests:
+        store.publish(root / SHARDS_DIR / digest)
+    uri = store.publish(snap.path)
+    source = snap.manifest.get("source")
+    if isinstance(source, dict) and source.get("kind") == "imagefolder":
+        pointer = root / SOURCES_DIR / f"{source_key(source, snap.image_shape)}.json"
+        try:
+            names_this = read_json(pointer).get("collection_id") == snap.collection_id
+        except (OSError, ValueError, AttributeError):
+            names_this = False
+        if names_this:
+            store.publish(pointer)
+    return uri
+
+
+def fetch_latest(store: Any, root: Path, key: str) -> None:
+    """Bring the source pointer ``sources/<key>.json`` and the collection it names from
+    ``store`` into the working copy at ``root`` (the snapshots root), so :func:`latest` finds
+    the previous collection of a source on a worker that never saw it. Nothing there, or a
+    previous collection that cannot be fetched, only means decoding everything (logged).
+    A local root: nothing to do.
+    """
+    if not store.remote:
+        return
+    import logging
+
+    from nightshift.store import StoreError
+
+    pointer = Path(root) / SOURCES_DIR / f"{key}.json"
+    try:
+        local = store.fetch(store.to_uri(pointer), required=False)
+        if not local.is_file():
+            return
+        cid = read_json(local)["collection_id"]
+        fetch_snapshot(store, store.to_uri(Path(root) / COLLECTIONS_DIR / str(cid)))
+    except (StoreError, DataError, KeyError, ValueError, TypeError) as exc:
+        logging.getLogger(__name__).warning(
+            "the previous collection of this source cannot be fetched from %s (%s): decoding every file",
+            store.to_uri(pointer), exc)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Protocol
@@ -82,6 +83,25 @@ class FileEntry:
     path: Any  # a local path (str) or an ObjectStoragePath
     size: int
     mtime: str  # modification time (ns) or the object store's ETag/last-modified
+
+
+class ObjectFile:
+    """One object of an object-storage source, as its store listed it: the (fsspec) file
+    system, the path on it, and the listing's info (size, ETag, ...): no request per file."""
+
+    __slots__ = ("fs", "info", "path")
+
+    def __init__(self, fs: Any, path: str, info: dict[str, Any]) -> None:
+        self.fs, self.path, self.info = fs, path, info
+
+    def stat(self) -> dict[str, Any]:
+        return self.info
+
+    def read_bytes(self) -> bytes:
+        return self.fs.cat_file(self.path)
+
+    def __repr__(self) -> str:
+        return f"ObjectFile({self.path!r})"
 
 
 @dataclass
@@ -178,12 +198,18 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
     root_real = os.path.realpath(local_root) if local_root is not None else None
     skipped: list[dict[str, str]] = []
     top_links: list[dict[str, str]] = []  # top-level folder links out of the root
+    if local_root is None:
+        _forget_listings(root)
     try:
         if not root.is_dir():
             raise DataError(f"imagefolder source {root_s!r} is not a directory")
         top = _subdirs(root, root_real, top_links)
     except FileNotFoundError as exc:
         raise DataError(f"imagefolder source {root_s!r} does not exist") from exc
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreachable store, refused credentials, ...
+        raise _unreadable(root_s, exc) from exc
     top_links.sort(key=lambda s: s["path"])
     partitions: list[str] = []
     if partition_window is not None:
@@ -233,6 +259,9 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
         if isinstance(cdir, Path):  # local: one scandir, and the stat each entry carries
             with os.scandir(cdir) as it:
                 listed = sorted(((e.name, e) for e in it if not e.is_dir()), key=lambda t: t[0])
+        elif local_root is None and hasattr(cdir, "fs"):  # object storage: one (paged) listing with details
+            listed = sorted(((posixpath.basename(i["name"].rstrip("/")), ObjectFile(cdir.fs, i["name"], i))
+                             for i in _ls(cdir, root_s) if i.get("type") != "directory"), key=lambda t: t[0])
         else:
             listed = sorted(((p.name, p) for p in cdir.iterdir() if not p.is_dir()), key=lambda t: t[0])
         for name, f in listed:
@@ -245,6 +274,10 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                 continue
             if os.path.splitext(name)[1].lower() not in IMAGE_SUFFIXES:
                 skipped.append({"path": rel, "error": "not an image file (unsupported extension)"})
+                continue
+            if isinstance(f, ObjectFile):
+                files.append((rel, cdir.name, f))
+                stats.append(_stat(f))
                 continue
             if isinstance(f, os.DirEntry):
                 try:
@@ -290,11 +323,75 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
     return Listing(entries=entries, class_names=list(class_names), skipped=skipped, partitions=partitions)
 
 
+def _unreadable(root_s: str, exc: BaseException) -> DataError:
+    """The source cannot be reached or read at all (endpoint down, access denied, ...): retryable,
+    since a store that is down may come back."""
+    err = DataError(f"imagefolder source {root_s!r} cannot be read: {type(exc).__name__}: {exc} "
+                    "(check the object store's endpoint and the connection's credentials)")
+    err.retryable = True
+    return err
+
+
+def _forget_listings(root: Any) -> None:
+    """Drop the listings an fsspec file system cached under ``root``: Airflow keeps one file system
+    per connection for the life of the process, so a second collection would see the first's
+    listing (new objects missing, replaced ones with their old ETag)."""
+    cache = getattr(getattr(root, "fs", None), "dircache", None)
+    if cache is None:
+        return
+    base = str(getattr(root, "path", "")).rstrip("/")
+    for key in [k for k in list(cache) if k == base or k.startswith(base + "/") or base.startswith(k + "/")]:
+        cache.pop(key, None)
+
+
+def _ls(cdir: Any, root_s: str) -> list[dict[str, Any]]:
+    try:
+        return cdir.fs.ls(cdir.path, detail=True)
+    except FileNotFoundError:  # went away since the class folders were listed
+        return []
+    except Exception as exc:  # noqa: BLE001
+        raise _unreadable(root_s, exc) from exc
+
+
 def read_bytes(path: Any) -> bytes:
     if isinstance(path, (str, Path)):
         with open(path, "rb") as f:
             return f.read()
     return path.read_bytes()
+
+
+def read_many(paths: list[Any], concurrency: int = 64) -> list[bytes | BaseException]:
+    """The contents of ``paths`` in order, an exception in place of each that could not be read.
+
+    Objects of one store (:class:`ObjectFile`) are fetched with one ``cat_ranges`` call per
+    file system: an async store (s3fs) keeps up to ``concurrency`` requests in flight instead of
+    one round trip at a time. Anything else is read one by one (:func:`read_bytes`).
+    """
+    out: list[bytes | BaseException | None] = [None] * len(paths)
+    groups: dict[int, tuple[Any, list[int]]] = {}
+    for i, p in enumerate(paths):
+        if isinstance(p, ObjectFile):
+            groups.setdefault(id(p.fs), (p.fs, []))[1].append(i)
+        else:
+            try:
+                out[i] = read_bytes(p)
+            except Exception as exc:  # noqa: BLE001 - reported per file
+                out[i] = exc
+    for fs, idx in groups.values():
+        kw: dict[str, Any] = {}
+        if getattr(fs, "async_impl", False):
+            kw["batch_size"] = max(1, int(concurrency))
+            import inspect
+
+            if "max_concurrency" in inspect.signature(fs._cat_file).parameters:
+                kw["max_concurrency"] = 1  # s3fs: no size lookup (and ranged parts) per small file
+        try:
+            got = fs.cat_ranges([paths[i].path for i in idx], None, None, on_error="return", **kw)
+        except Exception as exc:  # noqa: BLE001 - the whole batch failed: reported per file
+            got = [exc] * len(idx)
+        for i, blob in zip(idx, got):
+            out[i] = blob
+    return out  # type: ignore[return-value]
 
 
 def load_torchvision(

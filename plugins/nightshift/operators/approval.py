@@ -300,11 +300,12 @@ class FinalizePromotionOperator(NightshiftOperator):
         outcome = dict(self.require(self.promotion, "promotion", "promote"))
         if not outcome.get("awaiting_approval"):
             return outcome
+        store = self.store
         answer = approvals.parse_answer(self.approval, outcome["version"])
         target = str(self.deploy_target or "").strip() or None
         res = approvals.finalize_approval(self.mlflow, self.model_name, outcome["version"], answer=answer,
                                           expected_champion=outcome.get("previous_champion"),
-                                          artifact_root=self.settings.artifact_root, deploy_target=target,
+                                          artifact_root=store, deploy_target=target,
                                           docker_client=self.docker_client() if target == "docker" and answer.approved
                                           and answer.superseded_by is None else None)
         person = answer.superseded_by is None  # else nobody answered: the newer candidate ended the wait
@@ -318,10 +319,11 @@ class FinalizePromotionOperator(NightshiftOperator):
                         "approval": approvals.APPROVAL_TAG_VALUES[res["action"]], "note": res["note"]})
         if res.get("superseded_by"):
             outcome["superseded_by"] = res["superseded_by"]
-        # the run's report (and so its run note) says what the person decided, not "waiting"
-        outcome["report_path"] = str(atomic_write_json(self.run_dir(context) / "promotion.json",
-                                                       {k: v for k, v in outcome.items() if k != "report_path"}))
-        contracts.append_history(self.settings.artifact_root, contracts.HistoryEvent(
+        # the run's report (and so its run note and the view, on any worker) says what the person
+        # decided, not "waiting": published to the store, its URI on XCom
+        outcome["report_path"] = store.publish(atomic_write_json(
+            self.run_dir(context) / "promotion.json", {k: v for k, v in outcome.items() if k != "report_path"}))
+        contracts.append_history(store, contracts.HistoryEvent(
             model=self.model_name, action=res["action"], version=outcome["version"],
             previous_champion=outcome.get("previous_champion"), champion=res["champion"], reason=f"{res['note']}",
             actor=answer.actor, dag_id=self.dag_id, run_id=context["run_id"],

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import functools
+import os
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from airflow.sdk import BaseOperator
 
-from nightshift.artifacts import run_dir
+from nightshift.artifacts import run_dir, run_path
 from nightshift.errors import ConfigError, DockerUnavailable, NightshiftError
 from nightshift.settings import Settings
 
@@ -105,11 +106,177 @@ def _fail_fast(execute: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def artifact_s3_options(conn_id: str | None = None) -> Any:
+    """The :class:`~nightshift.store.S3Options` of an ``s3://`` artifact root, from the Airflow
+    connection ``conn_id`` (default ``NIGHTSHIFT_ARTIFACT_CONN_ID``), or ``None`` when no
+    connection is named (the store then reads the worker's environment, ``AWS_ACCESS_KEY_ID`` &
+    co., ``S3Options.from_env``).
+
+    The connection is the amazon provider's ``aws`` type: login = access key id, password =
+    secret access key; extras ``endpoint_url`` (or ``service_config.s3.endpoint_url``),
+    ``region_name``, ``aws_session_token``. An endpoint or region the connection leaves out
+    comes from the environment.
+
+    :raises ConfigError: the connection is not defined; the message names it.
+    """
+    conn_id = str(conn_id if conn_id is not None else os.environ.get("NIGHTSHIFT_ARTIFACT_CONN_ID") or "").strip()
+    if not conn_id:
+        return None
+    from airflow.sdk import BaseHook
+
+    from nightshift.store import S3Options
+
+    try:
+        conn = BaseHook.get_connection(conn_id)
+    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
+        if type(exc).__name__ != "AirflowNotFoundException":
+            raise
+        raise ConfigError(f"artifact-store connection {conn_id!r} is not defined (NIGHTSHIFT_ARTIFACT_CONN_ID): add "
+                          f"it (Admin > Connections, or AIRFLOW_CONN_{conn_id.upper()}) as an 'aws' connection with "
+                          "the access key as login, the secret as password and the extra 'endpoint_url' for a "
+                          "non-AWS store, or unset NIGHTSHIFT_ARTIFACT_CONN_ID to use the worker's AWS_* "
+                          "environment") from None
+    extra = conn.extra_dejson or {}
+    env = S3Options.from_env()
+    s3_config = ((extra.get("service_config") or {}).get("s3") or {}) if isinstance(extra.get("service_config"),
+                                                                                   dict) else {}
+    return S3Options(endpoint_url=extra.get("endpoint_url") or s3_config.get("endpoint_url") or env.endpoint_url,
+                     region_name=extra.get("region_name") or env.region_name,
+                     access_key=conn.login or None, secret_key=conn.password or None,
+                     session_token=extra.get("aws_session_token") or None)
+
+
+def _is_store_uri(store: Any, value: str) -> bool:
+    return "://" in value and value.startswith(store.uri.rstrip("/") + "/")
+
+
+def localize(store: Any, value: Any) -> Any:
+    """``value`` (an upstream XCom: dicts, lists, strings) with every URI under ``store``
+    fetched and replaced by its local path; a snapshot's URI (``snapshots/...``) stays a URI
+    (operators fetch it with :func:`nightshift.data.snapshot.fetch_snapshot`, and the
+    registry records it). Returns new containers; ``value`` is not changed.
+
+    :raises StoreError: a URI names nothing in the store, or it cannot be read (names it).
+    """
+    if isinstance(value, str):
+        if _is_store_uri(store, value) and not (store.rel(value) or "").startswith("snapshots/"):
+            return str(store.fetch(value))
+        return value
+    if isinstance(value, dict):
+        return {k: localize(store, v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(localize(store, v) for v in value)
+    return value
+
+
+def to_uris(store: Any, value: Any, keep_local: Path | None = None) -> Any:
+    """``value`` (a task's return value) with every absolute path under ``store``'s working
+    copy replaced by its URI; an existing path outside ``keep_local`` (the run folder, which
+    the caller publishes) is published first. Returns new containers.
+
+    :raises StoreError: a publish failed (names the URI).
+    """
+    if isinstance(value, str):
+        if not value.startswith("/"):
+            return value
+        rel = store.rel(value)
+        if not rel:  # outside the store, or its root itself
+            return value
+        p = Path(value)
+        inside = keep_local is not None and p.resolve().is_relative_to(Path(keep_local).resolve())
+        if not inside and p.exists():
+            return store.publish(p)
+        return store.to_uri(p)
+    if isinstance(value, dict):
+        return {k: to_uris(store, v, keep_local) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_uris(store, v, keep_local) for v in value)
+    return value
+
+
+class RunFolderSync:
+    """One task's view of its DAG run's folder on an object-store root: :meth:`pull` fetches
+    what earlier tasks (and earlier tries) of the run published and notes each file;
+    :meth:`push` publishes the files this task wrote or changed since (never a file it only
+    read, so parallel tasks of a run do not overwrite each other's files with stale copies)."""
+
+    def __init__(self, store: Any, folder: Path) -> None:
+        self.store, self.folder = store, Path(folder)
+        self._seen: dict[Path, tuple[int, int, int]] = {}
+
+    def _files(self) -> dict[Path, tuple[int, int, int]]:
+        from nightshift.store import _is_temp
+
+        out = {}
+        if self.folder.is_dir():
+            for f in self.folder.rglob("*"):
+                if f.is_file() and not f.is_symlink() and not _is_temp(f.name) and not f.name.endswith(".lock"):
+                    st = f.stat()
+                    out[f] = (st.st_size, st.st_mtime_ns, st.st_ino)
+        return out
+
+    def pull(self) -> None:
+        self.store.fetch(self.store.to_uri(self.folder), required=False)
+        self._seen = self._files()
+
+    def push(self, path: Path | None = None) -> list[str]:
+        """Publish what changed under the run folder (or only ``path``); returns the URIs."""
+        out = []
+        files = self._files()
+        for f, ident in sorted(files.items()):
+            if path is not None and f != Path(path):
+                continue
+            if self._seen.get(f) != ident:
+                out.append(self.store.publish(f))
+                self._seen[f] = ident
+        return out
+
+
+def _sync_store(execute: Callable[..., Any]) -> Callable[..., Any]:
+    """With an object-store artifact root: fetch the DAG run's folder and the upstream URIs in
+    the template fields (:attr:`NightshiftOperator.store_inputs`) before the task, publish what
+    it wrote to the run folder afterwards (on failure too: a failed validation's report must be
+    readable), and hand on URIs instead of working-copy paths. A local root: nothing changes."""
+
+    @functools.wraps(execute)
+    def wrapper(self: "NightshiftOperator", context: Any) -> Any:
+        store = self.store
+        if not store.remote or getattr(self, "_run_sync", None) is not None:
+            return execute(self, context)
+        sync = RunFolderSync(store, run_path(self.settings.artifact_root, self.dag_id, context["run_id"]))
+        sync.pull()
+        fields = self.template_fields if self.store_inputs is None else self.store_inputs
+        for name in fields:
+            if hasattr(self, name):
+                setattr(self, name, localize(store, getattr(self, name)))
+        self._run_sync = sync
+        try:
+            result = execute(self, context)
+        except BaseException:
+            try:
+                sync.push()
+            except Exception as exc:  # noqa: BLE001 - the task's own error is the one to report
+                self.log.error("publishing the run folder %s after the failure failed: %s", sync.folder, exc)
+            raise
+        finally:
+            self._run_sync = None
+        sync.push()
+        return to_uris(store, result, sync.folder)
+
+    return wrapper
+
+
 class NightshiftOperator(BaseOperator):
-    """Base class: settings, the run's artifact folder, the MLflow client, and
-    no retries for errors that a retry cannot fix."""
+    """Base class: settings, the artifact store, the run's artifact folder, the MLflow client,
+    and no retries for errors that a retry cannot fix. With an object-store artifact root every
+    ``execute`` runs between a fetch and a publish of the DAG run's folder (:func:`_sync_store`)."""
 
     ui_color = "#e8eaf6"
+    #: Template fields that hold upstream results: with an object-store artifact root, a URI
+    #: under the store in them is fetched before ``execute`` and replaced by its local path
+    #: (:func:`localize`; snapshot URIs stay URIs). ``None``: every template field.
+    store_inputs: Sequence[str] | None = None
+    _run_sync: "RunFolderSync | None" = None
     #: The Airflow connection of the Docker daemon; the operators that use Docker take it as an
     #: argument (templated). ``None``: ``NIGHTSHIFT_DOCKER_CONN_ID`` of the worker, else its environment.
     docker_conn_id: str | None = None
@@ -117,11 +284,29 @@ class NightshiftOperator(BaseOperator):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "execute" in cls.__dict__:
-            cls.execute = _fail_fast(cls.__dict__["execute"])  # type: ignore[method-assign]
+            cls.execute = _fail_fast(_sync_store(cls.__dict__["execute"]))  # type: ignore[method-assign]
 
     @cached_property
     def settings(self) -> Settings:
         return Settings.from_env()
+
+    @cached_property
+    def store(self) -> Any:
+        """The artifact store (:mod:`nightshift.store`); an ``s3://`` root reads its credentials
+        from the connection ``NIGHTSHIFT_ARTIFACT_CONN_ID`` when set (:func:`artifact_s3_options`),
+        else from the worker's environment. Built on first use, never at parse time."""
+        from nightshift.store import is_remote
+
+        s = self.settings
+        return s.store(s3=artifact_s3_options() if is_remote(s.artifact_uri) else None)
+
+    def publish(self, path: str | os.PathLike) -> str:
+        """Publish ``path`` (a file or folder of the working copy) now, e.g. a checkpoint mid-task;
+        returns its URI (the path itself on a local root)."""
+        if self._run_sync is not None and Path(path).is_file():
+            uris = self._run_sync.push(Path(path))
+            return uris[0] if uris else self.store.to_uri(path)
+        return self.store.publish(path)
 
     def run_dir(self, context: Any, *parts: str) -> Path:
         path = run_dir(self.settings.artifact_root, self.dag_id, context["run_id"]).joinpath(*parts)

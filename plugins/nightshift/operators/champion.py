@@ -61,6 +61,6 @@ class SetChampionOperator(NightshiftOperator):
         dag_run = context.get("dag_run")
         actor = getattr(dag_run, "triggering_user_name", None) or "unknown"
         return champion.change_champion(
-            self.mlflow, model_name=self.model_name, artifact_root=self.settings.artifact_root,
+            self.mlflow, model_name=self.model_name, artifact_root=self.store,
             version=str(self.version or "").strip() or None, action=self.action, reason=str(self.reason or ""),
             actor=actor, deploy=target, deployer=deployer, dag_id=self.dag_id, run_id=context["run_id"])

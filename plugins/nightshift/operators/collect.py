@@ -4,6 +4,7 @@ from typing import Any, Sequence
 
 from nightshift.operators.assets import SNAPSHOT_ASSET
 from nightshift.operators.base import NightshiftOperator, shape3
+from nightshift.errors import ConfigError
 
 
 class CollectDataOperator(NightshiftOperator):
@@ -29,6 +30,8 @@ class CollectDataOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("source", "image_shape", "classes", "val_fraction", "test_fraction", "conn_id",
                                       "workers", "shard_mb", "partition_window", "incremental")
+    #: ``source`` is read where it is (it may be a bucket the artifact store also lives in)
+    store_inputs: Sequence[str] = ()
 
     def __init__(self, *, source: str | dict[str, Any] = "bundled", image_shape: Any = None,
                  classes: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -49,9 +52,20 @@ class CollectDataOperator(NightshiftOperator):
 
     def _root(self, path: str):
         if "://" in path and not path.startswith("file://"):
-            from airflow.sdk import ObjectStoragePath
+            from airflow.sdk import BaseHook, ObjectStoragePath
 
-            return ObjectStoragePath(path, conn_id=self.conn_id) if self.conn_id else ObjectStoragePath(path)
+            if not self.conn_id:
+                return ObjectStoragePath(path)
+            # the amazon provider falls back to anonymous / default credentials for an unknown
+            # connection id: a typo must fail here, naming it, not 10 s later as a network error
+            try:
+                BaseHook.get_connection(self.conn_id)
+            except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core)
+                if type(exc).__name__ != "AirflowNotFoundException":
+                    raise
+                raise ConfigError(f"source {path}: connection {self.conn_id!r} (conn_id) is not defined; add it "
+                                  f"(Admin > Connections, or AIRFLOW_CONN_{self.conn_id.upper()})") from None
+            return ObjectStoragePath(path, conn_id=self.conn_id)
         from pathlib import Path
 
         return Path(path.removeprefix("file://"))
@@ -59,7 +73,7 @@ class CollectDataOperator(NightshiftOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.data import sources
         from nightshift.data.collect import collect_imagefolder
-        from nightshift.data.snapshot import write_snapshot
+        from nightshift.data.snapshot import publish_snapshot, write_snapshot
         from nightshift.settings import to_bool
 
         src = sources.parse_source(self.source)
@@ -78,7 +92,8 @@ class CollectDataOperator(NightshiftOperator):
                 self._root(src["path"]), shape, root, class_names=classes, context=who,
                 workers=int(self.workers) if self.workers not in (None, "") else None,
                 shard_mb=float(self.shard_mb), partition_window=int(window) if window not in (None, "") else None,
-                incremental=to_bool(self.incremental), progress=lambda msg: self.log.info("%s", msg), **split)
+                incremental=to_bool(self.incremental), progress=lambda msg: self.log.info("%s", msg),
+                store=self.store, **split)  # publishes the collection (object store) under the source's lock
             incremental = stats.to_dict()
         else:
             if src["kind"] == "bundled":
@@ -88,6 +103,8 @@ class CollectDataOperator(NightshiftOperator):
                 data = sources.load_torchvision(src["name"], data_root, shape, limit=src.get("limit"),
                                                 download=src.get("download", True), options=src.get("options"))
             snap = write_snapshot(data, root, shard_mb=float(self.shard_mb), context=who, **split)
+            publish_snapshot(self.store, snap)
+        uri = self.store.to_uri(snap.path)  # the path itself on a local root
         m = snap.manifest
         for bad in m["undecodable"][:50]:
             self.log.warning("Undecodable file %s: %s", bad["path"], bad["error"])
@@ -97,8 +114,8 @@ class CollectDataOperator(NightshiftOperator):
         self.log.info("Collection %s (data %s, %d shard(s)): %s", snap.collection_id[:12], snap.digest[:12],
                       len(snap.shard_digests), m["counts"])
         context["outlet_events"][SNAPSHOT_ASSET].extra = {"digest": snap.digest, "collection_id": snap.collection_id,
-                                                          "uri": str(snap.path)}
-        return {"snapshot_uri": str(snap.path), "digest": snap.digest, "collection_id": snap.collection_id,
+                                                          "uri": uri}
+        return {"snapshot_uri": uri, "digest": snap.digest, "collection_id": snap.collection_id,
                 "class_names": m["class_names"], "image_shape": m["image_shape"], "counts": m["counts"],
                 "source": m["source"], "undecodable": len(m["undecodable"]), "shards": len(snap.shard_digests),
                 # the promote step compares it with the champion's (a run on other data waits for a person)

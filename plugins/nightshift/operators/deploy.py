@@ -9,7 +9,8 @@ from nightshift.operators.links import ModelVersionLink, NightshiftViewLink
 def local_deployer(operator: NightshiftOperator, *, model_name: str, port: Any, request_log_sample: Any = None):
     """The :class:`nightshift.deploy.LocalDeployer` of ``model_name`` on the operator's Docker daemon
     (:meth:`NightshiftOperator.docker_client`: its ``docker_conn_id``, else the worker's), serving in
-    the deployed configuration (``ServingConfig.from_env``)."""
+    the deployed configuration (``ServingConfig.from_env``); its state and lock go through the
+    artifact store, its proxy config and request log stay in this worker's working copy."""
     from nightshift.containers import ServingConfig
     from nightshift.deploy import LocalDeployer
     from nightshift.errors import ConfigError
@@ -20,7 +21,7 @@ def local_deployer(operator: NightshiftOperator, *, model_name: str, port: Any, 
     except ValueError as exc:
         raise ConfigError(f"request_log_sample: {exc}") from exc
     return LocalDeployer(operator.docker_client(), model_name=model_name,
-                         artifact_root=operator.settings.artifact_root, port=int(port),
+                         artifact_root=operator.store, port=int(port),
                          proxy_image=operator.settings.base_image, config=config)
 
 
@@ -90,9 +91,10 @@ class DeployModelOperator(NightshiftOperator):
             manifests = render_kubernetes(self.model_name, target.image, registry_version=target.version,
                                           namespace=str(self.namespace))
             path = write_manifests(manifests, self.run_dir(context, "deploy") / "manifests.yaml")
-            self.log.info("rendered %s for %s (kubectl apply -f %s)", [m["kind"] for m in manifests], target.image,
-                          path)
-            return {"target": "kubernetes", "manifests": str(path), "image": target.image,
+            uri = self.store.publish(path)  # readable from any worker (the path on a local root)
+            self.log.info("rendered %s for %s (kubectl apply -f %s; %s)", [m["kind"] for m in manifests],
+                          target.image, path, uri)
+            return {"target": "kubernetes", "manifests": uri, "image": target.image,
                     "model_name": self.model_name, "version": target.version, "registry_version": target.version,
                     "status": "rendered"}
         if self.target != "docker":

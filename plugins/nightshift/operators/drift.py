@@ -28,11 +28,13 @@ class DriftCheckOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import registry
-        from nightshift.data.snapshot import load_snapshot
+        from nightshift.data.snapshot import fetch_snapshot, load_snapshot
         from nightshift.drift import check_drift
         from nightshift.errors import DataError
+        from nightshift.store import StoreError
 
-        current = load_snapshot(self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"])
+        snapshot_uri = self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"]
+        current = load_snapshot(fetch_snapshot(self.store, snapshot_uri))
         champion = registry.get_champion(self.mlflow, self.model_name)
         reference = None
         ref_desc: dict[str, Any] = {"champion_version": None, "reference_snapshot": None}
@@ -44,9 +46,11 @@ class DriftCheckOperator(NightshiftOperator):
                 if not ref_uri:
                     raise DataError(f"champion v{champion['version']} of {self.model_name} has no "
                                     "'nightshift.snapshot_uri' tag: its training data is unknown")
-                reference = load_snapshot(ref_uri).profile(locations=False)
+                reference = load_snapshot(fetch_snapshot(self.store, ref_uri)).profile(locations=False)
                 reference = reference[reference["split"] == "train"]
-            except DataError as exc:
+            except (DataError, StoreError) as exc:
+                if isinstance(exc, StoreError) and exc.retryable:  # the store is down: retry, do not guess
+                    raise
                 # Drift is evidence, not a gate: the champion's data may predate this snapshot
                 # format or be gone. Say so loudly; promotion still re-scores the champion itself.
                 unavailable = str(exc)

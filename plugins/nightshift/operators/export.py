@@ -59,7 +59,7 @@ class ExportONNXOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import registry
-        from nightshift.data.snapshot import load_snapshot
+        from nightshift.data.snapshot import fetch_snapshot, load_snapshot
         from nightshift.errors import ParityError
         from nightshift.export import export_and_verify, validate_opset
         from nightshift.settings import to_bool
@@ -71,7 +71,8 @@ class ExportONNXOperator(NightshiftOperator):
         quantize = to_bool(self.quantize)
         max_drop = self._number(self.int8_max_accuracy_drop, "int8_max_accuracy_drop", 0.0, 1.0)
         train = self.require(self.training, "training", "train_gpu")
-        snap = load_snapshot(self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"])
+        snapshot_uri = self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"]
+        snap = load_snapshot(fetch_snapshot(self.store, snapshot_uri))
         ckpt = load_checkpoint(train["checkpoint"])
         out_dir = self.run_dir(context, "model")
         c = self.mlflow

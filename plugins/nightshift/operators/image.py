@@ -98,10 +98,9 @@ class BuildInferenceImageOperator(NightshiftOperator):
         :returns: ``None`` when the registry cannot be read: which image is the
             champion's is then unknown, so nothing is removed (fail closed).
         """
-        import json
-
         from nightshift import contracts, registry
         from nightshift.errors import RegistryError
+        from nightshift.store import StoreError
 
         keep = {result["image"], result["image_id"], *(self.protect or [])}
         try:
@@ -114,13 +113,12 @@ class BuildInferenceImageOperator(NightshiftOperator):
             tags = (mv or {}).get("tags") or {}
             keep.update(t for t in (tags.get(contracts.tag(contracts.VersionTag.IMAGE)),
                                     tags.get(contracts.tag(contracts.VersionTag.IMAGE_ID))) if t)
-        state_path = contracts.deployment_path(self.settings.artifact_root, self.model_name)
-        if state_path.is_file():
-            try:
-                state = json.loads(state_path.read_text())
-            except (OSError, ValueError) as exc:
-                self.log.warning("Retention skipped: the deployment state %s is unreadable (%s)", state_path, exc)
-                return None
+        try:  # from the store: the deploy that wrote it may have run on another worker
+            state = contracts.read_deployment(self.store, self.model_name)
+        except StoreError as exc:
+            self.log.warning("Retention skipped: the deployment state of %s is unreadable (%s)", self.model_name, exc)
+            return None
+        if state is not None:
             for entry in (state, state.get("previous") or {}):
                 keep.update(v for v in (entry.get("image"), entry.get("image_id")) if v)
         keep.discard(None)

@@ -9,7 +9,9 @@ the plugin it would only look for a pushed ``_link_*`` XCom).
 run's artifact folder (``runs/<dag_id>/<run_id>/``, :data:`RUN_REPORTS`) or
 through the task's ``return_value`` XCom, and are served by the plugin under
 ``/nightshift/reports/``; MLflow pages go to ``NIGHTSHIFT_MLFLOW_UI_URL``. A link
-whose target does not exist (yet) is empty, which the UI shows disabled.
+whose target does not exist (yet) is empty, which the UI shows disabled. With an
+object-store artifact root the report is looked up in the store (one request) and
+the XCom holds its URI.
 Importing this module is cheap (no MLflow, no Airflow core).
 """
 
@@ -70,15 +72,29 @@ class NightshiftReportLink(BaseOperatorLink):
         from nightshift.settings import Settings
         from nightshift.ui.data import report_rel_path, run_folder
 
-        root = Settings.from_env().artifact_root
+        settings = Settings.from_env()
         rel = None
-        folder = run_folder(root, ti_key.run_id, ti_key.dag_id)
-        if folder is not None:
-            rel = report_rel_path(root, folder / RUN_REPORTS[self.report])
-        if rel is None and self.xcom_path_key:
-            value = return_value(ti_key)
-            if isinstance(value, dict):
-                rel = report_rel_path(root, value.get(self.xcom_path_key))
+        try:
+            store = settings.store()
+            root: Any = store
+            if store.remote:
+                from nightshift.artifacts import run_path
+
+                report = run_path(store.local_root, ti_key.dag_id, ti_key.run_id) / RUN_REPORTS[self.report]
+                if store.exists(store.rel(report) or ""):
+                    rel = report_rel_path(store, store.to_uri(report))
+            else:
+                root = settings.artifact_root
+                folder = run_folder(root, ti_key.run_id, ti_key.dag_id)
+                if folder is not None:
+                    rel = report_rel_path(root, folder / RUN_REPORTS[self.report])
+            if rel is None and self.xcom_path_key:
+                value = return_value(ti_key)
+                if isinstance(value, dict):
+                    rel = report_rel_path(root, value.get(self.xcom_path_key))
+        except Exception:  # noqa: BLE001 - a link must never break the task page (store down, bad config)
+            log.exception("could not find the %s report of %s", self.report, ti_key)
+            return ""
         return plugin_url(f"reports/{rel}") if rel else ""
 
 

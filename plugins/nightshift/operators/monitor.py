@@ -12,6 +12,15 @@ class DriftMonitorOperator(NightshiftOperator):
     class mix and embeddings. Writes an HTML + JSON report and a line in the drift
     timeline. Skips (not fails) when there is no champion yet.
 
+    The request log is a folder on the Docker host that serves the champion (the serving
+    container's bind mount, :func:`nightshift.contracts.request_log_dir`); it is never in the
+    artifact store. So this task runs where it is written, on the Docker queue
+    (``NIGHTSHIFT_DOCKER_QUEUE``, as ``deploy`` does), and publishes what it judged to the
+    store: the window of request-log records it read (``request_window.parquet``), the reports,
+    and the timeline point, so the evidence is readable from any worker and from the
+    Nightshift view. The champion's reference frame is cached in the store too (keyed by its
+    version and ONNX digest).
+
     :param model_name: registered model whose ``champion`` is served. (templated)
     :param window_start: start of the traffic window, ISO time; default the run's
         data interval start. (templated)
@@ -19,8 +28,8 @@ class DriftMonitorOperator(NightshiftOperator):
     :param min_rows: fewer requests than this in the window -> "not enough data". (templated)
     :param drift_share_threshold: share of drifted features that counts as drift. (templated)
     :param embedding_threshold: ROC AUC of the embedding drift classifier that counts as drift. (templated)
-    :param request_log_dir: where the serving container writes its request log; default
-        ``<artifact_root>/request_logs/<model_name>``. (templated)
+    :param request_log_dir: where the serving container writes its request log, on this
+        worker's Docker host; default ``<working copy>/request_logs/<model_name>``. (templated)
     """
 
     template_fields: Sequence[str] = ("model_name", "window_start", "window_end", "min_rows", "drift_share_threshold",
@@ -62,16 +71,19 @@ class DriftMonitorOperator(NightshiftOperator):
         if not snap_uri:
             raise DataError(f"champion v{champion['version']} has no {contracts.tag('snapshot_uri')} tag: "
                             "its reference data cannot be found")
-        root = self.settings.artifact_root
+        store = self.store
+        root = store.local_root
         base = contracts.drift_timeline_path(root, self.model_name).parent
         cache = base / f"reference-v{champion['version']}-{sha[:12]}.parquet"  # keyed by everything it depends on
-        if cache.is_file():
+        if store.fetch(store.to_uri(cache), required=False).is_file():  # built by an earlier check, any worker
             reference = monitoring.champion_reference(None, None, cache)
         else:
             onnx = fetch_model_onnx(c, self.model_name, champion["version"], base / "champion" / champion["version"])
             reference = monitoring.champion_reference(load_snapshot(snap_uri), onnx, cache)
+            store.publish(cache)
         log_dir = Path(self.request_log_dir or contracts.request_log_dir(root, self.model_name))
-        current = monitoring.read_request_log(log_dir, start, end, model_name=self.model_name)
+        window = monitoring.read_request_log(log_dir, start, end, model_name=self.model_name)
+        current = window
         served_by = {}
         if "model_version" in current.columns and sha:
             served_by = current["model_version"].astype(str).value_counts().to_dict()
@@ -89,18 +101,24 @@ class DriftMonitorOperator(NightshiftOperator):
                 f"; {sum(others.values())} other request(s) in the window were answered by other model versions "
                 f"(by ONNX sha256 prefix: {others}), not by the champion v{champion['version']} ({sha[:12]}): is the "
                 "deployment serving the champion? promote_model and rollback_model redeploy it")
+        # the evidence leaves this host: what was read (every served version's records) and the reports
+        monitoring.write_request_window(window, out / monitoring.REQUEST_WINDOW)
+        store.publish(out)
+        for k in ("report_html", "report_json"):
+            if result.get(k):
+                result[k] = store.to_uri(result[k])
         result.update({"model_name": self.model_name, "champion_version": champion["version"],
                        "window_start": start.isoformat(), "window_end": end.isoformat(),
-                       "served_versions": served_by, "request_log_dir": str(log_dir)})
-        from nightshift.artifacts import append_jsonl
-
-        append_jsonl(contracts.drift_timeline_path(root, self.model_name), {
+                       "served_versions": served_by, "request_log_dir": str(log_dir),
+                       "request_window": store.to_uri(out / monitoring.REQUEST_WINDOW)})
+        contracts.append_drift_point(store, self.model_name, {
             "time": end.isoformat(), "window_start": start.isoformat(), "window_end": end.isoformat(),
             "status": result["status"], "drift_detected": result["drift_detected"],
             "drifted_share": result.get("drifted_share"), "embedding_drift_score": result.get("embedding_drift_score"),
             "n": result["n_current"], "champion_version": champion["version"], "report": result.get("report_html"),
             "message": result.get("message"),
-            "dag_id": self.dag_id, "run_id": context["run_id"]})
+            "dag_id": self.dag_id, "run_id": context["run_id"]},
+            key=f"{self.dag_id}/{context['run_id']}/{self.task_id}/{start.isoformat()}/{end.isoformat()}")
         if result["status"] == "not_enough_data":
             self.log.info("not enough traffic: %s", result["message"])
         else:

@@ -72,7 +72,7 @@ class PromoteModelOperator(NightshiftOperator):
             self.mlflow, model_name=self.model_name, snapshot=snapshot, training=train, export=export, image=image,
             system_eval=served, drift=self.drift, validation=self.validation, overrides=self.thresholds,
             gates_file=gates_file, require_approval=self.require_approval, run_id=context["run_id"],
-            dag_id=self.dag_id, run_dir=self.run_dir(context), artifact_root=self.settings.artifact_root,
+            dag_id=self.dag_id, run_dir=self.run_dir(context), artifact_root=self.store,
             logger=self.log)
         if outcome.get("awaiting_approval"):
             self.log.warning("BLESSED %s v%s: waiting for approval before champion moves (task approve_promotion): %s",

@@ -67,11 +67,12 @@ class SystemEvalOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.containers import ServingConfig
-        from nightshift.data.snapshot import load_snapshot
+        from nightshift.data.snapshot import fetch_snapshot, load_snapshot
         from nightshift.system_eval import run_system_eval
 
         image = self.require(self.image, "image", "build_inference_image")["image"]
-        snap = load_snapshot(self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"])
+        snapshot_uri = self.require(self.snapshot, "snapshot", "collect_data")["snapshot_uri"]
+        snap = load_snapshot(fetch_snapshot(self.store, snapshot_uri))
         onnx_path = None
         if self.export:  # given: the skew check must run (no onnx_path is an upstream fault)
             onnx_path = self.require(self.export.get("onnx_path") if isinstance(self.export, dict) else None,

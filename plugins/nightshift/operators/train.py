@@ -21,6 +21,10 @@ class TrainGPUOperator(NightshiftOperator):
     :func:`train_task`); :class:`~nightshift.operators.train_pod.TrainGPUPodOperator`
     runs the same training in a pod of its own.
 
+    With an object-store artifact root the snapshot is fetched into this worker's working copy,
+    and ``last.pt`` is published after every epoch: a retry on another worker gets it with the
+    run folder (:func:`~nightshift.operators.base._sync_store`) and resumes from that epoch.
+
     :param snapshot: the ``collect_data`` result (XCom). (templated)
     :param hparams: overrides of ``nightshift.training.DEFAULT_HPARAMS``
         (``epochs``, ``model``, ``lr`` ...). (templated)
@@ -49,21 +53,46 @@ class TrainGPUOperator(NightshiftOperator):
         self._stop = False
 
     def execute(self, context: Any) -> dict[str, Any]:
+        from nightshift.data.snapshot import fetch_snapshot
         from nightshift.settings import to_bool
-        from nightshift.train_run import run_training
+        from nightshift.train_run import default_artifact_location, run_training
+        from nightshift.training import LAST_CHECKPOINT
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
+        snapshot_uri = str(snap_info["snapshot_uri"])
+        # the snapshot's local copy (fetched on an object store); a retry elsewhere got this run's
+        # last.pt with the run folder before execute, so it resumes where the last try stopped
+        snapshot_path = fetch_snapshot(self.store, snapshot_uri)
         nproc = self._processes()
         if nproc > 1:
-            return self._torchrun(context, snap_info["snapshot_uri"], nproc)
+            return self._torchrun(context, snapshot_uri, nproc, snapshot_path)
+        out_dir = self.run_dir(context, "train")
         return run_training(
-            self.mlflow, snap_info["snapshot_uri"], self.run_dir(context, "train"), self.hparams,
+            self.mlflow, snapshot_uri, out_dir, self.hparams,
             model_name=self.model_name, run_name=f"{context['run_id']}", require_gpu=to_bool(self.require_gpu),
             tags={"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
                   "nightshift.task": self.task_id},
-            artifact_location=(self.settings.home / "mlartifacts").as_uri(),
-            should_stop=lambda: self._stop, log=self.log,
+            artifact_location=default_artifact_location(self.settings.mlflow_tracking_uri, self.settings.home),
+            should_stop=lambda: self._stop, log=self.log, snapshot_path=snapshot_path,
+            after_epoch=lambda epoch: self._publish_resume_state(out_dir / LAST_CHECKPOINT),
         )
+
+    def _publish_resume_state(self, last: Any) -> None:
+        """Publish ``last.pt`` after an epoch (object store): a retry on another worker resumes
+        from it. A failed upload is logged, not fatal: the next epoch tries again."""
+        if not self.store.remote or not last.is_file():
+            return
+        from nightshift.store import StoreError
+
+        try:
+            for _ in range(3):  # torchrun writes it from another process: publish until it held still
+                before = _identity(last)
+                self.publish(last)
+                if _identity(last) == before:
+                    break
+        except StoreError as exc:
+            self.log.warning("could not publish the resume checkpoint %s (a retry elsewhere starts from an earlier "
+                             "epoch): %s", last, exc)
 
     def _processes(self) -> int:
         from nightshift.settings import positive_int
@@ -75,7 +104,7 @@ class TrainGPUOperator(NightshiftOperator):
             return max(1, gpu_count())
         return positive_int(value, "data_parallel", "'auto' or a positive integer")
 
-    def _torchrun(self, context: Any, snapshot_uri: str, nproc: int) -> dict[str, Any]:
+    def _torchrun(self, context: Any, snapshot_uri: str, nproc: int, snapshot_path: Any = None) -> dict[str, Any]:
         """Train with ``torchrun --nproc_per_node=nproc -m nightshift.train_cli``; rank 0 records the
         MLflow run and writes the result this task returns."""
         import json
@@ -87,6 +116,7 @@ class TrainGPUOperator(NightshiftOperator):
         from nightshift.distributed import launch_command
         from nightshift.errors import ConfigError, TrainingProcessFailed
         from nightshift.settings import to_bool
+        from nightshift.training import LAST_CHECKPOINT
 
         out_dir = self.run_dir(context, "train")
         result_path = out_dir / "train_result.json"
@@ -96,6 +126,8 @@ class TrainGPUOperator(NightshiftOperator):
                 "--run-name", str(context["run_id"]), "--result-path", str(result_path),
                 "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={context['run_id']}",
                 "--tag", f"nightshift.task={self.task_id}"]
+        if snapshot_path is not None and str(snapshot_path) != snapshot_uri:
+            args += ["--snapshot-path", str(snapshot_path)]
         if to_bool(self.require_gpu):
             args.append("--require-gpu")
         plugins = str(Path(nightshift.__file__).resolve().parents[1])
@@ -105,10 +137,15 @@ class TrainGPUOperator(NightshiftOperator):
         self._proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                       start_new_session=True)
         tail: list[str] = []
+        last = out_dir / LAST_CHECKPOINT
+        seen = _identity(last)
         for line in self._proc.stdout:
             line = line.rstrip()
             self.log.info("%s", line)
             tail = (tail + [line])[-40:]
+            if self.store.remote and _identity(last) != seen:  # an epoch ended: publish its last.pt
+                seen = _identity(last)
+                self._publish_resume_state(last)
         code = self._proc.wait()
         if code == 0 and result_path.is_file():
             return json.loads(result_path.read_text())
@@ -129,6 +166,14 @@ class TrainGPUOperator(NightshiftOperator):
             import signal
 
             os.killpg(self._proc.pid, signal.SIGTERM)  # torchrun forwards it to every rank
+
+
+def _identity(path: Any) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def train_task(placement: "TrainPlacement", **common: Any) -> Any:

@@ -20,6 +20,11 @@ from nightshift.train_cli import XCOM_RETURN_PATH
 
 #: Variables passed from the worker's environment into the training pod (when set there).
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI", "NIGHTSHIFT_HOME", "NIGHTSHIFT_ARTIFACT_ROOT")
+#: With an object-store artifact root, also these (where the store is; never its keys).
+FORWARDED_S3_ENV = ("NIGHTSHIFT_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION",
+                    "AWS_REGION")
+#: The training pod's working copy of an object-store artifact root (a pod's own disk).
+POD_ARTIFACT_CACHE = "/tmp/nightshift-artifact-cache"
 
 
 class TrainGPUPodOperator(KubernetesPodOperator):
@@ -30,9 +35,15 @@ class TrainGPUPodOperator(KubernetesPodOperator):
     [--require-gpu] --result-path /airflow/xcom/return.json`` in ``image``; the provider's XCom
     sidecar returns that JSON (``do_xcom_push`` is always on). The CLI logs to the MLflow server
     named by ``MLFLOW_TRACKING_URI`` (forwarded from the worker, with ``MLFLOW_REGISTRY_URI``,
-    ``NIGHTSHIFT_HOME`` and ``NIGHTSHIFT_ARTIFACT_ROOT``). The artifact root must be the same
-    path for the workers and the pod: ``artifact_pvc`` is mounted at the worker's
-    ``NIGHTSHIFT_ARTIFACT_ROOT`` (unless ``artifact_mount_path`` says otherwise).
+    ``NIGHTSHIFT_HOME`` and ``NIGHTSHIFT_ARTIFACT_ROOT``). With a local artifact root it must be
+    the same path for the workers and the pod: ``artifact_pvc`` is mounted at the worker's
+    ``NIGHTSHIFT_ARTIFACT_ROOT`` (unless ``artifact_mount_path`` says otherwise). With an
+    ``s3://`` root nothing is mounted: the pod reads the snapshot from and writes ``train/``
+    (``last.pt`` after every epoch) to the object store itself, given the root, the endpoint and
+    region (from the worker's environment or the ``NIGHTSHIFT_ARTIFACT_CONN_ID`` connection) and
+    the keys from the Kubernetes Secret ``artifact_secret`` (its ``AWS_ACCESS_KEY_ID`` /
+    ``AWS_SECRET_ACCESS_KEY`` as environment); without one the pod's own identity (e.g. its
+    service account's IAM role) must reach the bucket. The worker's keys never go into the pod spec.
 
     The command line, environment and volumes are built when the pod is (after templates are
     rendered, so ``snapshot`` may be ``collect_data.output``); ``dry_run()`` prints the pod
@@ -53,6 +64,9 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         nothing (the image or a pod template provides the artifact root).
     :param artifact_mount_path: where the claim is mounted; default the worker's
         ``NIGHTSHIFT_ARTIFACT_ROOT``.
+    :param artifact_secret: with an ``s3://`` artifact root, the Secret whose keys become the pod's
+        environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``); default
+        ``$NIGHTSHIFT_ARTIFACT_SECRET`` of the worker.
     :param env: more environment variables for the pod (after the forwarded ones). (templated)
     :param kwargs: any other :class:`KubernetesPodOperator` argument (``namespace``,
         ``service_account_name``, ``secrets``, ``image_pull_secrets`` ...).
@@ -68,7 +82,7 @@ class TrainGPUPodOperator(KubernetesPodOperator):
                  node_selector: dict[str, str] | None = None, tolerations: list[dict[str, Any]] | None = None,
                  memory: str | None = None, cpu: str | None = None, artifact_pvc: str | None = None,
                  artifact_mount_path: str | None = None, env: dict[str, str] | None = None,
-                 **kwargs: Any) -> None:
+                 artifact_secret: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("name", "train-gpu")
         kwargs.setdefault("labels", {"app.kubernetes.io/part-of": "nightshift",
                                      "app.kubernetes.io/component": "train"})
@@ -86,15 +100,21 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         self.gpus = gpus
         self.artifact_pvc = artifact_pvc
         self.artifact_mount_path = artifact_mount_path
+        self.artifact_secret = artifact_secret
         self.env = env or {}
 
     def cli_arguments(self, run_id: str) -> list[str]:
         """The ``train_cli`` arguments for the rendered ``snapshot``/``hparams``/``require_gpu``."""
-        from nightshift.artifacts import run_dir
+        from nightshift.artifacts import run_dir, run_path
         from nightshift.settings import Settings, to_bool
+        from nightshift.store import is_remote
 
         snap_info = NightshiftOperator.require(self.snapshot, "snapshot", "collect_data")
-        out_dir = run_dir(Settings.from_env().artifact_root, self.dag_id, run_id) / "train"
+        settings = Settings.from_env()
+        if is_remote(settings.artifact_uri):  # the pod fetches and publishes through the store: URIs
+            out_dir: Any = settings.store().to_uri(run_path(settings.artifact_root, self.dag_id, run_id) / "train")
+        else:
+            out_dir = run_dir(settings.artifact_root, self.dag_id, run_id) / "train"
         args = ["--snapshot-uri", str(snap_info["snapshot_uri"]), "--out-dir", str(out_dir),
                 "--hparams", json.dumps(dict(self.hparams or {}), default=str), "--model-name", str(self.model_name),
                 "--run-name", run_id, "--result-path", XCOM_RETURN_PATH,
@@ -109,9 +129,20 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         import os
 
         from nightshift.settings import Settings
+        from nightshift.store import is_remote
 
         settings = Settings.from_env()
         env = {k: os.environ[k] for k in FORWARDED_ENV if os.environ.get(k)}
+        if is_remote(settings.artifact_uri):
+            from nightshift.operators.base import artifact_s3_options
+
+            env["NIGHTSHIFT_ARTIFACT_ROOT"] = settings.artifact_uri
+            env["NIGHTSHIFT_ARTIFACT_CACHE"] = POD_ARTIFACT_CACHE
+            env.update({k: os.environ[k] for k in FORWARDED_S3_ENV if os.environ.get(k)})
+            conn = artifact_s3_options()  # the connection's endpoint and region (its keys: artifact_secret)
+            if conn is not None:
+                env.update({k: v for k, v in (("NIGHTSHIFT_S3_ENDPOINT_URL", conn.endpoint_url),
+                                              ("AWS_DEFAULT_REGION", conn.region_name)) if v})
         env.setdefault("NIGHTSHIFT_ARTIFACT_ROOT", str(settings.artifact_root))
         env.setdefault("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri)
         env["MLFLOW_ENABLE_ASYNC_LOGGING"] = "false"
@@ -121,11 +152,27 @@ class TrainGPUPodOperator(KubernetesPodOperator):
 
     def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False):
         from nightshift.settings import Settings
+        from nightshift.store import is_remote
 
         run_id = str(context["run_id"]) if context and context.get("run_id") else "dry_run"
         self.arguments = self.cli_arguments(run_id)
         self.env_vars = self.pod_env()
-        if self.artifact_pvc:
+        if is_remote(Settings.from_env().artifact_uri):
+            import os
+
+            from kubernetes.client import models as k8s
+
+            secret = self.artifact_secret or os.environ.get("NIGHTSHIFT_ARTIFACT_SECRET") or None
+            if secret:
+                self.env_from = [e for e in self.env_from if getattr(getattr(e, "secret_ref", None), "name", None)
+                                 != secret] + [k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))]
+            else:
+                self.log.warning("object-store artifact root without artifact_secret / NIGHTSHIFT_ARTIFACT_SECRET: the "
+                                 "training pod reaches the bucket with its own identity (service account)")
+            if self.artifact_pvc:
+                self.log.info("artifact_pvc %s is not mounted: the artifact root is %s", self.artifact_pvc,
+                              Settings.from_env().artifact_uri)
+        elif self.artifact_pvc:
             volume, mount = artifact_volume(self.artifact_pvc,
                                             self.artifact_mount_path or str(Settings.from_env().artifact_root))
             self.volumes = [v for v in self.volumes if getattr(v, "name", None) != volume.name] + [volume]
@@ -143,7 +190,10 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         try:
             super().cleanup(pod, remote_pod, xcom_result=xcom_result, context=context)
         except Exception as exc:
-            from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+            from airflow.sdk.exceptions import (
+                AirflowFailException,
+                AirflowSkipException,
+            )
 
             from nightshift.train_cli import EXIT_CONFIG
 

@@ -44,10 +44,10 @@ class ValidateDataOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift import quality
-        from nightshift.data.snapshot import load_snapshot
+        from nightshift.data.snapshot import fetch_snapshot, load_snapshot
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
-        snap = load_snapshot(snap_info["snapshot_uri"])
+        snap = load_snapshot(fetch_snapshot(self.store, snap_info["snapshot_uri"]))
         suite: dict[str, Any] = {}
         if self.max_outlier_share not in (None, "", "None"):
             try:

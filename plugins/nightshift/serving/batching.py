@@ -30,7 +30,7 @@ import collections
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -60,7 +60,7 @@ class _Item:
     pixels: np.ndarray
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
-    enqueued: float = field(default_factory=time.perf_counter)
+    enqueued: float
 
 
 def _resolve(fut: asyncio.Future, value: Any, exc: BaseException | None) -> None:
@@ -103,6 +103,7 @@ class DynamicBatcher:
     :param instances: batches that may run at once (worker threads).
     :param share_queue: with several instances, a batch takes at most its share of the
         waiting images (:meth:`_share`); ``False``: as many as ``max_batch_size`` allows.
+    :param clock: seconds, monotonic (:func:`time.perf_counter`); tests pass a fake one.
     """
 
     def __init__(
@@ -116,6 +117,7 @@ class DynamicBatcher:
         observe: Callable[[int, float], None] | None = None,
         instances: int = 1,
         share_queue: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
     ):
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -132,6 +134,7 @@ class DynamicBatcher:
         self.max_queue_wait_s = float(max_queue_wait_ms) / 1000.0
         self.instances = int(instances)
         self.share_queue = bool(share_queue)
+        self._clock = clock
         self._per_image_s = 0.0  # moving average of inference time per image
         self.expired = 0  # requests answered 503 because they waited too long
         self.observe = observe
@@ -174,7 +177,7 @@ class DynamicBatcher:
         :raises InferenceFailed: the batch failed.
         """
         loop = asyncio.get_running_loop()
-        item = _Item(pixels, loop.create_future(), loop)
+        item = _Item(pixels, loop.create_future(), loop, self._clock())
         n = int(pixels.shape[0])
         with self._cond:
             if announced:
@@ -210,7 +213,7 @@ class DynamicBatcher:
         # inference, as long as a newcomer would have waited for the worker
         # anyway; requests that arrive meanwhile find several requests in
         # flight and go through the queue, so they are batched.
-        start = time.perf_counter()
+        start = self._clock()
         try:
             outputs = self.predict(item.pixels)
         except InferenceError:
@@ -223,7 +226,7 @@ class DynamicBatcher:
                 self._running -= 1
                 if self._queue:  # a worker held back by the running count may go on
                     self._cond.notify()
-        elapsed = time.perf_counter() - start
+        elapsed = self._clock() - start
         n = int(item.pixels.shape[0])
         self._learn(elapsed, n)
         if self.observe is not None:
@@ -278,7 +281,7 @@ class DynamicBatcher:
                         batch.append(item)
                         size += n
                     continue
-                remaining = deadline - time.perf_counter()
+                remaining = deadline - self._clock()
                 if self._incoming <= 0 or remaining <= 0 or self._stopping:
                     break
                 self._cond.wait(remaining)
@@ -306,7 +309,7 @@ class DynamicBatcher:
         """Drop a request whose client is gone or that waited too long (called under the lock)."""
         if item.future.done():  # cancelled: the handler is gone
             return True
-        waited = time.perf_counter() - item.enqueued
+        waited = self._clock() - item.enqueued
         if waited <= self.max_queue_wait_s:
             return False
         self.expired += 1
@@ -331,7 +334,7 @@ class DynamicBatcher:
                         self._cond.notify_all()
 
     def _execute(self, batch: list[_Item]) -> None:
-        start = time.perf_counter()
+        start = self._clock()
         try:
             pixels = batch[0].pixels if len(batch) == 1 else np.concatenate([i.pixels for i in batch])
             outputs = self.predict(pixels)
@@ -343,7 +346,7 @@ class DynamicBatcher:
             err = InferenceFailed(f"inference failed: {type(exc).__name__}: {exc}")
             _deliver([(item, None, err) for item in batch])
             return
-        elapsed = time.perf_counter() - start
+        elapsed = self._clock() - start
         total = sum(int(i.pixels.shape[0]) for i in batch)
         self._learn(elapsed, total)
         if self.observe is not None:

@@ -9,6 +9,10 @@ Reports under ``runs/`` also need read access to the DAG their run folder's
 ``run.json`` records (never the folder's name: names are sanitised); a folder
 that records none needs access to every DAG whose runs could be in it.
 
+Everything shown is read through the artifact store (``Settings.store()``): with an
+``s3://`` root, a report is downloaded (sha256-verified) into the API server's own working
+copy before it is served.
+
 Built lazily by the plugin, only in the API server; MLflow is imported inside
 the request handlers.
 """
@@ -104,12 +108,12 @@ def _known_dag_ids() -> list[str]:
         return list(session.scalars(select(DagModel.dag_id)))
 
 
-def _authorize_report(user: Any, root: Path, parts: tuple[str, ...]) -> None:
+def _authorize_report(user: Any, store: Any, parts: tuple[str, ...]) -> None:
     """403 unless ``user`` may read the DAG runs the report at ``parts`` (relative to
     the artifact root, symlinks resolved) belongs to."""
     if parts[0] != "runs":
         return
-    dag_id = data.report_dag_id(root, "/".join(parts))
+    dag_id = data.report_dag_id(store, "/".join(parts))
     if dag_id is not None:
         _require_dag(user, dag_id)
         return
@@ -135,7 +139,7 @@ def _overview() -> dict[str, Any]:
     from nightshift import registry
 
     s = _settings()
-    return data.build_overview(s, registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri))
+    return data.build_overview(s.store(), registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri))
 
 
 def create_app() -> FastAPI:
@@ -169,12 +173,12 @@ def create_app() -> FastAPI:
 
     @app.get("/reports/{rel_path:path}")
     def report(request: Request, rel_path: str, raw: bool = False, user: Any = Depends(require_user)) -> Response:
-        root = _settings().artifact_root
-        path = data.resolve_report(root, rel_path)
+        store = _settings().store()
+        path = data.resolve_report(store, rel_path)  # fetched into the working copy from an object store
         if path is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "No such report")
-        parts = path.relative_to(Path(root).resolve()).parts  # authorize on where the file really is
-        _authorize_report(user, Path(root), parts)
+        parts = path.relative_to(store.local_root.resolve()).parts  # authorize on where the file really is
+        _authorize_report(user, store, parts)
         if path.suffix == ".json" and not raw:
             try:
                 body = json.loads(path.read_text(encoding="utf-8"))

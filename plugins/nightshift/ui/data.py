@@ -1,14 +1,20 @@
 """What the Nightshift view shows, assembled from the registry and the artifact root.
 
-Airflow-free: :func:`build_overview` takes the settings and an MLflow client and
+Airflow-free: :func:`build_overview` takes the artifact store and an MLflow client and
 returns plain JSON-able dicts; the FastAPI app renders them. Every source may be
 missing (no model registered yet, no deployment, no drift check): the view then
 says "none yet" rather than failing.
 
+Everything is read through the artifact store (:mod:`nightshift.store`): with an
+``s3://`` root the view (in the Airflow API server) has its own working copy, and the
+history, deployment state, drift timeline and reports are the ones the workers
+published, not files of this machine.
+
 Report files are addressed by their path relative to the artifact root
 (``runs/<dag>/<run>/...``, ``drift/...``, ``registry/...``);
-:func:`resolve_report` is the only way from such a path to a file, and it refuses
-anything outside those folders.
+:func:`resolve_report` is the only way from such a path to a file (fetched into the
+working copy when the root is an object store), and it refuses anything outside
+those folders.
 """
 
 from __future__ import annotations
@@ -27,11 +33,12 @@ from nightshift.contracts import (
     RUN_REPORTS,
     TAG_PREFIX,
     VersionTag,
-    deployment_path,
-    drift_timeline_path,
-    history_path,
-    read_jsonl,
+    as_store,
+    read_deployment,
+    read_drift_timeline,
+    read_history,
 )
+from nightshift.store import Store, StoreError
 
 #: Top-level folders of the artifact root whose files the plugin serves.
 SERVED_FOLDERS = ("runs", "drift", "registry")
@@ -63,18 +70,34 @@ def mlflow_version_url(model_name: str, version: str) -> str:
 # --------------------------------------------------------------------------- reports
 
 
-def resolve_report(artifact_root: str | os.PathLike, rel_path: str) -> Path | None:
+def _served_parts(rel_path: str) -> list[str] | None:
+    """``rel_path``'s parts when it names something inside a served folder, else None."""
+    if not rel_path or "\x00" in rel_path or rel_path.startswith(("/", "\\")):
+        return None
+    parts = rel_path.replace("\\", "/").split("/")
+    if ".." in parts:
+        return None  # the caller authorizes on the path's folders: they must be the real ones
+    return parts
+
+
+def resolve_report(artifact_root: Store | str | os.PathLike, rel_path: str) -> Path | None:
     """The file ``rel_path`` names under the artifact root, or None.
 
     None unless the resolved path (symlinks followed) is a regular file inside
     ``<root>/runs``, ``<root>/drift`` or ``<root>/registry``: ``..``, absolute
-    paths and links that leave those folders are refused.
+    paths and links that leave those folders are refused. With an object store the
+    object is downloaded into the working copy first (only a single object, never a folder).
     """
-    if not rel_path or "\x00" in rel_path or rel_path.startswith(("/", "\\")):
+    parts = _served_parts(rel_path)
+    if parts is None:
         return None
-    if ".." in rel_path.replace("\\", "/").split("/"):
-        return None  # the caller authorizes on the path's folders: they must be the real ones
-    root = Path(artifact_root).resolve()
+    store = as_store(artifact_root)
+    if store.remote:
+        if len(parts) < 2 or parts[0] not in SERVED_FOLDERS or any(p in ("", ".") for p in parts):
+            return None
+        path = store.fetch_file("/".join(parts))
+        return path.resolve() if path is not None else None
+    root = store.local_root.resolve()
     try:
         target = (root / rel_path).resolve()
     except (OSError, RuntimeError):
@@ -86,11 +109,20 @@ def resolve_report(artifact_root: str | os.PathLike, rel_path: str) -> Path | No
     return None
 
 
-def report_rel_path(artifact_root: str | os.PathLike, path: str | os.PathLike | None) -> str | None:
-    """``path`` (absolute or relative to the root) as a served report path, or None."""
+def report_rel_path(artifact_root: Store | str | os.PathLike, path: str | os.PathLike | None) -> str | None:
+    """``path`` (a URI, a path under the root, or a path relative to it) as a served report
+    path, or None. With an object store the object is not looked up (one request per history
+    line): a report that is gone answers 404 when opened."""
     if not path:
         return None
-    root = Path(artifact_root).resolve()
+    store = as_store(artifact_root)
+    if store.remote:
+        text = str(path)
+        rel = store.rel(text) if "://" in text or text.startswith("/") else text
+        parts = _served_parts(rel or "")
+        ok = parts is not None and len(parts) >= 2 and parts[0] in SERVED_FOLDERS and "" not in parts
+        return "/".join(parts) if ok else None
+    root = store.local_root.resolve()
     p = Path(str(path).removeprefix("file://"))
     p = (p if p.is_absolute() else root / p).resolve()
     if not p.is_relative_to(root):
@@ -99,8 +131,47 @@ def report_rel_path(artifact_root: str | os.PathLike, path: str | os.PathLike | 
     return rel if resolve_report(root, rel) else None
 
 
+def _run_meta(store: Store, folder_rel: str) -> dict[str, str] | None:
+    """The ``run.json`` of a run folder (relative to the root), as :func:`read_run_meta` reads it."""
+    if store.remote:
+        f = store.fetch_file(f"{folder_rel}/run.json")
+        return read_run_meta(f.parent) if f is not None else None
+    return read_run_meta(store.local_root.resolve() / folder_rel)
+
+
+def _find_run(store: Store, run_id: str, dag_id: str | None = None) -> dict[str, str] | None:
+    """The reports (:data:`RUN_REPORTS` name -> path relative to the root) that the folder of DAG
+    run ``run_id`` (of ``dag_id``, or of any DAG) holds; None when there is no such folder.
+
+    Without ``dag_id`` the first DAG folder (sorted) holding a folder for ``run_id`` whose
+    ``run.json`` does not name another run is taken. With an object store: one listing of the
+    DAG folders and one of each candidate run folder, no download.
+    """
+    if not store.remote:
+        folder = run_folder(store.local_root, run_id, dag_id)
+        if folder is None:
+            return None
+        root = store.local_root.resolve()
+        out = {}
+        for name, rel in RUN_REPORTS.items():
+            f = folder / rel
+            if f.is_file() and f.resolve().is_relative_to(root):
+                out[name] = f.resolve().relative_to(root).as_posix()
+        return out
+    dags = [folder_name(dag_id)] if dag_id else sorted(store.children("runs"))
+    for d in dags:
+        folder = f"runs/{d}/{folder_name(run_id)}"
+        files = store.files(folder)
+        if not files:
+            continue
+        meta = _run_meta(store, folder) if not dag_id and f"{folder}/run.json" in files else None
+        if meta is None or meta["run_id"] == run_id:
+            return {name: f"{folder}/{rel}" for name, rel in RUN_REPORTS.items() if f"{folder}/{rel}" in files}
+    return None
+
+
 def run_folder(artifact_root: str | os.PathLike, run_id: str, dag_id: str | None = None) -> Path | None:
-    """The artifact folder of DAG run ``run_id`` (of ``dag_id``, or of any DAG).
+    """The artifact folder of DAG run ``run_id`` (of ``dag_id``, or of any DAG) under a local root.
 
     Without ``dag_id`` the first DAG folder (sorted) holding a folder for
     ``run_id`` whose ``run.json`` does not name another run is taken.
@@ -119,46 +190,46 @@ def run_folder(artifact_root: str | os.PathLike, run_id: str, dag_id: str | None
     return None
 
 
-def report_dag_id(artifact_root: str | os.PathLike, rel_path: str) -> str | None:
+def report_dag_id(artifact_root: Store | str | os.PathLike, rel_path: str) -> str | None:
     """The DAG a served report under ``runs/`` belongs to, as its run folder's
     ``run.json`` records it; None when the folder records none, or one whose
     folder name is not where that DAG's runs go (the caller then fails closed)."""
     parts = Path(rel_path).parts
     if len(parts) < 4 or parts[0] != "runs":  # runs/<dag folder>/<run folder>/<file...>
         return None
-    meta = read_run_meta(Path(artifact_root).resolve().joinpath(*parts[:3]))
+    meta = _run_meta(as_store(artifact_root), "/".join(parts[:3]))
     if meta is None or run_path("", meta["dag_id"], meta["run_id"]).parts[-2:] != tuple(parts[1:3]):
         return None
     return meta["dag_id"]
 
 
-def run_reports(artifact_root: str | os.PathLike, run_id: str | None, dag_id: str | None = None) -> list[dict[str, str]]:
-    """The reports a run left behind: ``[{"name", "label", "path"}]`` (paths relative to the root)."""
+def run_reports(artifact_root: Store | str | os.PathLike, run_id: str | None, dag_id: str | None = None, *,
+                found: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The reports a run left behind: ``[{"name", "label", "path"}]`` (paths relative to the root).
+
+    :param found: the run's reports (:func:`_find_run`) when already looked up.
+    """
     if not run_id:
         return []
-    folder = run_folder(artifact_root, run_id, dag_id)
-    if folder is None:
-        return []
-    root = Path(artifact_root).resolve()
-    out = []
-    for name, label in REPORT_LABELS.items():
-        f = folder / RUN_REPORTS[name]
-        if f.is_file():
-            out.append({"name": name, "label": label, "path": f.resolve().relative_to(root).as_posix()})
-    return out
+    found = found if found is not None else _find_run(as_store(artifact_root), run_id, dag_id)
+    return [{"name": name, "label": label, "path": found[name]}
+            for name, label in REPORT_LABELS.items() if name in (found or {})]
 
 
-def validation_outliers(artifact_root: str | os.PathLike, run_id: str | None, dag_id: str | None = None,
-                        show: int = 10) -> dict[str, Any] | None:
+def validation_outliers(artifact_root: Store | str | os.PathLike, run_id: str | None, dag_id: str | None = None,
+                        show: int = 10, *, found: dict[str, str] | None = None) -> dict[str, Any] | None:
     """The appearance outliers a run's validation report lists (tolerated or not), or None when the
     run left no readable report: ``{"outliers", "checks": [{"check", "column", "range", "outliers",
     "share", "max_share", "passed", "images" (the first ``show``), "more"}]}``."""
-    folder = run_folder(artifact_root, run_id, dag_id) if run_id else None
-    if folder is None:
+    store = as_store(artifact_root)
+    if found is None and run_id:
+        found = _find_run(store, run_id, dag_id)
+    if not run_id or not found or "validation" not in found:
         return None
     try:
-        body = json.loads((folder / RUN_REPORTS["validation"]).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        path = resolve_report(store, found["validation"])
+        body = json.loads(path.read_text(encoding="utf-8")) if path is not None else None
+    except (OSError, ValueError, StoreError):
         return None
     summary = body.get("summary", body) if isinstance(body, dict) else {}
     entries = summary.get("appearance") if isinstance(summary, dict) else None
@@ -232,13 +303,15 @@ def approval_text(ns: dict[str, str]) -> str | None:
     return None
 
 
-def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
+def version_view(artifact_root: Store | str | os.PathLike, model_name: str, mv: Any,
                  aliases_by_version: dict[str, list[str]]) -> dict[str, Any]:
     """One model version as the view shows it."""
+    store = as_store(artifact_root)
     tags = dict(mv.tags or {})
     ns = {k[len(TAG_PREFIX):]: v for k, v in tags.items() if k.startswith(TAG_PREFIX)}
     version = str(mv.version)
     run_id = ns.get(VersionTag.DAG_RUN)
+    found = _find_run(store, run_id) if run_id else None  # one look-up for the reports and the outliers
     return {
         "version": version,
         "aliases": aliases_by_version.get(version, []),
@@ -261,39 +334,39 @@ def version_view(artifact_root: str | os.PathLike, model_name: str, mv: Any,
         "mlflow_run_id": mv.run_id,
         "mlflow_run_url": mlflow_run_url(mv.run_id) if mv.run_id else None,
         "mlflow_version_url": mlflow_version_url(model_name, version),
-        "reports": run_reports(artifact_root, run_id),
-        "validation": validation_outliers(artifact_root, run_id),
+        "reports": run_reports(store, run_id, found=found),
+        "validation": validation_outliers(store, run_id, found=found),
     }
 
 
-def _history(artifact_root: Path, model_name: str, limit: int) -> list[dict[str, Any]]:
-    events = list(read_jsonl(history_path(artifact_root, model_name)))[-limit:][::-1]
+def _history(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
+    events = read_history(store, model_name)[-limit:][::-1]
     for e in events:
         extra = e.get("extra") if isinstance(e.get("extra"), dict) else {}
-        e["report_path"] = report_rel_path(artifact_root, extra.get("report"))
+        e["report_path"] = report_rel_path(store, extra.get("report"))
     return events
 
 
-def _drift(artifact_root: Path, model_name: str, limit: int) -> list[dict[str, Any]]:
-    points = list(read_jsonl(drift_timeline_path(artifact_root, model_name)))[-limit:][::-1]
+def _drift(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
+    points = read_drift_timeline(store, model_name)[-limit:][::-1]
     for p in points:
-        p["report_path"] = report_rel_path(artifact_root, p.get("report"))
+        p["report_path"] = report_rel_path(store, p.get("report"))
     return points
 
 
-def _deployment(artifact_root: Path, model_name: str) -> dict[str, Any] | None:
-    p = deployment_path(artifact_root, model_name)
+def _deployment(store: Store, model_name: str) -> dict[str, Any] | None:
     try:
-        state = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return state if isinstance(state, dict) else None
+        return read_deployment(store, model_name)
+    except StoreError as exc:
+        if exc.retryable:  # the store is unreachable: an error, not "nothing deployed"
+            raise
+        return None  # an unreadable state shows as none
 
 
-def model_view(settings: Any, client: Any, model: Any, *, max_versions: int = 30,
+def model_view(artifact_root: Store | str | os.PathLike, client: Any, model: Any, *, max_versions: int = 30,
                max_events: int = 50) -> dict[str, Any]:
     """One registered model: aliases, versions (newest first), deployment, history, drift timeline."""
-    root = Path(settings.artifact_root)
+    root = as_store(artifact_root)
     name = model.name
     aliases = {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
     by_version: dict[str, list[str]] = {}
@@ -315,24 +388,29 @@ def model_view(settings: Any, client: Any, model: Any, *, max_versions: int = 30
     }
 
 
-def _model_names_on_disk(artifact_root: Path) -> set[str]:
+def _model_names_on_disk(store: Store) -> set[str]:
     """Models with a history, deployment or drift timeline but (maybe) nothing registered."""
     names: set[str] = set()
     for folder in ("registry", "deployments", "drift"):
-        d = artifact_root / folder
+        if store.remote:
+            names.update(store.children(folder))
+            continue
+        d = store.local_root / folder
         if d.is_dir():
             names.update(p.name for p in d.iterdir() if p.is_dir())
     return names
 
 
-def build_overview(settings: Any, client: Any) -> dict[str, Any]:
+def build_overview(artifact_root: Store | str | os.PathLike, client: Any) -> dict[str, Any]:
     """Everything the Nightshift view shows, for every registered model.
+
+    :param artifact_root: the artifact store (``Settings.store()``), or a local root folder.
 
     A registry that cannot be read is reported in ``error`` (the rest of the
     page still renders); models known only from files (history, deployment,
     drift) are listed too, with no versions.
     """
-    root = Path(settings.artifact_root)
+    root = as_store(artifact_root)
     models: list[dict[str, Any]] = []
     error = None
     try:
@@ -341,7 +419,7 @@ def build_overview(settings: Any, client: Any) -> dict[str, Any]:
         registered = []
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
     for m in registered:
-        models.append(model_view(settings, client, m))
+        models.append(model_view(root, client, m))
     known = {m["name"] for m in models}
 
     class _Unregistered:
@@ -354,10 +432,10 @@ def build_overview(settings: Any, client: Any) -> dict[str, Any]:
             return []
 
     for name in sorted(_model_names_on_disk(root) - known):
-        models.append(model_view(settings, _NoVersions(), _Unregistered(name)))
+        models.append(model_view(root, _NoVersions(), _Unregistered(name)))
     return {
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-        "artifact_root": str(root),
+        "artifact_root": root.uri,
         "mlflow_ui_url": mlflow_ui_url(),
         "registry_error": error,
         "models": models,

@@ -1,0 +1,155 @@
+"""Collecting an ImageFolder from object storage (nightshift.data.sources / data.collect) against a
+real S3 endpoint (SeaweedFS, the ``s3_server`` fixture), the way ``collect_data`` reaches it: an
+Airflow connection (``AIRFLOW_CONN_<ID>``) and ``ObjectStoragePath(uri, conn_id=...)``."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from nightshift.data.collect import collect_imagefolder
+from nightshift.errors import DataError
+
+SHAPE = (16, 16, 3)
+CONN_ID = "nightshift_test_s3"
+
+
+def _upload(server, folder: Path, prefix: str) -> None:
+    s3 = server.client()
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            s3.put_object(Bucket=server.bucket, Key=f"{prefix}/{f.relative_to(folder).as_posix()}", Body=f.read_bytes())
+
+
+@pytest.fixture
+def s3_source(s3_server, monkeypatch):
+    """(ObjectStoragePath factory, upload prefix): a fresh prefix in the test bucket, reached through an
+    aws connection given as an environment variable (JSON form) with the endpoint in its extra."""
+    from airflow.sdk import ObjectStoragePath
+
+    monkeypatch.setenv(f"AIRFLOW_CONN_{CONN_ID.upper()}", json.dumps({
+        "conn_type": "aws", "login": s3_server.access_key, "password": s3_server.secret_key,
+        "extra": {"endpoint_url": s3_server.endpoint, "region_name": "us-east-1"}}))
+    prefix = f"src-{uuid.uuid4().hex[:8]}"
+    return (lambda: ObjectStoragePath(f"s3://{s3_server.bucket}/{prefix}", conn_id=CONN_ID)), prefix
+
+
+def _content(snap):
+    prof = snap.profile()
+    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
+
+
+def test_an_s3_source_collects_what_the_same_local_tree_collects(s3_server, s3_source, make_imagefolder, tmp_path):
+    root, prefix = s3_source
+    folder = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=2)
+    (folder / "1" / "notes.txt").write_text("not an image")
+    _upload(s3_server, folder, prefix)
+
+    local, lstats = collect_imagefolder(folder, SHAPE, tmp_path / "local", workers=1)
+    remote, rstats = collect_imagefolder(root(), SHAPE, tmp_path / "s3", workers=2)
+
+    assert rstats.decoded == lstats.decoded == 120 and rstats.undecodable == 3
+    assert remote.manifest["class_names"] == local.manifest["class_names"] == ["0", "1", "2"]
+    assert remote.manifest["undecodable"] == local.manifest["undecodable"]
+    assert {u["path"] for u in remote.manifest["undecodable"]} == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
+    assert remote.digest == local.digest and _content(remote) == _content(local)
+    assert remote.manifest["source"]["root"].startswith("s3://") and prefix in remote.manifest["source"]["root"]
+    etags = remote.profile()["file_mtime"]
+    assert (etags.str.len() > 0).all()  # the object's ETag: what incremental collection compares
+
+
+def test_recollecting_an_s3_source_decodes_only_new_and_changed_objects(s3_server, s3_source, make_imagefolder,
+                                                                        tmp_path):
+    root, prefix = s3_source
+    folder = make_imagefolder(classes=("0", "1"), per_class=30)
+    _upload(s3_server, folder, prefix)
+    snaps = tmp_path / "snaps"
+    first, stats = collect_imagefolder(root(), SHAPE, snaps, workers=1)
+    assert stats.decoded == 60 and stats.reused == 0
+
+    again, stats = collect_imagefolder(root(), SHAPE, snaps, workers=1)
+    assert stats.decoded == 0 and stats.reused == 60 and again.digest == first.digest
+
+    more = make_imagefolder(classes=("2",), per_class=7, name="more")
+    _upload(s3_server, more, prefix)  # a new class with 7 images
+    s3 = s3_server.client()
+    victim = f"{prefix}/0/{sorted((folder / '0').iterdir())[0].name}"
+    donor = sorted((folder / "1").iterdir())[0].read_bytes()
+    s3.put_object(Bucket=s3_server.bucket, Key=victim, Body=donor)  # changed content, same key
+    grown, stats = collect_imagefolder(root(), SHAPE, snaps, workers=2)
+    assert stats.decoded == 8 and stats.reused == 59  # exactly the 7 new objects and the changed one
+    assert grown.manifest["class_names"] == ["0", "1", "2"]
+    assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
+    fresh, _ = collect_imagefolder(root(), SHAPE, tmp_path / "fresh", workers=1, incremental=False)
+    assert _content(grown) == _content(fresh)
+
+
+def test_an_object_deleted_after_the_listing_is_reported_not_dropped(s3_server, s3_source, make_imagefolder,
+                                                                    tmp_path, monkeypatch):
+    from nightshift.data import sources
+
+    root, prefix = s3_source
+    folder = make_imagefolder(classes=("0", "1"), per_class=10)
+    _upload(s3_server, folder, prefix)
+    gone = f"{prefix}/1/{sorted((folder / '1').iterdir())[3].name}"
+    listing = sources.list_imagefolder
+
+    def list_then_delete(*a, **kw):
+        out = listing(*a, **kw)
+        s3_server.client().delete_object(Bucket=s3_server.bucket, Key=gone)
+        return out
+
+    monkeypatch.setattr("nightshift.data.collect.list_imagefolder", list_then_delete)
+    snap, stats = collect_imagefolder(root(), SHAPE, tmp_path / "snaps", workers=1)
+    assert stats.decoded == 19
+    [bad] = snap.manifest["undecodable"]
+    assert bad["path"] == gone.split("/", 1)[1] and bad["error"].startswith("could not read: FileNotFoundError")
+
+
+def test_read_many_keeps_order_and_reports_each_failure(s3_server, s3_source, make_imagefolder):
+    from nightshift.data.sources import ObjectFile, read_many
+
+    root, prefix = s3_source
+    folder = make_imagefolder(classes=("0",), per_class=5)
+    _upload(s3_server, folder, prefix)
+    fs = root().fs
+    names = sorted(p.name for p in (folder / "0").iterdir())
+    paths = [ObjectFile(fs, f"{s3_server.bucket}/{prefix}/0/{n}", {}) for n in names]
+    paths.insert(2, ObjectFile(fs, f"{s3_server.bucket}/{prefix}/0/missing.png", {}))
+    paths.append(folder / "0" / names[0])  # a local file in the same batch
+    got = read_many(paths, concurrency=3)
+    assert [g for g in got if isinstance(g, bytes)] == [(folder / "0" / n).read_bytes() for n in [*names, names[0]]]
+    assert isinstance(got[2], FileNotFoundError)
+
+
+def test_an_unreachable_endpoint_is_a_retryable_error_naming_the_uri(monkeypatch, tmp_path):
+    import socket
+
+    from airflow.sdk import ObjectStoragePath
+
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there
+    monkeypatch.setenv("AIRFLOW_CONN_NIGHTSHIFT_DEAD_S3", json.dumps({
+        "conn_type": "aws", "login": "AKIDEAD", "password": "dead-secret-key",
+        "extra": {"endpoint_url": f"http://127.0.0.1:{port}", "region_name": "us-east-1",
+                  "config_kwargs": {"retries": {"max_attempts": 1, "mode": "standard"}}}}))
+    src = ObjectStoragePath("s3://nowhere-bucket/images", conn_id="nightshift_dead_s3")
+    with pytest.raises(DataError, match=r"imagefolder source 's3://nightshift_dead_s3@nowhere-bucket/images' "
+                                        r"cannot be read: .*Could not connect") as err:
+        collect_imagefolder(src, SHAPE, tmp_path / "snaps", workers=1)
+    assert err.value.retryable
+
+
+def test_an_undefined_source_connection_fails_at_once_naming_it(monkeypatch):
+    from nightshift.errors import ConfigError
+    from nightshift.operators import CollectDataOperator
+
+    monkeypatch.delenv("AIRFLOW_CONN_NO_SUCH_CONN", raising=False)
+    op = CollectDataOperator(task_id="collect_data", source="s3://bucket/pets", conn_id="no_such_conn")
+    with pytest.raises(ConfigError, match="connection 'no_such_conn'.*not defined"):
+        op._root("s3://bucket/pets")

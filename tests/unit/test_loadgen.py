@@ -1,0 +1,151 @@
+"""The load client (:mod:`nightshift.loadgen`, an asyncio protocol): it reads responses that
+arrive in pieces, honours ``Connection: close`` and counts a broken answer as a connection
+error instead of crashing. Each run is bounded by its number of requests; its duration only
+bounds a hang."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from nightshift.loadgen import run_load
+
+
+class _ScriptedServer:
+    """A loopback HTTP server whose answers are scripted per connection (in a thread)."""
+
+    def __init__(self, respond):
+        self.respond = respond
+        self.connections = 0
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(reader, writer):
+            self.connections += 1
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    await reader.readexactly(length)
+                    if not await self.respond(writer):
+                        break
+            except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                writer.close()
+
+        async def start():
+            self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            self.port = self.server.sockets[0].getsockname()[1]
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def __enter__(self):
+        self.thread.start()
+        self.ready.wait(5)
+        return f"http://127.0.0.1:{self.port}"
+
+    def __exit__(self, *exc):
+        async def shutdown():
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(shutdown(), self.loop).result(5)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+REQUEST = b"POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 3\r\n\r\nabc"
+#: a run ends after its ``max_requests``; the duration and the per-request timeout only bound a hang
+UNHURRIED = {"duration_s": 60, "warmup_s": 0, "timeout_s": 10}
+
+
+def test_load_client_reads_answers_that_arrive_in_pieces():
+    async def respond(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Ty")
+        await writer.drain()
+        await asyncio.sleep(0.002)
+        writer.write(b"pe: text/plain\r\nCONTENT-LENGTH: 5\r\n\r\nhe")
+        await writer.drain()
+        await asyncio.sleep(0.002)
+        writer.write(b"llo")
+        return True
+
+    with _ScriptedServer(respond) as url:
+        res = run_load(url, REQUEST, concurrency=2, max_requests=20, **UNHURRIED).summary()
+    assert res["ok"] > 10 and res["errors"] == 0 and res["connection_errors"] == 0 and res["timeouts"] == 0
+
+
+def test_load_client_reconnects_after_connection_close():
+    async def respond(writer):
+        writer.write(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        return False  # and hang up, as announced
+
+    srv = _ScriptedServer(respond)
+    with srv as url:
+        res = run_load(url, REQUEST, concurrency=1, max_requests=8, **UNHURRIED).summary()
+    assert res["ok"] > 5 and res["connection_errors"] == 0 and res["errors"] == 0
+    assert srv.connections == res["ok"]  # one connection per answered request
+
+
+@pytest.mark.parametrize("answer, needle", [
+    (b"garbage\r\n\r\n", "malformed response head"),
+    (b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nshort", "IncompleteReadError"),
+])
+def test_load_client_counts_broken_answers_as_connection_errors(answer, needle):
+    async def respond(writer):
+        writer.write(answer)
+        await writer.drain()
+        return False  # close: a short body is cut off
+
+    with _ScriptedServer(respond) as url:
+        res = run_load(url, REQUEST, concurrency=1, max_requests=3, **UNHURRIED).summary()
+    assert res["ok"] == 0 and res["connection_errors"] >= 2 and res["timeouts"] == 0
+    assert any(needle in s for s in res["error_samples"]), res["error_samples"]
+
+
+def test_the_client_protocol_parses_an_answer_fed_byte_by_byte():
+    """The network may join the pieces the scripted server sends; here every byte of an
+    answer reaches the protocol on its own, and the answer completes with the last one."""
+    from nightshift.loadgen import _Connection
+
+    class Transport:
+        def __init__(self):
+            self.sent: list[bytes] = []
+
+        def write(self, data: bytes) -> None:
+            self.sent.append(data)
+
+        def close(self) -> None:
+            pass
+
+    answer = b"HTTP/1.1 200 OK\r\nContent-Ty" b"pe: text/plain\r\nCONTENT-LENGTH: 5\r\n\r\nhello"
+
+    async def main():
+        conn = _Connection()
+        conn.connection_made(Transport())
+        fut = conn.request(REQUEST)
+        for i in range(len(answer)):
+            assert not fut.done(), f"answered after {i} of {len(answer)} bytes"
+            conn.data_received(answer[i:i + 1])
+        return await fut, conn.transport.sent
+
+    (status, body, close), sent = asyncio.run(main())
+    assert (status, body, close) == (200, b"hello", False)
+    assert sent == [REQUEST]
