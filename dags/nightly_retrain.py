@@ -189,13 +189,13 @@ def nightly_retrain():
     def cooldown(**context) -> bool:
         """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
         from nightshift.gates import drift_retrain_cooldown
-        from nightshift.settings import Settings
+        from nightshift.operators.base import artifact_store
 
         # Airflow gives asset-triggered runs (no logical date) no previous successful run, so
         # the start of the last retrain that passed this gate is recorded by the gate itself
         prev = getattr(context.get("prev_start_date_success"), "__wrapped__", context.get("prev_start_date_success"))
         proceed, reason = drift_retrain_cooldown(
-            Settings.from_env().store(), context["dag"].dag_id, run_type=str(context["dag_run"].run_type),
+            artifact_store(), context["dag"].dag_id, run_type=str(context["dag_run"].run_type),
             run_id=context["run_id"], last_success_start=prev,
             cooldown_hours=context["params"]["retrain_cooldown_hours"])
         print(reason)

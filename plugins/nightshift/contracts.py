@@ -143,9 +143,10 @@ def append_history(store: str | os.PathLike | Store, event: HistoryEvent) -> boo
     return as_store(store).append_record(history_rel(event.model), asdict(event), key=event.key)
 
 
-def read_history(store: str | os.PathLike | Store, model_name: str) -> list[dict[str, Any]]:
-    """The promotion history of ``model_name``, oldest first (``[]`` when there is none)."""
-    return as_store(store).read_records(history_rel(model_name))
+def read_history(store: str | os.PathLike | Store, model_name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+    """The promotion history of ``model_name``, oldest first (``[]`` when there is none); ``limit``:
+    only the newest events."""
+    return as_store(store).read_records(history_rel(model_name), limit=limit)
 
 
 def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -252,9 +253,10 @@ def append_drift_point(store: str | os.PathLike | Store, model_name: str, point:
     return as_store(store).append_record(drift_timeline_rel(model_name), point, key=key)
 
 
-def read_drift_timeline(store: str | os.PathLike | Store, model_name: str) -> list[dict[str, Any]]:
-    """The drift checks of ``model_name``, oldest first."""
-    return as_store(store).read_records(drift_timeline_rel(model_name))
+def read_drift_timeline(store: str | os.PathLike | Store, model_name: str, *,
+                        limit: int | None = None) -> list[dict[str, Any]]:
+    """The drift checks of ``model_name``, oldest first; ``limit``: only the newest."""
+    return as_store(store).read_records(drift_timeline_rel(model_name), limit=limit)
 
 
 def request_log_dir(artifact_root: str | os.PathLike, model_name: str) -> Path:

@@ -87,6 +87,11 @@ def _is_temp(name: str) -> bool:
     return name.startswith(".") and (name.endswith(".tmp") or name.endswith(".old") or ".tmp" in name)
 
 
+def _in_temp(rel: str) -> bool:
+    """``rel`` is, or is inside, a temporary file or folder of an atomic writer."""
+    return any(_is_temp(part) for part in rel.split("/"))
+
+
 @dataclass(frozen=True)
 class S3Options:
     """How to reach the bucket: endpoint (``None``: AWS), region, keys (``None``: boto3's chain)."""
@@ -185,7 +190,7 @@ class Store:
     def append_record(self, rel: str, record: dict[str, Any], *, key: str | None = None) -> bool:  # pragma: no cover
         raise NotImplementedError
 
-    def read_records(self, rel: str) -> list[dict[str, Any]]:  # pragma: no cover - abstract
+    def read_records(self, rel: str, *, limit: int | None = None) -> list[dict[str, Any]]:  # pragma: no cover
         raise NotImplementedError
 
     def lock(self, rel: str, *, timeout_s: float, purpose: str = "", what: str = "the lock", hint: str = "",
@@ -279,6 +284,8 @@ class LocalStore(Store):
             return json.loads(p.read_text(encoding="utf-8"))
         except ValueError as exc:
             raise StoreError(f"{p} is not valid JSON ({exc})", retryable=False) from exc
+        except OSError as exc:
+            raise StoreError(f"{p} cannot be read ({exc})", retryable=False) from exc
 
     def write_json(self, rel: str, obj: Any) -> str:
         from nightshift.artifacts import atomic_write_json
@@ -320,8 +327,8 @@ class LocalStore(Store):
                 fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         return True
 
-    def read_records(self, rel: str) -> list[dict[str, Any]]:
-        """The records of a JSON Lines file in file order; a torn line is skipped."""
+    def read_records(self, rel: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The records of a JSON Lines file in file order (the last ``limit`` of them); a torn line is skipped."""
         p = self.local_root / rel
         if not p.is_file():
             return []
@@ -335,6 +342,8 @@ class LocalStore(Store):
                     out.append(json.loads(line))
                 except ValueError:
                     continue
+        if limit is not None:
+            return out[-limit:] if limit > 0 else []
         return out
 
     def lock(self, rel: str, *, timeout_s: float, purpose: str = "", what: str = "the lock", hint: str = "",
@@ -507,7 +516,7 @@ class S3Store(Store):
         objects = self._list(rel)
         for obj in objects:
             r = self._rel_of_key(obj["Key"])
-            if _is_temp(Path(r).name):
+            if _in_temp(r):
                 continue
             h = self._head(r)
             if h is not None:
@@ -521,12 +530,19 @@ class S3Store(Store):
         return dest
 
     def _upload(self, path: Path, rel: str) -> None:
-        sha = _cached_sha(path)
-        head = self._head(rel)
-        if head is not None and (head.get("Metadata") or {}).get(SHA_META) == sha:
-            return  # already there
-        self._call(rel, "writing", self.client.upload_file, str(path), self.bucket, self.key(rel),
-                   ExtraArgs={"Metadata": {SHA_META: sha}})
+        """Upload ``path`` with the sha256 of exactly the bytes sent: hashed and sent from one open
+        file, so a writer that replaces the file meanwhile cannot pair new bytes with an old hash."""
+        with open(path, "rb") as f:
+            h = hashlib.sha256()
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+            sha = h.hexdigest()
+            head = self._head(rel)
+            if head is not None and (head.get("Metadata") or {}).get(SHA_META) == sha:
+                return  # already there
+            f.seek(0)
+            self._call(rel, "writing", self.client.upload_fileobj, f, self.bucket, self.key(rel),
+                       ExtraArgs={"Metadata": {SHA_META: sha}})
 
     def publish(self, path: str | os.PathLike) -> str:
         """Upload a file or a folder of the working copy (files whose bytes the store does not hold
@@ -537,8 +553,9 @@ class S3Store(Store):
             raise StoreError(f"{p} is not under the artifact store's working copy {self.local_root}", retryable=False)
         if p.is_dir():
             for f in sorted(p.rglob("*")):
-                if f.is_file() and not f.is_symlink() and not _is_temp(f.name) and not f.name.endswith(".lock"):
-                    self._upload(f, self.rel(f) or "")
+                r = self.rel(f) or ""
+                if f.is_file() and not f.is_symlink() and not _in_temp(r) and not f.name.endswith(".lock"):
+                    self._upload(f, r)
         elif p.is_file():
             self._upload(p, rel)
         else:
@@ -584,10 +601,14 @@ class S3Store(Store):
             raise
         return True
 
-    def read_records(self, rel: str) -> list[dict[str, Any]]:
-        """Every record under ``<rel>.d/`` in time order (the ``time`` field, then the object name)."""
+    def read_records(self, rel: str, *, limit: int | None = None) -> list[dict[str, Any]]:
+        """The records under ``<rel>.d/`` in time order (the ``time`` field, then the object name);
+        with ``limit``, only the newest ``limit`` objects (by write time) are read."""
         out = []
-        for obj in self._list(f"{rel}{RECORDS_SUFFIX}"):
+        objects = self._list(f"{rel}{RECORDS_SUFFIX}")
+        if limit is not None:
+            objects = sorted(objects, key=lambda o: (o.get("LastModified") or 0, o["Key"]))[-limit:] if limit > 0 else []
+        for obj in objects:
             r = self._rel_of_key(obj["Key"])
             try:
                 body = self._call(r, "reading", self.client.get_object, Bucket=self.bucket, Key=obj["Key"])["Body"]
@@ -598,12 +619,41 @@ class S3Store(Store):
         return [rec for _, _, rec in out if isinstance(rec, dict)]
 
     # -- lock -------------------------------------------------------------------------------------------
+    @property
+    def lease_client(self) -> Any:
+        """A client for lease renewals: short timeouts, one attempt (a renewal that cannot finish
+        well inside the lease is a failure to report, not to retry blindly)."""
+        with self._client_lock:
+            if getattr(self, "_lease_client", None) is None:
+                import boto3
+                from botocore.config import Config
+
+                o = self.options
+                t = max(1.0, self.LEASE_S / 6)
+                self._lease_client = boto3.client(
+                    "s3", endpoint_url=o.endpoint_url, region_name=o.region_name, aws_access_key_id=o.access_key,
+                    aws_secret_access_key=o.secret_key, aws_session_token=o.session_token,
+                    config=Config(retries={"max_attempts": 1}, connect_timeout=t, read_timeout=t,
+                                  s3={"addressing_style": "path"}))
+            return self._lease_client
+
+    def _lease_body(self, token: str, purpose: str) -> bytes:
+        return json.dumps({"token": token, "pid": os.getpid(), "host": socket.gethostname(), "purpose": purpose[:200],
+                           "since": datetime.now(timezone.utc).isoformat(),
+                           "expires": time.time() + self.LEASE_S}).encode()
+
     @contextlib.contextmanager
     def lock(self, rel: str, *, timeout_s: float, purpose: str = "", what: str = "the lock", hint: str = "",
              error: type[Exception] | None = None, on_wait: Any = None) -> Iterator[str]:
-        """An exclusive lease on ``rel``: created with ``If-None-Match: *``, renewed every
-        ``LEASE_S / 3`` with ``If-Match``; a lease past its expiry (holder killed) is removed
-        with a conditional delete on the ETag read, so two waiters cannot both take it over.
+        """An exclusive lease on ``rel``: created with ``If-None-Match: *`` and renewed by its holder
+        every ``LEASE_S / 3`` with ``If-Match``.
+
+        A holder that dies stops renewing: a waiter takes the lease over (a conditional delete on the
+        ETag it read, so two waiters cannot both do it) once the lease's own expiry has passed **and**
+        the waiter has seen the same ETag for two renewal periods on its own monotonic clock (so a
+        clock skew between hosts cannot end a live holder's lease). A holder that loses its lease
+        (renewals failed for a whole lease: the store unreachable) gets :class:`StoreError` when its
+        block ends, so what it did is not reported as done under the lock.
 
         :raises StoreLockTimeout: (or ``error``) not acquired within ``timeout_s``; names the holder.
         """
@@ -611,20 +661,24 @@ class S3Store(Store):
         token = uuid.uuid4().hex
         deadline = time.monotonic() + max(0.0, float(timeout_s))
         waited = False
-        etag = None
+        seen: tuple[str | None, float] = (None, 0.0)  # (holder ETag, when this waiter first saw it)
         while True:
-            body = json.dumps({"token": token, "pid": os.getpid(), "host": socket.gethostname(),
-                               "purpose": purpose[:200], "since": datetime.now(timezone.utc).isoformat(),
-                               "expires": time.time() + self.LEASE_S}).encode()
             try:
-                etag = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=body, IfNoneMatch="*")["ETag"]
+                etag = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=self._lease_body(token, purpose),
+                                              IfNoneMatch="*")["ETag"]
                 break
             except Exception as exc:  # noqa: BLE001
                 if _code(exc) not in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
                     raise self._error(exc, rel, "locking") from exc
             holder, holder_etag = self._lock_holder(rel)
-            if holder is not None and float(holder.get("expires", 0)) < time.time() and holder_etag:
-                log.warning("%s (%s): the lease of %s expired; taking it over", what, uri, _holder_text(holder))
+            now = time.monotonic()
+            if holder_etag != seen[0]:
+                seen = (holder_etag, now)
+            stale = (holder is not None and holder_etag and float(holder.get("expires", 0)) < time.time()
+                     and now - seen[1] >= 2 * self.LEASE_S / 3)
+            if stale:
+                log.warning("%s (%s): the lease of %s expired without renewal; taking it over", what, uri,
+                            _holder_text(holder))
                 with contextlib.suppress(Exception):
                     self.client.delete_object(Bucket=self.bucket, Key=self.key(rel), IfMatch=holder_etag)
                 continue
@@ -633,24 +687,36 @@ class S3Store(Store):
                 log.info("%s (%s) is held by %s: waiting up to %.0fs", what, uri, _holder_text(holder), timeout_s)
                 if on_wait is not None:
                     on_wait()
-            if time.monotonic() >= deadline:
+            if now >= deadline:
                 raise (error or StoreLockTimeout)(f"{what} ({uri}) is held by {_holder_text(holder)}; waited "
                                                   f"{timeout_s:.0f}s." + (f" {hint}" if hint else ""))
             time.sleep(0.2)
         stop = threading.Event()
-        state = {"etag": etag, "lost": None}
+        state: dict[str, Any] = {"etag": etag, "renewed": time.monotonic(), "lost": None}
 
         def renew() -> None:
             while not stop.wait(self.LEASE_S / 3):
-                b = json.dumps({"token": token, "pid": os.getpid(), "host": socket.gethostname(),
-                                "purpose": purpose[:200], "since": datetime.now(timezone.utc).isoformat(),
-                                "expires": time.time() + self.LEASE_S}).encode()
                 try:
-                    state["etag"] = self.client.put_object(Bucket=self.bucket, Key=self.key(rel), Body=b,
-                                                           IfMatch=state["etag"])["ETag"]
-                except Exception as exc:  # noqa: BLE001 - lost (taken over) or the store is down: say so
-                    state["lost"] = exc
-                    log.error("%s (%s): renewing the lease failed (%s)", what, uri, exc)
+                    state["etag"] = self.lease_client.put_object(
+                        Bucket=self.bucket, Key=self.key(rel), Body=self._lease_body(token, purpose),
+                        IfMatch=state["etag"])["ETag"]
+                    state["renewed"] = time.monotonic()
+                    continue
+                except Exception as exc:  # noqa: BLE001 - judged below
+                    failure = exc
+                # a renewal whose reply was lost still moved the ETag: adopt it when the lease is ours
+                holder, holder_etag = self._lock_holder(rel)
+                if holder is not None and holder.get("token") == token and holder_etag:
+                    state["etag"] = holder_etag
+                    continue
+                if holder is not None and holder.get("token") != token:
+                    state["lost"] = f"taken over by {_holder_text(holder)}"
+                elif time.monotonic() - state["renewed"] >= self.LEASE_S:
+                    state["lost"] = f"not renewed for {self.LEASE_S:.0f}s ({failure})"
+                if state["lost"]:
+                    log.error("%s (%s): lease lost: %s", what, uri, state["lost"])
+                    return
+                log.warning("%s (%s): renewing the lease failed (%s); retrying", what, uri, failure)
 
         t = threading.Thread(target=renew, name=f"lease-{rel}", daemon=True)
         t.start()
@@ -658,9 +724,13 @@ class S3Store(Store):
             yield uri
         finally:
             stop.set()
-            t.join(timeout=5)
-            with contextlib.suppress(Exception):
-                self.client.delete_object(Bucket=self.bucket, Key=self.key(rel), IfMatch=state["etag"])
+            t.join(timeout=self.LEASE_S)
+            if state["lost"] is None:
+                with contextlib.suppress(Exception):
+                    self.client.delete_object(Bucket=self.bucket, Key=self.key(rel), IfMatch=state["etag"])
+        if state["lost"]:
+            raise StoreError(f"{what} ({uri}) was lost while held: {state['lost']}; another writer may have "
+                             "acted meanwhile, so this one's result is not trusted (retry)")
 
     def _lock_holder(self, rel: str) -> tuple[dict[str, Any] | None, str | None]:
         try:

@@ -424,6 +424,8 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     for k in ("request_window", "report_html"):
         assert checked[k].startswith(f"s3://{BUCKET}/{PREFIX}/"), (k, checked[k])
         assert c.keys(BUCKET, checked[k].removeprefix(f"s3://{BUCKET}/")), (k, checked[k])
+    # and its point of the drift timeline (the Nightshift view reads it from any component)
+    assert c.keys(BUCKET, f"{PREFIX}/drift/{MODEL}/timeline.jsonl"), "no drift timeline point in the bucket"
 
     # 3. roll back to the previous champion (needs a second one: the fault test's retrain, if promoted)
     if len(_versions(c)) < 2 or champion.version == STATE["champion"]:

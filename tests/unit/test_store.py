@@ -136,8 +136,8 @@ def test_publish_uploads_only_what_changed(pair, monkeypatch):
         (d / f"{i}.txt").write_text(str(i))
     a.publish(d)
     sent = []
-    real = a.client.upload_file
-    monkeypatch.setattr(a.client, "upload_file", lambda *x, **k: sent.append(x[2]) or real(*x, **k))
+    real = a.client.upload_fileobj
+    monkeypatch.setattr(a.client, "upload_fileobj", lambda *x, **k: sent.append(x[2]) or real(*x, **k))
     (d / "1.txt").write_text("changed")
     a.publish(d)
     assert sent == [a.key("runs/d/r/1.txt")]
@@ -224,6 +224,7 @@ def test_lock_excludes_across_workers_and_names_the_holder(pair):
 
 def test_lock_of_a_killed_holder_is_taken_over_after_its_lease(pair, monkeypatch):
     a, b = pair
+    monkeypatch.setattr(S3Store, "LEASE_S", 1.5)
     # a holder that died: its lease object stays, its expiry passes, no one renews it
     a.client.put_object(Bucket=a.bucket, Key=a.key("locks/x.lock"), Body=json.dumps(
         {"token": "dead", "pid": 1, "host": "gone", "since": "then", "expires": time.time() + 1.0}).encode())
@@ -250,3 +251,31 @@ def test_a_live_holder_renews_its_lease(pair, monkeypatch):
         with pytest.raises(StoreError, match="long job"):
             with b.lock("locks/y.lock", timeout_s=0):
                 pass
+
+
+def test_a_skewed_clock_alone_does_not_end_a_live_lease(pair, monkeypatch):
+    a, b = pair
+    monkeypatch.setattr(S3Store, "LEASE_S", 3.0)
+    real_time = time.time
+    with a.lock("locks/skew.lock", timeout_s=1, purpose="live holder"):
+        # the waiter's wall clock runs an hour ahead: every expiry looks past, but the holder renews
+        monkeypatch.setattr(st.time, "time", lambda: real_time() + 3600)
+        with pytest.raises(StoreError, match="live holder"):
+            with b.lock("locks/skew.lock", timeout_s=4):
+                pass
+        monkeypatch.setattr(st.time, "time", real_time)
+
+
+def test_a_holder_that_loses_its_lease_is_told(pair, monkeypatch):
+    a, b = pair
+    monkeypatch.setattr(S3Store, "LEASE_S", 1.5)
+    with pytest.raises(StoreError, match="lost while held: taken over"):
+        with a.lock("locks/lost.lock", timeout_s=1, purpose="slow"):
+            [renewer] = [t for t in threading.enumerate() if t.name == "lease-locks/lost.lock"]
+            # another writer replaces the lease (as a takeover after a store outage would)
+            a.client.put_object(Bucket=a.bucket, Key=a.key("locks/lost.lock"), Body=json.dumps(
+                {"token": "other", "pid": 2, "host": "h2", "since": "now", "expires": time.time() + 60}).encode())
+            renewer.join(timeout=30)  # its next renewal finds the lease gone and stops; the bound is for a hang
+            assert not renewer.is_alive()
+    # the other writer's lease is left alone
+    assert json.loads(a.client.get_object(Bucket=a.bucket, Key=a.key("locks/lost.lock"))["Body"].read())["token"] == "other"

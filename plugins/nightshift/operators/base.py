@@ -146,6 +146,15 @@ def artifact_s3_options(conn_id: str | None = None) -> Any:
                      session_token=extra.get("aws_session_token") or None)
 
 
+def artifact_store() -> Any:
+    """The artifact store a task uses (:meth:`NightshiftOperator.store`), for ``@task`` functions:
+    an ``s3://`` root with the credentials of ``NIGHTSHIFT_ARTIFACT_CONN_ID`` when set."""
+    from nightshift.store import is_remote
+
+    s = Settings.from_env()
+    return s.store(s3=artifact_s3_options() if is_remote(s.artifact_uri) else None)
+
+
 def _is_store_uri(store: Any, value: str) -> bool:
     return "://" in value and value.startswith(store.uri.rstrip("/") + "/")
 
@@ -169,10 +178,16 @@ def localize(store: Any, value: Any) -> Any:
     return value
 
 
+#: Top folders of the working copy that belong to the host, not the store: the serving container's
+#: request log (appended to continuously on the Docker host; drift_monitor publishes what it reads).
+HOST_LOCAL = ("request_logs",)
+
+
 def to_uris(store: Any, value: Any, keep_local: Path | None = None) -> Any:
     """``value`` (a task's return value) with every absolute path under ``store``'s working
-    copy replaced by its URI; an existing path outside ``keep_local`` (the run folder, which
-    the caller publishes) is published first. Returns new containers.
+    copy replaced by its URI; an existing file outside ``keep_local`` (the run folder, which
+    the caller publishes) is published first (a folder never: whoever writes one publishes it).
+    Paths under :data:`HOST_LOCAL` stay paths. Returns new containers.
 
     :raises StoreError: a publish failed (names the URI).
     """
@@ -182,9 +197,11 @@ def to_uris(store: Any, value: Any, keep_local: Path | None = None) -> Any:
         rel = store.rel(value)
         if not rel:  # outside the store, or its root itself
             return value
+        if rel.split("/", 1)[0] in HOST_LOCAL:
+            return value  # the Docker host's own folders (the request log): never in the store
         p = Path(value)
         inside = keep_local is not None and p.resolve().is_relative_to(Path(keep_local).resolve())
-        if not inside and p.exists():
+        if not inside and p.is_file():
             return store.publish(p)
         return store.to_uri(p)
     if isinstance(value, dict):
@@ -205,12 +222,13 @@ class RunFolderSync:
         self._seen: dict[Path, tuple[int, int, int]] = {}
 
     def _files(self) -> dict[Path, tuple[int, int, int]]:
-        from nightshift.store import _is_temp
+        from nightshift.store import _in_temp
 
         out = {}
         if self.folder.is_dir():
             for f in self.folder.rglob("*"):
-                if f.is_file() and not f.is_symlink() and not _is_temp(f.name) and not f.name.endswith(".lock"):
+                if (f.is_file() and not f.is_symlink() and not f.name.endswith(".lock")
+                        and not _in_temp(f.relative_to(self.folder).as_posix())):
                     st = f.stat()
                     out[f] = (st.st_size, st.st_mtime_ns, st.st_ino)
         return out
@@ -305,7 +323,10 @@ class NightshiftOperator(BaseOperator):
         returns its URI (the path itself on a local root)."""
         if self._run_sync is not None and Path(path).is_file():
             uris = self._run_sync.push(Path(path))
-            return uris[0] if uris else self.store.to_uri(path)
+            if uris:
+                return uris[0]
+            if self.store.rel(path) and Path(path).resolve().is_relative_to(self._run_sync.folder.resolve()):
+                return self.store.to_uri(path)  # unchanged since the last push: already there
         return self.store.publish(path)
 
     def run_dir(self, context: Any, *parts: str) -> Path:

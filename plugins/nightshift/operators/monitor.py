@@ -79,7 +79,7 @@ class DriftMonitorOperator(NightshiftOperator):
             reference = monitoring.champion_reference(None, None, cache)
         else:
             onnx = fetch_model_onnx(c, self.model_name, champion["version"], base / "champion" / champion["version"])
-            reference = monitoring.champion_reference(load_snapshot(snap_uri), onnx, cache)
+            reference = monitoring.champion_reference(load_snapshot(snap_uri, store=store), onnx, cache)
             store.publish(cache)
         log_dir = Path(self.request_log_dir or contracts.request_log_dir(root, self.model_name))
         window = monitoring.read_request_log(log_dir, start, end, model_name=self.model_name)

@@ -340,7 +340,7 @@ def version_view(artifact_root: Store | str | os.PathLike, model_name: str, mv: 
 
 
 def _history(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
-    events = read_history(store, model_name)[-limit:][::-1]
+    events = read_history(store, model_name, limit=limit)[::-1]
     for e in events:
         extra = e.get("extra") if isinstance(e.get("extra"), dict) else {}
         e["report_path"] = report_rel_path(store, extra.get("report"))
@@ -348,7 +348,7 @@ def _history(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
 
 
 def _drift(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
-    points = read_drift_timeline(store, model_name)[-limit:][::-1]
+    points = read_drift_timeline(store, model_name, limit=limit)[::-1]
     for p in points:
         p["report_path"] = report_rel_path(store, p.get("report"))
     return points
