@@ -7,7 +7,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from cluster import cluster  # scripts/ is on pytest's path
 
 

@@ -382,6 +382,7 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     from nightshift.store import S3Options, open_store
     from simulate_traffic import main as simulate  # scripts/ is on pytest's path
 
+    t0 = time.monotonic()
     port = STATE["port"]
     champion = _champion(c)
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
@@ -441,3 +442,5 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     assert back.version == STATE["champion"], (back.version, STATE["champion"])
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
     assert served == back.tags["nightshift.onnx_sha256"][:12]
+    print(f"\ncluster: drift detected and the Asset queued nightly_retrain; rolled back v{champion.version} -> "
+          f"v{back.version} in {time.monotonic() - t0:.0f}s")
