@@ -46,17 +46,19 @@ def shifted(images: np.ndarray, labels: np.ndarray, mode: str, rng: np.random.Ge
 def load_images(args) -> tuple[np.ndarray, np.ndarray, str]:
     from nightshift.data.snapshot import load_snapshot
 
+    from nightshift.settings import Settings
+
+    store = Settings.from_env().store()  # the champion's snapshot may be an s3:// URI (cluster profile)
     if args.snapshot:
-        snap = load_snapshot(args.snapshot)
+        snap = load_snapshot(args.snapshot, store=store)
     else:
         from nightshift import registry
-        from nightshift.settings import Settings
 
         s = Settings.from_env()
         champion = registry.get_champion(registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri), args.model)
         if champion is None:
             raise SystemExit(f"{args.model} has no champion: run nightly_retrain first (make run)")
-        snap = load_snapshot(champion["tags"]["nightshift.snapshot_uri"])
+        snap = load_snapshot(champion["tags"]["nightshift.snapshot_uri"], store=store)
     parts = [snap.split(name) for name in ("val", "test")]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]), str(snap.path)
 

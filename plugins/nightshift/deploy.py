@@ -76,6 +76,21 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
             return r.status_code, r.text
 
 
+def _proxy_port(c: Any) -> int | None:
+    """The port a proxy container listens on (its ``LISTEN_PORT``), or None when it cannot be told."""
+    try:
+        env = (c.attrs.get("Config") or {}).get("Env") or []
+    except AttributeError:
+        return None
+    for item in env:
+        if isinstance(item, str) and item.startswith("LISTEN_PORT="):
+            try:
+                return int(item.split("=", 1)[1])
+            except ValueError:
+                return None
+    return None
+
+
 class LocalDeployer:
     """Blue/green deployment of one model's inference image on the local Docker host.
 
@@ -160,9 +175,13 @@ class LocalDeployer:
     def _ensure_proxy(self) -> None:
         name = f"nightshift-proxy-{self.model_name}"
         c = self._container(name)
-        if c is not None and c.status == "running":
+        listens = _proxy_port(c)
+        if c is not None and c.status == "running" and listens in (None, self.port):
             return
         if c is not None:
+            if listens not in (None, self.port):  # the model's stable port moved: one proxy per model
+                log.warning("the proxy of %s listens on %s:%s, not on the deploy port %s: replacing it",
+                            self.model_name, LOOPBACK, listens, self.port)
             c.remove(force=True)
         if not PROXY_SCRIPT.is_file():
             raise ConfigError(f"the deploy proxy script {PROXY_SCRIPT} is missing from this installation")

@@ -316,3 +316,24 @@ def test_request_log_folder_is_not_world_writable_and_the_server_writes_it(servi
         assert len(records) == 2 and records[0]["model_name"] == "tiny"  # the server could write there
     finally:
         d.undeploy()
+
+
+@pytest.mark.docker
+def test_a_new_deploy_port_moves_the_proxy(serving_docker, serving_image, tmp_path):
+    """The model's stable port changed (another deploy_port): the proxy is replaced on the new port,
+    instead of the old one being kept and the deploy failing on every retry."""
+    import requests
+
+    image = serving_image["image"]
+    first = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+                          ready_timeout_s=30, drain_timeout_s=5)
+    try:
+        first.deploy(image, registry_version="1")
+        moved = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+                              ready_timeout_s=30, drain_timeout_s=5)
+        moved.deploy(image, registry_version="1")
+        assert requests.get(f"{moved.url}/v2/health/ready", timeout=5).status_code == 200
+        with pytest.raises(requests.RequestException):
+            requests.get(f"{first.url}/v2/health/ready", timeout=2)
+    finally:
+        first.undeploy()

@@ -43,8 +43,28 @@ def plugin_url(path: str) -> str:
     return f"{base.rstrip('/')}{URL_PREFIX}/{path.lstrip('/')}"
 
 
+def _in_task_runner() -> bool:
+    """True inside a worker's task process (Airflow 3 computes extra links there after the task ran),
+    where the metadata DB is out of reach and XComs come through the Task SDK."""
+    try:
+        from airflow.sdk.execution_time import task_runner
+    except ImportError:  # pragma: no cover - the SDK is part of Airflow 3
+        return False
+    return getattr(task_runner, "SUPERVISOR_COMMS", None) is not None
+
+
 def return_value(ti_key: Any) -> Any:
-    """The ``return_value`` XCom of a task instance, read from the metadata DB (API server side)."""
+    """The ``return_value`` XCom of a task instance: through the Task SDK in a worker's task process,
+    from the metadata DB on the API server."""
+    if _in_task_runner():
+        try:
+            from airflow.sdk.bases.xcom import BaseXCom
+
+            return BaseXCom.get_one(key="return_value", dag_id=ti_key.dag_id, task_id=ti_key.task_id,
+                                    run_id=ti_key.run_id, map_index=ti_key.map_index)
+        except Exception:  # noqa: BLE001 - a link must never fail the task
+            log.exception("could not read the return_value XCom of %s", ti_key)
+            return None
     try:
         from airflow.models.xcom import XComModel
         from airflow.utils.session import create_session
