@@ -18,7 +18,6 @@ the kernel and the model are the rest (``bench/serving_cpu.py``).
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys

@@ -313,7 +313,7 @@ class Model:
         if "binary_data_size" in params:
             raw = (binary or {}).get(self.input_name)
             if raw is None:
-                raise InvalidInput(f"inputs[0] declares binary_data_size but the request carries no binary data "
+                raise InvalidInput("inputs[0] declares binary_data_size but the request carries no binary data "
                                    "(send Inference-Header-Content-Length)")
             if len(raw) != expected:
                 raise InvalidInput(
