@@ -37,6 +37,7 @@ class S3Server:
     bucket: str
     proc: subprocess.Popen
     folder: Path
+    argv: tuple[str, ...] = ()
 
     def options(self, **over):
         from nightshift.store import S3Options
@@ -54,6 +55,19 @@ class S3Server:
 
         return boto3.client("s3", endpoint_url=self.endpoint, aws_access_key_id=self.access_key,
                             aws_secret_access_key=self.secret_key, region_name="us-east-1")
+
+    def halt(self) -> None:
+        """Stop the server process (its data stays): the store is down until :meth:`resume`."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 9)
+            self.proc.wait(10)
+
+    def resume(self, timeout_s: float = 60.0) -> None:
+        """Start the server again on the same ports and data, and wait until it answers."""
+        log = open(self.folder / "weed.log", "ab")
+        self.proc = subprocess.Popen(list(self.argv), cwd=self.folder, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True, env={**os.environ, "TMPDIR": str(self.folder / "run")})
+        _wait_up(self, timeout_s)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -87,20 +101,29 @@ def start(folder: Path, timeout_s: float = 60.0) -> S3Server:
     log = open(folder / "weed.log", "wb")
     proc = subprocess.Popen(argv, cwd=folder, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TMPDIR": str(folder / "run")})
-    server = S3Server(f"http://127.0.0.1:{p[6]}", ak, sk, BUCKET, proc, folder)
+    server = S3Server(f"http://127.0.0.1:{p[6]}", ak, sk, BUCKET, proc, folder, tuple(argv))
+    try:
+        _wait_up(server, timeout_s)
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def _wait_up(server: S3Server, timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
     last = None
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"weed exited ({proc.returncode}): {(folder / 'weed.log').read_text()[-2000:]}")
+        if server.proc.poll() is not None:
+            raise RuntimeError(f"weed exited ({server.proc.returncode}): "
+                               f"{(server.folder / 'weed.log').read_text(errors='replace')[-2000:]}")
         try:
             s3 = server.client()
-            if BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
-                s3.create_bucket(Bucket=BUCKET)
-            s3.put_object(Bucket=BUCKET, Key=".probe", Body=b"x")
-            return server
+            if server.bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+                s3.create_bucket(Bucket=server.bucket)
+            s3.put_object(Bucket=server.bucket, Key=".probe", Body=b"x")
+            return
         except Exception as exc:  # noqa: BLE001 - not up yet
             last = exc
             time.sleep(0.5)
-    server.stop()
     raise RuntimeError(f"SeaweedFS S3 did not come up in {timeout_s:.0f}s: {last}")
