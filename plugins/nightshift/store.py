@@ -46,6 +46,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
 
+from nightshift.artifacts import sha256_file
 from nightshift.errors import NightshiftError
 
 log = logging.getLogger(__name__)
@@ -72,14 +73,6 @@ class StoreError(NightshiftError):
 
 class StoreLockTimeout(StoreError):
     """Another holder kept a store lock for longer than the timeout."""
-
-
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _is_temp(name: str) -> bool:

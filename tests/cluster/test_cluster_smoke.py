@@ -20,11 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import socket
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,6 +29,7 @@ from pathlib import Path
 import pytest
 
 from cluster.cluster import process_tree  # scripts/ is on pytest's path
+from tests.cluster.harness import Cluster, free_port_base
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration]
 
@@ -39,71 +37,6 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "cluster" / "cluster.py"
 DAG_ID = "cluster_smoke"
 RUN_TIMEOUT_S = 150
-N_PORTS = 12  # scripts/cluster/cluster.py PORTS
-
-
-def _free_port_base() -> int:
-    for _ in range(200):
-        base = random.randrange(20000, 40000)
-        ok = True
-        for port in range(base, base + N_PORTS):
-            with socket.socket() as s:
-                try:
-                    s.bind(("127.0.0.1", port))
-                except OSError:
-                    ok = False
-                    break
-        if ok:
-            return base
-    raise RuntimeError("no free block of loopback ports")
-
-
-class Cluster:
-    def __init__(self, home: Path, env: dict[str, str]) -> None:
-        self.home, self.env = home, env
-        self.start_s: float | None = None
-        self._token: str | None = None
-
-    def cli(self, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, str(SCRIPT), *args], env=self.env, cwd=ROOT, text=True,
-                              capture_output=True, timeout=timeout, check=False)
-
-    @property
-    def config(self) -> dict:
-        return json.loads((self.home / "config.json").read_text())
-
-    @property
-    def api_base(self) -> str:
-        return f"http://127.0.0.1:{self.config['ports']['airflow-api']}"
-
-    def api(self, method: str, path: str, **kw):
-        import requests
-
-        if self._token is None:
-            r = requests.get(f"{self.api_base}/auth/token", timeout=10)  # SimpleAuthManager, all admins (dev)
-            r.raise_for_status()
-            self._token = r.json()["access_token"]
-        return requests.request(method, f"{self.api_base}/api/v2{path}", timeout=30,
-                                headers={"Authorization": f"Bearer {self._token}"}, **kw)
-
-    def pid(self, name: str) -> int:
-        return json.loads((self.home / "pids" / f"{name}.pid").read_text())["pid"]
-
-    def s3(self):
-        import boto3
-
-        s = self.config["secrets"]
-        return boto3.client("s3", endpoint_url=f"http://127.0.0.1:{self.config['ports']['s3']}",
-                            aws_access_key_id=s["s3_access_key"], aws_secret_access_key=s["s3_secret_key"],
-                            region_name="us-east-1")
-
-    def logs(self) -> str:
-        parts = []
-        for f in sorted([*self.home.glob("logs/*.log"), *self.home.glob("worker-*/console.log")]):
-            parts.append(f"===== {f.relative_to(self.home)} =====\n{f.read_text(errors='replace')[-3000:]}")
-        for f in sorted(self.home.glob("worker-*/home/logs/**/*.log")):
-            parts.append(f"===== {f.relative_to(self.home)} =====\n{f.read_text(errors='replace')[-3000:]}")
-        return "\n".join(parts)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +46,7 @@ def cluster():
     home = Path(tempfile.mkdtemp(prefix="cluster-test-", dir=ROOT / ".nightshift"))
     home.chmod(0o755)
     env = {**os.environ, "NIGHTSHIFT_CLUSTER_HOME": str(home),
-           "NIGHTSHIFT_CLUSTER_PORT_BASE": str(_free_port_base()),
+           "NIGHTSHIFT_CLUSTER_PORT_BASE": str(free_port_base()),
            "NIGHTSHIFT_CLUSTER_DAGS_FOLDER": str(ROOT / "tests" / "cluster" / "dags")}
     c = Cluster(home, env)
     try:

@@ -15,6 +15,22 @@ from nightshift.errors import ConfigError, DockerUnavailable, NightshiftError
 from nightshift.settings import Settings
 
 
+def get_connection(conn_id: str, what: str, source: str, how: str) -> Any:
+    """The Airflow connection ``conn_id``, or a :class:`ConfigError` saying that ``what`` (e.g.
+    ``"Docker connection"``) named by ``source`` is not defined, how to add it (``AIRFLOW_CONN_<ID>``
+    or the UI), and ``how`` (its fields, or what to unset instead). Other lookup errors (a secrets
+    backend's) propagate."""
+    from airflow.sdk import BaseHook
+
+    try:
+        return BaseHook.get_connection(conn_id)
+    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
+        if type(exc).__name__ != "AirflowNotFoundException":
+            raise
+        raise ConfigError(f"{what} {conn_id!r} is not defined ({source}): add it (Admin > Connections, or "
+                          f"AIRFLOW_CONN_{conn_id.upper()}) {how}") from None
+
+
 def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
     """The ``docker.DockerClient`` of every Docker call a task makes (build, system evaluation,
     the approval's image check, set-champion, deploy), checked with a ping.
@@ -45,18 +61,10 @@ def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
 
     import docker
     from airflow.providers.docker.hooks.docker import DockerHook
-    from airflow.sdk import BaseHook
     from docker.errors import APIError
 
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
-        if type(exc).__name__ != "AirflowNotFoundException":
-            raise
-        raise ConfigError(f"Docker connection {conn_id!r} is not defined (docker_conn_id / "
-                          f"NIGHTSHIFT_DOCKER_CONN_ID): add it (Admin > Connections, or AIRFLOW_CONN_"
-                          f"{conn_id.upper()}) with the daemon in the extra 'docker_url', or unset it to use "
-                          "the worker's DOCKER_HOST") from None
+    conn = get_connection(conn_id, "Docker connection", "docker_conn_id / NIGHTSHIFT_DOCKER_CONN_ID",
+                          "with the daemon in the extra 'docker_url', or unset it to use the worker's DOCKER_HOST")
     extra = conn.extra_dejson or {}
     url = str(extra.get("docker_url") or os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock")
     tls_files = [extra.get(k) for k in ("tls_ca_cert", "tls_client_cert", "tls_client_key")]
@@ -122,20 +130,13 @@ def artifact_s3_options(conn_id: str | None = None) -> Any:
     conn_id = str(conn_id if conn_id is not None else os.environ.get("NIGHTSHIFT_ARTIFACT_CONN_ID") or "").strip()
     if not conn_id:
         return None
-    from airflow.sdk import BaseHook
 
     from nightshift.store import S3Options
 
-    try:
-        conn = BaseHook.get_connection(conn_id)
-    except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
-        if type(exc).__name__ != "AirflowNotFoundException":
-            raise
-        raise ConfigError(f"artifact-store connection {conn_id!r} is not defined (NIGHTSHIFT_ARTIFACT_CONN_ID): add "
-                          f"it (Admin > Connections, or AIRFLOW_CONN_{conn_id.upper()}) as an 'aws' connection with "
-                          "the access key as login, the secret as password and the extra 'endpoint_url' for a "
-                          "non-AWS store, or unset NIGHTSHIFT_ARTIFACT_CONN_ID to use the worker's AWS_* "
-                          "environment") from None
+    conn = get_connection(conn_id, "artifact-store connection", "NIGHTSHIFT_ARTIFACT_CONN_ID",
+                          "as an 'aws' connection with the access key as login, the secret as password and the "
+                          "extra 'endpoint_url' for a non-AWS store, or unset NIGHTSHIFT_ARTIFACT_CONN_ID to use "
+                          "the worker's AWS_* environment")
     extra = conn.extra_dejson or {}
     env = S3Options.from_env()
     s3_config = ((extra.get("service_config") or {}).get("s3") or {}) if isinstance(extra.get("service_config"),

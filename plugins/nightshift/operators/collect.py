@@ -3,8 +3,7 @@ from __future__ import annotations
 from typing import Any, Sequence
 
 from nightshift.operators.assets import SNAPSHOT_ASSET
-from nightshift.operators.base import NightshiftOperator, shape3
-from nightshift.errors import ConfigError
+from nightshift.operators.base import NightshiftOperator, get_connection, shape3
 
 
 class CollectDataOperator(NightshiftOperator):
@@ -52,19 +51,13 @@ class CollectDataOperator(NightshiftOperator):
 
     def _root(self, path: str):
         if "://" in path and not path.startswith("file://"):
-            from airflow.sdk import BaseHook, ObjectStoragePath
+            from airflow.sdk import ObjectStoragePath
 
             if not self.conn_id:
                 return ObjectStoragePath(path)
             # the amazon provider falls back to anonymous / default credentials for an unknown
             # connection id: a typo must fail here, naming it, not 10 s later as a network error
-            try:
-                BaseHook.get_connection(self.conn_id)
-            except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core)
-                if type(exc).__name__ != "AirflowNotFoundException":
-                    raise
-                raise ConfigError(f"source {path}: connection {self.conn_id!r} (conn_id) is not defined; add it "
-                                  f"(Admin > Connections, or AIRFLOW_CONN_{self.conn_id.upper()})") from None
+            get_connection(self.conn_id, "connection", f"conn_id of the source {path}", "with the store's credentials")
             return ObjectStoragePath(path, conn_id=self.conn_id)
         from pathlib import Path
 
