@@ -36,6 +36,13 @@ def _operator_links() -> list[Any]:
         if isinstance(op, type) and issubclass(op, BaseOperator):
             for link in op.operator_extra_links:
                 by_class.setdefault(type(link), []).append(op)
+    # operators imported on first use only (TrainGPUPodOperator: the cncf-kubernetes provider takes
+    # seconds to import): Airflow matches a link's operators by class name and module, so a named
+    # stand-in registers the link without importing them
+    for (module, name), link_classes in ops.LAZY_OPERATOR_LINKS.items():
+        stand_in = type(name, (), {"__module__": module, "__doc__": f"Name of {module}.{name} (not imported)"})
+        for link_cls in link_classes:
+            by_class.setdefault(link_cls, []).append(stand_in)
     links = []
     for link_cls, operators in by_class.items():
         link_cls.operators = operators

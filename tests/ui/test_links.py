@@ -85,3 +85,25 @@ def test_mlflow_links_come_from_the_task_return_value(world_env, monkeypatch):
 
 def test_return_value_reads_the_xcom_table_and_never_raises(monkeypatch):
     assert links.return_value(_key("train_gpu", "manual__no_such_run")) is None
+
+
+def test_the_pod_operator_gets_the_plugins_mlflow_link_without_being_imported_up_front(monkeypatch):
+    """TrainGPUPodOperator is imported on first use only; the plugin still registers its MLflow link
+    (by the class's name and module), so the API server resolves it with MLflowRunLink.get_link."""
+    import nightshift.operators as ops
+    from airflow.serialization.serialized_objects import DagSerialization
+    from airflow.sdk import DAG as SdkDag
+
+    from nightshift.operators.train_pod import TrainGPUPodOperator
+
+    # the declared entry is the real class and lists exactly its links
+    (module, name), declared = next(iter(ops.LAZY_OPERATOR_LINKS.items()))
+    assert (TrainGPUPodOperator.__module__, TrainGPUPodOperator.__name__) == (module, name)
+    assert {type(link) for link in TrainGPUPodOperator.operator_extra_links} == set(declared)
+
+    with SdkDag("pod_links", schedule=None) as dag:
+        TrainGPUPodOperator(task_id="train_gpu", image="registry.local/nightshift:1", snapshot="s3://b/snap",
+                            model_name="m", artifact_pvc="artifacts")
+    served = DagSerialization.from_dict(DagSerialization.to_dict(dag))
+    got = served.get_task("train_gpu").operator_extra_link_dict
+    assert {n: type(link) for n, link in got.items()} == {"MLflow run": links.MLflowRunLink}

@@ -7,6 +7,7 @@ cncf-kubernetes provider's pod operator, which takes seconds to import.
 """
 
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
+from nightshift.operators.links import MLflowRunLink
 from nightshift.operators.champion import SetChampionOperator
 from nightshift.operators.collect import CollectDataOperator
 from nightshift.operators.deploy import DeployModelOperator
@@ -46,3 +47,10 @@ def __getattr__(name: str):
 
         return TrainGPUPodOperator
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+#: Operators this package does not import up front, with the links they list: the plugin registers
+#: those links for them by name and module (what Airflow matches on) without importing the provider.
+#: tests/ui/test_links.py checks each entry against the real class.
+LAZY_OPERATOR_LINKS = {
+    ("nightshift.operators.train_pod", "TrainGPUPodOperator"): (MLflowRunLink,),
+}
