@@ -10,7 +10,7 @@ import json
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -18,7 +18,48 @@ from nightshift.errors import ScoringError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScoringError", "fetch_model_onnx", "paired_counts", "score_onnx"]
+__all__ = ["ScoringError", "fetch_model_onnx", "open_session", "paired_counts", "run_onnx", "score_onnx"]
+
+
+def open_session(onnx_path: str | Path, *, threads: int | None = None) -> Any:
+    """An ONNX Runtime CPU session on ``onnx_path`` (the one way Nightshift opens a model offline).
+
+    :raises ScoringError: the file is missing or ONNX Runtime cannot load it.
+    """
+    import onnxruntime as ort
+
+    path = Path(onnx_path)
+    if not path.is_file():
+        raise ScoringError(f"ONNX model {path} does not exist")
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
+        raise ScoringError(f"ONNX model {path} cannot be loaded: {exc}") from exc
+
+
+def run_onnx(sess: Any, batches: Iterable[tuple[np.ndarray, np.ndarray]], outputs: Sequence[str] = ("logits",), *,
+             batch_size: int = 512, name: str = "model") -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+    """Run ``sess`` (:func:`open_session`) over ``(images, labels)`` batches, ``batch_size`` images at a
+    time, in input order; yield ``(labels, {output: array})`` per chunk.
+
+    :raises ScoringError: the model lacks one of ``outputs`` or expects another image shape.
+    """
+    have = [o.name for o in sess.get_outputs()]
+    missing = [o for o in outputs if o not in have]
+    if missing:
+        raise ScoringError(f"{name} has no output {missing} (its outputs: {have})")
+    inp = sess.get_inputs()[0]
+    want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
+    for images, labels in batches:
+        got = list(images.shape[1:])
+        if len(want) != len(got) or any(w is not None and w != g for w, g in zip(want, got)):
+            raise ScoringError(f"{name} expects images of shape {want} but the data is {got}")
+        for i in range(0, len(images), batch_size):
+            x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)
+            yield np.asarray(labels[i:i + batch_size]), dict(zip(outputs, sess.run(list(outputs), {inp.name: x})))
 
 
 def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.ndarray]], *,
@@ -35,18 +76,8 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
     :raises ScoringError: the model is missing, broken, expects another input shape, or
         (with ``class_names``) was trained on other classes or does not say which.
     """
-    import onnxruntime as ort
-
     path = Path(onnx_path)
-    if not path.is_file():
-        raise ScoringError(f"ONNX model {path} does not exist")
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
-    try:
-        sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
-        raise ScoringError(f"ONNX model {path} cannot be loaded: {exc}") from exc
+    sess = open_session(path, threads=threads)
     if class_names is not None:
         raw = sess.get_modelmeta().custom_metadata_map.get("class_names")
         try:
@@ -59,29 +90,18 @@ def score_onnx(onnx_path: str | Path, batches: Iterable[tuple[np.ndarray, np.nda
         if list(map(str, model_classes)) != list(map(str, class_names)):
             raise ScoringError(f"model {path.name} was trained on classes {model_classes}, today's data has "
                                f"{list(class_names)}: its accuracy on these labels would mean nothing")
-    inp = sess.get_inputs()[0]
-    want = [d if isinstance(d, int) else None for d in inp.shape[1:]]
     preds: list[np.ndarray] = []
     hits: list[np.ndarray] = []
-    correct = n = 0
-    for images, labels in batches:
-        got = list(images.shape[1:])
-        if any(w is not None and w != g for w, g in zip(want, got)) or len(want) != len(got):
-            raise ScoringError(f"model {path.name} expects images of shape {want} but the data is {got}")
-        for i in range(0, len(labels), batch_size):
-            x = np.ascontiguousarray(images[i:i + batch_size], dtype=np.uint8)
-            logits = sess.run(["logits"], {inp.name: x})[0]
-            p = logits.argmax(axis=1)
-            preds.append(p)
-            hit = p == np.asarray(labels[i:i + batch_size])
-            hits.append(hit)
-            correct += int(hit.sum())
-            n += len(x)
+    for labels, out in run_onnx(sess, batches, batch_size=batch_size, name=f"model {path.name}"):
+        p = out["logits"].argmax(axis=1)
+        preds.append(p)
+        hits.append(p == labels)
+    n = sum(len(p) for p in preds)
     if n == 0:
         raise ScoringError("no images to score on")
-    return {"accuracy": correct / n, "n": n, "correct": correct,
-            "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64),
-            "hits": np.concatenate(hits) if hits else np.zeros(0, bool)}
+    hit = np.concatenate(hits)
+    correct = int(hit.sum())
+    return {"accuracy": correct / n, "n": n, "correct": correct, "predictions": np.concatenate(preds), "hits": hit}
 
 
 def paired_counts(champion_hits: np.ndarray, candidate_hits: np.ndarray) -> dict[str, int]:

@@ -67,14 +67,11 @@ def load_phase(url: str, model_name: str, image: np.ndarray, *, concurrency: int
 
 
 def offline_predictions(onnx_path: str | Path, shards: Iterable[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """Class indices ONNX Runtime gives in process on the exported file, shard by shard."""
-    import onnxruntime as ort
+    """Class indices ONNX Runtime gives in process on the exported file, in input order
+    (:func:`nightshift.scoring.score_onnx`, the one offline scorer)."""
+    from nightshift.scoring import score_onnx
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    out = [sess.run(["logits"], {name: images[i:i + 256]})[0].argmax(axis=1)
-           for images, _ in shards for i in range(0, len(images), 256)]
-    return np.concatenate(out) if out else np.zeros(0, np.int64)
+    return score_onnx(onnx_path, shards, batch_size=256)["predictions"]
 
 
 def request_log_counts(metrics_text: str) -> dict[str, int | None]:
