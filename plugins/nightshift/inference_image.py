@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.artifacts import sha256_file
+from nightshift.containers import MODEL_LABEL, ROLE_LABEL
 from nightshift.errors import BuildError
 from nightshift.wheelhouse import ensure_wheelhouse, serving_requirements
 
@@ -50,8 +51,8 @@ DOCKERFILE = _PACKAGE_DIR.parents[1] / "include" / "inference" / "Dockerfile"
 VARIANTS = ("model-in-image", "model-load")
 #: Label names (OCI + Nightshift); the promote/deploy/retention code reads these.
 LABEL_KEY = "ai.nightshift.build.key"
-LABEL_ROLE = "ai.nightshift.role"
-LABEL_MODEL = "ai.nightshift.model.name"
+LABEL_ROLE = ROLE_LABEL  # one set of names for images and the containers run from them
+LABEL_MODEL = MODEL_LABEL
 LABEL_VERSION = "ai.nightshift.model.version"
 LABEL_SHA = "ai.nightshift.model.sha256"
 LABEL_DATA = "ai.nightshift.data.digest"

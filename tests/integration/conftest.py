@@ -2,14 +2,7 @@
 
 from __future__ import annotations
 
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (for the stable serving port of a test deployment)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from nightshift.containers import free_port  # noqa: F401 - the one free-port helper, for the tests here
 
 
 def run_dag(dag, conf):

@@ -162,7 +162,7 @@ def test_real_build(serving_image, serving_docker, tiny_onnx_model_dir):
     assert serving_image["base_image"] == Settings.from_env().base_image
     labels = img.labels
     sha = sha256_file(tiny_onnx_model_dir / "model.onnx")
-    assert labels["ai.nightshift.model.name"] == "tiny"
+    assert labels["ai.nightshift.model"] == "tiny"  # the same key containers carry (containers.MODEL_LABEL)
     assert labels["ai.nightshift.model.version"] == "1"
     assert labels["ai.nightshift.model.sha256"] == sha == serving_image["model_sha256"]
     assert labels["org.opencontainers.image.title"] == "nightshift-inference-tiny"
