@@ -211,13 +211,13 @@ def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: Any,
     :param images: a uint8 NHWC array, or an iterable of them (or of ``(images,
         labels)``, as :meth:`Snapshot.iter_split` yields) read one at a time.
     """
-    import onnxruntime as ort
     import torch
 
     from nightshift.models import classifier_from_checkpoint
+    from nightshift.scoring import open_session
 
     model = _with_probabilities(classifier_from_checkpoint(checkpoint))
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = open_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     if names != OUTPUT_NAMES:
         raise ParityError(f"{onnx_path} has outputs {names}, expected {OUTPUT_NAMES}", {"passed": False,
@@ -311,9 +311,9 @@ def _quantize(checkpoint: dict[str, Any], out_dir: Path, onnx_path: Path, props:
 
 def _int8_batch_checks(path: Path, images: np.ndarray, num_classes: int) -> dict[str, Any]:
     """Output shapes of the int8 model at each of :data:`BATCH_CHECK_SIZES`."""
-    import onnxruntime as ort
+    from nightshift.scoring import open_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = open_session(path)
     names = [o.name for o in sess.get_outputs()]
     out = {}
     for s in BATCH_CHECK_SIZES:

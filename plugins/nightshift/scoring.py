@@ -32,8 +32,10 @@ def open_session(onnx_path: str | Path, *, threads: int | None = None) -> Any:
     if not path.is_file():
         raise ScoringError(f"ONNX model {path} does not exist")
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: no warnings about unused initializers on every load
     if threads:
         opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
