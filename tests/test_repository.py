@@ -11,8 +11,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "plugins" / "nightshift"
-#: Where Airflow may be imported: the operators (and the DAG factories next to them) and the UI.
-AIRFLOW_LAYERS = ("operators", "ui")
+#: Where Airflow may be imported: the operators, the DAG factories and the UI.
+AIRFLOW_LAYERS = ("operators", "ui", "dags")
 MAX_FILE_BYTES = 1_000_000
 
 
