@@ -37,9 +37,20 @@ PIDS_LIMIT = 512
 
 def free_port(host: str = LOOPBACK) -> int:
     """A TCP port free on ``host`` right now (the OS picks it; another process could take it first)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
+    """``n`` distinct TCP ports free on ``host`` right now (all held open together while the OS
+    picks them, so no two are the same; another process could still take one first)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [int(s.getsockname()[1]) for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 @dataclass(frozen=True)
