@@ -399,10 +399,10 @@ class _Images:
 
 
 def _docker(monkeypatch, *images):
-    from nightshift import inference_image
+    from nightshift import containers
 
     client = SimpleNamespace(images=_Images(images))
-    monkeypatch.setattr(inference_image, "connect_docker", lambda *a, **k: client)
+    monkeypatch.setattr(containers, "connect_docker", lambda *a, **k: client)
     return client
 
 
