@@ -66,16 +66,28 @@ def tag(name: str) -> str:
 
 # --------------------------------------------------------------------------- run artifacts
 
-#: Files a nightly_retrain run leaves in ``<artifact_root>/runs/<dag_id>/<run_id>/``.
+#: The report files a task writes into its folder of the run folder (writers and readers both
+#: take the names from here).
+VALIDATION_FILE = "validation.json"
+PARITY_FILE = "parity.json"
+QUANTIZATION_FILE = "quantization.json"
+SYSTEM_EVAL_FILE = "system_eval.json"
+DRIFT_HTML_FILE = "drift_report.html"
+DRIFT_JSON_FILE = "drift_report.json"
+PROMOTION_FILE = "promotion.json"
+TRAIN_MANIFEST_FILE = "train_manifest.json"
+
+#: Files a nightly_retrain run leaves in ``<artifact_root>/runs/<dag_id>/<run_id>/``: each task
+#: writes into the folder named here (``NightshiftOperator.run_dir(context, <folder>)``).
 RUN_REPORTS: dict[str, str] = {
-    "validation": "validation/validation.json",
-    "parity": "model/parity.json",
-    "quantization": "model/quantization.json",
-    "system_eval": "system_eval/system_eval.json",
-    "drift": "drift/drift_report.html",
-    "drift_json": "drift/drift_report.json",
-    "promotion": "promotion.json",
-    "training": "train/train_manifest.json",
+    "validation": f"validation/{VALIDATION_FILE}",
+    "parity": f"model/{PARITY_FILE}",
+    "quantization": f"model/{QUANTIZATION_FILE}",
+    "system_eval": f"system_eval/{SYSTEM_EVAL_FILE}",
+    "drift": f"drift/{DRIFT_HTML_FILE}",
+    "drift_json": f"drift/{DRIFT_JSON_FILE}",
+    "promotion": PROMOTION_FILE,
+    "training": f"train/{TRAIN_MANIFEST_FILE}",
 }
 
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from nightshift import lineage
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
+from nightshift.contracts import PARITY_FILE, QUANTIZATION_FILE
 from nightshift.errors import ConfigError, ParityError
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ DEFAULT_OPSET = 20
 #: torch's dynamo exporter emits opset 18 at the lowest (asking for less silently gives
 #: 18); 18..25 export, pass onnx.checker and run on the pinned ONNX Runtime.
 MIN_OPSET, MAX_OPSET = 18, 25
-#: Files of a model directory besides ``model.onnx`` and ``model.json``.
-FP32_FILE, INT8_FILE, PARITY_FILE, QUANTIZATION_FILE = "model.fp32.onnx", "model.int8.onnx", "parity.json", \
-    "quantization.json"
+#: Files of a model directory besides ``model.onnx``, ``model.json`` and the two reports
+#: (``contracts.PARITY_FILE``, ``contracts.QUANTIZATION_FILE``).
+FP32_FILE, INT8_FILE = "model.fp32.onnx", "model.int8.onnx"
 
 
 def validate_opset(opset: Any) -> int:

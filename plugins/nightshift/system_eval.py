@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from nightshift.containers import ServingConfig
+from nightshift.contracts import SYSTEM_EVAL_FILE
 from nightshift.errors import PreprocessingSkew
 
 log = logging.getLogger(__name__)
@@ -232,7 +233,7 @@ def run_system_eval(image: str, snapshot: TestSplit, *, model_name: str, out_dir
         result["latency_histogram"] = str(plot_latency_histogram(
             latencies, load["latency_ms"], out_dir / "latency_histogram.png",
             title=f"{image} under load (c={load['concurrency']}, request log {config.request_log_sample:g})"))
-    report = out_dir / "system_eval.json"
+    report = out_dir / SYSTEM_EVAL_FILE
     atomic_write_json(report, result)
     if on_report is not None:
         on_report(result, out_dir)
