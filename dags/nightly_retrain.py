@@ -280,8 +280,8 @@ def build(m: ModelEntry):
                                           approval=approve.output, model_name=MODEL,
                                           deploy_target="{{ params.deploy_target }}", **DOCKER)
         approve >> final
-        deploy = DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
-                                     target="{{ params.deploy_target }}", port="{{ params.deploy_port }}", **DOCKER)
+        DeployModelOperator(task_id="deploy", promotion=final.output, model_name=MODEL,
+                            target="{{ params.deploy_target }}", port="{{ params.deploy_port }}", **DOCKER)
         cooldown() >> collect
         validate >> train
         [system_eval, drift] >> promote
