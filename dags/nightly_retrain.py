@@ -68,7 +68,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_parsing_context, task
+from airflow.sdk import AssetOrTimeSchedule, CronTriggerTimetable, Param, get_parsing_context, task
 
 from nightshift.model_config import RETRAIN_DAG, ModelEntry, format_duration, load_models
 from nightshift.operators import (
@@ -85,7 +85,7 @@ from nightshift.operators import (
     train_task,
 )
 from nightshift.operators.assets import drift_asset
-from nightshift.operators.deadline import nightly_deadline
+from nightshift.operators.deadline import DeadlineDAG, nightly_deadline
 from nightshift.placement import DockerPlacement, TrainPlacement
 
 MODEL = "{{ params.model_name }}"
@@ -208,9 +208,9 @@ def _doc(m: ModelEntry) -> str:
 
 
 def build(m: ModelEntry):
-    """The nightly_retrain Dag of one model."""
-
-    @dag(
+    """The nightly_retrain Dag of one model (a :class:`DeadlineDAG`: its deadline does not break
+    ``airflow dags test``)."""
+    with DeadlineDAG(
         dag_id=m.retrain_dag_id,
         schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(m.schedule, timezone="UTC"),
                                      assets=drift_asset(None if m.default else m.name)),
@@ -229,8 +229,7 @@ def build(m: ModelEntry):
         render_template_as_native_obj=True,
         deadline=nightly_deadline(m.name, m.deadline_s),
         params=retrain_params(m),
-    )
-    def nightly_retrain():
+    ) as nightly_retrain:
         # one cooldown at a time (max_active_tis_per_dag); the store's lock in drift_retrain_cooldown also
         # serialises overlapping runs on any worker and in one process (dag.test)
         @task.short_circuit(ignore_downstream_trigger_rules=True, max_active_tis_per_dag=1)
@@ -286,7 +285,7 @@ def build(m: ModelEntry):
         validate >> train
         [system_eval, drift] >> promote
 
-    return nightly_retrain()
+    return nightly_retrain
 
 
 # One Dag per well-formed entry, in file order; a task process builds only its own Dag. Malformed

@@ -194,7 +194,7 @@ def test_parsing_twenty_models_imports_no_heavy_library_and_opens_only_the_model
         "builtins.open = io.open = spy\n"
         f"spec = importlib.util.spec_from_file_location('d', {str(DAGS / dag_file)!r})\n"
         "m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)\n"
-        "dags = [k for k, v in vars(m).items() if type(v).__name__ == 'DAG']\n"
+        "dags = [k for k, v in vars(m).items() if isinstance(v, airflow.sdk.DAG)]\n"
         f"print(json.dumps({{'dags': dags, 'opened': opened, 'heavy': [h for h in {HEAVY!r} if h in sys.modules]}}))\n"
     )
     env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugins'}:{os.environ.get('PYTHONPATH', '')}",
@@ -206,3 +206,33 @@ def test_parsing_twenty_models_imports_no_heavy_library_and_opens_only_the_model
     assert [p for p in result["opened"] if not p.endswith(".py") and not p.isdigit()] in ([], [str(f)]), result["opened"]
     if dag_file != "model_config_errors.py":
         assert len(result["dags"]) == 20
+
+
+def test_a_dag_with_a_deadline_runs_under_dag_test(tmp_path, monkeypatch):
+    """``airflow dags test nightly_retrain`` (make run) and the dag.test() integration tests run
+    Dags that carry a deadline: Airflow 3.3.2's dag.test() fails at the end of such a successful
+    run; DeadlineDAG runs the test without it and keeps it on the Dag."""
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / "deadline_probe.py").write_text(textwrap.dedent("""
+        from datetime import datetime
+
+        from airflow.sdk import task
+
+        from nightshift.operators.deadline import DeadlineDAG, nightly_deadline
+
+        with DeadlineDAG(dag_id="nightshift_deadline_probe", schedule=None, start_date=datetime(2026, 1, 1),
+                         deadline=nightly_deadline("m", 3600)) as probe:
+            @task
+            def hello() -> int:
+                return 1
+
+            hello()
+    """))
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))  # dag.test() serialises the Dag from its bundle
+    dags, errors = parse_dags(monkeypatch, folder, CLEAR)
+    assert errors == {}
+    d = dags["nightshift_deadline_probe"]
+    dr = d.test()
+    assert str(dr.state) == "success"
+    assert d.deadline and d.deadline[0].interval == timedelta(hours=1)  # the Dag keeps its deadline

@@ -15,7 +15,26 @@ import logging
 from datetime import timedelta
 from typing import Any
 
+from airflow.sdk import DAG
+
 log = logging.getLogger(__name__)
+
+
+class DeadlineDAG(DAG):
+    """A Dag with a Deadline Alert that ``dag.test()`` (and ``airflow dags test``, ``make run``)
+    can run: Airflow 3.3.2's ``dag.test()`` builds its scheduler Dag from a fresh serialization,
+    whose ``deadline`` holds the encoded alerts where the end of a successful run looks up alert
+    ids in the database (``AttributeError: 'dict' object has no attribute 'hex'`` after every
+    task succeeded). ``dag.test()`` runs no scheduler, so no deadline would be checked anyway:
+    the test run goes without it (no deadline rows are created for it), and the Dag keeps it."""
+
+    def test(self, *args: Any, **kwargs: Any) -> Any:
+        saved = self.deadline
+        self.deadline = None
+        try:
+            return super().test(*args, **kwargs)
+        finally:
+            self.deadline = saved
 
 
 def nightly_deadline(model_name: str, interval_s: float) -> Any:
