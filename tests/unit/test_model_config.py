@@ -196,3 +196,16 @@ def test_durations(text, seconds):
 
 def test_format_duration():
     assert [mc.format_duration(s) for s in (14400, 5400, 2.5, 86460)] == ["4h", "1h30m", "2.5s", "1d1m"]
+
+
+def test_the_core_module_imports_no_airflow_and_nothing_heavy():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, sys\nfrom nightshift import model_config\nmodel_config.load_models()\n"
+            "print(json.dumps(sorted(m for m in ('airflow', 'torch', 'mlflow', 'pandas', 'numpy') if m in sys.modules)))")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'plugins'}:{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
