@@ -111,8 +111,8 @@ def test_each_model_promotes_and_deploys_its_own_champion_on_its_own_port(runs, 
     assert champions["two-b"]["tags"]["nightshift.dag_run"] == runs["two-b"][0].run_id
     for m in MODELS:
         state = contracts.read_deployment(env["home"] / "artifacts", m)
-        assert state and state["version"] == "1" and state["image"] == image[m], (m, state)
-        assert f":{env['ports'][m]}" in state["url"], (m, state)
+        assert state and state["registry_version"] == "1" and state["image"] == image[m], (m, state)
+        assert state["url"] == f"http://127.0.0.1:{env['ports'][m]}" and state["model"] == m, (m, state)
         ready = requests.get(f"http://127.0.0.1:{env['ports'][m]}/v2/health/ready", timeout=10)
         assert ready.status_code == 200, (m, ready.text)
         meta = requests.get(f"http://127.0.0.1:{env['ports'][m]}/v2/models/{m}", timeout=10)
@@ -148,4 +148,4 @@ def test_the_view_lists_both_models_from_the_file(runs, env):
     assert list(shown)[:2] == list(MODELS)
     for m in MODELS:
         assert shown[m]["champion"] == "1" and shown[m]["config"]["deploy_port"] == env["ports"][m]
-        assert shown[m]["deployment"]["version"] == "1"
+        assert shown[m]["deployment"]["registry_version"] == "1"
