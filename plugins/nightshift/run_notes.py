@@ -77,3 +77,14 @@ def _evidence_line(ev: dict) -> str:
                      f"right, {paired.get('candidate_only_correct')} only the candidate, McNemar p="
                      f"{float(paired['mcnemar_p']):.3g}")
     return "; ".join(parts)
+
+
+def with_deadlines(note: str | None, missed: list[str]) -> str | None:
+    """The note with the deadline misses right under its first line (a note is cut at 1,000
+    characters); a run with no promotion decision gets a note of its misses alone."""
+    if not missed:
+        return note
+    if note is None:
+        return "\n".join([MARK + missed[0], *missed[1:]])
+    head, _, rest = note.partition("\n")
+    return "\n".join([head, *missed, rest])[:1000]

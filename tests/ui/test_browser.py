@@ -40,6 +40,7 @@ def server(world, tmp_path_factory):
            "NIGHTSHIFT_ARTIFACT_ROOT": str(world["root"]),
            "MLFLOW_TRACKING_URI": world["tracking_uri"],
            "MLFLOW_REGISTRY_URI": world["tracking_uri"],
+           "NIGHTSHIFT_MODELS_FILE": str(world["models_file"]),
            "NIGHTSHIFT_MLFLOW_UI_URL": "http://127.0.0.1:5000"}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "api-server.log", "w")

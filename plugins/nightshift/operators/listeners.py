@@ -13,7 +13,7 @@ from typing import Any
 
 from airflow.listeners import hookimpl
 
-from nightshift.run_notes import MARK, run_note
+from nightshift.run_notes import MARK, run_note, with_deadlines
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,27 @@ def _set_note(dag_id: str, run_id: str, note: str, *, attempts: int = 20, wait_s
     return False
 
 
+def missed_deadlines(dag_run: Any, session: Any) -> list[str]:
+    """One line per deadline of this run that passed before it ended (Airflow's deadline rows: the
+    scheduler marks them ``missed``; one the run ended after but the scheduler has not marked yet
+    counts too)."""
+    from datetime import datetime, timezone
+
+    from airflow.models import Deadline
+    from sqlalchemy import select
+
+    from nightshift.contracts import deadline_miss_text
+
+    ended = getattr(dag_run, "end_date", None) or datetime.now(timezone.utc)
+    lines = []
+    for d in session.scalars(select(Deadline).where(Deadline.dagrun_id == dag_run.id)):
+        if d.missed or d.deadline_time < ended:
+            queued = getattr(dag_run, "queued_at", None)
+            interval = (d.deadline_time - queued).total_seconds() if queued else 0
+            lines.append(deadline_miss_text(d.deadline_time, interval, queued))
+    return lines
+
+
 def _annotate(dag_run: Any) -> None:
     try:
         import threading
@@ -53,6 +74,8 @@ def _annotate(dag_run: Any) -> None:
         from nightshift.settings import Settings
 
         note = run_note(Settings.from_env().store(), dag_run.dag_id, dag_run.run_id)
+        if object_session(dag_run) is not None:  # the scheduler: its deadline rows say what was missed
+            note = with_deadlines(note, missed_deadlines(dag_run, object_session(dag_run)))
         if note is None:
             return
         if object_session(dag_run) is not None:  # the scheduler's own session: write with it
