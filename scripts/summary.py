@@ -64,7 +64,7 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
     """:param artifact_root: the artifact store (``Settings.store()``) or a local root folder: the
     run's reports are read through it (with an ``s3://`` root, not from this machine's disk)."""
     from nightshift.artifacts import run_path
-    from nightshift.contracts import as_store
+    from nightshift.store import as_store
 
     out = out or sys.stdout
     store = as_store(artifact_root)

@@ -102,7 +102,7 @@ def champion_lock(store: str | os.PathLike | Store, model_name: str, *,
     :raises ChampionLockTimeout: not acquired within ``timeout_s``; names the holder.
     :yields: the lock's path (local root) or URI (object store).
     """
-    from nightshift.contracts import as_store
+    from nightshift.store import as_store
 
     store = as_store(store)
     rel = lock_rel(model_name)
@@ -259,7 +259,8 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike | St
         champion, or a target that cannot be deployed (nothing moved).
     :raises ServingError: the target did not become ready (nothing moved; what served keeps serving).
     """
-    from nightshift import contracts, registry
+    from nightshift import contracts, registry, state
+    from nightshift.store import as_store
 
     if action not in ACTIONS:
         raise ConfigError(f"action must be one of {sorted(ACTIONS)}, got {action!r}")
@@ -268,12 +269,12 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike | St
     if deploy == "docker" and deployer is None:
         raise ConfigError("deploy target 'docker' needs a deployer")
     version = str(version or "").strip() or None
-    artifact_root = contracts.as_store(artifact_root)
+    artifact_root = as_store(artifact_root)
     with champion_lock(artifact_root, model_name, timeout_s=lock_timeout_s, purpose=f"{ACTIONS[action]}: {reason}",
                        on_wait=lambda: _hook(hook, "lock_wait")):
         current = registry.get_champion(c, model_name)
         current_v = current["version"] if current else None
-        history = contracts.read_history(artifact_root, model_name)
+        history = state.read_history(artifact_root, model_name)
         done = _already_done(history, action=action, dag_id=dag_id, run_id=run_id, champion=current_v,
                              requested=None if version in (None, "previous") else version.lstrip("v"),
                              champion_tags=current["tags"] if current else None)
@@ -325,7 +326,7 @@ def change_champion(c, *, model_name: str, artifact_root: str | os.PathLike | St
                     log.error("could not restore what %s serves after a failed champion move: %s", model_name, exc)
             raise
         _hook(hook, "alias_moved")
-        contracts.append_history(artifact_root, contracts.HistoryEvent(
+        state.append_history(artifact_root, contracts.HistoryEvent(
             model=model_name, action=action, version=out["version"], previous_champion=out["previous_champion"],
             champion=out["champion"], reason=str(reason), actor=actor, dag_id=dag_id, run_id=run_id))
         log.warning("%s: champion of %s is now v%s (was v%s), by %s: %s", ACTIONS[action], model_name,
@@ -367,14 +368,13 @@ def _finish_recording(c, artifact_root: Store, model_name: str, version: str, do
                       action: str, reason: str, actor: str, dag_id: str | None, run_id: str | None) -> dict[str, Any]:
     """What an earlier try that moved the alias and died left unwritten: the version's
     ``<action>_by/_reason/_at/_from`` tags and the history line (keyed by run: written once)."""
-    from nightshift import contracts
-
+    from nightshift import contracts, state
     previous = done.get("previous_champion")
     stamp = datetime.now(timezone.utc).isoformat()
     for k, v in {f"{action}_by": actor, f"{action}_reason": str(reason)[:4900], f"{action}_at": stamp,
                  f"{action}_from": str(previous or "none")}.items():
         c.set_model_version_tag(model_name, str(version), contracts.tag(k), v)
-    contracts.append_history(artifact_root, contracts.HistoryEvent(
+    state.append_history(artifact_root, contracts.HistoryEvent(
         model=model_name, action=action, version=str(version), previous_champion=previous, champion=str(version),
         reason=str(reason), actor=actor, dag_id=dag_id, run_id=run_id,
         extra={"note": "recorded by a retry: the earlier try moved champion and stopped before recording it"}))

@@ -1,24 +1,21 @@
-"""Contracts between tasks, DAGs, the serving image and the Nightshift view.
+"""Contracts between tasks, DAGs, the serving image and the Nightshift view: names only.
 
 One place for the names several parts of Nightshift read and write: registry
-aliases and tag names, the files each run leaves behind, the promotion
-history, the deployment state and the drift timeline (read and written
-through the artifact store, :mod:`nightshift.store`). Documented in
-``docs/contracts.md``. Airflow-free and dependency-free.
+aliases and tag names, the files each run leaves behind, where the promotion
+history, the deployment state, the drift timeline and the deadline misses live,
+and the shapes of their records. Reading and writing that shared state is
+:mod:`nightshift.state`. Documented in ``docs/contracts.md``. Airflow-free and
+dependency-free.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import Any
 
-from nightshift.store import as_store  # noqa: F401 - re-exported: every state function takes a Store or a folder
-
-if TYPE_CHECKING:
-    from nightshift.store import Store
 
 # --------------------------------------------------------------------------- registry (MLflow)
 
@@ -91,13 +88,10 @@ RUN_REPORTS: dict[str, str] = {
 }
 
 
-# --------------------------------------------------------------------------- the store of shared state
+# --------------------------------------------------------------------------- shared state: where, and its records
 #
-# The promotion history, the deployment state, the drift timeline and the retrain-start record are
-# shared by every worker, the Airflow API server (the Nightshift view) and the scheduler (the run
-# note): they are read and written through the artifact store (:mod:`nightshift.store`), never as
-# files of one worker's working copy. With a local root the store is the folder itself, and the
-# files are what they always were (``history.jsonl``, ``state.json``, ``timeline.jsonl``, ...).
+# Read and written through the artifact store by :mod:`nightshift.state`; the ``*_path`` functions
+# name the file under a local root.
 
 
 def history_rel(model_name: str) -> str:
@@ -107,7 +101,7 @@ def history_rel(model_name: str) -> str:
 
 def history_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
     """The promotion history's file under a local root (JSON Lines); on an object store
-    read it with :func:`read_history`."""
+    read it with :func:`nightshift.state.read_history`."""
     return Path(artifact_root) / history_rel(model_name)
 
 
@@ -118,7 +112,7 @@ class HistoryEvent:
     ``action``: ``promoted`` (gates passed), ``rejected`` (gates failed, champion
     unchanged), ``forced`` (``promote_model``), ``rolled_back`` (``rollback_model``).
 
-    ``key`` makes the append idempotent (:func:`append_history`): by default, for an event
+    ``key`` makes the append idempotent (:func:`nightshift.state.append_history`): by default, for an event
     of a DAG run (``run_id`` set), ``<dag_id>/<run_id>/<model>/v<version>/<action>``, so a
     retried task that records the same move again writes it once. Events without a run
     (a script, a test) get no key and are always appended.
@@ -147,29 +141,6 @@ def history_key(model: str, version: str | None, action: str, *, run_id: str, da
     return f"{dag_id or '-'}/{run_id}/{model}/v{version}/{action}"
 
 
-def append_history(store: str | os.PathLike | Store, event: HistoryEvent) -> bool:
-    """Append one event, once: an event whose ``key`` the history already holds is not written
-    again, whichever worker wrote it (:meth:`~nightshift.store.Store.append_record`: under an
-    ``flock`` of ``history.jsonl`` locally, a conditional create of the key's object on S3).
-    True when written."""
-    return as_store(store).append_record(history_rel(event.model), asdict(event), key=event.key)
-
-
-def read_history(store: str | os.PathLike | Store, model_name: str, *, limit: int | None = None) -> list[dict[str, Any]]:
-    """The promotion history of ``model_name``, oldest first (``[]`` when there is none); ``limit``:
-    only the newest events."""
-    return as_store(store).read_records(history_rel(model_name), limit=limit)
-
-
-def read_jsonl(path: str | os.PathLike) -> Iterator[dict[str, Any]]:
-    """Records of a local JSON Lines file; a torn line (writer killed) is skipped. Shared state
-    is read with :func:`read_history` / :func:`read_drift_timeline` instead."""
-    from nightshift.store import LocalStore
-
-    p = Path(path)
-    yield from LocalStore(p.parent).read_records(p.name)
-
-
 # --------------------------------------------------------------------------- deployment and drift
 
 
@@ -185,35 +156,6 @@ def retrain_started_path(artifact_root: str | os.PathLike, dag_id: str) -> Path:
     return Path(artifact_root) / retrain_started_rel(dag_id)
 
 
-def last_retrain_start(store: str | os.PathLike | Store, dag_id: str):
-    """The ``datetime`` :func:`record_retrain_start` wrote last, or ``None``.
-
-    :raises ValueError: the record exists but cannot be read (the cooldown then fails: a retrain
-        storm must not pass through a broken record unseen).
-    """
-    import datetime as _dt
-
-    from nightshift.store import StoreError
-
-    store = as_store(store)
-    rel = retrain_started_rel(dag_id)
-    try:
-        record = store.read_json(rel)
-        if record is None:
-            return None
-        return _dt.datetime.fromisoformat(record["started_at"])
-    except (StoreError, ValueError, KeyError, TypeError) as exc:
-        if isinstance(exc, StoreError) and exc.retryable:
-            raise  # the store is unreachable: say so, not "unreadable"
-        raise ValueError(f"{store.to_uri(store.local_root / rel)} is unreadable ({exc}); delete it to reset the "
-                         "retrain cooldown") from exc
-
-
-def record_retrain_start(store: str | os.PathLike | Store, dag_id: str, when, run_id: str) -> str:
-    """Record that a retrain of ``dag_id`` started at ``when``; returns where (URI or path)."""
-    return as_store(store).write_json(retrain_started_rel(dag_id), {"started_at": when.isoformat(), "run_id": run_id})
-
-
 def deployment_rel(model_name: str) -> str:
     """JSON: what serves ``model_name`` now (version, image, url, container, since)."""
     return f"deployments/{model_name}/state.json"
@@ -224,30 +166,6 @@ def deployment_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
     return Path(artifact_root) / deployment_rel(model_name)
 
 
-def read_deployment(store: str | os.PathLike | Store, model_name: str) -> dict[str, Any] | None:
-    """What serves ``model_name`` now, as the last deploy recorded it; ``None`` when nothing does.
-
-    :raises StoreError: the state cannot be read (unreachable store, not JSON).
-    """
-    state = as_store(store).read_json(deployment_rel(model_name))
-    return state if isinstance(state, dict) else None
-
-
-def write_deployment(store: str | os.PathLike | Store, model_name: str, state: dict[str, Any]) -> str:
-    """Record what serves ``model_name`` (whole object, atomic) and append it to the
-    deployment log (``deployments/<model>/history.jsonl``)."""
-    store = as_store(store)
-    where = store.write_json(deployment_rel(model_name), state)
-    store.append_record(f"deployments/{model_name}/history.jsonl", state)
-    return where
-
-
-def clear_deployment(store: str | os.PathLike | Store, model_name: str) -> None:
-    """Nothing serves ``model_name`` any more (undeploy): its state goes."""
-    store = as_store(store)
-    store.delete(deployment_rel(model_name))
-
-
 def drift_timeline_rel(model_name: str) -> str:
     """JSON Lines: one record per drift check (time, window, status, drifted share, rows, report)."""
     return f"drift/{model_name}/timeline.jsonl"
@@ -256,19 +174,6 @@ def drift_timeline_rel(model_name: str) -> str:
 def drift_timeline_path(artifact_root: str | os.PathLike, model_name: str) -> Path:
     """:func:`drift_timeline_rel` under a local root."""
     return Path(artifact_root) / drift_timeline_rel(model_name)
-
-
-def append_drift_point(store: str | os.PathLike | Store, model_name: str, point: dict[str, Any],
-                       *, key: str | None = None) -> bool:
-    """Add one drift check to the timeline of ``model_name``, once per ``key`` (a retried check of
-    the same DAG run records its first point only); True when written."""
-    return as_store(store).append_record(drift_timeline_rel(model_name), point, key=key)
-
-
-def read_drift_timeline(store: str | os.PathLike | Store, model_name: str, *,
-                        limit: int | None = None) -> list[dict[str, Any]]:
-    """The drift checks of ``model_name``, oldest first; ``limit``: only the newest."""
-    return as_store(store).read_records(drift_timeline_rel(model_name), limit=limit)
 
 
 def request_log_dir(artifact_root: str | os.PathLike, model_name: str) -> Path:
@@ -306,18 +211,6 @@ class DeadlineMiss:
     def __post_init__(self) -> None:
         if self.key is None:
             self.key = f"{self.dag_id}/{self.run_id}"
-
-
-def record_deadline_miss(store: str | os.PathLike | Store, miss: DeadlineMiss) -> bool:
-    """Append ``miss`` to its model's record, once per run (a callback run twice writes it once).
-    True when written."""
-    return as_store(store).append_record(deadline_misses_rel(miss.model), asdict(miss), key=miss.key)
-
-
-def read_deadline_misses(store: str | os.PathLike | Store, model_name: str, *,
-                         limit: int | None = None) -> list[dict[str, Any]]:
-    """The deadline misses of ``model_name``, oldest first; ``limit``: only the newest."""
-    return as_store(store).read_records(deadline_misses_rel(model_name), limit=limit)
 
 
 def deadline_miss_text(deadline_time: Any, interval_s: float, queued_at: Any = None) -> str:

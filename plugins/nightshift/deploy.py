@@ -25,7 +25,7 @@ registry's champion *now*), not the caller's.
 **Where its state lives.** The deployment state (``deployments/<model>/state.json``, what
 serves now) is shared: the Nightshift view, image retention and the drift monitor read it
 from other workers, so it goes through the artifact store
-(:func:`nightshift.contracts.write_deployment`), and the lock is the store's. The deploy
+(:func:`nightshift.state.write_deployment`), and the lock is the store's. The deploy
 host's own files stay in its working copy (:attr:`LocalDeployer.root`): the proxy's upstream
 file and the serving container's request log are bind mounts of that host's Docker daemon,
 and only deploy, which runs on that host's queue (``NIGHTSHIFT_DOCKER_QUEUE``), touches them.
@@ -43,12 +43,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from nightshift import contracts
+from nightshift import contracts, state
 from nightshift.artifacts import atomic_write_text
 from nightshift.champion import DEFAULT_LOCK_TIMEOUT_S, champion_lock
 from nightshift.containers import (DEPLOYMENT_LABEL, LOOPBACK, MODEL_LABEL, ROLE_LABEL,
                                    VERSION_LABEL, ServingConfig, free_port, run_serving_container, wait_ready)
 from nightshift.errors import ConfigError, ServingError
+from nightshift.store import as_store
 
 if TYPE_CHECKING:
     from nightshift.store import Store
@@ -115,7 +116,7 @@ class LocalDeployer:
             raise ConfigError(f"deploy port must be 1..65535, got {port}")
         self.client = docker_client
         self.model_name = model_name
-        self.store = contracts.as_store(artifact_root)
+        self.store = as_store(artifact_root)
         #: this Docker host's working copy: the proxy config and the request log (bind mounts)
         self.root = self.store.local_root
         self.port = int(port)
@@ -139,8 +140,8 @@ class LocalDeployer:
         return f"http://{LOOPBACK}:{self.port}"
 
     def state(self) -> dict[str, Any] | None:
-        """What serves now, as the store records it (:func:`nightshift.contracts.read_deployment`)."""
-        return contracts.read_deployment(self.store, self.model_name)
+        """What serves now, as the store records it (:func:`nightshift.state.read_deployment`)."""
+        return state.read_deployment(self.store, self.model_name)
 
     def _hook(self, point: str) -> None:
         if self.hook is not None:
@@ -307,7 +308,7 @@ class LocalDeployer:
                                    logs=exc.logs or logs) from exc
             raise
         self._hook("before_record")
-        state = {"model": self.model_name, "registry_version": registry_version,
+        record = {"model": self.model_name, "registry_version": registry_version,
                  "model_version": served_version, "image": image, "image_id": image_id, "container": name,
                  "port": port, "url": self.url, "status": "serving", "target": "docker",
                  "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
@@ -315,7 +316,7 @@ class LocalDeployer:
                  "reason": reason}
         # traffic has moved: record it before blue drains (up to drain_timeout_s), so a task
         # killed meanwhile leaves a state that names what serves
-        contracts.write_deployment(self.store, self.model_name, state)
+        state.write_deployment(self.store, self.model_name, record)
         if blue is not None and blue.id != green.id:
             log.info("blue: stopping %s in %.1fs (drains up to %ss)", blue.name, self.switch_grace_s,
                      self.drain_timeout_s)
@@ -325,7 +326,7 @@ class LocalDeployer:
                 blue.remove(force=True)
             except APIError as exc:
                 log.warning("could not remove the old container %s: %s", blue.name, exc)
-        return {**state, "changed": True}
+        return {**record, "changed": True}
 
     def _sweep(self, keep: str | None) -> None:
         """Remove this deployment's serving containers other than ``keep`` (what the state
@@ -378,7 +379,7 @@ class LocalDeployer:
                         c.remove(force=True)
                     except Exception as exc:  # noqa: BLE001 - listed twice, or already gone
                         log.debug("could not remove %s: %s", c.name, exc)
-            contracts.clear_deployment(self.store, self.model_name)
+            state.clear_deployment(self.store, self.model_name)
 
 
 __all__ = ["LocalDeployer"]

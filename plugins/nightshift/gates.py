@@ -370,7 +370,7 @@ def drift_retrain_cooldown(store: Any, dag_id: str, *, run_type: str, run_id: st
                            cooldown_hours: float, now: Any = None) -> tuple[bool, str]:
     """The cooldown of a retrain DAG with its shared record: :func:`retrain_cooldown` against the
     later of ``last_success_start`` (Airflow's previous successful run; asset-triggered runs get
-    none) and the start this gate recorded last (:func:`nightshift.contracts.last_retrain_start`);
+    none) and the start this gate recorded last (:func:`nightshift.state.last_retrain_start`);
     a run that proceeds records its own start.
 
     The read and the record happen under the store's lock on the record (an ``flock`` on a
@@ -383,15 +383,16 @@ def drift_retrain_cooldown(store: Any, dag_id: str, *, run_type: str, run_id: st
     """
     from datetime import datetime, timezone
 
-    from nightshift import contracts
+    from nightshift import contracts, state
+    from nightshift.store import as_store
 
-    store = contracts.as_store(store)
+    store = as_store(store)
     with store.lock(contracts.retrain_started_rel(dag_id) + ".lock", timeout_s=COOLDOWN_LOCK_TIMEOUT_S,
                     purpose=f"cooldown {dag_id} {run_id}", what=f"the retrain cooldown of {dag_id!r}"):
-        starts = [t for t in (last_success_start, contracts.last_retrain_start(store, dag_id))
+        starts = [t for t in (last_success_start, state.last_retrain_start(store, dag_id))
                   if isinstance(t, datetime)]
         now = now or datetime.now(timezone.utc)
         proceed, reason = retrain_cooldown(run_type, max(starts, default=None), now, cooldown_hours)
         if proceed:
-            contracts.record_retrain_start(store, dag_id, now, run_id)
+            state.record_retrain_start(store, dag_id, now, run_id)
     return proceed, reason

@@ -23,7 +23,7 @@ evidence to a registered model version, a decision and a history event.
 6. **History.** The outcome is written to ``promotion.json`` in the run folder
    and appended to the promotion history, always, idempotently: a retry whose
    first try moved the champion but died before the history line writes it
-   exactly once (:func:`nightshift.contracts.append_history`).
+   exactly once (:func:`nightshift.state.append_history`).
 """
 
 from __future__ import annotations
@@ -249,7 +249,9 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
     """
     from nightshift import registry
     from nightshift.artifacts import atomic_write_json
-    from nightshift.contracts import PROMOTION_FILE, TAG_PREFIX, HistoryEvent, VersionTag, append_history, as_store
+    from nightshift.contracts import PROMOTION_FILE, TAG_PREFIX, HistoryEvent, VersionTag
+    from nightshift.state import append_history
+    from nightshift.store import as_store
     from nightshift.data.snapshot import load_snapshot
     from nightshift.errors import ConfigError
     from nightshift.gates import Evidence, decide, load_thresholds, loosened_by_overrides, read_gate_file

@@ -21,7 +21,8 @@ def run_note(artifact_root: Any, dag_id: str, run_id: str) -> str | None:
     :raises StoreError: the store cannot be reached (the caller logs it; no note is written).
     """
     from nightshift.artifacts import run_path
-    from nightshift.contracts import RUN_REPORTS, as_store
+    from nightshift.contracts import RUN_REPORTS
+    from nightshift.store import as_store
     from nightshift.store import StoreError
 
     rel = (run_path("", dag_id, run_id) / RUN_REPORTS["promotion"]).as_posix()

@@ -104,8 +104,7 @@ def test_cooldown_task_reads_and_writes_its_own_record(dagbag, tmp_path, monkeyp
 
     import lazy_object_proxy
 
-    from nightshift import contracts
-
+    from nightshift import state
     monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(tmp_path))
     dag = dagbag.get_dag("nightly_retrain")
     task = dag.get_task("cooldown")
@@ -117,7 +116,7 @@ def test_cooldown_task_reads_and_writes_its_own_record(dagbag, tmp_path, monkeyp
         return task.python_callable(**ctx)
 
     assert run("asset_triggered__1") is True  # nothing recorded yet
-    assert contracts.last_retrain_start(tmp_path, "nightly_retrain") <= datetime.now(timezone.utc)
+    assert state.last_retrain_start(tmp_path, "nightly_retrain") <= datetime.now(timezone.utc)
     assert run("asset_triggered__2") is False  # the drift storm's second retrain waits
 
 

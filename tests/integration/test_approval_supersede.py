@@ -92,7 +92,7 @@ def stack(tmp_path_factory):
 
 
 def test_a_waiting_run_holds_back_no_newer_run_and_is_superseded_by_it(stack):
-    from nightshift import contracts, registry
+    from nightshift import contracts, registry, state
 
     run_a = stack.trigger()
     stack.wait_for("run A's approve_promotion to wait (deferred on the supersedable trigger)",
@@ -108,7 +108,7 @@ def test_a_waiting_run_holds_back_no_newer_run_and_is_superseded_by_it(stack):
     assert a["approve_promotion"]["end_date"] > b_promoted_at  # A still waited when B had promoted
 
     c = registry.client(stack.env["MLFLOW_TRACKING_URI"])
-    history = list(contracts.read_jsonl(contracts.history_path(stack.env["NIGHTSHIFT_ARTIFACT_ROOT"], MODEL)))
+    history = list(state.read_jsonl(contracts.history_path(stack.env["NIGHTSHIFT_ARTIFACT_ROOT"], MODEL)))
     (superseded,) = history
     assert superseded["action"] == "superseded" and superseded["run_id"] == run_a
     version_a, version_b = superseded["version"], superseded["extra"]["superseded_by"]
@@ -131,5 +131,5 @@ def test_a_waiting_run_holds_back_no_newer_run_and_is_superseded_by_it(stack):
     stack.wait_for("run B to end", lambda: stack.state(run_b, "finalize_promotion") in ("success", "failed"))
     assert stack.state(run_b, "finalize_promotion") == "success", stack.logs()
     assert registry.get_champion(c, MODEL)["version"] == version_b
-    history = list(contracts.read_jsonl(contracts.history_path(stack.env["NIGHTSHIFT_ARTIFACT_ROOT"], MODEL)))
+    history = list(state.read_jsonl(contracts.history_path(stack.env["NIGHTSHIFT_ARTIFACT_ROOT"], MODEL)))
     assert [e["action"] for e in history] == ["superseded", "promoted"] and history[-1]["run_id"] == run_b

@@ -143,8 +143,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     assert str(dr.state) == "success" and states["deploy"] == "success", states
     assert registry.get_champion(mlflow, MODEL)["version"] == v1["version"]
     assert served_version(port) == v1["tags"]["nightshift.onnx_sha256"][:12]
-    from nightshift import contracts
-
-    history = list(contracts.read_jsonl(contracts.history_path(env / "artifacts", MODEL)))
+    from nightshift import contracts, state
+    history = list(state.read_jsonl(contracts.history_path(env / "artifacts", MODEL)))
     assert [e["action"] for e in history] == ["promoted", "promoted", "rolled_back"]
     assert history[-1]["reason"] == "drift retrain misbehaves on dark images"

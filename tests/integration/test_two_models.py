@@ -95,7 +95,7 @@ def runs(dags, env):
 def test_each_model_promotes_and_deploys_its_own_champion_on_its_own_port(runs, env):
     import requests
 
-    from nightshift import contracts, registry
+    from nightshift import registry, state
 
     c = registry.client(os.environ["MLFLOW_TRACKING_URI"])
     champions = {}
@@ -110,9 +110,9 @@ def test_each_model_promotes_and_deploys_its_own_champion_on_its_own_port(runs, 
     assert champions["two-a"]["tags"]["nightshift.dag_run"] == runs["two-a"][0].run_id
     assert champions["two-b"]["tags"]["nightshift.dag_run"] == runs["two-b"][0].run_id
     for m in MODELS:
-        state = contracts.read_deployment(env["home"] / "artifacts", m)
-        assert state and state["registry_version"] == "1" and state["image"] == image[m], (m, state)
-        assert state["url"] == f"http://127.0.0.1:{env['ports'][m]}" and state["model"] == m, (m, state)
+        deployed = state.read_deployment(env["home"] / "artifacts", m)
+        assert deployed and deployed["registry_version"] == "1" and deployed["image"] == image[m], (m, deployed)
+        assert deployed["url"] == f"http://127.0.0.1:{env['ports'][m]}" and deployed["model"] == m, (m, deployed)
         ready = requests.get(f"http://127.0.0.1:{env['ports'][m]}/v2/health/ready", timeout=10)
         assert ready.status_code == 200, (m, ready.text)
         meta = requests.get(f"http://127.0.0.1:{env['ports'][m]}/v2/models/{m}", timeout=10)
@@ -128,13 +128,12 @@ def test_runs_leave_their_folders_under_their_own_dag(runs, env):
 
 
 def test_each_drift_monitor_writes_its_own_models_timeline(runs, dags, env):
-    from nightshift import contracts
-
+    from nightshift import state
     for m, dag_id in zip(MODELS, ("drift_monitor", "drift_monitor__two-b")):
         dr, states = run(dags[dag_id], {})
         assert str(dr.state) == "success" and states["check_served_drift"] == "success", (m, states)
     for m, dag_id in zip(MODELS, ("drift_monitor", "drift_monitor__two-b")):
-        (point,) = contracts.read_drift_timeline(env["home"] / "artifacts", m)
+        (point,) = state.read_drift_timeline(env["home"] / "artifacts", m)
         assert point["dag_id"] == dag_id and point["champion_version"] == "1", (m, point)
 
 

@@ -54,8 +54,8 @@ def _version(c, root: Path, tmp: Path, n: int, acc: float, champion: dict | None
 def world(tmp_path_factory):
     """Build the world once; yields a dict with ``root``, ``tracking_uri``, ``versions``."""
     from nightshift import registry
-    from nightshift.contracts import (CHALLENGER, HistoryEvent, append_history, deployment_path,
-                                      drift_timeline_path)
+    from nightshift.contracts import CHALLENGER, HistoryEvent, deployment_path, drift_timeline_path
+    from nightshift.state import append_history
 
     tmp = tmp_path_factory.mktemp("nightshift-world")
     root = tmp / "artifacts"

@@ -52,7 +52,8 @@ def test_empty_world_says_none_yet(tmp_path):
 
 
 def test_files_without_a_registered_model_still_show(tmp_path):
-    from nightshift.contracts import HistoryEvent, append_history
+    from nightshift.contracts import HistoryEvent
+    from nightshift.state import append_history
 
     class Broken:
         def search_registered_models(self):
@@ -124,7 +125,7 @@ def test_each_version_says_how_its_approval_ended_not_always_approved_by(tmp_pat
 
 def test_the_view_reads_history_deployment_drift_and_reports_from_s3(s3_server, s3_root, tmp_path):
     """Workers published to an s3 root; the view (the API server, its own working copy) shows it all."""
-    from nightshift import contracts
+    from nightshift import contracts, state
     from nightshift.artifacts import atomic_write_json, atomic_write_text, run_dir
     from nightshift.store import open_store
 
@@ -137,13 +138,13 @@ def test_the_view_reads_history_deployment_drift_and_reports_from_s3(s3_server, 
     worker.publish(folder)
     drift_html = atomic_write_text(worker.local_root / "drift" / "m" / "run1" / "served_drift.html", "<html>drift</html>")
     worker.publish(drift_html)
-    contracts.append_history(worker, contracts.HistoryEvent(
+    state.append_history(worker, contracts.HistoryEvent(
         model="m", action="promoted", version="1", previous_champion=None, champion="1", reason="gates passed",
         dag_id="nightly_retrain", run_id="scheduled__1", extra={"report": worker.to_uri(report)}))
-    contracts.write_deployment(worker, "m", {"registry_version": "1", "status": "serving"})
-    contracts.append_drift_point(worker, "m", {"time": "2026-01-01T01:00:00+00:00", "status": "ok",
+    state.write_deployment(worker, "m", {"registry_version": "1", "status": "serving"})
+    state.append_drift_point(worker, "m", {"time": "2026-01-01T01:00:00+00:00", "status": "ok",
                                                "report": worker.to_uri(drift_html)})
-    contracts.append_drift_point(worker, "unregistered", {"time": "2026-01-01T01:00:00+00:00", "status": "ok"})
+    state.append_drift_point(worker, "unregistered", {"time": "2026-01-01T01:00:00+00:00", "status": "ok"})
 
     class Client:
         def search_registered_models(self):

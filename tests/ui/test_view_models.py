@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 
-from nightshift import contracts, model_config
+from nightshift import contracts, model_config, state
 from nightshift.ui import data
 
 from .conftest import MODEL
@@ -50,11 +50,11 @@ def test_registered_models_missing_from_the_file_still_show(world, tmp_path):
 def test_deadline_misses_are_listed_newest_first_with_their_text(tmp_path):
     root = tmp_path / "artifacts"
     for run in ("scheduled__2026-12-01T02:00:00+00:00", "scheduled__2026-12-02T02:00:00+00:00"):
-        assert contracts.record_deadline_miss(root, contracts.DeadlineMiss(
+        assert state.record_deadline_miss(root, contracts.DeadlineMiss(
             model="m", dag_id="nightly_retrain__m", run_id=run, deadline_time=f"{run[11:21]}T06:00:05+00:00",
             queued_at=f"{run[11:21]}T02:00:05+00:00", interval_s=14400, run_state="running"))
     # the callback may run twice for one run: it is recorded once
-    assert not contracts.record_deadline_miss(root, contracts.DeadlineMiss(
+    assert not state.record_deadline_miss(root, contracts.DeadlineMiss(
         model="m", dag_id="nightly_retrain__m", run_id="scheduled__2026-12-02T02:00:00+00:00",
         deadline_time="x", queued_at=None, interval_s=14400))
 
@@ -80,7 +80,7 @@ def test_the_page_shows_config_errors_unregistered_models_and_deadline_misses(wo
     monkeypatch.setenv("NIGHTSHIFT_MODELS_FILE", str(f))
     root = tmp_path / "artifacts"  # not the shared world's: the other tests count its models
     monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", str(root))
-    contracts.record_deadline_miss(root, contracts.DeadlineMiss(
+    state.record_deadline_miss(root, contracts.DeadlineMiss(
         model="fresh-model", dag_id="nightly_retrain__fresh-model", run_id="manual__late", deadline_time="2026-12-02T06:00:00+00:00",
         queued_at="2026-12-02T02:00:00+00:00", interval_s=14400, run_state="running"))
     application = ui_app.create_app()

@@ -63,9 +63,8 @@ def champion(c, model: str = MODEL):
 def history(model: str = MODEL) -> list[dict]:
     import os
 
-    from nightshift import contracts
-
-    return list(contracts.read_jsonl(contracts.history_path(os.environ["NIGHTSHIFT_ARTIFACT_ROOT"], model)))
+    from nightshift import contracts, state
+    return list(state.read_jsonl(contracts.history_path(os.environ["NIGHTSHIFT_ARTIFACT_ROOT"], model)))
 
 
 class FakeHITL:
@@ -523,16 +522,16 @@ def test_nightly_retrain_lets_a_newer_run_start_while_one_waits_for_approval(nig
 def test_the_cooldown_of_overlapping_drift_runs_lets_only_one_through(nightly, nightshift_home, monkeypatch):
     """Two drift-triggered runs that reach cooldown together (runs overlap now): exactly one
     proceeds, the other sees its start and is held back."""
-    from nightshift import contracts
+    from nightshift import contracts, state
 
-    real = contracts.last_retrain_start
+    real = state.last_retrain_start
 
     def slow_read(*a, **k):  # widen the read-then-record window
         got = real(*a, **k)
         time.sleep(0.3)
         return got
 
-    monkeypatch.setattr(contracts, "last_retrain_start", slow_read)
+    monkeypatch.setattr(state, "last_retrain_start", slow_read)
     task = nightly.get_task("cooldown")
     results = {}
 

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from nightshift import champion, contracts, registry
+from nightshift import champion, contracts, registry, state
 from nightshift.errors import ConfigError, ServingError
 from nightshift.gates import Decision
 
@@ -126,7 +126,7 @@ def template(tmp_path_factory):
         out = registry.register_candidate(
             c, MODEL, run_id, artifact_path="onnx", tags={"onnx_sha256": f"{i}" * 64, "image": f"img:{i}"},
             decision=Decision("BLESSED", "test", prev["version"] if prev else None))
-        contracts.append_history(root, contracts.HistoryEvent(
+        state.append_history(root, contracts.HistoryEvent(
             model=MODEL, action="promoted", version=out["version"], previous_champion=out["previous_champion"],
             champion=out["champion"], reason="test"))
     assert registry.get_champion(c, MODEL)["version"] == "3"
@@ -286,11 +286,11 @@ def test_repeated_rollback_never_restores_the_version_rolled_back_from(tmp_path,
         assert out["moved"] and out["champion"] != out["previous_champion"]
         seen.append(_assert_converged(c, world))
     assert seen == ["2", "1"]
-    history = list(contracts.read_jsonl(contracts.history_path(root, MODEL)))
+    history = list(state.read_jsonl(contracts.history_path(root, MODEL)))
     with pytest.raises(ConfigError, match="records no champion before v1"):
         _rollback(c, root, FakeDeployer(world, root), run_id="r3")
     assert _assert_converged(c, world) == "1"
-    assert list(contracts.read_jsonl(contracts.history_path(root, MODEL))) == history  # nothing recorded
+    assert list(state.read_jsonl(contracts.history_path(root, MODEL))) == history  # nothing recorded
 
 
 def test_rollback_after_forcing_the_champion_onto_itself_moves(tmp_path, template):
@@ -314,7 +314,7 @@ def test_a_retried_rollback_does_not_roll_back_twice(tmp_path, template):
     again = _rollback(c, root, FakeDeployer(world, root), run_id="r1")  # the same run's retry
     assert again["moved"] is False and again["champion"] == "2"
     assert _assert_converged(c, world) == "2"
-    assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count("rolled_back") == 1
+    assert [e["action"] for e in state.read_jsonl(contracts.history_path(root, MODEL))].count("rolled_back") == 1
 
 
 class _Died(BaseException):
@@ -341,17 +341,17 @@ def test_a_retry_after_dying_between_the_alias_move_and_the_history_line_moves_o
     with pytest.raises(_Died):
         move(hook=die)
     assert registry.get_champion(c, MODEL)["version"] == "2"  # moved, but not recorded
-    assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 0
+    assert [e["action"] for e in state.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 0
     again = move()  # the same run's retry
     assert again["moved"] is False and again["champion"] == "2" and again["previous_champion"] == "3"
     assert _assert_converged(c, world) == "2"
-    events = [e for e in contracts.read_jsonl(contracts.history_path(root, MODEL)) if e["action"] == action]
+    events = [e for e in state.read_jsonl(contracts.history_path(root, MODEL)) if e["action"] == action]
     assert len(events) == 1
     assert events[0]["champion"] == "2" and events[0]["previous_champion"] == "3" and events[0]["run_id"] == "r1"
     assert c.get_model_version(MODEL, "2").tags[f"nightshift.{action}_from"] == "3"
     move()  # a third try: still nothing moves, nothing more is recorded
     assert registry.get_champion(c, MODEL)["version"] == "2"
-    assert [e["action"] for e in contracts.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 1
+    assert [e["action"] for e in state.read_jsonl(contracts.history_path(root, MODEL))].count(action) == 1
     # another run's rollback is not mistaken for this one's retry: it moves on (2 -> 1)
     if action == "rolled_back":
         assert _rollback(c, root, FakeDeployer(world, root), run_id="r2")["champion"] == "1"
@@ -377,7 +377,7 @@ def test_a_move_that_fails_leaves_no_mark_of_this_run(tmp_path, template, monkey
 def test_a_target_whose_image_is_gone_moves_nothing(tmp_path, template):
     """Item 11: retention removed v2's image; rollback and promote_model refuse before the alias moves."""
     c, root, world = _setup(tmp_path, template, serving="3", images=("img:1", "img:3"))
-    history = list(contracts.read_jsonl(contracts.history_path(root, MODEL)))
+    history = list(state.read_jsonl(contracts.history_path(root, MODEL)))
     with pytest.raises(ConfigError, match=r"image of m v2, img:2, is not in the local Docker daemon"):
         _rollback(c, root, FakeDeployer(world, root), run_id="r1")
     with pytest.raises(ConfigError, match="img:2"):
@@ -385,7 +385,7 @@ def test_a_target_whose_image_is_gone_moves_nothing(tmp_path, template):
                                  reason="try it", actor="ops", deployer=FakeDeployer(world, root), run_id="p1")
     assert registry.get_champion(c, MODEL)["version"] == "3"
     assert _assert_converged(c, world) == "3"
-    assert list(contracts.read_jsonl(contracts.history_path(root, MODEL))) == history
+    assert list(state.read_jsonl(contracts.history_path(root, MODEL))) == history
 
 
 def test_a_target_that_does_not_become_ready_moves_nothing(tmp_path, template):

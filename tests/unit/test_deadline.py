@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
-from nightshift import contracts
+from nightshift import contracts, state
 from nightshift.run_notes import MARK, with_deadlines
 from nightshift.operators.deadline import nightly_deadline, record_deadline_miss
 
@@ -31,12 +31,12 @@ def test_the_callback_records_the_miss_once_per_run(tmp_path, monkeypatch):
     assert record_deadline_miss(_context(), model_name="m", interval_s=14400) is True
     assert record_deadline_miss(_context(state="failed"), model_name="m", interval_s=14400) is False  # again
     assert record_deadline_miss(_context("manual__2"), model_name="m", interval_s=14400) is True
-    misses = contracts.read_deadline_misses(tmp_path, "m")
+    misses = state.read_deadline_misses(tmp_path, "m")
     assert [m["run_id"] for m in misses] == ["scheduled__2026-12-05T02:00:00+00:00", "manual__2"]
     first = misses[0]
     assert first["deadline_time"] == "2026-12-05T06:00:05+00:00" and first["queued_at"] == QUEUED.isoformat()
     assert first["run_state"] == "running" and first["interval_s"] == 14400 and first["dag_id"] == "nightly_retrain__m"
-    assert contracts.read_deadline_misses(tmp_path, "other") == []
+    assert state.read_deadline_misses(tmp_path, "other") == []
 
 
 def test_the_run_note_carries_the_miss_under_its_first_line():

@@ -134,7 +134,7 @@ def versioned_images(serving_docker, serving_image):
 
 
 def _registry_with_three_versions(tmp_path, images):
-    from nightshift import contracts, registry
+    from nightshift import contracts, registry, state
     from nightshift.gates import Decision
 
     c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -150,7 +150,7 @@ def _registry_with_three_versions(tmp_path, images):
             c, "tiny", run_id, artifact_path="onnx",
             tags={"onnx_sha256": i * 64, "image": images[i]["image"], "image_id": images[i]["image_id"]},
             decision=Decision("BLESSED", "test", prev["version"] if prev else None))
-        contracts.append_history(root, contracts.HistoryEvent(
+        state.append_history(root, contracts.HistoryEvent(
             model="tiny", action="promoted", version=out["version"], previous_champion=out["previous_champion"],
             champion=out["champion"], reason="test"))
     return c, root

@@ -278,17 +278,17 @@ def test_the_cooldown_lets_one_of_two_workers_through(s3_server, s3_root, tmp_pa
     import threading
     from datetime import datetime, timezone
 
-    from nightshift import contracts
+    from nightshift import state
     from nightshift.store import open_store
 
-    real = contracts.last_retrain_start
+    real = state.last_retrain_start
 
     def slow_read(*a, **k):  # widen the read-then-record window
         got = real(*a, **k)
         threading.Event().wait(0.5)
         return got
 
-    monkeypatch.setattr(contracts, "last_retrain_start", slow_read)
+    monkeypatch.setattr(state, "last_retrain_start", slow_read)
     stores = [open_store(s3_root, cache_dir=tmp_path / f"worker-{i}", s3=s3_server.options()) for i in range(2)]
     results = {}
 

@@ -273,7 +273,7 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     import numpy as np
     from airflow.sdk.exceptions import AirflowSkipException
 
-    from nightshift import contracts
+    from nightshift import contracts, state
     from nightshift.data.snapshot import load_snapshot
     from nightshift.gates import THRESHOLD_KEYS
     from nightshift.operators import DriftMonitorOperator
@@ -300,7 +300,7 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     out = DriftMonitorOperator(task_id="monitor", model_name="op-promote", min_rows=50, **window).execute(ctx)
     assert out["status"] == "ok" and out["drift_detected"] is True and out["n_current"] == 299
     assert out["served_versions"] == {version: 299, "an-older-champion": 1}
-    timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
+    timeline = list(state.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
     assert timeline[-1]["drift_detected"] is True and timeline[-1]["champion_version"] == "1"
     # an hour whose traffic all came from another model: not enough data, and the reason says so
     later = t0 + timedelta(hours=1)
@@ -313,14 +313,14 @@ def test_drift_monitor_skips_without_champion_then_compares_served_traffic(ctx, 
     assert quiet["status"] == "not_enough_data" and quiet["served_versions"] == {"an-older-champion": 80}
     assert "80 other request(s)" in quiet["message"] and "an-older-champion" in quiet["message"]
     assert version in quiet["message"] and "serving the champion" in quiet["message"]
-    timeline = list(contracts.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
+    timeline = list(state.read_jsonl(contracts.drift_timeline_path(op.settings.artifact_root, "op-promote")))
     assert timeline[-1]["status"] == "not_enough_data" and "an-older-champion" in timeline[-1]["message"]
 
 
 def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
     from types import SimpleNamespace
 
-    from nightshift import contracts, registry
+    from nightshift import contracts, registry, state
     from nightshift.gates import Decision
     from nightshift.operators import SetChampionOperator
 
@@ -335,7 +335,7 @@ def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
         d = Decision("BLESSED" if blessed else "NOT_BLESSED", f"c{i}", base["version"] if base else None)
         out = registry.register_candidate(c, "m", run_id, artifact_path="onnx", tags={"onnx_sha256": str(i) * 64},
                                           decision=d)
-        contracts.append_history(ctx_home(ctx) + "/artifacts", contracts.HistoryEvent(
+        state.append_history(ctx_home(ctx) + "/artifacts", contracts.HistoryEvent(
             model="m", action="promoted" if blessed else "rejected", version=out["version"],
             previous_champion=out["previous_champion"], champion=out["champion"], reason="test"))
     assert registry.get_champion(c, "m")["version"] == "2"
@@ -351,7 +351,7 @@ def test_promote_model_and_rollback_record_who_and_why(ctx, tmp_path):
     assert forced["champion"] == "3" and registry.get_champion(c, "m")["version"] == "3"
     tags = c.get_model_version("m", "3").tags
     assert tags["nightshift.forced_by"] == "alice" and tags["nightshift.forced_from"] == "1"
-    events = list(contracts.read_jsonl(contracts.history_path(ctx_home(ctx) + "/artifacts", "m")))
+    events = list(state.read_jsonl(contracts.history_path(ctx_home(ctx) + "/artifacts", "m")))
     assert [e["action"] for e in events][-2:] == ["rolled_back", "forced"]
     with pytest.raises(Exception, match="no version 9"):
         SetChampionOperator(task_id="p", model_name="m", version="9", reason="x", action="forced").execute(ctx)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from nightshift import contracts, registry
+from nightshift import contracts, registry, state
 from nightshift.promotion import data_changes, data_identity, promote_candidate
 
 CLASSES = ["a", "b", "c", "d"]
@@ -107,7 +107,7 @@ class World:
                                  artifact_root=self.root, **kw)
 
     def history(self) -> list[dict]:
-        return list(contracts.read_jsonl(contracts.history_path(self.root, self.model)))
+        return list(state.read_jsonl(contracts.history_path(self.root, self.model)))
 
     def champion(self) -> str | None:
         cur = registry.get_champion(self.c, self.model)
@@ -254,21 +254,21 @@ def test_a_champion_without_data_tags_counts_as_other_data(world, snap):
 def test_a_retried_promote_whose_first_try_moved_champion_records_the_move_once(world, snap, monkeypatch):
     """The first try registers the version and moves champion, then dies before the history line;
     the retry finds the version, keeps its decision and writes the event, exactly once."""
-    import nightshift.contracts as contracts_mod
+    import nightshift.state as state_mod
 
     world.promote(world.candidate(snap), run_id="r1")
     cand = world.candidate(snap)
-    real = contracts_mod.append_history
+    real = state_mod.append_history
     calls = []
 
     def crash(root, event):
         calls.append(event)
         raise KeyboardInterrupt("worker killed between the alias move and the history line")
 
-    monkeypatch.setattr(contracts_mod, "append_history", crash)
+    monkeypatch.setattr(state_mod, "append_history", crash)
     with pytest.raises(KeyboardInterrupt):
         world.promote(cand, run_id="r2")
-    monkeypatch.setattr(contracts_mod, "append_history", real)
+    monkeypatch.setattr(state_mod, "append_history", real)
     moved_to = world.champion()
     assert calls and calls[0].version == moved_to  # the alias moved in the first try
     assert [e["action"] for e in world.history()] == ["promoted"]  # ... and nothing says so yet
@@ -286,15 +286,15 @@ def test_a_retried_promote_whose_first_try_moved_champion_records_the_move_once(
 def test_history_append_is_idempotent_per_run_and_always_appends_runless_events(tmp_path):
     ev = dict(model="m", action="promoted", version="2", previous_champion="1", champion="2", reason="x")
     for _ in range(3):
-        contracts.append_history(tmp_path, contracts.HistoryEvent(**ev, dag_id="d", run_id="r"))
-    contracts.append_history(tmp_path, contracts.HistoryEvent(**ev, dag_id="d", run_id="r2"))  # another run
-    contracts.append_history(tmp_path, contracts.HistoryEvent(**ev))  # no run: no key
-    contracts.append_history(tmp_path, contracts.HistoryEvent(**ev))
+        state.append_history(tmp_path, contracts.HistoryEvent(**ev, dag_id="d", run_id="r"))
+    state.append_history(tmp_path, contracts.HistoryEvent(**ev, dag_id="d", run_id="r2"))  # another run
+    state.append_history(tmp_path, contracts.HistoryEvent(**ev))  # no run: no key
+    state.append_history(tmp_path, contracts.HistoryEvent(**ev))
     path = contracts.history_path(tmp_path, "m")
     with open(path, "ab") as f:
         f.write(b'{"torn": ')  # a writer killed mid-line
-    contracts.append_history(tmp_path, contracts.HistoryEvent(**(ev | {"action": "rejected"}), run_id="r"))
-    events = list(contracts.read_jsonl(path))
+    state.append_history(tmp_path, contracts.HistoryEvent(**(ev | {"action": "rejected"}), run_id="r"))
+    events = list(state.read_jsonl(path))
     assert [(e["run_id"], e["action"]) for e in events] == [
         ("r", "promoted"), ("r2", "promoted"), (None, "promoted"), (None, "promoted"), ("r", "rejected")]
 

@@ -295,7 +295,7 @@ class FinalizePromotionOperator(NightshiftOperator):
         self.docker_conn_id = docker_conn_id
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift import approvals, contracts
+        from nightshift import approvals, contracts, state
         from nightshift.artifacts import atomic_write_json
 
         outcome = dict(self.require(self.promotion, "promotion", "promote"))
@@ -324,7 +324,7 @@ class FinalizePromotionOperator(NightshiftOperator):
         # decided, not "waiting": published to the store, its URI on XCom
         outcome["report_path"] = store.publish(atomic_write_json(
             self.run_dir(context) / PROMOTION_FILE, {k: v for k, v in outcome.items() if k != "report_path"}))
-        contracts.append_history(store, contracts.HistoryEvent(
+        state.append_history(store, contracts.HistoryEvent(
             model=self.model_name, action=res["action"], version=outcome["version"],
             previous_champion=outcome.get("previous_champion"), champion=res["champion"], reason=f"{res['note']}",
             actor=answer.actor, dag_id=self.dag_id, run_id=context["run_id"],

@@ -4,7 +4,7 @@ Each model's ``nightly_retrain`` DAG carries ``deadline=nightly_deadline(...)``:
 done ``interval`` after it was queued (``DeadlineReference.DAGRUN_QUEUED_AT``). The scheduler
 checks deadlines in its loop; for a run that is not done by then it queues
 :func:`record_deadline_miss` on the executor (a ``SyncCallback``), which records the miss through
-the artifact store (:func:`nightshift.contracts.record_deadline_miss`), where the Nightshift view
+the artifact store (:func:`nightshift.state.record_deadline_miss`), where the Nightshift view
 reads it. The run note says it too (:mod:`nightshift.operators.listeners`, from the scheduler's own deadline
 rows when the run ends). ``dag.test()`` runs no scheduler: no deadline is checked there.
 """
@@ -58,7 +58,8 @@ def record_deadline_miss(context: dict[str, Any], model_name: str, interval_s: f
 
     :raises StoreError: the artifact store cannot be written (the callback then shows failed).
     """
-    from nightshift.contracts import DeadlineMiss, deadline_miss_text, record_deadline_miss as record
+    from nightshift.contracts import DeadlineMiss, deadline_miss_text
+    from nightshift.state import record_deadline_miss as record
     from nightshift.operators.base import artifact_store
 
     run = (context or {}).get("dag_run") or {}

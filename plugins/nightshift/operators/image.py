@@ -98,7 +98,7 @@ class BuildInferenceImageOperator(NightshiftOperator):
         :returns: ``None`` when the registry cannot be read: which image is the
             champion's is then unknown, so nothing is removed (fail closed).
         """
-        from nightshift import contracts, registry
+        from nightshift import contracts, registry, state
         from nightshift.errors import RegistryError
         from nightshift.store import StoreError
 
@@ -114,12 +114,12 @@ class BuildInferenceImageOperator(NightshiftOperator):
             keep.update(t for t in (tags.get(contracts.tag(contracts.VersionTag.IMAGE)),
                                     tags.get(contracts.tag(contracts.VersionTag.IMAGE_ID))) if t)
         try:  # from the store: the deploy that wrote it may have run on another worker
-            state = contracts.read_deployment(self.store, self.model_name)
+            deployed = state.read_deployment(self.store, self.model_name)
         except StoreError as exc:
             self.log.warning("Retention skipped: the deployment state of %s is unreadable (%s)", self.model_name, exc)
             return None
-        if state is not None:
-            for entry in (state, state.get("previous") or {}):
+        if deployed is not None:
+            for entry in (deployed, deployed.get("previous") or {}):
                 keep.update(v for v in (entry.get("image"), entry.get("image_id")) if v)
         keep.discard(None)
         return keep

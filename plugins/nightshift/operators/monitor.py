@@ -54,7 +54,7 @@ class DriftMonitorOperator(NightshiftOperator):
 
         from airflow.sdk.exceptions import AirflowSkipException
 
-        from nightshift import contracts, monitoring, registry
+        from nightshift import contracts, monitoring, registry, state
         from nightshift.artifacts import folder_name
         from nightshift.data.snapshot import load_snapshot
         from nightshift.errors import DataError
@@ -111,7 +111,7 @@ class DriftMonitorOperator(NightshiftOperator):
                        "window_start": start.isoformat(), "window_end": end.isoformat(),
                        "served_versions": served_by, "request_log_dir": str(log_dir),
                        "request_window": store.to_uri(out / monitoring.REQUEST_WINDOW)})
-        contracts.append_drift_point(store, self.model_name, {
+        state.append_drift_point(store, self.model_name, {
             "time": end.isoformat(), "window_start": start.isoformat(), "window_end": end.isoformat(),
             "status": result["status"], "drift_detected": result["drift_detected"],
             "drifted_share": result.get("drifted_share"), "embedding_drift_score": result.get("embedding_drift_score"),

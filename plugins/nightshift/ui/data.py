@@ -26,20 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.artifacts import folder_name, read_run_meta, run_path
-from nightshift.contracts import (
-    CHALLENGER,
-    CHAMPION,
-    GATE_TAG_PREFIX,
-    RUN_REPORTS,
-    TAG_PREFIX,
-    VersionTag,
-    as_store,
-    deadline_miss_text,
-    read_deadline_misses,
-    read_deployment,
-    read_drift_timeline,
-    read_history,
-)
+from nightshift.contracts import CHALLENGER, CHAMPION, GATE_TAG_PREFIX, RUN_REPORTS, TAG_PREFIX, VersionTag, deadline_miss_text
+from nightshift.state import read_deadline_misses, read_deployment, read_drift_timeline, read_history
+from nightshift.store import as_store
 from nightshift.store import Store, StoreError
 
 #: Top-level folders of the artifact root whose files the plugin serves.
