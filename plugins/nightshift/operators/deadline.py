@@ -5,7 +5,7 @@ done ``interval`` after it was queued (``DeadlineReference.DAGRUN_QUEUED_AT``). 
 checks deadlines in its loop; for a run that is not done by then it queues
 :func:`record_deadline_miss` on the executor (a ``SyncCallback``), which records the miss through
 the artifact store (:func:`nightshift.contracts.record_deadline_miss`), where the Nightshift view
-reads it. The run note says it too (:mod:`nightshift.listeners`, from the scheduler's own deadline
+reads it. The run note says it too (:mod:`nightshift.operators.listeners`, from the scheduler's own deadline
 rows when the run ends). ``dag.test()`` runs no scheduler: no deadline is checked there.
 """
 
