@@ -445,7 +445,14 @@ def cron_problem(expr: Any) -> str | None:
     fields = e.split()
     if len(fields) != 5 or not all(_CRON_FIELD.match(f) for f in fields):
         return f"must be a cron expression of 5 fields (minute hour day month weekday), got {expr!r}"
+    for value, (name, low, high) in zip(fields, _CRON_RANGES):
+        for number in re.findall(r"\d+", value.split("/")[0]):  # a step (*/90) may exceed the range
+            if not low <= int(number) <= high:
+                return f"{name} {number} is out of range {low}-{high} in {expr!r}"
     return None
+
+
+_CRON_RANGES = (("minute", 0, 59), ("hour", 0, 23), ("day", 1, 31), ("month", 1, 12), ("weekday", 0, 7))
 
 
 def parse_duration(value: Any) -> float:

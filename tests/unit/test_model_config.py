@@ -63,6 +63,8 @@ def test_the_entry_marked_default_keeps_the_plain_dag_ids():
     ("{name: m, classes: [a, a]}", "classes", "duplicates"),
     ("{name: m, schedule: 'every night'}", "schedule", "5 fields"),
     ("{name: m, schedule: '@fortnightly'}", "schedule", "unknown cron alias"),
+    ("{name: m, schedule: '99 2 * * *'}", "schedule", "minute 99 is out of range 0-59"),
+    ("{name: m, drift: {schedule: '0 2 32 * *'}}", "drift.schedule", "day 32 is out of range 1-31"),
     ("{name: m, recipe: {model: vgg}}", "recipe.model", "one of auto"),
     ("{name: m, recipe: {epoch: 3}}", "recipe.epoch", "unknown recipe field"),
     ("{name: m, recipe: {batch_size: 1}}", "recipe.batch_size", ">= 2"),
@@ -186,6 +188,11 @@ def test_sweep_is_validated_by_the_sweep_module(monkeypatch):
     """)
     assert [m.name for m in cfg.models] == ["a"] and cfg.models[0].sweep == {"method": "grid", "space": {"lr": [0.5, 1.0]}}
     assert cfg.errors[0].entry == "b" and cfg.errors[0].field == "sweep" and "sweep.space" in cfg.errors[0].message
+
+
+def test_valid_crons_pass():
+    for expr in ("0 2 * * *", "*/15 * * * *", "30 3 1-15 1,6 MON-FRI", "0 0 * * 7", "@hourly", "5 4 L * ?"):
+        assert mc.cron_problem(expr) is None, expr
 
 
 @pytest.mark.parametrize("text, seconds", [("4h", 14400), ("90m", 5400), ("1h30m", 5400), ("45s", 45),
