@@ -82,6 +82,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     from airflow.utils.session import create_session
 
     from nightshift import registry
+    from nightshift.serving import requestlog
     from simulate_traffic import main as simulate
 
     port = free_port()
@@ -99,7 +100,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     assert simulate(["--url", f"http://127.0.0.1:{port}", "--model", MODEL, "--mode", "darker", "--n", "400"]) == 0
     log_dir = Path(env / "artifacts" / "request_logs" / MODEL)
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not list(log_dir.glob("requests-*.jsonl")):
+    while time.monotonic() < deadline and not list(log_dir.glob(requestlog.FILE_GLOB)):
         time.sleep(0.5)
     time.sleep(2.5)  # the last rotation publishes the rest
     end = datetime.now(timezone.utc) + timedelta(seconds=1)
