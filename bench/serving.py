@@ -2,6 +2,7 @@
 
     python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
     python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
+    python bench/serving.py --request-log [--repeats N --seconds S --source DIR]   # log on / off
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -133,20 +134,23 @@ def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
 class ServerProcess:
     """``python -m serving.server`` on 127.0.0.1 (started by us, stopped by PID)."""
 
-    def __init__(self, model_dir: Path, threads: int, instances: int = 0, **env: str):
+    def __init__(self, model_dir: Path, threads: int, instances: int = 0, *, src: Path | None = None, **env: str):
+        """``src``: a serving tree laid out as in the image (``serving/`` with ``decode.py``,
+        :func:`serving_tree`); default: the repository's ``plugins/nightshift``."""
+        src = src or ROOT / "plugins" / "nightshift"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
         e.update({"NIGHTSHIFT_MODEL_DIR": str(model_dir), "NIGHTSHIFT_PORT": str(self.port),
                   "NIGHTSHIFT_ORT_THREADS": str(threads), "NIGHTSHIFT_MODEL_INSTANCES": str(instances),
-                  "PYTHONPATH": str(ROOT / "plugins" / "nightshift")}, **env)
+                  "PYTHONPATH": str(src)}, **env)
         t0 = time.perf_counter()
         # the server's log goes to a file: a pipe nobody reads fills after ~64 KiB of (sampled
         # access) log lines, and then every write blocks the server's event loop
         self.log = tempfile.NamedTemporaryFile(prefix="nightshift-bench-server-", suffix=".log", delete=False)
         cpus = PIN["server"]
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=e,
-                                     cwd=ROOT / "plugins" / "nightshift", stdout=self.log, stderr=self.log,
+                                     cwd=src, stdout=self.log, stderr=self.log,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         wait_ready(self.url, t0, lambda: self.proc.poll() is None)
         self.ready_s = time.perf_counter() - t0
@@ -162,10 +166,11 @@ class ServerProcess:
         os.unlink(self.log.name)
 
 
-def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = True) -> dict:
+def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = True,
+         shape: tuple[int, int, int] = SHAPE) -> dict:
     from nightshift.loadgen import infer_request, run_load
 
-    x = np.random.default_rng(2).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
+    x = np.random.default_rng(2).integers(0, 256, (1, *shape), dtype=np.uint8)
     req = infer_request(url, model, x, binary=binary)
     with pinned("client"):
         return run_load(url, req, concurrency=concurrency, duration_s=seconds, timeout_s=2.0,
@@ -501,7 +506,151 @@ every log write blocked the server's event loop. The server now logs to a file h
 """
 
 
+# --------------------------------------------------------------------------- request log on vs off
+
+#: ``--request-log``: the models it compares, (name, architecture, input shape): the digits
+#: model ``make run`` deploys and the issue's 32x32x3 reference
+REQUEST_LOG_MODELS = (("digits", "small_cnn", (8, 8, 1)), ("small_cnn", "small_cnn", (32, 32, 3)))
+REQUEST_LOG_RESULTS = ROOT / "bench" / "results" / "serving_request_log.json"
+
+
+def export_shaped(name: str, arch: str, shape: tuple[int, int, int], work: Path) -> Path:
+    """A random-weight ``arch`` classifier on ``shape``, exported the pipeline's way, named ``name``."""
+    import torch
+
+    from nightshift.export import export_and_verify
+    from nightshift.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(arch, 10, shape, [0.5] * shape[2], [0.25] * shape[2], width=32).eval()
+    ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
+            "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
+    x = np.random.default_rng(0).integers(0, 256, (64, *shape), dtype=np.uint8)
+    return Path(export_and_verify(ckpt, work / name, x, model_name=name)["model_dir"])
+
+
+def serving_tree(work: Path, source: Path | None = None) -> Path:
+    """The serving code laid out as the image has it (``serving/`` + ``serving/decode.py``, see
+    ``nightshift.inference_image``); ``source``: another checkout's ``plugins/nightshift``."""
+    import shutil
+
+    source = source or ROOT / "plugins" / "nightshift"
+    dst = work / "serving-src"
+    shutil.copytree(source / "serving", dst / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(source / "data" / "decode.py", dst / "serving" / "decode.py")
+    return dst
+
+
+def _log_counts(url: str) -> dict:
+    from nightshift.system_eval import request_log_counts
+
+    import requests
+
+    try:
+        return request_log_counts(requests.get(f"{url}/metrics", timeout=5).text)
+    except requests.RequestException as exc:
+        return {"error": str(exc)}
+
+
+def request_log_round(model_dir: Path, name: str, shape: tuple[int, int, int], src: Path, log_dir: Path | None,
+                      seconds: float) -> dict:
+    """One fresh server (the image's defaults: one 1-thread instance per CPU), c=1 then c=16;
+    ``log_dir``: the request log on there, every request logged (``deploy``'s rate)."""
+    import shutil
+
+    env = {}
+    if log_dir is not None:
+        shutil.rmtree(log_dir, ignore_errors=True)
+        env = {"NIGHTSHIFT_REQUEST_LOG_DIR": str(log_dir), "NIGHTSHIFT_REQUEST_LOG_SAMPLE": "1.0"}
+    srv = ServerProcess(model_dir, 0, 0, src=src, **env)
+    try:
+        out = {f"c{c}": load(srv.url, name, c, seconds, shape=shape) for c in (1, 16)}
+        if log_dir is not None:
+            out["log"] = _log_counts(srv.url)
+    finally:
+        srv.stop()  # SIGTERM: the server publishes its open file
+    if log_dir is not None:
+        from nightshift.serving.requestlog import count_records
+
+        files = [f for f in log_dir.iterdir() if f.name.startswith("requests-")]
+        out["log"].update(on_disk=count_records(log_dir), bytes=sum(f.stat().st_size for f in files),
+                          files=len(files))
+        shutil.rmtree(log_dir, ignore_errors=True)
+    return out
+
+
+def request_log_comparison(work: Path, *, repeats: int, seconds: float, source: Path | None = None) -> dict:
+    """Throughput with the request log on (every request logged) over off, per model and
+    concurrency: alternating fresh servers (off, on, on, off, ...), one pair per repeat, the
+    median of the per-pair ratios (the shared machine's drift cancels within a pair)."""
+    src = serving_tree(work, source)
+    results: dict = {"repeats": repeats, "seconds": seconds, "source": str(source or "this checkout"),
+                     "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    for name, arch, shape in REQUEST_LOG_MODELS:
+        model_dir = export_shaped(name, arch, shape, work)
+        runs: dict[str, list] = {"off": [], "on": []}
+        for r in range(repeats):
+            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
+                res = request_log_round(model_dir, name, shape, src, work / "log" if mode == "on" else None, seconds)
+                runs[mode].append(res)
+                print(f"{name} {mode:3s} c=1 {res['c1']['throughput_rps']:8,.0f}/s  c=16 "
+                      f"{res['c16']['throughput_rps']:8,.0f}/s  {res.get('log', '')}", flush=True)
+        m: dict = {"shape": list(shape), "raw": runs}
+        for c in ("c1", "c16"):
+            off = [x[c]["throughput_rps"] for x in runs["off"]]
+            on = [x[c]["throughput_rps"] for x in runs["on"]]
+            ratios = [a / b for a, b in zip(on, off, strict=True) if b]
+            m[c] = {"off_rps": off, "on_rps": on, "off_median": statistics.median(off),
+                    "on_median": statistics.median(on), "ratios": [round(v, 3) for v in ratios],
+                    "ratio_median": round(statistics.median(ratios), 3) if ratios else float("nan"),
+                    "on_p99_ms": statistics.median(x[c]["latency_ms"]["p99"] for x in runs["on"]),
+                    "off_p99_ms": statistics.median(x[c]["latency_ms"]["p99"] for x in runs["off"]),
+                    "errors_on": sum(x[c]["errors"] for x in runs["on"])}
+        m["records_logged"] = [x["log"].get("records") for x in runs["on"]]
+        m["records_on_disk"] = [x["log"].get("on_disk") for x in runs["on"]]
+        m["dropped"] = [x["log"].get("dropped") for x in runs["on"]]
+        m["bytes_per_record"] = round(statistics.median(x["log"]["bytes"] / x["log"]["on_disk"]
+                                                        for x in runs["on"] if x["log"].get("on_disk")), 1)
+        results[name] = m
+    return results
+
+
+def print_request_log_ratios(res: dict) -> None:
+    print(f"request log on / off (every request logged; {res['repeats']} alternating pairs of "
+          f"{res['seconds']:.0f} s loads; {res['source']}):")
+    for name, _, shape in REQUEST_LOG_MODELS:
+        m = res.get(name)
+        if not m:
+            continue
+        for c in ("c1", "c16"):
+            x = m[c]
+            print(f"  {name:9s} {'x'.join(map(str, shape)):7s} {c:>3s}: off {x['off_median']:8,.0f}/s  on "
+                  f"{x['on_median']:8,.0f}/s  on/off {x['ratio_median']:.3f} (pairs {x['ratios']})")
+        print(f"  {name:9s} records logged {m['records_logged']}, on disk {m['records_on_disk']}, dropped "
+              f"{m['dropped']}, {m['bytes_per_record']} bytes/record")
+
+
+def request_log_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench/serving.py --request-log",
+                                 description="throughput with the request log on over off")
+    ap.add_argument("--repeats", type=int, default=3, help="alternating on/off pairs per model")
+    ap.add_argument("--seconds", type=float, default=4.0, help="per load level")
+    ap.add_argument("--source", help="another checkout's plugins/nightshift (e.g. the code before a change)")
+    ap.add_argument("--out", default=str(REQUEST_LOG_RESULTS))
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = request_log_comparison(Path(tmp), repeats=args.repeats, seconds=args.seconds,
+                                     source=Path(args.source) if args.source else None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print_request_log_ratios(res)
+    return 0
+
+
 def main() -> int:
+    if "--request-log" in sys.argv[1:]:  # log on vs off, both models, alternating
+        sys.argv.remove("--request-log")
+        return request_log_main(sys.argv[1:])
     if "--deployed" in sys.argv[1:]:  # the gates' figures against the deployed configuration
         sys.argv.remove("--deployed")
         import serving_deployed

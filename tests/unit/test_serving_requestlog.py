@@ -78,20 +78,23 @@ def test_image_stats_of_a_batch_are_each_images_own():
     from nightshift.data.decode import image_digests, image_moments, image_stats
 
     rng = np.random.default_rng(5)
-    for shape in ((37, 8, 8, 1), (19, 32, 32, 3), (5, 3, 7, 3)):
+    for shape in ((37, 8, 8, 1), (19, 32, 32, 3), (5, 3, 7, 3), (2, 300, 300, 3), (3, 64, 64, 4)):
         batch = rng.integers(0, 256, shape, dtype=np.uint8)
+        batch[0] = 255  # the largest sums
         whole = image_stats(batch)
         for i in range(len(batch)):
             alone = image_stats(batch[i:i + 1])
             for key, values in whole.items():
                 assert values[i] == alone[key][0], (shape, i, key)
-            im = batch[i]
-            flat = im.reshape(-1).astype(np.float32)
+            # the definition, as the profile table has always computed it, one image at a time
+            im = batch[i:i + 1]
+            flat = im.reshape(1, -1).astype(np.float32)
             assert whole["sha256"][i] == hashlib.sha256(im.tobytes()).hexdigest()
-            assert whole["brightness"][i] == np.float64(flat.mean())
-            assert whole["contrast"][i] == np.float64(flat.std())
+            assert whole["brightness"][i] == flat.mean(axis=1).astype(np.float64)[0]
+            assert whole["contrast"][i] == flat.std(axis=1).astype(np.float64)[0]
+            ch = im.reshape(1, -1, shape[-1]).astype(np.float32).mean(axis=1)
             for k in range(shape[-1]):
-                assert whole[f"mean_ch{k}"][i] == np.float64(im[..., k].reshape(-1).astype(np.float32).mean())
+                assert whole[f"mean_ch{k}"][i] == ch[0, k].astype(np.float64), (shape, i, k)
         assert [d.hex() for d in image_digests(batch)] == whole["sha256"]
         assert set(image_moments(batch)) == set(whole) - {"sha256"}
     # a non-contiguous batch (a slice of a larger one) hashes its own pixels

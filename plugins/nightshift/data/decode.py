@@ -107,6 +107,7 @@ def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
 
     Each image's values depend on that image only (row-wise reductions over one float32
     copy), so a batch of any size gives every image the same values as it alone would.
+    The definition is float32 numpy ``mean``/``std`` over each image and each channel.
     """
     n = len(images)
     c = images.shape[-1] if images.ndim == 4 else 1
@@ -114,7 +115,15 @@ def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
         return {"brightness": np.zeros(0), "contrast": np.zeros(0), **{f"mean_ch{k}": np.zeros(0) for k in range(c)}}
     flat = images.reshape(n, -1).astype(np.float32)
     out = {"brightness": flat.mean(axis=1).astype(np.float64), "contrast": flat.std(axis=1).astype(np.float64)}
-    ch = flat.reshape(n, -1, c).mean(axis=1)
+    per_channel = flat.shape[1] // c
+    if c > 1 and per_channel * 255 < 1 << 24:
+        # The same values, ~10x faster than a mean over the strided middle axis: a channel's
+        # sum of at most 2^24 in float32 is exact in any order (integers), so summing a
+        # channel-major copy gives the float32 sums `mean` forms, divided as `mean` divides.
+        ch = np.ascontiguousarray(images.reshape(n, -1, c).transpose(0, 2, 1)).astype(np.float32).sum(axis=2)
+        np.true_divide(ch, per_channel, out=ch, casting="unsafe")
+    else:
+        ch = flat.reshape(n, -1, c).mean(axis=1)
     for k in range(c):
         out[f"mean_ch{k}"] = ch[:, k].astype(np.float64)
     return out
