@@ -2,7 +2,7 @@
 
     python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
     python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
-    python bench/serving.py --request-log [--repeats N --seconds S --source DIR]   # log on / off
+    python bench/serving.py --request-log [--pairs N --seconds S --source DIR]   # log on / off
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -552,94 +552,87 @@ def _log_counts(url: str) -> dict:
         return {"error": str(exc)}
 
 
-def request_log_round(model_dir: Path, name: str, shape: tuple[int, int, int], src: Path, log_dir: Path | None,
-                      seconds: float) -> dict:
-    """One fresh server (the image's defaults: one 1-thread instance per CPU), c=1 then c=16;
-    ``log_dir``: the request log on there, every request logged (``deploy``'s rate)."""
-    import shutil
-
-    env = {}
-    if log_dir is not None:
-        shutil.rmtree(log_dir, ignore_errors=True)
-        env = {"NIGHTSHIFT_REQUEST_LOG_DIR": str(log_dir), "NIGHTSHIFT_REQUEST_LOG_SAMPLE": "1.0"}
-    srv = ServerProcess(model_dir, 0, 0, src=src, **env)
-    try:
-        out = {f"c{c}": load(srv.url, name, c, seconds, shape=shape) for c in (1, 16)}
-        if log_dir is not None:
-            out["log"] = _log_counts(srv.url)
-    finally:
-        srv.stop()  # SIGTERM: the server publishes its open file
-    if log_dir is not None:
-        from nightshift.serving.requestlog import count_records
-
-        files = [f for f in log_dir.iterdir() if f.name.startswith("requests-")]
-        out["log"].update(on_disk=count_records(log_dir), bytes=sum(f.stat().st_size for f in files),
-                          files=len(files))
-        shutil.rmtree(log_dir, ignore_errors=True)
-    return out
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [round(q[0], 3), round(statistics.median(values), 3), round(q[2], 3)]
 
 
-def request_log_comparison(work: Path, *, repeats: int, seconds: float, source: Path | None = None) -> dict:
-    """Throughput with the request log on (every request logged) over off, per model and
-    concurrency: alternating fresh servers (off, on, on, off, ...), one pair per repeat, the
-    median of the per-pair ratios (the shared machine's drift cancels within a pair)."""
+def request_log_comparison(work: Path, *, pairs: int, seconds: float, source: Path | None = None) -> dict:
+    """Throughput with the request log on (every request logged, ``deploy``'s rate) over off,
+    per model and concurrency. Two servers run at once with the image's defaults (one 1-thread
+    instance per CPU), one with the log on, and idle in turn: short loads alternate between
+    them (off then on, then on then off), ``pairs`` pairs per concurrency; the figure is the
+    median of the per-pair ratios (drift of the shared cores cancels within a pair), with the
+    quartiles and every raw figure."""
     src = serving_tree(work, source)
-    results: dict = {"repeats": repeats, "seconds": seconds, "source": str(source or "this checkout"),
+    results: dict = {"pairs": pairs, "seconds": seconds, "source": str(source or "this checkout"),
                      "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
     for name, arch, shape in REQUEST_LOG_MODELS:
         model_dir = export_shaped(name, arch, shape, work)
-        runs: dict[str, list] = {"off": [], "on": []}
-        for r in range(repeats):
-            for mode in (("off", "on") if r % 2 == 0 else ("on", "off")):
-                res = request_log_round(model_dir, name, shape, src, work / "log" if mode == "on" else None, seconds)
-                runs[mode].append(res)
-                print(f"{name} {mode:3s} c=1 {res['c1']['throughput_rps']:8,.0f}/s  c=16 "
-                      f"{res['c16']['throughput_rps']:8,.0f}/s  {res.get('log', '')}", flush=True)
-        m: dict = {"shape": list(shape), "raw": runs}
-        for c in ("c1", "c16"):
-            off = [x[c]["throughput_rps"] for x in runs["off"]]
-            on = [x[c]["throughput_rps"] for x in runs["on"]]
-            ratios = [a / b for a, b in zip(on, off, strict=True) if b]
-            m[c] = {"off_rps": off, "on_rps": on, "off_median": statistics.median(off),
-                    "on_median": statistics.median(on), "ratios": [round(v, 3) for v in ratios],
-                    "ratio_median": round(statistics.median(ratios), 3) if ratios else float("nan"),
-                    "on_p99_ms": statistics.median(x[c]["latency_ms"]["p99"] for x in runs["on"]),
-                    "off_p99_ms": statistics.median(x[c]["latency_ms"]["p99"] for x in runs["off"]),
-                    "errors_on": sum(x[c]["errors"] for x in runs["on"])}
-        m["records_logged"] = [x["log"].get("records") for x in runs["on"]]
-        m["records_on_disk"] = [x["log"].get("on_disk") for x in runs["on"]]
-        m["dropped"] = [x["log"].get("dropped") for x in runs["on"]]
-        m["bytes_per_record"] = round(statistics.median(x["log"]["bytes"] / x["log"]["on_disk"]
-                                                        for x in runs["on"] if x["log"].get("on_disk")), 1)
+        log_dir = work / f"log-{name}"
+        servers = {"off": ServerProcess(model_dir, 0, 0, src=src)}
+        m: dict = {"shape": list(shape)}
+        try:
+            servers["on"] = ServerProcess(model_dir, 0, 0, src=src, NIGHTSHIFT_REQUEST_LOG_DIR=str(log_dir),
+                                          NIGHTSHIFT_REQUEST_LOG_SAMPLE="1.0")
+            for srv in servers.values():  # warm: first requests, first request-log file
+                load(srv.url, name, 16, 1.0, shape=shape)
+            for c in (1, 16):
+                raw: dict[str, list] = {"off": [], "on": []}
+                for i in range(pairs):
+                    for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                        raw[mode].append(load(servers[mode].url, name, c, seconds, shape=shape))
+                off = [r["throughput_rps"] or 0.0 for r in raw["off"]]
+                on = [r["throughput_rps"] or 0.0 for r in raw["on"]]
+                ratios = [a / b for a, b in zip(on, off, strict=True) if b]
+                m[f"c{c}"] = {"off_rps": off, "on_rps": on, "ratios": [round(v, 3) for v in ratios],
+                              "ratio_quartiles": _quartiles(ratios), "ratio_median": _quartiles(ratios)[1],
+                              "off_median": statistics.median(off), "on_median": statistics.median(on),
+                              "off_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["off"]),
+                              "on_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["on"]),
+                              "errors": {k: sum(r["errors"] for r in v) for k, v in raw.items()}}
+                print(f"{name} c={c}: on/off {m[f'c{c}']['ratio_median']:.3f} {m[f'c{c}']['ratios']}; "
+                      f"off {[round(v) for v in off]}; on {[round(v) for v in on]}", flush=True)
+            m["log"] = _log_counts(servers["on"].url)
+        finally:
+            for srv in servers.values():
+                srv.stop()  # SIGTERM: the log-on server publishes its open file
+        from nightshift.serving.requestlog import count_records
+
+        files = [f for f in log_dir.iterdir() if f.name.startswith("requests-")] if log_dir.is_dir() else []
+        m["log"].update(on_disk=count_records(log_dir), bytes=sum(f.stat().st_size for f in files),
+                        files=len(files))
+        if m["log"]["on_disk"]:
+            m["log"]["bytes_per_record"] = round(m["log"]["bytes"] / m["log"]["on_disk"], 1)
         results[name] = m
     return results
 
 
 def print_request_log_ratios(res: dict) -> None:
-    print(f"request log on / off (every request logged; {res['repeats']} alternating pairs of "
-          f"{res['seconds']:.0f} s loads; {res['source']}):")
+    print(f"request log on / off (every request logged; {res['pairs']} alternating pairs of "
+          f"{res['seconds']:g} s loads per figure; {res['source']}):")
     for name, _, shape in REQUEST_LOG_MODELS:
         m = res.get(name)
         if not m:
             continue
         for c in ("c1", "c16"):
             x = m[c]
+            lo, med, hi = x["ratio_quartiles"]
             print(f"  {name:9s} {'x'.join(map(str, shape)):7s} {c:>3s}: off {x['off_median']:8,.0f}/s  on "
-                  f"{x['on_median']:8,.0f}/s  on/off {x['ratio_median']:.3f} (pairs {x['ratios']})")
-        print(f"  {name:9s} records logged {m['records_logged']}, on disk {m['records_on_disk']}, dropped "
-              f"{m['dropped']}, {m['bytes_per_record']} bytes/record")
+                  f"{x['on_median']:8,.0f}/s  on/off {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
+        print(f"  {name:9s} log: {m['log']}")
 
 
 def request_log_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="bench/serving.py --request-log",
                                  description="throughput with the request log on over off")
-    ap.add_argument("--repeats", type=int, default=3, help="alternating on/off pairs per model")
-    ap.add_argument("--seconds", type=float, default=4.0, help="per load level")
+    ap.add_argument("--pairs", type=int, default=10, help="alternating on/off pairs per model and concurrency")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per load (after a 0.5 s warm-up)")
     ap.add_argument("--source", help="another checkout's plugins/nightshift (e.g. the code before a change)")
     ap.add_argument("--out", default=str(REQUEST_LOG_RESULTS))
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        res = request_log_comparison(Path(tmp), repeats=args.repeats, seconds=args.seconds,
+        res = request_log_comparison(Path(tmp), pairs=args.pairs, seconds=args.seconds,
                                      source=Path(args.source) if args.source else None)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
