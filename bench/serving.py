@@ -552,6 +552,12 @@ def _log_counts(url: str) -> dict:
         return {"error": str(exc)}
 
 
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def _quartiles(values: list[float]) -> list[float]:
     q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
     return [round(q[0], 3), round(statistics.median(values), 3), round(q[2], 3)]
@@ -579,20 +585,32 @@ def request_log_comparison(work: Path, *, pairs: int, seconds: float, source: Pa
                 load(srv.url, name, 16, 1.0, shape=shape)
             for c in (1, 16):
                 raw: dict[str, list] = {"off": [], "on": []}
+                cpu: dict[str, list[float]] = {"off": [], "on": []}
                 for i in range(pairs):
                     for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
-                        raw[mode].append(load(servers[mode].url, name, c, seconds, shape=shape))
+                        before = _process_cpu_s(servers[mode].proc.pid)
+                        r = load(servers[mode].url, name, c, seconds, shape=shape)
+                        # the server's CPU (every thread) over the requests it answered in the load and
+                        # its warm-up: less sensitive to the neighbours on shared cores than throughput
+                        answered = r["ok"] / max(r["duration_s"], 1e-9) * (r["duration_s"] + 0.5)
+                        cpu[mode].append((_process_cpu_s(servers[mode].proc.pid) - before) / answered * 1e6)
+                        raw[mode].append(r)
                 off = [r["throughput_rps"] or 0.0 for r in raw["off"]]
                 on = [r["throughput_rps"] or 0.0 for r in raw["on"]]
                 ratios = [a / b for a, b in zip(on, off, strict=True) if b]
+                cpu_ratios = [a / b for a, b in zip(cpu["off"], cpu["on"], strict=True) if b]
                 m[f"c{c}"] = {"off_rps": off, "on_rps": on, "ratios": [round(v, 3) for v in ratios],
                               "ratio_quartiles": _quartiles(ratios), "ratio_median": _quartiles(ratios)[1],
+                              "server_cpu_us_per_request": {k: [round(v, 1) for v in vs] for k, vs in cpu.items()},
+                              "server_cpu_us_median": {k: round(statistics.median(vs), 1) for k, vs in cpu.items()},
+                              "cpu_ratio_off_over_on_quartiles": _quartiles(cpu_ratios),
                               "off_median": statistics.median(off), "on_median": statistics.median(on),
                               "off_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["off"]),
                               "on_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["on"]),
                               "errors": {k: sum(r["errors"] for r in v) for k, v in raw.items()}}
                 print(f"{name} c={c}: on/off {m[f'c{c}']['ratio_median']:.3f} {m[f'c{c}']['ratios']}; "
-                      f"off {[round(v) for v in off]}; on {[round(v) for v in on]}", flush=True)
+                      f"off {[round(v) for v in off]}; on {[round(v) for v in on]}; server CPU us/request "
+                      f"{m[f'c{c}']['server_cpu_us_median']}", flush=True)
             m["log"] = _log_counts(servers["on"].url)
         finally:
             for srv in servers.values():
@@ -618,8 +636,10 @@ def print_request_log_ratios(res: dict) -> None:
         for c in ("c1", "c16"):
             x = m[c]
             lo, med, hi = x["ratio_quartiles"]
+            cpu, (clo, cmed, chi) = x["server_cpu_us_median"], x["cpu_ratio_off_over_on_quartiles"]
             print(f"  {name:9s} {'x'.join(map(str, shape)):7s} {c:>3s}: off {x['off_median']:8,.0f}/s  on "
-                  f"{x['on_median']:8,.0f}/s  on/off {med:.3f} (quartiles {lo:.3f}-{hi:.3f})")
+                  f"{x['on_median']:8,.0f}/s  on/off {med:.3f} (quartiles {lo:.3f}-{hi:.3f}); server CPU per "
+                  f"request off {cpu['off']:.0f} us, on {cpu['on']:.0f} us, off/on {cmed:.3f} ({clo:.3f}-{chi:.3f})")
         print(f"  {name:9s} log: {m['log']}")
 
 

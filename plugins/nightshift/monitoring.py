@@ -75,7 +75,11 @@ def read_request_log(directory: str | Path, start: datetime, end: datetime, *,
         if directory.is_dir() else []
     for f in files:
         if f.name.endswith(".jsonl"):
-            rows, n_bad = _read_jsonl(f, start, end, model_name)
+            try:
+                rows, n_bad = _read_jsonl(f, start, end, model_name)
+            except OSError as exc:  # e.g. deleted by a writer's byte budget meanwhile
+                log.warning("could not read request-log file %s: %s", f, exc)
+                continue
             bad += n_bad
             if rows:
                 parts.append(pd.DataFrame(rows))

@@ -105,8 +105,8 @@ def image_digests(images: np.ndarray) -> list[bytes]:
 def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
     """``brightness``, ``contrast`` and ``mean_ch<k>`` of a uint8 NHWC batch, vectorised over it.
 
-    Each image's values depend on that image only (row-wise reductions over one float32
-    copy), so a batch of any size gives every image the same values as it alone would.
+    Each image's values depend on that image only (every reduction stays within one
+    image), so a batch of any size gives every image the same values as it alone would.
     The definition is float32 numpy ``mean``/``std`` over each image and each channel.
     """
     n = len(images)
