@@ -2,6 +2,7 @@
 
     python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
     python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
+    python bench/serving.py --request-log [--pairs N --seconds S --source DIR]   # log on / off
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -133,20 +134,23 @@ def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
 class ServerProcess:
     """``python -m serving.server`` on 127.0.0.1 (started by us, stopped by PID)."""
 
-    def __init__(self, model_dir: Path, threads: int, instances: int = 0, **env: str):
+    def __init__(self, model_dir: Path, threads: int, instances: int = 0, *, src: Path | None = None, **env: str):
+        """``src``: a serving tree laid out as in the image (``serving/`` with ``decode.py``,
+        :func:`serving_tree`); default: the repository's ``plugins/nightshift``."""
+        src = src or ROOT / "plugins" / "nightshift"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         e = {k: v for k, v in os.environ.items() if not k.startswith("NIGHTSHIFT_")}
         e.update({"NIGHTSHIFT_MODEL_DIR": str(model_dir), "NIGHTSHIFT_PORT": str(self.port),
                   "NIGHTSHIFT_ORT_THREADS": str(threads), "NIGHTSHIFT_MODEL_INSTANCES": str(instances),
-                  "PYTHONPATH": str(ROOT / "plugins" / "nightshift")}, **env)
+                  "PYTHONPATH": str(src)}, **env)
         t0 = time.perf_counter()
         # the server's log goes to a file: a pipe nobody reads fills after ~64 KiB of (sampled
         # access) log lines, and then every write blocks the server's event loop
         self.log = tempfile.NamedTemporaryFile(prefix="nightshift-bench-server-", suffix=".log", delete=False)
         cpus = PIN["server"]
         self.proc = subprocess.Popen([sys.executable, "-m", "serving.server"], env=e,
-                                     cwd=ROOT / "plugins" / "nightshift", stdout=self.log, stderr=self.log,
+                                     cwd=src, stdout=self.log, stderr=self.log,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         wait_ready(self.url, t0, lambda: self.proc.poll() is None)
         self.ready_s = time.perf_counter() - t0
@@ -162,10 +166,11 @@ class ServerProcess:
         os.unlink(self.log.name)
 
 
-def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = True) -> dict:
+def load(url: str, model: str, concurrency: int, seconds: float, binary: bool = True,
+         shape: tuple[int, int, int] = SHAPE) -> dict:
     from nightshift.loadgen import infer_request, run_load
 
-    x = np.random.default_rng(2).integers(0, 256, (1, *SHAPE), dtype=np.uint8)
+    x = np.random.default_rng(2).integers(0, 256, (1, *shape), dtype=np.uint8)
     req = infer_request(url, model, x, binary=binary)
     with pinned("client"):
         return run_load(url, req, concurrency=concurrency, duration_s=seconds, timeout_s=2.0,
@@ -501,7 +506,164 @@ every log write blocked the server's event loop. The server now logs to a file h
 """
 
 
+# --------------------------------------------------------------------------- request log on vs off
+
+#: ``--request-log``: the models it compares, (name, architecture, input shape): the digits
+#: model ``make run`` deploys and the issue's 32x32x3 reference
+REQUEST_LOG_MODELS = (("digits", "small_cnn", (8, 8, 1)), ("small_cnn", "small_cnn", (32, 32, 3)))
+REQUEST_LOG_RESULTS = ROOT / "bench" / "results" / "serving_request_log.json"
+
+
+def export_shaped(name: str, arch: str, shape: tuple[int, int, int], work: Path) -> Path:
+    """A random-weight ``arch`` classifier on ``shape``, exported the pipeline's way, named ``name``."""
+    import torch
+
+    from nightshift.export import export_and_verify
+    from nightshift.models import Classifier
+
+    torch.manual_seed(0)
+    model = Classifier(arch, 10, shape, [0.5] * shape[2], [0.25] * shape[2], width=32).eval()
+    ckpt = {"model_config": model.config, "state_dict": model.state_dict(),
+            "class_names": [f"c{i}" for i in range(10)], "data_digest": "bench"}
+    x = np.random.default_rng(0).integers(0, 256, (64, *shape), dtype=np.uint8)
+    return Path(export_and_verify(ckpt, work / name, x, model_name=name)["model_dir"])
+
+
+def serving_tree(work: Path, source: Path | None = None) -> Path:
+    """The serving code laid out as the image has it (``serving/`` + ``serving/decode.py``, see
+    ``nightshift.inference_image``); ``source``: another checkout's ``plugins/nightshift``."""
+    import shutil
+
+    source = source or ROOT / "plugins" / "nightshift"
+    dst = work / "serving-src"
+    shutil.copytree(source / "serving", dst / "serving", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(source / "data" / "decode.py", dst / "serving" / "decode.py")
+    return dst
+
+
+def _log_counts(url: str) -> dict:
+    from nightshift.system_eval import request_log_counts
+
+    import requests
+
+    try:
+        return request_log_counts(requests.get(f"{url}/metrics", timeout=5).text)
+    except requests.RequestException as exc:
+        return {"error": str(exc)}
+
+
+def _process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process, every thread (``/proc/<pid>/stat``)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _quartiles(values: list[float]) -> list[float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else [values[0]] * 3
+    return [round(q[0], 3), round(statistics.median(values), 3), round(q[2], 3)]
+
+
+def request_log_comparison(work: Path, *, pairs: int, seconds: float, source: Path | None = None) -> dict:
+    """Throughput with the request log on (every request logged, ``deploy``'s rate) over off,
+    per model and concurrency. Two servers run at once with the image's defaults (one 1-thread
+    instance per CPU), one with the log on, and idle in turn: short loads alternate between
+    them (off then on, then on then off), ``pairs`` pairs per concurrency; the figure is the
+    median of the per-pair ratios (drift of the shared cores cancels within a pair), with the
+    quartiles and every raw figure."""
+    src = serving_tree(work, source)
+    results: dict = {"pairs": pairs, "seconds": seconds, "source": str(source or "this checkout"),
+                     "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    for name, arch, shape in REQUEST_LOG_MODELS:
+        model_dir = export_shaped(name, arch, shape, work)
+        log_dir = work / f"log-{name}"
+        servers = {"off": ServerProcess(model_dir, 0, 0, src=src)}
+        m: dict = {"shape": list(shape)}
+        try:
+            servers["on"] = ServerProcess(model_dir, 0, 0, src=src, NIGHTSHIFT_REQUEST_LOG_DIR=str(log_dir),
+                                          NIGHTSHIFT_REQUEST_LOG_SAMPLE="1.0")
+            for srv in servers.values():  # warm: first requests, first request-log file
+                load(srv.url, name, 16, 1.0, shape=shape)
+            for c in (1, 16):
+                raw: dict[str, list] = {"off": [], "on": []}
+                cpu: dict[str, list[float]] = {"off": [], "on": []}
+                for i in range(pairs):
+                    for mode in (("off", "on") if i % 2 == 0 else ("on", "off")):
+                        before = _process_cpu_s(servers[mode].proc.pid)
+                        r = load(servers[mode].url, name, c, seconds, shape=shape)
+                        # the server's CPU (every thread) over the requests it answered in the load and
+                        # its warm-up: less sensitive to the neighbours on shared cores than throughput
+                        answered = r["ok"] / max(r["duration_s"], 1e-9) * (r["duration_s"] + 0.5)
+                        cpu[mode].append((_process_cpu_s(servers[mode].proc.pid) - before) / answered * 1e6)
+                        raw[mode].append(r)
+                off = [r["throughput_rps"] or 0.0 for r in raw["off"]]
+                on = [r["throughput_rps"] or 0.0 for r in raw["on"]]
+                ratios = [a / b for a, b in zip(on, off, strict=True) if b]
+                cpu_ratios = [a / b for a, b in zip(cpu["off"], cpu["on"], strict=True) if b]
+                m[f"c{c}"] = {"off_rps": off, "on_rps": on, "ratios": [round(v, 3) for v in ratios],
+                              "ratio_quartiles": _quartiles(ratios), "ratio_median": _quartiles(ratios)[1],
+                              "server_cpu_us_per_request": {k: [round(v, 1) for v in vs] for k, vs in cpu.items()},
+                              "server_cpu_us_median": {k: round(statistics.median(vs), 1) for k, vs in cpu.items()},
+                              "cpu_ratio_off_over_on_quartiles": _quartiles(cpu_ratios),
+                              "off_median": statistics.median(off), "on_median": statistics.median(on),
+                              "off_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["off"]),
+                              "on_p99_ms": statistics.median(r["latency_ms"]["p99"] for r in raw["on"]),
+                              "errors": {k: sum(r["errors"] for r in v) for k, v in raw.items()}}
+                print(f"{name} c={c}: on/off {m[f'c{c}']['ratio_median']:.3f} {m[f'c{c}']['ratios']}; "
+                      f"off {[round(v) for v in off]}; on {[round(v) for v in on]}; server CPU us/request "
+                      f"{m[f'c{c}']['server_cpu_us_median']}", flush=True)
+            m["log"] = _log_counts(servers["on"].url)
+        finally:
+            for srv in servers.values():
+                srv.stop()  # SIGTERM: the log-on server publishes its open file
+        from nightshift.serving.requestlog import count_records
+
+        files = [f for f in log_dir.iterdir() if f.name.startswith("requests-")] if log_dir.is_dir() else []
+        m["log"].update(on_disk=count_records(log_dir), bytes=sum(f.stat().st_size for f in files),
+                        files=len(files))
+        if m["log"]["on_disk"]:
+            m["log"]["bytes_per_record"] = round(m["log"]["bytes"] / m["log"]["on_disk"], 1)
+        results[name] = m
+    return results
+
+
+def print_request_log_ratios(res: dict) -> None:
+    print(f"request log on / off (every request logged; {res['pairs']} alternating pairs of "
+          f"{res['seconds']:g} s loads per figure; {res['source']}):")
+    for name, _, shape in REQUEST_LOG_MODELS:
+        m = res.get(name)
+        if not m:
+            continue
+        for c in ("c1", "c16"):
+            x = m[c]
+            lo, med, hi = x["ratio_quartiles"]
+            cpu, (clo, cmed, chi) = x["server_cpu_us_median"], x["cpu_ratio_off_over_on_quartiles"]
+            print(f"  {name:9s} {'x'.join(map(str, shape)):7s} {c:>3s}: off {x['off_median']:8,.0f}/s  on "
+                  f"{x['on_median']:8,.0f}/s  on/off {med:.3f} (quartiles {lo:.3f}-{hi:.3f}); server CPU per "
+                  f"request off {cpu['off']:.0f} us, on {cpu['on']:.0f} us, off/on {cmed:.3f} ({clo:.3f}-{chi:.3f})")
+        print(f"  {name:9s} log: {m['log']}")
+
+
+def request_log_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench/serving.py --request-log",
+                                 description="throughput with the request log on over off")
+    ap.add_argument("--pairs", type=int, default=10, help="alternating on/off pairs per model and concurrency")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per load (after a 0.5 s warm-up)")
+    ap.add_argument("--source", help="another checkout's plugins/nightshift (e.g. the code before a change)")
+    ap.add_argument("--out", default=str(REQUEST_LOG_RESULTS))
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = request_log_comparison(Path(tmp), pairs=args.pairs, seconds=args.seconds,
+                                     source=Path(args.source) if args.source else None)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print_request_log_ratios(res)
+    return 0
+
+
 def main() -> int:
+    if "--request-log" in sys.argv[1:]:  # log on vs off, both models, alternating
+        sys.argv.remove("--request-log")
+        return request_log_main(sys.argv[1:])
     if "--deployed" in sys.argv[1:]:  # the gates' figures against the deployed configuration
         sys.argv.remove("--deployed")
         import serving_deployed

@@ -1,7 +1,8 @@
 """Drift monitoring of served traffic (the ``drift_monitor`` DAG's core). Airflow-free.
 
 The serving container writes a sampled request log (``docs/serving.md``,
-"Request log": JSON Lines files ``requests-*.jsonl``, one record per image with
+"Request log": binary files ``requests-*.nsrl``, JSON Lines ``requests-*.jsonl`` from
+older images; one record per image with
 ``timestamp``, ``model_name``, ``model_version``, the profile features
 ``brightness``/``contrast``/``mean_ch<k>`` computed exactly as the training
 profile table, ``predicted_class``, ``confidence`` and ``embedding``).
@@ -36,7 +37,6 @@ from nightshift.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
-REQUEST_LOG_GLOB = "requests-*.jsonl"
 #: The window of request-log records a check read, published beside its report (the request
 #: log itself stays on the Docker host that serves).
 REQUEST_WINDOW = "request_window.parquet"
@@ -56,32 +56,76 @@ def read_request_log(directory: str | Path, start: datetime, end: datetime, *,
                      model_name: str | None = None) -> pd.DataFrame:
     """Records of the request log with ``start <= timestamp < end`` (one row per image).
 
-    Only published files (``requests-*.jsonl``) are read; a line that is not valid
-    JSON is skipped and counted in ``df.attrs["bad_lines"]``. ``embedding`` is kept
-    as a list column.
+    Only published files are read: the binary frames (``requests-*.nsrl``) and the JSON Lines
+    of servers from before them (``requests-*.jsonl``), in file-name order (their UTC start
+    time), so a deploy across versions keeps its history. Both give the same columns
+    (``docs/serving.md``, "Request log"; ``embedding`` a list column, at the float16 precision
+    it was stored with). A JSON line that does not parse is skipped and counted in
+    ``df.attrs["bad_lines"]``; a binary file whose tail is cut or corrupt is read up to there
+    and counted in ``df.attrs["bad_files"]``.
     """
+    from nightshift.serving import requestlog
+
     directory = Path(directory)
     start, end = _ts(start), _ts(end)
+    lo_us, hi_us = _epoch_us(start), _epoch_us(end)
+    parts: list[pd.DataFrame] = []
+    bad = bad_files = 0
+    files = sorted((f for g in requestlog.READ_GLOBS for f in directory.glob(g)), key=lambda f: f.name) \
+        if directory.is_dir() else []
+    for f in files:
+        if f.name.endswith(".jsonl"):
+            try:
+                rows, n_bad = _read_jsonl(f, start, end, model_name)
+            except OSError as exc:  # e.g. deleted by a writer's byte budget meanwhile
+                log.warning("could not read request-log file %s: %s", f, exc)
+                continue
+            bad += n_bad
+            if rows:
+                parts.append(pd.DataFrame(rows))
+            continue
+        try:
+            frames, intact = requestlog.read_file(f)
+        except OSError as exc:  # e.g. deleted by the writer's byte budget meanwhile
+            log.warning("could not read request-log file %s: %s", f, exc)
+            continue
+        bad_files += not intact
+        for header, rec in frames:
+            if model_name is not None and header.get("model_name") != model_name:
+                continue
+            ms_us = rec["time_us"] // 1000 * 1000  # the record's timestamp has milliseconds
+            rec = rec[(ms_us >= lo_us) & (ms_us < hi_us)]
+            if len(rec):
+                parts.append(pd.DataFrame(requestlog.frame_columns(header, rec)))
+    df = pd.concat(parts, ignore_index=True) if len(parts) > 1 else (parts[0] if parts else pd.DataFrame([]))
+    df.attrs["bad_lines"] = bad
+    df.attrs["bad_files"] = bad_files
+    return df
+
+
+def _epoch_us(t: datetime) -> int:
+    delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _read_jsonl(path: Path, start: datetime, end: datetime, model_name: str | None) -> tuple[list[dict], int]:
+    """The records of a JSON Lines file (servers before the binary format) in the window."""
     rows: list[dict[str, Any]] = []
     bad = 0
-    if directory.is_dir():
-        for f in sorted(directory.glob(REQUEST_LOG_GLOB)):
-            with open(f, encoding="utf-8") as fh:
-                for line in fh:
-                    line = line.strip()
-                    if not line:
-                        continue
-                    try:
-                        rec = json.loads(line)
-                        t = _ts(rec["timestamp"])
-                    except (ValueError, KeyError, TypeError):
-                        bad += 1
-                        continue
-                    if start <= t < end and (model_name is None or rec.get("model_name") == model_name):
-                        rows.append(rec)
-    df = pd.DataFrame(rows)
-    df.attrs["bad_lines"] = bad
-    return df
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+                t = _ts(rec["timestamp"])
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            if start <= t < end and (model_name is None or rec.get("model_name") == model_name):
+                rows.append(rec)
+    return rows, bad
 
 
 def write_request_window(window: pd.DataFrame, path: str | Path) -> Path:

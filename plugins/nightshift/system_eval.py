@@ -89,15 +89,11 @@ def request_log_counts(metrics_text: str) -> dict[str, int | None]:
 
 
 def count_request_log_lines(directory: Path) -> int:
-    """Records (lines) in the request-log files of ``directory``, published or still ``.part``."""
-    n = 0
-    for f in list(directory.glob("requests-*.jsonl")) + list(directory.glob("requests-*.jsonl.part")):
-        try:
-            with open(f, "rb") as fh:
-                n += sum(chunk.count(b"\n") for chunk in iter(lambda: fh.read(1 << 20), b""))
-        except OSError as exc:
-            log.warning("could not read request-log file %s: %s", f, exc)
-    return n
+    """Records in the request-log files of ``directory``, published or still ``.part`` (binary
+    frames, or JSON lines from older images): :func:`nightshift.serving.requestlog.count_records`."""
+    from nightshift.serving.requestlog import count_records
+
+    return count_records(directory)
 
 
 def _server_request_log(url: str) -> dict[str, int | None]:

@@ -82,6 +82,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     from airflow.utils.session import create_session
 
     from nightshift import registry
+    from nightshift.serving import requestlog
     from simulate_traffic import main as simulate
 
     port = free_port()
@@ -98,10 +99,15 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     start = datetime.now(timezone.utc) - timedelta(seconds=1)
     assert simulate(["--url", f"http://127.0.0.1:{port}", "--model", MODEL, "--mode", "darker", "--n", "400"]) == 0
     log_dir = Path(env / "artifacts" / "request_logs" / MODEL)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and not list(log_dir.glob("requests-*.jsonl")):
+    # every image sent is one record (the deployed server logs every request); wait until the
+    # published (rotated) files hold all of them -- the deadline only bounds a hang
+    published, deadline = 0, time.monotonic() + 60
+    while time.monotonic() < deadline:
+        published = len(requestlog.read_records(sorted(log_dir.glob(requestlog.FILE_GLOB))))
+        if published >= 400:
+            break
         time.sleep(0.5)
-    time.sleep(2.5)  # the last rotation publishes the rest
+    assert published >= 400, f"the request log published {published} of 400 records in 60 s"
     end = datetime.now(timezone.utc) + timedelta(seconds=1)
 
     # 3. drift_monitor detects it and asks for a retrain through the Asset (Airflow queues

@@ -78,7 +78,6 @@ def test_container_serves_tritonclient_and_is_removed(serving_image, serving_doc
                                                       tiny_onnx_forward):
     """The built image, hardened as SystemEval (and deploy) run it: NVIDIA's client in JSON and
     binary mode, /metrics, and the request log in a mounted folder at the deployed rate."""
-    import json
     import os
     import stat
 
@@ -122,8 +121,9 @@ def test_container_serves_tritonclient_and_is_removed(serving_image, serving_doc
     assert _gone(serving_docker, name)
     c.stop()  # idempotent
     # the container was stopped gracefully enough to publish the request log
-    files = list(log_dir.glob("requests-*.jsonl")) + list(log_dir.glob("*.part"))
-    recs = [json.loads(line) for f in files for line in f.read_text().splitlines()]
+    from nightshift.serving.requestlog import read_records
+
+    recs = read_records(log_dir)  # published files and .part ones
     assert len(recs) >= 20 and {r["model_name"] for r in recs} == {"tiny"}
 
 

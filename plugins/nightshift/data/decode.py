@@ -87,29 +87,58 @@ class Chunk:
     errors: list[tuple[int, str]] = field(default_factory=list)
 
 
-def image_stats(images: np.ndarray) -> dict[str, Any]:
-    """Per-image profile statistics of a uint8 NHWC batch.
+def image_digests(images: np.ndarray) -> list[bytes]:
+    """The raw SHA-256 digest of each image's uint8 pixels (``image_stats``'s ``sha256``, as bytes).
 
-    ``sha256`` of the pixels, ``brightness`` (mean of all values, 0–255),
-    ``contrast`` (their std), ``mean_ch<k>`` (per-channel mean). These are the
-    definitions of the profile table (``docs/architecture.md``); the serving
-    request log uses the same ones.
+    Hashes slices of one buffer (no per-image array objects): it runs once per image
+    and is the only per-image Python step of the statistics.
+    """
+    n = len(images)
+    if n == 0:
+        return []
+    buf = memoryview(np.ascontiguousarray(images)).cast("B")
+    k = len(buf) // n
+    sha = hashlib.sha256
+    return [sha(buf[i * k:(i + 1) * k]).digest() for i in range(n)]
+
+
+def image_moments(images: np.ndarray) -> dict[str, np.ndarray]:
+    """``brightness``, ``contrast`` and ``mean_ch<k>`` of a uint8 NHWC batch, vectorised over it.
+
+    Each image's values depend on that image only (every reduction stays within one
+    image), so a batch of any size gives every image the same values as it alone would.
+    The definition is float32 numpy ``mean``/``std`` over each image and each channel.
     """
     n = len(images)
     c = images.shape[-1] if images.ndim == 4 else 1
     if n == 0:
-        return {"sha256": [], "brightness": np.zeros(0), "contrast": np.zeros(0),
-                **{f"mean_ch{k}": np.zeros(0) for k in range(c)}}
+        return {"brightness": np.zeros(0), "contrast": np.zeros(0), **{f"mean_ch{k}": np.zeros(0) for k in range(c)}}
     flat = images.reshape(n, -1).astype(np.float32)
-    out: dict[str, Any] = {
-        "sha256": [hashlib.sha256(im.tobytes()).hexdigest() for im in images],
-        "brightness": flat.mean(axis=1).astype(np.float64),
-        "contrast": flat.std(axis=1).astype(np.float64),
-    }
-    ch = images.reshape(n, -1, c).astype(np.float32).mean(axis=1)
+    out = {"brightness": flat.mean(axis=1).astype(np.float64), "contrast": flat.std(axis=1).astype(np.float64)}
+    per_channel = flat.shape[1] // c
+    if c > 1 and per_channel * 255 < 1 << 24:
+        # The same values, ~10x faster than a mean over the strided middle axis: a channel's
+        # sum of at most 2^24 in float32 is exact in any order (integers), so summing a
+        # channel-major copy gives the float32 sums `mean` forms, divided as `mean` divides.
+        ch = np.ascontiguousarray(images.reshape(n, -1, c).transpose(0, 2, 1)).astype(np.float32).sum(axis=2)
+        np.true_divide(ch, per_channel, out=ch, casting="unsafe")
+    else:
+        ch = flat.reshape(n, -1, c).mean(axis=1)
     for k in range(c):
         out[f"mean_ch{k}"] = ch[:, k].astype(np.float64)
     return out
+
+
+def image_stats(images: np.ndarray) -> dict[str, Any]:
+    """Per-image profile statistics of a uint8 NHWC batch.
+
+    ``sha256`` of the pixels (hex), ``brightness`` (mean of all values, 0–255),
+    ``contrast`` (their std), ``mean_ch<k>`` (per-channel mean). These are the
+    definitions of the profile table (``docs/architecture.md``); the serving
+    request log uses the same ones (:func:`image_digests` and :func:`image_moments`,
+    which this function is made of, over a whole batch of requests at once).
+    """
+    return {"sha256": [d.hex() for d in image_digests(images)], **image_moments(images)}
 
 
 def _finish(shape: tuple[int, int, int], arrays: list[np.ndarray], ok: list[int], sizes: list[tuple[int, ...]],

@@ -47,6 +47,7 @@ variable                            meaning                                     
 ``NIGHTSHIFT_REQUEST_LOG_DIR``      request-log directory (drift monitoring); unset: off  (unset)
 ``NIGHTSHIFT_REQUEST_LOG_SAMPLE``   fraction of requests written to the request log       0.1
 ``NIGHTSHIFT_REQUEST_LOG_ROTATE_S`` age at which a request-log file is published          60
+``NIGHTSHIFT_REQUEST_LOG_*``        other request-log limits, see ``RequestLogConfig``
 ``NIGHTSHIFT_GRACEFUL_TIMEOUT_S``   drain time on SIGTERM                                 20
 ``NIGHTSHIFT_MAX_CONNECTIONS``      concurrent connections before uvicorn answers 503     2048
 ``NIGHTSHIFT_MAX_HEADERS``          header fields per request; beyond: 431                100
@@ -516,15 +517,17 @@ def main(argv: list[str] | None = None) -> int:
         model.load()
 
     request_log = None
-    log_dir = os.environ.get("NIGHTSHIFT_REQUEST_LOG_DIR", "").strip()
-    if log_dir:
-        from .requestlog import RequestLog
+    if os.environ.get("NIGHTSHIFT_REQUEST_LOG_DIR", "").strip():
+        from .requestlog import RequestLog, RequestLogConfig
 
         try:
-            request_log = RequestLog(log_dir, sample_rate=_env("NIGHTSHIFT_REQUEST_LOG_SAMPLE", 0.1, float),
-                                     rotate_s=_env("NIGHTSHIFT_REQUEST_LOG_ROTATE_S", 60.0, float))
+            log_config = RequestLogConfig.from_env()  # every NIGHTSHIFT_REQUEST_LOG_* setting, parsed once
+        except ValueError as exc:
+            raise SystemExit(f"serving: {exc}") from None
+        try:
+            request_log = RequestLog(config=log_config)
         except OSError as exc:
-            log.error("request log directory %s is not writable: %s", log_dir, exc)
+            log.error("request log directory %s is not writable: %s", log_config.directory, exc)
             return 2
     try:
         srv = make_server(model, args.host, args.port, config=_config_from_env(instances=instances),
