@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "plugins"))
+
+from nightshift.containers import free_port  # noqa: E402
 
 SHAPE = (32, 32, 3)
 
@@ -104,12 +105,6 @@ def in_process_rate(model_dir: Path, threads: int, seconds: float, batch: int = 
             sess.run(None, {"pixels": x})
             n += 1
         return n * batch / (time.perf_counter() - t0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
@@ -333,8 +328,6 @@ def render_markdown(r: dict) -> str:
     cpu16 = {k: v for k, v in (cpu.get("c16_ms_per_request") or {}).items()}
     cpu16_model, cpu16_loop, cpu16_client = (f"{cpu16.get(k, float('nan')):.2f}"
                                              for k in ("model_instances", "event_loop", "client"))
-    best_c1 = max((r[k]["ratio_c1_binary_vs_in_process"] for k in r if k.startswith("small_cnn_t")),
-                  default=float("nan"))
     runs = [r[k] for k in r if k.startswith("small_cnn_t")]
     max_c1_run = max((v for m in runs for v in m.get("ratio_c1_binary_vs_in_process_runs", [])), default=float("nan"))
     max_c16_run = max((v for m in runs for v in m.get("ratio_c16_vs_c1_runs", [])), default=float("nan"))

@@ -41,6 +41,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import serving as bench  # noqa: E402  (bench/serving.py: export_model, load, ROOT; puts plugins/ on sys.path)
+from nightshift.containers import free_port  # noqa: E402
 
 RESULTS = bench.ROOT / "bench" / "results" / "serving_deployed.json"
 #: the same measurement on the digits data's shape (``--shape 8,8,1 --out`` this), quoted beside it
@@ -272,7 +273,7 @@ def main() -> int:
             note = (f"small_cnn on {'×'.join(map(str, shape))}, random weights, exported and built the "
                     "pipeline's way")
         deploy_root = work / "deploy"
-        PORT["stable"] = bench.free_port()
+        PORT["stable"] = free_port()
         try:
             for i in range(args.repeats):
                 run: dict = {}
