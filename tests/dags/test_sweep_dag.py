@@ -146,6 +146,19 @@ def test_the_sweep_builds_a_mapped_train_gpu_between_validation_and_export(env):
     assert trials.upstream_task_ids == {"validate_data"}  # `validate >> group` reaches the first task
     assert select.upstream_task_ids >= {"train_gpu", "sweep_trials"} and select.trigger_rule == "all_done"
     assert dag.get_task("export_onnx").upstream_task_ids == {"select_trial"}
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    assert "train_gpu_sweep" in json.dumps(DagSerialization.to_dict(dag), default=str)  # the group serializes
+
+
+def test_the_trainer_pod_placement_is_refused_with_a_clear_error():
+    from nightshift.errors import ConfigError
+    from nightshift.operators.sweep import sweep_train
+    from nightshift.placement import TrainPlacement
+
+    with pytest.raises(ConfigError, match="kubernetes_pod"):
+        sweep_train(TrainPlacement(kind="kubernetes_pod", image="x"), sweep={"space": {"lr": [0.1]}},
+                    snapshot={}, model_name=MODEL, hparams={})
 
 
 def test_a_bad_sweep_entry_fails_when_the_dag_is_built_naming_the_field():

@@ -3,8 +3,10 @@ rule; training's trial mode (the test split is never read) and the winner's test
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -200,3 +202,48 @@ def test_the_winner_scored_afterwards_equals_what_training_reports_on_test(digit
     scored = evaluate_checkpoint(digits_snapshot, full.checkpoint_path, "test")
     assert scored["test_accuracy"] == pytest.approx(full.metrics["test_accuracy"], abs=1e-9)
     assert scored["test_loss"] == pytest.approx(full.metrics["test_loss"], rel=1e-4)
+
+
+# --------------------------------------------------------------------------- the trial task: its folder, its retry
+
+
+def test_a_retried_trial_resumes_from_its_own_checkpoint_and_stays_a_child_run(nightshift_home, digits_snapshot):
+    from types import SimpleNamespace
+
+    from nightshift import registry
+    from nightshift.operators.sweep import SweepTrialOperator, trial_dir_parts
+    from nightshift.settings import Settings
+    from nightshift.train_run import PARENT_TAG, open_sweep_parent
+
+    c = registry.client(Settings.from_env().mlflow_tracking_uri)
+    tags = {"nightshift.dag_id": "d", "nightshift.run_id": "manual__r"}
+    parent = open_sweep_parent(c, "sweep-op", "r sweep", tags=tags, params={"sweep.method": "grid"})
+    assert open_sweep_parent(c, "sweep-op", "r sweep", tags=tags, params={}) == parent  # a retried trials task
+    snap = {"snapshot_uri": str(digits_snapshot.path)}
+
+    def trial_op():
+        return SweepTrialOperator(task_id="train_gpu", snapshot=snap, model_name="sweep-op", trial=2,
+                                  parent_run_id=parent, hparams={"epochs": 3, "width": 8})
+
+    first = trial_op()
+
+    def lost_worker(last):  # after epoch 1's last.pt is written: the worker goes away
+        raise RuntimeError("worker lost")
+
+    first._publish_resume_state = lost_worker
+    with pytest.raises(RuntimeError, match="worker lost"):
+        first.execute({"run_id": "manual__r", "ti": SimpleNamespace(try_number=1)})
+    trial_dirs = list((nightshift_home / "artifacts" / "runs").glob("*/*/" + "/".join(trial_dir_parts(2))))
+    assert len(trial_dirs) == 1 and (trial_dirs[0] / "last.pt").is_file()
+    record = json.loads((trial_dirs[0] / "trial.json").read_text())
+    assert record["failed"] and "worker lost" in record["error"] and record["try_number"] == 1
+
+    second = trial_op()
+    out = second.execute({"run_id": "manual__r", "ti": SimpleNamespace(try_number=2)})
+    assert out["trial"] == 2 and Path(out["train_dir"]) == trial_dirs[0]
+    manifest = json.loads((trial_dirs[0] / "train_manifest.json").read_text())
+    assert manifest["resumed_from_epoch"] == 1 and manifest["evaluated_test"] is False
+    assert json.loads((trial_dirs[0] / "trial.json").read_text())["failed"] is False
+    run = c.get_run(out["run_id"])
+    assert run.data.tags[PARENT_TAG] == parent and run.data.tags["nightshift.sweep_trial"] == "2"
+    assert "test_accuracy" not in run.data.metrics and "val_accuracy" in run.data.metrics

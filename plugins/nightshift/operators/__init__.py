@@ -18,6 +18,7 @@ from nightshift.operators.monitor import DriftMonitorOperator
 from nightshift.operators.approval import FinalizePromotionOperator, PromotionApprovalOperator
 from nightshift.operators.promote import PromoteModelOperator
 from nightshift.operators.system_eval import SystemEvalOperator
+from nightshift.operators.sweep import SelectTrialOperator, SweepTrialOperator, SweepTrialsOperator, sweep_train
 from nightshift.operators.train import TrainGPUOperator, train_task
 from nightshift.operators.validate import ValidateDataOperator
 
@@ -33,9 +34,13 @@ __all__ = [
     "FinalizePromotionOperator",
     "PromoteModelOperator",
     "PromotionApprovalOperator",
+    "SelectTrialOperator",
     "SetChampionOperator",
+    "SweepTrialOperator",
+    "SweepTrialsOperator",
     "SystemEvalOperator",
     "TrainGPUOperator",
+    "sweep_train",
     "train_task",
     "ValidateDataOperator",
 ]
