@@ -247,3 +247,15 @@ def test_a_retried_trial_resumes_from_its_own_checkpoint_and_stays_a_child_run(n
     run = c.get_run(out["run_id"])
     assert run.data.tags[PARENT_TAG] == parent and run.data.tags["nightshift.sweep_trial"] == "2"
     assert "test_accuracy" not in run.data.metrics and "val_accuracy" in run.data.metrics
+
+
+def test_select_trial_fails_closed_when_the_trials_task_left_no_list(nightshift_home):
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from nightshift.operators.sweep import SelectTrialOperator
+
+    op = SelectTrialOperator(task_id="select_trial", trials=None, snapshot={"snapshot_uri": "x"},
+                             sweep={"space": {"lr": [0.1, 0.2]}}, trial_task_id="train_gpu")
+    assert op.trigger_rule == "all_done"
+    with pytest.raises(AirflowFailException, match="no trial list"):
+        op.execute({"run_id": "manual__r"})

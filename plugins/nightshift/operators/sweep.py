@@ -206,8 +206,10 @@ class SelectTrialOperator(NightshiftOperator):
         spec = parse_sweep(self.sweep)
         trials = self.trials
         if not isinstance(trials, list) or not trials:
-            raise ConfigError(f"trials is {trials!r}: expected the trial list of the 'sweep_trials' task (XCom); "
-                              "did that task fail?")
+            # this task runs on all_done: also when the trials task failed or never ran (an upstream
+            # task failed). Failing (not skipping) keeps the DAG run failed and nothing downstream runs
+            raise ConfigError(f"no trial list (got {trials!r}): the trials task failed or did not run because an "
+                              "upstream task failed; see that task's log")
         parent = str(trials[0]["parent_run_id"])
         records, results = self._collect(context, trials)
         for r in records:
