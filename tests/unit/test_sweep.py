@@ -259,3 +259,55 @@ def test_select_trial_fails_closed_when_the_trials_task_left_no_list(nightshift_
     assert op.trigger_rule == "all_done"
     with pytest.raises(AirflowFailException, match="no trial list"):
         op.execute({"run_id": "manual__r"})
+
+
+def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(s3_server, s3_root, tmp_path,
+                                                                                 monkeypatch):
+    """No shared folder: each task runs with an empty working copy of its own (as Celery workers
+    would); the failed trial's record and the winner's files reach select_trial through the store."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from nightshift.operators import CollectDataOperator
+    from nightshift.operators.sweep import SelectTrialOperator, SweepTrialOperator, SweepTrialsOperator
+
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", s3_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CONN_ID", raising=False)
+
+    def worker(name: str) -> None:
+        monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CACHE", str(tmp_path / name))
+
+    sweep = {"space": {"crop_pad": [1, 8]}, "max_failed": 1}
+    ctx = {"run_id": "manual__s3sweep", "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
+    worker("a")
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    trials = SweepTrialsOperator(task_id="sweep_trials", sweep=sweep, hparams={"epochs": 1, "width": 4},
+                                 model_name="s3-sweep").execute(ctx)
+    results = {}
+    worker("b")
+    results[0] = SweepTrialOperator(task_id="train_gpu", snapshot=snap, model_name="s3-sweep", **trials[0]).execute(
+        {**ctx, "ti": SimpleNamespace(try_number=1)})
+    assert results[0]["checkpoint"].startswith(s3_root)
+    worker("c")
+    with pytest.raises(AirflowFailException, match="crop_pad"):
+        SweepTrialOperator(task_id="train_gpu", snapshot=snap, model_name="s3-sweep", **trials[1]).execute(
+            {**ctx, "ti": SimpleNamespace(try_number=1)})
+
+    worker("d")
+    ti = SimpleNamespace(xcom_pull=lambda task_ids, map_indexes: results.get(map_indexes))
+    out = SelectTrialOperator(task_id="select_trial", trials=trials, snapshot=snap, sweep=sweep,
+                              trial_task_id="train_gpu", model_name="s3-sweep").execute({**ctx, "ti": ti})
+    assert out["sweep"]["trial"] == 0 and out["sweep"]["failed"] == [1]
+    assert out["checkpoint"] == results[0]["checkpoint"] and 0 < out["metrics"]["test_accuracy"] <= 1
+    key = out["train_dir"].split("/", 3)[3].rsplit("/trials/", 1)[0]
+    body = s3_server.client().get_object(Bucket=s3_server.bucket, Key=f"{key}/sweep/trials.json")["Body"].read()
+    table = json.loads(body)
+    assert table["trials"][1]["failed"] and "crop_pad" in table["trials"][1]["error"]  # from worker c's trial.json
+    assert table["winner"]["trial"] == 0

@@ -201,6 +201,7 @@ class SelectTrialOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.errors import ConfigError
+        from nightshift.operators.base import localize
         from nightshift.sweep import SweepFailed, parse_sweep
 
         spec = parse_sweep(self.sweep)
@@ -222,6 +223,8 @@ class SelectTrialOperator(NightshiftOperator):
             self._close(parent, table, None, spec.metric, error=str(exc), context=context)
             raise
         winner = results[int(best["trial"])]
+        if self.store.remote:  # URIs -> this worker's copies (the run folder was fetched before execute)
+            winner = localize(self.store, winner)
         test = self._score_on_test(winner)
         metrics = {**winner["metrics"], **test}
         self._record_winner(context, winner, metrics)
@@ -238,8 +241,6 @@ class SelectTrialOperator(NightshiftOperator):
     def _collect(self, context: Any, trials: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict[int, Any]]:
         """One record per trial (``trial``, ``hparams``, ``failed``, ``error``, ``metrics``,
         ``run_id``) and the successful trials' results by index."""
-        from nightshift.operators.base import localize
-
         ti = context["ti"]
         records, results = [], {}
         for t in trials:
@@ -248,7 +249,7 @@ class SelectTrialOperator(NightshiftOperator):
             rec = {"trial": i, "hparams": t["hparams"], "failed": True, "error": None, "metrics": None,
                    "run_id": None}
             if isinstance(value, dict) and value.get("checkpoint"):
-                results[i] = localize(self.store, value) if self.store.remote else value
+                results[i] = value
                 rec.update(failed=False, metrics=value.get("metrics") or {}, run_id=value.get("run_id"))
             else:
                 rec["error"] = self._failure(context, i)
