@@ -72,14 +72,15 @@ def one_trial(work: Path, repeats: int, tag: str) -> dict:
     from nightshift.training import resolve_hparams, train
 
     snap = write_snapshot(load_bundled(), work / "snapshots")
-    walls, val, test = [], None, None
+    walls, vals, tests = [], [], []
     for i in range(repeats):
         t0 = time.perf_counter()
         res = train(snap, work / f"default_{tag}_{i}", {})
         walls.append(time.perf_counter() - t0)
-        val, test = res.metrics["val_accuracy"], res.metrics["test_accuracy"]
+        vals.append(res.metrics["val_accuracy"])
+        tests.append(res.metrics["test_accuracy"])
     hp = resolve_hparams({}, snap.image_shape)
-    return {"wall_s": walls, "val_accuracy": val, "test_accuracy": test,
+    return {"wall_s": walls, "val_accuracy": vals, "test_accuracy": tests,
             "recipe": {k: hp[k] for k in ("model", "epochs", "batch_size", "optimizer", "lr")}}
 
 
@@ -137,7 +138,11 @@ def main() -> int:
         before = one_trial(work, args.repeats, "before")
         sweep = sweep_run(work)
         after = one_trial(work, 1, "after")  # the machine's load may change while the sweep runs: bracket it
-    base = {**before, "wall_s": before["wall_s"] + after["wall_s"],
+    # CPU training is not bit-identical run to run (thread scheduling of reductions): every run's
+    # val accuracy is kept, and the default recipe's figure is their best (the winner must match it)
+    vals = before["val_accuracy"] + after["val_accuracy"]
+    base = {**before, "wall_s": before["wall_s"] + after["wall_s"], "val_accuracy_runs": vals,
+            "val_accuracy": max(vals), "test_accuracy": before["test_accuracy"] + after["test_accuracy"],
             "median_s": statistics.median(before["wall_s"] + after["wall_s"]),
             "before_s": before["wall_s"], "after_s": after["wall_s"]}
     n = len(sweep["trials"])

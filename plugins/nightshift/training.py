@@ -682,7 +682,7 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     if counts["train"] == 0 or counts[held_out] == 0:
         raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or {held_out} split "
                         f"({snapshot.manifest['counts']['per_split']}): collect more images "
-                        "(splits are drawn by content hash) or raise test_fraction")
+                        f"(splits are drawn by content hash) or raise {held_out}_fraction")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
