@@ -12,7 +12,8 @@ On the bundled digits, on CPU:
 
 Targets: sweep wall ≤ 8 × one trial + 60 s; the winner's val accuracy ≥ the default recipe's.
 Also reported: the trials' own task durations (metadata DB) and the sweep's orchestration
-overhead (wall − their sum), and the time target with "one trial" = the median trial task.
+overhead (wall − their sum), and the time target with each trial's own task duration
+(sweep wall ≤ their sum + 60 s: robust to a shared machine's load changing mid-run).
 The grid (lr × batch size) contains the default recipe's point, so the comparison is fair: a
 trial with the default values trains exactly what the default recipe trains (same seed).
 
@@ -162,12 +163,12 @@ def main() -> int:
             "time": {"sweep_wall_s": sweep["wall_s"], "budget_s": budget,
                      "formula": f"{n} x one trial (median {base['median_s']:.1f} s) + 60 s",
                      "ratio_to_one_trial": sweep["wall_s"] / base["median_s"], "met": sweep["wall_s"] <= budget},
-            # the same target with "one trial" measured inside the sweep (its trials' own task durations):
-            # robust to the machine's load changing between the baseline and the sweep
+            # the same target with each trial's time measured inside the sweep (its task's duration in the
+            # metadata DB): the 8 trainings as they ran + 60 s, i.e. orchestration overhead <= 60 s;
+            # robust to the load of a shared machine changing between the baseline and the sweep
             "time_in_run": {"sum_trial_task_s": sum(trial_s), "median_trial_task_s": statistics.median(trial_s),
-                            "overhead_s": overhead,
-                            "budget_s": n * statistics.median(trial_s) + 60,
-                            "met": sweep["wall_s"] <= n * statistics.median(trial_s) + 60},
+                            "overhead_s": overhead, "budget_s": sum(trial_s) + 60,
+                            "met": sweep["wall_s"] <= sum(trial_s) + 60},
             "accuracy": {"winner_val_accuracy": sweep["winner_metrics"]["val_accuracy"],
                          "default_recipe_val_accuracy": base["val_accuracy"],
                          "default_point_trial_val_accuracy": default_trial["val_accuracy"],
