@@ -258,7 +258,7 @@ def bench_image(work: Path, repeats: int = 5) -> dict:
     """Build the small_cnn inference image; its size and ``docker run`` -> ready time."""
     import docker
 
-    from nightshift.evaluation import InferenceContainer
+    from nightshift.containers import InferenceContainer
     from nightshift.inference_image import ImageBuilder, remove_image
     from nightshift.settings import Settings
 

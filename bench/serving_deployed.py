@@ -115,7 +115,7 @@ def measure_system_eval(client, image: str, model: str, shape, seconds: float, w
 def measure_no_log(client, image: str, model: str, shape, seconds: float) -> dict:
     """The same image through the same function with the request log off (system eval before issue 19)."""
     from nightshift.containers import ServingConfig
-    from nightshift.evaluation import InferenceContainer
+    from nightshift.containers import InferenceContainer
 
     # InferenceContainer starts through containers.serving_run_kwargs too; no request_log_dir: log off
     with InferenceContainer(image, docker_client=client, config=ServingConfig.from_env()) as c:

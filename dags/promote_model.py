@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
-from nightshift.operators.manual_dag import champion_dag
+from nightshift.dags.champion import champion_dag
 
 promote_model = champion_dag(
     dag_id="promote_model",

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from airflow.sdk import Param
 
-from nightshift.operators.manual_dag import champion_dag
+from nightshift.dags.champion import champion_dag
 
 rollback_model = champion_dag(
     dag_id="rollback_model",

@@ -10,7 +10,7 @@ the API server only, and MLflow is imported inside its request handlers.
   for those operators so the API server resolves them with their ``get_link``.
 - ``fastapi_apps``: the Nightshift view and its report server at ``/nightshift``,
   behind Airflow's auth manager (``nightshift/ui/app.py``).
-- ``listeners``: a DAG-run note saying what a run decided (``nightshift/listeners.py``).
+- ``listeners``: a DAG-run note saying what a run decided (``nightshift/operators/listeners.py``, the note from ``nightshift/run_notes.py``).
 - ``external_views``: a "Nightshift" entry in the UI's navigation that opens the
   view inside the Airflow UI (an iframe at ``/plugin/nightshift``).
 """
@@ -51,7 +51,7 @@ def _operator_links() -> list[Any]:
 
 
 def _listeners() -> Any:
-    from nightshift import listeners
+    from nightshift.operators import listeners
 
     return listeners
 

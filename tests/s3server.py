@@ -7,26 +7,15 @@ import json
 import os
 import secrets
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from nightshift.containers import free_ports
+
 BUCKET = "nightshift-test"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks, ports = [], []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        socks.append(s)
-        ports.append(s.getsockname()[1])
-    for s in socks:
-        s.close()
-    return ports
 
 
 @dataclass
@@ -91,7 +80,7 @@ def start(folder: Path, timeout_s: float = 60.0) -> S3Server:
     conf = folder / "s3.json"
     conf.write_text(json.dumps({"identities": [{"name": "test", "credentials": [{"accessKey": ak, "secretKey": sk}],
                                                 "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
-    p = _free_ports(8)
+    p = free_ports(8)
     argv = [str(weed), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={folder / 'data'}",
             f"-master.port={p[0]}", f"-master.port.grpc={p[1]}", f"-volume.port={p[2]}", f"-volume.port.grpc={p[3]}",
             "-filer", f"-filer.port={p[4]}", f"-filer.port.grpc={p[5]}", "-s3", f"-s3.port={p[6]}",

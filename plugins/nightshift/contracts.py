@@ -66,16 +66,28 @@ def tag(name: str) -> str:
 
 # --------------------------------------------------------------------------- run artifacts
 
-#: Files a nightly_retrain run leaves in ``<artifact_root>/runs/<dag_id>/<run_id>/``.
+#: The report files a task writes into its folder of the run folder (writers and readers both
+#: take the names from here).
+VALIDATION_FILE = "validation.json"
+PARITY_FILE = "parity.json"
+QUANTIZATION_FILE = "quantization.json"
+SYSTEM_EVAL_FILE = "system_eval.json"
+DRIFT_HTML_FILE = "drift_report.html"
+DRIFT_JSON_FILE = "drift_report.json"
+PROMOTION_FILE = "promotion.json"
+TRAIN_MANIFEST_FILE = "train_manifest.json"
+
+#: Files a nightly_retrain run leaves in ``<artifact_root>/runs/<dag_id>/<run_id>/``: each task
+#: writes into the folder named here (``NightshiftOperator.run_dir(context, <folder>)``).
 RUN_REPORTS: dict[str, str] = {
-    "validation": "validation/validation.json",
-    "parity": "model/parity.json",
-    "quantization": "model/quantization.json",
-    "system_eval": "system_eval/system_eval.json",
-    "drift": "drift/drift_report.html",
-    "drift_json": "drift/drift_report.json",
-    "promotion": "promotion.json",
-    "training": "train/train_manifest.json",
+    "validation": f"validation/{VALIDATION_FILE}",
+    "parity": f"model/{PARITY_FILE}",
+    "quantization": f"model/{QUANTIZATION_FILE}",
+    "system_eval": f"system_eval/{SYSTEM_EVAL_FILE}",
+    "drift": f"drift/{DRIFT_HTML_FILE}",
+    "drift_json": f"drift/{DRIFT_JSON_FILE}",
+    "promotion": PROMOTION_FILE,
+    "training": f"train/{TRAIN_MANIFEST_FILE}",
 }
 
 
@@ -265,3 +277,56 @@ def request_log_dir(artifact_root: str | os.PathLike, model_name: str) -> Path:
     container appends to it); the drift monitor reads it there, on the Docker queue, and
     publishes what it read with its report (:class:`nightshift.operators.monitor.DriftMonitorOperator`)."""
     return Path(artifact_root) / "request_logs" / model_name
+
+
+# --------------------------------------------------------------------------- deadlines
+
+
+def deadline_misses_rel(model_name: str) -> str:
+    """JSON Lines: one record per nightly run of ``model_name`` that missed its deadline."""
+    return f"deadlines/{model_name}/misses.jsonl"
+
+
+@dataclass
+class DeadlineMiss:
+    """A nightly run that was not done by its deadline (Airflow Deadline Alerts: ``interval_s``
+    after the run was queued). Recorded once per run (``key`` = ``<dag_id>/<run_id>``), when the
+    scheduler finds the deadline passed; the run may still be going (``run_state``)."""
+
+    model: str
+    dag_id: str
+    run_id: str
+    deadline_time: str | None
+    queued_at: str | None
+    interval_s: float
+    run_state: str | None = None
+    time: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat())
+    key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.key is None:
+            self.key = f"{self.dag_id}/{self.run_id}"
+
+
+def record_deadline_miss(store: str | os.PathLike | Store, miss: DeadlineMiss) -> bool:
+    """Append ``miss`` to its model's record, once per run (a callback run twice writes it once).
+    True when written."""
+    return as_store(store).append_record(deadline_misses_rel(miss.model), asdict(miss), key=miss.key)
+
+
+def read_deadline_misses(store: str | os.PathLike | Store, model_name: str, *,
+                         limit: int | None = None) -> list[dict[str, Any]]:
+    """The deadline misses of ``model_name``, oldest first; ``limit``: only the newest."""
+    return as_store(store).read_records(deadline_misses_rel(model_name), limit=limit)
+
+
+def deadline_miss_text(deadline_time: Any, interval_s: float, queued_at: Any = None) -> str:
+    """One line for the run note and the view: ``DEADLINE MISSED: not done by <time> (4h after it
+    was queued at <time>)``."""
+    from nightshift.model_config import format_duration
+
+    def iso(v: Any) -> str:
+        return v.isoformat(timespec="seconds") if isinstance(v, datetime) else str(v)
+
+    after = f"{format_duration(interval_s)} after it was queued" + (f" at {iso(queued_at)}" if queued_at else "")
+    return f"DEADLINE MISSED: not done by {iso(deadline_time)} ({after})"

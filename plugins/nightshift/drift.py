@@ -24,6 +24,7 @@ from typing import Any
 import pandas as pd
 
 from nightshift.artifacts import atomic_write_json, atomic_write_text, json_safe
+from nightshift.contracts import DRIFT_HTML_FILE, DRIFT_JSON_FILE
 from nightshift.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,6 @@ BASE_NUMERICAL_COLUMNS: tuple[str, ...] = ("brightness", "contrast")
 CATEGORICAL_COLUMNS: tuple[str, ...] = ("label_name",)
 
 _MEAN_CH = re.compile(r"^mean_ch(\d+)$")
-_REPORT_HTML = "drift_report.html"
-_REPORT_JSON = "drift_report.json"
 
 
 def drift_columns(profile: pd.DataFrame) -> list[str]:
@@ -167,7 +166,7 @@ def check_drift(
     if not isinstance(current, pd.DataFrame) or current.empty:
         raise DataError("current profile is empty: there is no new data to check for drift")
     out_dir = Path(out_dir)
-    report_json = out_dir / _REPORT_JSON
+    report_json = out_dir / DRIFT_JSON_FILE
     started = time.perf_counter()
 
     if reference is None:
@@ -234,7 +233,7 @@ def check_drift(
         )
     drift_detected = drifted_share >= drift_share_threshold
 
-    report_html = out_dir / _REPORT_HTML
+    report_html = out_dir / DRIFT_HTML_FILE
     atomic_write_text(report_html, snapshot.get_html_str(as_iframe=False))
     result = {
         "status": "ok",

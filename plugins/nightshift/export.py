@@ -27,6 +27,7 @@ import numpy as np
 
 from nightshift import lineage
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json, sha256_file
+from nightshift.contracts import PARITY_FILE, QUANTIZATION_FILE
 from nightshift.errors import ConfigError, ParityError
 
 log = logging.getLogger(__name__)
@@ -44,9 +45,9 @@ DEFAULT_OPSET = 20
 #: torch's dynamo exporter emits opset 18 at the lowest (asking for less silently gives
 #: 18); 18..25 export, pass onnx.checker and run on the pinned ONNX Runtime.
 MIN_OPSET, MAX_OPSET = 18, 25
-#: Files of a model directory besides ``model.onnx`` and ``model.json``.
-FP32_FILE, INT8_FILE, PARITY_FILE, QUANTIZATION_FILE = "model.fp32.onnx", "model.int8.onnx", "parity.json", \
-    "quantization.json"
+#: Files of a model directory besides ``model.onnx``, ``model.json`` and the two reports
+#: (``contracts.PARITY_FILE``, ``contracts.QUANTIZATION_FILE``).
+FP32_FILE, INT8_FILE = "model.fp32.onnx", "model.int8.onnx"
 
 
 def validate_opset(opset: Any) -> int:
@@ -211,13 +212,13 @@ def check_parity(checkpoint: dict[str, Any], onnx_path: str | Path, images: Any,
     :param images: a uint8 NHWC array, or an iterable of them (or of ``(images,
         labels)``, as :meth:`Snapshot.iter_split` yields) read one at a time.
     """
-    import onnxruntime as ort
     import torch
 
     from nightshift.models import classifier_from_checkpoint
+    from nightshift.scoring import open_session
 
     model = _with_probabilities(classifier_from_checkpoint(checkpoint))
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    sess = open_session(onnx_path)
     names = [o.name for o in sess.get_outputs()]
     if names != OUTPUT_NAMES:
         raise ParityError(f"{onnx_path} has outputs {names}, expected {OUTPUT_NAMES}", {"passed": False,
@@ -311,9 +312,9 @@ def _quantize(checkpoint: dict[str, Any], out_dir: Path, onnx_path: Path, props:
 
 def _int8_batch_checks(path: Path, images: np.ndarray, num_classes: int) -> dict[str, Any]:
     """Output shapes of the int8 model at each of :data:`BATCH_CHECK_SIZES`."""
-    import onnxruntime as ort
+    from nightshift.scoring import open_session
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = open_session(path)
     names = [o.name for o in sess.get_outputs()]
     out = {}
     for s in BATCH_CHECK_SIZES:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from nightshift.artifacts import sha256_file
+from nightshift import containers
 from nightshift.containers import MODEL_LABEL, ROLE_LABEL
 from nightshift.errors import BuildError
 from nightshift.wheelhouse import ensure_wheelhouse, serving_requirements
@@ -61,7 +62,6 @@ LABEL_VARIANT = "ai.nightshift.variant"
 ROLE_INFERENCE = "inference-image"
 
 _ENSURE_BASE = "scripts/ensure_base_image.sh (or `make setup`)"
-_ENSURE_DOCKER = "scripts/ensure_docker.sh (or `make setup`)"
 
 
 def _tree_files(root: Path) -> list[Path]:
@@ -96,26 +96,6 @@ def image_tag(repository: str, model_name: str | None, version: str | None, key:
 
 
 # --------------------------------------------------------------------------- docker
-
-
-def connect_docker(timeout_s: int = 600) -> Any:
-    """A docker SDK client from the environment, checked with a ping.
-
-    :raises BuildError: the daemon is unreachable; says how to start one.
-    """
-    import docker
-    from docker.errors import DockerException
-
-    try:
-        client = docker.from_env(timeout=timeout_s)
-        client.ping()
-    except DockerException as exc:
-        host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        raise BuildError(
-            f"cannot reach the Docker daemon at {host}: {exc}. Start one with {_ENSURE_DOCKER}, "
-            "or point DOCKER_HOST at a running daemon."
-        ) from exc
-    return client
 
 
 def _copy_tree(src: Path, dst: Path) -> None:
@@ -254,7 +234,7 @@ class ImageBuilder:
             model_name = None
 
         if self.client is None:
-            self.client = connect_docker()
+            self.client = containers.connect_docker()
         client = self.client
         base_id = self._require_base_image(base_image)
         requirements = serving_requirements()
@@ -492,7 +472,7 @@ def remove_image(tag: str, docker_client: Any | None = None) -> bool:
     """
     from docker.errors import APIError, ImageNotFound
 
-    client = docker_client or connect_docker()
+    client = docker_client or containers.connect_docker()
     try:
         client.images.remove(tag, force=True)
     except ImageNotFound:

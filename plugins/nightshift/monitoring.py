@@ -103,23 +103,18 @@ def champion_reference(snapshot, onnx_path: str | Path | None, cache_path: str |
         return pd.read_parquet(cache_path)
     if snapshot is None:
         raise DataError(f"no cached reference at {cache_path} and no snapshot to build it from")
-    import onnxruntime as ort
+    from nightshift.scoring import open_session, run_onnx
 
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    inp = sess.get_inputs()[0].name
-    names = [o.name for o in sess.get_outputs()]
-    if "logits" not in names or "embedding" not in names:
-        raise DataError(f"{onnx_path} lacks the logits/embedding outputs drift monitoring needs (has {names})")
+    sess = open_session(onnx_path)
     preds, confs, embs = [], [], []
-    for images, _ in snapshot.iter_split("test"):
-        for i in range(0, len(images), 512):
-            logits, emb = sess.run(["logits", "embedding"], {inp: np.ascontiguousarray(images[i:i + 512])})
-            z = logits - logits.max(axis=1, keepdims=True)
-            p = np.exp(z)
-            p /= p.sum(axis=1, keepdims=True)
-            preds.append(p.argmax(axis=1))
-            confs.append(p.max(axis=1))
-            embs.append(emb)
+    for _, out in run_onnx(sess, snapshot.iter_split("test"), ("logits", "embedding"),
+                           name=f"champion model {Path(onnx_path).name} (drift reference)"):
+        z = out["logits"] - out["logits"].max(axis=1, keepdims=True)
+        p = np.exp(z)
+        p /= p.sum(axis=1, keepdims=True)
+        preds.append(p.argmax(axis=1))
+        confs.append(p.max(axis=1))
+        embs.append(out["embedding"])
     if not preds:
         raise DataError(f"the champion's snapshot {snapshot.path} has no test images to build a reference from")
     prof = snapshot.profile()

@@ -249,7 +249,7 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
     """
     from nightshift import registry
     from nightshift.artifacts import atomic_write_json
-    from nightshift.contracts import TAG_PREFIX, HistoryEvent, VersionTag, append_history, as_store
+    from nightshift.contracts import PROMOTION_FILE, TAG_PREFIX, HistoryEvent, VersionTag, append_history, as_store
     from nightshift.data.snapshot import load_snapshot
     from nightshift.errors import ConfigError
     from nightshift.gates import Evidence, decide, load_thresholds, loosened_by_overrides, read_gate_file
@@ -340,7 +340,7 @@ def promote_candidate(c, *, model_name: str, snapshot: dict[str, Any], training:
                              f"champion v{champ}'s: " + "; ".join(changed))
     outcome["approval_reasons"] = [*loosened, *(f"data changed: {why}" for why in changed)] \
         if outcome.get("awaiting_approval") else []
-    path = atomic_write_json(run_dir / "promotion.json", outcome)
+    path = atomic_write_json(run_dir / PROMOTION_FILE, outcome)
     # Always recorded, once: a retry whose first try moved champion (or decided) but died before
     # this line writes it now; one that finds it there writes nothing (the key is the run's).
     report = store.publish(path)  # the history names it for every reader (the path itself on a local root)

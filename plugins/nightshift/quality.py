@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 
 from nightshift.artifacts import atomic_write_json, json_safe
+from nightshift.contracts import VALIDATION_FILE
 from nightshift.errors import ConfigError, DataError, ValidationFailed
 
 log = logging.getLogger(__name__)
@@ -807,7 +808,7 @@ def validate_snapshot(
     stats["gx_seconds"] = round(gx_seconds, 3)
     stats["duration_s"] = round(time.perf_counter() - started, 3)
 
-    report_path = Path(report_dir) / "validation.json"
+    report_path = Path(report_dir) / VALIDATION_FILE
     result: dict[str, Any] = {
         "success": not failures,
         "evaluated": evaluated,

@@ -127,13 +127,9 @@ def quantize_static_int8(fp32_path: str | Path, int8_path: str | Path, calibrati
 
 
 def _session(path: str | Path, threads: int):
-    import onnxruntime as ort
+    from nightshift.scoring import open_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return open_session(path, threads=threads)
 
 
 def batch1_latency_ms(path: str | Path, image: np.ndarray, *, runs: int = 200, warmup: int = 20,

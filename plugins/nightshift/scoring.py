@@ -1,7 +1,19 @@
-"""Score ONNX models on a snapshot split, so candidate and champion are compared
-on exactly the same examples (TFX Evaluator style).
+"""Scoring a model on labelled images, offline or as served.
 
-Airflow-free; onnxruntime and MLflow are imported inside the functions.
+**Offline** (:func:`score_onnx`): ONNX Runtime in process on a snapshot split, so
+candidate and champion are compared on exactly the same examples (TFX Evaluator
+style); :func:`open_session` and :func:`run_onnx` are the one way Nightshift opens
+and runs a model outside the server (export's parity check, quantization, the drift
+reference use them too).
+
+**Served** (:func:`score_endpoint`): the same labelled images sent through a running
+server's ``POST /v2/models/{name}/infer`` (Open Inference Protocol), with accuracy,
+latency and errors; :func:`skew_report` compares its predictions with the offline
+ones. The container it runs in is :class:`nightshift.containers.InferenceContainer`;
+the whole system evaluation (accuracy, skew, load) is
+:func:`nightshift.system_eval.run_system_eval`.
+
+Airflow-free; onnxruntime, requests and MLflow are imported inside the functions.
 """
 
 from __future__ import annotations
@@ -9,16 +21,18 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
-from nightshift.errors import ScoringError
+from nightshift.errors import DataError, ScoringError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ScoringError", "fetch_model_onnx", "open_session", "paired_counts", "run_onnx", "score_onnx"]
+__all__ = ["ScoringError", "fetch_model_onnx", "merge_endpoint_scores", "open_session", "paired_counts", "run_onnx",
+           "score_endpoint", "score_onnx", "skew_report"]
 
 
 def open_session(onnx_path: str | Path, *, threads: int | None = None) -> Any:
@@ -32,8 +46,10 @@ def open_session(onnx_path: str | Path, *, threads: int | None = None) -> Any:
     if not path.is_file():
         raise ScoringError(f"ONNX model {path} does not exist")
     opts = ort.SessionOptions()
+    opts.log_severity_level = 3  # errors only: no warnings about unused initializers on every load
     if threads:
         opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # noqa: BLE001 - onnxruntime raises its own exception types
@@ -148,3 +164,221 @@ def _artifact_path(source: str, run_id: str) -> str:
         return source[len(prefix):].strip("/")
     # models:/ or a plain artifact URI: the registry copies under the run's "onnx" folder
     return "onnx"
+
+
+# --------------------------------------------------------------------------- served
+
+
+def skew_report(served_pred: np.ndarray, offline_pred: np.ndarray, *, max_examples: int = 10) -> dict[str, Any]:
+    """Where the served predictions differ from the offline ones (preprocessing skew).
+
+    :returns: ``n``, ``mismatches``, ``mismatch_rate``, ``examples`` (image indices with both predictions).
+    """
+    served_pred = np.asarray(served_pred)
+    offline_pred = np.asarray(offline_pred)
+    if served_pred.shape != offline_pred.shape:
+        raise DataError(f"served and offline predictions differ in shape: {served_pred.shape} vs {offline_pred.shape}")
+    answered = served_pred >= 0
+    bad = np.flatnonzero(answered & (served_pred != offline_pred))
+    n = int(answered.sum())
+    return {"n": n, "mismatches": int(bad.size), "mismatch_rate": (bad.size / n) if n else None,
+            "examples": [{"index": int(i), "served": int(served_pred[i]), "offline": int(offline_pred[i])}
+                         for i in bad[:max_examples]]}
+
+
+
+def merge_endpoint_scores(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One result from :func:`score_endpoint` results over parts of a split
+    (shards), each made with ``return_predictions=True``."""
+    n = sum(p["n"] for p in parts)
+    answered = sum(p["answered"] for p in parts)
+    correct = sum(p["correct"] for p in parts)
+    wall = sum(p["wall_s"] for p in parts)
+    latencies = [x for p in parts for x in p.get("latencies", [])]
+    preds = [p["predictions"] for p in parts if "predictions" in p]
+    return {
+        "n": n, "requests": sum(p["requests"] for p in parts), "errors": sum(p["errors"] for p in parts),
+        "errored_images": sum(p["errored_images"] for p in parts), "answered": answered, "correct": correct,
+        "accuracy": correct / answered if answered else None, "accuracy_all": correct / n if n else None,
+        "latency_ms": _percentiles(latencies), "throughput_ips": round(answered / wall, 3) if wall > 0 else None,
+        "wall_s": round(wall, 4), "batch_size": parts[0]["batch_size"] if parts else None,
+        "error_samples": [e for p in parts for e in p["error_samples"]][:5], "shards": len(parts),
+        "predictions": np.concatenate(preds) if preds else np.zeros(0, np.int64),
+    }
+
+
+def _percentiles(latencies_ms: list[float]) -> dict[str, float | None]:
+    if not latencies_ms:
+        return {"p50": None, "p95": None, "p99": None, "mean": None, "max": None}
+    a = np.asarray(latencies_ms, dtype=np.float64)
+    return {
+        "p50": round(float(np.percentile(a, 50)), 3),
+        "p95": round(float(np.percentile(a, 95)), 3),
+        "p99": round(float(np.percentile(a, 99)), 3),
+        "mean": round(float(a.mean()), 3),
+        "max": round(float(a.max()), 3),
+    }
+
+
+def _payload(batch: np.ndarray, input_name: str) -> bytes:
+    return json.dumps(
+        {"inputs": [{"name": input_name, "shape": list(batch.shape), "datatype": "UINT8",
+                     "data": batch.reshape(-1).tolist()}]},
+        separators=(",", ":"),
+    ).encode("utf-8")
+
+
+def _predictions(body: Any, n: int, class_names: Sequence[str] | None) -> np.ndarray:
+    """Predicted class indices from an OIP answer; ``ValueError`` says what is wrong."""
+    if not isinstance(body, dict) or not isinstance(body.get("outputs"), list):
+        raise ValueError("response has no 'outputs' list")
+    outputs = {o.get("name"): o for o in body["outputs"] if isinstance(o, dict)}
+    if "logits" in outputs:
+        o = outputs["logits"]
+        shape = o.get("shape")
+        if not isinstance(shape, list) or len(shape) != 2 or shape[0] != n:
+            raise ValueError(f"logits shape is {shape}, expected [{n}, num_classes]")
+        data = np.asarray(o.get("data"), dtype=np.float64)
+        if data.size != shape[0] * shape[1]:
+            raise ValueError(f"logits carry {data.size} values for shape {shape}")
+        return data.reshape(shape).argmax(axis=1)
+    if "label" in outputs and class_names is not None:
+        data = outputs["label"].get("data")
+        if not isinstance(data, list) or len(data) != n:
+            got = len(data) if isinstance(data, list) else repr(data)
+            raise ValueError(f"label output has {got} entries, expected {n}")
+        index = {str(c): i for i, c in enumerate(class_names)}
+        unknown = [d for d in data if str(d) not in index]
+        if unknown:
+            raise ValueError(f"label output holds unknown class names {unknown[:3]}")
+        return np.asarray([index[str(d)] for d in data])
+    raise ValueError(f"response has neither 'logits' nor (with class_names) 'label' outputs; got {list(outputs)}")
+
+
+def score_endpoint(
+    base_url: str,
+    model_name: str,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    batch_size: int = 1,
+    timeout_s: float = 10,
+    class_names: Sequence[str] | None = None,
+    input_name: str = "pixels",
+    warmup: int = 3,
+    max_error_samples: int = 5,
+    return_predictions: bool = False,
+) -> dict[str, Any]:
+    """Send a labelled image set through ``POST /v2/models/{model_name}/infer``.
+
+    Errors (connection failures, timeouts, non-200 answers, malformed or
+    wrongly shaped responses) are counted, not raised; the first few messages
+    are kept in ``error_samples``. ``warmup`` requests with the first batch are
+    sent first and not counted.
+
+    :param base_url: e.g. ``http://127.0.0.1:8080``.
+    :param images: ``uint8`` array ``(N, H, W, C)``.
+    :param labels: integer array ``(N,)``, indices into the class list.
+    :param batch_size: images per request.
+    :param timeout_s: per-request timeout.
+    :param class_names: needed only if the server returns ``label`` but no ``logits``.
+    :param input_name: the model's input tensor name.
+    :returns: ``n``, ``requests``, ``errors`` (failed requests), ``errored_images``,
+        ``answered`` (images), ``correct``, ``accuracy`` (over answered images,
+        ``None`` if none), ``accuracy_all`` (errored images count as wrong),
+        ``latency_ms`` (``p50``/``p95``/``p99``/``mean``/``max`` over successful
+        requests), ``throughput_ips`` (answered images per second of wall time),
+        ``wall_s``, ``batch_size``, ``error_samples`` (and with ``return_predictions``,
+        ``predictions``: an int array, -1 where the request failed).
+    :raises DataError: ``images``/``labels`` have the wrong type or shape.
+    """
+    import requests
+
+    images = np.asarray(images)
+    labels = np.asarray(labels)
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"images must be a uint8 array (N, H, W, C); got {images.dtype} with shape {images.shape}")
+    if labels.ndim != 1 or labels.shape[0] != images.shape[0]:
+        raise DataError(f"labels must have shape ({images.shape[0]},) to match images; got {labels.shape}")
+    if labels.size and labels.dtype.kind not in "iu":
+        raise DataError(f"labels must be integers (class indices); got {labels.dtype}")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    n = int(images.shape[0])
+    url = f"{base_url.rstrip('/')}/v2/models/{model_name}/infer"
+    headers = {"Content-Type": "application/json"}
+
+    latencies: list[float] = []
+    predictions = np.full(n, -1, dtype=np.int64)
+    error_samples: list[str] = []
+    n_requests = n_errors = errored_images = answered = correct = 0
+
+    def record_error(msg: str, lo: int, hi: int) -> None:
+        nonlocal n_errors, errored_images
+        n_errors += 1
+        errored_images += hi - lo
+        if len(error_samples) < max_error_samples:
+            error_samples.append(f"images {lo}..{hi - 1}: {msg}")
+
+    with requests.Session() as http:
+        http.trust_env = False  # never send 127.0.0.1 traffic through a proxy
+        if n:
+            first = _payload(images[: min(batch_size, n)], input_name)
+            for _ in range(max(0, warmup)):
+                try:
+                    http.post(url, data=first, headers=headers, timeout=timeout_s)
+                except requests.RequestException:
+                    pass  # the timed loop will count and report failures
+        t_start = time.perf_counter()
+        for lo in range(0, n, batch_size):
+            hi = min(lo + batch_size, n)
+            body = _payload(images[lo:hi], input_name)
+            n_requests += 1
+            t0 = time.perf_counter()
+            try:
+                r = http.post(url, data=body, headers=headers, timeout=timeout_s)
+            except requests.RequestException as exc:
+                record_error(f"{type(exc).__name__}: {exc}", lo, hi)
+                continue
+            ms = (time.perf_counter() - t0) * 1000.0
+            if r.status_code != 200:
+                try:
+                    detail = r.json().get("error", r.text)
+                except ValueError:
+                    detail = r.text
+                record_error(f"HTTP {r.status_code}: {str(detail)[:300]}", lo, hi)
+                continue
+            try:
+                pred = _predictions(r.json(), hi - lo, class_names)
+            except ValueError as exc:
+                record_error(f"malformed response: {exc}", lo, hi)
+                continue
+            latencies.append(ms)
+            predictions[lo:hi] = pred
+            answered += hi - lo
+            correct += int((pred == labels[lo:hi]).sum())
+        wall = time.perf_counter() - t_start
+
+    result = {
+        "n": n,
+        "requests": n_requests,
+        "errors": n_errors,
+        "errored_images": errored_images,
+        "answered": answered,
+        "correct": correct,
+        "accuracy": (correct / answered) if answered else None,
+        "accuracy_all": (correct / n) if n else None,
+        "latency_ms": _percentiles(latencies),
+        "throughput_ips": round(answered / wall, 3) if wall > 0 else None,
+        "wall_s": round(wall, 4),
+        "batch_size": batch_size,
+        "error_samples": error_samples,
+    }
+    if return_predictions:
+        result["predictions"] = predictions
+        result["latencies"] = latencies
+    log.info(
+        "evaluated %s: n=%d requests=%d errors=%d accuracy=%s p95=%sms throughput=%s img/s",
+        url, n, n_requests, n_errors, result["accuracy"], result["latency_ms"]["p95"], result["throughput_ips"],
+    )
+    return result

@@ -4,7 +4,7 @@ No Airflow here (``SystemEvalOperator`` resolves its templates, calls
 :func:`run_system_eval`, logs to MLflow and pushes the result); :mod:`docker`,
 :mod:`onnxruntime` and matplotlib are imported where used.
 
-The container starts through :class:`nightshift.evaluation.InferenceContainer`,
+The container starts through :class:`nightshift.containers.InferenceContainer`,
 whose ``containers.run`` arguments come from
 :func:`nightshift.containers.serving_run_kwargs` -- the function
 :class:`nightshift.deploy.LocalDeployer` starts the champion with -- in the
@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from nightshift.containers import ServingConfig
+from nightshift.contracts import SYSTEM_EVAL_FILE
 from nightshift.errors import PreprocessingSkew
 
 log = logging.getLogger(__name__)
@@ -149,7 +150,7 @@ def run_system_eval(image: str, snapshot: TestSplit, *, model_name: str, out_dir
     :param owner: recorded on the container (``dag/run/task``) for the leftover sweep.
     :param keep_request_log: keep the evaluated server's request-log files in
         ``out_dir/requests`` (by default they are counted and removed: load-test traffic).
-    :param on_container: called with the :class:`~nightshift.evaluation.InferenceContainer`
+    :param on_container: called with the :class:`~nightshift.containers.InferenceContainer`
         before it starts (an operator keeps it to stop it from ``on_kill``).
     :param on_report: called with the result and ``out_dir`` once ``system_eval.json`` is
         written, before a skew failure is raised (the operator logs to MLflow there).
@@ -161,8 +162,8 @@ def run_system_eval(image: str, snapshot: TestSplit, *, model_name: str, out_dir
         or the server answered none of the test images.
     """
     from nightshift.artifacts import atomic_write_json
-    from nightshift.evaluation import InferenceContainer, evaluate_endpoint, merge_evaluations, skew_report, \
-        sweep_containers
+    from nightshift.containers import InferenceContainer, sweep_containers
+    from nightshift.scoring import merge_endpoint_scores, score_endpoint, skew_report
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -180,11 +181,11 @@ def run_system_eval(image: str, snapshot: TestSplit, *, model_name: str, out_dir
         ready_s = container.wait_ready(float(ready_timeout_s))
         log.info("%s ready at %s after %.2fs (request log sample %s, memory limit %s)", image, container.url,
                  ready_s, config.request_log_sample, config.mem_limit)
-        parts = [evaluate_endpoint(container.url, model_name, images, labels, batch_size=int(batch_size),
+        parts = [score_endpoint(container.url, model_name, images, labels, batch_size=int(batch_size),
                                    class_names=snapshot.class_names, return_predictions=True,
                                    warmup=3 if i == 0 else 0)
                  for i, (images, labels) in enumerate(snapshot.iter_split("test"))]  # shard by shard
-        acc = merge_evaluations(parts)
+        acc = merge_endpoint_scores(parts)
         served_pred = acc.pop("predictions")
         first_images = next(snapshot.iter_split("test"), (None, None))[0]
         if acc["errors"]:
@@ -232,7 +233,7 @@ def run_system_eval(image: str, snapshot: TestSplit, *, model_name: str, out_dir
         result["latency_histogram"] = str(plot_latency_histogram(
             latencies, load["latency_ms"], out_dir / "latency_histogram.png",
             title=f"{image} under load (c={load['concurrency']}, request log {config.request_log_sample:g})"))
-    report = out_dir / "system_eval.json"
+    report = out_dir / SYSTEM_EVAL_FILE
     atomic_write_json(report, result)
     if on_report is not None:
         on_report(result, out_dir)

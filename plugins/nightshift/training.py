@@ -24,6 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from nightshift.artifacts import atomic_write_bytes, atomic_write_json
+from nightshift.contracts import TRAIN_MANIFEST_FILE
 from nightshift.data.snapshot import Snapshot
 from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, GPUUnavailable,
                                TrainingDiverged)
@@ -889,7 +890,7 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         ckpt_path = atomic_write_bytes(ckpt_path, buf.getvalue())
-        atomic_write_json(out_dir / "train_manifest.json", manifest)
+        atomic_write_json(out_dir / TRAIN_MANIFEST_FILE, manifest)
     distributed.barrier(world)  # the other ranks return once rank 0's files are there
     return TrainResult(checkpoint_path=ckpt_path, metrics=metrics, manifest=manifest, history=history)
 

@@ -89,7 +89,9 @@ def world(tmp_path_factory):
                                 "drifted_share": share, "n": n, "report": rep,
                                 "message": "12 request(s) in this window, fewer than min_rows=100: no verdict"
                                 if status == "not_enough_data" else None}) + "\n")
-    yield {"root": root, "tracking_uri": uri, "versions": [v1, v2], "tmp": tmp}
+    models_file = tmp / "models.yaml"  # the view lists the models of the models file: this world's one
+    models_file.write_text(f"models:\n  - {{name: {MODEL}, default: true}}\n")
+    yield {"root": root, "tracking_uri": uri, "versions": [v1, v2], "tmp": tmp, "models_file": models_file}
 
 
 @pytest.fixture
@@ -99,4 +101,5 @@ def world_env(world, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", world["tracking_uri"])
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     monkeypatch.setenv("NIGHTSHIFT_MLFLOW_UI_URL", "http://mlflow.example:5000")
+    monkeypatch.setenv("NIGHTSHIFT_MODELS_FILE", str(world["models_file"]))
     return world

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from pathlib import Path
@@ -18,16 +17,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from nightshift.containers import free_port
 from .conftest import MODEL
 
 USER, PASSWORD = "viewer", "s3cret-viewer"
 ARTIFACTS = Path(os.environ.get("NIGHTSHIFT_HOME", Path(__file__).resolve().parents[2] / ".nightshift")) / "test-artifacts"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +29,7 @@ def server(world, tmp_path_factory):
     """``airflow api-server`` on a free loopback port, serving the test world."""
     tmp = tmp_path_factory.mktemp("api-server")
     (tmp / "passwords.json").write_text(json.dumps({USER: PASSWORD}))
-    port = _free_port()
+    port = free_port()
     base = f"http://127.0.0.1:{port}"
     env = {**os.environ,
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
@@ -46,6 +40,7 @@ def server(world, tmp_path_factory):
            "NIGHTSHIFT_ARTIFACT_ROOT": str(world["root"]),
            "MLFLOW_TRACKING_URI": world["tracking_uri"],
            "MLFLOW_REGISTRY_URI": world["tracking_uri"],
+           "NIGHTSHIFT_MODELS_FILE": str(world["models_file"]),
            "NIGHTSHIFT_MLFLOW_UI_URL": "http://127.0.0.1:5000"}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     log = open(ARTIFACTS / "api-server.log", "w")

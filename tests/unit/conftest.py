@@ -151,6 +151,16 @@ def tiny_onnx_model_dir(tmp_path_factory, tiny_onnx_weights):
 # ----------------------------------------------------------------------------- serving it
 
 
+@pytest.fixture
+def serving_eval_set(tiny_onnx_forward):
+    """20 random 4x4x1 images; labels are the model's predictions except the first 5 (shifted), so accuracy is 0.75."""
+    images = np.random.default_rng(3).integers(0, 256, (20, 4, 4, 1), dtype=np.uint8)
+    pred = tiny_onnx_forward(images)[0].argmax(axis=1)
+    labels = pred.copy()
+    labels[:5] = (labels[:5] + 1) % 3
+    return images, labels.astype(np.int64)
+
+
 @pytest.fixture(scope="session")
 def serving_server(tiny_onnx_model_dir):
     """The OIP server on 127.0.0.1 (free port) in a thread, tiny model loaded; max batch 8, max body 1 MiB."""

@@ -290,7 +290,7 @@ def _approve(name="bob", comment="ok"):
 
 
 def test_finalize_records_a_superseded_wait_and_leaves_champion_alone(ctx, reg, tmp_path):
-    from nightshift.listeners import run_note
+    from nightshift.run_notes import run_note
 
     first = candidate(reg, tmp_path, 1)  # champion v1
     waiting = candidate(reg, tmp_path, 2, require_approval=True)
@@ -333,7 +333,7 @@ def test_an_approval_that_raced_a_newer_candidate_is_superseded(ctx, reg, tmp_pa
     assert f"approved by erin, but superseded by the newer candidate v{newer['version']}" in event["reason"]
     tags = reg.get_model_version(MODEL, waiting["version"]).tags
     assert tags["nightshift.approved_by"] == "erin" and tags["nightshift.approval"] == "superseded"
-    from nightshift.listeners import run_note
+    from nightshift.run_notes import run_note
 
     report = Path(out["report_path"])
     note = run_note(report.parents[3], report.parent.parent.name, report.parent.name) or ""
@@ -343,7 +343,7 @@ def test_an_approval_that_raced_a_newer_candidate_is_superseded(ctx, reg, tmp_pa
 
 def test_an_approval_whose_champion_moved_meanwhile_is_recorded_stale_not_rejected(ctx, reg, tmp_path):
     from nightshift import registry
-    from nightshift.listeners import run_note
+    from nightshift.run_notes import run_note
 
     first = candidate(reg, tmp_path, 1)  # champion v1
     second = candidate(reg, tmp_path, 2, blessed=False)
@@ -399,10 +399,10 @@ class _Images:
 
 
 def _docker(monkeypatch, *images):
-    from nightshift import inference_image
+    from nightshift import containers
 
     client = SimpleNamespace(images=_Images(images))
-    monkeypatch.setattr(inference_image, "connect_docker", lambda *a, **k: client)
+    monkeypatch.setattr(containers, "connect_docker", lambda *a, **k: client)
     return client
 
 

@@ -8,16 +8,9 @@ import time
 
 import pytest
 
-from nightshift.deploy import LocalDeployer, render_kubernetes, validate_manifests
+from nightshift.containers import free_port
+from nightshift.deploy import LocalDeployer
 from nightshift.errors import ConfigError, ServingError
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _derived(client, base: str, tag: str, *lines: str) -> str:
@@ -38,7 +31,7 @@ def test_blue_green_switch_serves_throughout_and_a_failed_start_keeps_the_old_on
     image = serving_image["image"]
     green_img = _derived(client, image, "nightshift-test/tiny:green", 'LABEL ai.nightshift.test.colour="green"')
     broken_img = _derived(client, image, "nightshift-test/tiny:broken", "ENV NIGHTSHIFT_MODEL_DIR=/nonexistent")
-    d = LocalDeployer(client, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+    d = LocalDeployer(client, model_name="tiny", artifact_root=tmp_path, port=free_port(),
                       ready_timeout_s=30, drain_timeout_s=5)
     try:
         first = d.deploy(image, registry_version="1")
@@ -86,21 +79,6 @@ def test_blue_green_switch_serves_throughout_and_a_failed_start_keeps_the_old_on
             client.images.remove(tag, force=True)
 
 
-def test_kubernetes_manifests_render_and_validate():
-    ms = render_kubernetes("Nightshift_Digits", "registry.example/nightshift/digits:abc", registry_version="3")
-    assert [m["kind"] for m in ms] == ["Deployment", "Service", "InferenceService"]
-    dep = ms[0]["spec"]["template"]["spec"]["containers"][0]
-    assert dep["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-    assert dep["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
-    assert ms[0]["metadata"]["name"] == "nightshift-digits" and ms[2]["spec"]["predictor"]["containers"][0]["image"]
-    with pytest.raises(ConfigError, match="unknown field 'replicaz'"):
-        validate_manifests([ms[0] | {"spec": ms[0]["spec"] | {"replicaz": 2}}])
-    with pytest.raises(ConfigError, match="port must be an integer"):
-        validate_manifests([{**ms[1], "spec": {**ms[1]["spec"], "ports": [{"name": "http", "port": "eighty"}]}}])
-    with pytest.raises(ConfigError, match="InferenceService manifest is invalid"):
-        validate_manifests([{**ms[2], "spec": {}}])
-
-
 @pytest.mark.docker
 def test_a_deploy_killed_while_blue_drains_names_green_and_the_next_removes_blue(serving_docker, serving_image,
                                                                                tmp_path, monkeypatch):
@@ -109,7 +87,7 @@ def test_a_deploy_killed_while_blue_drains_names_green_and_the_next_removes_blue
     client = serving_docker
     image = serving_image["image"]
     green_img = _derived(client, image, "nightshift-test/tiny:green2", 'LABEL ai.nightshift.test.colour="green2"')
-    d = LocalDeployer(client, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+    d = LocalDeployer(client, model_name="tiny", artifact_root=tmp_path, port=free_port(),
                       ready_timeout_s=30, drain_timeout_s=5)
     try:
         first = d.deploy(image, registry_version="1")
@@ -200,7 +178,7 @@ def test_rollback_racing_the_nightly_deploy_ends_serving_the_registry_champion(
 
     client = serving_docker
     c, root = _registry_with_three_versions(tmp_path, versioned_images)
-    port = _free_port()
+    port = free_port()
     base = _deployer(client, root, port)
     base.deploy(versioned_images[serving]["image"], registry_version=serving, model_version=serving * 12)
     second_waits, errors = threading.Event(), []
@@ -264,7 +242,7 @@ def test_repeated_rollback_on_the_real_daemon_always_moves(serving_docker, versi
 
     client = serving_docker
     c, root = _registry_with_three_versions(tmp_path, versioned_images)
-    d = _deployer(client, root, _free_port())
+    d = _deployer(client, root, free_port())
     try:
         champion.reconcile(c, d, reason="nightly")
         served = []
@@ -295,7 +273,7 @@ def test_request_log_folder_is_not_world_writable_and_the_server_writes_it(servi
 
     from nightshift.containers import SERVING_UID
 
-    d = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+    d = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=free_port(),
                       ready_timeout_s=30, drain_timeout_s=2)
     try:
         d.deploy(serving_image["image"], registry_version="1")
@@ -325,11 +303,11 @@ def test_a_new_deploy_port_moves_the_proxy(serving_docker, serving_image, tmp_pa
     import requests
 
     image = serving_image["image"]
-    first = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+    first = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=free_port(),
                           ready_timeout_s=30, drain_timeout_s=5)
     try:
         first.deploy(image, registry_version="1")
-        moved = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=_free_port(),
+        moved = LocalDeployer(serving_docker, model_name="tiny", artifact_root=tmp_path, port=free_port(),
                               ready_timeout_s=30, drain_timeout_s=5)
         moved.deploy(image, registry_version="1")
         assert requests.get(f"{moved.url}/v2/health/ready", timeout=5).status_code == 200

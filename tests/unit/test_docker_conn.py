@@ -70,11 +70,11 @@ def test_a_connection_with_a_login_logs_in_and_defaults_to_docker_host(monkeypat
 
 
 def test_no_connection_is_the_environment_daemon_as_before(monkeypatch, hooks):
-    from nightshift import inference_image
+    from nightshift import containers
     from nightshift.operators.base import resolve_docker_client
 
     env_client = object()
-    monkeypatch.setattr(inference_image, "connect_docker", lambda *a, **k: env_client)
+    monkeypatch.setattr(containers, "connect_docker", lambda *a, **k: env_client)
     assert resolve_docker_client(None) is env_client and resolve_docker_client("  ") is env_client
     assert hooks == []
 
@@ -130,7 +130,7 @@ def test_placement_reads_queue_and_connection_from_the_environment():
 def daemons(monkeypatch, nightshift_home):
     """``resolve_docker_client`` replaced by stand-in daemons, one per connection id; the
     environment's daemon (``connect_docker``) must not be asked."""
-    from nightshift import inference_image
+    from nightshift import containers
     from nightshift.operators import base
 
     asked: list = []
@@ -143,7 +143,7 @@ def daemons(monkeypatch, nightshift_home):
         raise AssertionError("the environment's Docker daemon was used, not the connection's")
 
     monkeypatch.setattr(base, "resolve_docker_client", resolve, raising=False)
-    monkeypatch.setattr(inference_image, "connect_docker", environment)
+    monkeypatch.setattr(containers, "connect_docker", environment)
     monkeypatch.delenv("NIGHTSHIFT_DOCKER_CONN_ID", raising=False)
     return asked
 

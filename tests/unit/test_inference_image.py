@@ -13,7 +13,6 @@ from nightshift.errors import BuildError, ConfigError
 from nightshift.inference_image import (
     ImageBuilder,
     build_key,
-    connect_docker,
     image_tag,
     push_image,
     remove_image,
@@ -74,12 +73,6 @@ def test_wheelhouse_download_failure_names_package_and_fix(tmp_path, monkeypatch
     assert "NIGHTSHIFT_WHEELHOUSE" in msg and "pip download" in msg
     assert info.value.logs  # pip's output is kept
     assert not list((tmp_path / "wh").glob("*/requirements.txt"))  # nothing half-made left as final
-
-
-def test_unreachable_daemon_says_how_to_start_one(monkeypatch):
-    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/nightshift-docker.sock")
-    with pytest.raises(BuildError, match="ensure_docker.sh"):
-        connect_docker(timeout_s=5)
 
 
 def test_missing_onnx_file(tmp_path):
@@ -273,7 +266,7 @@ def test_model_load_variant_reads_model_uri(serving_docker, tiny_onnx_model_dir,
 
     import tritonclient.http as th
 
-    from nightshift.evaluation import InferenceContainer
+    from nightshift.containers import InferenceContainer
 
     settings = Settings.from_env()
     built = ImageBuilder(serving_docker).build(onnx_path=None, model_meta=None, model_name=None, variant="model-load",

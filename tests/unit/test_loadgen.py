@@ -149,3 +149,37 @@ def test_the_client_protocol_parses_an_answer_fed_byte_by_byte():
     (status, body, close), sent = asyncio.run(main())
     assert (status, body, close) == (200, b"hello", False)
     assert sent == [REQUEST]
+
+
+def test_loadgen_binary_against_the_server(serving_server, serving_eval_set):
+    from nightshift.loadgen import infer_request, run_load
+
+    images, _ = serving_eval_set
+    req = infer_request(serving_server.url, "tiny", images[:1], binary=True)
+    res = run_load(serving_server.url, req, concurrency=4, duration_s=1.0, warmup_s=0.2).summary()
+    assert res["ok"] > 20 and res["errors"] == 0 and res["timeouts"] == 0 and res["rejected_503"] == 0
+    assert res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
+    assert res["throughput_rps"] == pytest.approx(res["ok"] / res["duration_s"], rel=1e-3)
+    bad = infer_request(serving_server.url, "nope", images[:1], binary=False)
+    res = run_load(serving_server.url, bad, concurrency=2, duration_s=0.5, warmup_s=0).summary()
+    assert res["ok"] == 0 and res["errors"] == res["requests"] > 0 and res["status_counts"].keys() == {"404"}
+    assert "HTTP 404" in res["error_samples"][0]
+
+
+def test_loadgen_refuses_non_loopback_and_counts_timeouts():
+    import socket as _socket
+
+    from nightshift.errors import ConfigError
+    from nightshift.loadgen import run_load
+
+    with pytest.raises(ConfigError, match="only target loopback"):
+        run_load("http://10.0.0.1:8080", b"", concurrency=1, duration_s=1)
+    with _socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(16)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        res = run_load(url, b"GET / HTTP/1.1\r\n\r\n", concurrency=2, duration_s=0.6, timeout_s=0.25,
+                       warmup_s=0).summary()
+    assert res["timeouts"] >= 2 and res["ok"] == 0
+    # when each timed-out request was sent: a stall shows as many timeouts at one moment
+    assert len(res["timeout_at_s"]) == res["timeouts"] and all(0 <= t < 0.6 for t in res["timeout_at_s"])

@@ -362,7 +362,7 @@ def test_approval_path_moves_champion_only_when_a_person_approves(ctx, candidate
 
     from nightshift import registry
     from nightshift.gates import THRESHOLD_KEYS
-    from nightshift.listeners import run_note
+    from nightshift.run_notes import run_note
     from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
     loose = dict.fromkeys(THRESHOLD_KEYS, 0.0) | {"min_accuracy": 0.1, "max_p95_latency_ms": 100.0, "max_p99_latency_ms": 100.0}
@@ -405,7 +405,7 @@ def test_a_run_that_loosens_the_gate_file_waits_for_approval(ctx, candidate, tmp
     looser one (a lower floor here) leaves champion alone until a person approves, and says why
     in the outcome, the run note and the approval request."""
     from nightshift import registry
-    from nightshift.listeners import run_note
+    from nightshift.run_notes import run_note
     from nightshift.operators import FinalizePromotionOperator, PromotionApprovalOperator
 
     gates = tmp_path / "gates.yaml"

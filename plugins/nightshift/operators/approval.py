@@ -23,6 +23,7 @@ from airflow.sdk import Param
 from airflow.sdk.definitions.param import ParamsDict
 from airflow.triggers.base import TriggerEvent
 
+from nightshift.contracts import PROMOTION_FILE
 from nightshift.operators.base import NightshiftOperator
 
 
@@ -322,7 +323,7 @@ class FinalizePromotionOperator(NightshiftOperator):
         # the run's report (and so its run note and the view, on any worker) says what the person
         # decided, not "waiting": published to the store, its URI on XCom
         outcome["report_path"] = store.publish(atomic_write_json(
-            self.run_dir(context) / "promotion.json", {k: v for k, v in outcome.items() if k != "report_path"}))
+            self.run_dir(context) / PROMOTION_FILE, {k: v for k, v in outcome.items() if k != "report_path"}))
         contracts.append_history(store, contracts.HistoryEvent(
             model=self.model_name, action=res["action"], version=outcome["version"],
             previous_champion=outcome.get("previous_champion"), champion=res["champion"], reason=f"{res['note']}",

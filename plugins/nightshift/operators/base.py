@@ -36,7 +36,7 @@ def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
     the approval's image check, set-champion, deploy), checked with a ping.
 
     ``conn_id`` ``None`` (or empty): the worker's environment, ``DOCKER_HOST`` or the local socket
-    (:func:`nightshift.inference_image.connect_docker`). Otherwise the Airflow connection of
+    (:func:`nightshift.containers.connect_docker`). Otherwise the Airflow connection of
     that id (the docker provider's ``docker`` type), resolved through the provider's
     ``DockerHook``:
 
@@ -53,9 +53,9 @@ def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
     """
     conn_id = str(conn_id or "").strip() or None
     if conn_id is None:
-        from nightshift import inference_image
+        from nightshift import containers
 
-        return inference_image.connect_docker(timeout_s)
+        return containers.connect_docker(timeout_s)
 
     import os
 

@@ -81,7 +81,7 @@ class DeployModelOperator(NightshiftOperator):
                                        f"v{promotion.get('champion')} keeps serving")
         c = self.mlflow
         if self.target == "kubernetes":
-            from nightshift.deploy import render_kubernetes, write_manifests
+            from nightshift.kubernetes import render_kubernetes, write_manifests
 
             now = registry.get_champion(c, self.model_name)
             if now is None:

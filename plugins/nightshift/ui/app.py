@@ -137,9 +137,11 @@ def _settings():
 
 def _overview() -> dict[str, Any]:
     from nightshift import registry
+    from nightshift.model_config import load_models
 
     s = _settings()
-    return data.build_overview(s.store(), registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri))
+    return data.build_overview(s.store(), registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri),
+                               configured=load_models())
 
 
 def create_app() -> FastAPI:

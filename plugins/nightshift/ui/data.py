@@ -34,6 +34,8 @@ from nightshift.contracts import (
     TAG_PREFIX,
     VersionTag,
     as_store,
+    deadline_miss_text,
+    read_deadline_misses,
     read_deployment,
     read_drift_timeline,
     read_history,
@@ -354,6 +356,19 @@ def _drift(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
     return points
 
 
+def _deadline_misses(store: Store, model_name: str, limit: int) -> list[dict[str, Any]]:
+    """The model's nightly runs that missed their deadline, newest first, each with its text."""
+    try:
+        misses = read_deadline_misses(store, model_name, limit=limit)[::-1]
+    except StoreError as exc:
+        if exc.retryable:
+            raise
+        return []
+    for m in misses:
+        m["text"] = deadline_miss_text(m.get("deadline_time"), float(m.get("interval_s") or 0), m.get("queued_at"))
+    return misses
+
+
 def _deployment(store: Store, model_name: str) -> dict[str, Any] | None:
     try:
         return read_deployment(store, model_name)
@@ -364,8 +379,10 @@ def _deployment(store: Store, model_name: str) -> dict[str, Any] | None:
 
 
 def model_view(artifact_root: Store | str | os.PathLike, client: Any, model: Any, *, max_versions: int = 30,
-               max_events: int = 50) -> dict[str, Any]:
-    """One registered model: aliases, versions (newest first), deployment, history, drift timeline."""
+               max_events: int = 50, config: Any = None) -> dict[str, Any]:
+    """One registered model: aliases, versions (newest first), deployment, history, drift timeline,
+    deadline misses, and its entry of the models file (``config``: a
+    :class:`~nightshift.model_config.ModelEntry`, None when the file does not list it)."""
     root = as_store(artifact_root)
     name = model.name
     aliases = {str(a): str(v) for a, v in (getattr(model, "aliases", None) or {}).items()}
@@ -385,13 +402,15 @@ def model_view(artifact_root: Store | str | os.PathLike, client: Any, model: Any
         "deployment": _deployment(root, name),
         "history": _history(root, name, max_events),
         "drift": _drift(root, name, max_events),
+        "deadline_misses": _deadline_misses(root, name, max_events),
+        "config": config.as_dict() if config is not None else None,
     }
 
 
 def _model_names_on_disk(store: Store) -> set[str]:
     """Models with a history, deployment or drift timeline but (maybe) nothing registered."""
     names: set[str] = set()
-    for folder in ("registry", "deployments", "drift"):
+    for folder in ("registry", "deployments", "drift", "deadlines"):
         if store.remote:
             names.update(store.children(folder))
             continue
@@ -401,36 +420,49 @@ def _model_names_on_disk(store: Store) -> set[str]:
     return names
 
 
-def build_overview(artifact_root: Store | str | os.PathLike, client: Any) -> dict[str, Any]:
-    """Everything the Nightshift view shows, for every registered model.
+class _Unregistered:
+    """A model the registry does not know (yet): no aliases, no versions."""
+
+    def __init__(self, name: str, description: str = "") -> None:
+        self.name, self.aliases, self.description = name, {}, description
+
+
+class _NoVersions:
+    @staticmethod
+    def search_model_versions(_filter: str) -> list[Any]:
+        return []
+
+
+def build_overview(artifact_root: Store | str | os.PathLike, client: Any, *, configured: Any = None) -> dict[str, Any]:
+    """Everything the Nightshift view shows, for every model.
 
     :param artifact_root: the artifact store (``Settings.store()``), or a local root folder.
+    :param configured: the models file (:class:`~nightshift.model_config.ModelsConfig`): its
+        models come first, in file order, also the ones with no version yet; what is wrong
+        with the file is in ``config_errors``.
 
     A registry that cannot be read is reported in ``error`` (the rest of the
-    page still renders); models known only from files (history, deployment,
-    drift) are listed too, with no versions.
+    page still renders); registered models the file does not list follow (by name), then
+    models known only from files (history, deployment, drift, deadline misses), with no versions.
     """
     root = as_store(artifact_root)
     models: list[dict[str, Any]] = []
     error = None
     try:
-        registered = sorted(client.search_registered_models(), key=lambda m: m.name)
+        registered = {m.name: m for m in client.search_registered_models()}
     except Exception as exc:  # noqa: BLE001 - show the registry error, keep the page
-        registered = []
+        registered = {}
         error = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-    for m in registered:
-        models.append(model_view(root, client, m))
+    entries = list(configured.models) if configured is not None else []
+    for entry in entries:
+        reg = registered.get(entry.name)
+        models.append(model_view(root, client if reg is not None else _NoVersions(),
+                                 reg if reg is not None else _Unregistered(entry.name, entry.description),
+                                 config=entry))
     known = {m["name"] for m in models}
-
-    class _Unregistered:
-        def __init__(self, name: str) -> None:
-            self.name, self.aliases, self.description = name, {}, ""
-
-    class _NoVersions:
-        @staticmethod
-        def search_model_versions(_filter: str) -> list[Any]:
-            return []
-
+    for name in sorted(set(registered) - known):
+        models.append(model_view(root, client, registered[name]))
+    known = {m["name"] for m in models}
     for name in sorted(_model_names_on_disk(root) - known):
         models.append(model_view(root, _NoVersions(), _Unregistered(name)))
     return {
@@ -438,5 +470,7 @@ def build_overview(artifact_root: Store | str | os.PathLike, client: Any) -> dic
         "artifact_root": root.uri,
         "mlflow_ui_url": mlflow_ui_url(),
         "registry_error": error,
+        "models_file": configured.path if configured is not None else None,
+        "config_errors": [str(e) for e in configured.errors] if configured is not None else [],
         "models": models,
     }

@@ -1,9 +1,9 @@
-"""The run note (listeners.run_note): what a person reads on the DAG run in the Airflow UI."""
+"""The run note (run_notes.run_note): what a person reads on the DAG run in the Airflow UI."""
 
 from __future__ import annotations
 
 from nightshift.artifacts import atomic_write_json, run_dir
-from nightshift.listeners import run_note
+from nightshift.run_notes import run_note
 
 
 def _note(tmp_path, promotion: dict) -> str:

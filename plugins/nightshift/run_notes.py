@@ -1,20 +1,14 @@
-"""Airflow listener: a run note that says what a Nightshift run decided.
+"""The run note: what a Nightshift run decided, in a few lines a person reads on the run.
 
-Registered by the Nightshift plugin. When a ``nightly_retrain`` (or any DAG with
-a ``promotion.json`` in its run folder) run ends, its DAG-run note — shown on
-the run in the Airflow UI — says whether the candidate was promoted and why
-not, with the numbers. A note a person wrote is never overwritten.
-
-The scheduler that runs this listener shares no folder with the workers when the
-artifact root is ``s3://``: ``promotion.json`` is read through the artifact store.
+Built from the run's ``promotion.json`` (read through the artifact store, so it works
+when the reader — the scheduler — shares no folder with the workers). The Airflow
+listener that writes it onto the DAG run is ``nightshift.operators.listeners``.
 """
 
 from __future__ import annotations
 
 import logging
 from typing import Any
-
-from airflow.listeners import hookimpl
 
 log = logging.getLogger(__name__)
 MARK = "[nightshift] "
@@ -27,10 +21,10 @@ def run_note(artifact_root: Any, dag_id: str, run_id: str) -> str | None:
     :raises StoreError: the store cannot be reached (the caller logs it; no note is written).
     """
     from nightshift.artifacts import run_path
-    from nightshift.contracts import as_store
+    from nightshift.contracts import RUN_REPORTS, as_store
     from nightshift.store import StoreError
 
-    rel = (run_path("", dag_id, run_id) / "promotion.json").as_posix()
+    rel = (run_path("", dag_id, run_id) / RUN_REPORTS["promotion"]).as_posix()
     try:
         p = as_store(artifact_root).read_json(rel)
     except StoreError as exc:
@@ -85,60 +79,12 @@ def _evidence_line(ev: dict) -> str:
     return "; ".join(parts)
 
 
-def _set_note(dag_id: str, run_id: str, note: str, *, attempts: int = 20, wait_s: float = 0.5) -> bool:
-    """Write the note in a session of its own, once the run's own transaction is
-    committed (SQLite allows one writer); a person's note is never replaced."""
-    import time
-
-    from airflow.models import DagRun
-    from airflow.utils.session import create_session
-
-    for _ in range(attempts):
-        time.sleep(wait_s)
-        try:
-            with create_session() as session:
-                dr = session.query(DagRun).filter(DagRun.dag_id == dag_id, DagRun.run_id == run_id).one_or_none()
-                if dr is None:
-                    continue
-                current = dr.note
-                if current and not str(current).startswith(MARK):
-                    return False
-                dr.note = note
-            return True
-        except Exception as exc:  # noqa: BLE001 - e.g. "database is locked": try again
-            log.debug("note on %s %s not written yet: %s", dag_id, run_id, exc)
-    log.warning("could not write the Nightshift note on %s %s", dag_id, run_id)
-    return False
-
-
-def _annotate(dag_run: Any) -> None:
-    try:
-        import threading
-
-        from sqlalchemy.orm import object_session
-
-        from nightshift.settings import Settings
-
-        note = run_note(Settings.from_env().store(), dag_run.dag_id, dag_run.run_id)
-        if note is None:
-            return
-        if object_session(dag_run) is not None:  # the scheduler's own session: write with it
-            current = dag_run.note
-            if not current or str(current).startswith(MARK):
-                dag_run.note = note
-            return
-        # A detached run (dag.test): write after its transaction commits, without blocking it.
-        threading.Thread(target=_set_note, args=(dag_run.dag_id, dag_run.run_id, note),
-                         name="nightshift-run-note", daemon=True).start()
-    except Exception:  # noqa: BLE001 - a note must never break the scheduler
-        log.exception("could not write the Nightshift note on %s %s", dag_run.dag_id, dag_run.run_id)
-
-
-@hookimpl
-def on_dag_run_success(dag_run: Any, msg: str) -> None:
-    _annotate(dag_run)
-
-
-@hookimpl
-def on_dag_run_failed(dag_run: Any, msg: str) -> None:
-    _annotate(dag_run)
+def with_deadlines(note: str | None, missed: list[str]) -> str | None:
+    """The note with the deadline misses right under its first line (a note is cut at 1,000
+    characters); a run with no promotion decision gets a note of its misses alone."""
+    if not missed:
+        return note
+    if note is None:
+        return "\n".join([MARK + missed[0], *missed[1:]])
+    head, _, rest = note.partition("\n")
+    return "\n".join([head, *missed, rest])[:1000]
