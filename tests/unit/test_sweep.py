@@ -311,3 +311,17 @@ def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(
     table = json.loads(body)
     assert table["trials"][1]["failed"] and "crop_pad" in table["trials"][1]["error"]  # from worker c's trial.json
     assert table["winner"]["trial"] == 0
+
+
+def test_the_sweep_operators_are_loaded_lazily_and_their_links_declared_for_the_plugin():
+    code = ("import sys, nightshift.operators as ops; print('nightshift.operators.sweep' in sys.modules); "
+            "print(ops.sweep_train.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "nightshift.operators.sweep"]
+
+    import nightshift.operators as ops
+    from nightshift.operators import sweep
+
+    for cls in (sweep.SweepTrialOperator, sweep.SelectTrialOperator):
+        declared = ops.LAZY_OPERATOR_LINKS[(cls.__module__, cls.__name__)]
+        assert {type(link) for link in cls.operator_extra_links} == set(declared)

@@ -286,18 +286,19 @@ class SelectTrialOperator(NightshiftOperator):
 
         from nightshift import registry
         from nightshift.artifacts import atomic_write_json
+        from nightshift.contracts import TRAIN_MANIFEST_FILE
 
         c = self.mlflow
         registry.log_metrics(c, winner["run_id"], {k: v for k, v in metrics.items() if k.startswith("test_")})
         c.set_tag(winner["run_id"], "nightshift.sweep_winner", "true")
-        manifest_path = Path(winner["train_dir"]) / "train_manifest.json"
+        manifest_path = Path(winner["train_dir"]) / TRAIN_MANIFEST_FILE
         try:
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
             manifest = {}
         manifest.update({"metrics": metrics, "confusion_matrix": self._confusion, "confusion_split": "test",
                          "sweep_trial": winner.get("trial"), "trial_dir": str(winner["train_dir"])})
-        atomic_write_json(self.run_dir(context, "train") / "train_manifest.json", manifest)
+        atomic_write_json(self.run_dir(context, "train") / TRAIN_MANIFEST_FILE, manifest)
 
     def _close(self, parent: str, table: list[dict[str, Any]], winner: dict[str, Any] | None, metric: str, *,
                context: Any, error: str | None = None) -> None:
