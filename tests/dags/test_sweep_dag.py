@@ -238,3 +238,32 @@ def test_too_many_failed_trials_fail_the_sweep_with_the_list(env, dag_file):
     assert parent.info.status == "FAILED"
     error = parent.data.tags["nightshift.sweep_error"]
     assert "2 of 3 sweep trials failed" in error and "trial 0" in error and "trial 2" in error
+
+
+def test_a_model_with_a_sweep_in_the_models_file_gets_the_mapped_trials_in_its_nightly_dag(tmp_path, monkeypatch):
+    """The real builder in the generated Dag (dags/nightly_retrain.py): the sweep group sits where
+    train_gpu sat, between validation and export, and the Dag serializes."""
+    from airflow.serialization.serialized_objects import DagSerialization
+
+    from tests.dags.conftest import DAGS, parse_dags
+
+    models = tmp_path / "models.yaml"
+    models.write_text("models:\n"
+                      "  - {name: nightshift-digits, default: true}\n"
+                      "  - name: swept\n"
+                      "    deploy: {port: 8611}\n"
+                      "    sweep: {method: random, trials: 6, seed: 1, max_parallel: 3,\n"
+                      "            space: {lr: {low: 0.001, high: 0.01, log: true}, batch_size: [64, 128]}}\n")
+    dags, errors = parse_dags(monkeypatch, DAGS, ("NIGHTSHIFT_TRAIN_PLACEMENT", "_AIRFLOW_PARSING_CONTEXT_DAG_ID",
+                                                  "_AIRFLOW_PARSING_CONTEXT_TASK_ID"),
+                              NIGHTSHIFT_MODELS_FILE=str(models))
+    assert errors == {}
+    dag = dags["nightly_retrain__swept"]
+    train = dag.get_task("train_gpu")
+    assert type(train).__name__ == "MappedOperator" and train.partial_kwargs["max_active_tis_per_dagrun"] == 3
+    assert "validate_data" in dag.get_task("sweep_trials").upstream_task_ids
+    assert "select_trial" in dag.get_task("export_onnx").upstream_task_ids
+    assert "train_gpu" not in dag.get_task("export_onnx").upstream_task_ids
+    assert {"select_trial"} <= dag.get_task("promote").upstream_task_ids
+    DagSerialization.to_dict(dag)
+    assert type(dags["nightly_retrain"].get_task("train_gpu")).__name__ == "TrainGPUOperator"  # no sweep: as before
