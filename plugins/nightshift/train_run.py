@@ -33,6 +33,10 @@ CURVES_PNG = "curves.png"
 CONFUSION_PNG = "confusion_matrix.png"
 #: Manifest keys that may hold the code's git commit (top level or one level down, e.g. ``lineage``).
 GIT_KEYS = ("git_sha", "git_commit", "commit_sha", "commit")
+#: MLflow's tag that nests a run under another (a sweep trial under the sweep's parent run).
+PARENT_TAG = "mlflow.parentRunId"
+#: Tag of a sweep's parent run, so that a retried trials task finds the run it created before.
+SWEEP_PARENT_TAG = "nightshift.sweep_parent"
 
 _log = logging.getLogger(__name__)
 
@@ -52,7 +56,8 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
                  run_name: str, require_gpu: bool = False, tags: Mapping[str, str] | None = None,
                  artifact_location: str | None = None, should_stop: Callable[[], bool] | None = None,
                  log: logging.Logger | None = None, snapshot_path: str | Path | None = None,
-                 after_epoch: Callable[[int], None] | None = None) -> dict[str, Any]:
+                 after_epoch: Callable[[int], None] | None = None, evaluate_test: bool = True,
+                 parent_run_id: str | None = None) -> dict[str, Any]:
     """Train on the snapshot at ``snapshot_uri`` inside an MLflow run of experiment ``model_name``.
 
     :param c: an ``MlflowClient`` (:func:`nightshift.registry.client`).
@@ -63,6 +68,10 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
         (:func:`nightshift.data.snapshot.fetch_snapshot`); the URI is what MLflow records.
     :param after_epoch: called with the epoch after each epoch's ``last.pt`` is written and its
         metrics logged (e.g. to publish ``last.pt`` so a retry elsewhere resumes from it).
+    :param evaluate_test: False for a sweep trial: the test split is never read, the metrics have
+        no ``test_*`` (:func:`nightshift.training.train`).
+    :param parent_run_id: the sweep's parent run: this run becomes its child (tag
+        ``mlflow.parentRunId``, which the MLflow UI nests under the parent).
     :returns: ``run_id``, ``checkpoint``, ``metrics``, ``device``, ``train_dir``, ``data_digest``.
     :raises GPUUnavailable: ``require_gpu`` and no CUDA device (before any MLflow run is opened).
     """
@@ -78,10 +87,13 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if not distributed.from_env().is_main:  # a data-parallel helper rank: rank 0 records the run
-        result = training.train(snap, out_dir, hp, require_gpu=require_gpu, should_stop=should_stop)
+        result = training.train(snap, out_dir, hp, require_gpu=require_gpu, should_stop=should_stop,
+                                evaluate_test=evaluate_test)
         return {"run_id": None, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
                 "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
     run_tags = {**(tags or {}), "nightshift.data_digest": snap.digest}
+    if parent_run_id:
+        run_tags[PARENT_TAG] = str(parent_run_id)
     with registry.training_run(c, model_name, run_name, tags=run_tags, params=hp,
                                artifact_location=artifact_location) as run_id:
         # first: a run that fails still says which data it had (its URI, never a worker's copy)
@@ -94,7 +106,7 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
                 after_epoch(epoch)
 
         result = training.train(snap, out_dir, hp, require_gpu=require_gpu, on_epoch=on_epoch,
-                                should_stop=should_stop)
+                                should_stop=should_stop, evaluate_test=evaluate_test)
         per_epoch = set(result.history[-1]) if result.history else set()
         registry.log_metrics(c, run_id, {k: v for k, v in result.metrics.items() if k not in per_epoch},
                              step=hp["epochs"])
@@ -105,8 +117,9 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
         # train/checkpoint.pt, train_manifest.json, plots/; the resume state (last.pt: weights, EMA and
         # optimizer, ~3x the model) stays in the run folder, where a retry looks for it
         registry.log_artifacts(c, run_id, out_dir, "train", exclude=(training.LAST_CHECKPOINT,))
-    log.info("Trained on %s: test accuracy %.4f (MLflow run %s)", result.manifest["device"],
-             result.metrics["test_accuracy"], run_id)
+    held_out = "test" if "test_accuracy" in result.metrics else "val"
+    log.info("Trained on %s: %s accuracy %.4f (MLflow run %s)", result.manifest["device"], held_out,
+             result.metrics[f"{held_out}_accuracy"], run_id)
     return {"run_id": run_id, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
             "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
 
@@ -193,3 +206,65 @@ def write_plots(history: list[dict[str, Any]], manifest: Mapping[str, Any], clas
         except Exception as exc:  # noqa: BLE001
             log.warning("confusion-matrix plot not drawn: %s: %s", type(exc).__name__, exc)
     return written
+
+
+# --------------------------------------------------------------------------- sweeps: the parent run
+
+
+def open_sweep_parent(c, model_name: str, run_name: str, *, tags: Mapping[str, str], params: Mapping[str, Any],
+                      artifact_location: str | None = None) -> str:
+    """The MLflow parent run of a sweep (status RUNNING): every trial's run is its child.
+
+    Idempotent per DAG run: a parent with the same ``nightshift.dag_id`` and ``nightshift.run_id``
+    tags (a retried trials task) is reused, so one sweep never has two parents.
+
+    :param params: logged on a new parent run (the sweep spec, flattened by the caller).
+    """
+    from nightshift import registry
+
+    exp_id = registry.experiment_id(c, model_name, artifact_location)
+    keys = ("nightshift.dag_id", "nightshift.run_id")
+    if all(tags.get(k) for k in keys):
+        found = c.search_runs([exp_id], filter_string=" and ".join(
+            [f"tags.`{SWEEP_PARENT_TAG}` = 'true'"] + [f"tags.`{k}` = '{_quote(tags[k])}'" for k in keys]),
+            max_results=1)
+        if found:
+            c.update_run(found[0].info.run_id, status="RUNNING")
+            return found[0].info.run_id
+    run = c.create_run(exp_id, run_name=run_name, tags={**tags, SWEEP_PARENT_TAG: "true"})
+    for k, v in params.items():
+        c.log_param(run.info.run_id, k, v)
+    return run.info.run_id
+
+
+def close_sweep_parent(c, parent_run_id: str, table: list[dict[str, Any]], *, winner: Mapping[str, Any] | None,
+                       out_dir: str | Path, metric: str, error: str | None = None) -> Path:
+    """Record a sweep's outcome on its parent run and end it: the trial table
+    (``sweep/trials.json``: index, state, hyperparameters, validation metrics, child run id),
+    the winner's index, child run id and metrics (tags ``nightshift.sweep_winner*``, metrics
+    ``winner_*``), and status FINISHED, or FAILED with ``error`` (too many failed trials).
+
+    :returns: the trial table's file (written atomically into ``out_dir``).
+    """
+    from nightshift import registry
+    from nightshift.artifacts import atomic_write_json
+
+    out_dir = Path(out_dir)
+    doc = {"metric": metric, "winner": dict(winner) if winner else None, "trials": table, "error": error}
+    path = atomic_write_json(out_dir / "trials.json", doc)
+    registry.log_artifacts(c, parent_run_id, out_dir, "sweep")
+    done = [t for t in table if not t.get("failed")]
+    registry.log_metrics(c, parent_run_id, {"trials": len(table), "trials_failed": len(table) - len(done)})
+    if winner:
+        c.set_tag(parent_run_id, "nightshift.sweep_winner", str(winner.get("trial")))
+        c.set_tag(parent_run_id, "nightshift.sweep_winner_run_id", str(winner.get("run_id")))
+        registry.log_metrics(c, parent_run_id, {f"winner_{k}": v for k, v in (winner.get("metrics") or {}).items()
+                                                if isinstance(v, (int, float))})
+    if error:
+        c.set_tag(parent_run_id, "nightshift.sweep_error", error[:5000])
+    c.set_terminated(parent_run_id, "FAILED" if error else "FINISHED")
+    return Path(path)
+
+
+def _quote(value: str) -> str:
+    return str(value).replace("'", "\\'")

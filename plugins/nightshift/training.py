@@ -590,7 +590,8 @@ def _eta(seconds: float) -> str:
 def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | None = None, *,
           require_gpu: bool = False, device: str | None = None,
           on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-          should_stop: Callable[[], bool] | None = None, resume: bool = True) -> TrainResult:
+          should_stop: Callable[[], bool] | None = None, resume: bool = True,
+          evaluate_test: bool = True) -> TrainResult:
     """Train a classifier on ``snapshot``'s train split; report val and test accuracy.
 
     Restartable: after every epoch the whole training state goes to ``out_dir/last.pt``
@@ -607,6 +608,10 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     :param should_stop: polled between steps; return True to abort (``on_kill``).
     :param resume: continue from ``out_dir/last.pt`` when there is one; False starts over
         (and overwrites it).
+    :param evaluate_test: False is a sweep trial's mode: the test split is never read (no
+        ``test_*`` metrics; the manifest's confusion matrix is the val split's, its
+        ``confusion_split`` says so). The test split stays untouched until a winner is chosen
+        on validation; :func:`evaluate_checkpoint` scores the winner on it afterwards.
     :raises TrainingDiverged: the loss became NaN/inf (names the epoch and step; the
         previous epoch's ``last.pt`` is kept).
     :raises DeviceOutOfMemory: the device ran out of memory (says what to lower).
@@ -627,7 +632,8 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     world = distributed.from_env()
     try:
         return _train(snapshot, Path(out_dir), hparams, require_gpu=require_gpu, device=device, on_epoch=on_epoch,
-                      should_stop=should_stop, resume=resume, where=where, world=world)
+                      should_stop=should_stop, resume=resume, where=where, world=world,
+                      evaluate_test=evaluate_test)
     except oom as exc:
         raise DeviceOutOfMemory(_oom_message(where, exc)) from exc
     finally:
@@ -635,7 +641,8 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
 
 
 def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *, require_gpu: bool,
-           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any], world) -> TrainResult:
+           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any], world,
+           evaluate_test: bool = True) -> TrainResult:
     import torch
 
     from nightshift import distributed
@@ -672,10 +679,11 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     from nightshift.data.loader import make_eval, make_loader
 
     counts = {s: snapshot.count(s) for s in ("train", "val", "test")}
-    if counts["train"] == 0 or counts["test"] == 0:
-        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or test split "
+    held_out = "test" if evaluate_test else "val"  # a sweep trial needs val (its winner is picked on it)
+    if counts["train"] == 0 or counts[held_out] == 0:
+        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or {held_out} split "
                         f"({snapshot.manifest['counts']['per_split']}): collect more images "
-                        "(splits are drawn by content hash) or raise test_fraction")
+                        f"(splits are drawn by content hash) or raise {held_out}_fraction")
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
@@ -690,9 +698,9 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
             raise ConfigError(f"the data-parallel ranks chose different data feeds {modes} (each by its own free "
                               "memory): set preload_budget_mb so that every rank preloads, or to a value below "
                               "the split's size so that every rank streams")
-    where["phase"] = "loading the val and test splits onto the device"
+    where["phase"] = "loading the val and test splits onto the device" if evaluate_test else "loading the val split"
     val_data = make_eval(snapshot, "val", dev, budget_mb=budget)
-    test_data = make_eval(snapshot, "test", dev, budget_mb=budget)
+    test_data = make_eval(snapshot, "test", dev, budget_mb=budget) if evaluate_test else None
     steps_per_epoch, images_per_epoch = train_data.steps, train_data.images_per_epoch
     where["phase"] = "building the model"
     mean, std = split_channel_stats(snapshot, "train")
@@ -840,19 +848,26 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         if on_epoch and main:
             on_epoch(epoch, m)
 
-    where["phase"] = "evaluating the test split"
     model = ema.model if ema is not None else model  # the weights that are evaluated, saved and exported
-    test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], num_classes=num_classes)
+    if test_data is not None:
+        where["phase"] = "evaluating the test split"
+        test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], num_classes=num_classes)
+        confusion = test["confusion"]
+    else:  # a sweep trial: the confusion matrix of the val split; the test split is never read
+        where["phase"] = "evaluating the val split (confusion matrix)"
+        test = None
+        confusion = evaluate(model, val_data.batches(), batch_size=hp["eval_batch_size"],
+                             num_classes=num_classes)["confusion"]
     steady = [r["epoch_seconds"] for r in history[1:]] or [history[0]["epoch_seconds"]]
     metrics = {
-        "test_accuracy": test["accuracy"], "test_loss": test["loss"],
+        **({"test_accuracy": test["accuracy"], "test_loss": test["loss"]} if test is not None else {}),
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
         "train_seconds": train_seconds,
         "train_images_per_second": images_per_epoch * hp["epochs"] / max(train_seconds, 1e-9),
         "steady_images_per_second": images_per_epoch * len(steady) / max(sum(steady), 1e-9),
         "first_step_seconds": float(first_step_seconds or 0.0),
     }
-    if hp["tta"]:
+    if hp["tta"] and test_data is not None:
         tta = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], tta=hp["tta"], flip=hp["flip"])
         metrics.update({"test_accuracy_tta": tta["accuracy"], "test_loss_tta": tta["loss"]})
     manifest = {
@@ -863,7 +878,8 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         "metrics": metrics, "history": history,
         "epoch_wall_seconds": [r.get("epoch_wall_seconds") for r in history],
         "resumed_from_epoch": resumed_from["epoch"] if resumed_from else None, "resumed_from": resumed_from,
-        "class_names": list(snapshot.class_names), "confusion_matrix": test["confusion"],
+        "class_names": list(snapshot.class_names), "confusion_matrix": confusion,
+        "confusion_split": "test" if test is not None else "val", "evaluated_test": test is not None,
         "world_size": world.size, "distributed_backend": world.backend,
     }
     model_cpu = model.to("cpu").to(memory_format=torch.contiguous_format).eval()
@@ -905,3 +921,36 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if missing:
         raise DataError(f"{path} is not a Nightshift checkpoint: it lacks {missing}")
     return ckpt
+
+
+def evaluate_checkpoint(snapshot: Snapshot, checkpoint_path: str | Path, split: str = "test", *,
+                        device: str | None = None, batch_size: int | None = None) -> dict[str, Any]:
+    """Score a saved checkpoint on one split of ``snapshot``: ``{split}_accuracy``, ``{split}_loss``
+    (and ``{split}_accuracy_tta``/``{split}_loss_tta`` when its recipe used TTA), plus
+    ``confusion`` (rows = true class). What :func:`train` reports for the test split, for a
+    model trained without reading it (a sweep trial, scored once it has won on validation).
+
+    :raises DataError: the checkpoint cannot be loaded, was trained on other classes, or the
+        split is empty.
+    """
+    from nightshift.data.loader import make_eval
+    from nightshift.models import classifier_from_checkpoint
+
+    ckpt = load_checkpoint(checkpoint_path)
+    if list(ckpt["class_names"]) != list(snapshot.class_names):
+        raise DataError(f"checkpoint {checkpoint_path} was trained on classes {ckpt['class_names']}, the snapshot "
+                        f"{snapshot.digest[:12]} has {snapshot.class_names}")
+    if snapshot.count(split) == 0:
+        raise DataError(f"snapshot {snapshot.digest[:12]} has an empty {split} split: nothing to score on")
+    hp = dict(ckpt.get("hparams") or {})
+    dev = select_device(False, device)
+    model = classifier_from_checkpoint(ckpt).to(dev)
+    data = make_eval(snapshot, split, dev, budget_mb=hp.get("preload_budget_mb") or None)
+    bs = int(batch_size or hp.get("eval_batch_size") or 1024)
+    res = evaluate(model, data.batches(), batch_size=bs, num_classes=len(snapshot.class_names))
+    out: dict[str, Any] = {f"{split}_accuracy": res["accuracy"], f"{split}_loss": res["loss"],
+                           "confusion": res["confusion"]}
+    if hp.get("tta"):
+        tta = evaluate(model, data.batches(), batch_size=bs, tta=int(hp["tta"]), flip=bool(hp.get("flip")))
+        out.update({f"{split}_accuracy_tta": tta["accuracy"], f"{split}_loss_tta": tta["loss"]})
+    return out

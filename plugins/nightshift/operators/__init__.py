@@ -3,7 +3,8 @@
 Importing this package is cheap (no torch, onnxruntime, GX, Evidently, MLflow or
 docker): the heavy libraries are imported inside ``execute``.
 ``TrainGPUPodOperator`` is imported on first use only: it subclasses the
-cncf-kubernetes provider's pod operator, which takes seconds to import.
+cncf-kubernetes provider's pod operator, which takes seconds to import. The sweep
+operators (``nightshift.operators.sweep``) too: a DAG without a sweep never loads them.
 """
 
 from nightshift.operators.assets import DRIFT_DETECTED_ASSET, SNAPSHOT_ASSET
@@ -41,11 +42,18 @@ __all__ = [
 ]
 
 
+_SWEEP = ("SelectTrialOperator", "SweepTrialOperator", "SweepTrialsOperator", "sweep_train")
+
+
 def __getattr__(name: str):
     if name == "TrainGPUPodOperator":
         from nightshift.operators.train_pod import TrainGPUPodOperator
 
         return TrainGPUPodOperator
+    if name in _SWEEP:
+        from nightshift.operators import sweep
+
+        return getattr(sweep, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 #: Operators this package does not import up front, with the links they list: the plugin registers
@@ -53,4 +61,6 @@ def __getattr__(name: str):
 #: tests/ui/test_links.py checks each entry against the real class.
 LAZY_OPERATOR_LINKS = {
     ("nightshift.operators.train_pod", "TrainGPUPodOperator"): (MLflowRunLink,),
+    ("nightshift.operators.sweep", "SweepTrialOperator"): (MLflowRunLink,),
+    ("nightshift.operators.sweep", "SelectTrialOperator"): (MLflowRunLink,),
 }
