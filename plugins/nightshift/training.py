@@ -565,19 +565,31 @@ def _device_description(dev) -> str:
         return str(dev)
 
 
-def _oom_message(where: dict[str, Any], exc: BaseException) -> str:
-    hp, dev = where.get("hp") or {}, where.get("device")
+@dataclass
+class _Progress:
+    """What a training run is doing now, for the out-of-memory message (:func:`_oom_message`):
+    the phase, and what was chosen so far."""
+
+    phase: str = "setting up"
+    hp: dict[str, Any] | None = None
+    device: Any = None
+    data_feed: str | None = None
+    resumed_from: str | None = None
+
+
+def _oom_message(where: _Progress, exc: BaseException) -> str:
+    hp, dev = where.hp or {}, where.device
     first = str(exc).splitlines()[0] if str(exc) else ""
     budget = hp.get("preload_budget_mb")
-    return (f"out of device memory while {where.get('phase', 'training')} on "
+    return (f"out of device memory while {where.phase} on "
             f"{_device_description(dev) if dev is not None else 'the device'} with batch_size={hp.get('batch_size')}, "
             f"model={hp.get('model')} width={hp.get('width')}, "
-            f"preload_budget_mb={budget or '0 (half the free memory)'} ({where.get('data_feed') or 'feed not chosen yet'}). "
+            f"preload_budget_mb={budget or '0 (half the free memory)'} ({where.data_feed or 'feed not chosen yet'}). "
             f"Lower batch_size (and eval_batch_size={hp.get('eval_batch_size')} if it failed while evaluating), "
             f"set a smaller preload_budget_mb so the split is streamed instead of preloaded, or a smaller width; "
             f"a retry with the same settings needs the same memory."
-            + (f" This run resumed {where['resumed_from']}, which fixes the feed it started with; delete that "
-               f"file to let the budget choose again." if where.get("resumed_from") else "")
+            + (f" This run resumed {where.resumed_from}, which fixes the feed it started with; delete that "
+               f"file to let the budget choose again." if where.resumed_from else "")
             + f" ({type(exc).__name__}: {first})")
 
 
@@ -628,7 +640,7 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
     from nightshift import distributed
 
     oom = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
-    where: dict[str, Any] = {"phase": "setting up"}
+    where = _Progress()
     world = distributed.from_env()
     try:
         return _train(snapshot, Path(out_dir), hparams, require_gpu=require_gpu, device=device, on_epoch=on_epoch,
@@ -641,22 +653,50 @@ def train(snapshot: Snapshot, out_dir: str | Path, hparams: dict[str, Any] | Non
 
 
 def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *, require_gpu: bool,
-           device: str | None, on_epoch, should_stop, resume: bool, where: dict[str, Any], world,
+           device: str | None, on_epoch, should_stop, resume: bool, where: _Progress, world,
            evaluate_test: bool = True) -> TrainResult:
-    import torch
-
-    from nightshift import distributed
-
+    """:func:`train`'s body: set up, load the splits, build (or restore) the model, run the
+    epochs, evaluate and write the checkpoint. ``where`` follows the phase for error messages."""
     from nightshift.lineage import environment_manifest
-    from nightshift.models import Classifier
 
     t_begin = time.perf_counter()
-    hp = resolve_hparams(hparams, snapshot.image_shape)
-    where["hp"] = hp
+    hp = where.hp = resolve_hparams(hparams, snapshot.image_shape)
     h, w, _c = snapshot.image_shape
     if hp["crop_pad"] >= min(h, w) or hp["cutout"] > min(h, w):
         raise ConfigError(f"crop_pad ({hp['crop_pad']}) must be smaller than, and cutout ({hp['cutout']}) at most, "
                           f"the image side ({min(h, w)} px)")
+    dev, world = _place(hp, require_gpu, device, world)
+    where.device = dev
+    seed_everything(hp["seed"])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    env = environment_manifest()
+    last_path = out_dir / LAST_CHECKPOINT
+    last = read_resume_checkpoint(last_path) if resume and last_path.is_file() else None
+    if last is not None:  # settings and data first: refuse before reading any pixels
+        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot))
+        where.resumed_from = str(last_path)
+    data = _load_splits(snapshot, hp, dev, world, last, evaluate_test, where)
+    where.phase = "building the model"
+    run = _build(snapshot, hp, dev, world, steps_per_epoch=data.train.steps)
+    if last is not None:
+        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot, run.model.config))
+        where.phase = f"restoring {last_path}"
+        _restore(run, last, last_path, data, env)
+        if on_epoch and world.is_main:  # a retry's fresh MLflow run gets the whole curve
+            for rec in run.history:
+                on_epoch(int(rec["epoch"]), {k: v for k, v in rec.items() if k != "epoch"})
+        del last  # the states are in the model and optimizer now; free the copy
+    _run_epochs(run, snapshot, data, last_path, env, world, where, t_begin=t_begin, on_epoch=on_epoch,
+                should_stop=should_stop)
+    return _finish(run, snapshot, data, out_dir, env, world, where)
+
+
+def _place(hp: dict[str, Any], require_gpu: bool, device: str | None, world):
+    """The device this process trains on, and the data-parallel group it joined (if any)."""
+    import torch
+
+    from nightshift import distributed
+
     dev = select_device(require_gpu, device)
     if world.distributed:
         if dev.type == "cuda" and dev.index is None:
@@ -664,18 +704,27 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         world = distributed.init(world, dev.type)
         distributed.check_batch(hp["batch_size"], world)
         logger.info("data-parallel: rank %d of %d on %s (%s)", world.rank, world.size, dev, world.backend)
-    main = world.is_main
-    where["device"] = dev
-    seed_everything(hp["seed"])
-    out_dir.mkdir(parents=True, exist_ok=True)
-    env = environment_manifest()
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    return dev, world
 
-    last_path = out_dir / LAST_CHECKPOINT
-    last = read_resume_checkpoint(last_path) if resume and last_path.is_file() else None
-    if last is not None:  # settings and data first: refuse before reading any pixels
-        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot))
-        where["resumed_from"] = str(last_path)
 
+@dataclass
+class _Splits:
+    """The data one run trains and evaluates on (``test`` is None in a sweep trial)."""
+
+    train: Any
+    val: Any
+    test: Any
+    counts: dict[str, int]
+    gen: Any
+
+
+def _load_splits(snapshot: Snapshot, hp: dict[str, Any], dev, world, last: dict[str, Any] | None,
+                 evaluate_test: bool, where: _Progress) -> _Splits:
+    import torch
+
+    from nightshift import distributed
     from nightshift.data.loader import make_eval, make_loader
 
     counts = {s: snapshot.count(s) for s in ("train", "val", "test")}
@@ -684,39 +733,65 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         raise DataError(f"snapshot {snapshot.digest[:12]} has an empty train or {held_out} split "
                         f"({snapshot.manifest['counts']['per_split']}): collect more images "
                         f"(splits are drawn by content hash) or raise {held_out}_fraction")
-    if dev.type == "cuda":
-        torch.backends.cudnn.benchmark = True
     gen = torch.Generator(device=dev).manual_seed(hp["seed"])
     budget = hp["preload_budget_mb"] or None
-    where["phase"] = "loading the train split onto the device"
+    where.phase = "loading the train split onto the device"
     train_data = make_loader(snapshot, "train", dev, hp["batch_size"], gen, budget_mb=budget, seed=hp["seed"],
                              mode=last["data_feed"] if last is not None else None)
-    where["data_feed"] = f"train split {train_data.mode}ed"
+    where.data_feed = f"train split {train_data.mode}ed"
     if world.distributed:  # each rank chose by its own free memory; different feeds = different batches
         modes = distributed.all_gather_object(train_data.mode, world)
         if len(set(modes)) > 1:
             raise ConfigError(f"the data-parallel ranks chose different data feeds {modes} (each by its own free "
                               "memory): set preload_budget_mb so that every rank preloads, or to a value below "
                               "the split's size so that every rank streams")
-    where["phase"] = "loading the val and test splits onto the device" if evaluate_test else "loading the val split"
+    where.phase = "loading the val and test splits onto the device" if evaluate_test else "loading the val split"
     val_data = make_eval(snapshot, "val", dev, budget_mb=budget)
     test_data = make_eval(snapshot, "test", dev, budget_mb=budget) if evaluate_test else None
-    steps_per_epoch, images_per_epoch = train_data.steps, train_data.images_per_epoch
-    where["phase"] = "building the model"
+    return _Splits(train_data, val_data, test_data, counts, gen)
+
+
+@dataclass
+class _Run:
+    """The model, its optimizer and schedule, and the counters :func:`_save_last` records."""
+
+    hp: dict[str, Any]
+    dev: Any
+    model: Any
+    ema: Any
+    opt: Any
+    sched: Any
+    step: Callable[[Any, Any], Any]
+    use_amp: bool
+    total_steps: int
+    history: list[dict[str, float]]
+    train_seconds: float = 0.0
+    first_step_seconds: float | None = None
+    global_step: int = 0
+    start_epoch: int = 1
+    resumed_from: dict[str, Any] | None = None
+
+    @property
+    def evaluated(self):
+        """The weights that are evaluated, saved and exported: the EMA's when there is one."""
+        return self.ema.model if self.ema is not None else self.model
+
+
+def _build(snapshot: Snapshot, hp: dict[str, Any], dev, world, *, steps_per_epoch: int) -> _Run:
+    import torch
+
+    from nightshift import distributed
+    from nightshift.models import Classifier
+
     mean, std = split_channel_stats(snapshot, "train")
-    num_classes = len(snapshot.class_names)
-    model = Classifier(hp["model"], num_classes, snapshot.image_shape, mean, std, width=hp["width"])
-    if last is not None:
-        _refuse_mismatch(last_path, _resume_differences(last, hp, snapshot, model.config))
+    model = Classifier(hp["model"], len(snapshot.class_names), snapshot.image_shape, mean, std, width=hp["width"])
     if hasattr(model.net, "init_whitening"):
         model.net.init_whitening(model.preprocess(torch.from_numpy(_sample(snapshot, "train", 5000))))
     model = model.to(dev)
     model = model.to(memory_format=torch.channels_last) if dev.type == "cuda" else model
-
     total_steps = steps_per_epoch * hp["epochs"]
     opt = make_optimizer(model, hp)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, total_steps, hp["warmup_fraction"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, hp["warmup_fraction"]))
     loss_fn = torch.nn.CrossEntropyLoss(label_smoothing=hp["label_smoothing"])
     use_amp = bool(hp["amp"]) and dev.type == "cuda"
     ema = WeightEMA(model, hp["ema"]) if hp["ema"] > 0 else None
@@ -733,69 +808,76 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
         sched.step()
         return loss
 
-    history: list[dict[str, float]] = []
-    timer = _Timer(dev)
-    train_seconds = 0.0
-    first_step_seconds = None
-    global_step = 0
-    start_epoch = 1
-    resumed_from = None
-    if last is not None:
-        where["phase"] = f"restoring {last_path}"
-        model.load_state_dict(last["state_dict"])
-        if ema is not None:
-            ema.model.load_state_dict(last["ema_state_dict"])
-        opt.load_state_dict(last["optimizer"])
-        sched.load_state_dict(last["scheduler"])
-        _set_rng_state(last["rng"], gen, dev, hp["seed"], int(last["epoch"]))
-        history = [dict(h) for h in last["history"]]
-        train_seconds = float(last["train_seconds"])
-        first_step_seconds = last["first_step_seconds"]
-        global_step = int(last["global_step"])
-        start_epoch = int(last["epoch"]) + 1
-        resumed_from = {"epoch": int(last["epoch"]), "git_sha": last.get("environment", {}).get("git_sha"),
+    return _Run(hp=hp, dev=dev, model=model, ema=ema, opt=opt, sched=sched, step=step, use_amp=use_amp,
+                total_steps=total_steps, history=[])
+
+
+def _restore(run: _Run, last: dict[str, Any], last_path: Path, data: _Splits, env: dict[str, Any]) -> None:
+    """Continue after ``last``'s epoch: weights, EMA, optimizer, schedule, RNG and counters."""
+    hp = run.hp
+    run.model.load_state_dict(last["state_dict"])
+    if run.ema is not None:
+        run.ema.model.load_state_dict(last["ema_state_dict"])
+    run.opt.load_state_dict(last["optimizer"])
+    run.sched.load_state_dict(last["scheduler"])
+    _set_rng_state(last["rng"], data.gen, run.dev, hp["seed"], int(last["epoch"]))
+    run.history = [dict(h) for h in last["history"]]
+    run.train_seconds = float(last["train_seconds"])
+    run.first_step_seconds = last["first_step_seconds"]
+    run.global_step = int(last["global_step"])
+    run.start_epoch = int(last["epoch"]) + 1
+    run.resumed_from = {"epoch": int(last["epoch"]), "git_sha": last.get("environment", {}).get("git_sha"),
                         "versions": last.get("environment", {}).get("versions")}
-        if (resumed_from["git_sha"], resumed_from["versions"]) != (env["git_sha"], env["versions"]):
-            logger.warning("resuming %s written by other code or versions (git %s, %s); this run: git %s, %s",
-                           last_path, resumed_from["git_sha"], resumed_from["versions"], env["git_sha"],
-                           env["versions"])
-        logger.info("resuming from %s: epoch %d/%d done (global step %d); continuing at epoch %d",
-                    last_path, last["epoch"], hp["epochs"], global_step, start_epoch)
-        if on_epoch and main:  # a retry's fresh MLflow run gets the whole curve
-            for rec in history:
-                on_epoch(int(rec["epoch"]), {k: v for k, v in rec.items() if k != "epoch"})
-        del last  # the states are in the model and optimizer now; free the copy
+    if (run.resumed_from["git_sha"], run.resumed_from["versions"]) != (env["git_sha"], env["versions"]):
+        logger.warning("resuming %s written by other code or versions (git %s, %s); this run: git %s, %s",
+                       last_path, run.resumed_from["git_sha"], run.resumed_from["versions"], env["git_sha"],
+                       env["versions"])
+    logger.info("resuming from %s: epoch %d/%d done (global step %d); continuing at epoch %d",
+                last_path, last["epoch"], hp["epochs"], run.global_step, run.start_epoch)
 
-    def save_last(epoch: int) -> None:
-        """The whole training state after ``epoch``, atomically (outside the epoch timer); rank 0 only."""
-        if not main:
-            return
-        state = {
-            "format": RESUME_FORMAT, "epoch": epoch, "global_step": global_step, "epochs": hp["epochs"],
-            "hparams": hp, "model_config": model.config, "class_names": list(snapshot.class_names),
-            "data_digest": snapshot.digest, "data_feed": train_data.mode,
-            "state_dict": model.state_dict(), "ema_state_dict": ema.model.state_dict() if ema is not None else None,
-            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": _rng_state(gen, dev),
-            "history": history, "train_seconds": train_seconds, "first_step_seconds": first_step_seconds,
-            "environment": {"git_sha": env["git_sha"], "versions": env["versions"]},
-        }
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        atomic_write_bytes(last_path, buf.getvalue())
 
-    where["phase"] = "training"
-    step_losses = torch.empty(steps_per_epoch, device=dev)  # per-step losses of one epoch, read once at its end
+def _save_last(run: _Run, snapshot: Snapshot, data: _Splits, epoch: int, last_path: Path, env: dict[str, Any]) -> None:
+    """The whole training state after ``epoch``, atomically (outside the epoch timer); rank 0 only."""
+    import torch
+
+    hp = run.hp
+    state = {
+        "format": RESUME_FORMAT, "epoch": epoch, "global_step": run.global_step, "epochs": hp["epochs"],
+        "hparams": hp, "model_config": run.model.config, "class_names": list(snapshot.class_names),
+        "data_digest": snapshot.digest, "data_feed": data.train.mode,
+        "state_dict": run.model.state_dict(),
+        "ema_state_dict": run.ema.model.state_dict() if run.ema is not None else None,
+        "optimizer": run.opt.state_dict(), "scheduler": run.sched.state_dict(), "rng": _rng_state(data.gen, run.dev),
+        "history": run.history, "train_seconds": run.train_seconds, "first_step_seconds": run.first_step_seconds,
+        "environment": {"git_sha": env["git_sha"], "versions": env["versions"]},
+    }
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(last_path, buf.getvalue())
+
+
+def _run_epochs(run: _Run, snapshot: Snapshot, data: _Splits, last_path: Path, env: dict[str, Any], world,
+                where: _Progress, *, t_begin: float, on_epoch, should_stop) -> None:
+    """Train from ``run.start_epoch`` to the last epoch; after each, validate, write ``last.pt``
+    and call ``on_epoch``. Raises :class:`TrainingDiverged` on a non-finite loss."""
+    import torch
+
+    from nightshift import distributed
+
+    hp, dev, main = run.hp, run.dev, world.is_main
+    timer = _Timer(dev)
+    step_losses = torch.empty(data.train.steps, device=dev)  # per-step losses of one epoch, read once at its end
     mark = time.perf_counter()
-    for epoch in range(start_epoch, hp["epochs"] + 1):
-        where["phase"] = f"training (epoch {epoch}/{hp['epochs']})"
-        model.train()
+    for epoch in range(run.start_epoch, hp["epochs"] + 1):
+        where.phase = f"training (epoch {epoch}/{hp['epochs']})"
+        run.model.train()
         timer.start()
         sizes: list[int] = []
-        step_before = global_step
-        for i, (xb, yb) in enumerate(train_data.epoch(epoch)):
+        step_before = run.global_step
+        for xb, yb in data.train.epoch(epoch):
             if should_stop and should_stop():
                 raise InterruptedError("training stopped on request")
-            xb = augment(xb, hp["crop_pad"], hp["flip"], gen, hp["cutout"])
+            xb = augment(xb, hp["crop_pad"], hp["flip"], data.gen, hp["cutout"])
             if world.distributed:  # every rank augmented the same global batch; each trains on its share
                 if len(yb) < 2 * world.size:  # a short trailing batch: some rank would get < 2 images
                     continue  # (BatchNorm); every rank sees the same length, so all skip it together
@@ -804,77 +886,95 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
                 xb, yb = xb[share], yb[share]
             else:
                 sizes.append(len(yb))
-            step_losses[len(sizes) - 1] = step(xb, yb).detach()
-            if ema is not None:
-                ema.update(global_step, force=global_step == total_steps - 1)
-            global_step += 1
-            if first_step_seconds is None:  # the only sync inside the loop, once per run
+            step_losses[len(sizes) - 1] = run.step(xb, yb).detach()
+            if run.ema is not None:
+                run.ema.update(run.global_step, force=run.global_step == run.total_steps - 1)
+            run.global_step += 1
+            if run.first_step_seconds is None:  # the only sync inside the loop, once per run
                 if dev.type == "cuda":
                     torch.cuda.synchronize(dev)
-                first_step_seconds = time.perf_counter() - t_begin
+                run.first_step_seconds = time.perf_counter() - t_begin
         epoch_s = timer.stop()
-        train_seconds += epoch_s
+        run.train_seconds += epoch_s
         if world.distributed:  # the mean over the ranks' shares: one collective per epoch
             distributed.all_reduce_sum(step_losses, world).div_(world.size)
         losses = step_losses[:len(sizes)].double().cpu().numpy()  # one host sync per epoch
         train_loss = float(np.dot(losses, sizes)) / max(sum(sizes), 1)
         if not math.isfinite(train_loss):
-            bad = int(np.flatnonzero(~np.isfinite(losses))[0]) if not np.isfinite(losses).all() else len(losses) - 1
-            kept = (f"the last good checkpoint, {last_path} (epoch {epoch - 1}), is kept" if epoch > 1
-                    else "no epoch finished, so no checkpoint was written")
-            raise TrainingDiverged(
-                f"training diverged: the loss became {losses[bad]} at epoch {epoch}/{hp['epochs']}, "
-                f"step {bad + 1}/{len(sizes)} of the epoch (global step {step_before + bad + 1} of {total_steps}) "
-                f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default for this recipe "
-                f"{recipe_defaults(snapshot.image_shape, hp)['lr']:g}) and trigger again; "
-                f"a retry with the same settings would diverge again; {kept}.")
-        where["phase"] = f"evaluating the val split (epoch {epoch})"
-        eval_model = ema.model if ema is not None else model
-        val = evaluate(eval_model, val_data.batches(), batch_size=hp["eval_batch_size"])
+            _diverged(losses, sizes, epoch, step_before, run, snapshot, last_path)
+        where.phase = f"evaluating the val split (epoch {epoch})"
+        val = evaluate(run.evaluated, data.val.batches(), batch_size=hp["eval_batch_size"])
         now = time.perf_counter()
         wall = now - mark  # this epoch's training and validation + the previous one's checkpoint and callback
         mark = now
-        walls = [r["epoch_wall_seconds"] for r in history if "epoch_wall_seconds" in r] + [wall]
+        walls = [r["epoch_wall_seconds"] for r in run.history if "epoch_wall_seconds" in r] + [wall]
         eta = sum(walls) / len(walls) * (hp["epochs"] - epoch)
         m = {"train_loss": train_loss, "val_accuracy": val["accuracy"], "val_loss": val["loss"],
-             "epoch_seconds": epoch_s, "train_images_per_second": images_per_epoch / max(epoch_s, 1e-9),
-             "lr": sched.get_last_lr()[0], "epoch_wall_seconds": wall, "eta_seconds": eta}
-        history.append({"epoch": epoch, **m})
-        where["phase"] = f"writing {last_path}"
-        save_last(epoch)
+             "epoch_seconds": epoch_s, "train_images_per_second": data.train.images_per_epoch / max(epoch_s, 1e-9),
+             "lr": run.sched.get_last_lr()[0], "epoch_wall_seconds": wall, "eta_seconds": eta}
+        run.history.append({"epoch": epoch, **m})
+        where.phase = f"writing {last_path}"
         if main:
+            _save_last(run, snapshot, data, epoch, last_path, env)
             logger.info("epoch %d/%d  loss %.3f  val_acc %.3f  %s img/s  ETA %s", epoch, hp["epochs"], train_loss,
                         val["accuracy"], f"{m['train_images_per_second']:,.0f}", _eta(eta))
-        if on_epoch and main:
-            on_epoch(epoch, m)
+            if on_epoch:
+                on_epoch(epoch, m)
 
-    model = ema.model if ema is not None else model  # the weights that are evaluated, saved and exported
-    if test_data is not None:
-        where["phase"] = "evaluating the test split"
-        test = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], num_classes=num_classes)
+
+def _diverged(losses: np.ndarray, sizes: list[int], epoch: int, step_before: int, run: _Run, snapshot: Snapshot,
+              last_path: Path) -> None:
+    hp = run.hp
+    bad = int(np.flatnonzero(~np.isfinite(losses))[0]) if not np.isfinite(losses).all() else len(losses) - 1
+    kept = (f"the last good checkpoint, {last_path} (epoch {epoch - 1}), is kept" if epoch > 1
+            else "no epoch finished, so no checkpoint was written")
+    raise TrainingDiverged(
+        f"training diverged: the loss became {losses[bad]} at epoch {epoch}/{hp['epochs']}, "
+        f"step {bad + 1}/{len(sizes)} of the epoch (global step {step_before + bad + 1} of {run.total_steps}) "
+        f"(lr={hp['lr']:g}, batch_size={hp['batch_size']}). Lower lr (default for this recipe "
+        f"{recipe_defaults(snapshot.image_shape, hp)['lr']:g}) and trigger again; "
+        f"a retry with the same settings would diverge again; {kept}.")
+
+
+def _finish(run: _Run, snapshot: Snapshot, data: _Splits, out_dir: Path, env: dict[str, Any], world,
+            where: _Progress) -> TrainResult:
+    """Evaluate the final weights (test split, or val in a sweep trial), write ``checkpoint.pt``
+    and the manifest (rank 0), and return the result."""
+    import torch
+
+    from nightshift import distributed
+
+    hp, dev, history = run.hp, run.dev, run.history
+    model = run.evaluated
+    num_classes = len(snapshot.class_names)
+    if data.test is not None:
+        where.phase = "evaluating the test split"
+        test = evaluate(model, data.test.batches(), batch_size=hp["eval_batch_size"], num_classes=num_classes)
         confusion = test["confusion"]
     else:  # a sweep trial: the confusion matrix of the val split; the test split is never read
-        where["phase"] = "evaluating the val split (confusion matrix)"
+        where.phase = "evaluating the val split (confusion matrix)"
         test = None
-        confusion = evaluate(model, val_data.batches(), batch_size=hp["eval_batch_size"],
+        confusion = evaluate(model, data.val.batches(), batch_size=hp["eval_batch_size"],
                              num_classes=num_classes)["confusion"]
+    images_per_epoch = data.train.images_per_epoch
     steady = [r["epoch_seconds"] for r in history[1:]] or [history[0]["epoch_seconds"]]
     metrics = {
         **({"test_accuracy": test["accuracy"], "test_loss": test["loss"]} if test is not None else {}),
         "val_accuracy": history[-1]["val_accuracy"], "train_loss": history[-1]["train_loss"],
-        "train_seconds": train_seconds,
-        "train_images_per_second": images_per_epoch * hp["epochs"] / max(train_seconds, 1e-9),
+        "train_seconds": run.train_seconds,
+        "train_images_per_second": images_per_epoch * hp["epochs"] / max(run.train_seconds, 1e-9),
         "steady_images_per_second": images_per_epoch * len(steady) / max(sum(steady), 1e-9),
-        "first_step_seconds": float(first_step_seconds or 0.0),
+        "first_step_seconds": float(run.first_step_seconds or 0.0),
     }
-    if hp["tta"] and test_data is not None:
-        tta = evaluate(model, test_data.batches(), batch_size=hp["eval_batch_size"], tta=hp["tta"], flip=hp["flip"])
+    if hp["tta"] and data.test is not None:
+        tta = evaluate(model, data.test.batches(), batch_size=hp["eval_batch_size"], tta=hp["tta"], flip=hp["flip"])
         metrics.update({"test_accuracy_tta": tta["accuracy"], "test_loss_tta": tta["loss"]})
+    resumed_from = run.resumed_from
     manifest = {
         "data_digest": snapshot.digest, "snapshot": str(snapshot.path), "hparams": hp, "seed": hp["seed"],
         "device": str(dev), "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-        "amp": use_amp, "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "versions": env["versions"],
-        "packages": env["packages"], "counts": counts, "data_feed": train_data.mode,
+        "amp": run.use_amp, "git_sha": env["git_sha"], "git_dirty": env["git_dirty"], "versions": env["versions"],
+        "packages": env["packages"], "counts": data.counts, "data_feed": data.train.mode,
         "metrics": metrics, "history": history,
         "epoch_wall_seconds": [r.get("epoch_wall_seconds") for r in history],
         "resumed_from_epoch": resumed_from["epoch"] if resumed_from else None, "resumed_from": resumed_from,
@@ -886,7 +986,7 @@ def _train(snapshot: Snapshot, out_dir: Path, hparams: dict[str, Any] | None, *,
     ckpt = {"model_config": model_cpu.config, "state_dict": model_cpu.state_dict(), "class_names": snapshot.class_names,
             "hparams": hp, "data_digest": snapshot.digest, "metrics": metrics, "manifest": manifest}
     ckpt_path = out_dir / "checkpoint.pt"
-    if main:
+    if world.is_main:
         buf = io.BytesIO()
         torch.save(ckpt, buf)
         ckpt_path = atomic_write_bytes(ckpt_path, buf.getvalue())
