@@ -7,8 +7,9 @@ image through :func:`serving_run_kwargs` and wait for it with :func:`wait_ready`
 the gates measure exactly the configuration that serves: the same request log at the
 same sampling rate, the same memory and process limits, the same dropped capabilities
 and environment. Only the port, the name, the labels and the restart policy differ.
-The image build (:mod:`nightshift.inference_image`) and operators with a
-``docker_conn_id`` get their client from here too (:func:`connect_docker`).
+The image build (:mod:`nightshift.inference_image`) gets its client from here too
+(:func:`connect_docker`), and so does every operator without a ``docker_conn_id``
+(with one, ``nightshift.operators.base.resolve_docker_client`` uses the provider's ``DockerHook``).
 
 No Airflow here; :mod:`docker` and :mod:`requests` are imported where used.
 """
