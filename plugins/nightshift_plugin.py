@@ -13,6 +13,10 @@ the API server only, and MLflow is imported inside its request handlers.
 - ``listeners``: a DAG-run note saying what a run decided (``nightshift/operators/listeners.py``, the note from ``nightshift/run_notes.py``).
 - ``external_views``: a "Nightshift" entry in the UI's navigation that opens the
   view inside the Airflow UI (an iframe at ``/plugin/nightshift``).
+
+In the API server it also installs a fix for an Airflow 3.3.2 bug that made clearing a task of
+a run with a deadline (every nightly run) fail
+(``nightshift.operators.deadline.fix_clearing_runs_with_a_deadline``).
 """
 
 from __future__ import annotations
@@ -72,6 +76,9 @@ class NightshiftPlugin(AirflowPlugin):
 
     @cached_property
     def fastapi_apps(self) -> list[dict[str, Any]]:  # type: ignore[override]
+        from nightshift.operators.deadline import fix_clearing_runs_with_a_deadline
         from nightshift.ui.app import create_app
 
+        # the API server clears tasks (UI, REST): Airflow 3.3.2 fails to for runs with a deadline
+        fix_clearing_runs_with_a_deadline()
         return [{"app": create_app(), "url_prefix": URL_PREFIX, "name": "Nightshift view"}]

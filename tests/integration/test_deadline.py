@@ -37,6 +37,14 @@ with DeadlineDAG(dag_id="deadline_met", schedule=None, start_date=datetime(2026,
         return 1
 
     quick()
+
+with DeadlineDAG(dag_id="deadline_cleared", schedule=None, start_date=datetime(2026, 1, 1), tags=["test"],
+                 deadline=nightly_deadline("cleared-model", 3600)):
+    @task(retries=0)
+    def fails() -> int:
+        raise RuntimeError("fails on purpose: its run keeps a pending deadline")
+
+    fails()
 '''
 
 
@@ -107,3 +115,29 @@ def test_a_deadline_that_is_met_records_nothing(stack):
     assert state == "success", stack.logs()
     f = stack.home / "artifacts" / "deadlines" / "met-model" / "misses.jsonl"
     assert not f.exists(), f.read_text()
+
+
+def test_a_task_of_a_run_with_a_pending_deadline_can_be_cleared(stack):
+    """Clearing recalculates the run's queued-at deadlines; on Airflow 3.3.2 that answered 500
+    (the stored interval is encoded) until the plugin's fix: the task is cleared and runs again."""
+    dag = "deadline_cleared"
+    stack.wait_for(f"{dag} to be parsed", lambda: stack.api("GET", f"/dags/{dag}").status_code == 200)
+    assert stack.api("PATCH", f"/dags/{dag}", json={"is_paused": False}).status_code == 200
+    r = stack.api("POST", f"/dags/{dag}/dagRuns", json={"logical_date": None, "conf": {}})
+    assert r.status_code in (200, 201), r.text
+    run_id = r.json()["dag_run_id"]
+
+    def run_state():
+        return stack.api("GET", f"/dags/{dag}/dagRuns/{run_id}").json().get("state")
+
+    assert stack.wait_for(f"{dag} to fail", lambda: run_state() in ("success", "failed") and run_state(),
+                          timeout=180) == "failed"
+    r = stack.api("POST", f"/dags/{dag}/clearTaskInstances",
+                  json={"dag_run_id": run_id, "task_ids": ["fails"], "dry_run": False, "only_failed": True})
+    assert r.status_code == 200, r.text  # 500 before the fix: "unsupported type for timedelta seconds component"
+    assert [t["task_id"] for t in r.json()["task_instances"]] == ["fails"]
+    tries = stack.wait_for("the cleared task to run again", lambda: (
+        t := stack.api("GET", f"/dags/{dag}/dagRuns/{run_id}/taskInstances/fails").json()).get("try_number", 0) >= 2
+        and t.get("state") == "failed" and t["try_number"], timeout=180)
+    assert tries == 2
+

@@ -47,3 +47,25 @@ def test_the_run_note_carries_the_miss_under_its_first_line():
     assert note.splitlines()[:2] == [f"{MARK}PROMOTED m v2 to champion (was v1)", line]
     assert with_deadlines(None, [line]) == MARK + line  # a run with no decision: a note of its miss
     assert with_deadlines("unchanged", []) == "unchanged" and with_deadlines(None, []) is None
+
+
+def test_a_stored_deadline_interval_reads_as_seconds_in_every_encoding():
+    from nightshift.operators.deadline import interval_seconds
+
+    assert interval_seconds({"__data__": 14400.0, "__classname__": "datetime.timedelta"}) == 14400.0
+    assert interval_seconds(timedelta(hours=1)) == 3600.0 and interval_seconds(5) == 5.0
+
+
+def test_the_clear_fix_replaces_airflows_helper_once():
+    from airflow.models import taskinstance as ti_module
+
+    from nightshift.operators.deadline import fix_clearing_runs_with_a_deadline
+
+    original = ti_module._recalculate_dagrun_queued_at_deadlines
+    try:
+        installed = fix_clearing_runs_with_a_deadline()
+        fixed = ti_module._recalculate_dagrun_queued_at_deadlines
+        assert fixed.nightshift_fixed and (installed or getattr(original, "nightshift_fixed", False))
+        assert fix_clearing_runs_with_a_deadline() is False and ti_module._recalculate_dagrun_queued_at_deadlines is fixed
+    finally:
+        ti_module._recalculate_dagrun_queued_at_deadlines = original

@@ -37,6 +37,58 @@ class DeadlineDAG(DAG):
             self.deadline = saved
 
 
+def interval_seconds(interval: Any) -> float:
+    """A deadline alert's stored interval in seconds: the metadata database keeps it encoded
+    (``{"__data__": seconds, ...}``), older rows and the SDK a number or a ``timedelta``."""
+    if isinstance(interval, dict):
+        interval = interval.get("__data__")
+    if isinstance(interval, timedelta):
+        return interval.total_seconds()
+    return float(interval)
+
+
+def fix_clearing_runs_with_a_deadline() -> bool:
+    """Make clearing a task work for runs with a ``DAGRUN_QUEUED_AT`` deadline (every nightly run).
+
+    Airflow 3.3.2's ``clear_task_instances`` moves each such deadline with the run's new
+    ``queued_at``, and reads the alert's interval as a number of seconds while the database
+    holds it encoded (a dict): ``TypeError: unsupported type for timedelta seconds component:
+    dict``, i.e. every "Clear" of a task of a nightly run -- the UI, the REST API -- answered 500.
+    This replaces that private helper with the same logic reading the interval as Airflow's own
+    ``DeadlineAlert`` model does. Installed by the Nightshift plugin (the API server clears);
+    a no-op once installed, or when Airflow has no such helper (fixed or renamed upstream).
+
+    :returns: whether the fix was installed now.
+    """
+    from airflow.models import taskinstance as ti_module
+
+    original = getattr(ti_module, "_recalculate_dagrun_queued_at_deadlines", None)
+    if original is None or getattr(original, "nightshift_fixed", False):
+        return False
+
+    def recalculate(dagrun: Any, new_queued_at: Any, session: Any) -> None:
+        from sqlalchemy import false, select
+
+        from airflow.models.deadline import Deadline, ReferenceModels
+        from airflow.models.deadline_alert import DeadlineAlert as DeadlineAlertModel
+
+        rows = session.execute(
+            select(Deadline, DeadlineAlertModel)
+            .join(DeadlineAlertModel, Deadline.deadline_alert_id == DeadlineAlertModel.id)
+            .where(Deadline.dagrun_id == dagrun.id, Deadline.missed == false(),
+                   DeadlineAlertModel.reference[ReferenceModels.REFERENCE_TYPE_FIELD].as_string()
+                   == ReferenceModels.DagRunQueuedAtDeadline.__name__)
+        ).all()
+        for deadline, alert in rows:  # flushed with the caller's transaction, as upstream
+            deadline.deadline_time = new_queued_at + timedelta(seconds=interval_seconds(alert.interval))
+
+    recalculate.nightshift_fixed = True  # type: ignore[attr-defined]
+    recalculate.__wrapped__ = original  # type: ignore[attr-defined]
+    ti_module._recalculate_dagrun_queued_at_deadlines = recalculate
+    log.info("installed Nightshift's fix for clearing tasks of runs with a queued-at deadline (Airflow 3.3.2)")
+    return True
+
+
 def nightly_deadline(model_name: str, interval_s: float) -> Any:
     """The ``DeadlineAlert`` of one model's nightly run: done ``interval_s`` after it was queued."""
     from airflow.sdk import DeadlineAlert, DeadlineReference, SyncCallback
