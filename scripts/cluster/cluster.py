@@ -34,8 +34,14 @@ in its own ``NIGHTSHIFT_WHEELHOUSE``. A task whose worker died is noticed after
 ``[scheduler] task_instance_heartbeat_timeout``) and retried. Other Airflow settings for every
 component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY`` (see :func:`airflow_overrides`).
 
+Every Airflow component runs under ``scripts/cluster/supervise.py``, which starts it again when it
+exits in failure (Airflow's scheduler, dag-processor and triggerer exit when Postgres restarts), as
+systemd or a Kubernetes restart policy does in production. ``stop`` / ``restart`` take one server
+away or bring it back (Postgres, Redis, SeaweedFS, MLflow, any Airflow component) and touch nothing else.
+
 State lives under ``NIGHTSHIFT_CLUSTER_HOME`` (default ``.nightshift/cluster``, ignored by git):
-``config.json`` (ports and the generated dev secrets, mode 0600), ``cluster.env`` (the exports),
+``config.json`` (ports and the generated dev secrets, mode 0600), ``settings.json`` (the
+``NIGHTSHIFT_CLUSTER_*`` settings ``up`` ran with, reused by a later ``restart``), ``cluster.env`` (the exports),
 ``pids/`` (one JSON file per process: PID, its start time, port), ``logs/`` and one folder per
 server. ``down`` signals only the recorded PIDs (and the process groups they lead, which hold
 their own children), after checking each PID still is the process that was started; Postgres
@@ -203,17 +209,45 @@ def client_env(cfg: dict) -> dict[str, str]:
     }
 
 
+#: the caller's variables that shape the components (recorded by ``up`` in settings.json)
+OVERRIDE_PREFIX = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
+OVERRIDE_VARS = ("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT",)
+
+
+def _caller_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(OVERRIDE_PREFIX) or k in OVERRIDE_VARS}
+
+
+def settings() -> dict[str, str]:
+    """The profile's settings: what ``up`` recorded (settings.json), then the caller's own on top, so
+    ``restart`` from another shell starts a component as ``up`` did (same heartbeat timeout, same
+    Airflow overrides) rather than with the defaults."""
+    try:
+        recorded = json.loads((HOME / "settings.json").read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    return {**recorded, **_caller_settings()}
+
+
+def record_settings() -> None:
+    """Keep the settings ``up`` runs with (see :func:`settings`)."""
+    path = HOME / "settings.json"
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings(), f, indent=1, sort_keys=True)
+    path.with_suffix(".tmp").replace(path)
+
+
 def airflow_overrides() -> dict[str, str]:
     """Extra Airflow settings for every component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY=value`` in the
-    caller's environment becomes ``AIRFLOW__SECTION__KEY=value`` (the caller's own ``AIRFLOW__*`` point at
-    the embedded profile and are dropped); e.g. the tests turn off the cron schedule with
-    ``NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False``."""
-    prefix = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
-    return {"AIRFLOW__" + k[len(prefix):]: v for k, v in os.environ.items() if k.startswith(prefix)}
+    caller's environment (or recorded by ``up``) becomes ``AIRFLOW__SECTION__KEY=value`` (the caller's own
+    ``AIRFLOW__*`` point at the embedded profile and are dropped); e.g. the tests turn off the cron schedule
+    with ``NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False``."""
+    return {"AIRFLOW__" + k[len(OVERRIDE_PREFIX):]: v for k, v in settings().items() if k.startswith(OVERRIDE_PREFIX)}
 
 
 def heartbeat_timeout() -> str:
-    value = os.environ.get("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "60").strip()
+    value = settings().get("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "60").strip()
     if not value.isdigit() or int(value) < 10:
         raise ClusterError(f"NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT={value!r}: expected whole seconds, at least 10")
     return value
@@ -772,6 +806,8 @@ def cmd_up(args) -> int:
     for sub in ("pids", "logs"):
         (HOME / sub).mkdir(exist_ok=True)
     cfg = load_config(create=True)
+    heartbeat_timeout()  # a bad value fails here, before anything starts
+    record_settings()
     write_env_file(cfg)
     from concurrent.futures import ThreadPoolExecutor
 

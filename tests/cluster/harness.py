@@ -152,6 +152,20 @@ class Cluster:
             time.sleep(0.1)
         return tree
 
+    def freeze(self, name: str) -> list[int]:
+        """SIGSTOP component ``name``'s whole process tree: it holds every connection and answers
+        nothing (a hung server) until it is killed or sent SIGCONT. Returns the PIDs stopped."""
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from cluster.cluster import process_tree
+
+        tree = process_tree(self.pid(name))
+        for p in tree:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return tree
+
     def restart(self, *names: str, timeout: float = 300) -> None:
         """``cluster.py restart <names>``: whatever state they are in, they come back."""
         r = self.cli("restart", *names, timeout=timeout)
