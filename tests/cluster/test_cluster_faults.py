@@ -6,13 +6,17 @@ One private profile for both tests (``scripts/cluster/cluster.py up``, as in
 and its candidate becomes champion when the gates pass: "the champion moved exactly once" is then a
 number to count (one registry version, ``champion`` on it, one ``promoted`` event in the history).
 
-1. ``test_object_store_down_during_promote``: while ``promote`` is mid-task (it has re-scored and
-   decided, and waits for the model's champion lock, which the test holds as another writer would),
-   the S3 gateway is killed (SIGKILL of SeaweedFS's whole process tree: a crash, no clean shutdown)
-   and stays down for 30 s. ``promote`` fails with a clear error naming the bucket; nothing was
-   registered and no record of the run is in the bucket. SeaweedFS comes back
-   (``cluster.py restart seaweedfs``, same ports and data), the test lets go of the lock and clears
-   the task (rather than waiting out the DAG's 2-minute ``retry_delay``); the retry completes: one
+1. ``test_object_store_down_during_collect_data_and_promote``: one run, two outages of the S3
+   gateway, each 30 s: SeaweedFS's whole process tree is frozen (SIGSTOP) the moment ``collect_data``
+   runs, so the task cannot get past the store, then killed (SIGKILL: a crash, no clean shutdown).
+   ``collect_data`` fails with a clear error naming the bucket; every object under ``snapshots/``
+   still reads back with the sha256 it was written with and no collection record of the run names
+   a shard that is not whole. SeaweedFS comes back (``cluster.py restart seaweedfs``, same ports and
+   data) and the test clears the task (rather than waiting out the DAG's 2-minute ``retry_delay``).
+   Later, while ``promote`` is mid-task (it has re-scored and decided, and waits for the model's
+   champion lock, which the test holds as another writer would), the store is killed again:
+   ``promote`` fails clearly, nothing was registered, no record of the run is in the bucket. The
+   store comes back, the test lets go of the lock and clears the task; the retry completes: one
    version, ``champion`` on it, ``promotion.json`` whole and saying so, one ``promoted`` event, no
    lease or temporary object left behind.
 2. ``test_postgres_restarted_during_training``: while ``train_gpu`` is mid-training (its first
@@ -119,8 +123,45 @@ def _one_champion_move(c: Cluster, model: str, run_id: str) -> dict:
     return promotion
 
 
+def _store_outage_failed(c: Cluster, run_id: str, task_id: str, down_at: float) -> dict:
+    """``task_id`` fails (up for retry) on the store that went away at ``down_at``, with an error that
+    names the artifact store and the bucket; the store stays down until ``STORE_DOWN_S`` have passed,
+    then comes back. Returns the failed task instance (with ``failed_after_s`` and ``outage_s``)."""
+    failed = c.wait_task(DAG_ID, run_id, task_id, ("up_for_retry", "failed", "success"), timeout=STORE_DOWN_S + 90)
+    assert failed.get("state") == "up_for_retry", f"{task_id}: {failed.get('state')} with the store down\n{c.logs()}"
+    failed_after_s = time.monotonic() - down_at
+    worker = "worker-gpu" if failed["queue"] == "gpu" else "worker-default"
+    log = c.task_logs(worker, DAG_ID, run_id, task_id)[failed["try_number"]]
+    assert "artifact store" in log and f"s3://{BUCKET}/" in log, log[-3000:]
+    time.sleep(max(0.0, STORE_DOWN_S - (time.monotonic() - down_at)))
+    c.restart("seaweedfs")
+    return {**failed, "failed_after_s": failed_after_s, "outage_s": time.monotonic() - down_at, "log": log}
+
+
+def _torn_objects(c: Cluster, prefix: str) -> list[str]:
+    """Objects under ``prefix`` whose bytes are not the ones their writer hashed (``x-amz-meta-sha256``)."""
+    s3, bad = c.s3(), []
+    for key in c.keys(BUCKET, prefix):
+        obj = s3.get_object(Bucket=BUCKET, Key=key)
+        want = (obj.get("Metadata") or {}).get("sha256")
+        if want is None or harness.sha(obj["Body"].read()) != want:
+            bad.append(key)
+    return bad
+
+
+def _collections_of(c: Cluster, run_id: str) -> list[dict]:
+    """The collection records (manifest.json) in the bucket that ``run_id`` wrote."""
+    out = []
+    for key in c.keys(BUCKET, f"{PREFIX}/snapshots/collections/"):
+        if key.endswith("/manifest.json"):
+            manifest = json.loads(c.object(key))
+            if (manifest.get("context") or {}).get("run_id") == run_id:
+                out.append(manifest)
+    return out
+
+
 # ------------------------------------------------------------------------------------------ tests
-def test_object_store_down_during_promote(cluster: Cluster):
+def test_object_store_down_during_collect_data_and_promote(cluster: Cluster):
     c = cluster
     model = MODELS["store"]
     run_id = f"faults_store_{TOKEN}"
@@ -133,10 +174,30 @@ def test_object_store_down_during_promote(cluster: Cluster):
     t0 = time.monotonic()
     c.trigger(DAG_ID, _conf(model, 6), run_id)
 
-    # 1. promote is running and waiting for the lock
+    # A. collect_data: the store freezes the moment the task runs (it cannot publish past it), then crashes
+    ti = c.wait_task(DAG_ID, run_id, "collect_data", ("running", "success", "failed", "up_for_retry"), timeout=300,
+                     poll=0.2)
+    assert ti.get("state") == "running", f"collect_data: {ti.get('state')}\n{c.logs()}"
+    down_at = time.monotonic()
+    c.freeze("seaweedfs")
+    state = c.tis(DAG_ID, run_id)["collect_data"]["state"]
+    assert state == "running", f"collect_data {state} before the store froze: nothing to test"
+    time.sleep(2)  # requests in flight, new ones queued in the frozen server's sockets
+    c.kill("seaweedfs")
+    collect = _store_outage_failed(c, run_id, "collect_data", down_at)
+    # nothing half-written is there to be read as valid: every object verifies, every record's shards are whole
+    assert not _torn_objects(c, f"{PREFIX}/snapshots/"), "torn objects in the bucket"
+    shards = {k.split("/")[-2] for k in c.keys(BUCKET, f"{PREFIX}/snapshots/shards/")}
+    for manifest in _collections_of(c, run_id):
+        missing = [s["digest"] for s in manifest["shards"] if s["digest"] not in shards]
+        assert not missing, f"collection {manifest['collection_id'][:12]} names shards not in the bucket: {missing}"
+    c.clear(DAG_ID, run_id, "collect_data")
+
+    # B. promote is running and waiting for the lock
     ti = c.wait_task(DAG_ID, run_id, "promote", ("running", "success", "failed", "up_for_retry", "upstream_failed"),
                      timeout=600)
     assert ti.get("state") == "running", f"promote: {ti.get('state')}\n{harness.describe(c.tis(DAG_ID, run_id))}\n{c.logs()}"
+    assert c.tis(DAG_ID, run_id)["collect_data"]["try_number"] >= 2
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         log = c.task_logs("worker-default", DAG_ID, run_id, "promote").get(ti["try_number"], "")
@@ -147,40 +208,36 @@ def test_object_store_down_during_promote(cluster: Cluster):
     assert c.tis(DAG_ID, run_id)["promote"]["state"] == "running"
     assert not c.versions(model), "promote registered a version while another writer held the lock"
 
-    # 2. the object store crashes and stays down for 30 s; promote fails on it, clearly
+    # the object store crashes and stays down for 30 s; promote fails on it, clearly, having registered nothing
     down_at = time.monotonic()
     c.kill("seaweedfs")
-    failed = c.wait_task(DAG_ID, run_id, "promote", ("up_for_retry", "failed", "success"), timeout=STORE_DOWN_S + 60)
-    assert failed.get("state") == "up_for_retry", f"promote: {failed.get('state')} with the store down\n{c.logs()}"
-    failed_after_s = time.monotonic() - down_at
-    log = c.task_logs("worker-default", DAG_ID, run_id, "promote")[failed["try_number"]]
-    assert f"s3://{BUCKET}/{lock_key}" in log and "artifact store" in log, log[-3000:]
+    promote = _store_outage_failed(c, run_id, "promote", down_at)
+    assert f"s3://{BUCKET}/{lock_key}" in promote["log"], promote["log"][-3000:]
     assert not c.versions(model), "a version was registered by the try that failed"
-    time.sleep(max(0.0, STORE_DOWN_S - (time.monotonic() - down_at)))
-    c.restart("seaweedfs")
-    outage_s = time.monotonic() - down_at
 
-    # 3. what the failed try left is never read as valid: no promotion record, no history event
+    # C. what the failed try left is never read as valid: no promotion record, no history event
     folder = c.run_folder(DAG_ID, run_id)
     assert not c.keys(BUCKET, folder + "promotion.json"), "the failed try left a promotion record"
     assert not [e for e in _history(c, model) if e.get("run_id") == run_id]
 
-    # 4. the other writer lets go; the retry (cleared, not after the 2-minute retry_delay) completes
+    # D. the other writer lets go; the retry (cleared, not after the 2-minute retry_delay) completes
     c.s3().delete_object(Bucket=BUCKET, Key=lock_key)
     c.clear(DAG_ID, run_id, "promote")
     state, tis = c.wait_run(DAG_ID, run_id, timeout=300)
     assert state == "success", f"run {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
     assert tis["promote"]["state"] == "success" and tis["promote"]["try_number"] >= 2, harness.describe(tis)
     _one_champion_move(c, model, run_id)
-    print(f"\nfaults: store killed while promote waited for the champion lock; promote failed {failed_after_s:.0f}s "
-          f"later; store back after {outage_s:.0f}s; run took {time.monotonic() - t0:.0f}s")
+    print(f"\nfaults: store frozen+killed while collect_data ran: it failed {collect['failed_after_s']:.0f}s later, "
+          f"store back after {collect['outage_s']:.0f}s; killed while promote waited for the champion lock: it failed "
+          f"{promote['failed_after_s']:.0f}s later, store back after {promote['outage_s']:.0f}s; run took "
+          f"{time.monotonic() - t0:.0f}s")
 
 
 def test_postgres_restarted_during_training(cluster: Cluster):
     c = cluster
     model = MODELS["postgres"]
     run_id = f"faults_postgres_{TOKEN}"
-    epochs = 20  # long enough for the restart to land mid-training (about 0.5 s an epoch on 2 idle cores)
+    epochs = 12  # long enough for the stop to land mid-training (0.5-5 s an epoch on 2 shared cores)
     t0 = time.monotonic()
     c.trigger(DAG_ID, _conf(model, epochs), run_id)
 
