@@ -15,13 +15,15 @@ every run is its model's first (same work: no champion to re-score) in both prof
 - cluster: triggered through the REST API, timed from the POST to the run's terminal state
   (polled every 0.5 s; includes the scheduler's and the Celery workers' latency).
 
-Memory is sampled every ``--sample-s`` seconds while each cluster run goes, two ways:
-``cluster_rss``: the sum of VmRSS over the process trees of every component the profile started
-(Postgres, Redis, SeaweedFS, MLflow, api-server, scheduler, dag-processor, triggerer, both
-workers with their task processes) -- shared pages are counted once per process, so this
-overstates; ``machine_used``: MemTotal - MemAvailable from /proc/meminfo, which includes the
-serving container system_eval starts, the Docker daemon and anything else on the machine (other
-users included: the baseline before the profile started is reported alongside).
+Memory is sampled every ``--sample-s`` seconds while each cluster run goes, three ways, over the
+process trees of every component the profile started (Postgres, Redis, SeaweedFS, MLflow,
+api-server, scheduler, dag-processor, triggerer, both workers with their task processes):
+``cluster_pss``: the sum of PSS (each shared page split between the processes that share it: the
+profile's own footprint, the figure for the target); ``cluster_rss``: the sum of VmRSS (shared pages
+counted once per process, so it overstates: the forked Airflow and Celery processes share much);
+and ``machine_used``: MemTotal - MemAvailable from /proc/meminfo, which includes the serving
+container system_eval starts, the Docker daemon and anything else on the machine (other users
+included: the baseline before the profile started is reported alongside).
 
     python bench/cluster.py [--repeats 3] [--epochs 6]
 
@@ -44,6 +46,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# this file's own folder (first on sys.path) would make `cluster` this module, not scripts/cluster/
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(ROOT / "plugins"))
 sys.path.insert(0, str(ROOT / "scripts"))
 sys.path.insert(0, str(ROOT))
@@ -75,8 +79,18 @@ def _rss_kb(pid: int) -> int:
     return 0
 
 
-def _cluster_rss_mb(home: Path) -> float:
-    """Sum of VmRSS over the process trees of every component the profile recorded (each PID once)."""
+def _pss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _cluster_pids(home: Path) -> set[int]:
+    """Every process of the profile: the trees of the PIDs it recorded (pids/*.pid)."""
     from cluster.cluster import process_tree
 
     pids: set[int] = set()
@@ -85,7 +99,13 @@ def _cluster_rss_mb(home: Path) -> float:
             pids.update(process_tree(int(json.loads(f.read_text())["pid"])))
         except (OSError, ValueError, KeyError):
             continue
-    return sum(_rss_kb(p) for p in pids) / 1024
+    return pids
+
+
+def _cluster_mem_mb(home: Path) -> tuple[float, float]:
+    """(sum of VmRSS, sum of PSS) over the profile's processes, in MB."""
+    pids = _cluster_pids(home)
+    return sum(_rss_kb(p) for p in pids) / 1024, sum(_pss_kb(p) for p in pids) / 1024
 
 
 class Sampler:
@@ -93,14 +113,15 @@ class Sampler:
 
     def __init__(self, home: Path, every_s: float) -> None:
         self.home, self.every_s = home, every_s
-        self.peak_rss = self.peak_used = 0.0
+        self.peak_rss = self.peak_pss = self.peak_used = 0.0
         self.samples = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_rss = max(self.peak_rss, _cluster_rss_mb(self.home))
+            rss, pss = _cluster_mem_mb(self.home)
+            self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_used = max(self.peak_used, _meminfo_used_mb())
             self.samples += 1
             self._stop.wait(self.every_s)
@@ -184,7 +205,8 @@ def cluster_run(c, conf: dict, run_id: str, sample_s: float) -> dict:
         from tests.cluster.harness import describe
 
         raise SystemExit(f"cluster run {run_id} {state}\n{describe(c.tis(DAG_ID, run_id))}\n{c.logs()}")
-    return {"seconds": wall, "peak_cluster_rss_mb": s.peak_rss, "peak_machine_used_mb": s.peak_used,
+    return {"seconds": wall, "peak_cluster_rss_mb": s.peak_rss, "peak_cluster_pss_mb": s.peak_pss,
+            "peak_machine_used_mb": s.peak_used,
             "samples": s.samples}
 
 
@@ -212,9 +234,9 @@ def main() -> int:
     runs: dict[str, list[dict]] = {"embedded": [], "cluster": []}
     try:
         c.wait_parsed(DAG_ID)
-        idle_rss, idle_used = _cluster_rss_mb(c.home), _meminfo_used_mb()
-        print(f"cluster up in {c.start_s:.0f}s; idle: cluster RSS {idle_rss:.0f} MB, machine used {idle_used:.0f} MB "
-              f"(before the profile: {baseline_used:.0f} MB)", flush=True)
+        (idle_rss, idle_pss), idle_used = _cluster_mem_mb(c.home), _meminfo_used_mb()
+        print(f"cluster up in {c.start_s:.0f}s; idle: cluster RSS {idle_rss:.0f} MB, PSS {idle_pss:.0f} MB, machine used "
+              f"{idle_used:.0f} MB (before the profile: {baseline_used:.0f} MB)", flush=True)
         for rep in range(args.repeats):
             conf = _conf(f"bench-{token}-{rep}", args.epochs)
             order = ("embedded", "cluster") if rep % 2 == 0 else ("cluster", "embedded")
@@ -226,8 +248,8 @@ def main() -> int:
                     run = cluster_run(c, conf, f"bench_{token}_{rep}", args.sample_s)
                 run["loadavg_1m_before"] = load
                 runs[kind].append(run)
-                extra = (f", peak cluster RSS {run['peak_cluster_rss_mb']:.0f} MB, machine used "
-                         f"{run['peak_machine_used_mb']:.0f} MB" if kind == "cluster" else "")
+                extra = (f", peak cluster RSS {run['peak_cluster_rss_mb']:.0f} MB, PSS {run['peak_cluster_pss_mb']:.0f} MB, "
+                         f"machine used {run['peak_machine_used_mb']:.0f} MB" if kind == "cluster" else "")
                 print(f"repeat {rep + 1} {kind:8s}: {run['seconds']:6.1f}s (load {load:.1f} before){extra}", flush=True)
     finally:
         harness.stop(c)
@@ -238,6 +260,7 @@ def main() -> int:
 
     emb, clu = med("embedded", "seconds"), med("cluster", "seconds")
     peak_rss = max(r["peak_cluster_rss_mb"] for r in runs["cluster"])
+    peak_pss = max(r["peak_cluster_pss_mb"] for r in runs["cluster"])
     peak_used = max(r["peak_machine_used_mb"] for r in runs["cluster"])
     result = {
         "what": "nightly_retrain wall time, embedded (airflow dags test, SQLite, local artifact root) vs cluster "
@@ -250,12 +273,16 @@ def main() -> int:
         "embedded_median_s": emb, "cluster_median_s": clu, "ratio": clu / emb, "target_ratio": 1.5,
         "cluster_start_s": c.start_s,
         "memory": {
+            "peak_cluster_pss_mb": peak_pss, "median_peak_cluster_pss_mb": med("cluster", "peak_cluster_pss_mb"),
             "peak_cluster_rss_mb": peak_rss, "median_peak_cluster_rss_mb": med("cluster", "peak_cluster_rss_mb"),
             "peak_machine_used_mb": peak_used, "machine_used_before_profile_mb": baseline_used,
-            "idle_cluster_rss_mb": idle_rss, "idle_machine_used_mb": idle_used, "target_mb": 4096,
-            "how": "cluster_rss: sum of VmRSS over the process trees of the profile's components (pids/*.pid), "
-                   "shared pages counted per process; machine_used: MemTotal - MemAvailable (includes Docker "
-                   f"containers and other processes on the machine); sampled every {args.sample_s}s during cluster runs",
+            "idle_cluster_pss_mb": idle_pss, "idle_cluster_rss_mb": idle_rss, "idle_machine_used_mb": idle_used,
+            "target_mb": 4096,
+            "how": "over the process trees of the profile's components (pids/*.pid): cluster_pss = sum of PSS (a "
+                   "shared page split between its sharers: the profile's own footprint), cluster_rss = sum of "
+                   "VmRSS (shared pages counted once per process: overstates); machine_used = MemTotal - "
+                   "MemAvailable (includes the serving container, the Docker daemon and anything else on the "
+                   f"machine); sampled every {args.sample_s}s during cluster runs",
         },
         "runs": runs,
     }
@@ -266,8 +293,8 @@ def main() -> int:
         each = ", ".join(f"{r['seconds']:.1f}" for r in runs[kind])
         print(f"{kind:<10}{med(kind, 'seconds'):>10.1f}{each:>28}")
     print(f"cluster / embedded = {result['ratio']:.2f}x (target <= 1.5x)")
-    print(f"peak cluster RSS {peak_rss:.0f} MB (target <= 4096 MB); peak machine used {peak_used:.0f} MB "
-          f"({peak_used - baseline_used:+.0f} MB vs before the profile); wrote {args.out}")
+    print(f"peak cluster PSS {peak_pss:.0f} MB (target <= 4096 MB), RSS sum {peak_rss:.0f} MB; peak machine used "
+          f"{peak_used:.0f} MB ({peak_used - baseline_used:+.0f} MB vs before the profile); wrote {args.out}")
     return 0
 
 
