@@ -218,7 +218,7 @@ class Cluster:
         r = self.api("POST", f"/dags/{dag_id}/clearTaskInstances",
                      json={"dry_run": False, "dag_run_id": run_id, "task_ids": list(task_ids), "only_failed": False,
                            "include_upstream": False, "include_downstream": False, "reset_dag_runs": True})
-        assert r.status_code == 200, r.text
+        assert r.status_code == 200, f"clearing {task_ids} of {run_id}: {r.status_code} {r.text}\n{self.logs()}"
 
     def tis(self, dag_id: str, run_id: str) -> dict[str, dict]:
         r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
