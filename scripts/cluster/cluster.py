@@ -6,6 +6,7 @@
     python scripts/cluster/cluster.py env       # the shell exports (scripts/cluster/env.sh sources them)
     python scripts/cluster/cluster.py env --component worker-gpu   # what that component starts with (JSON)
     python scripts/cluster/cluster.py restart worker-gpu   # stop one component (if alive) and start it again
+    python scripts/cluster/cluster.py stop postgres        # stop one component only (restart brings it back)
 
 Parts (ports are ``NIGHTSHIFT_CLUSTER_PORT_BASE`` + offset, default base 18400):
 
@@ -33,8 +34,14 @@ in its own ``NIGHTSHIFT_WHEELHOUSE``. A task whose worker died is noticed after
 ``[scheduler] task_instance_heartbeat_timeout``) and retried. Other Airflow settings for every
 component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY`` (see :func:`airflow_overrides`).
 
+Every Airflow component runs under ``scripts/cluster/supervise.py``, which starts it again when it
+exits in failure (Airflow's scheduler, dag-processor and triggerer exit when Postgres restarts), as
+systemd or a Kubernetes restart policy does in production. ``stop`` / ``restart`` take one server
+away or bring it back (Postgres, Redis, SeaweedFS, MLflow, any Airflow component) and touch nothing else.
+
 State lives under ``NIGHTSHIFT_CLUSTER_HOME`` (default ``.nightshift/cluster``, ignored by git):
-``config.json`` (ports and the generated dev secrets, mode 0600), ``cluster.env`` (the exports),
+``config.json`` (ports and the generated dev secrets, mode 0600), ``settings.json`` (the
+``NIGHTSHIFT_CLUSTER_*`` settings ``up`` ran with, reused by a later ``restart``), ``cluster.env`` (the exports),
 ``pids/`` (one JSON file per process: PID, its start time, port), ``logs/`` and one folder per
 server. ``down`` signals only the recorded PIDs (and the process groups they lead, which hold
 their own children), after checking each PID still is the process that was started; Postgres
@@ -202,17 +209,45 @@ def client_env(cfg: dict) -> dict[str, str]:
     }
 
 
+#: the caller's variables that shape the components (recorded by ``up`` in settings.json)
+OVERRIDE_PREFIX = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
+OVERRIDE_VARS = ("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT",)
+
+
+def _caller_settings() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k.startswith(OVERRIDE_PREFIX) or k in OVERRIDE_VARS}
+
+
+def settings() -> dict[str, str]:
+    """The profile's settings: what ``up`` recorded (settings.json), then the caller's own on top, so
+    ``restart`` from another shell starts a component as ``up`` did (same heartbeat timeout, same
+    Airflow overrides) rather than with the defaults."""
+    try:
+        recorded = json.loads((HOME / "settings.json").read_text())
+    except (OSError, ValueError):
+        recorded = {}
+    return {**recorded, **_caller_settings()}
+
+
+def record_settings() -> None:
+    """Keep the settings ``up`` runs with (see :func:`settings`)."""
+    path = HOME / "settings.json"
+    fd = os.open(path.with_suffix(".tmp"), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(settings(), f, indent=1, sort_keys=True)
+    path.with_suffix(".tmp").replace(path)
+
+
 def airflow_overrides() -> dict[str, str]:
     """Extra Airflow settings for every component: ``NIGHTSHIFT_CLUSTER_AIRFLOW__SECTION__KEY=value`` in the
-    caller's environment becomes ``AIRFLOW__SECTION__KEY=value`` (the caller's own ``AIRFLOW__*`` point at
-    the embedded profile and are dropped); e.g. the tests turn off the cron schedule with
-    ``NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False``."""
-    prefix = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
-    return {"AIRFLOW__" + k[len(prefix):]: v for k, v in os.environ.items() if k.startswith(prefix)}
+    caller's environment (or recorded by ``up``) becomes ``AIRFLOW__SECTION__KEY=value`` (the caller's own
+    ``AIRFLOW__*`` point at the embedded profile and are dropped); e.g. the tests turn off the cron schedule
+    with ``NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE=False``."""
+    return {"AIRFLOW__" + k[len(OVERRIDE_PREFIX):]: v for k, v in settings().items() if k.startswith(OVERRIDE_PREFIX)}
 
 
 def heartbeat_timeout() -> str:
-    value = os.environ.get("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "60").strip()
+    value = settings().get("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "60").strip()
     if not value.isdigit() or int(value) < 10:
         raise ClusterError(f"NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT={value!r}: expected whole seconds, at least 10")
     return value
@@ -288,10 +323,20 @@ def record(name: str, pid: int, port: int | None) -> Proc:
     return proc
 
 
+#: restarts a server that exits in failure (scripts/cluster/supervise.py)
+SUPERVISOR = Path(__file__).resolve().parent / "supervise.py"
+
+
 def spawn(name: str, argv: list[str], *, cwd: Path, env: dict[str, str], log_path: Path,
-          port: int | None) -> Proc:
-    """Start a server in a session of its own (it and its children form one process group)."""
+          port: int | None, supervise: bool = False) -> Proc:
+    """Start a server in a session of its own (it and its children form one process group).
+
+    :param supervise: run it under :data:`SUPERVISOR`, which starts it again when it exits in
+        failure (the recorded PID is then the supervisor's; its process group holds both).
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    if supervise:
+        argv = [sys.executable, str(SUPERVISOR), "--name", name, "--", *argv]
     with open(log_path, "ab") as out:
         out.write(f"\n==== {time.strftime('%Y-%m-%d %H:%M:%S')} {shlex.join(argv)}\n".encode())
         out.flush()
@@ -690,8 +735,11 @@ def start_airflow(cfg: dict) -> dict[str, Proc]:
             _need_port(name, api_port)
         env = component_env(cfg, name)
         Path(env["NIGHTSHIFT_HOME"]).mkdir(parents=True, exist_ok=True)
+        # supervised: the scheduler, dag-processor and triggerer exit when Postgres restarts, and a
+        # production deployment (systemd, Kubernetes) starts them again
         procs[name] = spawn(name, [str(BIN / "airflow"), *args], cwd=home, env=env,
-                            log_path=HOME / "logs" / f"{name}.log", port=api_port if name == "api-server" else None)
+                            log_path=HOME / "logs" / f"{name}.log", port=api_port if name == "api-server" else None,
+                            supervise=True)
     ready_from: dict[str, int] = {}  # where in its console log a worker started now says " ready."
     for name, (queues, concurrency) in WORKERS.items():
         if p := _running(name):
@@ -709,7 +757,7 @@ def start_airflow(cfg: dict) -> dict[str, Proc]:
         _seed_wheelhouse(name, wenv)
         argv = [str(BIN / "airflow"), "celery", "worker", "--queues", queues, "--concurrency", str(concurrency),
                 "--celery-hostname", f"{name}@%h", "--skip-serve-logs"]
-        procs[name] = spawn(name, argv, cwd=cwd, env=wenv, log_path=wdir / "console.log", port=None)
+        procs[name] = spawn(name, argv, cwd=cwd, env=wenv, log_path=wdir / "console.log", port=None, supervise=True)
     wait_for("airflow api-server", lambda: http_ok(f"http://{HOST}:{api_port}/api/v2/monitor/health"), 240,
              procs["api-server"], HOME / "logs" / "api-server.log")
     for name, offset in ready_from.items():
@@ -758,6 +806,8 @@ def cmd_up(args) -> int:
     for sub in ("pids", "logs"):
         (HOME / sub).mkdir(exist_ok=True)
     cfg = load_config(create=True)
+    heartbeat_timeout()  # a bad value fails here, before anything starts
+    record_settings()
     write_env_file(cfg)
     from concurrent.futures import ThreadPoolExecutor
 
@@ -888,9 +938,15 @@ def cmd_status(args) -> int:
     return 0 if all(r["running"] for r in rows) else 3
 
 
+#: the servers :func:`cmd_restart` starts on their own (the Airflow processes come back with start_airflow)
+SERVER_STARTS = {"postgres": start_postgres, "redis": start_redis, "seaweedfs": start_seaweedfs,
+                 "mlflow": start_mlflow}
+
+
 def cmd_restart(args) -> int:
-    """Stop the named components (whatever state they are in: a SIGKILLed worker leaves its PID file)
-    and start them again; Airflow components come back without a DB migration, others via ``up``."""
+    """Stop the named components (whatever state they are in: a SIGKILLed worker or object store leaves
+    its PID file) and start them again on the same ports and data, nothing else: the rest of the
+    profile keeps running, as it would while one server of a production set-up restarts."""
     unknown = [n for n in args.components if n not in COMPONENTS]
     if unknown:
         raise ClusterError(f"unknown component(s) {', '.join(unknown)}; expected some of {', '.join(COMPONENTS)}")
@@ -900,12 +956,28 @@ def cmd_restart(args) -> int:
         for name in tier:
             if name in args.components:
                 _stop_one(name)
-    if set(args.components) <= {*AIRFLOW_COMPONENTS, *WORKERS}:
+    # servers come back in start order, each with its own start (no DB migration, no `up`: a restarted
+    # Postgres or object store must not hold the rest of the profile back); then the Airflow processes
+    for name in COMPONENTS:
+        if name in args.components and name in SERVER_STARTS:
+            SERVER_STARTS[name](cfg)
+    if set(args.components) & {*AIRFLOW_COMPONENTS, *WORKERS}:
         start_airflow(cfg)
-    else:
-        args.no_install = True
-        return cmd_up(args)
     log(f"restarted {', '.join(args.components)} in {time.monotonic() - t0:.0f}s")
+    return 0
+
+
+def cmd_stop(args) -> int:
+    """Stop the named components only (the rest keeps running): a server going away under a live
+    profile, as in maintenance or an outage; ``restart`` (or ``up``) starts them again."""
+    unknown = [n for n in args.components if n not in COMPONENTS]
+    if unknown:
+        raise ClusterError(f"unknown component(s) {', '.join(unknown)}; expected some of {', '.join(COMPONENTS)}")
+    load_config(create=False)
+    for tier in STOP_TIERS:
+        for name in tier:
+            if name in args.components:
+                _stop_one(name)
     return 0
 
 
@@ -941,6 +1013,9 @@ def main(argv: list[str] | None = None) -> int:
     rs = sub.add_parser("restart", help="stop the named components (if alive) and start them again")
     rs.add_argument("components", nargs="+", metavar="component", help=", ".join(COMPONENTS))
     rs.set_defaults(func=cmd_restart)
+    so = sub.add_parser("stop", help="stop the named components only (restart starts them again)")
+    so.add_argument("components", nargs="+", metavar="component", help=", ".join(COMPONENTS))
+    so.set_defaults(func=cmd_stop)
     args = ap.parse_args(argv)
     try:
         return args.func(args)

@@ -3,10 +3,12 @@ folder and a free block of loopback ports, with the REST API, the S3 gateway and
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -17,6 +19,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "cluster" / "cluster.py"
 N_PORTS = 12  # scripts/cluster/cluster.py PORTS
+BUCKET = "nightshift-artifacts"
+PREFIX = "artifacts"  # scripts/cluster/cluster.py ARTIFACT_ROOT = s3://nightshift-artifacts/artifacts
 
 
 def free_port_base(n: int = N_PORTS) -> int:
@@ -102,6 +106,71 @@ class Cluster:
                 return out
             token = page["NextContinuationToken"]
 
+    def object(self, key: str, bucket: str = BUCKET) -> bytes:
+        return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    def run_folder(self, dag_id: str, run_id: str) -> str:
+        """The run's folder key in the bucket (``<prefix>/runs/<dag id>/<run id>[~hash]/``)."""
+        base = f"{PREFIX}/runs/{dag_id}/"
+        folders = {k[len(base):].split("/", 1)[0] for k in self.keys(BUCKET, base)}
+        mine = [f for f in folders if f == run_id or f.startswith(run_id + "~")]
+        assert len(mine) == 1, (run_id, sorted(folders))
+        return base + mine[0] + "/"
+
+    # -- MLflow --------------------------------------------------------------------------------------
+    def mlflow(self):
+        from mlflow.tracking import MlflowClient
+
+        return MlflowClient(tracking_uri=self.mlflow_uri, registry_uri=self.mlflow_uri)
+
+    def versions(self, model: str) -> list:
+        return self.mlflow().search_model_versions(f"name='{model}'")
+
+    def champion(self, model: str):
+        return self.mlflow().get_model_version_by_alias(model, "champion")
+
+    # -- faults --------------------------------------------------------------------------------------
+    def kill(self, name: str) -> list[int]:
+        """SIGKILL component ``name``'s whole process tree and its process group (a crash: no
+        clean shutdown); its PID file stays, as after a real crash. Returns the PIDs signalled."""
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from cluster.cluster import process_tree
+
+        pid = self.pid(name)
+        tree = process_tree(pid)
+        for p in tree:
+            try:
+                os.kill(p, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.killpg(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        deadline = time.monotonic() + 30
+        while any(_alive(p) for p in tree) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return tree
+
+    def freeze(self, name: str) -> list[int]:
+        """SIGSTOP component ``name``'s whole process tree: it holds every connection and answers
+        nothing (a hung server) until it is killed or sent SIGCONT. Returns the PIDs stopped."""
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from cluster.cluster import process_tree
+
+        tree = process_tree(self.pid(name))
+        for p in tree:
+            try:
+                os.kill(p, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        return tree
+
+    def restart(self, *names: str, timeout: float = 300) -> None:
+        """``cluster.py restart <names>``: whatever state they are in, they come back."""
+        r = self.cli("restart", *names, timeout=timeout)
+        assert r.returncode == 0, f"cluster.py restart {' '.join(names)} failed\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+
     # -- Airflow -------------------------------------------------------------------------------------
     def wait_parsed(self, dag_id: str, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout
@@ -129,6 +198,27 @@ class Cluster:
                 break
             time.sleep(2)
         return state, self.tis(dag_id, run_id)
+
+    def wait_task(self, dag_id: str, run_id: str, task_id: str, states: tuple[str, ...], timeout: float,
+                  poll: float = 1.0) -> dict:
+        """Poll ``task_id`` until its state is one of ``states``; the task instance (whatever its
+        state) when the time is up."""
+        deadline = time.monotonic() + timeout
+        ti: dict = {}
+        while time.monotonic() < deadline:
+            ti = self.tis(dag_id, run_id).get(task_id, {})
+            if ti.get("state") in states:
+                return ti
+            time.sleep(poll)
+        return ti
+
+    def clear(self, dag_id: str, run_id: str, *task_ids: str) -> None:
+        """Clear the tasks (and set their run running again), so a retry starts now rather than after
+        the DAG's ``retry_delay``, as a person would from the UI."""
+        r = self.api("POST", f"/dags/{dag_id}/clearTaskInstances",
+                     json={"dry_run": False, "dag_run_id": run_id, "task_ids": list(task_ids), "only_failed": False,
+                           "include_upstream": False, "include_downstream": False, "reset_dag_runs": True})
+        assert r.status_code == 200, f"clearing {task_ids} of {run_id}: {r.status_code} {r.text}\n{self.logs()}"
 
     def tis(self, dag_id: str, run_id: str) -> dict[str, dict]:
         r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
@@ -159,6 +249,55 @@ class Cluster:
         for f in sorted(self.home.glob("worker-*/home/logs/**/*.log")):
             parts.append(f"===== {f.relative_to(self.home)} =====\n{f.read_text(errors='replace')[-tail:]}")
         return "\n".join(parts)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def describe(tis: dict[str, dict]) -> str:
+    """Each task's state, queue and try number (for assertion messages)."""
+    return json.dumps({k: (v["state"], v["queue"], v["try_number"]) for k, v in tis.items()}, indent=1)
+
+
+def sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def docker_ready() -> str | None:
+    """None when a daemon answers and the base image is there (starting them as make setup does)."""
+    for script in ("ensure_docker.sh", "ensure_base_image.sh"):
+        r = subprocess.run(["bash", str(ROOT / "scripts" / script)], env={**os.environ}, capture_output=True,
+                           text=True, timeout=900, check=False)
+        if r.returncode:
+            return f"{script}: {r.stdout}{r.stderr}"
+    return None
+
+
+def require_docker() -> None:
+    """Skip (fail with ``NIGHTSHIFT_REQUIRE_DOCKER=1``) when there is no daemon for the docker queue."""
+    import pytest
+
+    problem = docker_ready()
+    if problem:
+        (pytest.fail if os.environ.get("NIGHTSHIFT_REQUIRE_DOCKER") == "1" else pytest.skip)(
+            f"no Docker daemon / base image for the docker queue: {problem}")
+
+
+def remove_model_containers(model: str) -> None:
+    """A test model's serving containers and images (their bind mounts are in the cluster's folder)."""
+    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=ai.nightshift.model={model}"],
+                         capture_output=True, text=True, check=False).stdout.split()
+    if ids:
+        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+    images = subprocess.run(["docker", "images", "-q", f"nightshift/{model}"], capture_output=True, text=True,
+                            check=False).stdout.split()
+    if images:
+        subprocess.run(["docker", "rmi", "-f", *set(images)], capture_output=True, check=False)
 
 
 def start(prefix: str, extra_env: dict[str, str] | None = None, dags: Path | None = None) -> Cluster:

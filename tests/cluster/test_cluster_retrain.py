@@ -28,13 +28,10 @@ DAGs starts no 02:00 / hourly run with default Params; the heartbeat timeout is 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import secrets
 import shutil
-import signal
-import subprocess
 import time
 from datetime import UTC
 from pathlib import Path
@@ -42,13 +39,11 @@ from pathlib import Path
 import pytest
 
 from tests.cluster import harness
-from tests.cluster.harness import ROOT, Cluster
+from tests.cluster.harness import BUCKET, PREFIX, Cluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.integration, pytest.mark.docker]
 
 DAG_ID = "nightly_retrain"
-BUCKET = "nightshift-artifacts"
-PREFIX = "artifacts"  # scripts/cluster/cluster.py ARTIFACT_ROOT = s3://nightshift-artifacts/artifacts
 TOKEN = secrets.token_hex(3)
 MODEL = f"cluster-digits-{TOKEN}"
 WORKERS = ("worker-default", "worker-gpu")
@@ -61,23 +56,9 @@ HEARTBEAT_TIMEOUT_S = 30
 STATE: dict = {}
 
 
-def _docker_ready() -> str | None:
-    """None when a daemon answers and the base image is there (starting them as make setup does)."""
-    env = {**os.environ}
-    for script in ("ensure_docker.sh", "ensure_base_image.sh"):
-        r = subprocess.run(["bash", str(ROOT / "scripts" / script)], env=env, capture_output=True, text=True,
-                           timeout=900, check=False)
-        if r.returncode:
-            return f"{script}: {r.stdout}{r.stderr}"
-    return None
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    problem = _docker_ready()
-    if problem:
-        (pytest.fail if os.environ.get("NIGHTSHIFT_REQUIRE_DOCKER") == "1" else pytest.skip)(
-            f"no Docker daemon / base image for the docker queue: {problem}")
+    harness.require_docker()
     c = harness.start("cluster-retrain-", {
         "NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
         # only triggered runs: unpausing nightly_retrain must not start the 02:00 run with default Params
@@ -88,46 +69,11 @@ def cluster():
         c.wait_parsed(DAG_ID)
         yield c
     finally:
-        _remove_model_containers()
+        harness.remove_model_containers(MODEL)
         harness.stop(c)
 
 
-def _remove_model_containers() -> None:
-    """This test's serving containers and images (their bind mounts are in the cluster's folder)."""
-    ids = subprocess.run(["docker", "ps", "-aq", "--filter", f"label=ai.nightshift.model={MODEL}"],
-                         capture_output=True, text=True, check=False).stdout.split()
-    if ids:
-        subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False)
-    images = subprocess.run(["docker", "images", "-q", f"nightshift/{MODEL}"], capture_output=True, text=True,
-                            check=False).stdout.split()
-    if images:
-        subprocess.run(["docker", "rmi", "-f", *set(images)], capture_output=True, check=False)
-
-
 # ------------------------------------------------------------------------------------------ helpers
-def _versions(c: Cluster) -> list:
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=c.mlflow_uri, registry_uri=c.mlflow_uri).search_model_versions(
-        f"name='{MODEL}'")
-
-
-def _champion(c: Cluster):
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=c.mlflow_uri, registry_uri=c.mlflow_uri).get_model_version_by_alias(
-        MODEL, "champion")
-
-
-def _run_folder(c: Cluster, run_id: str) -> str:
-    """The run's folder key in the bucket (``<prefix>/runs/nightly_retrain/<run id>[~hash]/``)."""
-    base = f"{PREFIX}/runs/{DAG_ID}/"
-    folders = {k[len(base):].split("/", 1)[0] for k in c.keys(BUCKET, base)}
-    mine = [f for f in folders if f == run_id or f.startswith(run_id + "~")]
-    assert len(mine) == 1, (run_id, sorted(folders))
-    return base + mine[0] + "/"
-
-
 def _cache_root(c: Cluster, worker: str) -> Path:
     """``worker``'s working copy of the artifact root (its NIGHTSHIFT_HOME/artifact-cache/<bucket>/<prefix>)."""
     env = c.environ(worker)
@@ -140,14 +86,6 @@ def _files(root: Path) -> dict[str, Path]:
         return {}
     return {str(p.relative_to(root)): p for p in root.rglob("*")
             if p.is_file() and not p.name.startswith(".") and not p.name.endswith((".lock", ".tmp"))}
-
-
-def _sha(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _object(c: Cluster, key: str) -> bytes:
-    return c.s3().get_object(Bucket=BUCKET, Key=key)["Body"].read()
 
 
 def _strings(value) -> list[str]:
@@ -165,10 +103,6 @@ def _overlap(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
-def _describe(c: Cluster, tis: dict) -> str:
-    return json.dumps({k: (v["state"], v["queue"], v["try_number"]) for k, v in tis.items()}, indent=1)
-
-
 # ------------------------------------------------------------------------------------------ tests
 def test_nightly_retrain_on_object_storage(cluster: Cluster):
     c = cluster
@@ -179,10 +113,10 @@ def test_nightly_retrain_on_object_storage(cluster: Cluster):
     c.trigger(DAG_ID, conf, run_id)
     state, tis = c.wait_run(DAG_ID, run_id, timeout=420)
     took = time.monotonic() - t0
-    assert state == "success", f"run {run_id}: {state} after {took:.0f}s\n{_describe(c, tis)}\n{c.logs()}"
+    assert state == "success", f"run {run_id}: {state} after {took:.0f}s\n{harness.describe(tis)}\n{c.logs()}"
     # every task succeeded; approve_promotion skips itself when no approval is required
     expected = {k: "skipped" if k == "approve_promotion" else "success" for k in tis}
-    assert {k: v["state"] for k, v in tis.items()} == expected, _describe(c, tis)
+    assert {k: v["state"] for k, v in tis.items()} == expected, harness.describe(tis)
 
     # -- where each task ran: the queue its placement names, and the log in that worker's own folder
     queues = {k: v["queue"] for k, v in tis.items()}
@@ -221,13 +155,13 @@ def test_nightly_retrain_on_object_storage(cluster: Cluster):
     assert snapshot_uri.startswith(f"s3://{BUCKET}/{PREFIX}/snapshots/"), snapshot_uri
 
     # -- the run's artifacts, the snapshot's shards and the shared state are objects in the bucket
-    folder = _run_folder(c, run_id)
+    folder = c.run_folder(DAG_ID, run_id)
     run_keys = {k[len(folder):] for k in c.keys(BUCKET, folder)}
     for rel in ("run.json", "promotion.json", "validation/validation.json", "train/checkpoint.pt",
                 "train/train_manifest.json", "model/model.onnx", "system_eval/system_eval.json",
                 "drift/drift_report.json"):
         assert rel in run_keys, (rel, sorted(run_keys))
-    promotion = json.loads(_object(c, folder + "promotion.json"))
+    promotion = json.loads(c.object(folder + "promotion.json"))
     shards = [k for k in c.keys(BUCKET, f"{PREFIX}/snapshots/shards/") if k.endswith("/images.npy")]
     assert shards, c.keys(BUCKET, f"{PREFIX}/snapshots/")
     assert c.keys(BUCKET, f"{PREFIX}/deployments/{MODEL}/"), "no deployment state in the bucket"
@@ -246,14 +180,14 @@ def test_nightly_retrain_on_object_storage(cluster: Cluster):
     common = set(caches["worker-default"]) & set(caches["worker-gpu"])
     assert checkpoint in common
     for rel in sorted(common):
-        body = _object(c, f"{PREFIX}/{rel}")  # raises NoSuchKey: shared without going through the bucket
+        body = c.object(f"{PREFIX}/{rel}")  # raises NoSuchKey: shared without going through the bucket
         for w in WORKERS:
-            assert _sha(caches[w][rel].read_bytes()) == _sha(body), (w, rel)
+            assert harness.sha(caches[w][rel].read_bytes()) == harness.sha(body), (w, rel)
 
     # -- the registry: one version, champion on the server, its MLflow run's artifacts on the server
-    versions = _versions(c)
+    versions = c.versions(MODEL)
     assert len(versions) == 1, [v.version for v in versions]
-    champion = _champion(c)
+    champion = c.champion(MODEL)
     assert champion.version == versions[0].version
     assert promotion["promoted"] is True and promotion["version"] == champion.version, promotion
     from mlflow.tracking import MlflowClient
@@ -274,7 +208,7 @@ def test_nightly_retrain_on_object_storage(cluster: Cluster):
 
 def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
     c = cluster
-    before = {v.version for v in _versions(c)}
+    before = {v.version for v in c.versions(MODEL)}
     run_id = f"cluster_fault_{TOKEN}"
     # long enough to be killed mid-training after its first last.pt (about 0.5 s an epoch on an idle
     # 2-core machine), short enough that the resumed rest is quick
@@ -299,24 +233,13 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
                 last_key = keys[0]
                 break
         time.sleep(0.5)
-    assert last_key, f"no last.pt in the bucket within 240s\n{_describe(c, c.tis(DAG_ID, run_id))}\n{c.logs()}"
+    assert last_key, f"no last.pt in the bucket within 240s\n{harness.describe(c.tis(DAG_ID, run_id))}\n{c.logs()}"
     killed_at = time.monotonic()
 
     # 2. SIGKILL worker-gpu's whole process tree (the worker, its pool, the task's supervisor and runner)
-    from cluster.cluster import process_tree
-
     pid = c.pid("worker-gpu")
-    tree = process_tree(pid)
+    tree = c.kill("worker-gpu")
     assert len(tree) > 2, tree  # the worker, its pool process, the task
-    for p in tree:
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    try:
-        os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
     # the replacement node has none of the old one's working copy: the retry must fetch from the bucket
     shutil.rmtree(c.home / "worker-gpu" / "home" / "nightshift" / "artifact-cache", ignore_errors=True)
 
@@ -336,10 +259,7 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
         time.sleep(1)
     assert state == "up_for_retry", f"train_gpu: {state} {time.monotonic() - killed_at:.0f}s after the kill\n{c.logs()}"
     detected_s = time.monotonic() - killed_at
-    r = c.api("POST", f"/dags/{DAG_ID}/clearTaskInstances",
-              json={"dry_run": False, "dag_run_id": run_id, "task_ids": ["train_gpu"], "only_failed": False,
-                    "include_upstream": False, "include_downstream": False, "reset_dag_runs": True})
-    assert r.status_code == 200, r.text
+    c.clear(DAG_ID, run_id, "train_gpu")
 
     # 5. the retry resumes from the bucket's last.pt, then the run goes on to success
     deadline = time.monotonic() + 300
@@ -349,8 +269,8 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
             break
         time.sleep(2)
     assert ti["state"] == "success" and ti["try_number"] >= 2, f"{ti}\n{c.logs()}"
-    folder = _run_folder(c, run_id)
-    manifest = json.loads(_object(c, folder + "train/train_manifest.json"))
+    folder = c.run_folder(DAG_ID, run_id)
+    manifest = json.loads(c.object(folder + "train/train_manifest.json"))
     resumed = manifest.get("resumed_from_epoch")
     assert resumed is not None and 0 < resumed < epochs, {k: manifest.get(k) for k in ("resumed_from_epoch",
                                                                                        "resumed_from")}
@@ -359,8 +279,8 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
     assert "resuming from" in logs[ti["try_number"]], logs[ti["try_number"]][-3000:]
     state, tis = c.wait_run(DAG_ID, run_id, timeout=300)
     took = time.monotonic() - t0
-    assert state == "success", f"run {run_id}: {state}\n{_describe(c, tis)}\n{c.logs()}"
-    after = {v.version for v in _versions(c)}
+    assert state == "success", f"run {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+    after = {v.version for v in c.versions(MODEL)}
     assert len(after - before) == 1, (sorted(before), sorted(after))
     print(f"\ncluster: worker-gpu killed after its first last.pt; detected in {detected_s:.0f}s; retry resumed "
           f"from epoch {resumed}/{epochs}; run took {took:.0f}s")
@@ -384,7 +304,7 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
 
     t0 = time.monotonic()
     port = STATE["port"]
-    champion = _champion(c)
+    champion = c.champion(MODEL)
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
     assert served == champion.tags["nightshift.onnx_sha256"][:12]
 
@@ -408,8 +328,8 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     c.trigger("drift_monitor", {"model_name": MODEL, "min_rows": 100, "window_start": start.isoformat(),
                                 "window_end": end.isoformat()}, run_id)
     state, tis = c.wait_run("drift_monitor", run_id, timeout=240)
-    assert state == "success", f"drift_monitor {run_id}: {state}\n{_describe(c, tis)}\n{c.logs()}"
-    assert tis["request_retrain"]["state"] == "success", _describe(c, tis)
+    assert state == "success", f"drift_monitor {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+    assert tis["request_retrain"]["state"] == "success", harness.describe(tis)
     assert tis["check_served_drift"]["queue"] == "docker"
     assert c.task_logs("worker-default", "drift_monitor", run_id, "check_served_drift")
     r = c.api("GET", "/assets/events", params={"source_dag_id": "drift_monitor", "source_run_id": run_id})
@@ -429,7 +349,7 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     assert c.keys(BUCKET, f"{PREFIX}/drift/{MODEL}/timeline.jsonl"), "no drift timeline point in the bucket"
 
     # 3. roll back to the previous champion (needs a second one: the fault test's retrain, if promoted)
-    if len(_versions(c)) < 2 or champion.version == STATE["champion"]:
+    if len(c.versions(MODEL)) < 2 or champion.version == STATE["champion"]:
         pytest.skip(f"the fault test's candidate was not promoted (champion v{champion.version}): "
                     "nothing to roll back to")
     c.wait_parsed("rollback_model")
@@ -437,8 +357,8 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     c.trigger("rollback_model", {"model_name": MODEL, "target": "previous", "deploy_port": port,
                                  "reason": "drift in served traffic (cluster test)"}, run_id)
     state, tis = c.wait_run("rollback_model", run_id, timeout=240)
-    assert state == "success", f"rollback_model {run_id}: {state}\n{_describe(c, tis)}\n{c.logs()}"
-    back = _champion(c)
+    assert state == "success", f"rollback_model {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+    back = c.champion(MODEL)
     assert back.version == STATE["champion"], (back.version, STATE["champion"])
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
     assert served == back.tags["nightshift.onnx_sha256"][:12]
