@@ -16,6 +16,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from nightshift.containers import LOOPBACK, free_port  # noqa: F401 - free_port: the tests' deploy ports
+
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts" / "cluster" / "cluster.py"
 N_PORTS = 12  # scripts/cluster/cluster.py PORTS
@@ -30,19 +32,13 @@ def free_port_base(n: int = N_PORTS) -> int:
         for port in range(base, base + n):
             with socket.socket() as s:
                 try:
-                    s.bind(("127.0.0.1", port))
+                    s.bind((LOOPBACK, port))
                 except OSError:
                     ok = False
                     break
         if ok:
             return base
     raise RuntimeError("no free block of loopback ports")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Cluster:
