@@ -290,6 +290,8 @@ class InferenceContainer:
         if owner:
             self.labels[OWNER_LABEL] = owner
         self.volumes = volumes
+        #: seconds :meth:`stop` gives the server to drain and write its request log before SIGKILL
+        self.stop_timeout_s = 5.0
         self.container: Any = None
         self._lock = threading.Lock()
         self._started = False
@@ -382,8 +384,10 @@ class InferenceContainer:
         waited, _ = wait_ready(self.container, self.url, timeout_s=timeout_s, interval_s=interval_s)
         return waited
 
-    def stop(self) -> None:
-        """Force-remove the container. Idempotent; safe from another thread (``on_kill``)."""
+    def stop(self, timeout_s: float | None = None) -> None:
+        """Stop the server gracefully (SIGTERM: it finishes what it is answering and its request log
+        writes what it holds; SIGKILL after ``timeout_s``, default :attr:`stop_timeout_s`), then
+        remove the container. Idempotent; safe from another thread (``on_kill``)."""
         from docker.errors import APIError, NotFound
 
         with self._lock:
@@ -394,6 +398,10 @@ class InferenceContainer:
             return
         try:
             if container is not None:
+                try:
+                    container.stop(timeout=int(max(1, self.stop_timeout_s if timeout_s is None else timeout_s)))
+                except APIError as exc:  # already stopping or gone: removing it is what matters
+                    log.debug("graceful stop of %s: %s", self.name, exc)
                 container.remove(force=True)
             else:  # start() may have created it and failed before we got the handle
                 self.client.containers.get(self.name).remove(force=True)

@@ -229,7 +229,12 @@ def test_a_dag_with_a_deadline_runs_under_dag_test(tmp_path, monkeypatch):
 
             hello()
     """))
-    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))  # dag.test() serialises the Dag from its bundle
+    from airflow import settings
+
+    # dag.test() serialises the Dag from the dags-folder bundle, whose path is settings.DAGS_FOLDER
+    # (read once, when airflow.settings was imported): point both at the probe's folder
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(folder))
+    monkeypatch.setattr(settings, "DAGS_FOLDER", str(folder))
     dags, errors = parse_dags(monkeypatch, folder, CLEAR)
     assert errors == {}
     d = dags["nightshift_deadline_probe"]

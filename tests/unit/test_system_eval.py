@@ -35,8 +35,14 @@ class _FakeContainer:
     def logs(self, tail=200):
         return b"(fake container log)"
 
+    def stop(self, timeout=10):  # SIGTERM, as the daemon sends it: the server stops
+        self.stopped_with = timeout
+        if self.status == "running" and self._stop_server is not None:
+            self._stop_server()
+        self.status = "exited"
+
     def remove(self, force=False):
-        if not self.removed and self._stop_server is not None:
+        if not self.removed and self.status == "running" and self._stop_server is not None:
             self._stop_server()
         self.removed = True
         self.status = "removed"
