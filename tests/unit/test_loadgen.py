@@ -156,8 +156,11 @@ def test_loadgen_binary_against_the_server(serving_server, serving_eval_set):
 
     images, _ = serving_eval_set
     req = infer_request(serving_server.url, "tiny", images[:1], binary=True)
+    # the session's server may be fresh here (this module runs before the serving tests): what is
+    # measured is the client's counting against a warm server, not the server's first requests
+    run_load(serving_server.url, req, concurrency=4, duration_s=0.3, warmup_s=0, max_requests=200)
     res = run_load(serving_server.url, req, concurrency=4, duration_s=1.0, warmup_s=0.2).summary()
-    assert res["ok"] > 20 and res["errors"] == 0 and res["timeouts"] == 0 and res["rejected_503"] == 0
+    assert res["ok"] > 20 and res["errors"] == 0 and res["timeouts"] == 0 and res["rejected_503"] == 0, res
     assert res["latency_ms"]["p50"] <= res["latency_ms"]["p99"] <= res["latency_ms"]["max"]
     assert res["throughput_rps"] == pytest.approx(res["ok"] / res["duration_s"], rel=1e-3)
     bad = infer_request(serving_server.url, "nope", images[:1], binary=False)
