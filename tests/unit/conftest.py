@@ -258,3 +258,22 @@ def nightshift_home(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
     return tmp_path
+
+
+@pytest.fixture
+def worker(s3_server, s3_root, tmp_path, monkeypatch):
+    """``worker(name)``: the environment of a worker whose working copy is ``tmp/<name>`` (empty
+    at first); MLflow (SQLite, one file) and the Nightshift home are shared, as a server would be."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", s3_root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CONN_ID", raising=False)
+
+    def use(name: str):
+        monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CACHE", str(tmp_path / name))
+        return tmp_path / name
+
+    return use

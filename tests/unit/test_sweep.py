@@ -261,8 +261,7 @@ def test_select_trial_fails_closed_when_the_trials_task_left_no_list(nightshift_
         op.execute({"run_id": "manual__r"})
 
 
-def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(s3_server, s3_root, tmp_path,
-                                                                                 monkeypatch):
+def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(s3_server, s3_root, worker):
     """No shared folder: each task runs with an empty working copy of its own (as Celery workers
     would); the failed trial's record and the winner's files reach select_trial through the store."""
     from collections import defaultdict
@@ -272,17 +271,6 @@ def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(
 
     from nightshift.operators import CollectDataOperator
     from nightshift.operators.sweep import SelectTrialOperator, SweepTrialOperator, SweepTrialsOperator
-
-    for k, v in s3_server.env().items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", s3_root)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
-    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CONN_ID", raising=False)
-
-    def worker(name: str) -> None:
-        monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CACHE", str(tmp_path / name))
 
     sweep = {"space": {"crop_pad": [1, 8]}, "max_failed": 1}
     ctx = {"run_id": "manual__s3sweep", "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
