@@ -15,3 +15,16 @@ def run_dag(dag, conf):
         tis = session.query(TaskInstance).filter(TaskInstance.dag_id == dag.dag_id,
                                                  TaskInstance.run_id == dr.run_id).all()
         return dr, {ti.task_id: str(ti.state) for ti in tis}
+
+
+def remove_images(repository: str) -> None:
+    """The images a test's runs built (their layers are shared; tags would pile up), and any
+    container of theirs a run stopped half-way left behind."""
+    import docker
+
+    client = docker.from_env()
+    for image in client.images.list(name=repository):
+        for container in client.containers.list(all=True, filters={"ancestor": image.id}):
+            container.remove(force=True)
+        client.images.remove(image.id, force=True)
+    client.close()

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, run_dag as run
+from tests.integration.conftest import free_port, remove_images, run_dag as run
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -73,7 +73,7 @@ def env(tmp_path_factory):
     _undeploy(home)
     os.environ.clear()
     os.environ.update(saved)
-    _remove_images(f"nightshift/{MODEL}")
+    remove_images(f"nightshift/{MODEL}")
 
 
 def _undeploy(home) -> None:
@@ -83,15 +83,6 @@ def _undeploy(home) -> None:
 
     LocalDeployer(docker.from_env(), model_name=MODEL, artifact_root=home / "artifacts").undeploy()
 
-
-def _remove_images(repository: str) -> None:
-    """The images these runs built (their layers are shared; tags would pile up)."""
-    import docker
-
-    client = docker.from_env()
-    for image in client.images.list(name=repository):
-        client.images.remove(image.id, force=True)
-    client.close()
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.integration.airflow_stack import ROOT, AirflowStack
+from tests.integration.conftest import remove_images
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -72,20 +73,8 @@ def stack(tmp_path_factory):
         yield s
     finally:
         s.stop()
-        _remove_images(f"nightshift/{MODEL}")
+        remove_images(f"nightshift/{MODEL}")
 
-
-def _remove_images(repository: str) -> None:
-    """The images the run built (their layers are shared; tags would pile up), and any container
-    of theirs a run stopped half-way left behind."""
-    import docker
-
-    client = docker.from_env()
-    for image in client.images.list(name=repository):
-        for container in client.containers.list(all=True, filters={"ancestor": image.id}):
-            container.remove(force=True)
-        client.images.remove(image.id, force=True)
-    client.close()
 
 
 def test_nightly_retrain_triggered_through_the_rest_api_runs_under_the_scheduler(stack, photos):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, run_dag as run
+from tests.integration.conftest import free_port, remove_images, run_dag as run
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -53,7 +53,7 @@ def env(tmp_path_factory):
         os.environ.clear()
         os.environ.update(saved)
         for m in MODELS:
-            _remove_images(f"nightshift/{m}")
+            remove_images(f"nightshift/{m}")
 
 
 def _undeploy(home) -> None:
@@ -65,14 +65,6 @@ def _undeploy(home) -> None:
     for m in MODELS:
         LocalDeployer(client, model_name=m, artifact_root=home / "artifacts").undeploy()
 
-
-def _remove_images(repository: str) -> None:
-    import docker
-
-    client = docker.from_env()
-    for image in client.images.list(name=repository):
-        client.images.remove(image.id, force=True)
-    client.close()
 
 
 @pytest.fixture(scope="module")
