@@ -151,6 +151,40 @@ def test_a_killed_collection_resumes_from_its_finished_shards(folder, tmp_path):
     assert _content(snap) == _content(fresh)
 
 
+def test_a_retry_on_another_worker_reuses_the_killed_trys_shards_from_the_store(folder, tmp_path, s3_server,
+                                                                                  s3_root, monkeypatch):
+    """Artifact root in object storage: worker A's try dies in its 4th shard; worker B (an empty
+    working copy) fetches A's journal and the three shards it names instead of decoding them."""
+    from nightshift.data import shards
+    from nightshift.store import open_store
+
+    a = open_store(s3_root, cache_dir=tmp_path / "worker-a", s3=s3_server.options())
+    b = open_store(s3_root, cache_dir=tmp_path / "worker-b", s3=s3_server.options())
+    real, n = shards.write_shard, [0]
+
+    def dying(*args, **kwargs):
+        n[0] += 1
+        if n[0] == 4:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", dying)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        collect_imagefolder(folder, SHAPE, a.local_root / "snapshots", shard_mb=SMALL_SHARD_MB, workers=1, store=a)
+    monkeypatch.setattr(shards, "write_shard", real)
+    journal = sorted(r for r in a.files("snapshots/staging") if r.endswith(".parquet"))
+    assert len(journal) == 3, journal
+    assert not a.files("snapshots/collections")  # no record: the collection did not happen
+
+    snap, stats = collect_imagefolder(folder, SHAPE, b.local_root / "snapshots", shard_mb=SMALL_SHARD_MB,
+                                      workers=1, store=b)
+    assert (stats.reused, stats.decoded, stats.shards_reused) == (3 * 64, 300 - 3 * 64, 3)
+    assert not a.files("snapshots/staging")  # the journal is gone from the store once published
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   incremental=False)
+    assert _content(snap) == _content(fresh)
+
+
 def test_disk_full_is_a_clear_error_and_leaves_no_partial_snapshot(folder, tmp_path, monkeypatch):
     from nightshift.data import shards
 
