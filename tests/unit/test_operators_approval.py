@@ -16,15 +16,13 @@ from types import SimpleNamespace
 
 import pytest
 
+#: every test here runs on a local artifact root of its own
+pytestmark = pytest.mark.usefixtures("nightshift_home")
+
 MODEL = "ap-model"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def ctx(nightshift_home):
-    return {"run_id": "manual__approval"}
 
 
 @pytest.fixture
@@ -109,7 +107,10 @@ def hitl(monkeypatch):
 
 
 def make_trigger(version: str, **kw):
-    from nightshift.operators.approval import PromotionApprovalOperator, SupersedableHITLTrigger
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        SupersedableHITLTrigger,
+    )
 
     op = PromotionApprovalOperator(task_id="approve_promotion", promotion={})
     args = dict(ti_id=uuid.uuid4(), options=op.options, defaults=op.defaults, params=op.serialized_params,
@@ -221,7 +222,10 @@ def test_approval_defers_on_the_supersedable_trigger_instead_of_parking(monkeypa
     import airflow.providers.standard.operators.hitl as hitl_op
     from airflow.sdk.exceptions import TaskDeferred
 
-    from nightshift.operators.approval import PromotionApprovalOperator, SupersedableHITLTrigger
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        SupersedableHITLTrigger,
+    )
 
     written = []
     monkeypatch.setattr(hitl_op, "upsert_hitl_detail", lambda **kw: written.append(kw))
@@ -248,7 +252,10 @@ def test_under_dag_test_the_approval_parks_as_airflow_does(monkeypatch):
     from airflow.sdk.execution_time import task_runner
     from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
 
-    from nightshift.operators.approval import PromotionApprovalOperator, runs_in_dag_test
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        runs_in_dag_test,
+    )
 
     assert not runs_in_dag_test()
     monkeypatch.setattr(hitl_op, "upsert_hitl_detail", lambda **kw: None)
@@ -556,3 +563,20 @@ def test_the_approval_form_inside_the_dag_has_its_comment_field(nightly):
     approve = nightly.get_task("approve_promotion")
     assert set(approve.serialized_params) == {"comment"}
     assert approve.serialized_params["comment"]["schema"]["type"] == "string"
+
+
+def test_approval_passes_reject_on_to_finalize_and_never_approves_by_default():
+    """ApprovalOperator skips its downstream task on Reject; ours hands the answer to
+    finalize_promotion, which records it. An approval default (approve on timeout) is refused."""
+    from datetime import datetime, timezone
+
+    from nightshift.operators import PromotionApprovalOperator
+
+    op = PromotionApprovalOperator(task_id="approve", promotion={"awaiting_approval": True})
+    assert op.response_timeout is not None
+    answer = op.execute_complete({"ti": None, "task": op}, {
+        "chosen_options": ["Reject"], "params_input": {"comment": "no"},
+        "responded_at": datetime.now(timezone.utc), "responded_by_user": {"id": "u", "name": "carol"}})
+    assert answer["chosen_options"] == ["Reject"]  # returned for finalize, no skip attempted (ti is None)
+    with pytest.raises(ValueError, match="must not approve by default"):
+        PromotionApprovalOperator(task_id="approve2", promotion={}, defaults=["Approve"])
