@@ -439,17 +439,6 @@ def test_the_store_is_built_lazily_and_a_local_root_stays_a_folder(nightshift_ho
     assert isinstance(op.store, LocalStore) and op.store.local_root == nightshift_home / "artifacts"
 
 
-@pytest.mark.parametrize("uri, local", [
-    ("http://mlflow:5000", False), ("https://mlflow.example", False),
-    ("sqlite:////x/mlflow.db", True), ("/x/mlruns", True), ("postgresql://u@db/mlflow", True),
-])
-def test_mlflow_artifacts_go_to_the_server_when_there_is_one(uri, local, tmp_path):
-    from nightshift.train_run import default_artifact_location
-
-    got = default_artifact_location(uri, tmp_path)
-    assert got == ((tmp_path / "mlartifacts").as_uri() if local else None)
-
-
 def test_training_pod_on_an_object_store_gets_uris_and_the_secret_not_a_claim(monkeypatch, tmp_path):
     from kubernetes.client import ApiClient
 

@@ -12,6 +12,8 @@ from nightshift.operators import (
     CollectDataOperator,
     TrainGPUOperator,
 )
+from nightshift.placement import TrainPlacement
+from tests.unit.placement_support import K8S_ENV, api_dict, common_args
 
 #: every test here runs on a local artifact root of its own
 pytestmark = pytest.mark.usefixtures("nightshift_home")
@@ -107,3 +109,18 @@ def test_train_records_data_lineage_and_plots_in_mlflow(ctx):
     assert "train/last.pt" not in listed and (Path(out["train_dir"]) / "last.pt").is_file()
     assert {f.path for f in c.list_artifacts(out["run_id"], "train/plots")} == {
         "train/plots/curves.png", "train/plots/confusion_matrix.png"}
+
+
+def test_train_task_local_celery_and_executor_give_train_gpu_operator():
+    from nightshift.operators import TrainGPUOperator, train_task
+
+    local = train_task(TrainPlacement.from_env({}), **common_args())
+    assert type(local) is TrainGPUOperator and local.queue == "default" and local.executor_config == {}
+    assert local.pool == "nightshift_gpu" and local.task_id == "train_gpu"
+    celery = train_task(TrainPlacement.from_env({"NIGHTSHIFT_TRAIN_PLACEMENT": "celery",
+                                                 "NIGHTSHIFT_GPU_QUEUE": "gpu-a100"}), **common_args())
+    assert celery.queue == "gpu-a100"
+    k8s = train_task(TrainPlacement.from_env({"NIGHTSHIFT_TRAIN_PLACEMENT": "kubernetes_executor", **K8S_ENV}),
+                     **common_args())
+    pod = api_dict(k8s.executor_config["pod_override"])
+    assert pod["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "2"

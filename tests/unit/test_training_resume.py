@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from nightshift import lineage, training
-from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, NightshiftError,
-                               TrainingDiverged)
+from nightshift import training
+from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, TrainingDiverged)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: 42 train images of 8x8 in batches of 16: 3 steps per epoch, a fraction of a second each on CPU.
@@ -338,19 +337,3 @@ def test_evaluate_accumulates_a_confusion_matrix_over_batches_and_shards():
     expected = [[sum(1 for t, p in zip(y.tolist(), pred) if (t, p) == (i, j)) for j in range(3)] for i in range(3)]
     assert out["confusion"] == expected and out["accuracy"] == pytest.approx(sum(expected[i][i] for i in range(3)) / 10)
     assert "confusion" not in training.evaluate(Fixed(), x, y)
-
-
-def test_git_sha_falls_back_to_the_environment_then_unknown(monkeypatch):
-    sha = lineage.git_sha()
-    assert sha == "unknown" or re.fullmatch(r"[0-9a-f]{40}", sha)
-    monkeypatch.setattr(lineage, "_git", lambda args, cwd: None)  # no git, or not a checkout
-    monkeypatch.setenv(lineage.GIT_SHA_ENV, "abc1234")
-    assert lineage.git_sha() == "abc1234"
-    monkeypatch.delenv(lineage.GIT_SHA_ENV)
-    assert lineage.git_sha() == "unknown" and lineage.git_dirty() is None
-    pkgs = lineage.package_versions()
-    assert pkgs == sorted(pkgs, key=str.lower) and all("==" in p for p in pkgs)
-
-
-def test_errors_are_domain_errors():
-    assert issubclass(DeviceOutOfMemory, NightshiftError) and issubclass(CheckpointMismatch, ConfigError)
