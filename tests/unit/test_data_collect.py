@@ -17,16 +17,11 @@ from nightshift.data import sources
 from nightshift.data.collect import collect_imagefolder
 from nightshift.data.snapshot import load_snapshot
 from nightshift.errors import DataError
+from tests.snapshots import snapshot_content
 
 SHAPE = (8, 8, 1)
 #: 64 images of 8×8×1 per shard: small shards make every code path run on little data.
 SMALL_SHARD_MB = 64 * 64 / 2**20
-
-
-def _content(snap):
-    """What a model could learn from a snapshot, independent of image order."""
-    prof = snap.profile()
-    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
 
 
 def _add_images(root: Path, start: int, count: int, classes=("0", "1", "2")) -> None:
@@ -84,7 +79,7 @@ def test_recollecting_decodes_only_new_and_changed_files(folder, tmp_path):
     assert stats.decoded == 38 and stats.reused == 299  # exactly the 37 new files and the changed one
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(grown) == _content(fresh)
+    assert snapshot_content(grown) == snapshot_content(fresh)
     assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
 
 
@@ -107,7 +102,7 @@ def test_a_same_size_replacement_with_its_old_mtime_restored_is_decoded_again(fo
     assert stats.decoded == 1 and stats.reused == 299
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(again) == _content(fresh)
+    assert snapshot_content(again) == snapshot_content(fresh)
 
 
 def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, tmp_path):
@@ -118,7 +113,7 @@ def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, 
     assert stats.reused == 300 and stats.shards_reused == 0  # same pixels, other labels and splits
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    test_fraction=0.3, class_names=["2", "1", "0"], incremental=False)
-    assert _content(other) == _content(fresh)
+    assert snapshot_content(other) == snapshot_content(fresh)
     prof = other.profile()
     assert (prof.loc[prof["label_name"] == "2", "label"] == 0).all()
 
@@ -149,7 +144,7 @@ def test_a_killed_collection_resumes_from_its_finished_shards(folder, tmp_path):
     assert not (snaps / "staging").exists() or not any((snaps / "staging").iterdir())
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(snap) == _content(fresh)
+    assert snapshot_content(snap) == snapshot_content(fresh)
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_partial_snapshot(folder, tmp_path, monkeypatch):

@@ -14,6 +14,7 @@ import pytest
 from nightshift.data import sources
 from nightshift.data.collect import collect_imagefolder
 from nightshift.errors import ConfigError, DataError
+from tests.snapshots import snapshot_content
 
 SHAPE = (16, 16, 3)
 CONN_ID = "nightshift_test_s3"
@@ -39,11 +40,6 @@ def s3_source(s3_server, monkeypatch):
     return (lambda: ObjectStoragePath(f"s3://{s3_server.bucket}/{prefix}", conn_id=CONN_ID)), prefix
 
 
-def _content(snap):
-    prof = snap.profile()
-    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
-
-
 def test_an_s3_source_collects_what_the_same_local_tree_collects(s3_server, s3_source, make_imagefolder, tmp_path):
     root, prefix = s3_source
     folder = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=2)
@@ -57,7 +53,7 @@ def test_an_s3_source_collects_what_the_same_local_tree_collects(s3_server, s3_s
     assert remote.manifest["class_names"] == local.manifest["class_names"] == ["0", "1", "2"]
     assert remote.manifest["undecodable"] == local.manifest["undecodable"]
     assert {u["path"] for u in remote.manifest["undecodable"]} == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
-    assert remote.digest == local.digest and _content(remote) == _content(local)
+    assert remote.digest == local.digest and snapshot_content(remote) == snapshot_content(local)
     assert remote.manifest["source"]["root"].startswith("s3://") and prefix in remote.manifest["source"]["root"]
     etags = remote.profile()["file_mtime"]
     assert (etags.str.len() > 0).all()  # the object's ETag: what incremental collection compares
@@ -86,7 +82,7 @@ def test_recollecting_an_s3_source_decodes_only_new_and_changed_objects(s3_serve
     assert grown.manifest["class_names"] == ["0", "1", "2"]
     assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
     fresh, _ = collect_imagefolder(root(), SHAPE, tmp_path / "fresh", workers=1, incremental=False)
-    assert _content(grown) == _content(fresh)
+    assert snapshot_content(grown) == snapshot_content(fresh)
 
 
 def test_an_object_deleted_after_the_listing_is_reported_not_dropped(s3_server, s3_source, make_imagefolder,
