@@ -1,4 +1,5 @@
-"""Decoding (nightshift.data.decode): bytes to uint8 arrays of the configured shape, the per-image statistics of the profile, and undecodable files kept with their error."""
+"""Decoding (nightshift.data.decode): bytes to uint8 arrays of the configured shape, the per-image
+statistics of the profile, and undecodable files kept with their error."""
 
 from __future__ import annotations
 

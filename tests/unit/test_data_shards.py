@@ -1,4 +1,5 @@
-"""Content-addressed shards (nightshift.data.shards): a missing, corrupt or replaced shard and an old format are refused with a message that says what to do."""
+"""Content-addressed shards (nightshift.data.shards): a missing, corrupt or replaced shard and an old
+format are refused with a message that says what to do."""
 
 from __future__ import annotations
 

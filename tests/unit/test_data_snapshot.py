@@ -1,4 +1,5 @@
-"""Snapshots (nightshift.data.snapshot): shared shards and a record per collection, the profile table, and splits that stay stable as the data grows."""
+"""Snapshots (nightshift.data.snapshot): shared shards and a record per collection, the profile table,
+and splits that stay stable as the data grows."""
 
 from __future__ import annotations
 

@@ -1,6 +1,8 @@
-"""Collecting an ImageFolder from object storage (nightshift.data.sources / data.collect) against a
-real S3 endpoint (SeaweedFS, the ``s3_server`` fixture), the way ``collect_data`` reaches it: an
-Airflow connection (``AIRFLOW_CONN_<ID>``) and ``ObjectStoragePath(uri, conn_id=...)``."""
+"""Data sources (nightshift.data.sources): the bundled digits, torchvision datasets, parsing a
+source, an ImageFolder's listing (links out of the root are not followed), and an ImageFolder on
+object storage against a real S3 endpoint (SeaweedFS, the ``s3_server`` fixture), the way
+``collect_data`` reaches it: an Airflow connection (``AIRFLOW_CONN_<ID>``) and
+``ObjectStoragePath(uri, conn_id=...)``."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Decode worker processes (nightshift.data.workers): spawned without re-running the parent's main (under a task that is the airflow entry point) and without importing Airflow."""
+"""Decode worker processes (nightshift.data.workers): spawned without re-running the parent's main
+(under a task that is the airflow entry point) and without importing Airflow."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The error types (nightshift.errors): every one a NightshiftError, so callers and operators can tell the project's errors from others."""
+"""The error types (nightshift.errors): every one a NightshiftError, so callers and operators can tell
+the project's errors from others."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Pinned serving requirements, the wheelhouse, the content-keyed tag, and real inference-image builds."""
+"""The inference image (nightshift.inference_image): the content-keyed tag, and real builds, pushes
+and retention. Its wheelhouse and pinned serving requirements: test_wheelhouse.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Lineage of a training run (nightshift.lineage): the code's git commit, the package versions and the runtime."""
+"""Lineage of a training run (nightshift.lineage): the code's git commit, the package versions and the
+runtime."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The classifiers (nightshift.models): preprocessing inside the model, every architecture's outputs, and a checkpoint that reloads to the same model."""
+"""The classifiers (nightshift.models): preprocessing inside the model, every architecture's outputs,
+and a checkpoint that reloads to the same model."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
-"""A candidate waiting for approval: the wait ends when a newer candidate supersedes it
-(issue 19 item 2), and every end of the wait is recorded as what it was, an approval
-whose champion moved meanwhile included (item 11)."""
+"""The approval operators (nightshift.operators.approval): a candidate waiting for approval; the
+wait ends when a newer candidate supersedes it (issue 19 item 2), and every end of the wait is
+recorded as what it was, an approval whose champion moved meanwhile included (item 11). The
+approval's core without Airflow: test_approvals.py."""
 
 from __future__ import annotations
 

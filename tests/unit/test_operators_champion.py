@@ -1,4 +1,5 @@
-"""SetChampionOperator (nightshift.operators.champion): a forced promotion and a rollback record who did it and why."""
+"""SetChampionOperator (nightshift.operators.champion): a forced promotion and a rollback record who
+did it and why."""
 
 from __future__ import annotations
 

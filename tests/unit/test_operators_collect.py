@@ -1,4 +1,5 @@
-"""CollectDataOperator (nightshift.operators.collect) called directly: the small JSON it pushes, the Asset digest, and a source error a retry cannot fix."""
+"""CollectDataOperator (nightshift.operators.collect) called directly: the small JSON it pushes, the
+Asset digest, and a source error a retry cannot fix."""
 
 from __future__ import annotations
 

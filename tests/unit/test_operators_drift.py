@@ -1,4 +1,5 @@
-"""DriftCheckOperator (nightshift.operators.drift): without a champion, against one, and with a champion reference it cannot read."""
+"""DriftCheckOperator (nightshift.operators.drift): without a champion, against one, and with a
+champion reference it cannot read."""
 
 from __future__ import annotations
 

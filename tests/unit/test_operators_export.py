@@ -1,4 +1,5 @@
-"""ExportONNXOperator (nightshift.operators.export): a bad setting fails before any work, and the parity and batch checks are logged to MLflow."""
+"""ExportONNXOperator (nightshift.operators.export): a bad setting fails before any work, and the
+parity and batch checks are logged to MLflow."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""DriftMonitorOperator (nightshift.operators.monitor): skips without a champion, then compares the served traffic with the champion's reference."""
+"""DriftMonitorOperator (nightshift.operators.monitor): skips without a champion, then compares the
+served traffic with the champion's reference."""
 
 from __future__ import annotations
 

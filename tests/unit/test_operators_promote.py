@@ -1,4 +1,6 @@
-"""PromoteModelOperator (nightshift.operators.promote) on a candidate collected, trained and exported by the operators: fail closed without thresholds or on a registry error, one version per retried run, and the way to a person's approval."""
+"""PromoteModelOperator (nightshift.operators.promote) on a candidate collected, trained and exported
+by the operators: fail closed without thresholds or on a registry error, one version per retried
+run, and the way to a person's approval."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""The sweep operators (nightshift.operators.sweep): a retried trial resumes as the same child run, selection fails closed, trials run on several workers of an object store, and the operators load lazily."""
+"""The sweep operators (nightshift.operators.sweep): a retried trial resumes as the same child run,
+selection fails closed, trials run on several workers of an object store, and the operators load
+lazily."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""SystemEvalOperator (nightshift.operators.system_eval): the container it keeps is stopped when the task is killed."""
+"""SystemEvalOperator (nightshift.operators.system_eval): the container it keeps is stopped when the
+task is killed."""
 
 from __future__ import annotations
 

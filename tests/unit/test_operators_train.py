@@ -1,4 +1,7 @@
-"""TrainGPUOperator's data-parallel path: torchrun with one process per GPU ("auto"), or as asked."""
+"""TrainGPUOperator (nightshift.operators.train) called directly: fail fast without the GPU it
+requires, what it logs to MLflow (metrics, data lineage, plots), its data-parallel path (torchrun
+with one process per GPU, "auto", or as asked), and ``train_task``, which picks the operator a
+placement needs."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TrainGPUPodOperator (nightshift.operators.train_pod): the training pod the kubernetes_pod placement renders (dry run: no cluster, the spec serialized as the Kubernetes API would receive it), and how it fails."""
+"""TrainGPUPodOperator (nightshift.operators.train_pod): the training pod the kubernetes_pod placement
+renders (dry run: no cluster, the spec serialized as the Kubernetes API would receive it), and how
+it fails."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""ValidateDataOperator (nightshift.operators.validate) called directly: a readable list of what failed, and a missing upstream result that names its task."""
+"""ValidateDataOperator (nightshift.operators.validate) called directly: a readable list of what
+failed, and a missing upstream result that names its task."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Placement of train_gpu: configuration parsing, and the pod specs each placement renders
-(dry run: no cluster, specs serialized as the Kubernetes API would receive them)."""
+"""Placement of train_gpu (nightshift.placement): configuration parsing, and the GPU pod override
+a placement renders (dry run: no cluster, specs serialized as the Kubernetes API would receive
+them). The training pod of the kubernetes_pod placement: test_operators_train_pod.py."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Post-training int8 quantization (nightshift.quantization): the calibration sample; the quantized export as a whole is in test_export.py."""
+"""Post-training int8 quantization (nightshift.quantization): the calibration sample; the quantized
+export as a whole is in test_export.py."""
 
 from __future__ import annotations
 

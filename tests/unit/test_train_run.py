@@ -1,4 +1,5 @@
-"""The training run's bookkeeping (nightshift.train_run): the figures it writes beside the run and the lineage tags it sets."""
+"""The training run's bookkeeping (nightshift.train_run): the figures it writes beside the run and the
+lineage tags it sets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The wheelhouse of the inference image (nightshift.wheelhouse): serving requirements pinned to the installed versions, reused without pip, and a download failure that names the package and the fix."""
+"""The wheelhouse of the inference image (nightshift.wheelhouse): serving requirements pinned to the
+installed versions, reused without pip, and a download failure that names the package and the fix."""
 
 from __future__ import annotations
 
