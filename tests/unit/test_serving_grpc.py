@@ -560,7 +560,7 @@ def test_process_with_its_grpc_port_taken_exits_2(tiny_onnx_model_dir):
     assert "NIGHTSHIFT_GRPC_PORT" in proc.stderr and str(grpc_port) in proc.stderr
 
 
-@pytest.mark.parametrize("raw, expected", [("", 8081), ("9001", 9001), ("0", 0), ("off", None), (" OFF ", None)])
+@pytest.mark.parametrize("raw, expected", [("", None), ("9001", 9001), ("0", 0), ("off", None), (" OFF ", None)])
 def test_grpc_port_setting(raw, expected, monkeypatch):
     from nightshift.serving.server import grpc_port_from_env
 
@@ -587,3 +587,27 @@ def test_shutdown_closes_the_grpc_port(tiny_onnx_model_dir):
     host, port = target.rsplit(":", 1)
     with socket.socket() as s:
         assert s.connect_ex((host, int(port))) != 0, "the gRPC port still accepts connections after shutdown"
+
+
+def test_serving_containers_serve_grpc_only_when_asked():
+    """On the host network the image's fixed 8081 would collide between containers: the run
+    arguments turn gRPC off unless a port is given, and a picked port differs from the REST one."""
+    from nightshift.containers import InferenceContainer, ServingConfig, serving_run_kwargs
+
+    config = ServingConfig(mem_limit=None, environment={})
+    plain = serving_run_kwargs("img:1", name="n", port=9000, config=config, request_log_dir=None, labels={})
+    assert plain["environment"]["NIGHTSHIFT_GRPC_PORT"] == "off"
+    both = serving_run_kwargs("img:1", name="n", port=9000, config=config, request_log_dir=None, labels={},
+                              grpc_port=9001)
+    assert both["environment"]["NIGHTSHIFT_GRPC_PORT"] == "9001"
+    c = InferenceContainer("img:1", docker_client=object(), config=config, grpc_port=0)
+    assert c.grpc_port not in (None, 0, c.port)
+    assert c.grpc_target == f"127.0.0.1:{c.grpc_port}"
+    assert c.run_kwargs()["environment"]["NIGHTSHIFT_GRPC_PORT"] == str(c.grpc_port)
+    assert InferenceContainer("img:1", docker_client=object(), config=config).grpc_target is None
+
+
+def test_the_image_serves_grpc_on_8081_and_exposes_both_ports():
+    dockerfile = (ROOT / "include" / "inference" / "Dockerfile").read_text()
+    assert "NIGHTSHIFT_GRPC_PORT=8081" in dockerfile
+    assert "EXPOSE 8080 8081" in dockerfile

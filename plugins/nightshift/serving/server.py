@@ -27,8 +27,8 @@ variable                            meaning                                     
                                     ``.tar.gz`` path/``http(s)://`` URL, read at start;
                                     overrides ``NIGHTSHIFT_MODEL_DIR``
 ``NIGHTSHIFT_HOST`` / ``_PORT``     bind address / port (``0`` picks one)                 127.0.0.1 / 8080
-``NIGHTSHIFT_GRPC_PORT``            port of the OIP gRPC service on the same address;     8081
-                                    ``0`` picks one, ``off`` serves REST only
+``NIGHTSHIFT_GRPC_PORT``            port of the OIP gRPC service on the same address;     off (image:
+                                    ``0`` picks one; unset or ``off``: REST only          8081)
 ``NIGHTSHIFT_MAX_BATCH``            largest batch one request may carry                   256
 ``NIGHTSHIFT_MAX_BATCH_SIZE``       most images per ONNX Runtime call (dynamic batching)  32
 ``NIGHTSHIFT_MAX_QUEUE_DELAY_MS``   longest a batch waits for requests on their way       2
@@ -121,7 +121,9 @@ log = logging.getLogger("nightshift.serving")
 DEFAULT_MODEL_DIR = "/models/model"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
-#: the OIP gRPC service's port (KServe's default); grpcio is imported only when it is served
+#: the OIP gRPC service's port in the image (KServe's default; ``ENV NIGHTSHIFT_GRPC_PORT`` in
+#: include/inference/Dockerfile). Outside the image an unset NIGHTSHIFT_GRPC_PORT means REST only:
+#: tests and benches start many servers on one host, and a fixed port would collide.
 DEFAULT_GRPC_PORT = 8081
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_GIL_SWITCH_MS = 0.2
@@ -165,12 +167,11 @@ def _env(name: str, default: Any, kind: type = int) -> Any:
         raise SystemExit(f"serving: environment variable {name}={raw!r} is not a {kind.__name__}") from None
 
 
-def grpc_port_from_env(default: int = DEFAULT_GRPC_PORT) -> int | None:
-    """``NIGHTSHIFT_GRPC_PORT``: a port (``0`` picks one), or ``None`` for ``off``/``none`` (REST only)."""
+def grpc_port_from_env() -> int | None:
+    """``NIGHTSHIFT_GRPC_PORT``: a port (``0`` picks one), or ``None`` when unset or ``off`` (REST only;
+    the image sets :data:`DEFAULT_GRPC_PORT`)."""
     raw = os.environ.get("NIGHTSHIFT_GRPC_PORT", "").strip().lower()
-    if raw == "":
-        return default
-    if raw in ("off", "none", "no", "false"):
+    if raw in ("", "off", "none", "no", "false"):
         return None
     try:
         port = int(raw)
@@ -539,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default=os.environ.get("NIGHTSHIFT_HOST", DEFAULT_HOST))
     parser.add_argument("--port", type=int, default=_env("NIGHTSHIFT_PORT", DEFAULT_PORT))
     parser.add_argument("--grpc-port", type=int, default=None,
-                        help="gRPC port (0 picks one); default NIGHTSHIFT_GRPC_PORT, else 8081; -1: REST only")
+                        help="gRPC port (0 picks one, -1 none); default NIGHTSHIFT_GRPC_PORT, unset: REST only")
     args = parser.parse_args(argv)
     grpc_port = grpc_port_from_env() if args.grpc_port is None else (None if args.grpc_port < 0 else args.grpc_port)
     setup_logging(os.environ.get("NIGHTSHIFT_LOG_LEVEL", "WARNING"))
