@@ -611,3 +611,27 @@ def test_the_image_serves_grpc_on_8081_and_exposes_both_ports():
     dockerfile = (ROOT / "include" / "inference" / "Dockerfile").read_text()
     assert "NIGHTSHIFT_GRPC_PORT=8081" in dockerfile
     assert "EXPOSE 8080 8081" in dockerfile
+
+
+@pytest.mark.docker
+def test_the_image_serves_grpc(serving_image, serving_docker, tiny_onnx_forward):
+    """The built image (grpcio + protobuf from the wheelhouse, the committed stubs): tritonclient.grpc
+    against a container run the way the evaluation runs it, given a gRPC port; REST beside it."""
+    from nightshift.containers import InferenceContainer
+
+    with InferenceContainer(serving_image["image"], docker_client=serving_docker, grpc_port=0,
+                            environment={"NIGHTSHIFT_GRACEFUL_TIMEOUT_S": "2"}) as c:
+        c.wait_ready(timeout_s=60)
+        info = serving_docker.containers.get(c.name).attrs
+        assert {"8080/tcp", "8081/tcp"} <= set(info["Config"].get("ExposedPorts") or {})
+        client = tg.InferenceServerClient(c.grpc_target)
+        assert client.is_server_live() and client.is_model_ready("tiny", "1")
+        x = _images(8)
+        inp = tg.InferInput("pixels", list(x.shape), "UINT8")
+        inp.set_data_from_numpy(x)
+        np.testing.assert_allclose(client.infer("tiny", [inp]).as_numpy("logits"), tiny_onnx_forward(x)[0],
+                                   rtol=1e-5, atol=1e-5)
+        with pytest.raises(tg.InferenceServerException) as err:
+            client.get_model_metadata("nope")
+        assert "NOT_FOUND" in str(err.value.status())
+        client.close()
