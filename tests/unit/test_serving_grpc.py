@@ -635,3 +635,26 @@ def test_the_image_serves_grpc(serving_image, serving_docker, tiny_onnx_forward)
             client.get_model_metadata("nope")
         assert "NOT_FOUND" in str(err.value.status())
         client.close()
+
+
+def test_a_grpc_port_taken_after_the_check_stops_the_start(tiny_onnx_model_dir):
+    """The port is probed when the server is made and bound when it starts: taken in between
+    (another process won the race), the lifespan startup fails, uvicorn does not serve, and
+    the app says why (``main`` exits 2 with it)."""
+    from nightshift.serving.server import Model, make_server
+
+    model = Model(tiny_onnx_model_dir, max_batch=8, intra_op_threads=1)
+    model.load()
+    port = free_port()
+    srv = make_server(model, "127.0.0.1", 0, grpc_port=port)
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", port))
+            taken.listen()
+            with pytest.raises(RuntimeError, match="did not start"):
+                srv.start(timeout_s=30)
+    finally:
+        srv.shutdown()
+        srv.server_close()
+    assert isinstance(srv.app.startup_error, OSError)
+    assert "NIGHTSHIFT_GRPC_PORT" in str(srv.app.startup_error) and str(port) in str(srv.app.startup_error)

@@ -486,8 +486,13 @@ class InferenceServer:
         return self.grpc.target if self.grpc is not None else None
 
     def serve_forever(self, poll_interval: float = 0.1) -> None:  # noqa: ARG002 - http.server-compatible name
-        """Serve until :meth:`shutdown` (blocking)."""
-        self.server.run(sockets=[self.sock])
+        """Serve until :meth:`shutdown` (blocking); return at once when the startup failed
+        (``app.startup_error`` says why: uvicorn would ``sys.exit(3)`` instead)."""
+        try:
+            self.server.run(sockets=[self.sock])
+        except SystemExit:
+            if self.app.startup_error is None:
+                raise
 
     def start(self, timeout_s: float = 10.0) -> "InferenceServer":
         """Serve in a daemon thread; return once it accepts connections."""
