@@ -178,7 +178,7 @@ def test_a_retry_on_another_worker_reuses_the_killed_trys_shards_from_the_store(
     assert not a.files("snapshots/staging")  # the journal is gone from the store once published
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(snap) == _content(fresh)
+    assert snapshot_content(snap) == snapshot_content(fresh)
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_partial_snapshot(folder, tmp_path, monkeypatch):
