@@ -106,6 +106,9 @@ def server_counters(kind: str, text: str, model: str) -> dict[str, float]:
             out[f"{st}_s"] = metric(s, "nightshift_stage_duration_seconds_sum", stage=st)
             out[f"{st}_n"] = metric(s, "nightshift_stage_duration_seconds_count", stage=st)
         return out
+    if kind == "kserve":  # kserve.Model's own histograms: the rest of a request is FastAPI/uvicorn + (de)coding
+        return {f"{st}_{x}": metric(s, f"request_{st}_seconds_{y}", model_name=model)
+                for st in ("preprocess", "predict", "postprocess") for x, y in (("s", "sum"), ("n", "count"))}
     return {}
 
 
@@ -133,6 +136,8 @@ def breakdown(kind: str, before: dict[str, float], after: dict[str, float]) -> d
             # inference: a whole batch's ONNX Runtime call, observed once per request of it
             out[f"{st}_us"] = per(f"{st}_s", f"{st}_n", 1e6)
         return out
+    if kind == "kserve":
+        return {f"{st}_us": per(f"{st}_s", f"{st}_n", 1e6) for st in ("preprocess", "predict", "postprocess")}
     return {}
 
 
@@ -358,6 +363,10 @@ def peers_comparison(work: Path, *, rounds: int, seconds: float, threads: int, i
             serving.load(servers[srv].url, model, 16, 1.0, binary=binary)
         raw = {n: {c: [] for c in LEVELS} for n in names}
         cpu = {n: {c: [] for c in LEVELS} for n in names}
+        cores = {n: {c: [] for c in LEVELS} for n in names}
+        client = {n: {c: [] for c in LEVELS} for n in names}
+        # the model alone: ONNX Runtime in process, batch 1, the servers' session options, on their cores
+        res["in_process_us_per_call"] = [round(1e6 / serving.in_process_rate(model_dir, threads, 1.0), 1)]
         inside = {n: {c: [] for c in LEVELS} for n in names}
         for i in range(rounds):
             for c in LEVELS:
@@ -365,18 +374,22 @@ def peers_comparison(work: Path, *, rounds: int, seconds: float, threads: int, i
                     srv, binary = CONTENDERS[n]
                     s = servers[srv]
                     murl = getattr(s, "metrics_url", None) or f"{s.url}/metrics"
-                    counters = (lambda: server_counters(srv, scrape(murl), model)) if srv != "kserve" else dict
-                    before_m = counters()
-                    before = tree_cpu_s(s.proc.pid)
+                    before_m = server_counters(srv, scrape(murl), model)
+                    before, mine = tree_cpu_s(s.proc.pid), time.process_time()
                     r = serving.load(s.url, model, c, seconds, binary=binary)
+                    mine = time.process_time() - mine  # the load client's CPU (this process)
                     # CPU of the load and its 0.5 s warm-up over the requests answered in both
                     answered = r["ok"] / max(r["duration_s"], 1e-9) * (r["duration_s"] + 0.5)
-                    cpu[n][c].append(round((tree_cpu_s(s.proc.pid) - before) / answered * 1e6, 1) if answered else None)
-                    inside[n][c].append(breakdown(srv, before_m, counters()))
+                    spent = tree_cpu_s(s.proc.pid) - before
+                    cpu[n][c].append(round(spent / answered * 1e6, 1) if answered else None)
+                    cores[n][c].append(round(spent / (r["duration_s"] + 0.5), 3))  # CPUs the server kept busy
+                    client[n][c].append(round(mine / answered * 1e6, 1) if answered else None)
+                    inside[n][c].append(breakdown(srv, before_m, server_counters(srv, scrape(murl), model)))
                     raw[n][c].append(r)
                 print(f"round {i + 1}/{rounds} c={c}: " + "  ".join(
                     f"{n} {raw[n][c][-1]['throughput_rps'] or 0:,.0f}/s p99 {raw[n][c][-1]['latency_ms']['p99']} ms"
                     for n in names), flush=True)
+        res["in_process_us_per_call"].append(round(1e6 / serving.in_process_rate(model_dir, threads, 1.0), 1))
     finally:
         for s in servers.values():
             s.stop()
@@ -384,6 +397,9 @@ def peers_comparison(work: Path, *, rounds: int, seconds: float, threads: int, i
         n: {f"c{c}": {**summarize(raw[n][c]),
                       "server_cpu_us_per_request": median_or_none([v for v in cpu[n][c] if v is not None]),
                       "server_cpu_us_rounds": cpu[n][c],
+                      "server_cores_busy": median_or_none(cores[n][c]),
+                      "server_cores_busy_rounds": cores[n][c],
+                      "client_cpu_us_per_request": median_or_none([v for v in client[n][c] if v is not None]),
                       "inside": {k: median_or_none([b[k] for b in inside[n][c] if b.get(k) is not None])
                                  for k in (inside[n][c][0] if inside[n][c] else {})},
                       "status_counts": raw[n][c][-1]["status_counts"] if raw[n][c] else {}}
@@ -410,8 +426,13 @@ def print_peers(res: dict) -> None:
             rps = f"{x['rps']:9,.0f}/s" if x["rps"] else "        -"
             ins = ", ".join(f"{k} {v:g}" for k, v in x["inside"].items() if v is not None)
             print(f"  {n:11s} c={c:<3d} {rps}  p50 {x['p50_ms']} ms  p99 {x['p99_ms']} ms  server CPU "
-                  f"{x['server_cpu_us_per_request']} us/request  errors {x['errors']} timeouts {x['timeouts']}"
+                  f"{x['server_cpu_us_per_request']} us/request on {x.get('server_cores_busy')} cores  client "
+                  f"{x.get('client_cpu_us_per_request')} us/request  "
+                  f"errors {x['errors']} timeouts {x['timeouts']}"
                   + (f"  [{ins}]" if ins else ""))
+    if "in_process_us_per_call" in res:
+        print(f"  the model alone (ONNX Runtime in process, batch 1): {res['in_process_us_per_call']} us per call "
+              "(before, after)")
     print("targets (medians of per-round ratios):")
     for k, t in res["targets"].items():
         verdict = {True: "met", False: "MISSED", None: "not measured"}[t["met"]]

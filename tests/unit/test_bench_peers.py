@@ -78,6 +78,15 @@ def test_nightshift_breakdown_reads_batches_and_stages():
     assert b["inference_us"] is None  # no inference samples: not measured, not zero
 
 
+def test_kserve_breakdown_reads_its_model_histograms():
+    text = ('request_predict_seconds_sum{model_name="small_cnn"} 1.5\n'
+            'request_predict_seconds_count{model_name="small_cnn"} 1000.0\n'
+            'request_preprocess_seconds_sum{model_name="small_cnn"} 0.0\n'
+            'request_preprocess_seconds_count{model_name="small_cnn"} 1000.0\n')
+    b = breakdown("kserve", server_counters("kserve", "", "small_cnn"), server_counters("kserve", text, "small_cnn"))
+    assert b == {"preprocess_us": 0.0, "predict_us": 1500.0, "postprocess_us": None}
+
+
 def _summary(rps, p99=10.0):
     return {"throughput_rps": rps, "latency_ms": {"p99": p99}}
 
