@@ -4,6 +4,7 @@
     python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
     python bench/serving.py --request-log [--pairs N --seconds S --source DIR]   # log on / off
     python bench/serving.py --grpc [--pairs N --seconds S]   # OIP gRPC vs HTTP on one server
+    python bench/serving.py --peers [--rounds N --seconds S]   # vs KServe and PyTriton, bench/peers/
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -827,6 +828,11 @@ def grpc_main(argv: list[str]) -> int:
 
 
 def main() -> int:
+    if "--peers" in sys.argv[1:]:  # Nightshift vs KServe and PyTriton: bench/peers/compare.py
+        sys.argv.remove("--peers")
+        from peers.compare import main as peers_main
+
+        return peers_main(sys.argv[1:])
     if "--request-log" in sys.argv[1:]:  # log on vs off, both models, alternating
         sys.argv.remove("--request-log")
         return request_log_main(sys.argv[1:])
