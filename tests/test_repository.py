@@ -84,6 +84,7 @@ TESTED_ELSEWHERE = {
 #: Unit-test modules that test something other than a module of the package, and what.
 NOT_A_MODULE = {
     "test_run_scripts.py": "scripts/ (make run, the run summary)",
+    "test_bench_peers.py": "bench/peers/ (the serving bench's peer comparison: its pure helpers)",
 }
 
 
