@@ -66,6 +66,25 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+def free_port_pair(host: str = LOOPBACK, tries: int = 50) -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` both free on ``host`` right now: a deploy's stable
+    REST port, whose gRPC port is the next one (:func:`nightshift.deploy.grpc_port_for`).
+
+    :raises OSError: no such pair found in ``tries`` picks."""
+    for _ in range(tries):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind((host, 0))
+            p = int(a.getsockname()[1])
+            if p >= 65535:
+                continue
+            try:
+                b.bind((host, p + 1))
+            except OSError:
+                continue
+            return p
+    raise OSError(f"no two adjacent free TCP ports on {host} in {tries} tries")
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """How the inference image runs wherever it runs (system eval and deploy alike).
