@@ -173,3 +173,22 @@ def test_the_view_reads_history_deployment_drift_and_reports_from_s3(s3_server, 
                 "runs/nightly_retrain/scheduled__1/missing.json", "/etc/passwd", "runs//x"):
         assert data.resolve_report(view, bad) is None, bad
     assert not contracts.history_path(view.local_root, "m").exists()  # read from the store, not a working copy
+
+
+def test_a_model_with_no_timed_runs_says_so_instead_of_a_schedule(tmp_path):
+    """``schedule: null`` in the models file: the view says the model retrains on drift only, not
+    ``schedule None UTC``; a model with a cron keeps it."""
+    from nightshift.model_config import parse_models
+    from nightshift.ui.app import _jinja
+
+    class Client:
+        def search_registered_models(self):
+            return []
+
+    configured = parse_models("models:\n  - {name: a, schedule: null}\n"
+                              "  - {name: b, schedule: '0 3 * * *', deploy: {port: 8601}}\n")
+    o = data.build_overview(tmp_path, Client(), configured=configured)
+    assert [m["config"]["schedule"] for m in o["models"]] == [None, "0 3 * * *"]
+    html = _jinja().get_template("view.html").render(o=o, user="u")
+    assert "no timed runs (drift only)" in html and "0 3 * * *" in html
+    assert "schedule <span class=\"mono\">None" not in html
