@@ -14,7 +14,8 @@ DAG runs are triggered through the REST API as a user would.
 2. ``test_worker_killed_mid_training_resumes_from_the_store``: ``worker-gpu`` is SIGKILLed while
    ``train_gpu`` is mid-training (once its first ``last.pt`` is in the bucket), its working copy
    is thrown away (a replacement node), it is restarted with ``cluster.py restart``; the retry
-   resumes from the checkpoint in the bucket, the run succeeds with exactly one new version.
+   resumes from the checkpoint in the bucket, the run succeeds with exactly one new version, and
+   the killed try's MLflow run is ended as KILLED, tagged with the try that superseded it.
    (The test clears the task once the scheduler has set it up for retry, rather than waiting
    out the DAG's 2-minute ``retry_delay``.)
 3. ``test_served_drift_retrains_and_rollback_restores``: the closed loop. Shifted traffic to the
@@ -317,6 +318,16 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
     assert state == "success", f"run {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
     after = {v.version for v in c.versions(MODEL)}
     assert len(after - before) == 1, (sorted(before), sorted(after))
+    # the killed try's MLflow run did not stay RUNNING: the retry ended it as KILLED, naming itself
+    mlruns = c.mlflow().search_runs([c.mlflow().get_experiment_by_name(MODEL).experiment_id],
+                                    filter_string=f"tags.`nightshift.run_id` = '{run_id}' and "
+                                                  "tags.`nightshift.task` = 'train_gpu'")
+    states = {r.data.tags.get("nightshift.try_number"): r for r in mlruns}
+    assert sorted(states) == ["1", str(ti["try_number"])], {k: r.info.status for k, r in states.items()}
+    killed, retry = states["1"], states[str(ti["try_number"])]
+    assert (killed.info.status, retry.info.status) == ("KILLED", "FINISHED"), (killed.info, retry.info)
+    assert killed.data.tags["nightshift.superseded_by_try"] == str(ti["try_number"]), killed.data.tags
+    assert killed.data.tags["nightshift.superseded_by_run"] == retry.info.run_id
     print(f"\ncluster: worker-gpu killed after its first last.pt; detected in {detected_s:.0f}s; retry resumed "
           f"from epoch {resumed}/{epochs}; run took {took:.0f}s")
 

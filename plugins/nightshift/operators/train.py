@@ -55,7 +55,7 @@ class TrainGPUOperator(NightshiftOperator):
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.data.snapshot import fetch_snapshot
         from nightshift.settings import to_bool
-        from nightshift.train_run import default_artifact_location, run_training
+        from nightshift.train_run import TRY_TAG, default_artifact_location, run_training
         from nightshift.training import LAST_CHECKPOINT
 
         snap_info = self.require(self.snapshot, "snapshot", "collect_data")
@@ -71,7 +71,7 @@ class TrainGPUOperator(NightshiftOperator):
             self.mlflow, snapshot_uri, out_dir, self.hparams,
             model_name=self.model_name, run_name=f"{context['run_id']}", require_gpu=to_bool(self.require_gpu),
             tags={"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
-                  "nightshift.task": self.task_id},
+                  "nightshift.task": self.task_id, TRY_TAG: str(context["ti"].try_number)},
             artifact_location=default_artifact_location(self.settings.mlflow_tracking_uri, self.settings.home),
             should_stop=lambda: self._stop, log=self.log, snapshot_path=snapshot_path,
             after_epoch=lambda epoch: self._publish_resume_state(out_dir / LAST_CHECKPOINT),
@@ -125,7 +125,7 @@ class TrainGPUOperator(NightshiftOperator):
                 "--hparams", json.dumps(dict(self.hparams or {})), "--model-name", self.model_name,
                 "--run-name", str(context["run_id"]), "--result-path", str(result_path),
                 "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={context['run_id']}",
-                "--tag", f"nightshift.task={self.task_id}"]
+                "--tag", f"nightshift.task={self.task_id}", "--tag", f"nightshift.try_number={context['ti'].try_number}"]
         if snapshot_path is not None and str(snapshot_path) != snapshot_uri:
             args += ["--snapshot-path", str(snapshot_path)]
         if to_bool(self.require_gpu):
