@@ -3,6 +3,8 @@
     python bench/serving.py [--quick] [--soak]   # `make bench` runs it; writes docs/benchmarks-serving.json
     python bench/serving.py --deployed [--repeats N --seconds S]   # bench/serving_deployed.py
     python bench/serving.py --request-log [--pairs N --seconds S --source DIR]   # log on / off
+    python bench/serving.py --grpc [--pairs N --seconds S]   # OIP gRPC vs HTTP on one server
+    python bench/serving.py --peers [--rounds N --seconds S]   # vs KServe and PyTriton, bench/peers/
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -653,10 +655,190 @@ def request_log_main(argv: list[str]) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- gRPC vs HTTP (OIP)
+
+#: the models of the gRPC comparison: ``make run``'s digits shape and the issue's 32x32x3 reference
+GRPC_MODELS = (("digits", "small_cnn", (8, 8, 1)), ("small_cnn", "small_cnn", (32, 32, 3)))
+GRPC_RESULTS = ROOT / "bench" / "results" / "serving_grpc.json"
+#: gRPC status -> the HTTP status the same outcome gets over REST (LoadResult counts by HTTP status)
+_GRPC_AS_HTTP = {"OK": 200, "UNAVAILABLE": 503, "INVALID_ARGUMENT": 400, "NOT_FOUND": 404,
+                 "RESOURCE_EXHAUSTED": 413, "DEADLINE_EXCEEDED": 504}
+
+
+def grpc_infer_bytes(model: str, x: np.ndarray) -> bytes:
+    """A serialized ``ModelInferRequest`` for ``x`` as ``raw_input_contents`` (what tritonclient.grpc
+    sends), built once: the load client sends the same bytes every time, as the HTTP one does."""
+    from nightshift.serving import grpc_predict_v2_pb2 as pb
+
+    req = pb.ModelInferRequest(model_name=model, raw_input_contents=[x.tobytes()])
+    req.inputs.add(name="pixels", datatype="UINT8", shape=list(x.shape))
+    return req.SerializeToString()
+
+
+def grpc_run_load(target: str, request: bytes, *, concurrency: int, duration_s: float, timeout_s: float = 2.0,
+                  warmup_s: float = 0.5):
+    """:func:`nightshift.loadgen.run_load` for gRPC: ``concurrency`` callers on one channel (one
+    HTTP/2 connection, as gRPC clients multiplex) of one uvloop, pre-serialized request bytes and
+    unparsed answer bytes (the client does no protobuf work per call, as the HTTP client does no
+    JSON work), the same warm-up rule and the same :class:`~nightshift.loadgen.LoadResult`."""
+    import asyncio
+
+    import grpc
+
+    from nightshift.loadgen import LoadResult
+
+    result = LoadResult(concurrency=concurrency, duration_s=duration_s, images_per_request=1)
+
+    async def caller(call, record_from: float, deadline: float) -> None:
+        while time.perf_counter() < deadline:
+            t0 = time.perf_counter()
+            try:
+                await call(request, timeout=timeout_s)
+                status = 200
+            except grpc.aio.AioRpcError as exc:
+                status = _GRPC_AS_HTTP.get(exc.code().name, 500)
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and t0 >= record_from:
+                    result.timeouts += 1
+                    continue
+                if status not in (200, 503) and t0 >= record_from and len(result.error_samples) < 5:
+                    result.error_samples.append(f"{exc.code().name}: {exc.details()}")
+            if t0 >= record_from:
+                result.status_counts[status] = result.status_counts.get(status, 0) + 1
+                if status == 200:
+                    result.latencies_ms.append((time.perf_counter() - t0) * 1000.0)
+
+    async def main() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")  # bytes in, bytes out
+            await channel.channel_ready()
+            start = time.perf_counter()
+            record_from = start + warmup_s
+            deadline = record_from + duration_s
+            await asyncio.gather(*(caller(call, record_from, deadline) for _ in range(concurrency)))
+            result.duration_s = max(1e-9, min(time.perf_counter(), deadline + timeout_s) - record_from)
+
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(main())
+    return result
+
+
+def grpc_load(target: str, model: str, concurrency: int, seconds: float, shape: tuple[int, int, int]) -> dict:
+    x = np.random.default_rng(2).integers(0, 256, (1, *shape), dtype=np.uint8)  # the HTTP load's image
+    with pinned("client"):
+        return grpc_run_load(target, grpc_infer_bytes(model, x), concurrency=concurrency,
+                             duration_s=seconds).summary()
+
+
+def grpc_comparison(work: Path, *, pairs: int, seconds: float) -> dict:
+    """gRPC over HTTP (binary tensors) on one server process serving both (same model, same
+    batcher, the image's defaults, request log off), per model at c=1 and c=16: short loads
+    alternate between the protocols (HTTP then gRPC, then gRPC then HTTP), ``pairs`` pairs;
+    the figure is the median of the per-pair throughput ratios, with the quartiles, p50/p99
+    latency and the server's CPU per request (every thread; less sensitive than throughput to
+    the load client sharing the cores). A second server without gRPC (``NIGHTSHIFT_GRPC_PORT``
+    unset) alternates with it under HTTP load: what serving gRPC on the same loop costs HTTP."""
+    src = serving_tree(work)
+    results: dict = {"pairs": pairs, "seconds": seconds, "cpus": os.cpu_count(),
+                     "date": time.strftime("%Y-%m-%d %H:%M"),
+                     "client": "HTTP: nightshift.loadgen (keep-alive connections, one per caller); gRPC: "
+                               "grpc.aio, one channel, raw bytes (bench/serving.py grpc_run_load); one uvloop each"}
+    for name, arch, shape in GRPC_MODELS:
+        model_dir = export_shaped(name, arch, shape, work)
+        grpc_port = free_port()
+        servers = {"both": ServerProcess(model_dir, 0, 0, src=src, NIGHTSHIFT_GRPC_PORT=str(grpc_port))}
+        target = f"127.0.0.1:{grpc_port}"
+        m: dict = {"shape": list(shape)}
+        try:
+            servers["rest_only"] = ServerProcess(model_dir, 0, 0, src=src)
+            for srv in servers.values():
+                load(srv.url, name, 16, 1.0, shape=shape)
+            grpc_load(target, name, 16, 1.0, shape)
+            runs = {"http": lambda c: load(servers["both"].url, name, c, seconds, shape=shape),
+                    "grpc": lambda c: grpc_load(target, name, c, seconds, shape),
+                    "http_no_grpc": lambda c: load(servers["rest_only"].url, name, c, seconds, shape=shape)}
+            pid = {"http": servers["both"].proc.pid, "grpc": servers["both"].proc.pid,
+                   "http_no_grpc": servers["rest_only"].proc.pid}
+            for c in (1, 16):
+                raw: dict[str, list] = {k: [] for k in runs}
+                cpu: dict[str, list[float]] = {k: [] for k in runs}
+                for i in range(pairs):
+                    order = ("http", "grpc", "http_no_grpc") if i % 2 == 0 else ("http_no_grpc", "grpc", "http")
+                    for mode in order:
+                        before = _process_cpu_s(pid[mode])
+                        r = runs[mode](c)
+                        answered = r["ok"] / max(r["duration_s"], 1e-9) * (r["duration_s"] + 0.5)
+                        cpu[mode].append((_process_cpu_s(pid[mode]) - before) / max(answered, 1) * 1e6)
+                        raw[mode].append(r)
+                rps = {k: [r["throughput_rps"] or 0.0 for r in v] for k, v in raw.items()}
+                ratios = [a / b for a, b in zip(rps["grpc"], rps["http"], strict=True) if b]
+                cost = [a / b for a, b in zip(rps["http"], rps["http_no_grpc"], strict=True) if b]
+                m[f"c{c}"] = {
+                    "rps": rps, "rps_median": {k: statistics.median(v) for k, v in rps.items()},
+                    "grpc_over_http": [round(v, 3) for v in ratios], "grpc_over_http_quartiles": _quartiles(ratios),
+                    "http_with_grpc_over_without_quartiles": _quartiles(cost),
+                    "p50_ms": {k: statistics.median(r["latency_ms"]["p50"] for r in v) for k, v in raw.items()},
+                    "p99_ms": {k: statistics.median(r["latency_ms"]["p99"] for r in v) for k, v in raw.items()},
+                    "server_cpu_us_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
+                    "errors": {k: sum(r["errors"] + r["timeouts"] for r in v) for k, v in raw.items()},
+                    "error_samples": {k: [s for r in v for s in r["error_samples"]][:3] for k, v in raw.items()}}
+                x = m[f"c{c}"]
+                print(f"{name} c={c}: gRPC/HTTP {x['grpc_over_http_quartiles'][1]:.3f} {x['grpc_over_http']}; "
+                      f"median rps {({k: round(v) for k, v in x['rps_median'].items()})}; server CPU us/request "
+                      f"{x['server_cpu_us_median']}", flush=True)
+        finally:
+            for srv in servers.values():
+                srv.stop()
+        results[name] = m
+    return results
+
+
+def print_grpc_ratios(res: dict) -> None:
+    print(f"gRPC / HTTP on one server (binary tensors both; {res['pairs']} alternating pairs of "
+          f"{res['seconds']:g} s loads per figure; {res['cpus']} CPUs):")
+    for name, _, shape in GRPC_MODELS:
+        m = res.get(name)
+        if not m:
+            continue
+        for c in ("c1", "c16"):
+            x = m[c]
+            lo, med, hi = x["grpc_over_http_quartiles"]
+            r, cpu, p50, p99 = x["rps_median"], x["server_cpu_us_median"], x["p50_ms"], x["p99_ms"]
+            clo, cmed, chi = x["http_with_grpc_over_without_quartiles"]
+            print(f"  {name:9s} {'x'.join(map(str, shape)):7s} {c:>3s}: HTTP {r['http']:8,.0f}/s  gRPC "
+                  f"{r['grpc']:8,.0f}/s  gRPC/HTTP {med:.3f} ({lo:.3f}-{hi:.3f}); p50 {p50['http']:.2f} / "
+                  f"{p50['grpc']:.2f} ms, p99 {p99['http']:.2f} / {p99['grpc']:.2f} ms; server CPU per request "
+                  f"HTTP {cpu['http']:.0f} us, gRPC {cpu['grpc']:.0f} us; HTTP with gRPC served / without "
+                  f"{cmed:.3f} ({clo:.3f}-{chi:.3f}); errors {x['errors']}")
+
+
+def grpc_main(argv: list[str]) -> int:
+    ap = argparse.ArgumentParser(prog="bench/serving.py --grpc", description="gRPC over HTTP on one server")
+    ap.add_argument("--pairs", type=int, default=6, help="alternating pairs per model and concurrency")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per load (after a 0.5 s warm-up)")
+    ap.add_argument("--out", default=str(GRPC_RESULTS))
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        res = grpc_comparison(Path(tmp), pairs=args.pairs, seconds=args.seconds)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print_grpc_ratios(res)
+    return 0
+
+
 def main() -> int:
+    if "--peers" in sys.argv[1:]:  # Nightshift vs KServe and PyTriton: bench/peers/compare.py
+        sys.argv.remove("--peers")
+        from peers.compare import main as peers_main
+
+        return peers_main(sys.argv[1:])
     if "--request-log" in sys.argv[1:]:  # log on vs off, both models, alternating
         sys.argv.remove("--request-log")
         return request_log_main(sys.argv[1:])
+    if "--grpc" in sys.argv[1:]:  # gRPC vs HTTP on one server, both models, alternating
+        sys.argv.remove("--grpc")
+        return grpc_main(sys.argv[1:])
     if "--deployed" in sys.argv[1:]:  # the gates' figures against the deployed configuration
         sys.argv.remove("--deployed")
         import serving_deployed

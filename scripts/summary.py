@@ -95,6 +95,9 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
         say(f"\n{head}: {p.get('model_name')} v{p.get('version')} — {p.get('reason')}")
         say(f"  champion: v{p.get('champion')} (before this run: {p.get('previous_champion') or 'none'})")
         say(f"  image:    {p.get('image')}")
+        serving = _serving_line(store, p.get("model_name"))
+        if serving:
+            say(serving)
         say(f"  offline accuracy {_f(p.get('offline_accuracy'))}, served accuracy {_f(p.get('served_accuracy'))}, "
             f"p95 latency {_f(p.get('p95_latency_ms'), 2)} ms")
         for g in p.get("gates", []):
@@ -109,6 +112,23 @@ def summarize(dag_id: str, latest: dict[str, Any] | None, waiting: list[dict[str
     say(f"  artifacts: {folder}")
     say(f"  Nightshift view: `make airflow-ui`, then Browse → Nightshift ({airflow_url()}/nightshift/)")
     return 0 if run_state == "success" else 1
+
+
+def _serving_line(store: Any, model_name: Any) -> str | None:
+    """Where the model serves now (the deployment state), for the person who just ran it."""
+    from nightshift.state import read_deployment
+    from nightshift.store import StoreError
+
+    if not model_name:
+        return None
+    try:
+        d = read_deployment(store, str(model_name))
+    except StoreError as exc:
+        return f"  serving:  unknown (the deployment state cannot be read: {exc})"
+    if not d:
+        return "  serving:  nothing (not deployed)"
+    grpc = f", gRPC {d['grpc_target']}" if d.get("grpc_target") else ""
+    return f"  serving:  v{d.get('registry_version')} on {d.get('url')}{grpc} (`make stop-serving` stops it)"
 
 
 def _f(value: Any, digits: int = 4) -> str:

@@ -24,3 +24,10 @@ def digits_subset_snapshot(root: Path, *, classes: int, per_class: int, val_frac
                       source={"kind": "test"})
     kw = {} if shard_mb is None else {"shard_mb": shard_mb}
     return write_snapshot(data, Path(root) / "snaps", val_fraction=val_fraction, test_fraction=test_fraction, **kw)
+
+
+def snapshot_content(snap) -> list[tuple]:
+    """What a model could learn from a snapshot, independent of image order: (source, pixel
+    hash, label, split) per image, sorted."""
+    prof = snap.profile()
+    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))

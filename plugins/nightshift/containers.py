@@ -66,6 +66,25 @@ def free_ports(n: int, host: str = LOOPBACK) -> list[int]:
             s.close()
 
 
+def free_port_pair(host: str = LOOPBACK, tries: int = 50) -> int:
+    """A port ``p`` with ``p`` and ``p + 1`` both free on ``host`` right now: a deploy's stable
+    REST port, whose gRPC port is the next one (:func:`nightshift.deploy.grpc_port_for`).
+
+    :raises OSError: no such pair found in ``tries`` picks."""
+    for _ in range(tries):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind((host, 0))
+            p = int(a.getsockname()[1])
+            if p >= 65535:
+                continue
+            try:
+                b.bind((host, p + 1))
+            except OSError:
+                continue
+            return p
+    raise OSError(f"no two adjacent free TCP ports on {host} in {tries} tries")
+
+
 @dataclass(frozen=True)
 class ServingConfig:
     """How the inference image runs wherever it runs (system eval and deploy alike).
@@ -112,11 +131,17 @@ def prepare_request_log_dir(path: str | os.PathLike) -> tuple[Path, str | None]:
 
 def serving_run_kwargs(image: str, *, name: str, port: int, config: ServingConfig,
                        request_log_dir: str | os.PathLike | None, labels: Mapping[str, str],
-                       restart: bool = False, command: Any = None) -> dict[str, Any]:
+                       restart: bool = False, command: Any = None, grpc_port: int | None = None) -> dict[str, Any]:
     """``containers.run`` arguments for the inference image: host network bound to
     127.0.0.1:``port``, every capability dropped, no new privileges, the memory and
-    process limits of ``config``, and the request log mounted at ``request_log_dir``."""
-    env = {**config.environment, "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(int(port))}
+    process limits of ``config``, and the request log mounted at ``request_log_dir``.
+
+    :param grpc_port: serve the OIP gRPC service on 127.0.0.1:``grpc_port`` too; ``None`` (default)
+        turns it off (``NIGHTSHIFT_GRPC_PORT=off``): on the host network the image's fixed 8081
+        would collide between two containers (blue/green, an evaluation beside the deployment).
+    """
+    env = {**config.environment, "NIGHTSHIFT_HOST": LOOPBACK, "NIGHTSHIFT_PORT": str(int(port)),
+           "NIGHTSHIFT_GRPC_PORT": "off" if grpc_port is None else str(int(grpc_port))}
     kwargs: dict[str, Any] = dict(
         image=image, name=name, detach=True, network_mode="host", cap_drop=["ALL"],
         security_opt=["no-new-privileges"], pids_limit=PIDS_LIMIT, labels=dict(labels), auto_remove=False)
@@ -258,6 +283,7 @@ class InferenceContainer:
     :param environment: extra environment variables on top of ``config``'s (tests and the
         model-load variant; the system evaluation passes none).
     :param volumes: extra docker volume bindings (tests and the model-load variant).
+    :param grpc_port: also serve OIP gRPC on this port (``0``: a free one); default none (REST only).
     """
 
     def __init__(
@@ -274,10 +300,14 @@ class InferenceContainer:
         command: str | Sequence[str] | None = None,
         environment: dict[str, str] | None = None,
         volumes: dict[str, dict[str, str]] | None = None,
+        grpc_port: int | None = None,
     ):
         self.image = image
         self.client = docker_client
-        self.port = port or free_port()
+        # ports picked together are distinct (free_ports holds them all open while the OS picks)
+        spare = free_ports(2) if grpc_port == 0 else ([] if port else [free_port()])
+        self.port = port or spare.pop(0)
+        self.grpc_port = None if grpc_port is None else (grpc_port or next(p for p in spare if p != self.port))
         self.name = name or f"nightshift-eval-{uuid.uuid4().hex[:12]}"
         config = config or ServingConfig.from_env()
         if environment:
@@ -303,6 +333,11 @@ class InferenceContainer:
         return f"http://{LOOPBACK}:{self.port}"
 
     @property
+    def grpc_target(self) -> str | None:
+        """``127.0.0.1:<grpc port>`` for a gRPC client, or ``None`` when the container serves REST only."""
+        return None if self.grpc_port is None else f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
     def container_id(self) -> str | None:
         """The container's id once started."""
         return getattr(self.container, "id", None)
@@ -317,7 +352,7 @@ class InferenceContainer:
         for this container, plus the extra ``volumes`` when given. Creates the request-log folder."""
         spec = serving_run_kwargs(self.image, name=self.name, port=self.port, config=self.config,
                                   request_log_dir=self.request_log_dir, labels=self.labels, restart=False,
-                                  command=self.command)
+                                  command=self.command, grpc_port=self.grpc_port)
         if self.volumes:
             spec["volumes"] = {**spec.get("volumes", {}), **self.volumes}
         return spec

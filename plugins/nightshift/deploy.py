@@ -15,6 +15,12 @@ stops the old ("blue") container gracefully (SIGTERM: it drains in-flight
 requests). If green does not become ready, it is removed, blue keeps serving
 and the error says why, with green's log. Deploying what already serves is a no-op.
 
+**gRPC.** With a stable gRPC port (:func:`grpc_port_for`: the REST port + 1 by
+default, as Triton pairs 8000/8001; ``NIGHTSHIFT_DEPLOY_GRPC=off`` turns it off)
+green also serves the OIP gRPC service on a free port of its own, the proxy
+forwards the stable gRPC port to it, and the switch and the check through the
+proxy cover both protocols.
+
 Every deploy runs inside the model's champion lock
 (:func:`nightshift.champion.champion_lock`): one writer at a time moves the
 port, and it removes any serving container of this deployment that the state
@@ -47,7 +53,8 @@ from nightshift import contracts, state
 from nightshift.artifacts import atomic_write_text
 from nightshift.champion import DEFAULT_LOCK_TIMEOUT_S, champion_lock
 from nightshift.containers import (DEPLOYMENT_LABEL, LOOPBACK, MODEL_LABEL, ROLE_LABEL,
-                                   VERSION_LABEL, ServingConfig, free_port, run_serving_container, wait_ready)
+                                   VERSION_LABEL, ServingConfig, free_port, free_ports, run_serving_container,
+                                   wait_ready)
 from nightshift.errors import ConfigError, ServingError
 from nightshift.store import as_store
 
@@ -71,18 +78,66 @@ def _get(url: str, timeout: float = 2.0) -> tuple[int, Any]:
             return r.status_code, r.text
 
 
-def _proxy_port(c: Any) -> int | None:
-    """The port a proxy container listens on (its ``LISTEN_PORT``), or None when it cannot be told."""
+#: ``NIGHTSHIFT_DEPLOY_GRPC``: ``auto`` (default: the stable gRPC port is the REST port + 1) or ``off``.
+DEPLOY_GRPC_ENV = "NIGHTSHIFT_DEPLOY_GRPC"
+
+
+def grpc_port_for(port: int, env: Any = None) -> int | None:
+    """The stable gRPC port that goes with the stable REST ``port``: ``port + 1`` (Triton's
+    8000/8001 pairing), or ``None`` when ``NIGHTSHIFT_DEPLOY_GRPC=off``. Every deploy of a model
+    (nightly, promote, rollback) derives it here, so the proxy and the served container agree.
+
+    :raises ConfigError: the variable is neither ``auto`` nor ``off``, or ``port`` is the last port.
+    """
+    raw = str((os.environ if env is None else env).get(DEPLOY_GRPC_ENV, "auto")).strip().lower() or "auto"
+    if raw in ("off", "0", "false", "no"):
+        return None
+    if raw not in ("auto", "on", "1", "true", "yes"):
+        raise ConfigError(f"{DEPLOY_GRPC_ENV}={raw!r}: expected 'auto' (the REST port + 1) or 'off'")
+    if not 0 < int(port) < 65535:
+        raise ConfigError(f"deploy port {port}: its gRPC port ({int(port) + 1}) is not a TCP port; "
+                          f"choose another deploy port or set {DEPLOY_GRPC_ENV}=off")
+    return int(port) + 1
+
+
+def _proxy_env(c: Any, key: str) -> int | None:
+    """An integer setting of a proxy container (``LISTEN_PORT``, ``GRPC_LISTEN_PORT``), or None when unset."""
     try:
         env = (c.attrs.get("Config") or {}).get("Env") or []
     except AttributeError:
         return None
     for item in env:
-        if isinstance(item, str) and item.startswith("LISTEN_PORT="):
+        if isinstance(item, str) and item.startswith(f"{key}="):
             try:
-                return int(item.split("=", 1)[1])
+                return int(item.split("=", 1)[1]) or None
             except ValueError:
                 return None
+    return None
+
+
+def _proxy_port(c: Any) -> int | None:
+    """The port a proxy container listens on (its ``LISTEN_PORT``), or None when it cannot be told."""
+    return _proxy_env(c, "LISTEN_PORT")
+
+
+def _grpc_serves(target: str, model_name: str, model_version: str | None, timeout_s: float = 2.0) -> str | None:
+    """Why ``target`` (``host:port``) does not serve ``model_name`` (and ``model_version``) over
+    OIP gRPC, or ``None`` when it does: ServerReady, then ModelMetadata's versions."""
+    import grpc
+
+    from nightshift.serving import grpc_predict_v2_pb2 as pb
+    from nightshift.serving import grpc_predict_v2_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(target) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            if not stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout_s).ready:
+                return "ServerReady: not ready"
+            meta = stub.ModelMetadata(pb.ModelMetadataRequest(name=model_name), timeout=timeout_s)
+        except grpc.RpcError as exc:
+            return f"{exc.code().name}: {exc.details()}"
+    if model_version is not None and model_version not in list(meta.versions):
+        return f"ModelMetadata: versions {list(meta.versions)}, not {model_version}"
     return None
 
 
@@ -104,6 +159,7 @@ class LocalDeployer:
     :param config: how the serving container runs (memory limit, request-log sampling,
         environment); ``ServingConfig.from_env()`` in the operators, the deployed default here.
     :param lock_timeout_s: how long a deploy waits for another writer's champion lock.
+    :param grpc_port: the stable OIP gRPC port on 127.0.0.1 (:func:`grpc_port_for`); ``None``: REST only.
     :param hook: test/tracing hook, called with ``green_started``, ``before_switch`` and
         ``before_record`` as a deploy passes those points.
     """
@@ -111,9 +167,13 @@ class LocalDeployer:
     def __init__(self, docker_client: Any, *, model_name: str, artifact_root: str | Path | Store, port: int = 8600,
                  proxy_image: str = "nightshift/base:bookworm", ready_timeout_s: float = 60.0,
                  drain_timeout_s: int = 20, switch_grace_s: float = 1.0, config: ServingConfig | None = None,
-                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Callable[[str], None] | None = None):
+                 lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S, hook: Callable[[str], None] | None = None,
+                 grpc_port: int | None = None):
         if not 0 < int(port) < 65536:
             raise ConfigError(f"deploy port must be 1..65535, got {port}")
+        if grpc_port is not None and (not 0 < int(grpc_port) < 65536 or int(grpc_port) == int(port)):
+            raise ConfigError(f"deploy gRPC port must be 1..65535 and not the REST port {port}, got {grpc_port}")
+        self.grpc_port = None if grpc_port is None else int(grpc_port)
         self.client = docker_client
         self.model_name = model_name
         self.store = as_store(artifact_root)
@@ -138,6 +198,11 @@ class LocalDeployer:
     @property
     def url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
+
+    @property
+    def grpc_target(self) -> str | None:
+        """``127.0.0.1:<stable gRPC port>`` for a gRPC client (``tritonclient.grpc``), or None."""
+        return None if self.grpc_port is None else f"{LOOPBACK}:{self.grpc_port}"
 
     def state(self) -> dict[str, Any] | None:
         """What serves now, as the store records it (:func:`nightshift.state.read_deployment`)."""
@@ -170,46 +235,64 @@ class LocalDeployer:
     def _ensure_proxy(self) -> None:
         name = f"nightshift-proxy-{self.model_name}"
         c = self._container(name)
-        listens = _proxy_port(c)
-        if c is not None and c.status == "running" and listens in (None, self.port):
+        listens, listens_grpc = _proxy_port(c), _proxy_env(c, "GRPC_LISTEN_PORT")
+        same = listens in (None, self.port) and listens_grpc == self.grpc_port
+        if c is not None and c.status == "running" and same:
             return
         if c is not None:
-            if listens not in (None, self.port):  # the model's stable port moved: one proxy per model
-                log.warning("the proxy of %s listens on %s:%s, not on the deploy port %s: replacing it",
-                            self.model_name, LOOPBACK, listens, self.port)
+            if not same:  # the model's stable ports moved: one proxy per model
+                log.warning("the proxy of %s listens on %s:%s (gRPC %s), not on the deploy ports %s (gRPC %s): "
+                            "replacing it", self.model_name, LOOPBACK, listens, listens_grpc, self.port, self.grpc_port)
             c.remove(force=True)
         if not PROXY_SCRIPT.is_file():
             raise ConfigError(f"the deploy proxy script {PROXY_SCRIPT} is missing from this installation")
-        with socket.socket() as s:
-            try:
-                s.bind((LOOPBACK, self.port))
-            except OSError as exc:
-                raise ServingError(f"the stable port {LOOPBACK}:{self.port} is taken by another program ({exc}); "
-                                   "choose another deploy port") from exc
-        log.info("starting proxy %s on %s", name, self.url)
+        for port in (self.port, self.grpc_port):
+            if port is None:
+                continue
+            with socket.socket() as s:
+                # as the proxy binds: connections of a proxy just replaced (TIME_WAIT) do not count
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    s.bind((LOOPBACK, port))
+                except OSError as exc:
+                    what = "stable port" if port == self.port else f"stable gRPC port ({DEPLOY_GRPC_ENV})"
+                    raise ServingError(f"the {what} {LOOPBACK}:{port} is taken by another program ({exc}); "
+                                       "choose another deploy port") from exc
+        log.info("starting proxy %s on %s%s", name, self.url, f" and gRPC {self.grpc_target}" if self.grpc_port else "")
+        grpc_env = {"GRPC_LISTEN_PORT": str(self.grpc_port),
+                    "GRPC_UPSTREAM_FILE": "/etc/nightshift-proxy/upstream-grpc"} if self.grpc_port else {}
         self.client.containers.run(
             self.proxy_image, ["python3", "/opt/nightshift-proxy/tcp_proxy.py"], name=name, detach=True,
             network_mode="host", user="65534:65534", cap_drop=["ALL"], security_opt=["no-new-privileges"],
             restart_policy={"Name": "unless-stopped"}, mem_limit="128m",
             environment={"LISTEN_HOST": LOOPBACK, "LISTEN_PORT": str(self.port),
-                         "UPSTREAM_FILE": "/etc/nightshift-proxy/upstream", "PYTHONUNBUFFERED": "1"},
+                         "UPSTREAM_FILE": "/etc/nightshift-proxy/upstream", "PYTHONUNBUFFERED": "1", **grpc_env},
             volumes={str(PROXY_SCRIPT.parent): {"bind": "/opt/nightshift-proxy", "mode": "ro"},
                      str(self.proxy_dir): {"bind": "/etc/nightshift-proxy", "mode": "ro"}},
             labels={ROLE_LABEL: "proxy", MODEL_LABEL: self.model_name, DEPLOYMENT_LABEL: self.deployment_id})
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
-            with socket.socket() as s:
-                if s.connect_ex((LOOPBACK, self.port)) == 0:
-                    return
+            listening = []
+            for port in (self.port, self.grpc_port):
+                if port is not None:
+                    with socket.socket() as s:
+                        listening.append(s.connect_ex((LOOPBACK, port)) == 0)
+            if all(listening):
+                return
             time.sleep(0.1)
         c = self._container(name)
         raise ServingError(f"the deploy proxy did not start listening on {self.url}",
                            logs=c.logs(tail=50).decode("utf-8", "replace") if c else "")
 
-    def _switch(self, port: int) -> None:
+    def _switch(self, port: int, grpc_port: int | None = None) -> None:
+        """Point new connections at ``port`` (and the stable gRPC port's at ``grpc_port``): each
+        upstream file is replaced atomically; gRPC first, so REST never leads onto a backend whose
+        gRPC side is not routed yet."""
         self.proxy_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.proxy_dir / "upstream", f"{LOOPBACK}:{port}\n")
-        os.chmod(self.proxy_dir / "upstream", 0o644)
+        files = [("upstream-grpc", grpc_port)] if grpc_port else []
+        for name, p in [*files, ("upstream", port)]:
+            atomic_write_text(self.proxy_dir / name, f"{LOOPBACK}:{p}\n")
+            os.chmod(self.proxy_dir / name, 0o644)
         os.chmod(self.proxy_dir, 0o755)
 
     def upstream_port(self) -> int | None:
@@ -270,21 +353,23 @@ class LocalDeployer:
             if self.upstream_port() != int(current["port"]):
                 log.warning("the proxy pointed at port %s, not at the recorded %s: switching back",
                             self.upstream_port(), current["port"])
-                self._switch(int(current["port"]))
+                self._switch(int(current["port"]), current.get("backend_grpc_port"))
         self._sweep(keep=blue.name if blue is not None else None)
         self._remove_drained_leftover(current)
         if current and blue is not None and blue.status == "running" and current.get("image_id") == image_id \
-                and str(current.get("registry_version")) == registry_version and self._serves(model_version):
+                and str(current.get("registry_version")) == registry_version \
+                and current.get("grpc_port") == self.grpc_port and self._serves(model_version):
             log.info("%s v%s (%s) already serves on %s: nothing to do", self.model_name, registry_version,
                      image, self.url)
             return {**current, "changed": False}
 
-        port = free_port()
+        port, grpc_backend = free_ports(2) if self.grpc_port else (free_port(), None)
         name = f"nightshift-serve-{self.model_name}-v{registry_version}-{uuid.uuid4().hex[:6]}"
-        log.info("green: %s from %s on port %d", name, image, port)
+        log.info("green: %s from %s on port %d%s", name, image, port, f" (gRPC {grpc_backend})" if grpc_backend else "")
         try:
             green = run_serving_container(
                 self.client, image, name=name, port=port, config=self.config, request_log_dir=self.log_dir,
+                grpc_port=grpc_backend,
                 restart=True, labels={ROLE_LABEL: "serving", MODEL_LABEL: self.model_name,
                                       VERSION_LABEL: registry_version, DEPLOYMENT_LABEL: self.deployment_id})
         except APIError as exc:
@@ -294,14 +379,14 @@ class LocalDeployer:
             self._hook("green_started")
             served_version = self._wait_ready(green, port, model_version)
             self._hook("before_switch")
-            self._switch(port)
+            self._switch(port, grpc_backend)
             self._ensure_proxy()
             self._check_through_proxy(model_version)
         except BaseException as exc:
             logs = green.logs(tail=80).decode("utf-8", "replace")
             green.remove(force=True)
             if current and blue is not None:
-                self._switch(int(current["port"]))  # traffic stays on (or goes back to) blue
+                self._switch(int(current["port"]), current.get("backend_grpc_port"))  # traffic stays on blue
             if isinstance(exc, ServingError):
                 kept = f"v{current['registry_version']} keeps serving" if current else "nothing was serving"
                 raise ServingError(f"deploy of {self.model_name} v{registry_version} failed: {exc}. {kept}.",
@@ -311,6 +396,7 @@ class LocalDeployer:
         record = {"model": self.model_name, "registry_version": registry_version,
                  "model_version": served_version, "image": image, "image_id": image_id, "container": name,
                  "port": port, "url": self.url, "status": "serving", "target": "docker",
+                 "grpc_port": self.grpc_port, "grpc_target": self.grpc_target, "backend_grpc_port": grpc_backend,
                  "since": datetime.now(timezone.utc).isoformat(), "request_log_dir": str(self.log_dir),
                  "previous": {k: current.get(k) for k in ("registry_version", "image", "container")} if current else None,
                  "reason": reason}
@@ -354,18 +440,28 @@ class LocalDeployer:
                 log.warning("could not remove %s: %s", prev.name, exc)
 
     def _check_through_proxy(self, model_version: str | None) -> None:
+        """Both stable ports serve ``model_version`` (REST, then gRPC when there is a gRPC port)."""
         deadline = time.monotonic() + 10
         last = ""
+        rest_ok = False
         while time.monotonic() < deadline:
             try:
-                code, meta = _get(f"{self.url}/v2/models/{self.model_name}")
-                if code == 200 and (model_version is None or model_version in meta.get("versions", [])):
-                    return
-                last = f"{code}: {meta}"
+                if not rest_ok:
+                    code, meta = _get(f"{self.url}/v2/models/{self.model_name}")
+                    rest_ok = code == 200 and (model_version is None or model_version in meta.get("versions", []))
+                    last = "" if rest_ok else f"{code}: {meta}"
+                if rest_ok:
+                    if self.grpc_target is None:
+                        return
+                    why = _grpc_serves(self.grpc_target, self.model_name, model_version)
+                    if why is None:
+                        return
+                    last = f"gRPC {self.grpc_target}: {why}"
             except Exception as exc:  # noqa: BLE001
                 last = f"{type(exc).__name__}: {exc}"
             time.sleep(0.1)
-        raise ServingError(f"the stable port {self.url} does not serve the new version after the switch (last: {last})")
+        where = self.url + (f" (gRPC {self.grpc_target})" if self.grpc_port else "")
+        raise ServingError(f"the stable port {where} does not serve the new version after the switch (last: {last})")
 
     def undeploy(self) -> None:
         """Remove this deployment's serving containers and the model's proxy (tests, decommissioning)."""
@@ -382,4 +478,4 @@ class LocalDeployer:
             state.clear_deployment(self.store, self.model_name)
 
 
-__all__ = ["LocalDeployer"]
+__all__ = ["DEPLOY_GRPC_ENV", "LocalDeployer", "grpc_port_for"]

@@ -41,8 +41,13 @@ def _k8s_name(model_name: str) -> str:
 
 
 def render_kubernetes(model_name: str, image: str, *, registry_version: str, namespace: str = "default",
-                      replicas: int = 2, port: int = 8080, cpu: str = "1", memory: str = "1Gi") -> list[dict[str, Any]]:
+                      replicas: int = 2, port: int = 8080, grpc_port: int | None = 8081, cpu: str = "1",
+                      memory: str = "1Gi") -> list[dict[str, Any]]:
     """Deployment + Service + KServe InferenceService for ``image``, validated.
+
+    The Deployment's pods serve REST on ``port`` and OIP gRPC on ``grpc_port`` (``None``: REST
+    only); the Service exposes both (gRPC as ``appProtocol: kubernetes.io/h2c``). KServe routes
+    one port per predictor, so the InferenceService serves REST only.
 
     :raises ConfigError: a manifest does not validate against the Kubernetes API
         models (Deployment, Service) or the InferenceService schema.
@@ -52,8 +57,10 @@ def render_kubernetes(model_name: str, image: str, *, registry_version: str, nam
               "ai.nightshift/model-version": str(registry_version)}
     container = {
         "name": "server", "image": image, "imagePullPolicy": "IfNotPresent",
-        "ports": [{"name": "http", "containerPort": port}],
+        "ports": [{"name": "http", "containerPort": port},
+                  *([{"name": "grpc", "containerPort": grpc_port}] if grpc_port else [])],
         "env": [{"name": "NIGHTSHIFT_HOST", "value": "0.0.0.0"}, {"name": "NIGHTSHIFT_PORT", "value": str(port)},
+                {"name": "NIGHTSHIFT_GRPC_PORT", "value": str(grpc_port) if grpc_port else "off"},
                 {"name": "NIGHTSHIFT_REQUEST_LOG_DIR", "value": CONTAINER_LOG_DIR}],
         "readinessProbe": {"httpGet": {"path": "/v2/health/ready", "port": "http"}, "periodSeconds": 5},
         "livenessProbe": {"httpGet": {"path": "/v2/health/live", "port": "http"}, "periodSeconds": 10,
@@ -75,7 +82,9 @@ def render_kubernetes(model_name: str, image: str, *, registry_version: str, nam
     service = {
         "apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": namespace, "labels": labels},
         "spec": {"selector": {"app.kubernetes.io/name": name},
-                 "ports": [{"name": "http", "port": 80, "targetPort": "http"}]},
+                 "ports": [{"name": "http", "port": 80, "targetPort": "http"},
+                           *([{"name": "grpc", "port": grpc_port, "targetPort": "grpc",
+                               "appProtocol": "kubernetes.io/h2c"}] if grpc_port else [])]},
     }
     isvc = {
         "apiVersion": "serving.kserve.io/v1beta1", "kind": "InferenceService",
@@ -83,6 +92,7 @@ def render_kubernetes(model_name: str, image: str, *, registry_version: str, nam
                      "annotations": {"serving.kserve.io/enable-prometheus-scraping": "true"}},
         "spec": {"predictor": {"minReplicas": 1, "containers": [
             {**{k: v for k, v in container.items() if k not in ("volumeMounts",)},
+             "env": [e if e["name"] != "NIGHTSHIFT_GRPC_PORT" else {**e, "value": "off"} for e in container["env"]],
              "name": "kserve-container", "ports": [{"containerPort": port, "protocol": "TCP"}]}]}},
     }
     validate_manifests([deployment, service, isvc])

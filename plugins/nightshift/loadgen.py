@@ -149,6 +149,14 @@ class _Connection(asyncio.Protocol):
             else:
                 j = head.find(b"\r\n", i + 2)
                 length = int(head[i + 17:j if j > 0 else len(head)])
+            if i < 0 and b"\r\ntransfer-encoding: chunked" in head:  # e.g. KServe's binary replies
+                chunked = dechunk(buf, end + 4)
+                if chunked is None:
+                    return
+                body, total = chunked
+                del buf[:total]
+                self.waiter.set_result((status, body, b"\r\nconnection: close" in head))
+                return
         except ValueError as exc:
             self.waiter.set_exception(ValueError(f"malformed response head {head[:200]!r}: {exc}"))
             return
@@ -169,6 +177,25 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         if self.transport is not None:
             self.transport.close()
+
+
+def dechunk(buf: bytes | bytearray, start: int) -> tuple[bytes, int] | None:
+    """A ``Transfer-Encoding: chunked`` body that begins at ``buf[start]``: ``(body, end)``, ``end``
+    the offset just past its last CRLF, or ``None`` while it has not all arrived. Trailers are
+    not supported (no server this client measures sends them). Raises ``ValueError`` on a
+    malformed chunk size."""
+    parts, pos = [], start
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return None
+        size = int(bytes(buf[pos:eol]).split(b";", 1)[0], 16)
+        if size == 0:
+            return (b"".join(parts), eol + 4) if len(buf) >= eol + 4 else None
+        if len(buf) < eol + 2 + size + 2:
+            return None
+        parts.append(bytes(buf[eol + 2:eol + 2 + size]))
+        pos = eol + 2 + size + 2
 
 
 def _expire(fut: asyncio.Future) -> None:

@@ -27,9 +27,12 @@ from nightshift.errors import BuildError, ConfigError
 log = logging.getLogger(__name__)
 
 #: What the serving code imports (``plugins/nightshift/serving``); everything else is their dependencies.
-#: onnxruntime + numpy run the model; uvicorn + httptools + uvloop are the HTTP stack; prometheus_client
+#: onnxruntime + numpy run the model; uvicorn + httptools + uvloop are the HTTP stack; grpcio + protobuf
+#: the OIP gRPC service (its committed stubs check both versions at import: protobuf's runtime must be
+#: at least the version they were generated for, ``scripts/gen_grpc_stubs.py``); prometheus_client
 #: serves /metrics; pillow decodes uploads on /classify.
-SERVING_ROOTS = ("onnxruntime", "numpy", "uvicorn", "httptools", "uvloop", "prometheus_client", "pillow")
+SERVING_ROOTS = ("onnxruntime", "numpy", "uvicorn", "httptools", "uvloop", "grpcio", "protobuf",
+                 "prometheus_client", "pillow")
 
 # --------------------------------------------------------------------------- requirements
 

@@ -43,6 +43,7 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+from nightshift.containers import free_port_pair
 
 from tests.cluster import harness
 from tests.cluster.harness import BUCKET, PREFIX, Cluster
@@ -58,8 +59,8 @@ CONTROL = ("api-server", "scheduler", "dag-processor", "triggerer")
 QUEUE_WORKER = {"default": "worker-default", "docker": "worker-default", "gpu": "worker-gpu"}
 DOCKER_TASKS = ("build_inference_image", "system_eval", "finalize_promotion", "deploy")
 HEARTBEAT_TIMEOUT_S = 30
-#: the test model's serving port (its models-file entry's deploy.port)
-PORT = harness.free_port()
+#: the test model's serving port (its models-file entry's deploy.port); the next one serves gRPC
+PORT = free_port_pair()
 #: the test model's recipe in its entry: what the drift-triggered run trains with (nobody passes conf)
 ENTRY_EPOCHS = 6
 #: what the later tests use of the first one (its port, its champion)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from nightshift.containers import free_port  # noqa: F401 - the one free-port helper, for the tests here
+from nightshift.containers import free_port_pair as free_deploy_port  # noqa: F401 - REST + gRPC (port + 1)
 
 
 def run_dag(dag, conf):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, run_dag as run
+from tests.integration.conftest import free_deploy_port, run_dag as run
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -85,7 +85,7 @@ def test_drift_in_served_traffic_retrains_and_rollback_restores(env, dags):
     from nightshift.serving import requestlog
     from simulate_traffic import main as simulate
 
-    port = free_port()
+    port = free_deploy_port()
     base = {"model_name": MODEL, "epochs": 6, "deploy_port": port}
     mlflow = registry.client(os.environ["MLFLOW_TRACKING_URI"])
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, remove_images, run_dag as run
+from tests.integration.conftest import free_deploy_port, remove_images, run_dag as run
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -45,7 +45,7 @@ def photos(tmp_path_factory):
 @pytest.fixture(scope="module")
 def conf(photos):
     return {"epochs": 8, "model_name": MODEL, "source": str(photos), "image_shape": [8, 8, 1],
-            "deploy_port": free_port()}
+            "deploy_port": free_deploy_port()}
 
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import free_port, remove_images, run_dag as run
+from tests.integration.conftest import free_deploy_port, remove_images, run_dag as run
 
 pytestmark = [pytest.mark.integration, pytest.mark.docker]
 
@@ -31,7 +31,7 @@ def env(tmp_path_factory):
     policy = (ROOT / "include" / "gates.yaml").read_text()
     assert "min_accuracy: 0.9" in policy
     (home / "gates-a.yaml").write_text(policy.replace("min_accuracy: 0.9", "min_accuracy: 0.8"))
-    ports = {m: free_port() for m in MODELS}
+    ports = {m: free_deploy_port() for m in MODELS}
     (home / "models.yaml").write_text(
         "models:\n"
         f"  - {{name: two-a, default: true, source: bundled, recipe: {{epochs: 6}}, gates: gates-a.yaml,\n"

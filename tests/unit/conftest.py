@@ -6,7 +6,10 @@ model, S3 server) are in ``tests/conftest.py``.
   OIP server running it in process, its inference image (serving, evaluation, deploy tests);
   ``http``, ``pixels``, ``x``: a client and request images for the serving tests
   (their helpers: :mod:`tests.unit.serving_support`);
-- ``nightshift_home``: an isolated Nightshift home (operator tests).
+- ``nightshift_home``: an isolated Nightshift home; ``worker``: a worker's empty working copy of
+  the object store;
+- ``ctx``: a task's context for calling an operator's ``execute``; ``candidate``: a model collected,
+  trained and exported by the operators (the promote, export, drift and monitor operator tests).
 
 Request-log records for the monitoring tests: :mod:`tests.unit.served_traffic`.
 """
@@ -17,6 +20,8 @@ import hashlib
 import json
 import os
 import uuid
+from collections import defaultdict
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -277,3 +282,32 @@ def worker(s3_server, s3_root, tmp_path, monkeypatch):
         return tmp_path / name
 
     return use
+
+
+# ----------------------------------------------------------------------------- operators called directly
+
+
+@pytest.fixture
+def ctx():
+    """What an operator's ``execute`` gets as its context here: a manual run's id and the outlet
+    events the collect operator records its Asset digest on. Operator tests on the local artifact
+    root ask for ``nightshift_home`` as well (their module's ``pytestmark``); those on an object
+    store for ``worker``."""
+    return {"run_id": "manual__test", "outlet_events": defaultdict(lambda: SimpleNamespace(extra=None))}
+
+
+@pytest.fixture
+def candidate(nightshift_home, ctx):
+    """collect -> train -> export for real, with the operators; image and system eval given."""
+    from nightshift.data.snapshot import load_snapshot
+    from nightshift.operators import CollectDataOperator, ExportONNXOperator, TrainGPUOperator
+
+    snap = CollectDataOperator(task_id="collect").execute(ctx)
+    train = TrainGPUOperator(task_id="train", snapshot=snap, model_name="op-promote",
+                             hparams={"epochs": 3, "width": 8}).execute(ctx)
+    export = ExportONNXOperator(task_id="export", training=train, snapshot=snap, model_name="op-promote").execute(ctx)
+    # what system_eval reports: the served accuracy on n test images (all of them were served)
+    served = {"accuracy": train["metrics"]["test_accuracy"], "errors": 0, "latency_ms": {"p95": 2.0, "p99": 3.0},
+              "throughput_rps": 500.0, "n": load_snapshot(snap["snapshot_uri"]).count("test")}
+    return {"snapshot": snap, "validation": {"success": True}, "training": train, "export": export,
+            "image": {"image": "nightshift/op-promote:x"}, "system_eval": served}

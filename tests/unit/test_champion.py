@@ -425,7 +425,7 @@ def test_the_lock_excludes_other_threads_and_is_reentrant(tmp_path):
 
         t = threading.Thread(target=other)
         t.start()
-        assert waited.wait(5)
+        assert waited.wait(60)  # the other thread reached the lock and waits (60 s: a hang)
         order.append("outer-end")
     t.join(10)
     assert order == ["inner", "outer-end", "other"]
@@ -447,9 +447,10 @@ def test_a_lock_held_by_a_sigkilled_process_is_released(tmp_path):
                 pass
         os.kill(child.pid, signal.SIGKILL)
         child.wait(10)
-        t0 = time.monotonic()
-        with champion.champion_lock(tmp_path, MODEL, timeout_s=5):
-            assert time.monotonic() - t0 < 2  # released by the kernel, no stale-lock timeout
+        # released by the kernel when the holder died: free at the first try (timeout 0: one
+        # attempt), no stale-lock timeout to wait out
+        with champion.champion_lock(tmp_path, MODEL, timeout_s=0):
+            pass
     finally:
         if child.poll() is None:
             child.kill()
@@ -515,17 +516,24 @@ def test_a_dead_holders_lease_expires_and_a_waiter_takes_over(s3_pair, s3_server
             {"token": "dead", "pid": 999999, "host": "gone", "purpose": "killed deploy", "since": "earlier",
              "expires": expires}).encode())
 
+    def lease() -> dict:
+        return _json.loads(s3_server.client().get_object(Bucket=a.bucket, Key=key)["Body"].read())
+
     dead_holder(time.time() + 60)  # alive as far as anyone can tell
     with pytest.raises(champion.ChampionLockTimeout, match="pid 999999 on gone .*killed deploy"):
         with champion.champion_lock(b, MODEL, timeout_s=0.5):
             pass
     dead_holder(time.time() - 5)  # its lease ran out: the holder died
-    t0 = time.monotonic()
-    with champion.champion_lock(b, MODEL, timeout_s=10, purpose="the waiter"):
-        assert time.monotonic() - t0 < 5
-        body = _json.loads(s3_server.client().get_object(Bucket=a.bucket, Key=key)["Body"].read())
-        assert body["purpose"] == "the waiter" and body["token"] != "dead"
-        time.sleep(1.5)  # longer than LEASE_S: the live holder renews its lease, so A cannot take it over
+    with champion.champion_lock(b, MODEL, timeout_s=10, purpose="the waiter"):  # taken over (10 s bounds a hang)
+        first = lease()
+        assert first["purpose"] == "the waiter" and first["token"] != "dead"
+        # the live holder renews its lease (every LEASE_S / 3): wait for a renewal instead of
+        # sleeping past LEASE_S, so a slow machine changes how long this takes, not the outcome
+        deadline = time.monotonic() + 20
+        while lease()["expires"] == first["expires"]:
+            assert time.monotonic() < deadline, "the holder never renewed its lease"
+            time.sleep(0.05)
+        assert lease()["token"] == first["token"]  # renewed by its holder, not taken over
         refused = []
 
         def other_worker():  # another thread: this one's reentrancy does not apply

@@ -182,3 +182,14 @@ def test_sweep_removes_only_old_leftovers(serving_image, serving_docker):
                 ctr.remove(force=True)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def test_free_port_pair_gives_two_adjacent_free_ports():
+    import socket
+
+    from nightshift.containers import free_port_pair
+
+    p = free_port_pair()
+    with socket.socket() as a, socket.socket() as b:  # both bind: neither was taken
+        a.bind(("127.0.0.1", p))
+        b.bind(("127.0.0.1", p + 1))

@@ -7,7 +7,6 @@ fixtures from ``tests/unit/conftest.py``.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pandas as pd
@@ -63,9 +62,7 @@ def test_same_distribution_has_no_drift(quality_digits, quality_make_profile, dr
     reference = _profile(quality_digits, quality_make_profile, ref_idx)
     current = _profile(quality_digits, quality_make_profile, cur_idx)
 
-    started = time.perf_counter()
     result = check_drift(reference, current, tmp_path)
-    elapsed = time.perf_counter() - started
 
     assert result["status"] == "ok"
     assert result["drift_detected"] is False
@@ -80,7 +77,6 @@ def test_same_distribution_has_no_drift(quality_digits, quality_make_profile, dr
         assert isinstance(col["score"], float) and isinstance(col["method"], str) and col["method"]
     assert result["columns"]["label_name"]["type"] == "categorical"
     assert result["n_reference"] == len(ref_idx) and result["n_current"] == len(cur_idx)
-    assert elapsed < 30, f"drift check on ~900 vs ~900 rows took {elapsed:.1f}s"
 
     html = tmp_path / "drift_report.html"
     assert result["report_html"] == str(html) and html.stat().st_size > 10_000

@@ -247,13 +247,3 @@ def test_quantize_without_calibration_data_is_a_config_error(exported, tmp_path)
     _, ckpt, x = exported
     with pytest.raises(ConfigError, match="calibration"):
         export.export_and_verify(ckpt, tmp_path, x, model_name="digits", quantize=True)
-
-
-def test_calibration_sample_is_seeded_and_spans_shards():
-    from nightshift.quantization import sample_images
-
-    shards = [(np.full((100, 2, 2, 1), k, np.uint8), np.zeros(100)) for k in range(5)]
-    a, b = sample_images(shards, 50), sample_images(iter(shards), 50)
-    assert a.shape == (50, 2, 2, 1) and (a == b).all()
-    assert len(np.unique(a[:, 0, 0, 0])) == 5  # not just the first shard
-    assert sample_images([np.zeros((3, 2, 2, 1), np.uint8)], 50).shape == (3, 2, 2, 1)

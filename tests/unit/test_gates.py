@@ -134,16 +134,6 @@ def test_overrides_looser_than_the_gate_file_are_named_and_tighter_ones_are_not(
     assert loosened_by_overrides(str(f), {"min_accuracy": 0.5}, policy={"min_accuracy": 0.4}) == []
 
 
-def test_served_model_accuracy_is_the_int8_models_when_it_serves():
-    from nightshift.promotion import served_model_accuracy
-
-    train = {"metrics": {"test_accuracy": 0.97}}
-    kept = {"variant": "int8", "quantization": {"kept": True, "int8_accuracy": 0.962, "fp32_accuracy": 0.97}}
-    assert served_model_accuracy(train, kept) == 0.962
-    assert served_model_accuracy(train, {"variant": "fp32", "quantization": {"kept": False, "int8_accuracy": 0.5}}) == 0.97
-    assert served_model_accuracy(train, {}) == 0.97
-
-
 # --- minimum evidence, intervals and the paired comparison (issue 19, item 6) ------------------
 
 

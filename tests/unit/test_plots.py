@@ -8,7 +8,7 @@ import pytest
 from PIL import Image
 
 from nightshift import plots
-from nightshift.train_run import lineage_tags, write_plots
+from nightshift.train_run import write_plots
 
 HISTORY = [{"epoch": e, "train_loss": 2.0 / e, "val_accuracy": 0.5 + 0.1 * e, "val_loss": 1.8 / e,
             "epoch_seconds": 1.0, "train_images_per_second": 1000.0, "lr": 0.003 * (1 - e / 5)} for e in range(1, 5)]
@@ -49,14 +49,3 @@ def test_write_plots_skips_a_missing_confusion_matrix_with_a_log_line(tmp_path, 
     assert sorted(p.name for p in both) == ["confusion_matrix.png", "curves.png"]
     for p in both:
         assert_png(p)
-
-
-def test_lineage_tags_from_the_manifest():
-    manifest = {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
-                "versions": {"torch": "2.14.1", "cuda": "12.8"}, "lineage": {"git_sha": "abc123"}}
-    assert lineage_tags(manifest) == {
-        "nightshift.device_name": "NVIDIA H100 80GB HBM3", "nightshift.torch_version": "2.14.1",
-        "nightshift.cuda_version": "12.8", "nightshift.git_sha": "abc123", "mlflow.source.git.commit": "abc123"}
-    assert lineage_tags({"git": {"sha": "def"}})["nightshift.git_sha"] == "def"
-    assert lineage_tags({"device": "cpu", "versions": {"torch": "2.14.1", "cuda": None}}) == {
-        "nightshift.torch_version": "2.14.1"}

@@ -346,3 +346,13 @@ def test_a_torchvision_subset_is_other_data(tmp_path):
     assert data_changes(same, champion) == []
     (why,) = data_changes(data_identity({"source": subset, "class_names": ["0", "1", "2"]}), champion)
     assert why.startswith("source:")
+
+
+def test_served_model_accuracy_is_the_int8_models_when_it_serves():
+    from nightshift.promotion import served_model_accuracy
+
+    train = {"metrics": {"test_accuracy": 0.97}}
+    kept = {"variant": "int8", "quantization": {"kept": True, "int8_accuracy": 0.962, "fp32_accuracy": 0.97}}
+    assert served_model_accuracy(train, kept) == 0.962
+    assert served_model_accuracy(train, {"variant": "fp32", "quantization": {"kept": False, "int8_accuracy": 0.5}}) == 0.97
+    assert served_model_accuracy(train, {}) == 0.97

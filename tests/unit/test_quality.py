@@ -7,7 +7,6 @@ Fixtures ``quality_profile``, ``quality_manifest``, ``quality_digits`` and
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -32,9 +31,7 @@ def _checks(result: dict) -> set[str]:
 
 
 def test_clean_data_passes_and_writes_report(quality_profile, quality_manifest, quality_config, tmp_path):
-    started = time.perf_counter()
     result = validate_snapshot(quality_profile, quality_manifest, quality_config, tmp_path)
-    elapsed = time.perf_counter() - started
 
     assert result["success"] is True, result["failures"]
     assert result["failed"] == 0 and result["failures"] == []
@@ -46,7 +43,6 @@ def test_clean_data_passes_and_writes_report(quality_profile, quality_manifest, 
     assert [(a["check"], a["outliers"], a["passed"]) for a in result["appearance"]] == [
         ("brightness_range", 0, True), ("min_contrast", 0, True)]
     assert set(stats["per_class_train"]) == {str(i) for i in range(10)}
-    assert elapsed < 30, f"validation of 1,797 rows took {elapsed:.1f}s"
 
     report = json.loads((tmp_path / "validation.json").read_text())
     assert result["report_path"] == str(tmp_path / "validation.json")

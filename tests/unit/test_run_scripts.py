@@ -158,6 +158,24 @@ def test_summary_names_the_run_that_waits_for_a_person(tmp_path):
     assert "WAITING" not in quiet.getvalue()
 
 
+def test_summary_says_where_the_champion_serves(tmp_path):
+    from nightshift.artifacts import atomic_write_json, run_dir
+    from nightshift.state import write_deployment
+
+    atomic_write_json(run_dir(tmp_path, "nightly_retrain", RUN) / "promotion.json", {
+        "promoted": True, "model_name": "m", "version": "3", "champion": "3", "reason": "all gates passed",
+        "image": "img", "gates": []})
+    latest = {"run_id": RUN, "state": "success", "tasks": {"deploy": "success"}}
+    out = io.StringIO()
+    summary.summarize("nightly_retrain", latest, [], tmp_path, out)
+    assert "serving:  nothing (not deployed)" in out.getvalue()
+    write_deployment(tmp_path, "m", {"registry_version": "3", "url": "http://127.0.0.1:8600",
+                                     "grpc_target": "127.0.0.1:8601"})
+    out = io.StringIO()
+    summary.summarize("nightly_retrain", latest, [], tmp_path, out)
+    assert "serving:  v3 on http://127.0.0.1:8600, gRPC 127.0.0.1:8601" in out.getvalue()
+
+
 def _api(handler):
     import httpx
 

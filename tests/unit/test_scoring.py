@@ -77,11 +77,24 @@ def test_accuracy_and_latency(serving_server, serving_eval_set, batch_size):
     assert res["throughput_ips"] > 0 and res["wall_s"] > 0
 
 
-def test_no_nagle_delay(serving_server, serving_eval_set):
-    # headers and body go out as two writes; without TCP_NODELAY each request waits ~40 ms for a delayed ACK
+def test_no_nagle_delay(serving_server, serving_eval_set, monkeypatch):
+    """Headers and body go out as two writes; without TCP_NODELAY each request waits ~40 ms for a
+    delayed ACK. Checked on the client's sockets, which decide it, not on a latency, which a busy
+    machine decides too."""
+    import socket
+
+    options: list[tuple[int, int, int]] = []
+    real = socket.socket.setsockopt
+
+    def recording(self, level, name, value, *rest):
+        options.append((level, name, value))
+        return real(self, level, name, value, *rest)
+
+    monkeypatch.setattr(socket.socket, "setsockopt", recording)
     images, labels = serving_eval_set
     res = score_endpoint(serving_server.url, "tiny", images, labels, batch_size=1)
-    assert res["latency_ms"]["p50"] < 30, res["latency_ms"]
+    assert res["errors"] == 0 and res["requests"] > 1
+    assert (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1) in options, options
 
 
 def test_label_output_only_needs_class_names(serving_server, serving_eval_set, monkeypatch, tiny_onnx_spec):

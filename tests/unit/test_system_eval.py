@@ -234,15 +234,3 @@ def test_request_log_counts_from_metrics():
             "nightshift_request_log_records_other 9\n")
     assert request_log_counts(text) == {"records": 1234, "dropped": 5}
     assert request_log_counts("") == {"records": None, "dropped": None}
-
-
-def test_operator_on_kill_stops_the_kept_container():
-    from nightshift.operators.system_eval import SystemEvalOperator
-
-    op = SystemEvalOperator(task_id="system_eval", image={"image": "x"}, snapshot={"snapshot_uri": "y"})
-    assert "mem_limit" not in op.template_fields  # the memory limit is deploy's, not a knob of its own
-    op.on_kill()  # nothing started yet: a no-op
-    stopped = []
-    op._keep_container(SimpleNamespace(stop=lambda: stopped.append(True)))
-    op.on_kill()
-    assert stopped == [True]

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from nightshift import lineage, training
-from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, NightshiftError,
-                               TrainingDiverged)
+from nightshift import training
+from nightshift.errors import (CheckpointMismatch, ConfigError, DataError, DeviceOutOfMemory, TrainingDiverged)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: 42 train images of 8x8 in batches of 16: 3 steps per epoch, a fraction of a second each on CPU.
@@ -73,16 +72,24 @@ import torch
 torch.set_num_threads(int(sys.argv[4]))
 from nightshift.data.snapshot import load_snapshot
 from nightshift.training import train
-pause = float(sys.argv[5])
-r = train(load_snapshot(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]),
-          on_epoch=lambda epoch, m: time.sleep(pause))
+hold = int(sys.argv[5])
+
+
+def on_epoch(epoch, metrics):
+    if epoch == hold:  # last.pt holds this epoch: wait here to be killed (0: never)
+        time.sleep(3600)
+
+
+r = train(load_snapshot(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), on_epoch=on_epoch)
 print(json.dumps({"metrics": r.metrics, "resumed_from_epoch": r.manifest["resumed_from_epoch"]}))
 """
 
 
-def _child(script: Path, snap, out: Path, hp: dict, pause: float) -> subprocess.Popen:
+def _child(script: Path, snap, out: Path, hp: dict, hold_after: int) -> subprocess.Popen:
+    """Train in a child process; ``hold_after``: the epoch after which it waits to be killed (0: none)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "plugins"), os.environ.get("PYTHONPATH", "")])}
-    return subprocess.Popen([sys.executable, str(script), str(snap.path), str(out), json.dumps(hp), "1", str(pause)],
+    return subprocess.Popen([sys.executable, str(script), str(snap.path), str(out), json.dumps(hp), "1",
+                             str(hold_after)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -93,7 +100,9 @@ def test_training_killed_after_an_epoch_resumes_to_identical_weights_and_metrics
     script = tmp_path / "child.py"
     script.write_text(CHILD)
     out, last = tmp_path / "killed", tmp_path / "killed" / "last.pt"
-    first = _child(script, snap, out, HP, pause=0.3)  # a pause after each epoch: a window to kill in
+    # the child waits after its first epoch until it is killed: however fast or slow this machine
+    # is, the kill lands between two epochs, never after the last one
+    first = _child(script, snap, out, HP, hold_after=1)
     reference = training.train(snap, tmp_path / "reference", HP)  # meanwhile, uninterrupted, in this process
     deadline = time.monotonic() + 60
     while (_epoch_of(last) or 0) < 1:
@@ -106,7 +115,7 @@ def test_training_killed_after_an_epoch_resumes_to_identical_weights_and_metrics
     killed_at = _epoch_of(last)
     assert 1 <= killed_at < HP["epochs"] and not (out / "checkpoint.pt").exists()
 
-    second = _child(script, snap, out, HP, pause=0.0)
+    second = _child(script, snap, out, HP, hold_after=0)
     stdout, stderr = second.communicate(timeout=120)
     assert second.returncode == 0, stderr[-3000:]
     resumed = json.loads(stdout.strip().splitlines()[-1])
@@ -338,19 +347,3 @@ def test_evaluate_accumulates_a_confusion_matrix_over_batches_and_shards():
     expected = [[sum(1 for t, p in zip(y.tolist(), pred) if (t, p) == (i, j)) for j in range(3)] for i in range(3)]
     assert out["confusion"] == expected and out["accuracy"] == pytest.approx(sum(expected[i][i] for i in range(3)) / 10)
     assert "confusion" not in training.evaluate(Fixed(), x, y)
-
-
-def test_git_sha_falls_back_to_the_environment_then_unknown(monkeypatch):
-    sha = lineage.git_sha()
-    assert sha == "unknown" or re.fullmatch(r"[0-9a-f]{40}", sha)
-    monkeypatch.setattr(lineage, "_git", lambda args, cwd: None)  # no git, or not a checkout
-    monkeypatch.setenv(lineage.GIT_SHA_ENV, "abc1234")
-    assert lineage.git_sha() == "abc1234"
-    monkeypatch.delenv(lineage.GIT_SHA_ENV)
-    assert lineage.git_sha() == "unknown" and lineage.git_dirty() is None
-    pkgs = lineage.package_versions()
-    assert pkgs == sorted(pkgs, key=str.lower) and all("==" in p for p in pkgs)
-
-
-def test_errors_are_domain_errors():
-    assert issubclass(DeviceOutOfMemory, NightshiftError) and issubclass(CheckpointMismatch, ConfigError)

@@ -18,6 +18,10 @@ a reused shard is kept whole only when its labels and splits still match.
 pixels of finished shards exactly like those of the previous night, and
 removes the journal when it has written its record. Shards and records are
 written through a temporary folder and a rename, so nothing is ever half there.
+On an object-store artifact root each finished shard and then its journal entry
+are uploaded as they are written, so a retry on *another* worker (an empty
+working copy) fetches the journal and the shards it names instead of decoding
+those files again.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from nightshift.data import decode
-from nightshift.data.shards import DEFAULT_SHARD_MB, ShardWriter, capacity, open_shard
+from nightshift.data.shards import DEFAULT_SHARD_MB, SHARDS_DIR, ShardWriter, capacity, open_shard
 from nightshift.data.snapshot import (
     Snapshot,
     assign_splits,
@@ -242,6 +246,67 @@ def source_lock(root_dir: Path, key: str, say: Callable[[str], None] | None = No
         yield
 
 
+def fetch_journal(store: Any, root_dir: Path, staging: Path) -> int:
+    """Bring a killed try's journal (``staging/<key>/*.parquet``) and the shards it names from
+    the object store into this working copy; return how many entries arrived. What cannot be
+    fetched only costs decoding those files again (logged, never an error: the journal is an
+    optimisation, and every shard is verified against its digest when fetched)."""
+    from nightshift.store import StoreError
+
+    rel = store.rel(staging)
+    if rel is None:
+        return 0
+    try:
+        names = sorted(r for r in store.files(rel) if r.endswith(".parquet"))
+    except StoreError as exc:
+        log.warning("cannot list the collection journal at %s (%s): its files are decoded again",
+                    store.to_uri(staging), exc)
+        return 0
+    got = 0
+    for r in names:
+        digest = Path(r).stem
+        try:
+            store.fetch(store.to_uri(root_dir / SHARDS_DIR / digest))  # the shard first: an entry names it
+            store.fetch_file(r)
+            got += 1
+        except StoreError as exc:
+            log.warning("cannot fetch journal entry %s (%s): its files are decoded again", r, exc)
+    if got:
+        log.info("fetched %d journal entr%s of an earlier try from %s", got, "y" if got == 1 else "ies",
+                 store.to_uri(staging))
+    return got
+
+
+def publish_journal_entry(store: Any, root_dir: Path, staging: Path, digest: str) -> None:
+    """Upload a finished shard, then its journal entry, so another worker's retry can reuse it.
+    The shard is content-addressed, so the final publish finds it there and skips it. A failed
+    upload is logged, not raised: it only means a retry elsewhere decodes those files again (the
+    collection's own publish of the snapshot reports an unreachable store)."""
+    from nightshift.store import StoreError
+
+    try:
+        store.publish(root_dir / SHARDS_DIR / digest)
+        store.publish(staging / f"{digest}.parquet")
+    except StoreError as exc:
+        log.warning("journal entry for shard %s not uploaded (%s): a retry on another worker decodes its files "
+                    "again", digest[:12], exc)
+
+
+def drop_journal(store: Any, staging: Path) -> None:
+    """Delete the journal's objects once the collection is published (leftovers cost nothing but
+    space: the next try reuses their shards, which the record names anyway)."""
+    from nightshift.store import StoreError
+
+    rel = store.rel(staging)
+    if rel is None:
+        return
+    try:
+        for r in sorted(store.files(rel)):
+            store.delete(r)
+    except StoreError as exc:
+        log.warning("collection journal %s not removed from the store (%s)", store.to_uri(staging), exc)
+
+
 def collect_imagefolder(
     root: Any, shape: tuple[int, int, int], snapshots_root: str | Path, *,
     class_names: list[str] | None = None, val_fraction: float = 0.1, test_fraction: float = 0.1,
@@ -284,8 +349,10 @@ def collect_imagefolder(
         import pandas as pd
 
         staging = root_dir / STAGING_DIR / key
-        if incremental and store is not None:
+        remote = store is not None and store.remote
+        if incremental and remote:
             fetch_latest(store, root_dir, key)  # another worker's collection (object store)
+            fetch_journal(store, root_dir, staging)  # a killed try's finished shards, from any worker
         previous = latest(root_dir, key) if incremental else None
         staged = []
         if incremental and staging.is_dir():
@@ -330,6 +397,8 @@ def collect_imagefolder(
             pd.DataFrame({k: v for k, v in rows.items() if k not in ("label", "split")}).assign(
                 row=np.arange(count)).to_parquet(buf, index=False)
             atomic_write_bytes(staging / f"{digest}.parquet", buf.getvalue())
+            if remote:
+                publish_journal_entry(store, root_dir, staging, digest)
 
         writer = ShardWriter(root_dir, shape, cap, on_shard=journal)
 
@@ -424,6 +493,8 @@ def collect_imagefolder(
         if store is not None:
             publish_snapshot(store, snap)  # shards, record, then the pointer: under the lock
         shutil.rmtree(staging, ignore_errors=True)
+        if remote:
+            drop_journal(store, staging)
         say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
             f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "
             f"{stats.seconds:.1f}s")

@@ -12,7 +12,7 @@ def local_deployer(operator: NightshiftOperator, *, model_name: str, port: Any, 
     the deployed configuration (``ServingConfig.from_env``); its state and lock go through the
     artifact store, its proxy config and request log stay in this worker's working copy."""
     from nightshift.containers import ServingConfig
-    from nightshift.deploy import LocalDeployer
+    from nightshift.deploy import LocalDeployer, grpc_port_for
     from nightshift.errors import ConfigError
 
     try:
@@ -21,7 +21,7 @@ def local_deployer(operator: NightshiftOperator, *, model_name: str, port: Any, 
     except ValueError as exc:
         raise ConfigError(f"request_log_sample: {exc}") from exc
     return LocalDeployer(operator.docker_client(), model_name=model_name,
-                         artifact_root=operator.store, port=int(port),
+                         artifact_root=operator.store, port=int(port), grpc_port=grpc_port_for(int(port)),
                          proxy_image=operator.settings.base_image, config=config)
 
 
@@ -107,6 +107,7 @@ class DeployModelOperator(NightshiftOperator):
         if str(promotion.get("champion")) != state["version"]:
             self.log.warning("champion of %s moved since this run recorded v%s: v%s serves (the registry's champion "
                              "now)", self.model_name, promotion.get("champion"), state["version"])
-        self.log.info("%s v%s %s at %s (container %s)", self.model_name, state["version"],
-                      "now serves" if state.get("changed") else "already served", state["url"], state["container"])
+        self.log.info("%s v%s %s at %s%s (container %s)", self.model_name, state["version"],
+                      "now serves" if state.get("changed") else "already served", state["url"],
+                      f" and gRPC {state['grpc_target']}" if state.get("grpc_target") else "", state["container"])
         return state

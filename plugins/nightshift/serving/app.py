@@ -142,6 +142,12 @@ class InferenceApp:
         #: set on SIGTERM while keep-alive clients are handed over: answers close their
         #: connection and readiness is 503 (see :mod:`serving.server`)
         self.draining = False
+        #: servers of other protocols on this app's loop, sharing its model, batcher, metrics
+        #: and request log (:class:`~serving.grpc_service.GrpcService`): ``async start()`` after
+        #: the batcher starts, ``async stop()`` before it stops
+        self.services: list[Any] = []
+        #: why the lifespan startup failed (a service could not start), else ``None``
+        self.startup_error: BaseException | None = None
 
     # -- ASGI -----------------------------------------------------------------------------
 
@@ -156,13 +162,31 @@ class InferenceApp:
             msg = await receive()
             if msg["type"] == "lifespan.startup":
                 self.startup()
+                try:
+                    for service in self.services:
+                        await service.start()
+                except Exception as exc:  # noqa: BLE001 - e.g. the gRPC port is taken: uvicorn exits
+                    self.startup_error = exc
+                    await self._stop_services()
+                    await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 await send({"type": "lifespan.startup.complete"})
             elif msg["type"] == "lifespan.shutdown":
                 if self._watch is not None:
                     self._watch.cancel()
+                await self._stop_services()
                 await asyncio.get_running_loop().run_in_executor(None, self.shutdown)
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    async def _stop_services(self) -> None:
+        """Stop the other protocols' servers (their in-flight requests finish first), last started first."""
+        for service in reversed(self.services):
+            try:
+                await service.stop()
+            except Exception:  # noqa: BLE001 - the others must still stop
+                log.exception("stopping %s failed", type(service).__name__)
 
     def startup(self) -> None:
         """Start the batcher and the event-loop watch; load the model in the background if needed."""

@@ -1,7 +1,8 @@
 """Entry point of the inference server: configuration, logging, uvicorn.
 
 Run ``python -m serving.server`` (in the image) or ``python server.py``.
-One process, one event loop (uvicorn with httptools + uvloop), one batching
+One process, one event loop (uvicorn with httptools + uvloop, and on the same loop
+the OIP gRPC service, :mod:`serving.grpc_service`), one batching
 queue and one worker thread per model instance (by default one per container
 CPU, each running ONNX Runtime on one intra-op thread: :func:`ort_layout`).
 One process rather than several workers because dynamic batching needs every
@@ -26,6 +27,8 @@ variable                            meaning                                     
                                     ``.tar.gz`` path/``http(s)://`` URL, read at start;
                                     overrides ``NIGHTSHIFT_MODEL_DIR``
 ``NIGHTSHIFT_HOST`` / ``_PORT``     bind address / port (``0`` picks one)                 127.0.0.1 / 8080
+``NIGHTSHIFT_GRPC_PORT``            port of the OIP gRPC service on the same address;     off (image:
+                                    ``0`` picks one; unset or ``off``: REST only          8081)
 ``NIGHTSHIFT_MAX_BATCH``            largest batch one request may carry                   256
 ``NIGHTSHIFT_MAX_BATCH_SIZE``       most images per ONNX Runtime call (dynamic batching)  32
 ``NIGHTSHIFT_MAX_QUEUE_DELAY_MS``   longest a batch waits for requests on their way       2
@@ -56,6 +59,13 @@ variable                            meaning                                     
 ``NIGHTSHIFT_GIL_SWITCH_MS``         Python's thread switch interval (see below)           0.2
 ``NIGHTSHIFT_DRAIN_S``               keep-alive hand-off after SIGTERM (see below)         2
 ==================================  ====================================================  ==============
+
+gRPC shares the REST API's model, batcher, metrics (``method="GRPC"``), request log,
+readiness and limits: a message over ``MAX_BODY_BYTES`` is refused before it is parsed,
+``MAX_CONNECTIONS`` bounds the RPCs handled at once, and on SIGTERM its readiness turns
+false with REST's; once HTTP has drained, the gRPC server sends GOAWAY and lets in-flight
+RPCs finish (up to ``GRACEFUL_TIMEOUT_S``) before the batcher stops. A gRPC port that
+cannot be bound stops the server (exit status 2), like a taken HTTP port.
 
 Request limits. An infer body is refused (413, naming the limit and the setting)
 when it is larger than the model's largest batch can need, from its
@@ -111,6 +121,10 @@ log = logging.getLogger("nightshift.serving")
 DEFAULT_MODEL_DIR = "/models/model"
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8080
+#: the OIP gRPC service's port in the image (KServe's default; ``ENV NIGHTSHIFT_GRPC_PORT`` in
+#: include/inference/Dockerfile). Outside the image an unset NIGHTSHIFT_GRPC_PORT means REST only:
+#: tests and benches start many servers on one host, and a fixed port would collide.
+DEFAULT_GRPC_PORT = 8081
 DEFAULT_MAX_BODY_BYTES = 64 * 1024 * 1024
 DEFAULT_GIL_SWITCH_MS = 0.2
 DEFAULT_MAX_HEADERS = 100
@@ -151,6 +165,21 @@ def _env(name: str, default: Any, kind: type = int) -> Any:
         return kind(raw)
     except ValueError:
         raise SystemExit(f"serving: environment variable {name}={raw!r} is not a {kind.__name__}") from None
+
+
+def grpc_port_from_env() -> int | None:
+    """``NIGHTSHIFT_GRPC_PORT``: a port (``0`` picks one), or ``None`` when unset or ``off`` (REST only;
+    the image sets :data:`DEFAULT_GRPC_PORT`)."""
+    raw = os.environ.get("NIGHTSHIFT_GRPC_PORT", "").strip().lower()
+    if raw in ("", "off", "none", "no", "false"):
+        return None
+    try:
+        port = int(raw)
+    except ValueError:
+        port = -1
+    if not 0 <= port < 65536:
+        raise SystemExit(f"serving: NIGHTSHIFT_GRPC_PORT={raw!r} must be a port 0..65535 (0 picks one) or 'off'")
+    return port
 
 
 def _env_flag(name: str, default: bool) -> bool:
@@ -416,19 +445,34 @@ class InferenceServer:
     :param app: the ASGI app.
     :param host: bind address.
     :param port: 0 picks a free port (see :attr:`url`).
+    :param grpc_port: serve the OIP gRPC service on ``host`` too, on this port (0 picks one,
+        :attr:`grpc_target` has it once started); ``None``: REST only.
+    :raises OSError: ``port`` or ``grpc_port`` cannot be bound.
     """
 
     def __init__(self, app: InferenceApp, host: str = DEFAULT_HOST, port: int = 0, *, drain_s: float = 0.0,
-                 **uvicorn_kw: Any):
+                 grpc_port: int | None = None, **uvicorn_kw: Any):
         self.app = app
         self.model = app.model
+        self.grpc = None
+        if grpc_port is not None:
+            from .grpc_service import GrpcService, check_port_free
+
+            check_port_free(host, grpc_port)
+            self.grpc = GrpcService(app, host, grpc_port, max_concurrent_rpcs=uvicorn_kw.get("max_connections", 2048),
+                                    grace_s=uvicorn_kw.get("graceful_s", 20.0))
+            app.services.append(self.grpc)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, port))
         self.server_address = self.sock.getsockname()
         self.server = _draining_server_class()(_uvicorn_config(app, **uvicorn_kw))
         self.server.app, self.server.drain_s = app, float(drain_s)
-        app.batcher.concurrent_requests = lambda: len(self.server.server_state.tasks)
+        tasks = self.server.server_state.tasks
+        grpc = self.grpc
+        # requests in flight over both protocols: one alone runs inline, more are batched
+        app.batcher.concurrent_requests = ((lambda: len(tasks)) if grpc is None else
+                                           (lambda: len(tasks) + grpc.inflight))
         self._thread: threading.Thread | None = None
 
     @property
@@ -436,9 +480,19 @@ class InferenceServer:
         host, port = self.server_address[:2]
         return f"http://{host}:{port}"
 
+    @property
+    def grpc_target(self) -> str | None:
+        """``host:port`` of the gRPC service (once started, when port 0 was asked for), or ``None`` without one."""
+        return self.grpc.target if self.grpc is not None else None
+
     def serve_forever(self, poll_interval: float = 0.1) -> None:  # noqa: ARG002 - http.server-compatible name
-        """Serve until :meth:`shutdown` (blocking)."""
-        self.server.run(sockets=[self.sock])
+        """Serve until :meth:`shutdown` (blocking); return at once when the startup failed
+        (``app.startup_error`` says why: uvicorn would ``sys.exit(3)`` instead)."""
+        try:
+            self.server.run(sockets=[self.sock])
+        except SystemExit:
+            if self.app.startup_error is None:
+                raise
 
     def start(self, timeout_s: float = 10.0) -> "InferenceServer":
         """Serve in a daemon thread; return once it accepts connections."""
@@ -463,17 +517,19 @@ class InferenceServer:
 
 def make_server(model: Model, host: str = DEFAULT_HOST, port: int = 0, *,
                 max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, config: AppConfig | None = None,
-                request_log: Any = None, loader: Callable[[], Any] | None = None,
+                request_log: Any = None, loader: Callable[[], Any] | None = None, grpc_port: int | None = None,
                 **uvicorn_kw: Any) -> InferenceServer:
     """Bind a server for ``model`` (does not start serving; call ``start()`` or ``serve_forever()``).
 
     :func:`main` serves through it too, so embedding it (tests, benches) runs the server's own path.
     :param loader: loads the model in the background once serving starts (``main``); ``None``: the
         model is already loaded, or stays unready.
+    :param grpc_port: also serve the OIP gRPC service on this port (0 picks one); ``None``: REST only.
     :param uvicorn_kw: :class:`InferenceServer`'s keyword arguments (``drain_s``, ``graceful_s`` ...).
     """
     cfg = config or AppConfig(max_body_bytes=max_body_bytes)
-    return InferenceServer(InferenceApp(model, cfg, request_log=request_log, loader=loader), host, port, **uvicorn_kw)
+    return InferenceServer(InferenceApp(model, cfg, request_log=request_log, loader=loader), host, port,
+                           grpc_port=grpc_port, **uvicorn_kw)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,7 +544,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model-dir", default=os.environ.get("NIGHTSHIFT_MODEL_DIR", DEFAULT_MODEL_DIR))
     parser.add_argument("--host", default=os.environ.get("NIGHTSHIFT_HOST", DEFAULT_HOST))
     parser.add_argument("--port", type=int, default=_env("NIGHTSHIFT_PORT", DEFAULT_PORT))
+    parser.add_argument("--grpc-port", type=int, default=None,
+                        help="gRPC port (0 picks one, -1 none); default NIGHTSHIFT_GRPC_PORT, unset: REST only")
     args = parser.parse_args(argv)
+    grpc_port = grpc_port_from_env() if args.grpc_port is None else (None if args.grpc_port < 0 else args.grpc_port)
     setup_logging(os.environ.get("NIGHTSHIFT_LOG_LEVEL", "WARNING"))
     switch_ms = _env("NIGHTSHIFT_GIL_SWITCH_MS", DEFAULT_GIL_SWITCH_MS, float)
     if not 0.01 <= switch_ms <= 100:
@@ -531,15 +590,16 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     try:
         srv = make_server(model, args.host, args.port, config=_config_from_env(instances=instances),
-                          request_log=request_log, loader=load,
+                          request_log=request_log, loader=load, grpc_port=grpc_port,
                           graceful_s=_env("NIGHTSHIFT_GRACEFUL_TIMEOUT_S", 20.0, float),
                           max_connections=_env("NIGHTSHIFT_MAX_CONNECTIONS", 2048),
                           max_headers=_env("NIGHTSHIFT_MAX_HEADERS", DEFAULT_MAX_HEADERS),
                           max_header_bytes=_env("NIGHTSHIFT_MAX_HEADER_BYTES", DEFAULT_MAX_HEADER_BYTES),
                           drain_s=_env("NIGHTSHIFT_DRAIN_S", 2.0, float))
     except OSError as exc:
-        log.error("cannot bind %s:%s: %s (is another server on that port? set NIGHTSHIFT_PORT)",
-                  args.host, args.port, exc)
+        log.error("cannot bind %s:%s%s: %s (is another server on that port? set NIGHTSHIFT_PORT%s)",
+                  args.host, args.port, "" if grpc_port is None else f" and gRPC port {grpc_port}", exc,
+                  "" if grpc_port is None else " / NIGHTSHIFT_GRPC_PORT")
         return 2
     app = srv.app
 
@@ -556,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, lambda *_: None)
     srv.serve_forever()
     srv.server_close()
+    if app.startup_error is not None:
+        log.error("the server did not start: %s", app.startup_error)
+        return 2
     if app.load_failed is not None:
         return 1
     logging.getLogger("nightshift.serving.lifecycle").info("server stopped")

@@ -6,8 +6,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 
 from nightshift import contracts, state
-from nightshift.run_notes import MARK, with_deadlines
 from nightshift.operators.deadline import nightly_deadline, record_deadline_miss
+from nightshift.run_notes import MARK, with_deadlines
 
 QUEUED = datetime(2026, 12, 5, 2, 0, 5, tzinfo=timezone.utc)
 

@@ -13,19 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from nightshift.data import sources
 from nightshift.data.collect import collect_imagefolder
 from nightshift.data.snapshot import load_snapshot
 from nightshift.errors import DataError
+from tests.snapshots import snapshot_content
 
 SHAPE = (8, 8, 1)
 #: 64 images of 8×8×1 per shard: small shards make every code path run on little data.
 SMALL_SHARD_MB = 64 * 64 / 2**20
-
-
-def _content(snap):
-    """What a model could learn from a snapshot, independent of image order."""
-    prof = snap.profile()
-    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
 
 
 def _add_images(root: Path, start: int, count: int, classes=("0", "1", "2")) -> None:
@@ -83,7 +79,7 @@ def test_recollecting_decodes_only_new_and_changed_files(folder, tmp_path):
     assert stats.decoded == 38 and stats.reused == 299  # exactly the 37 new files and the changed one
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(grown) == _content(fresh)
+    assert snapshot_content(grown) == snapshot_content(fresh)
     assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
 
 
@@ -106,7 +102,7 @@ def test_a_same_size_replacement_with_its_old_mtime_restored_is_decoded_again(fo
     assert stats.decoded == 1 and stats.reused == 299
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(again) == _content(fresh)
+    assert snapshot_content(again) == snapshot_content(fresh)
 
 
 def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, tmp_path):
@@ -117,7 +113,7 @@ def test_labels_and_splits_follow_todays_settings_not_the_reused_pixels(folder, 
     assert stats.reused == 300 and stats.shards_reused == 0  # same pixels, other labels and splits
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    test_fraction=0.3, class_names=["2", "1", "0"], incremental=False)
-    assert _content(other) == _content(fresh)
+    assert snapshot_content(other) == snapshot_content(fresh)
     prof = other.profile()
     assert (prof.loc[prof["label_name"] == "2", "label"] == 0).all()
 
@@ -148,7 +144,41 @@ def test_a_killed_collection_resumes_from_its_finished_shards(folder, tmp_path):
     assert not (snaps / "staging").exists() or not any((snaps / "staging").iterdir())
     fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    incremental=False)
-    assert _content(snap) == _content(fresh)
+    assert snapshot_content(snap) == snapshot_content(fresh)
+
+
+def test_a_retry_on_another_worker_reuses_the_killed_trys_shards_from_the_store(folder, tmp_path, s3_server,
+                                                                                  s3_root, monkeypatch):
+    """Artifact root in object storage: worker A's try dies in its 4th shard; worker B (an empty
+    working copy) fetches A's journal and the three shards it names instead of decoding them."""
+    from nightshift.data import shards
+    from nightshift.store import open_store
+
+    a = open_store(s3_root, cache_dir=tmp_path / "worker-a", s3=s3_server.options())
+    b = open_store(s3_root, cache_dir=tmp_path / "worker-b", s3=s3_server.options())
+    real, n = shards.write_shard, [0]
+
+    def dying(*args, **kwargs):
+        n[0] += 1
+        if n[0] == 4:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", dying)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        collect_imagefolder(folder, SHAPE, a.local_root / "snapshots", shard_mb=SMALL_SHARD_MB, workers=1, store=a)
+    monkeypatch.setattr(shards, "write_shard", real)
+    journal = sorted(r for r in a.files("snapshots/staging") if r.endswith(".parquet"))
+    assert len(journal) == 3, journal
+    assert not a.files("snapshots/collections")  # no record: the collection did not happen
+
+    snap, stats = collect_imagefolder(folder, SHAPE, b.local_root / "snapshots", shard_mb=SMALL_SHARD_MB,
+                                      workers=1, store=b)
+    assert (stats.reused, stats.decoded, stats.shards_reused) == (3 * 64, 300 - 3 * 64, 3)
+    assert not a.files("snapshots/staging")  # the journal is gone from the store once published
+    fresh, _ = collect_imagefolder(folder, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   incremental=False)
+    assert snapshot_content(snap) == snapshot_content(fresh)
 
 
 def test_disk_full_is_a_clear_error_and_leaves_no_partial_snapshot(folder, tmp_path, monkeypatch):
@@ -220,83 +250,15 @@ def test_a_night_with_only_broken_new_files_lists_them(folder, tmp_path):
 
 
 def test_files_without_a_modification_stamp_are_decoded_again(folder, tmp_path, monkeypatch):
-    from nightshift.data import sources
-
     from airflow.sdk import ObjectStoragePath
+
+    from nightshift.data import sources
 
     monkeypatch.setattr(sources, "_stat", lambda p: (p.stat()["size"], ""))  # a store that gives no mtime/ETag
     snaps, src = tmp_path / "snaps", ObjectStoragePath(f"file://{folder}")
     collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
     _, stats = collect_imagefolder(src, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1)
     assert stats.reused == 0 and stats.decoded == 300  # size alone never proves a file unchanged
-
-
-def test_the_reuse_key_names_the_decoder_versions(monkeypatch):
-    """Pillow or its JPEG library decode differently after an upgrade: pixels decoded by another
-    version must not be reused."""
-    import PIL
-
-    from nightshift.data.snapshot import source_key
-
-    src = {"kind": "imagefolder", "root": "/data/x"}
-    before = source_key(src, (32, 32, 3))
-    assert source_key(src, (32, 32, 3)) == before and source_key(src, (16, 16, 3)) != before
-    monkeypatch.setattr(PIL, "__version__", "0.0-other")
-    assert source_key(src, (32, 32, 3)) != before
-
-
-def _main_module(tmp_path: Path, how: str):
-    """A ``__main__`` that breaks any worker process that re-imports it, as the ``airflow``
-    entry point does inside a task (the supervisor has blocked the metadata DB there)."""
-    import importlib.util
-    import shutil
-    import types
-
-    main = types.ModuleType("__main__")
-    if how == "airflow entry point":  # the real thing: `airflow` re-run in a task process's child
-        main.__file__, main.__spec__ = shutil.which("airflow"), None
-        assert main.__file__, "the airflow entry point is not on PATH"
-    elif how == "script":
-        script = tmp_path / "exploding_main.py"
-        script.write_text("raise RuntimeError('a decode worker re-ran the parent main script')\n")
-        main.__file__, main.__spec__ = str(script), None
-    else:  # a main started with `python -m <module>`: re-imported by name
-        (tmp_path / "ns_exploding_main.py").write_text("raise RuntimeError('a decode worker re-imported main')\n")
-        main.__spec__ = importlib.util.spec_from_file_location("ns_exploding_main", tmp_path / "ns_exploding_main.py")
-        main.__file__ = main.__spec__.origin
-    return main
-
-
-@pytest.mark.parametrize("how", ["airflow entry point", "script", "module"])
-def test_decode_workers_never_rerun_the_parents_main(folder, tmp_path, monkeypatch, how):
-    """Under a real scheduler the task's main is the `airflow` entry point: spawned decode workers
-    that re-ran it died (BrokenProcessPool, 'Could not parse SQLAlchemy URL')."""
-    monkeypatch.setenv("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "airflow-db-not-allowed:///")  # as in a task
-    monkeypatch.syspath_prepend(str(tmp_path))
-    main = _main_module(tmp_path, how)
-    monkeypatch.setitem(sys.modules, "__main__", main)
-    snap, stats = collect_imagefolder(folder, SHAPE, tmp_path / "snaps", shard_mb=SMALL_SHARD_MB, workers=2)
-    assert stats.decoded == 300 and snap.count("train") > 0
-    assert sys.modules["__main__"] is main  # the parent's main is back
-
-
-def _airflow_and_main() -> tuple[list[str], str | None, str]:
-    main = sys.modules["__main__"]
-    return ([m for m in sys.modules if m == "airflow" or m.startswith("airflow.")],
-            getattr(main, "__file__", None), getattr(main.__spec__, "name", None) or "")
-
-
-def test_decode_workers_import_no_airflow(tmp_path, monkeypatch):
-    from concurrent.futures import ProcessPoolExecutor
-
-    import airflow  # noqa: F401 - the parent has it, as a task process does
-
-    from nightshift.data.workers import worker_context
-
-    monkeypatch.setitem(sys.modules, "__main__", _main_module(tmp_path, "airflow entry point"))
-    with ProcessPoolExecutor(max_workers=1, mp_context=worker_context()) as pool:
-        airflow_modules, main_file, main_name = pool.submit(_airflow_and_main).result(timeout=60)
-    assert airflow_modules == [] and main_file is None and main_name == ""
 
 
 def test_collect_workers_setting(monkeypatch):
@@ -344,3 +306,135 @@ def test_two_collections_of_one_source_take_turns(folder, tmp_path):
     t.join(120)
     assert done.is_set()
     assert out["stats"].reused == first.count() and out["stats"].decoded == 3
+
+
+def _collect(root, shape, snapshots, **kw):
+    """An ImageFolder collected the way CollectDataOperator does (one decode process, nothing reused)."""
+    snap, _ = collect_imagefolder(root, shape, snapshots, workers=1, incremental=False, **kw)
+    return snap
+
+
+def test_same_pixels_from_another_source_keep_that_source(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1"), per_class=6)
+    first = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    moved = tmp_path / "moved"
+    root.rename(moved)
+    second = _collect(moved, (8, 8, 1), tmp_path / "snaps")
+    assert second.digest == first.digest
+    assert second.manifest["source"]["root"] == str(moved) != first.manifest["source"]["root"]
+    assert second.profile()["source"].tolist() == first.profile()["source"].tolist()  # relative origins
+    assert second.manifest["collected_at"] >= first.manifest["collected_at"]
+
+
+def test_imagefolder_converts_and_lists_undecodable(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1"), per_class=10, corrupt=2)
+    (root / "1" / "notes.txt").write_text("not an image")
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert snap.images.shape == (20, 8, 8, 1)
+    assert snap.class_names == ["0", "1"]
+    assert (snap.profile()[["orig_height", "orig_width", "orig_channels"]].to_numpy() == [16, 16, 3]).all()
+    bad = {b["path"]: b["error"] for b in snap.manifest["undecodable"]}
+    assert set(bad) == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
+    assert "UnidentifiedImageError" in bad["0/corrupt_0.png"] or "cannot identify" in bad["0/corrupt_0.png"]
+
+
+def test_imagefolder_rejects_unknown_class_and_missing_root(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1", "7"), per_class=3)
+    with pytest.raises(DataError, match=r"\['7'\].*not in the configured classes"):
+        _collect(root, (8, 8, 1), tmp_path / "snaps", class_names=["0", "1"])
+    with pytest.raises(DataError, match="does not exist|not a directory"):
+        _collect(tmp_path / "nope", (8, 8, 1), tmp_path / "snaps")
+
+
+def test_imagefolder_through_object_storage_path(make_imagefolder, tmp_path):
+    from airflow.sdk import ObjectStoragePath
+
+    root = make_imagefolder(classes=("0", "1"), per_class=4)
+    snap = _collect(ObjectStoragePath(f"file://{root}"), (8, 8, 3), tmp_path / "snaps")
+    assert snap.images.shape == (8, 8, 8, 3)
+
+
+def test_truncated_image_is_listed_not_dropped(make_imagefolder, tmp_path):
+    root = make_imagefolder(classes=("0", "1"), per_class=5)
+    good = sorted((root / "1").iterdir())[0]
+    data = good.read_bytes()
+    (root / "1" / "truncated.png").write_bytes(data[: len(data) // 2])
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert len(snap.images) == 10
+    assert [b["path"] for b in snap.manifest["undecodable"]] == ["1/truncated.png"]
+    assert "object at 0x" not in snap.manifest["undecodable"][0]["error"]
+
+
+def test_imagefolder_does_not_follow_symlinks_out_of_the_root(make_imagefolder, tmp_path, caplog):
+    """Item 11: a link (file or folder) that resolves outside the source root is not read: it is
+    recorded with where it points, a warning is logged, and validation fails naming it; a link
+    that stays inside the root is followed."""
+    import logging
+
+    from nightshift.quality import ValidationConfig, validate_snapshot
+
+    root = make_imagefolder(classes=("0", "1"), per_class=30)
+    private = make_imagefolder(classes=("8",), per_class=5, name="private")
+    secret = sorted((private / "8").iterdir())[0]
+    (root / "0" / "escape.png").symlink_to(secret)  # a file link out of the root
+    (root / "8").symlink_to(private / "8", target_is_directory=True)  # a class folder link out of the root
+    inside = sorted((root / "0").glob("0*.png"))[0]
+    (root / "1" / "inside.png").symlink_to(inside)  # a link inside the root: fine
+    (root / "1" / "dangling.png").symlink_to(root / "1" / "gone.png")  # points nowhere: reported, not a crash
+
+    with caplog.at_level(logging.WARNING, logger="nightshift.data.sources"):
+        listing = sources.list_imagefolder(root)
+    skipped = {s["path"]: s["error"] for s in listing.skipped}
+    assert set(skipped) == {"0/escape.png", "8/", "1/dangling.png"}
+    assert skipped["0/escape.png"].startswith(f"symbolic link to {secret}, outside the source root {root}")
+    assert "not followed" in skipped["8/"] and str(private / "8") in skipped["8/"]
+    assert "cannot be read" in skipped["1/dangling.png"]
+    assert listing.class_names == ["0", "1"]  # the linked-in class is not collected
+    rels = [e.rel for e in listing.entries]
+    assert "1/inside.png" in rels and "0/escape.png" not in rels and not any(r.startswith("8/") for r in rels)
+    assert any("lead outside the source root" in r.message and "0/escape.png" in r.message for r in caplog.records)
+
+    snap = _collect(root, (8, 8, 1), tmp_path / "snaps")
+    assert len(snap.images) == 61  # 60 photos + the inside link; nothing from outside the root
+    assert {u["path"] for u in snap.manifest["undecodable"]} == {"0/escape.png", "8/", "1/dangling.png"}
+    config = ValidationConfig(class_names=["0", "1"], image_shape=(8, 8, 1), min_rows=10)
+    result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
+    assert result["success"] is False
+    [f] = [f for f in result["failures"] if f["check"] == "no_undecodable"]
+    assert "0/escape.png (symbolic link to" in f["summary"] and "8/ (symbolic link to" in f["summary"]
+
+    # a configured class whose folder is a link out of the root: the error says so
+    with pytest.raises(DataError, match=r"no folder for configured class.*\['8'\].*not followed: \['8/'\]"):
+        sources.list_imagefolder(root, ["0", "1", "8"])
+
+    # the same through an object-storage path on file://
+    from airflow.sdk import ObjectStoragePath
+
+    listing = sources.list_imagefolder(ObjectStoragePath(f"file://{root}"))
+    assert {"0/escape.png", "8/"} <= {s["path"] for s in listing.skipped}
+
+
+def test_one_bright_photo_in_an_imagefolder_is_listed_not_fatal(make_imagefolder, tmp_path):
+    """Item 8 end to end: decoded from files, one near-white photo (mean brightness above 250, like
+    the sky crop of issue 19) passes validation with the default suite and is named in the report."""
+    from PIL import Image
+
+    from nightshift.quality import ValidationConfig, validate_snapshot
+
+    root = make_imagefolder(classes=("0", "1", "2"), per_class=30)
+    yy, xx = np.mgrid[0:16, 0:16]
+    sky = (255 - (yy + 2 * xx) % 7).astype(np.uint8)  # bright, faintly textured
+    Image.fromarray(np.stack([sky, sky, sky], axis=2)).save(root / "2" / "sky.png")
+    snap = _collect(root, (16, 16, 1), tmp_path / "snaps")
+    config = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1))
+    result = validate_snapshot(snap.profile(), snap.manifest, config, tmp_path / "report")
+
+    assert result["success"] is True, result["failures"]
+    bright = next(a for a in result["appearance"] if a["check"] == "brightness_range")
+    assert bright["outliers"] == 1 and bright["rows"] == 91 and bright["passed"] is True
+    [image] = bright["images"]
+    assert image["source"] == "2/sky.png" and image["value"] > 250
+    assert any("2/sky.png" in w for w in result["warnings"])
+
+    strict = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1), max_outlier_share=0)
+    assert validate_snapshot(snap.profile(), snap.manifest, strict, tmp_path / "strict")["success"] is False

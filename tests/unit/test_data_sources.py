@@ -1,6 +1,8 @@
-"""Collecting an ImageFolder from object storage (nightshift.data.sources / data.collect) against a
-real S3 endpoint (SeaweedFS, the ``s3_server`` fixture), the way ``collect_data`` reaches it: an
-Airflow connection (``AIRFLOW_CONN_<ID>``) and ``ObjectStoragePath(uri, conn_id=...)``."""
+"""Data sources (nightshift.data.sources): the bundled digits, torchvision datasets, parsing a
+source, an ImageFolder's listing (links out of the root are not followed), and an ImageFolder on
+object storage against a real S3 endpoint (SeaweedFS, the ``s3_server`` fixture), the way
+``collect_data`` reaches it: an Airflow connection (``AIRFLOW_CONN_<ID>``) and
+``ObjectStoragePath(uri, conn_id=...)``."""
 
 from __future__ import annotations
 
@@ -8,10 +10,13 @@ import json
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from nightshift.data import sources
 from nightshift.data.collect import collect_imagefolder
-from nightshift.errors import DataError
+from nightshift.errors import ConfigError, DataError
+from tests.snapshots import snapshot_content
 
 SHAPE = (16, 16, 3)
 CONN_ID = "nightshift_test_s3"
@@ -37,11 +42,6 @@ def s3_source(s3_server, monkeypatch):
     return (lambda: ObjectStoragePath(f"s3://{s3_server.bucket}/{prefix}", conn_id=CONN_ID)), prefix
 
 
-def _content(snap):
-    prof = snap.profile()
-    return sorted(zip(prof["source"], prof["sha256"], prof["label_name"], prof["split"]))
-
-
 def test_an_s3_source_collects_what_the_same_local_tree_collects(s3_server, s3_source, make_imagefolder, tmp_path):
     root, prefix = s3_source
     folder = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=2)
@@ -55,7 +55,7 @@ def test_an_s3_source_collects_what_the_same_local_tree_collects(s3_server, s3_s
     assert remote.manifest["class_names"] == local.manifest["class_names"] == ["0", "1", "2"]
     assert remote.manifest["undecodable"] == local.manifest["undecodable"]
     assert {u["path"] for u in remote.manifest["undecodable"]} == {"0/corrupt_0.png", "0/corrupt_1.png", "1/notes.txt"}
-    assert remote.digest == local.digest and _content(remote) == _content(local)
+    assert remote.digest == local.digest and snapshot_content(remote) == snapshot_content(local)
     assert remote.manifest["source"]["root"].startswith("s3://") and prefix in remote.manifest["source"]["root"]
     etags = remote.profile()["file_mtime"]
     assert (etags.str.len() > 0).all()  # the object's ETag: what incremental collection compares
@@ -84,7 +84,7 @@ def test_recollecting_an_s3_source_decodes_only_new_and_changed_objects(s3_serve
     assert grown.manifest["class_names"] == ["0", "1", "2"]
     assert grown.manifest["incremental"]["previous_collection"] == again.collection_id
     fresh, _ = collect_imagefolder(root(), SHAPE, tmp_path / "fresh", workers=1, incremental=False)
-    assert _content(grown) == _content(fresh)
+    assert snapshot_content(grown) == snapshot_content(fresh)
 
 
 def test_an_object_deleted_after_the_listing_is_reported_not_dropped(s3_server, s3_source, make_imagefolder,
@@ -174,3 +174,58 @@ def test_an_undefined_source_connection_fails_at_once_naming_it(monkeypatch):
     op = CollectDataOperator(task_id="collect_data", source="s3://bucket/pets", conn_id="no_such_conn")
     with pytest.raises(ConfigError, match="connection 'no_such_conn'.*not defined"):
         op._root("s3://bucket/pets")
+
+
+def test_bundled_digits_are_real_uint8_images():
+    data = sources.load_bundled()
+    assert data.images.shape == (1797, 8, 8, 1) and data.images.dtype == np.uint8
+    assert data.images.max() == 255 and data.images.min() == 0
+    assert sorted(set(data.labels.tolist())) == list(range(10))
+    assert data.class_names == [str(i) for i in range(10)]
+
+
+def test_torchvision_fakedata_source():
+    data = sources.load_torchvision("FakeData", "/nonexistent", (12, 12, 3), options={"size": 20, "num_classes": 4})
+    assert data.images.shape[1:] == (12, 12, 3)
+    assert set(data.predefined_split.tolist()) == {"train", "test"}
+    with pytest.raises(ConfigError):
+        sources.load_torchvision("NoSuchDataset", "/tmp", (8, 8, 1))
+
+
+def test_torchvision_download_failure_is_explained(tmp_path):
+    with pytest.raises(DataError, match="could not be loaded.*imagefolder"):
+        sources.load_torchvision("MNIST", tmp_path, (28, 28, 1), download=False)
+
+
+@pytest.mark.parametrize("raw,kind", [("bundled", "bundled"), ("/data/x", "imagefolder"),
+                                      ("s3://bucket/prefix", "imagefolder"), ("imagefolder:./x", "imagefolder"),
+                                      ("torchvision:CIFAR10", "torchvision")])
+def test_parse_source(raw, kind):
+    assert sources.parse_source(raw)["kind"] == kind
+
+
+def test_parse_source_rejects_nonsense():
+    with pytest.raises(ConfigError, match="not understood"):
+        sources.parse_source("cifar please")
+
+
+def test_partition_links_out_of_the_root_are_not_followed(make_imagefolder, tmp_path):
+    """Item 11 with date partitions: a partition folder linked in from outside is not read; it keeps
+    its place in the window and is recorded there; older than the window, it is none of the run's business."""
+    root = tmp_path / "parts"
+    root.mkdir()
+    make_imagefolder(classes=("0", "1"), per_class=6, name="parts/2026-11-02")
+    outside = make_imagefolder(classes=("0", "1"), per_class=6, name="elsewhere")
+    (root / "2026-11-01").symlink_to(outside, target_is_directory=True)  # older than a window of 1
+    (root / "2026-11-03").symlink_to(outside, target_is_directory=True)  # the newest partition
+
+    # the newest partition is the link: no quiet fall-back to an older one
+    with pytest.raises(DataError, match=r"no class folders.*not followed: \['2026-11-03/'\]"):
+        sources.list_imagefolder(root, partition_window=1)
+    listing = sources.list_imagefolder(root, partition_window=2)
+    assert listing.partitions == ["2026-11-02"]  # never the linked-in folder
+    assert [s["path"] for s in listing.skipped] == ["2026-11-03/"]
+    assert "outside the source root" in listing.skipped[0]["error"]
+    listing = sources.list_imagefolder(root, partition_window=3)
+    assert listing.partitions == ["2026-11-02"]
+    assert [s["path"] for s in listing.skipped] == ["2026-11-01/", "2026-11-03/"]

@@ -1,6 +1,7 @@
-"""A candidate waiting for approval: the wait ends when a newer candidate supersedes it
-(issue 19 item 2), and every end of the wait is recorded as what it was, an approval
-whose champion moved meanwhile included (item 11)."""
+"""The approval operators (nightshift.operators.approval): a candidate waiting for approval; the
+wait ends when a newer candidate supersedes it (issue 19 item 2), and every end of the wait is
+recorded as what it was, an approval whose champion moved meanwhile included (item 11). The
+approval's core without Airflow: test_approvals.py."""
 
 from __future__ import annotations
 
@@ -16,15 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 
+#: every test here runs on a local artifact root of its own
+pytestmark = pytest.mark.usefixtures("nightshift_home")
+
 MODEL = "ap-model"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture
-def ctx(nightshift_home):
-    return {"run_id": "manual__approval"}
 
 
 @pytest.fixture
@@ -34,8 +33,8 @@ def reg(nightshift_home):
     return registry.client(f"sqlite:///{nightshift_home / 'mlflow.db'}")
 
 
-def candidate(c, tmp_path: Path, i: int, *, blessed: bool = True, require_approval: bool = False,
-              model: str = MODEL) -> dict:
+def _candidate(c, tmp_path: Path, i: int, *, blessed: bool = True, require_approval: bool = False,
+               model: str = MODEL) -> dict:
     """Register a real model version the way promote does (a run with an artifact, the decision
     and its baseline recorded); returns register_candidate's outcome."""
     from nightshift import registry
@@ -109,7 +108,10 @@ def hitl(monkeypatch):
 
 
 def make_trigger(version: str, **kw):
-    from nightshift.operators.approval import PromotionApprovalOperator, SupersedableHITLTrigger
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        SupersedableHITLTrigger,
+    )
 
     op = PromotionApprovalOperator(task_id="approve_promotion", promotion={})
     args = dict(ti_id=uuid.uuid4(), options=op.options, defaults=op.defaults, params=op.serialized_params,
@@ -138,11 +140,11 @@ def first_event(trigger, within_s: float = 10.0):
 
 
 def test_trigger_ends_the_wait_when_a_newer_candidate_is_registered(reg, tmp_path, hitl):
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
     assert waiting["awaiting_approval"] and champion(reg) is None
     trigger = make_trigger(waiting["version"])
     assert first_event(trigger, within_s=0.5) is None  # nothing newer, nobody answered: it waits
-    newer = candidate(reg, tmp_path, 2, blessed=False)  # even a candidate the gates rejected supersedes it
+    newer = _candidate(reg, tmp_path, 2, blessed=False)  # even a candidate the gates rejected supersedes it
     event = first_event(make_trigger(waiting["version"]))
     assert event is not None and event.payload["superseded_by"] == newer["version"]
     assert event.payload["superseded_decision"] == "NOT_BLESSED" and event.payload["chosen_options"] == ["Reject"]
@@ -154,7 +156,7 @@ def test_trigger_ends_the_wait_when_a_newer_candidate_is_registered(reg, tmp_pat
 
 
 def test_trigger_yields_the_persons_answer(reg, tmp_path, hitl):
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
     hitl.answer("Approve", name="bob", comment="looks right")
     event = first_event(make_trigger(waiting["version"]))
     assert event is not None and "superseded_by" not in event.payload
@@ -165,7 +167,7 @@ def test_trigger_yields_the_persons_answer(reg, tmp_path, hitl):
 def test_trigger_keeps_waiting_on_a_hand_registered_version_or_a_registry_error(reg, tmp_path, hitl, monkeypatch):
     from mlflow import MlflowClient
 
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
     # a version registered by hand (no promotion decision) is not a candidate
     reg.create_model_version(MODEL, source=(tmp_path / "art").as_uri(), tags={"owner": "someone"})
     assert first_event(make_trigger(waiting["version"]), within_s=0.5) is None
@@ -173,15 +175,15 @@ def test_trigger_keeps_waiting_on_a_hand_registered_version_or_a_registry_error(
     def down(*_a, **_k):
         raise ConnectionError("registry unreachable")
 
-    candidate(reg, tmp_path, 3)
+    _candidate(reg, tmp_path, 3)
     monkeypatch.setattr(MlflowClient, "search_model_versions", down)
     assert first_event(make_trigger(waiting["version"]), within_s=0.5) is None  # fail closed: still asks the person
     assert hitl.gets > 3 and hitl.updates == []
 
 
 def test_trigger_hands_on_an_answer_that_beat_the_supersession(reg, tmp_path, hitl):
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
-    candidate(reg, tmp_path, 2, require_approval=True)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
+    _candidate(reg, tmp_path, 2, require_approval=True)
     trigger = make_trigger(waiting["version"])
     hitl.refuse_update = True  # a person answered between the trigger's look and its closing of the request
 
@@ -221,7 +223,10 @@ def test_approval_defers_on_the_supersedable_trigger_instead_of_parking(monkeypa
     import airflow.providers.standard.operators.hitl as hitl_op
     from airflow.sdk.exceptions import TaskDeferred
 
-    from nightshift.operators.approval import PromotionApprovalOperator, SupersedableHITLTrigger
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        SupersedableHITLTrigger,
+    )
 
     written = []
     monkeypatch.setattr(hitl_op, "upsert_hitl_detail", lambda **kw: written.append(kw))
@@ -248,7 +253,10 @@ def test_under_dag_test_the_approval_parks_as_airflow_does(monkeypatch):
     from airflow.sdk.execution_time import task_runner
     from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
 
-    from nightshift.operators.approval import PromotionApprovalOperator, runs_in_dag_test
+    from nightshift.operators.approval import (
+        PromotionApprovalOperator,
+        runs_in_dag_test,
+    )
 
     assert not runs_in_dag_test()
     monkeypatch.setattr(hitl_op, "upsert_hitl_detail", lambda **kw: None)
@@ -291,9 +299,9 @@ def _approve(name="bob", comment="ok"):
 def test_finalize_records_a_superseded_wait_and_leaves_champion_alone(ctx, reg, tmp_path):
     from nightshift.run_notes import run_note
 
-    first = candidate(reg, tmp_path, 1)  # champion v1
-    waiting = candidate(reg, tmp_path, 2, require_approval=True)
-    newer = candidate(reg, tmp_path, 3, require_approval=True)
+    first = _candidate(reg, tmp_path, 1)  # champion v1
+    waiting = _candidate(reg, tmp_path, 2, require_approval=True)
+    newer = _candidate(reg, tmp_path, 3, require_approval=True)
     out = _finalize(ctx, waiting, {"superseded_by": newer["version"], "chosen_options": ["Reject"],
                                    "params_input": {"comment": "superseded"}, "responded_by_user": None})
     assert out["promoted"] is False and out["champion"] == first["version"] == champion(reg)
@@ -320,8 +328,8 @@ def test_finalize_records_a_superseded_wait_and_leaves_champion_alone(ctx, reg, 
 
 
 def test_an_approval_that_raced_a_newer_candidate_is_superseded(ctx, reg, tmp_path):
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
-    newer = candidate(reg, tmp_path, 2, blessed=False)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
+    newer = _candidate(reg, tmp_path, 2, blessed=False)
     out = _finalize(ctx, waiting, _approve("erin", "ship it"))
     assert out["promoted"] is False and champion(reg) is None
     # the Approve decided nothing: not recorded as approved (nor as "approved by"); who answered is kept
@@ -344,9 +352,9 @@ def test_an_approval_whose_champion_moved_meanwhile_is_recorded_stale_not_reject
     from nightshift import registry
     from nightshift.run_notes import run_note
 
-    first = candidate(reg, tmp_path, 1)  # champion v1
-    second = candidate(reg, tmp_path, 2, blessed=False)
-    waiting = candidate(reg, tmp_path, 3, require_approval=True)  # compared with v1
+    first = _candidate(reg, tmp_path, 1)  # champion v1
+    second = _candidate(reg, tmp_path, 2, blessed=False)
+    waiting = _candidate(reg, tmp_path, 3, require_approval=True)  # compared with v1
     assert waiting["previous_champion"] == first["version"]
     # while it waits, someone forces v2 (promote_model); no newer candidate is registered
     reg.set_registered_model_alias(MODEL, "champion", second["version"])
@@ -371,12 +379,12 @@ def test_an_approval_whose_champion_moved_meanwhile_is_recorded_stale_not_reject
 
 
 def test_finalize_still_promotes_an_approval_nothing_overtook(ctx, reg, tmp_path):
-    first = candidate(reg, tmp_path, 1)
-    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    first = _candidate(reg, tmp_path, 1)
+    waiting = _candidate(reg, tmp_path, 2, require_approval=True)
     out = _finalize(ctx, waiting, _approve())
     assert out["promoted"] is True and champion(reg) == waiting["version"] != first["version"]
     assert history()[-1]["action"] == "promoted" and out["approval"] == "approved"
-    rejected = candidate(reg, tmp_path, 3, require_approval=True)
+    rejected = _candidate(reg, tmp_path, 3, require_approval=True)
     out = _finalize(ctx, rejected, {"chosen_options": ["Reject"], "responded_by_user": {"name": "carol"},
                                     "params_input": {"comment": "no"}})
     assert out["promoted"] is False and history()[-1]["action"] == "approval_rejected"
@@ -417,8 +425,8 @@ def test_an_approval_whose_image_is_gone_moves_nothing(ctx, reg, tmp_path, monke
     (the deploy that follows would fail, and registry and port would disagree)."""
     from nightshift import registry
 
-    first = candidate(reg, tmp_path, 1)  # champion v1
-    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    first = _candidate(reg, tmp_path, 1)  # champion v1
+    waiting = _candidate(reg, tmp_path, 2, require_approval=True)
     for v in (first, waiting):
         reg.set_model_version_tag(MODEL, v["version"], "nightshift.image", f"img:{v['version']}")
     _docker(monkeypatch, f"img:{first['version']}")  # v2's image is gone
@@ -439,14 +447,14 @@ def test_an_approval_whose_image_is_gone_moves_nothing(ctx, reg, tmp_path, monke
 
 
 def test_an_approval_whose_image_is_there_is_promoted(ctx, reg, tmp_path, monkeypatch):
-    candidate(reg, tmp_path, 1)
-    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    _candidate(reg, tmp_path, 1)
+    waiting = _candidate(reg, tmp_path, 2, require_approval=True)
     reg.set_model_version_tag(MODEL, waiting["version"], "nightshift.image", "img:2")
     _docker(monkeypatch, "img:2")
     out = _finalize_to(ctx, waiting, _approve(), "docker")
     assert out["promoted"] is True and champion(reg) == waiting["version"] and out["approval"] == "approved"
     # kubernetes needs the image tag only; none checks nothing
-    bare = candidate(reg, tmp_path, 3, require_approval=True)  # no image tag
+    bare = _candidate(reg, tmp_path, 3, require_approval=True)  # no image tag
     out = _finalize_to(ctx, bare, _approve(), "kubernetes")
     assert out["promoted"] is False and out["approval"] == "undeployable" and "no nightshift.image tag" in out["note"]
     assert champion(reg) == waiting["version"]
@@ -457,14 +465,14 @@ def test_a_retried_finalize_after_the_move_records_promoted_not_superseded(ctx, 
     candidate registered before the retry. The retry records the promotion that happened."""
     from nightshift import approvals
 
-    first = candidate(reg, tmp_path, 1)
-    waiting = candidate(reg, tmp_path, 2, require_approval=True)
+    first = _candidate(reg, tmp_path, 1)
+    waiting = _candidate(reg, tmp_path, 2, require_approval=True)
     approvals.finalize_approval(reg, MODEL, waiting["version"], answer=approvals.parse_answer(_approve(), "2"),
                                 expected_champion=first["version"], artifact_root=tmp_path / "artifacts")
     # (that was the first try, up to its death)
     assert champion(reg) == waiting["version"]
     assert [e["action"] for e in history()].count("promoted") == 0
-    candidate(reg, tmp_path, 3, require_approval=True)  # a newer candidate, before the retry
+    _candidate(reg, tmp_path, 3, require_approval=True)  # a newer candidate, before the retry
     out = _finalize(ctx, waiting, _approve())  # the retry
     assert out["promoted"] is True and out["approval"] == "approved" and out["champion"] == waiting["version"]
     assert champion(reg) == waiting["version"]
@@ -483,7 +491,7 @@ def test_finalize_on_a_registry_error_promotes_nothing(ctx, reg, tmp_path, monke
 
     from nightshift.errors import RegistryError
 
-    waiting = candidate(reg, tmp_path, 1, require_approval=True)
+    waiting = _candidate(reg, tmp_path, 1, require_approval=True)
 
     def deny(*_a, **_k):
         raise MlflowException("denied", error_code=PERMISSION_DENIED)
@@ -556,3 +564,20 @@ def test_the_approval_form_inside_the_dag_has_its_comment_field(nightly):
     approve = nightly.get_task("approve_promotion")
     assert set(approve.serialized_params) == {"comment"}
     assert approve.serialized_params["comment"]["schema"]["type"] == "string"
+
+
+def test_approval_passes_reject_on_to_finalize_and_never_approves_by_default():
+    """ApprovalOperator skips its downstream task on Reject; ours hands the answer to
+    finalize_promotion, which records it. An approval default (approve on timeout) is refused."""
+    from datetime import datetime, timezone
+
+    from nightshift.operators import PromotionApprovalOperator
+
+    op = PromotionApprovalOperator(task_id="approve", promotion={"awaiting_approval": True})
+    assert op.response_timeout is not None
+    answer = op.execute_complete({"ti": None, "task": op}, {
+        "chosen_options": ["Reject"], "params_input": {"comment": "no"},
+        "responded_at": datetime.now(timezone.utc), "responded_by_user": {"id": "u", "name": "carol"}})
+    assert answer["chosen_options"] == ["Reject"]  # returned for finalize, no skip attempted (ti is None)
+    with pytest.raises(ValueError, match="must not approve by default"):
+        PromotionApprovalOperator(task_id="approve2", promotion={}, defaults=["Approve"])

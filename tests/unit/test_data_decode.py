@@ -1,0 +1,63 @@
+"""Decoding (nightshift.data.decode): bytes to uint8 arrays of the configured shape, the per-image
+statistics of the profile, and undecodable files kept with their error."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nightshift.data import sources
+
+
+def test_to_shape_channel_conversions():
+    rgb = np.zeros((4, 4, 3), np.uint8)
+    rgb[..., 0] = 255
+    gray = sources.to_shape(rgb, (4, 4, 1))
+    assert gray.shape == (4, 4, 1) and int(gray[0, 0, 0]) == 76  # 0.299 * 255
+    assert sources.to_shape(gray, (2, 2, 3)).shape == (2, 2, 3)
+
+
+def _png(array: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_blobs_decode_to_the_shape_and_failures_keep_their_position_and_reason():
+    from nightshift.data.decode import decode_blobs
+
+    img = np.full((6, 6, 3), 200, np.uint8)
+    chunk = decode_blobs([_png(img), b"not an image", OSError("gone after the listing"), _png(img[:4, :4])], (4, 4, 1))
+    assert chunk.ok == [0, 3] and chunk.images.shape == (2, 4, 4, 1) and chunk.images.dtype == np.uint8
+    assert chunk.orig_sizes.tolist() == [[6, 6, 3], [4, 4, 3]]
+    errors = dict(chunk.errors)
+    assert set(errors) == {1, 2}
+    assert errors[1].startswith("UnidentifiedImageError") and errors[2] == "could not read: OSError: gone after the listing"
+    assert len(chunk.stats["sha256"]) == 2 and chunk.stats["brightness"].shape == (2,)
+
+
+def test_image_stats_are_per_image_whatever_the_batch():
+    from nightshift.data.decode import image_stats
+
+    rng = np.random.default_rng(0)
+    batch = rng.integers(0, 256, (5, 7, 7, 3), dtype=np.uint8)
+    together = image_stats(batch)
+    alone = image_stats(batch[2:3])
+    assert together["sha256"][2] == alone["sha256"][0]
+    for key in ("brightness", "contrast", "mean_ch0", "mean_ch1", "mean_ch2"):
+        assert together[key][2] == alone[key][0], key
+    assert together["brightness"][2] == pytest.approx(batch[2].astype(np.float64).mean(), rel=1e-6)
+    assert together["mean_ch1"][2] == pytest.approx(batch[2][..., 1].astype(np.float64).mean(), rel=1e-6)
+    empty = image_stats(np.zeros((0, 7, 7, 3), np.uint8))
+    assert empty["sha256"] == [] and len(empty["mean_ch2"]) == 0
+
+
+def test_decode_error_is_one_readable_line():
+    from nightshift.data.decode import decode_error
+
+    assert decode_error(OSError("image file is truncated (3 bytes not processed)")).startswith("truncated image: ")
+    assert decode_error(ValueError("bad mode")) == "ValueError: bad mode"
