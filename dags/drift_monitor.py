@@ -5,7 +5,8 @@ One Dag per model of `include/models.yaml`: `drift_monitor` for the default mode
 `drift_monitor__<model>` for every other entry, each emitting its own model's drift Asset, so one
 model's drift retrains only that model (README, "Several models").
 
-Every hour (the entry's `drift.schedule`), for the hour that just ended (the run's data interval):
+Every hour (the entry's `drift.schedule`; null: only when triggered), for the hour that just ended (the
+run's data interval):
 
 1. **check_served_drift** — reads the sampled request log the serving container
    writes (`$NIGHTSHIFT_ARTIFACT_ROOT/request_logs/<model>/`), keeps the champion's

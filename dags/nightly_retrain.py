@@ -7,7 +7,7 @@ entry, each with its Params' defaults, schedule, drift Asset and deadline from i
 "Several models"). A malformed entry is an import error of `model_config_errors.py`; the other
 models' Dags load.
 
-Every night at 02:00 UTC (the entry's `schedule`), whenever the model's drift Asset
+Every night at 02:00 UTC (the entry's `schedule`; none when it is null), whenever the model's drift Asset
 (`nightshift_drift_detected` for the default model, `nightshift_drift_detected__<model>` otherwise) is
 updated (drift in served traffic), or on demand with the **Trigger** button of this Dag in the Airflow UI (a form built
 from the Params below; every Param has a default):
@@ -184,6 +184,25 @@ def retrain_params(m: ModelEntry) -> dict[str, Param]:
     }
 
 
+#: What a drift-triggered run keeps of each drift event's extra (drift_monitor's request_retrain figures).
+DRIFT_EVENT_KEYS = ("model_name", "champion_version", "window_start", "window_end", "drifted_share",
+                    "embedding_drift_score", "n_current", "report_html")
+
+
+def drift_events(context: Any) -> list[dict[str, Any]]:
+    """The drift Asset events this run was made of (none for a timed or a triggered run): which
+    ``drift_monitor`` run saw what, its figures taken from the event's extra. The cooldown task logs
+    them and pushes them as XCom ``triggered_by``, so a drift retrain says why it ran."""
+    out: list[dict[str, Any]] = []
+    for asset, events in (context.get("triggering_asset_events") or {}).items():
+        for e in events:
+            extra = dict(e.extra or {})
+            out.append({"asset": getattr(asset, "name", str(asset)), "source_dag_id": e.source_dag_id,
+                        "source_run_id": e.source_run_id, "timestamp": e.timestamp.isoformat(),
+                        **{k: extra[k] for k in DRIFT_EVENT_KEYS if k in extra}})
+    return out
+
+
 def _training(m: ModelEntry, snapshot: Any) -> Any:
     """train_gpu: one training run, or (an entry with ``sweep:``) the sweep's mapped trials and the
     winner picked on validation (``nightshift.operators.sweep``, imported only then)."""
@@ -201,10 +220,20 @@ def _training(m: ModelEntry, snapshot: Any) -> Any:
 def _doc(m: ModelEntry) -> str:
     return (f"{__doc__}\n\n#### This Dag: model `{m.name}`\n\n{m.description or ''}\n\n"
             f"Entry #{m.index + 1} of the models file{' (the default model)' if m.default else ''}: schedule "
-            f"`{m.schedule}` (UTC) or the `{drift_asset(None if m.default else m.name).name}` Asset; deadline "
+            f"{f'`{m.schedule}` (UTC) or ' if m.schedule else 'none (no timed runs): '}"
+            f"the `{drift_asset(None if m.default else m.name).name}` Asset; deadline "
             f"{format_duration(m.deadline_s)} after queued; deploy {m.deploy_target}"
             f"{f' on 127.0.0.1:{m.deploy_port}' if m.deploy_target == 'docker' else ''}"
             f"{'; hyperparameter sweep' if m.sweep else ''}.")
+
+
+def schedule(m: ModelEntry) -> Any:
+    """The entry's cron time **or** its drift Asset; the drift Asset alone when the entry's
+    ``schedule`` is null (no timed runs: drift and the Trigger button only)."""
+    asset = drift_asset(None if m.default else m.name)
+    if m.schedule is None:
+        return asset
+    return AssetOrTimeSchedule(timetable=CronTriggerTimetable(m.schedule, timezone="UTC"), assets=asset)
 
 
 def build(m: ModelEntry):
@@ -212,8 +241,7 @@ def build(m: ModelEntry):
     ``airflow dags test``)."""
     with DeadlineDAG(
         dag_id=m.retrain_dag_id,
-        schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(m.schedule, timezone="UTC"),
-                                     assets=drift_asset(None if m.default else m.name)),
+        schedule=schedule(m),
         start_date=datetime(2026, 1, 1),
         catchup=False,
         # a run waiting for approval must not hold back the next nightly or a drift retrain; what must not
@@ -234,9 +262,19 @@ def build(m: ModelEntry):
         # serialises overlapping runs on any worker and in one process (dag.test)
         @task.short_circuit(ignore_downstream_trigger_rules=True, max_active_tis_per_dag=1)
         def cooldown(**context) -> bool:
-            """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains)."""
+            """Hold back drift-triggered runs inside the cooldown (a drift storm queues no retrains);
+            a drift-triggered run first records the drift events it was made of (XCom ``triggered_by``)."""
             from nightshift.gates import drift_retrain_cooldown
             from nightshift.operators.base import artifact_store
+
+            triggered_by = drift_events(context)
+            for event in triggered_by:
+                print(f"triggered by drift: {event['asset']} from {event['source_dag_id']} run "
+                      f"{event['source_run_id']}: model {event.get('model_name')} champion "
+                      f"v{event.get('champion_version')}, drifted share {event.get('drifted_share')}, "
+                      f"{event.get('n_current')} requests {event.get('window_start')} - {event.get('window_end')}")
+            if triggered_by:
+                context["ti"].xcom_push(key="triggered_by", value=triggered_by)
 
             # Airflow gives asset-triggered runs (no logical date) no previous successful run, so
             # the start of the last retrain that passed this gate is recorded by the gate itself

@@ -23,7 +23,8 @@ Schema (every key but ``name`` optional; ``defaults:`` are merged under every en
         image_shape: [8, 8, 1]           # [H, W, C]; null: by source
         classes: ["0", "1"]              # expected class names in label order; null: as found
         partition_window: null           # for <root>/<partition>/<class>/<image> sources
-        schedule: "0 2 * * *"            # cron (UTC); the model's drift Asset also triggers it
+        schedule: "0 2 * * *"            # cron (UTC); the model's drift Asset also triggers it;
+                                         # null: no timed runs, the drift Asset (and Trigger) only
         recipe: {model: auto, epochs: null, batch_size: null, lr: null, require_gpu: false,
                  onnx_opset: 20, quantize_int8: false}
         gates: gates.yaml                # relative to this file; unset: $NIGHTSHIFT_GATES_FILE
@@ -32,6 +33,7 @@ Schema (every key but ``name`` optional; ``defaults:`` are merged under every en
         retrain_cooldown_hours: 6
         deadline: 4h                     # the nightly run must be done this long after it was queued
         drift: {schedule: "@hourly", min_rows: 100, drift_share_threshold: 0.5, embedding_threshold: 0.6}
+                                         # drift.schedule null: the monitor runs only when triggered
         sweep: {...}                     # nightshift.sweep.parse_sweep's schema
         description: "..."
         tags: [vision]
@@ -95,7 +97,8 @@ class ModelEntry:
     image_shape: list[int] | None = None
     classes: list[str] | None = None
     partition_window: int | None = None
-    schedule: str = DEFAULT_SCHEDULE
+    #: Cron (UTC) of the timed nightly run; ``None``: no timed runs, only the drift Asset (and Trigger).
+    schedule: str | None = DEFAULT_SCHEDULE
     recipe: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_RECIPE))
     #: The gate file (absolute); ``None``: the deployment's (``$NIGHTSHIFT_GATES_FILE``).
     gates_file: str | None = None
@@ -285,7 +288,7 @@ def _entry(d: dict[str, Any], *, index: int, default: bool, base: Path, path: An
     if window is not None and not (_is_int(window) and window >= 1):
         raise err("partition_window", f"must be a positive integer or null, got {window!r}")
     schedule = d.get("schedule", DEFAULT_SCHEDULE)
-    problem = cron_problem(schedule)
+    problem = schedule_problem(schedule, "the drift Asset (and Trigger) only")
     if problem:
         raise err("schedule", problem)
     recipe = _recipe(d.get("recipe"), err)
@@ -373,7 +376,7 @@ def _drift(raw: Any, err: Any) -> dict[str, Any]:
         if key not in DEFAULT_DRIFT:
             raise err(f"drift.{key}", f"unknown drift field (known: {', '.join(DEFAULT_DRIFT)})")
     r = {**DEFAULT_DRIFT, **raw}
-    problem = cron_problem(r["schedule"])
+    problem = schedule_problem(r["schedule"], "only when triggered")
     if problem:
         raise err("drift.schedule", problem)
     if not (_is_int(r["min_rows"]) and r["min_rows"] >= 1):
@@ -431,6 +434,16 @@ def _is_int(v: Any) -> bool:
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def schedule_problem(expr: Any, null_means: str) -> str | None:
+    """Why ``expr`` is neither a cron expression (:func:`cron_problem`) nor ``null`` (no timed
+    runs: ``null_means``), or None. An empty or blank string is refused rather than read as
+    null: "no timed runs" has to be said on purpose."""
+    if expr is None:
+        return None
+    problem = cron_problem(expr)
+    return f"{problem}; or null for no timed runs ({null_means})" if problem else None
 
 
 def cron_problem(expr: Any) -> str | None:

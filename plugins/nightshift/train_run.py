@@ -38,6 +38,15 @@ PARENT_TAG = "mlflow.parentRunId"
 #: Tag of a sweep's parent run, so that a retried trials task finds the run it created before.
 SWEEP_PARENT_TAG = "nightshift.sweep_parent"
 
+#: The tags that name one task's training: every try of one task instance (a sweep trial adds its
+#: index) carries the same values, and Airflow runs one try of it at a time.
+TRY_KEYS = ("nightshift.dag_id", "nightshift.run_id", "nightshift.task", "nightshift.sweep_trial")
+#: Which try of the task made the MLflow run (the operators set it).
+TRY_TAG = "nightshift.try_number"
+#: Set on an earlier try's run that a later try ended: that try's number, and its MLflow run.
+SUPERSEDED_BY_TRY_TAG = "nightshift.superseded_by_try"
+SUPERSEDED_BY_RUN_TAG = "nightshift.superseded_by_run"
+
 _log = logging.getLogger(__name__)
 
 
@@ -96,6 +105,8 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
         run_tags[PARENT_TAG] = str(parent_run_id)
     with registry.training_run(c, model_name, run_name, tags=run_tags, params=hp,
                                artifact_location=artifact_location) as run_id:
+        # a try whose worker was killed never ended its run: end it now, saying which try took over
+        end_superseded_tries(c, run_id, run_tags, log=log)
         # first: a run that fails still says which data it had (its URI, never a worker's copy)
         log_snapshot_input(c, run_id, snap, uri=str(snapshot_uri))
 
@@ -122,6 +133,48 @@ def run_training(c, snapshot_uri: str, out_dir: str | Path, hparams: Mapping[str
              result.metrics[f"{held_out}_accuracy"], run_id)
     return {"run_id": run_id, "checkpoint": str(result.checkpoint_path), "metrics": result.metrics,
             "device": result.manifest["device"], "train_dir": str(out_dir), "data_digest": snap.digest}
+
+
+def end_superseded_tries(c, run_id: str, tags: Mapping[str, str], *, log: logging.Logger | None = None) -> list[str]:
+    """End the MLflow runs that earlier tries of this task left RUNNING, as KILLED.
+
+    A try whose worker was SIGKILLed (or lost) never reaches :func:`nightshift.registry.training_run`'s
+    ``set_terminated``, so its run would stay RUNNING for ever next to the retry's. When a try starts,
+    Airflow has already given up on the earlier ones (one try of a task instance runs at a time), so
+    every other RUNNING run with the same :data:`TRY_KEYS` tags (DAG id, DAG run id, task, sweep
+    trial) in the experiment is ended as KILLED and tagged with the try that superseded it
+    (:data:`SUPERSEDED_BY_TRY_TAG`, :data:`SUPERSEDED_BY_RUN_TAG`). A sweep's parent run and other
+    trials' runs do not match. Bookkeeping only: a registry error is logged, never fails training.
+
+    :param tags: the new run's tags (without the identifying ones nothing is ended).
+    :returns: the ids of the runs ended.
+    """
+    log = log or _log
+    if not all(tags.get(k) for k in TRY_KEYS[:3]):
+        return []
+    try:
+        exp_id = c.get_run(run_id).info.experiment_id
+        query = " and ".join([f"tags.`{k}` = '{_quote(tags[k])}'" for k in TRY_KEYS if tags.get(k)]
+                             + ["attributes.status = 'RUNNING'"])
+        found = c.search_runs([exp_id], filter_string=query, max_results=200)
+        ended = []
+        for r in found:
+            other = r.info.run_id
+            if other == run_id or r.data.tags.get(SWEEP_PARENT_TAG) == "true":
+                continue
+            if bool(r.data.tags.get("nightshift.sweep_trial")) != bool(tags.get("nightshift.sweep_trial")):
+                continue  # a sweep trial's run is not a plain train_gpu try's, nor the other way round
+            c.set_tag(other, SUPERSEDED_BY_TRY_TAG, str(tags.get(TRY_TAG, "unknown")))
+            c.set_tag(other, SUPERSEDED_BY_RUN_TAG, run_id)
+            c.set_terminated(other, "KILLED")
+            log.warning("MLflow run %s of try %s was left RUNNING (its worker died): ended as KILLED, superseded "
+                        "by try %s (run %s)", other, r.data.tags.get(TRY_TAG, "unknown"),
+                        tags.get(TRY_TAG, "unknown"), run_id)
+            ended.append(other)
+        return ended
+    except Exception as exc:  # noqa: BLE001 - bookkeeping never fails a training run
+        log.warning("could not end the MLflow runs of earlier tries of this task: %s: %s", type(exc).__name__, exc)
+        return []
 
 
 def snapshot_dataset_fields(snap, uri: str | None = None) -> dict[str, str]:

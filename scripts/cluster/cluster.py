@@ -46,7 +46,8 @@ State lives under ``NIGHTSHIFT_CLUSTER_HOME`` (default ``.nightshift/cluster``, 
 server. ``down`` signals only the recorded PIDs (and the process groups they lead, which hold
 their own children), after checking each PID still is the process that was started; Postgres
 stops through ``pg_ctl``. Other overrides: ``NIGHTSHIFT_CLUSTER_DAGS_FOLDER`` (default the
-project's ``dags/``).
+project's ``dags/``) and ``NIGHTSHIFT_MODELS_FILE`` (the models the Dags are generated from; recorded
+like the settings above).
 """
 
 from __future__ import annotations
@@ -205,13 +206,16 @@ def client_env(cfg: dict) -> dict[str, str]:
         "AIRFLOW__SCHEDULER__TASK_INSTANCE_HEARTBEAT_TIMEOUT": heartbeat_timeout(),
         "PYTHONPATH": str(ROOT / "plugins"),
         "PATH": f"{BIN}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        # the models the Dags are generated from: every component parses the same file, also after a
+        # `restart` from a shell that does not have the variable
+        **({"NIGHTSHIFT_MODELS_FILE": models} if (models := settings().get("NIGHTSHIFT_MODELS_FILE")) else {}),
         **airflow_overrides(),
     }
 
 
 #: the caller's variables that shape the components (recorded by ``up`` in settings.json)
 OVERRIDE_PREFIX = "NIGHTSHIFT_CLUSTER_AIRFLOW__"
-OVERRIDE_VARS = ("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT",)
+OVERRIDE_VARS = ("NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT", "NIGHTSHIFT_MODELS_FILE")
 
 
 def _caller_settings() -> dict[str, str]:

@@ -107,11 +107,12 @@ class Cluster:
 
     def run_folder(self, dag_id: str, run_id: str) -> str:
         """The run's folder key in the bucket (``<prefix>/runs/<dag id>/<run id>[~hash]/``)."""
-        base = f"{PREFIX}/runs/{dag_id}/"
+        from nightshift.artifacts import folder_name
+
+        base = f"{PREFIX}/runs/{folder_name(dag_id)}/"
         folders = {k[len(base):].split("/", 1)[0] for k in self.keys(BUCKET, base)}
-        mine = [f for f in folders if f == run_id or f.startswith(run_id + "~")]
-        assert len(mine) == 1, (run_id, sorted(folders))
-        return base + mine[0] + "/"
+        assert folder_name(run_id) in folders, (run_id, folder_name(run_id), sorted(folders))
+        return base + folder_name(run_id) + "/"
 
     # -- MLflow --------------------------------------------------------------------------------------
     def mlflow(self):
@@ -216,13 +217,20 @@ class Cluster:
                            "include_upstream": False, "include_downstream": False, "reset_dag_runs": True})
         assert r.status_code == 200, f"clearing {task_ids} of {run_id}: {r.status_code} {r.text}\n{self.logs()}"
 
+    def runs(self, dag_id: str, run_type: str | None = None) -> list[dict]:
+        """The DAG's runs (of ``run_type``: ``manual``, ``scheduled``, ``asset_triggered``, ...), oldest first."""
+        r = self.api("GET", f"/dags/{dag_id}/dagRuns",
+                     params={"order_by": "run_after", "limit": 100, **({"run_type": run_type} if run_type else {})})
+        assert r.status_code == 200, r.text
+        return r.json()["dag_runs"]
+
     def tis(self, dag_id: str, run_id: str) -> dict[str, dict]:
         r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")
         assert r.status_code == 200, r.text
         return {ti["task_id"]: ti for ti in r.json()["task_instances"]}
 
-    def xcom(self, dag_id: str, run_id: str, task_id: str):
-        r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/return_value",
+    def xcom(self, dag_id: str, run_id: str, task_id: str, key: str = "return_value"):
+        r = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances/{task_id}/xcomEntries/{key}",
                      params={"deserialize": "true"})
         assert r.status_code == 200, r.text
         value = r.json()["value"]

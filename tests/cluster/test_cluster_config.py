@@ -71,6 +71,19 @@ def test_airflow_overrides_and_heartbeat_timeout(cfg, monkeypatch):
         cluster.client_env(cfg)
 
 
+def test_the_models_file_up_ran_with_is_kept_for_a_restart(cfg, monkeypatch, tmp_path):
+    """Every component parses the Dags from the same models file, also when ``restart`` runs in a shell
+    without the variable (settings.json keeps what ``up`` had)."""
+    models = tmp_path / "models.yaml"
+    monkeypatch.setenv("NIGHTSHIFT_MODELS_FILE", str(models))
+    cluster.HOME.mkdir(parents=True)
+    cluster.record_settings()
+    monkeypatch.delenv("NIGHTSHIFT_MODELS_FILE")
+    for name in ("scheduler", "dag-processor"):
+        assert cluster.component_env(cfg, name)["NIGHTSHIFT_MODELS_FILE"] == str(models)
+    assert cluster.worker_env(cfg, "worker-gpu")["NIGHTSHIFT_MODELS_FILE"] == str(models)
+
+
 def test_restart_refuses_an_unknown_component(cfg, capsys):
     assert cluster.main(["restart", "worker-cpu"]) == 1
     assert "unknown component(s) worker-cpu" in capsys.readouterr().err

@@ -14,15 +14,21 @@ DAG runs are triggered through the REST API as a user would.
 2. ``test_worker_killed_mid_training_resumes_from_the_store``: ``worker-gpu`` is SIGKILLed while
    ``train_gpu`` is mid-training (once its first ``last.pt`` is in the bucket), its working copy
    is thrown away (a replacement node), it is restarted with ``cluster.py restart``; the retry
-   resumes from the checkpoint in the bucket, the run succeeds with exactly one new version.
+   resumes from the checkpoint in the bucket, the run succeeds with exactly one new version, and
+   the killed try's MLflow run is ended as KILLED, tagged with the try that superseded it.
    (The test clears the task once the scheduler has set it up for retry, rather than waiting
    out the DAG's 2-minute ``retry_delay``.)
-3. ``test_served_drift_requests_a_retrain_and_rollback_restores``: shifted traffic to the served
-   champion; ``drift_monitor`` detects it and emits the drift Asset (queued for
-   ``nightly_retrain``); ``rollback_model`` restores the previous champion, which serves again.
+3. ``test_served_drift_retrains_and_rollback_restores``: the closed loop. Shifted traffic to the
+   served champion; ``drift_monitor`` detects it and emits the drift Asset; the scheduler makes the
+   asset-triggered ``nightly_retrain`` run of it, which trains on the model's own entry, registers a
+   new version, passes the model's gates and deploys it; ``rollback_model`` then puts the champion
+   before it back, and the port serves that again.
 
-The profile runs triggered runs only (``[scheduler] use_job_schedule`` off), so unpausing the
-DAGs starts no 02:00 / hourly run with default Params; the heartbeat timeout is 30 s.
+The profile's models file (``$NIGHTSHIFT_MODELS_FILE``, written by the fixture) has one entry, the
+test's model: the default model, so its Dags keep the ids ``nightly_retrain`` / ``drift_monitor``, with
+its own port, recipe and gate file, and ``schedule: null`` / ``drift.schedule: null``, so the real
+scheduler (``use_job_schedule`` on, as in production) starts no timed run when the tests unpause the
+Dags, and makes runs of the drift Asset only. The heartbeat timeout is 30 s.
 ``NIGHTSHIFT_TEST_KEEP_CLUSTER=1`` keeps the profile's folder (logs, working copies) afterwards.
 """
 
@@ -37,6 +43,7 @@ from datetime import UTC
 from pathlib import Path
 
 import pytest
+from nightshift.containers import free_port_pair
 
 from tests.cluster import harness
 from tests.cluster.harness import BUCKET, PREFIX, Cluster
@@ -52,17 +59,47 @@ CONTROL = ("api-server", "scheduler", "dag-processor", "triggerer")
 QUEUE_WORKER = {"default": "worker-default", "docker": "worker-default", "gpu": "worker-gpu"}
 DOCKER_TASKS = ("build_inference_image", "system_eval", "finalize_promotion", "deploy")
 HEARTBEAT_TIMEOUT_S = 30
+#: the test model's serving port (its models-file entry's deploy.port); the next one serves gRPC
+PORT = free_port_pair()
+#: the test model's recipe in its entry: what the drift-triggered run trains with (nobody passes conf)
+ENTRY_EPOCHS = 6
 #: what the later tests use of the first one (its port, its champion)
 STATE: dict = {}
 
 
+def write_models_file(folder: Path) -> Path:
+    """The profile's models file: the test's model as the one (default) entry, with its own gate file.
+
+    ``schedule: null`` and ``drift.schedule: null``: no timed runs (unpausing starts nothing), the drift
+    Asset only. ``retrain_cooldown_hours: 0``: the drift retrain follows runs minutes old. The gate file
+    keeps the project's absolute floors (accuracy, latency, throughput, served vs offline) and lets a
+    candidate that meets them replace the champion whatever their comparison (``champion_tolerance`` 1,
+    no paired test): the loop needs a second champion to roll back from, and a 6-epoch candidate may
+    score a little under the fault test's 30-epoch one."""
+    import yaml
+
+    gates = yaml.safe_load((harness.ROOT / "include" / "gates.yaml").read_text())
+    gates["thresholds"].update(champion_tolerance=1.0, champion_relative_tolerance=1.0, champion_alpha=0)
+    (folder / "gates.yaml").write_text(yaml.safe_dump(gates))
+    entry = {"name": MODEL, "default": True, "source": "bundled", "schedule": None,
+             "recipe": {"model": "auto", "epochs": ENTRY_EPOCHS}, "gates": "gates.yaml",
+             "deploy": {"target": "docker", "port": PORT}, "retrain_cooldown_hours": 0,
+             "drift": {"schedule": None, "min_rows": 100}}
+    path = folder / "models.yaml"
+    path.write_text(yaml.safe_dump({"models": [entry]}, sort_keys=False))
+    from nightshift.model_config import load_models
+
+    assert load_models(path).errors == (), load_models(path).error_report()
+    return path
+
+
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory):
     harness.require_docker()
+    models = write_models_file(tmp_path_factory.mktemp("cluster-models"))
     c = harness.start("cluster-retrain-", {
         "NIGHTSHIFT_CLUSTER_HEARTBEAT_TIMEOUT": str(HEARTBEAT_TIMEOUT_S),
-        # only triggered runs: unpausing nightly_retrain must not start the 02:00 run with default Params
-        "NIGHTSHIFT_CLUSTER_AIRFLOW__SCHEDULER__USE_JOB_SCHEDULE": "False",
+        "NIGHTSHIFT_MODELS_FILE": str(models),  # every component parses the Dags from it
         "NIGHTSHIFT_REQUEST_LOG_ROTATE_S": "1",  # the serving container publishes its request log at once
     })
     try:
@@ -106,7 +143,7 @@ def _overlap(a: Path, b: Path) -> bool:
 # ------------------------------------------------------------------------------------------ tests
 def test_nightly_retrain_on_object_storage(cluster: Cluster):
     c = cluster
-    port = harness.free_port()
+    port = PORT
     run_id = f"cluster_retrain_{TOKEN}"
     conf = {"model_name": MODEL, "source": "bundled", "epochs": 6, "deploy_target": "docker", "deploy_port": port}
     t0 = time.monotonic()
@@ -282,18 +319,26 @@ def test_worker_killed_mid_training_resumes_from_the_store(cluster: Cluster):
     assert state == "success", f"run {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
     after = {v.version for v in c.versions(MODEL)}
     assert len(after - before) == 1, (sorted(before), sorted(after))
+    # the killed try's MLflow run did not stay RUNNING: the retry ended it as KILLED, naming itself
+    mlruns = c.mlflow().search_runs([c.mlflow().get_experiment_by_name(MODEL).experiment_id],
+                                    filter_string=f"tags.`nightshift.run_id` = '{run_id}' and "
+                                                  "tags.`nightshift.task` = 'train_gpu'")
+    states = {r.data.tags.get("nightshift.try_number"): r for r in mlruns}
+    assert sorted(states) == ["1", str(ti["try_number"])], {k: r.info.status for k, r in states.items()}
+    killed, retry = states["1"], states[str(ti["try_number"])]
+    assert (killed.info.status, retry.info.status) == ("KILLED", "FINISHED"), (killed.info, retry.info)
+    assert killed.data.tags["nightshift.superseded_by_try"] == str(ti["try_number"]), killed.data.tags
+    assert killed.data.tags["nightshift.superseded_by_run"] == retry.info.run_id
     print(f"\ncluster: worker-gpu killed after its first last.pt; detected in {detected_s:.0f}s; retry resumed "
           f"from epoch {resumed}/{epochs}; run took {took:.0f}s")
 
 
-def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster, tmp_path):
-    """The rest of the loop on the cluster: shifted traffic reaches the served champion, ``drift_monitor``
-    (on the docker worker, next to the request log) detects it and emits the drift Asset, which queues
-    ``nightly_retrain``; ``rollback_model`` moves champion back to the previous version, which serves again.
-
-    The profile runs triggered runs only (``use_job_schedule`` off, so unpausing does not start the
-    02:00 and hourly runs with default Params): the Asset's queued event is asserted, not the run the
-    scheduler would make of it."""
+def test_served_drift_retrains_and_rollback_restores(cluster: Cluster, tmp_path):
+    """The closed loop on the cluster: shifted traffic reaches the served champion, ``drift_monitor``
+    (on the docker worker, next to the request log) detects it and emits the drift Asset; the scheduler
+    makes the asset-triggered ``nightly_retrain`` run, which trains the model's entry, registers a new
+    version, passes the model's gates (see :func:`write_models_file`) and deploys it; ``rollback_model``
+    then moves champion back to the version before it, which serves again."""
     c = cluster
     if "port" not in STATE:
         pytest.skip("needs the deployment of test_nightly_retrain_on_object_storage")
@@ -305,8 +350,11 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     t0 = time.monotonic()
     port = STATE["port"]
     champion = c.champion(MODEL)
+    before = {v.version for v in c.versions(MODEL)}
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
     assert served == champion.tags["nightshift.onnx_sha256"][:12]
+    assert c.runs(DAG_ID, "asset_triggered") == [], "a drift retrain ran before any drift"
+    assert c.runs(DAG_ID, "scheduled") == [], "the scheduler started a timed run of a model with schedule: null"
 
     # 1. shifted traffic, drawn from the champion's own snapshot (read from the bucket into a cache of ours)
     s = c.config["secrets"]
@@ -324,23 +372,22 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
 
     # 2. drift_monitor on the cluster: drift, and the Asset that schedules nightly_retrain
     c.wait_parsed("drift_monitor")
-    run_id = f"cluster_drift_{TOKEN}"
+    drift_run = f"cluster_drift_{TOKEN}"
     c.trigger("drift_monitor", {"model_name": MODEL, "min_rows": 100, "window_start": start.isoformat(),
-                                "window_end": end.isoformat()}, run_id)
-    state, tis = c.wait_run("drift_monitor", run_id, timeout=240)
-    assert state == "success", f"drift_monitor {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+                                "window_end": end.isoformat()}, drift_run)
+    state, tis = c.wait_run("drift_monitor", drift_run, timeout=240)
+    assert state == "success", f"drift_monitor {drift_run}: {state}\n{harness.describe(tis)}\n{c.logs()}"
     assert tis["request_retrain"]["state"] == "success", harness.describe(tis)
     assert tis["check_served_drift"]["queue"] == "docker"
-    assert c.task_logs("worker-default", "drift_monitor", run_id, "check_served_drift")
-    r = c.api("GET", "/assets/events", params={"source_dag_id": "drift_monitor", "source_run_id": run_id})
+    assert c.task_logs("worker-default", "drift_monitor", drift_run, "check_served_drift")
+    r = c.api("GET", "/assets/events", params={"source_dag_id": "drift_monitor", "source_run_id": drift_run})
     assert r.status_code == 200, r.text
     events = r.json()["asset_events"]
     assert len(events) == 1 and events[0]["extra"]["model_name"] == MODEL, events
-    assert events[0]["extra"]["drifted_share"] > 0, events[0]["extra"]
-    r = c.api("GET", f"/dags/{DAG_ID}/assets/queuedEvents")
-    assert r.status_code == 200 and r.json()["total_entries"] >= 1, r.text
+    extra = events[0]["extra"]
+    assert extra["drifted_share"] > 0 and str(extra["champion_version"]) == str(champion.version), extra
     # what it read and its report left the docker worker for the bucket
-    checked = c.xcom("drift_monitor", run_id, "check_served_drift")
+    checked = c.xcom("drift_monitor", drift_run, "check_served_drift")
     assert checked["drift_detected"] is True and checked["n_current"] >= 100, checked
     for k in ("request_window", "report_html"):
         assert checked[k].startswith(f"s3://{BUCKET}/{PREFIX}/"), (k, checked[k])
@@ -348,19 +395,53 @@ def test_served_drift_requests_a_retrain_and_rollback_restores(cluster: Cluster,
     # and its point of the drift timeline (the Nightshift view reads it from any component)
     assert c.keys(BUCKET, f"{PREFIX}/drift/{MODEL}/timeline.jsonl"), "no drift timeline point in the bucket"
 
-    # 3. roll back to the previous champion (needs a second one: the fault test's retrain, if promoted)
-    if len(c.versions(MODEL)) < 2 or champion.version == STATE["champion"]:
-        pytest.skip(f"the fault test's candidate was not promoted (champion v{champion.version}): "
-                    "nothing to roll back to")
+    # 3. the scheduler makes a run of the Asset event: asset_triggered, no conf, the event as its upstream
+    deadline = time.monotonic() + 120
+    while not (runs := c.runs(DAG_ID, "asset_triggered")) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert len(runs) == 1, f"drift retrain runs: {runs}\n{c.logs()}"
+    retrain = runs[0]
+    run_id = retrain["dag_run_id"]
+    assert retrain["run_type"] == "asset_triggered" and not retrain["conf"], retrain
+    r = c.api("GET", f"/dags/{DAG_ID}/dagRuns/{run_id}/upstreamAssetEvents")
+    assert r.status_code == 200, r.text
+    assert [e["id"] for e in r.json()["asset_events"]] == [events[0]["id"]], r.json()
+    state, tis = c.wait_run(DAG_ID, run_id, timeout=480)
+    assert state == "success", f"drift retrain {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+    expected = {k: "skipped" if k == "approve_promotion" else "success" for k in tis}
+    assert {k: v["state"] for k, v in tis.items()} == expected, harness.describe(tis)
+    assert tis["train_gpu"]["queue"] == "gpu" and tis["deploy"]["queue"] == "docker", harness.describe(tis)
+    # the run says which drift it answers (cooldown's XCom triggered_by, from the event's extra)
+    (why,) = c.xcom(DAG_ID, run_id, "cooldown", key="triggered_by")
+    assert (why["source_dag_id"], why["source_run_id"], why["model_name"]) == ("drift_monitor", drift_run, MODEL)
+    assert why["drifted_share"] == extra["drifted_share"] and str(why["champion_version"]) == str(champion.version), why
+    assert "triggered by drift" in c.task_logs("worker-default", DAG_ID, run_id, "cooldown")[1]
+
+    # 4. it trained the model's entry (nobody passed Params), registered one version and passed the gates:
+    #    the model's gate file promotes any candidate over the absolute floors (write_models_file)
+    folder = c.run_folder(DAG_ID, run_id)
+    manifest = json.loads(c.object(folder + "train/train_manifest.json"))
+    assert manifest["hparams"]["epochs"] == ENTRY_EPOCHS, manifest["hparams"]
+    after = {v.version for v in c.versions(MODEL)}
+    (new,) = after - before
+    promotion = json.loads(c.object(folder + "promotion.json"))
+    assert promotion["version"] == new and promotion["promoted"] is True, promotion
+    now = c.champion(MODEL)
+    assert now.version == new, (now.version, new)
+    served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
+    assert served == now.tags["nightshift.onnx_sha256"][:12], "the entry's port does not serve the drift retrain"
+    retrain_s = time.monotonic() - t0
+
+    # 5. roll back: the champion before the drift retrain comes back, and serves again
     c.wait_parsed("rollback_model")
-    run_id = f"cluster_rollback_{TOKEN}"
+    rollback_run = f"cluster_rollback_{TOKEN}"
     c.trigger("rollback_model", {"model_name": MODEL, "target": "previous", "deploy_port": port,
-                                 "reason": "drift in served traffic (cluster test)"}, run_id)
-    state, tis = c.wait_run("rollback_model", run_id, timeout=240)
-    assert state == "success", f"rollback_model {run_id}: {state}\n{harness.describe(tis)}\n{c.logs()}"
+                                 "reason": "drift in served traffic (cluster test)"}, rollback_run)
+    state, tis = c.wait_run("rollback_model", rollback_run, timeout=240)
+    assert state == "success", f"rollback_model {rollback_run}: {state}\n{harness.describe(tis)}\n{c.logs()}"
     back = c.champion(MODEL)
-    assert back.version == STATE["champion"], (back.version, STATE["champion"])
+    assert back.version == champion.version, (back.version, champion.version)
     served = requests.get(f"http://127.0.0.1:{port}/v2/models/{MODEL}", timeout=10).json()["versions"][0]
     assert served == back.tags["nightshift.onnx_sha256"][:12]
-    print(f"\ncluster: drift detected and the Asset queued nightly_retrain; rolled back v{champion.version} -> "
-          f"v{back.version} in {time.monotonic() - t0:.0f}s")
+    print(f"\ncluster: drift -> asset-triggered retrain {run_id} promoted v{new} in {retrain_s:.0f}s; rolled back "
+          f"v{new} -> v{back.version} in {time.monotonic() - t0:.0f}s in all")

@@ -86,6 +86,52 @@ def test_each_model_has_its_own_drift_asset_schedule_and_deadline(example_bag):
     assert default_alert.interval == timedelta(hours=4)
 
 
+def test_a_null_schedule_makes_a_drift_only_retrain_and_a_triggered_only_monitor(tmp_path, monkeypatch):
+    """``schedule: null``: the scheduler makes this model's nightly runs from its drift Asset only (no
+    cron part a scheduler would start on unpause); ``drift.schedule: null``: the monitor never runs by itself."""
+    from airflow.sdk import Asset
+
+    f = write_models(tmp_path, """
+        models:
+          - {name: nightshift-digits, default: true}
+          - {name: driftonly, schedule: null, drift: {schedule: null}, deploy: {port: 8601}}
+    """)
+    dags, errors = parse_dags(monkeypatch, DAGS, CLEAR, NIGHTSHIFT_MODELS_FILE=str(f))
+    assert errors == {}
+    retrain, monitor = dags["nightly_retrain__driftonly"], dags["drift_monitor__driftonly"]
+    assert type(retrain.timetable).__name__ == "AssetTriggeredTimetable", retrain.timetable
+    assert isinstance(retrain.timetable.asset_condition, Asset)
+    assert retrain.timetable.asset_condition.name == "nightshift_drift_detected__driftonly"
+    assert type(monitor.timetable).__name__ == "NullTimetable", monitor.timetable
+    assert "schedule none (no timed runs): the `nightshift_drift_detected__driftonly` Asset" in retrain.doc_md
+    # the default model keeps its cron or Asset schedule
+    assert dags["nightly_retrain"].timetable.timetable.expression == "0 2 * * *"
+
+
+def test_a_drift_triggered_run_records_the_events_it_was_made_of():
+    """The cooldown task's ``triggered_by``: which drift_monitor run saw what (the event's extra);
+    nothing for a timed or triggered run."""
+    import importlib.util
+    from datetime import datetime, timezone
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("nr_events", DAGS / "nightly_retrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    from airflow.sdk import Asset
+
+    asset = Asset("nightshift_drift_detected__m")
+    event = SimpleNamespace(source_dag_id="drift_monitor__m", source_run_id="r1",
+                            timestamp=datetime(2026, 12, 5, 12, tzinfo=timezone.utc),
+                            extra={"model_name": "m", "champion_version": "3", "drifted_share": 0.75,
+                                   "n_current": 400, "drifted_columns": ["brightness"], "other": 1})
+    (got,) = mod.drift_events({"triggering_asset_events": {asset: [event]}})
+    assert got == {"asset": "nightshift_drift_detected__m", "source_dag_id": "drift_monitor__m",
+                   "source_run_id": "r1", "timestamp": "2026-12-05T12:00:00+00:00", "model_name": "m",
+                   "champion_version": "3", "drifted_share": 0.75, "n_current": 400}
+    assert mod.drift_events({}) == [] and mod.drift_events({"triggering_asset_events": {}}) == []
+
+
 def test_dags_are_generated_in_file_order(tmp_path, monkeypatch):
     """The order the Dag file defines them in (and so the UI's and the serialiser's) is the file's."""
     import importlib.util

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from nightshift.ui import data
 
 from .conftest import MODEL
@@ -173,3 +175,49 @@ def test_the_view_reads_history_deployment_drift_and_reports_from_s3(s3_server, 
                 "runs/nightly_retrain/scheduled__1/missing.json", "/etc/passwd", "runs//x"):
         assert data.resolve_report(view, bad) is None, bad
     assert not contracts.history_path(view.local_root, "m").exists()  # read from the store, not a working copy
+
+
+def test_a_model_with_no_timed_runs_says_so_instead_of_a_schedule(tmp_path):
+    """``schedule: null`` in the models file: the view says the model retrains on drift only, not
+    ``schedule None UTC``; a model with a cron keeps it."""
+    from nightshift.model_config import parse_models
+    from nightshift.ui.app import _jinja
+
+    class Client:
+        def search_registered_models(self):
+            return []
+
+    configured = parse_models("models:\n  - {name: a, schedule: null}\n"
+                              "  - {name: b, schedule: '0 3 * * *', deploy: {port: 8601}}\n")
+    o = data.build_overview(tmp_path, Client(), configured=configured)
+    assert [m["config"]["schedule"] for m in o["models"]] == [None, "0 3 * * *"]
+    html = _jinja().get_template("view.html").render(o=o, user="u")
+    assert "no timed runs (drift only)" in html and "0 3 * * *" in html
+    assert "schedule <span class=\"mono\">None" not in html
+
+
+def test_the_view_reads_the_store_through_the_artifact_connection(monkeypatch, tmp_path):
+    """The API server opens an ``s3://`` root with the connection ``NIGHTSHIFT_ARTIFACT_CONN_ID`` (the
+    workers' credentials), not its own ``AWS_*`` environment; a connection that is not defined is a
+    503 naming it."""
+    import json
+
+    from fastapi import HTTPException
+
+    from nightshift.ui import app
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", "s3://bucket/artifacts")
+    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CACHE", raising=False)
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_artifacts")
+    monkeypatch.setenv("AIRFLOW_CONN_NS_ARTIFACTS", json.dumps({
+        "conn_type": "aws", "login": "CONNECTION-KEY", "password": "connection-secret",
+        "extra": {"endpoint_url": "http://127.0.0.1:9"}}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVIRONMENT-KEY")
+    store = app._store()
+    assert store.uri == "s3://bucket/artifacts"
+    assert (store.options.access_key, store.options.endpoint_url) == ("CONNECTION-KEY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_nowhere")
+    with pytest.raises(HTTPException) as err:
+        app._store()
+    assert err.value.status_code == 503 and "ns_nowhere" in err.value.detail

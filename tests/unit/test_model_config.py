@@ -190,6 +190,26 @@ def test_sweep_is_validated_by_the_sweep_module(monkeypatch):
     assert cfg.errors[0].entry == "b" and cfg.errors[0].field == "sweep" and "sweep.space" in cfg.errors[0].message
 
 
+def test_a_null_schedule_means_no_timed_runs_and_a_blank_one_is_refused():
+    """``schedule: null`` (drift Asset only) and ``drift.schedule: null`` (triggered only) are said on
+    purpose; an empty string is a mistake, refused naming both accepted forms."""
+    cfg = parse("""
+        defaults: {schedule: "0 4 * * *"}
+        models:
+          - {name: a, schedule: null, drift: {schedule: null}}
+          - {name: b, deploy: {port: 8601}}
+          - {name: c, schedule: "", deploy: {port: 8602}}
+          - {name: d, drift: {schedule: ""}, deploy: {port: 8603}}
+    """)
+    a, b = cfg.models
+    assert (a.schedule, a.drift["schedule"]) == (None, None)
+    assert (b.schedule, b.drift["schedule"]) == ("0 4 * * *", "@hourly")  # an entry's null overrides, no leak
+    assert a.as_dict()["schedule"] is None
+    assert [(e.entry, e.field) for e in cfg.errors] == [("c", "schedule"), ("d", "drift.schedule")]
+    assert "cron expression" in cfg.errors[0].message and "or null for no timed runs" in cfg.errors[0].message
+    assert "drift Asset" in cfg.errors[0].message and "only when triggered" in cfg.errors[1].message
+
+
 def test_valid_crons_pass():
     for expr in ("0 2 * * *", "*/15 * * * *", "30 3 1-15 1,6 MON-FRI", "0 0 * * 7", "@hourly", "5 4 L * ?"):
         assert mc.cron_problem(expr) is None, expr

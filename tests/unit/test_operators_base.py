@@ -10,7 +10,8 @@ port), the operators against a stand-in helper.
 Object store: operators on an ``s3://`` artifact root, each task on a "worker" of its own (an
 empty working copy: another ``NIGHTSHIFT_ARTIFACT_CACHE``): what one task wrote, the next finds
 through the store; XCom carries URIs; a corrupt object is refused; training killed on one worker
-resumes on another from the published ``last.pt``.
+resumes on another from the published ``last.pt``; a task fetches only the part of the run folder
+it reads (``run_folder_reads``).
 
 Store faults, on a SeaweedFS of the test's own: the store going away in the middle of a task's
 publish (the task fails retryably, no half-written collection is ever found, the retry
@@ -311,9 +312,14 @@ def test_collect_on_one_worker_then_validate_train_export_on_others(worker, ctx,
     assert (cache_b / "nightshift-test").is_dir() and isinstance(train_op.store, S3Store)
     assert snap["snapshot_uri"] == ValidateDataOperator(task_id="v", snapshot=snap).snapshot["snapshot_uri"]
 
-    worker("c")  # export: the checkpoint and the snapshot come from the store
+    cache_c = worker("c")  # export: the checkpoint and the snapshot come from the store
     export = ExportONNXOperator(task_id="export", training=train, snapshot=snap, model_name="store-test").execute(ctx)
     assert export["onnx_path"].startswith(f"{s3_root}/runs/") and export["model_dir"].startswith(f"{s3_root}/runs/")
+    # it fetched only what it reads of the run folder: its own model/ and the training XCom's train/, not
+    # validation's report (run_folder_reads), which the whole-folder pull used to bring along
+    run_folder = cache_c / "nightshift-test" / _key(s3_root, val["report_path"]).rsplit("/validation/", 1)[0]
+    assert (run_folder / "model").is_dir() and (run_folder / "train").is_dir(), sorted(run_folder.iterdir())
+    assert not (run_folder / "validation").exists(), sorted(p.name for p in run_folder.iterdir())
 
     # a fourth worker reads the model the URI names, bytes as written
     from nightshift.store import sha256_file
@@ -558,3 +564,38 @@ def test_access_denied_fails_at_once_naming_the_uri_and_nothing_is_promoted(own_
                              validation={}, training={}, export={}, image={}, system_eval={}, drift={}).execute(ctx)
     c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert registry.get_champion(c, "faults") is None
+
+
+def test_a_task_pulls_only_the_parts_of_the_run_folder_it_reads(tmp_path):
+    """RunFolderSync.pull: the whole folder for ``None``, else one fetch per part named; a part that
+    leaves the folder is refused. Each operator that reads only its own folder says so."""
+    from nightshift import operators as ops
+    from nightshift.operators.base import NightshiftOperator, RunFolderSync
+
+    fetched = []
+
+    class Store:
+        def to_uri(self, path):
+            return "s3://b/" + path.relative_to(tmp_path).as_posix()
+
+        def fetch(self, uri, *, required=True):
+            assert required is False
+            fetched.append(uri)
+
+    folder = tmp_path / "runs" / "nightly_retrain" / "r1"
+    RunFolderSync(Store(), folder).pull()
+    RunFolderSync(Store(), folder).pull(("train", "model/model.onnx"))
+    RunFolderSync(Store(), folder).pull(())
+    assert fetched == ["s3://b/runs/nightly_retrain/r1", "s3://b/runs/nightly_retrain/r1/train",
+                       "s3://b/runs/nightly_retrain/r1/model/model.onnx"]
+    for bad in ("../r2", "/etc", ""):
+        with pytest.raises(ValueError, match="not a path inside the run folder"):
+            RunFolderSync(Store(), folder).pull((bad,))
+    assert NightshiftOperator.run_folder_reads is None  # the default: the whole folder, as before
+    assert {cls.__name__: cls.run_folder_reads for cls in (
+        ops.CollectDataOperator, ops.ValidateDataOperator, ops.TrainGPUOperator, ops.ExportONNXOperator,
+        ops.BuildInferenceImageOperator, ops.SystemEvalOperator, ops.DriftCheckOperator, ops.DeployModelOperator,
+        ops.PromoteModelOperator)} == {
+        "CollectDataOperator": (), "ValidateDataOperator": ("validation",), "TrainGPUOperator": ("train",),
+        "ExportONNXOperator": ("model",), "BuildInferenceImageOperator": (), "SystemEvalOperator": ("system_eval",),
+        "DriftCheckOperator": ("drift",), "DeployModelOperator": ("deploy",), "PromoteModelOperator": None}

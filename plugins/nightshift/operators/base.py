@@ -214,9 +214,10 @@ def to_uris(store: Any, value: Any, keep_local: Path | None = None) -> Any:
 
 class RunFolderSync:
     """One task's view of its DAG run's folder on an object-store root: :meth:`pull` fetches
-    what earlier tasks (and earlier tries) of the run published and notes each file;
-    :meth:`push` publishes the files this task wrote or changed since (never a file it only
-    read, so parallel tasks of a run do not overwrite each other's files with stale copies)."""
+    what earlier tasks (and earlier tries) of the run published, the whole folder or only the
+    parts the task reads, and notes each file; :meth:`push` publishes the files this task wrote
+    or changed since (never a file it only read, so parallel tasks of a run do not overwrite each
+    other's files with stale copies)."""
 
     def __init__(self, store: Any, folder: Path) -> None:
         self.store, self.folder = store, Path(folder)
@@ -234,8 +235,18 @@ class RunFolderSync:
                     out[f] = (st.st_size, st.st_mtime_ns, st.st_ino)
         return out
 
-    def pull(self) -> None:
-        self.store.fetch(self.store.to_uri(self.folder), required=False)
+    def pull(self, reads: Sequence[str] | None = None) -> None:
+        """Fetch the run folder (``reads`` ``None``: all of it, a LIST and a HEAD per object), or only
+        the files and sub-folders ``reads`` names, relative to it (a HEAD and a LIST each), e.g. a
+        task's own folder, where an earlier try left its resume state."""
+        if reads is None:
+            self.store.fetch(self.store.to_uri(self.folder), required=False)
+        else:
+            for part in reads:
+                rel = Path(part)
+                if rel.is_absolute() or ".." in rel.parts or not rel.parts:
+                    raise ValueError(f"run_folder_reads: {part!r} is not a path inside the run folder")
+                self.store.fetch(self.store.to_uri(self.folder / rel), required=False)
         self._seen = self._files()
 
     def push(self, path: Path | None = None) -> list[str]:
@@ -263,7 +274,7 @@ def _sync_store(execute: Callable[..., Any]) -> Callable[..., Any]:
         if not store.remote or getattr(self, "_run_sync", None) is not None:
             return execute(self, context)
         sync = RunFolderSync(store, run_path(self.settings.artifact_root, self.dag_id, context["run_id"]))
-        sync.pull()
+        sync.pull(self.run_folder_reads)
         fields = self.template_fields if self.store_inputs is None else self.store_inputs
         for name in fields:
             if hasattr(self, name):
@@ -295,6 +306,11 @@ class NightshiftOperator(BaseOperator):
     #: under the store in them is fetched before ``execute`` and replaced by its local path
     #: (:func:`localize`; snapshot URIs stay URIs). ``None``: every template field.
     store_inputs: Sequence[str] | None = None
+    #: What of its DAG run's folder the task reads by path (relative to the folder; its upstream
+    #: results come through :attr:`store_inputs` instead): with an object-store root only these are
+    #: fetched before ``execute``. ``None``: the whole folder (one HEAD per object), for tasks that
+    #: read their siblings' files; ``()``: nothing.
+    run_folder_reads: Sequence[str] | None = None
     _run_sync: "RunFolderSync | None" = None
     #: The Airflow connection of the Docker daemon; the operators that use Docker take it as an
     #: argument (templated). ``None``: ``NIGHTSHIFT_DOCKER_CONN_ID`` of the worker, else its environment.

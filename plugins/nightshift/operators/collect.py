@@ -29,6 +29,8 @@ class CollectDataOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("source", "image_shape", "classes", "val_fraction", "test_fraction", "conn_id",
                                       "workers", "shard_mb", "partition_window", "incremental")
+    #: what of the run folder it reads (fetched first on an object store): nothing (the source, the snapshots)
+    run_folder_reads: Sequence[str] = ()
     #: ``source`` is read where it is (it may be a bucket the artifact store also lives in)
     store_inputs: Sequence[str] = ()
 

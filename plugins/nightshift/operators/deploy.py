@@ -51,6 +51,8 @@ class DeployModelOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("promotion", "model_name", "target", "port", "namespace", "request_log_sample",
                                       "docker_conn_id")
+    #: what of the run folder it reads (fetched first on an object store): its own folder
+    run_folder_reads: Sequence[str] = ("deploy",)
     operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#c5cae9"
 

@@ -17,6 +17,8 @@ class DriftCheckOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("snapshot", "model_name", "drift_share_threshold")
+    #: what of the run folder it reads (fetched first on an object store): its own folder
+    run_folder_reads: Sequence[str] = ("drift",)
     operator_extra_links = (DriftReportLink(),)
 
     def __init__(self, *, snapshot: Any, model_name: str = "nightshift-classifier",

@@ -32,6 +32,8 @@ class ExportONNXOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("training", "snapshot", "model_name", "opset", "atol", "min_top1_agreement",
                                       "quantize", "int8_max_accuracy_drop")
+    #: what of the run folder it reads (fetched first on an object store): its own (the checkpoint: training XCom)
+    run_folder_reads: Sequence[str] = ("model",)
     operator_extra_links = (ParityReportLink(), QuantizationReportLink())
 
     def __init__(self, *, training: Any, snapshot: Any, model_name: str = "nightshift-classifier",

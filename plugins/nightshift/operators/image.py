@@ -38,6 +38,8 @@ class BuildInferenceImageOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("export", "model_name", "repository", "base_image", "variant", "registry",
                                       "keep_images", "protect", "docker_conn_id")
+    #: what of the run folder it reads (fetched first on an object store): nothing (the model: export XCom)
+    run_folder_reads: Sequence[str] = ()
     ui_color = "#bbdefb"
 
     def __init__(self, *, export: Any, model_name: str = "nightshift-classifier", repository: str = "nightshift",

@@ -71,9 +71,11 @@ def _annotate(dag_run: Any) -> None:
 
         from sqlalchemy.orm import object_session
 
-        from nightshift.settings import Settings
+        # the store the tasks wrote the run's files to: an s3:// root through the connection
+        # NIGHTSHIFT_ARTIFACT_CONN_ID, as on the workers (not this scheduler's AWS_* environment)
+        from nightshift.operators.base import artifact_store
 
-        note = run_note(Settings.from_env().store(), dag_run.dag_id, dag_run.run_id)
+        note = run_note(artifact_store(), dag_run.dag_id, dag_run.run_id)
         if object_session(dag_run) is not None:  # the scheduler: its deadline rows say what was missed
             note = with_deadlines(note, missed_deadlines(dag_run, object_session(dag_run)))
         if note is None:

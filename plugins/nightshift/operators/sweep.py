@@ -40,7 +40,7 @@ from airflow.sdk import TaskGroup
 
 from nightshift.operators.base import NightshiftOperator
 from nightshift.operators.links import MLflowRunLink
-from nightshift.operators.train import TrainGPUOperator
+from nightshift.operators.train import TrainGPUOperator, try_tag
 
 if TYPE_CHECKING:
     from nightshift.placement import TrainPlacement
@@ -151,7 +151,7 @@ class SweepTrialOperator(TrainGPUOperator):
                 self.mlflow, snapshot_uri, out_dir, self.hparams, model_name=self.model_name,
                 run_name=f"{context['run_id']} trial {index}", require_gpu=to_bool(self.require_gpu),
                 tags={"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
-                      "nightshift.task": self.task_id, "nightshift.sweep_trial": str(index)},
+                      "nightshift.task": self.task_id, "nightshift.sweep_trial": str(index), **try_tag(context)},
                 artifact_location=default_artifact_location(self.settings.mlflow_tracking_uri, self.settings.home),
                 should_stop=lambda: self._stop, log=self.log, snapshot_path=snapshot_path,
                 after_epoch=lambda epoch: self._publish_resume_state(out_dir / LAST_CHECKPOINT),

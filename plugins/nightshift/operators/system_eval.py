@@ -43,6 +43,8 @@ class SystemEvalOperator(NightshiftOperator):
     template_fields: Sequence[str] = ("image", "snapshot", "export", "training", "model_name", "batch_size",
                                       "concurrency", "load_seconds", "request_timeout_s", "skew_tolerance",
                                       "ready_timeout_s", "docker_conn_id")
+    #: what of the run folder it reads (fetched first on an object store): its own folder
+    run_folder_reads: Sequence[str] = ("system_eval",)
     ui_color = "#b2ebf2"
     operator_extra_links = (SystemEvalReportLink(),)
 

@@ -37,6 +37,8 @@ class TrainGPUOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("snapshot", "hparams", "require_gpu", "model_name", "data_parallel")
+    #: what of the run folder it reads (fetched first on an object store): its own (an earlier try's last.pt)
+    run_folder_reads: Sequence[str] = ("train",)
     ui_color = "#c8e6c9"
     operator_extra_links = (MLflowRunLink(),)
 
@@ -71,7 +73,7 @@ class TrainGPUOperator(NightshiftOperator):
             self.mlflow, snapshot_uri, out_dir, self.hparams,
             model_name=self.model_name, run_name=f"{context['run_id']}", require_gpu=to_bool(self.require_gpu),
             tags={"nightshift.dag_id": self.dag_id, "nightshift.run_id": context["run_id"],
-                  "nightshift.task": self.task_id},
+                  "nightshift.task": self.task_id, **try_tag(context)},
             artifact_location=default_artifact_location(self.settings.mlflow_tracking_uri, self.settings.home),
             should_stop=lambda: self._stop, log=self.log, snapshot_path=snapshot_path,
             after_epoch=lambda epoch: self._publish_resume_state(out_dir / LAST_CHECKPOINT),
@@ -125,7 +127,8 @@ class TrainGPUOperator(NightshiftOperator):
                 "--hparams", json.dumps(dict(self.hparams or {})), "--model-name", self.model_name,
                 "--run-name", str(context["run_id"]), "--result-path", str(result_path),
                 "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={context['run_id']}",
-                "--tag", f"nightshift.task={self.task_id}"]
+                "--tag", f"nightshift.task={self.task_id}", *(a for k, v in try_tag(context).items()
+                                                              for a in ("--tag", f"{k}={v}"))]
         if snapshot_path is not None and str(snapshot_path) != snapshot_uri:
             args += ["--snapshot-path", str(snapshot_path)]
         if to_bool(self.require_gpu):
@@ -166,6 +169,16 @@ class TrainGPUOperator(NightshiftOperator):
             import signal
 
             os.killpg(self._proc.pid, signal.SIGTERM)  # torchrun forwards it to every rank
+
+
+def try_tag(context: Any) -> dict[str, str]:
+    """The MLflow tag naming this try of the task (``nightshift.try_number``), so that a later try can
+    end the run a killed one left RUNNING (:func:`nightshift.train_run.end_superseded_tries`);
+    empty outside a task instance (a direct ``execute`` in a test)."""
+    from nightshift.train_run import TRY_TAG
+
+    number = getattr(context.get("ti"), "try_number", None)
+    return {TRY_TAG: str(number)} if number is not None else {}
 
 
 def _identity(path: Any) -> tuple[int, int, int] | None:

@@ -29,6 +29,8 @@ class ValidateDataOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("snapshot", "classes", "image_shape", "min_rows", "min_per_class",
                                       "max_outlier_share")
+    #: what of the run folder it reads (fetched first on an object store): its own folder
+    run_folder_reads: Sequence[str] = ("validation",)
     operator_extra_links = (ValidationReportLink(),)
 
     def __init__(self, *, snapshot: Any, classes: list[str] | None = None, image_shape: Any = None,

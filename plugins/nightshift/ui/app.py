@@ -9,7 +9,8 @@ Reports under ``runs/`` also need read access to the DAG their run folder's
 ``run.json`` records (never the folder's name: names are sanitised); a folder
 that records none needs access to every DAG whose runs could be in it.
 
-Everything shown is read through the artifact store (``Settings.store()``): with an
+Everything shown is read through the artifact store the workers use (``operators.base.artifact_store``:
+an ``s3://`` root through the connection ``NIGHTSHIFT_ARTIFACT_CONN_ID``): with an
 ``s3://`` root, a report is downloaded (sha256-verified) into the API server's own working
 copy before it is served.
 
@@ -135,12 +136,26 @@ def _settings():
     return Settings.from_env()
 
 
+def _store():
+    """The artifact store the view reads: an ``s3://`` root with the credentials of the Airflow
+    connection ``NIGHTSHIFT_ARTIFACT_CONN_ID``, the one the workers' store uses (not the API server's
+    ``AWS_*`` environment, which a deployment with only the connection does not have). A connection
+    that is not defined is a 503 naming it."""
+    from nightshift.errors import ConfigError
+    from nightshift.operators.base import artifact_store
+
+    try:
+        return artifact_store()
+    except ConfigError as exc:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc)) from None
+
+
 def _overview() -> dict[str, Any]:
     from nightshift import registry
     from nightshift.model_config import load_models
 
     s = _settings()
-    return data.build_overview(s.store(), registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri),
+    return data.build_overview(_store(), registry.client(s.mlflow_tracking_uri, s.mlflow_registry_uri),
                                configured=load_models())
 
 
@@ -175,7 +190,7 @@ def create_app() -> FastAPI:
 
     @app.get("/reports/{rel_path:path}")
     def report(request: Request, rel_path: str, raw: bool = False, user: Any = Depends(require_user)) -> Response:
-        store = _settings().store()
+        store = _store()
         path = data.resolve_report(store, rel_path)  # fetched into the working copy from an object store
         if path is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, "No such report")
