@@ -48,7 +48,7 @@ print(json.dumps({"fresh_s": t2 - t0, "file_s": t2 - t1, "dags": n}))
 def models_yaml(n: int) -> str:
     lines = ["models:", "  - {name: nightshift-digits, default: true, source: bundled}"]
     lines += [f"  - {{name: model-{i:02d}, source: bundled, schedule: '{i} 3 * * *', deadline: 2h, "
-              f"recipe: {{model: small_cnn, epochs: 4}}, deploy: {{port: {8700 + i}}}}}" for i in range(1, n)]
+              f"recipe: {{model: small_cnn, epochs: 4}}, deploy: {{port: {8700 + 2 * i}}}}}" for i in range(1, n)]
     return "\n".join(lines) + "\n"
 
 

@@ -414,13 +414,17 @@ def _check_across(models: list[ModelEntry], path: Any) -> tuple[list[ModelEntry]
             errors.append(ModelConfigError(path, m.name, "name", f"entry #{m.index + 1} repeats the name of entry "
                                                                  f"#{names[m.name] + 1}"))
             continue
-        if m.deploy_target == "docker" and m.deploy_port in ports:
-            errors.append(ModelConfigError(path, m.name, "deploy.port", f"port {m.deploy_port} already serves "
-                                                                        f"{ports[m.deploy_port]!r}"))
+        # a deployed model holds its port and the next (its gRPC port: nightshift.deploy.grpc_port_for)
+        clash = next((p for p in (m.deploy_port, m.deploy_port + 1) if p in ports), None) \
+            if m.deploy_target == "docker" else None
+        if clash is not None:
+            what = "already serves" if clash == m.deploy_port else "(this entry's gRPC port, port + 1) already serves"
+            errors.append(ModelConfigError(path, m.name, "deploy.port", f"port {clash} {what} {ports[clash]!r}; "
+                                                                        "each model takes its port and the next"))
             continue
         names[m.name] = m.index
         if m.deploy_target == "docker":
-            ports[m.deploy_port] = m.name
+            ports[m.deploy_port] = ports[m.deploy_port + 1] = m.name
         kept.append(m)
     return kept, errors
 

@@ -32,7 +32,7 @@ def write_models(tmp_path: Path, text: str) -> Path:
 
 def many_models(n: int) -> str:
     lines = ["models:", "  - {name: nightshift-digits, default: true}"]
-    lines += [f"  - {{name: m{i:02d}, source: bundled, deploy: {{port: {8700 + i}}}, schedule: '{i} 3 * * *'}}"
+    lines += [f"  - {{name: m{i:02d}, source: bundled, deploy: {{port: {8700 + 2 * i}}}, schedule: '{i} 3 * * *'}}"
               for i in range(1, n)]
     return "\n".join(lines) + "\n"
 
@@ -94,7 +94,7 @@ def test_a_null_schedule_makes_a_drift_only_retrain_and_a_triggered_only_monitor
     f = write_models(tmp_path, """
         models:
           - {name: nightshift-digits, default: true}
-          - {name: driftonly, schedule: null, drift: {schedule: null}, deploy: {port: 8601}}
+          - {name: driftonly, schedule: null, drift: {schedule: null}, deploy: {port: 8610}}
     """)
     dags, errors = parse_dags(monkeypatch, DAGS, CLEAR, NIGHTSHIFT_MODELS_FILE=str(f))
     assert errors == {}
@@ -138,9 +138,9 @@ def test_dags_are_generated_in_file_order(tmp_path, monkeypatch):
 
     f = write_models(tmp_path, """
         models:
-          - {name: zeta, deploy: {port: 8601}}
+          - {name: zeta, deploy: {port: 8610}}
           - {name: alpha, default: true}
-          - {name: mid, deploy: {port: 8602}}
+          - {name: mid, deploy: {port: 8620}}
     """)
     monkeypatch.setenv("NIGHTSHIFT_MODELS_FILE", str(f))
     for name in CLEAR:
@@ -157,8 +157,8 @@ def test_a_malformed_entry_is_an_import_error_naming_entry_and_field_and_the_oth
         models:
           - {name: nightshift-digits, default: true}
           - {name: broken, deploy: {target: docker, port: 99999}}
-          - {name: fine, deploy: {port: 8601}}
-          - {name: typo, shedule: "0 2 * * *", deploy: {port: 8602}}
+          - {name: fine, deploy: {port: 8610}}
+          - {name: typo, shedule: "0 2 * * *", deploy: {port: 8620}}
     """)
     dags, errors = parse_dags(monkeypatch, DAGS, CLEAR, NIGHTSHIFT_MODELS_FILE=str(f))
     assert {"nightly_retrain", "drift_monitor", "nightly_retrain__fine", "drift_monitor__fine"} <= set(dags)
@@ -206,8 +206,8 @@ def test_an_entry_with_a_sweep_calls_the_sweep_builder_with_its_sweep(tmp_path, 
     f = write_models(tmp_path, """
         models:
           - {name: nightshift-digits, default: true}
-          - {name: swept, deploy: {port: 8601}, sweep: {method: grid, space: {lr: [0.5, 1.0]}}}
-          - {name: badsweep, deploy: {port: 8602}, sweep: {method: grid}}
+          - {name: swept, deploy: {port: 8610}, sweep: {method: grid, space: {lr: [0.5, 1.0]}}}
+          - {name: badsweep, deploy: {port: 8620}, sweep: {method: grid}}
     """)
     dags, errors = parse_dags(monkeypatch, DAGS, CLEAR, NIGHTSHIFT_MODELS_FILE=str(f))
     assert "nightly_retrain__swept" in dags and "nightly_retrain__badsweep" not in dags

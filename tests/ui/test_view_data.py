@@ -188,7 +188,7 @@ def test_a_model_with_no_timed_runs_says_so_instead_of_a_schedule(tmp_path):
             return []
 
     configured = parse_models("models:\n  - {name: a, schedule: null}\n"
-                              "  - {name: b, schedule: '0 3 * * *', deploy: {port: 8601}}\n")
+                              "  - {name: b, schedule: '0 3 * * *', deploy: {port: 8610}}\n")
     o = data.build_overview(tmp_path, Client(), configured=configured)
     assert [m["config"]["schedule"] for m in o["models"]] == [None, "0 3 * * *"]
     html = _jinja().get_template("view.html").render(o=o, user="u")

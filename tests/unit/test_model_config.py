@@ -39,7 +39,7 @@ def test_defaults_apply_under_every_entry_and_entries_override_them():
         defaults: {deadline: 30m, schedule: "0 4 * * *"}
         models:
           - {name: a}
-          - {name: b, deadline: 1h30m, deploy: {port: 8601}}
+          - {name: b, deadline: 1h30m, deploy: {port: 8610}}
     """)
     a, b = cfg.models
     assert (a.deadline_s, a.schedule, b.deadline_s, b.schedule) == (1800, "0 4 * * *", 5400, "0 4 * * *")
@@ -49,7 +49,7 @@ def test_defaults_apply_under_every_entry_and_entries_override_them():
 def test_the_entry_marked_default_keeps_the_plain_dag_ids():
     cfg = parse("""
         models:
-          - {name: a, deploy: {port: 8601}}
+          - {name: a, deploy: {port: 8610}}
           - {name: b, default: true}
     """)
     assert [m.retrain_dag_id for m in cfg.models] == ["nightly_retrain__a", "nightly_retrain"]
@@ -96,19 +96,30 @@ def test_names_and_docker_ports_are_one_per_model():
     cfg = parse("""
         models:
           - {name: a}
-          - {name: a, deploy: {port: 8601}}
+          - {name: a, deploy: {port: 8610}}
           - {name: b}
           - {name: c, deploy: {target: none}}
     """)
     assert [m.name for m in cfg.models] == ["a", "c"]  # c serves nothing: port 8600 is not taken by it
     assert [(e.entry, e.field) for e in cfg.errors] == [("a", "name"), ("b", "deploy.port")]
     assert "already serves 'a'" in cfg.errors[1].message
+    adjacent = parse("""
+        models:
+          - {name: a, deploy: {port: 8600}}
+          - {name: b, deploy: {port: 8601}}
+          - {name: c, deploy: {port: 8599}}
+          - {name: d, deploy: {port: 8602}}
+    """)
+    assert [m.name for m in adjacent.models] == ["a", "d"]  # a's gRPC port is 8601; c's would be 8600
+    assert [(e.entry, e.field) for e in adjacent.errors] == [("b", "deploy.port"), ("c", "deploy.port")]
+    assert "port 8601 already serves 'a'" in adjacent.errors[0].message
+    assert "port 8600 (this entry's gRPC port, port + 1) already serves 'a'" in adjacent.errors[1].message
 
 
 def test_a_malformed_default_entry_leaves_no_default_rather_than_promoting_another_model():
     cfg = parse("""
         models:
-          - {name: a, deploy: {port: 8601}}
+          - {name: a, deploy: {port: 8610}}
           - {name: b, default: true, deadline: never}
     """)
     assert [m.name for m in cfg.models] == ["a"] and cfg.default is None
@@ -136,7 +147,7 @@ def test_the_gate_file_is_relative_to_the_models_file(tmp_path):
     cfg = parse("""
         models:
           - {name: a, gates: gates-a.yaml}
-          - {name: b, gates: /etc/nightshift/gates.yaml, deploy: {port: 8601}}
+          - {name: b, gates: /etc/nightshift/gates.yaml, deploy: {port: 8610}}
     """, path=str(tmp_path / "models.yaml"))
     assert [m.gates_file for m in cfg.models] == [str(tmp_path / "gates-a.yaml"), "/etc/nightshift/gates.yaml"]
 
@@ -148,7 +159,7 @@ def test_load_is_cached_by_mtime_and_reread_when_the_file_changes(tmp_path):
     f.write_text("models: [{name: a}]\n")
     first = mc.load_models(f)
     assert mc.load_models(f) is first
-    f.write_text("models: [{name: a}, {name: b, deploy: {port: 8601}}]\n")
+    f.write_text("models: [{name: a}, {name: b, deploy: {port: 8610}}]\n")
     st = f.stat()
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
     assert [m.name for m in mc.load_models(f).models] == ["a", "b"]
@@ -158,7 +169,7 @@ def test_for_dag_builds_only_the_dag_a_task_process_asks_for():
     cfg = parse("""
         models:
           - {name: a}
-          - {name: b, deploy: {port: 8601}}
+          - {name: b, deploy: {port: 8610}}
     """)
     assert [m.name for m in cfg.for_dag(mc.RETRAIN_DAG)] == ["a", "b"]
     assert [m.name for m in cfg.for_dag(mc.RETRAIN_DAG, "nightly_retrain__b")] == ["b"]
@@ -184,7 +195,7 @@ def test_sweep_is_validated_by_the_sweep_module(monkeypatch):
     cfg = parse("""
         models:
           - {name: a, sweep: {method: grid, space: {lr: [0.5, 1.0]}}}
-          - {name: b, sweep: {method: grid}, deploy: {port: 8601}}
+          - {name: b, sweep: {method: grid}, deploy: {port: 8610}}
     """)
     assert [m.name for m in cfg.models] == ["a"] and cfg.models[0].sweep == {"method": "grid", "space": {"lr": [0.5, 1.0]}}
     assert cfg.errors[0].entry == "b" and cfg.errors[0].field == "sweep" and "sweep.space" in cfg.errors[0].message
@@ -197,9 +208,9 @@ def test_a_null_schedule_means_no_timed_runs_and_a_blank_one_is_refused():
         defaults: {schedule: "0 4 * * *"}
         models:
           - {name: a, schedule: null, drift: {schedule: null}}
-          - {name: b, deploy: {port: 8601}}
-          - {name: c, schedule: "", deploy: {port: 8602}}
-          - {name: d, drift: {schedule: ""}, deploy: {port: 8603}}
+          - {name: b, deploy: {port: 8610}}
+          - {name: c, schedule: "", deploy: {port: 8620}}
+          - {name: d, drift: {schedule: ""}, deploy: {port: 8630}}
     """)
     a, b = cfg.models
     assert (a.schedule, a.drift["schedule"]) == (None, None)
