@@ -5,6 +5,7 @@
     python bench/serving.py --request-log [--pairs N --seconds S --source DIR]   # log on / off
     python bench/serving.py --grpc [--pairs N --seconds S]   # OIP gRPC vs HTTP on one server
     python bench/serving.py --peers [--rounds N --seconds S]   # vs KServe and PyTriton, bench/peers/
+    python bench/serving.py --ratios   # --request-log then --peers with their defaults, one run
 
 ``--deployed`` measures the inference image in the deployed configuration (LocalDeployer:
 request log on at the deployed rate) next to what the system evaluation measures of it
@@ -828,6 +829,10 @@ def grpc_main(argv: list[str]) -> int:
 
 
 def main() -> int:
+    if "--ratios" in sys.argv[1:]:  # issue 22's ratios in one run: request log on/off, then the peers
+        from peers.compare import main as peers_main
+
+        return request_log_main([]) or peers_main([])
     if "--peers" in sys.argv[1:]:  # Nightshift vs KServe and PyTriton: bench/peers/compare.py
         sys.argv.remove("--peers")
         from peers.compare import main as peers_main
