@@ -99,7 +99,7 @@ def _comparable(kwargs: dict) -> dict:
     """``containers.run`` arguments less what may differ between system eval and deploy:
     the port, the name, the labels, the restart policy and the request-log folder on the host."""
     kw = {k: v for k, v in kwargs.items() if k not in ("name", "labels", "restart_policy")}
-    kw["environment"] = {k: v for k, v in kw["environment"].items() if k != "NIGHTSHIFT_PORT"}
+    kw["environment"] = {k: v for k, v in kw["environment"].items() if k not in ("NIGHTSHIFT_PORT", "NIGHTSHIFT_GRPC_PORT")}  # deploy also serves gRPC
     kw["volumes"] = sorted((v["bind"], v["mode"]) for v in kw.get("volumes", {}).values())
     return kw
 
