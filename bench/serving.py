@@ -110,22 +110,23 @@ def in_process_rate(model_dir: Path, threads: int, seconds: float, batch: int = 
         return n * batch / (time.perf_counter() - t0)
 
 
-def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0) -> None:
-    """Poll ``/v2/health/ready`` every 20 ms until 200."""
+def wait_ready(url: str, t0: float, alive, timeout_s: float = 60.0, path: str = "/v2/health/ready") -> None:
+    """Poll ``url + path`` every 20 ms until 200 (a peer passes its model's ready route: Triton's
+    server-wide ready can come before a PyTriton model is bound)."""
     import requests
 
     with requests.Session() as http:
         http.trust_env = False
         while True:
             if not alive():
-                raise RuntimeError(f"server at {url} exited before it was ready")
+                raise RuntimeError(f"server at {url} exited before {path} was ready")
             try:
-                if http.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                if http.get(f"{url}{path}", timeout=1).status_code == 200:
                     return
             except requests.RequestException:
                 pass
             if time.perf_counter() - t0 > timeout_s:
-                raise RuntimeError(f"{url} not ready in {timeout_s:.0f} s")
+                raise RuntimeError(f"{url}{path} not ready in {timeout_s:.0f} s")
             time.sleep(0.02)
 
 

@@ -245,7 +245,9 @@ class PeerProcess:
         self.proc = subprocess.Popen(argv, env=env, cwd=HERE, stdout=self.log, stderr=self.log,
                                      preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
         try:
-            wait_model_ready(url, model, t0, lambda: self.proc.poll() is None, timeout_s)
+            from serving import wait_ready
+
+            wait_ready(url, t0, lambda: self.proc.poll() is None, timeout_s, path=f"/v2/models/{model}/ready")
         except RuntimeError as exc:
             self.stop(keep_log=True)
             raise RuntimeError(f"{exc}; its log: {self.log.name}:\n{Path(self.log.name).read_text()[-2000:]}") from None
@@ -268,24 +270,6 @@ class PeerProcess:
         self.log.close()
         if not keep_log:
             os.unlink(self.log.name)
-
-
-def wait_model_ready(url: str, model: str, t0: float, alive, timeout_s: float) -> None:
-    """Poll ``/v2/models/<model>/ready`` every 50 ms until 200 (Triton's server-wide ready
-    can come before a PyTriton model is bound)."""
-    with requests.Session() as http:
-        http.trust_env = False
-        while True:
-            if not alive():
-                raise RuntimeError(f"server at {url} exited before {model} was ready")
-            try:
-                if http.get(f"{url}/v2/models/{model}/ready", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            if time.perf_counter() - t0 > timeout_s:
-                raise RuntimeError(f"{url}: {model} not ready in {timeout_s:.0f} s")
-            time.sleep(0.05)
 
 
 def start_kserve(model_dir: Path, model: str, threads: int, cpus: set[int] | None) -> PeerProcess:

@@ -54,7 +54,7 @@ import numpy as np
 from . import __version__
 from . import grpc_predict_v2_pb2 as pb
 from . import grpc_predict_v2_pb2_grpc as pb_grpc
-from .errors import InferenceError, InvalidInput, ModelNotFound, PayloadTooLarge
+from .errors import InferenceError, InvalidInput, ModelNotFound
 from .protocol import EXTENSIONS, _tensor_bytes
 
 if TYPE_CHECKING:
@@ -232,20 +232,8 @@ class GrpcService:
         if len(inputs) != 1:
             raise InvalidInput(f"inputs must hold exactly one tensor ({model.input_name!r}), got {len(inputs)}")
         tensor = inputs[0]
-        if tensor.name != model.input_name:
-            raise InvalidInput(f"inputs[0].name is {tensor.name!r}; this model's input is named {model.input_name!r}")
-        if tensor.datatype != "UINT8":
-            raise InvalidInput(f"inputs[0].datatype is {tensor.datatype!r}; input {model.input_name!r} must be "
-                               "'UINT8'")
         shape = list(tensor.shape)
-        if len(shape) != 4 or shape[1:] != [h, w, c]:
-            raise InvalidInput(f"inputs[0].shape is {shape}; expected [n, {h}, {w}, {c}] (NHWC, n = batch size)")
-        n = shape[0]
-        if n < 1:
-            raise InvalidInput(f"inputs[0].shape has batch size {n}; it must be at least 1")
-        if n > model.max_batch:
-            raise PayloadTooLarge(f"batch size {n} exceeds this server's maximum of {model.max_batch}; "
-                                  "split the request")
+        n = model.check_tensor(tensor.name, tensor.datatype, shape)
         expected = n * h * w * c
         raw = request.raw_input_contents
         if raw:

@@ -258,6 +258,29 @@ class Model:
 
     # -- inference -----------------------------------------------------------------
 
+    def check_tensor(self, name: Any, datatype: Any, shape: Any) -> int:
+        """Check an input tensor's name, datatype and shape (HTTP and gRPC alike); return its batch size.
+
+        :raises InvalidInput: naming the field (``inputs[0].<field>``) and what was expected.
+        :raises PayloadTooLarge: the batch is larger than ``max_batch``.
+        """
+        if name != self.input_name:
+            raise InvalidInput(f"inputs[0].name is {name!r}; this model's input is named {self.input_name!r}")
+        if datatype != "UINT8":
+            raise InvalidInput(f"inputs[0].datatype is {datatype!r}; input {self.input_name!r} must be 'UINT8'")
+        h, w, c = self.input_shape
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape):
+            raise InvalidInput(f"inputs[0].shape must be a list of integers [n, {h}, {w}, {c}], got {shape!r}")
+        if len(shape) != 4 or shape[1:] != [h, w, c]:
+            raise InvalidInput(f"inputs[0].shape is {shape}; expected [n, {h}, {w}, {c}] (NHWC, n = batch size)")
+        n = shape[0]
+        if n < 1:
+            raise InvalidInput(f"inputs[0].shape has batch size {n}; it must be at least 1")
+        if n > self.max_batch:
+            raise PayloadTooLarge(f"batch size {n} exceeds this server's maximum of {self.max_batch}; "
+                                  "split the request")
+        return n
+
     def preprocess(self, request: Any, binary: dict[str, memoryview] | None = None) -> tuple[np.ndarray, list[str]]:
         """Validate an OIP infer request and turn it into the input array.
 
@@ -282,29 +305,9 @@ class Model:
         tensor = inputs[0]
         if not isinstance(tensor, dict):
             raise InvalidInput(f"inputs[0] must be a JSON object, got {type(tensor).__name__}")
-        name = tensor.get("name")
-        if name != self.input_name:
-            raise InvalidInput(f"inputs[0].name is {name!r}; this model's input is named {self.input_name!r}")
-        datatype = tensor.get("datatype")
-        if datatype != "UINT8":
-            raise InvalidInput(f"inputs[0].datatype is {datatype!r}; input {self.input_name!r} must be 'UINT8'")
-
-        h, w, c = self.input_shape
         shape = tensor.get("shape")
-        if (
-            not isinstance(shape, list)
-            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)
-        ):
-            raise InvalidInput(f"inputs[0].shape must be a list of integers [n, {h}, {w}, {c}], got {shape!r}")
-        if len(shape) != 4 or shape[1:] != [h, w, c]:
-            raise InvalidInput(f"inputs[0].shape is {shape}; expected [n, {h}, {w}, {c}] (NHWC, n = batch size)")
-        n = shape[0]
-        if n < 1:
-            raise InvalidInput(f"inputs[0].shape has batch size {n}; it must be at least 1")
-        if n > self.max_batch:
-            raise PayloadTooLarge(
-                f"batch size {n} exceeds this server's maximum of {self.max_batch}; split the request"
-            )
+        n = self.check_tensor(tensor.get("name"), tensor.get("datatype"), shape)
+        h, w, c = self.input_shape
 
         params = tensor.get("parameters") or {}
         if not isinstance(params, dict):
