@@ -86,3 +86,21 @@ def s3_root(s3_server, request):
     import uuid
 
     return f"s3://{s3_server.bucket}/{request.node.name[:40].replace('[', '_').replace(']', '_')}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def s3_root_with_connection(monkeypatch, tmp_path):
+    """An s3:// artifact root whose credentials are only in the Airflow connection ``ns_artifacts``;
+    the process environment has other (wrong) keys, as a scheduler set up for another account
+    would (the view's and the run-note listener's tests)."""
+    import json
+
+    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", "s3://bucket/artifacts")
+    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CACHE", raising=False)
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_artifacts")
+    monkeypatch.setenv("AIRFLOW_CONN_NS_ARTIFACTS", json.dumps({
+        "conn_type": "aws", "login": "CONNECTION-KEY", "password": "connection-secret",
+        "extra": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}))
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVIRONMENT-KEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret")

@@ -196,24 +196,14 @@ def test_a_model_with_no_timed_runs_says_so_instead_of_a_schedule(tmp_path):
     assert "schedule <span class=\"mono\">None" not in html
 
 
-def test_the_view_reads_the_store_through_the_artifact_connection(monkeypatch, tmp_path):
+def test_the_view_reads_the_store_through_the_artifact_connection(s3_root_with_connection, monkeypatch):
     """The API server opens an ``s3://`` root with the connection ``NIGHTSHIFT_ARTIFACT_CONN_ID`` (the
     workers' credentials), not its own ``AWS_*`` environment; a connection that is not defined is a
     503 naming it."""
-    import json
-
     from fastapi import HTTPException
 
     from nightshift.ui import app
 
-    monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", "s3://bucket/artifacts")
-    monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CACHE", raising=False)
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_artifacts")
-    monkeypatch.setenv("AIRFLOW_CONN_NS_ARTIFACTS", json.dumps({
-        "conn_type": "aws", "login": "CONNECTION-KEY", "password": "connection-secret",
-        "extra": {"endpoint_url": "http://127.0.0.1:9"}}))
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVIRONMENT-KEY")
     store = app._store()
     assert store.uri == "s3://bucket/artifacts"
     assert (store.options.access_key, store.options.endpoint_url) == ("CONNECTION-KEY", "http://127.0.0.1:9")
