@@ -438,3 +438,113 @@ def test_one_bright_photo_in_an_imagefolder_is_listed_not_fatal(make_imagefolder
 
     strict = ValidationConfig(class_names=["0", "1", "2"], image_shape=(16, 16, 1), max_outlier_share=0)
     assert validate_snapshot(snap.profile(), snap.manifest, strict, tmp_path / "strict")["success"] is False
+
+
+# ---- packs: <name>.tar of <class>/<image> members, beside or instead of class folders
+
+
+def _pack(folder: Path, tar_path: Path, classes=None) -> Path:
+    """``folder``'s ``<class>/<image>`` files (only ``classes`` when given) as an uncompressed tar."""
+    import tarfile
+
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file() and (classes is None or f.parent.name in classes):
+                tar.add(f, arcname=f.relative_to(folder).as_posix())
+    return tar_path
+
+
+def test_one_pack_of_a_tree_gives_the_snapshot_of_that_tree(folder, tmp_path):
+    """Same pixels, labels and splits in the same order: the same data digest as the class folders;
+    each row names its pack and member."""
+    loose, _ = collect_imagefolder(folder, SHAPE, tmp_path / "loose", shard_mb=SMALL_SHARD_MB, workers=1)
+    packed = _pack(folder, tmp_path / "packed" / "all.tar").parent
+    snap, stats = collect_imagefolder(packed, SHAPE, tmp_path / "snaps", shard_mb=SMALL_SHARD_MB, workers=2,
+                                      class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.packs, stats.undecodable) == (300, 1, 0)
+    assert snap.digest == loose.digest and snap.shard_digests == loose.shard_digests
+    sources_ = snap.profile()["source"].tolist()
+    assert sources_[0] == "all.tar::0/img_00000.png" and len(set(sources_)) == 300
+
+
+def test_packs_and_class_folders_mix_and_a_pack_is_reused_whole_or_decoded_again(folder, tmp_path):
+    mixed = tmp_path / "mixed"
+    _pack(folder, mixed / "shard-0000.tar", classes=("0",))
+    _pack(folder, mixed / "shard-0001.tar", classes=("1",))
+    import shutil
+
+    shutil.copytree(folder / "2", mixed / "2")
+    snaps = tmp_path / "snaps"
+    first, stats = collect_imagefolder(mixed, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1,
+                                       class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.packs) == (300, 2)
+    assert snapshot_content(first) != [] and sorted(first.labels.tolist()) == sorted([i % 3 for i in range(300)])
+
+    again, stats = collect_imagefolder(mixed, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1,
+                                       class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (0, 300) and again.digest == first.digest
+
+    _add_images(folder, 300, 3, classes=("1",))  # the pack of class 1 is rewritten with 3 more images
+    _pack(folder, mixed / "shard-0001.tar", classes=("1",))
+    third, stats = collect_imagefolder(mixed, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=2,
+                                       class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (103, 200)  # the whole changed pack, nothing else
+    fresh, _ = collect_imagefolder(mixed, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   class_names=["0", "1", "2"], incremental=False)
+    assert snapshot_content(third) == snapshot_content(fresh)
+
+
+def test_bad_members_and_unreadable_packs_are_listed_by_pack_and_member(folder, tmp_path):
+    import io
+    import tarfile
+
+    root = tmp_path / "packs"
+    tar_path = _pack(folder, root / "a.tar", classes=("0", "1"))
+    with tarfile.open(tar_path, "a") as tar:  # appended: a corrupt image, a class nobody configured, a text file
+        for name, data in (("0/broken.png", b"\x89PNG not really"), ("7/img.png", (folder / "0" / "img_00000.png").read_bytes()),
+                           ("1/readme.txt", b"hello")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    (root / "b.tar").write_bytes(tar_path.read_bytes()[:1500])  # cut short
+    (root / "c.tar.gz").write_bytes(b"\x1f\x8b compressed")
+    snaps = tmp_path / "snaps"
+    snap, stats = collect_imagefolder(root, SHAPE, snaps, workers=2, class_names=["0", "1"])
+    bad = {u["path"]: u["error"] for u in snap.manifest["undecodable"]}
+    assert set(bad) == {"a.tar::0/broken.png", "a.tar::7/img.png", "a.tar::1/readme.txt", "b.tar", "c.tar.gz"}
+    assert "'7' is not one of the configured classes" in bad["a.tar::7/img.png"]
+    assert "not a readable tar archive" in bad["b.tar"] and "compressed archive" in bad["c.tar.gz"]
+    assert stats.decoded == 200  # classes 0 and 1 of the folder; nothing of the cut pack
+    # a pack with an undecodable member is decoded again (its reasons are reported again), not reused
+    again, stats = collect_imagefolder(root, SHAPE, snaps, workers=1, class_names=["0", "1"])
+    assert (stats.decoded, stats.reused) == (200, 0)
+    assert again.manifest["undecodable"] == snap.manifest["undecodable"]
+
+
+def test_a_killed_collection_of_packs_decodes_packs_again_rather_than_reuse_part_of_one(folder, tmp_path,
+                                                                                          monkeypatch):
+    from nightshift.data import shards
+
+    root = tmp_path / "packs"
+    for k, cls in enumerate(("0", "1", "2")):
+        _pack(folder, root / f"p{k}.tar", classes=(cls,))
+    real, n = shards.write_shard, [0]
+
+    def dying(*args, **kwargs):
+        n[0] += 1
+        if n[0] == 3:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    snaps = tmp_path / "snaps"
+    monkeypatch.setattr(shards, "write_shard", dying)
+    with pytest.raises(RuntimeError, match="worker lost"):
+        collect_imagefolder(root, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1, class_names=["0", "1", "2"])
+    monkeypatch.setattr(shards, "write_shard", real)
+    snap, stats = collect_imagefolder(root, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1,
+                                      class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (300, 0)
+    fresh, _ = collect_imagefolder(root, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
+                                   class_names=["0", "1", "2"], incremental=False)
+    assert snap.digest == fresh.digest

@@ -61,3 +61,57 @@ def test_decode_error_is_one_readable_line():
 
     assert decode_error(OSError("image file is truncated (3 bytes not processed)")).startswith("truncated image: ")
     assert decode_error(ValueError("bad mode")) == "ValueError: bad mode"
+
+
+def _tar_bytes(members: list[tuple[str, bytes | None]], *, link: str | None = None) -> bytes:
+    """An in-memory tar: ``(name, data)`` files (``None``: a folder) and optionally one symlink member."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+        if link:
+            info = tarfile.TarInfo(link)
+            info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+            tar.addfile(info)
+    return buf.getvalue()
+
+
+def test_a_pack_decodes_its_members_in_name_order_and_names_each_one_it_cannot_use():
+    from nightshift.data.decode import decode_pack
+
+    img = np.full((6, 6, 3), 90, np.uint8)
+    blob = _tar_bytes([("cat", None), ("dog/2.png", _png(img)), ("./cat/1.png", _png(img[:3])),
+                       ("cat/._1.png", b"macOS metadata"), ("deep/er/3.png", _png(img)), ("bird/4.png", _png(img)),
+                       ("cat/notes.txt", b"hi"), ("dog/bad.png", b"\x89PNG nope")], link="cat/5.png")
+    chunk = decode_pack(blob, (4, 4, 3), ["cat", "dog"])
+    assert chunk.names == ["bird/4.png", "cat/1.png", "cat/5.png", "cat/notes.txt", "deep/er/3.png", "dog/2.png",
+                           "dog/bad.png"]
+    assert [chunk.names[i] for i in chunk.ok] == ["cat/1.png", "dog/2.png"]
+    assert chunk.orig_sizes.tolist() == [[3, 6, 3], [6, 6, 3]]
+    errors = {chunk.names[i]: msg for i, msg in chunk.errors}
+    assert "'bird' is not one of the configured classes" in errors["bird/4.png"]
+    assert "not a regular file" in errors["cat/5.png"] and "unsupported extension" in errors["cat/notes.txt"]
+    assert "<class>/<image>" in errors["deep/er/3.png"] and errors["dog/bad.png"].startswith("UnidentifiedImageError")
+
+
+@pytest.mark.parametrize("blob", [b"", b"plain text, not a tar" * 40, "cut", "gzip"])
+def test_a_pack_that_is_not_a_readable_tar_is_one_error_and_no_rows(blob):
+    import gzip
+
+    from nightshift.data.decode import decode_pack
+
+    noise = np.random.default_rng(0).integers(0, 255, (40, 40, 3), dtype=np.uint8)  # ~5 KB of PNG
+    whole = _tar_bytes([("cat/1.png", _png(noise))])
+    data = {"cut": whole[:700], "gzip": gzip.compress(whole)}.get(blob, blob)
+    chunk = decode_pack(data, (4, 4, 3), ["cat"])
+    assert chunk.ok == [] and chunk.images.shape == (0, 4, 4, 3)
+    assert len(chunk.errors) == 1 and chunk.errors[0][0] == -1 and "not a readable tar archive" in chunk.errors[0][1]

@@ -229,3 +229,59 @@ def test_partition_links_out_of_the_root_are_not_followed(make_imagefolder, tmp_
     listing = sources.list_imagefolder(root, partition_window=3)
     assert listing.partitions == ["2026-11-02"]
     assert [s["path"] for s in listing.skipped] == ["2026-11-01/", "2026-11-03/"]
+
+
+def _tar(folder: Path, tar_path: Path) -> Path:
+    import tarfile
+
+    tar_path.parent.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(tar_path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                tar.add(f, arcname=f.relative_to(folder).as_posix())
+    return tar_path
+
+
+def test_packs_are_listed_as_one_entry_each_and_need_the_class_names(make_imagefolder, tmp_path):
+    folder = make_imagefolder(classes=("0", "1"), per_class=5)
+    root = tmp_path / "root"
+    _tar(folder, root / "2026-12-01" / "shard-0000.tar")
+    _tar(folder, root / "2026-12-02" / "shard-0000.tar")
+    (root / "2026-12-02" / "old.tgz").write_bytes(b"x")
+    (root / "2026-12-02" / "README.md").write_text("beside the packs: not ours")
+    with pytest.raises(ConfigError, match="set 'classes'"):
+        sources.list_imagefolder(root, partition_window=1)
+    listing = sources.list_imagefolder(root, ["0", "1", "2"], partition_window=1)
+    assert [(e.rel, e.pack, e.class_name) for e in listing.entries] == [("2026-12-02/shard-0000.tar", True, "")]
+    assert listing.entries[0].size == (root / "2026-12-02" / "shard-0000.tar").stat().st_size
+    assert [s["path"] for s in listing.skipped] == ["2026-12-02/old.tgz"]
+    assert "compressed archive" in listing.skipped[0]["error"]
+    # loose folders must still be configured classes; a configured class may live only in packs
+    (root / "2026-12-02" / "bird").mkdir()
+    with pytest.raises(DataError, match=r"class folder\(s\) \['bird'\]"):
+        sources.list_imagefolder(root, ["0", "1", "2"], partition_window=1)
+
+
+def test_packs_on_s3_collect_what_the_same_local_packs_collect(s3_server, s3_source, make_imagefolder, tmp_path):
+    """One GET per pack: the layout that makes object storage as fast as local disk (docs/benchmarks.md)."""
+    root, prefix = s3_source
+    folder = make_imagefolder(classes=("0", "1", "2"), per_class=40, corrupt=1)
+    local_root = tmp_path / "packs"
+    _tar(folder, local_root / "shard-0000.tar")
+    _upload(s3_server, local_root, prefix)
+
+    local, lstats = collect_imagefolder(local_root, SHAPE, tmp_path / "local", workers=1, class_names=["0", "1", "2"])
+    remote, rstats = collect_imagefolder(root(), SHAPE, tmp_path / "s3", workers=2, class_names=["0", "1", "2"])
+    assert rstats.decoded == lstats.decoded == 120 and rstats.packs == 1
+    assert remote.manifest["undecodable"] == local.manifest["undecodable"]
+    assert [u["path"] for u in remote.manifest["undecodable"]] == ["shard-0000.tar::0/corrupt_0.png"]
+    assert remote.digest == local.digest and snapshot_content(remote) == snapshot_content(local)
+    again, stats = collect_imagefolder(root(), SHAPE, tmp_path / "s3", workers=1, class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (120, 0)  # a pack with an undecodable member is read again
+    s3_server.client().delete_object(Bucket=s3_server.bucket, Key=f"{prefix}/shard-0000.tar")
+    folder_ok = make_imagefolder(classes=("0", "1"), per_class=10, name="ok")
+    _upload(s3_server, _tar(folder_ok, tmp_path / "ok-packs" / "shard-0001.tar").parent, prefix)
+    first, stats = collect_imagefolder(root(), SHAPE, tmp_path / "s3", workers=1, class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (20, 0)
+    second, stats = collect_imagefolder(root(), SHAPE, tmp_path / "s3", workers=1, class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (0, 20) and second.digest == first.digest  # same ETag: reused whole

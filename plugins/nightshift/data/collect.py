@@ -13,6 +13,13 @@ ETag/last-modified). Its pixels are copied from that collection's shard. Labels
 and splits are always recomputed from today's classes and split fractions, so
 a reused shard is kept whole only when its labels and splits still match.
 
+**Packs** (``<name>.tar`` of ``<class>/<image>`` members, beside or instead of class
+folders: one request per pack instead of one per image on object storage). A pack is
+fetched whole and unpacked by a decode worker; its members' rows read
+``<pack>::<class>/<image>`` and carry the pack's size and stamp. A pack is reused all or
+nothing: when its size and stamp are unchanged, a finished collection holds every one of
+its members, and none of them was undecodable then.
+
 **Killed and retried.** Every shard written is recorded in a journal
 (``staging/<source key>/<shard>.parquet``); a retried collection reuses the
 pixels of finished shards exactly like those of the previous night, and
@@ -86,6 +93,7 @@ class CollectStats:
     decoded: int = 0
     reused: int = 0
     undecodable: int = 0
+    packs: int = 0
     shards_reused: int = 0
     shards_written: int = 0
     seconds: float = 0.0
@@ -147,37 +155,79 @@ def _concat(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
+def _work_items(entries: list[FileEntry]) -> list[list[FileEntry]]:
+    """``entries`` in order as decode tasks: runs of loose files in chunks of ``CHUNK_FILES``, and each
+    pack alone (one read, unpacked by the worker)."""
+    items: list[list[FileEntry]] = []
+    run: list[FileEntry] = []
+    for e in entries:
+        if e.pack:
+            if run:
+                items.append(run)
+                run = []
+            items.append([e])
+        else:
+            run.append(e)
+            if len(run) == CHUNK_FILES:
+                items.append(run)
+                run = []
+    if run:
+        items.append(run)
+    return items
+
+
+def _local_task(item: list[FileEntry], shape: tuple[int, int, int], classes: list[str]) -> tuple[Callable, tuple]:
+    """The decode function and arguments of one local work item (module-level functions of
+    :mod:`nightshift.data.decode`, so a worker process imports only that module)."""
+    if item[0].pack:
+        return decode.decode_pack_file, (str(item[0].path), shape, classes)
+    return decode.decode_files, ([str(e.path) for e in item], shape)
+
+
+def _fetched_task(item: list[FileEntry], blobs: list[Any], shape: tuple[int, int, int],
+                  classes: list[str]) -> tuple[Callable, tuple]:
+    if item[0].pack:
+        return decode.decode_pack, (blobs[0], shape, classes)
+    return decode.decode_blobs, (blobs, shape)
+
+
 def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers: int,
-                 io_concurrency: int) -> Iterator[tuple[list[FileEntry], decode.Chunk]]:
-    """Decode ``entries`` in chunks, in order, with a bounded number of chunks in flight."""
-    chunks = [entries[i:i + CHUNK_FILES] for i in range(0, len(entries), CHUNK_FILES)]
+                 io_concurrency: int, classes: list[str] | None = None) -> Iterator[tuple[list[FileEntry], decode.Chunk]]:
+    """Decode ``entries`` in chunks (a pack is a chunk of its own), in order, with a bounded number
+    of chunks in flight."""
+    classes = list(classes or [])
+    chunks = _work_items(entries)
     local = all(isinstance(e.path, (str, Path)) for e in entries)
     if workers <= 1 and local:
         for ch in chunks:
-            yield ch, decode.decode_files([str(e.path) for e in ch], shape)
+            fn, fn_args = _local_task(ch, shape, classes)
+            yield ch, fn(*fn_args)
         return
     from nightshift.data.workers import worker_context
 
     # spawn, not fork: the collector may run inside an Airflow task process with threads;
     # and workers that never run the parent's main script (there, the `airflow` entry point).
     ctx = worker_context()
-    # object storage: whole chunks are fetched (concurrent requests, sources.read_many) by two
-    # threads, up to READ_AHEAD chunks ahead of the decoders; bytes held: those chunks + in flight
+    # object storage: whole chunks (or one pack) are fetched (concurrent requests, sources.read_many)
+    # by two threads, up to READ_AHEAD chunks ahead of the decoders; bytes held: those chunks + in flight
     io_pool = None if local else ThreadPoolExecutor(max_workers=2, thread_name_prefix="collect-read")
     reads: deque[tuple[list[FileEntry], Future]] = deque()
 
     def submissions(pool: ProcessPoolExecutor) -> Iterator[tuple[list[FileEntry], Future]]:
         for ch in chunks:
             if local:
-                yield ch, pool.submit(decode.decode_files, [str(e.path) for e in ch], shape)
+                fn, fn_args = _local_task(ch, shape, classes)
+                yield ch, pool.submit(fn, *fn_args)
                 continue
             reads.append((ch, io_pool.submit(read_many, [e.path for e in ch], io_concurrency)))  # type: ignore[union-attr]
             if len(reads) > READ_AHEAD:
                 ready, fetched = reads.popleft()
-                yield ready, pool.submit(decode.decode_blobs, fetched.result(), shape)
+                fn, fn_args = _fetched_task(ready, fetched.result(), shape, classes)
+                yield ready, pool.submit(fn, *fn_args)
         while reads:
             ready, fetched = reads.popleft()
-            yield ready, pool.submit(decode.decode_blobs, fetched.result(), shape)
+            fn, fn_args = _fetched_task(ready, fetched.result(), shape, classes)
+            yield ready, pool.submit(fn, *fn_args)
 
     pending: deque[tuple[list[FileEntry], Future]] = deque()
     in_flight = max(2, 2 * workers)
@@ -210,11 +260,37 @@ def _index(previous: Snapshot | None, staged: list[Any]):
         if "file_size" in prof.columns:
             digests = np.asarray(previous.shard_digests, dtype=object)
             frames.append(prof.assign(shard_digest=digests[prof["shard"].to_numpy()]))
-    frames.extend(staged)
+    # a killed try's journal may hold part of a pack's members (a pack can span shards): packs are
+    # reused whole, from a finished collection only
+    frames.extend(f[~f["source"].astype(str).str.contains(PACK_MARK, regex=False)] for f in staged)
     if not frames:
         return None
-    table = pd.concat(frames, ignore_index=True)
-    return table.drop_duplicates(subset="source", keep="last")
+    table = pd.concat(frames, ignore_index=True).drop_duplicates(subset="source", keep="last")
+    # the listing entry a row came from: the file itself, or the pack that holds it
+    return table.assign(origin=[str(s).partition(PACK_MARK)[0] for s in table["source"]])
+
+
+#: Between a pack's path and its member's in a row's ``source``: ``shard-0001.tar::cat/001.jpg``.
+PACK_MARK = "::"
+
+
+def class_of(source: str) -> str:
+    """The class folder of a row's ``source`` (``[<partition>/]<class>/<image>``, or the member
+    ``<class>/<image>`` of ``[<partition>/]<pack>.tar::<class>/<image>``)."""
+    return source.rpartition(PACK_MARK)[2].rsplit("/", 2)[-2]
+
+
+def _whole_packs(m: Any, previous: Snapshot | None, label_of: dict[str, int]) -> Any:
+    """``m`` (reusable rows) less every pack that cannot be reused whole: one of whose members the
+    previous collection could not decode (its reason is today's to report again), or holding a
+    class that is no longer configured (today's labels would be wrong)."""
+    packed = m["source"] != m["rel"]
+    if not packed.any():
+        return m
+    bad = {str(b.get("path", "")).partition(PACK_MARK)[0]
+           for b in ((previous.manifest.get("undecodable") or []) if previous is not None else [])}
+    unknown = {r for r, src in zip(m.loc[packed, "rel"], m.loc[packed, "source"]) if class_of(src) not in label_of}
+    return m[~m["rel"].isin(bad | unknown) | ~packed]
 
 
 #: How long a collection waits for another collection of the same source (then it fails, retryable).
@@ -367,15 +443,19 @@ def collect_imagefolder(
         files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
                               "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
         if table is not None:
-            m = files.merge(table, left_on="rel", right_on="source", how="inner")
+            m = files.merge(table, left_on="rel", right_on="origin", how="inner")
             m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
                   & (m["mtime"] != "")]  # no stamp: cannot tell whether it changed, so decode it
+            m = _whole_packs(m, previous, label_of)
         else:
-            m = files.iloc[:0].assign(shard_digest=[], row=[])
+            m = files.iloc[:0].assign(shard_digest=[], row=[], source=[])
         reused_pos = set(m["pos"].tolist())
         todo = [e for i, e in enumerate(entries) if i not in reused_pos]
-        say(f"collect {root}: {len(entries)} image files, {len(m)} unchanged (reused), {len(todo)} to decode "
-            f"with {workers} worker(s)")
+        n_packs = sum(e.pack for e in entries)
+        stats.packs = n_packs
+        listed = f"{len(entries) - n_packs} image files" + (f" and {n_packs} pack(s)" if n_packs else "")
+        say(f"collect {root}: {listed}; {len(m)} images unchanged (reused), {len(todo)} "
+            f"{'files/packs' if n_packs else 'files'} to decode with {workers} worker(s)")
 
         h, w, c = shape
         cap = capacity(shape, shard_mb)
@@ -407,7 +487,6 @@ def collect_imagefolder(
             writer.add(images, np.asarray(cols["label"], np.int64), np.asarray(cols["split"]))
 
         # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
-        label_arr = np.asarray([label_of[e.class_name] for e in entries], np.int64)
         for digest, grp in m.groupby("shard_digest", sort=False):
             try:
                 shard = open_shard(root_dir, digest)
@@ -417,12 +496,11 @@ def collect_imagefolder(
                 continue
             grp = grp.sort_values("row")
             idx = grp["row"].to_numpy(np.int64)
-            pos = grp["pos"].to_numpy(np.int64)
-            labels = label_arr[pos]
+            labels = np.asarray([label_of[class_of(src)] for src in grp["source"]], np.int64)
             splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
             cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
                     "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
-                    "orig_channels": grp["orig_channels"].to_numpy(np.int64), "source": grp["rel"].to_numpy(),
+                    "orig_channels": grp["orig_channels"].to_numpy(np.int64), "source": grp["source"].to_numpy(),
                     "file_size": grp["size"].to_numpy(), "file_mtime": grp["mtime"].to_numpy()}
             whole = (len(idx) == len(shard.labels) == cap and np.array_equal(idx, np.arange(cap))
                      and np.array_equal(labels, shard.labels) and np.array_equal(splits, shard.splits))
@@ -440,28 +518,39 @@ def collect_imagefolder(
         todo.sort(key=lambda e: e.rel)
         done = 0
         last_report = time.monotonic()
-        for chunk_entries, chunk in _iter_chunks(todo, shape, workers, io_concurrency):
+        for chunk_entries, chunk in _iter_chunks(todo, shape, workers, io_concurrency, classes):
+            if chunk_entries[0].pack:  # one pack: its members, each with the pack's size and stamp
+                pack = chunk_entries[0]
+                rels = [f"{pack.rel}{PACK_MARK}{n}" for n in chunk.names]
+                owners = [pack] * len(rels)
+                class_names_of = [n.split("/", 1)[0] for n in chunk.names]
+            else:
+                rels = [e.rel for e in chunk_entries]
+                owners = chunk_entries
+                class_names_of = [e.class_name for e in chunk_entries]
             for i, msg in chunk.errors:
-                undecodable.append({"path": chunk_entries[i].rel, "error": msg})
-            ok = [chunk_entries[i] for i in chunk.ok]
+                undecodable.append({"path": chunk_entries[0].rel if i < 0 else rels[i], "error": msg})
+            ok = chunk.ok
             if ok:
                 splits = assign_splits(chunk.stats["sha256"], val_fraction=val_fraction, test_fraction=test_fraction)
                 push(chunk.images, {
                     **{k: np.asarray(chunk.stats[k]) for k in stat_cols},
-                    "label": np.asarray([label_of[e.class_name] for e in ok], np.int64), "split": splits,
+                    "label": np.asarray([label_of[class_names_of[i]] for i in ok], np.int64), "split": splits,
                     "orig_height": chunk.orig_sizes[:, 0], "orig_width": chunk.orig_sizes[:, 1],
-                    "orig_channels": chunk.orig_sizes[:, 2], "source": np.asarray([e.rel for e in ok]),
-                    "file_size": np.asarray([str(e.size) for e in ok]), "file_mtime": np.asarray([e.mtime for e in ok])})
+                    "orig_channels": chunk.orig_sizes[:, 2], "source": np.asarray([rels[i] for i in ok]),
+                    "file_size": np.asarray([str(owners[i].size) for i in ok]),
+                    "file_mtime": np.asarray([owners[i].mtime for i in ok])})
             stats.decoded += len(ok)
             done += len(chunk_entries)
             if time.monotonic() - last_report > 10:
                 last_report = time.monotonic()
-                rate = done / max(time.perf_counter() - t0, 1e-9)
-                say(f"decoded {done}/{len(todo)} files ({rate:.0f}/s), {len(writer.written)} shard(s) written")
+                rate = stats.decoded / max(time.perf_counter() - t0, 1e-9)
+                say(f"decoded {done}/{len(todo)} {'files/packs' if n_packs else 'files'} ({rate:.0f} images/s), "
+                    f"{len(writer.written)} shard(s) written")
         writer.flush()
 
         # ---- 3. the record: whole reused shards first, then the shards written now
-        del entries, files, m, todo, table, listing, label_arr  # O(images) objects not needed any more
+        del entries, files, m, todo, table, listing  # O(images) objects not needed any more
         offset = len(final_shards)
         for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
             part["shard"] = np.full(n, offset + i)
@@ -495,7 +584,7 @@ def collect_imagefolder(
         shutil.rmtree(staging, ignore_errors=True)
         if remote:
             drop_journal(store, staging)
-        say(f"collected {stats.listed} files: {stats.decoded} decoded, {stats.reused} reused, "
+        say(f"collected {stats.listed} {'files/packs' if stats.packs else 'files'}: {stats.decoded} decoded, {stats.reused} reused, "
             f"{stats.undecodable} undecodable; {stats.shards_written} shard(s) written, {stats.shards_reused} shared; "
             f"{stats.seconds:.1f}s")
         return snap, stats

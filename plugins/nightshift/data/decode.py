@@ -18,6 +18,9 @@ import numpy as np
 #: incremental collection never reuses pixels decoded by an older method.
 DECODER_VERSION = 1
 
+#: Suffixes of image files, in a class folder or a pack.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"})
+
 
 def to_shape(img: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
     """Convert an HxW or HxWxC uint8 image to ``shape`` (bilinear resize + channel conversion)."""
@@ -77,7 +80,9 @@ class Chunk:
     """Decoded images of one chunk and everything the profile needs about them.
 
     ``ok`` holds the positions (in the chunk's input order) that decoded;
-    ``errors`` the others, as ``(position, reason)``.
+    ``errors`` the others, as ``(position, reason)``. A chunk decoded from a pack
+    (:func:`decode_pack`) also names each position's member (``names``, ``<class>/<image>``);
+    position -1 in ``errors`` is the pack itself (not a readable tar archive).
     """
 
     images: np.ndarray  # (k, H, W, C) uint8, k = len(ok)
@@ -85,6 +90,7 @@ class Chunk:
     orig_sizes: np.ndarray  # (k, 3)
     stats: dict[str, np.ndarray]
     errors: list[tuple[int, str]] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)
 
 
 def image_digests(images: np.ndarray) -> list[bytes]:
@@ -142,17 +148,22 @@ def image_stats(images: np.ndarray) -> dict[str, Any]:
 
 
 def _finish(shape: tuple[int, int, int], arrays: list[np.ndarray], ok: list[int], sizes: list[tuple[int, ...]],
-            errors: list[tuple[int, str]]) -> Chunk:
+            errors: list[tuple[int, str]], names: list[str] | None = None) -> Chunk:
     h, w, c = shape
     images = np.stack(arrays) if arrays else np.zeros((0, h, w, c), np.uint8)
     return Chunk(images=images, ok=ok, orig_sizes=np.asarray(sizes, np.int64).reshape(-1, 3),
-                 stats=image_stats(images), errors=errors)
+                 stats=image_stats(images), errors=errors, names=list(names or []))
 
 
-def decode_blobs(blobs: Sequence[bytes | BaseException], shape: tuple[int, int, int]) -> Chunk:
-    """Decode a chunk of file contents (an exception in place of bytes = the read failed)."""
+def decode_blobs(blobs: Sequence[bytes | BaseException | str], shape: tuple[int, int, int],
+                 names: list[str] | None = None) -> Chunk:
+    """Decode a chunk of file contents (an exception in place of bytes = the read failed; a string =
+    the reason the entry is not decoded at all)."""
     arrays, ok, sizes, errors = [], [], [], []
     for i, blob in enumerate(blobs):
+        if isinstance(blob, str):
+            errors.append((i, blob))
+            continue
         if isinstance(blob, BaseException):
             errors.append((i, f"could not read: {type(blob).__name__}: {blob}"))
             continue
@@ -165,7 +176,75 @@ def decode_blobs(blobs: Sequence[bytes | BaseException], shape: tuple[int, int, 
         arrays.append(converted)
         ok.append(i)
         sizes.append(arr.shape)
-    return _finish(shape, arrays, ok, sizes, errors)
+    return _finish(shape, arrays, ok, sizes, errors, names)
+
+
+def pack_members(blob: bytes | BaseException, classes: Sequence[str]) -> tuple[list[str], list[bytes | BaseException | str]]:
+    """The ``<class>/<image>`` members of a tar pack, in name order, with their bytes -- or, in place
+    of the bytes, why a member is not an image of the configured ``classes`` (reported, not dropped).
+
+    Directories and hidden entries (a path part starting with ``.``, e.g. macOS ``._`` files) are
+    left out; links, devices and other non-regular members are reported. A pack that is not a
+    readable tar archive (truncated, compressed, not a tar at all) raises ``ValueError``, so none of
+    its members is half-read into a snapshot."""
+    import posixpath
+    import tarfile
+
+    if isinstance(blob, BaseException):
+        raise ValueError(f"could not read: {type(blob).__name__}: {blob}")
+    known = set(classes)
+    found: dict[str, bytes | str] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r:") as tar:
+            for m in tar:
+                name = posixpath.normpath(m.name.lstrip("/"))
+                if m.isdir() or any(part.startswith(".") for part in name.split("/")):
+                    continue
+                parts = name.split("/")
+                if not m.isfile():
+                    found[name] = "not a regular file in the pack (link or special member): not read"
+                elif len(parts) != 2:
+                    found[name] = ("not at <class>/<image> in the pack (packs hold <class>/<image> members, "
+                                   "like a class folder)")
+                elif parts[0] not in known:
+                    found[name] = (f"class {parts[0]!r} is not one of the configured classes {sorted(known)}: "
+                                   "fix the member's folder or the 'classes' setting")
+                elif posixpath.splitext(parts[1])[1].lower() not in IMAGE_SUFFIXES:
+                    found[name] = "not an image file (unsupported extension)"
+                else:
+                    f = tar.extractfile(m)
+                    found[name] = f.read() if f is not None else "cannot be read from the pack"
+            # tarfile takes a header cut short after the first member for the end of the archive:
+            # a complete archive ends with zero blocks, a cut one does not (its tail would be lost)
+            end = tar.offset
+            if len(blob) < end + tarfile.BLOCKSIZE or any(blob[end:end + tarfile.BLOCKSIZE]):
+                raise tarfile.ReadError(f"the archive ends without its end-of-archive blocks at byte {end} of "
+                                        f"{len(blob)} (cut short?)")
+    except (tarfile.TarError, EOFError, OSError) as exc:
+        raise ValueError(f"not a readable tar archive: {type(exc).__name__}: {exc} (packs are uncompressed "
+                         ".tar files of <class>/<image> members; the images are compressed already)") from exc
+    names = sorted(found)
+    return names, [found[n] for n in names]
+
+
+def decode_pack(blob: bytes | BaseException, shape: tuple[int, int, int], classes: Sequence[str]) -> Chunk:
+    """Decode every image of one tar pack (:func:`pack_members`). ``names`` holds each member;
+    a pack that cannot be read at all is one error at position -1, with no rows."""
+    try:
+        names, blobs = pack_members(blob, classes)
+    except ValueError as exc:
+        return _finish(shape, [], [], [], [(-1, str(exc))])
+    return decode_blobs(blobs, shape, names)
+
+
+def decode_pack_file(path: str, shape: tuple[int, int, int], classes: Sequence[str]) -> Chunk:
+    """Read and decode a local tar pack (run in a worker process)."""
+    try:
+        with open(path, "rb") as f:
+            blob: bytes | BaseException = f.read()
+    except OSError as exc:
+        blob = exc
+    return decode_pack(blob, shape, classes)
 
 
 def decode_files(paths: Sequence[str], shape: tuple[int, int, int]) -> Chunk:

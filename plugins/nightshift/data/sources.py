@@ -28,10 +28,13 @@ from typing import Any, Iterable, Protocol
 
 import numpy as np
 
-from nightshift.data.decode import decode_blobs, decode_error, decode_image, to_shape  # noqa: F401 (re-exported)
+from nightshift.data.decode import IMAGE_SUFFIXES, decode_blobs, decode_error, decode_image, to_shape  # noqa: F401 (re-exported)
 from nightshift.errors import ConfigError, DataError
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+#: A pack: an uncompressed tar of ``<class>/<image>`` members, read with one request.
+PACK_SUFFIX = ".tar"
+#: Archives that are not read as packs: reported, so they are not silently left out.
+UNREAD_ARCHIVES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".zip")
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,7 @@ class FileEntry:
     path: Any  # a local path (str) or an ObjectStoragePath
     size: int
     mtime: str  # modification time (ns) or the object store's ETag/last-modified
+    pack: bool = False  # a tar pack of <class>/<image> members (rel: "<name>.tar"); class_name is ""
 
 
 class ObjectFile:
@@ -175,10 +179,54 @@ def _subdirs(root: Any, root_real: str | None = None, skipped: list[dict[str, st
     return sorted(out, key=lambda p: p.name)
 
 
+def _packs(folder: Any, prefix: str, root_s: str, root_real: str | None,
+           skipped: list[dict[str, str]]) -> list[FileEntry]:
+    """The tar packs (``<name>.tar``) directly in ``folder`` (the source root, or a partition), with
+    their size and stamp from the listing. Compressed archives there are reported in ``skipped``
+    (they are not read); other files beside the class folders (a README, ...) are none of ours."""
+    if isinstance(folder, Path):
+        with os.scandir(folder) as it:
+            listed = [(e.name, e) for e in it if not e.is_dir()]
+    elif _local_path(folder) is None and hasattr(folder, "fs"):
+        listed = [(posixpath.basename(i["name"].rstrip("/")), ObjectFile(folder.fs, i["name"], i))
+                  for i in _ls(folder, root_s) if i.get("type") != "directory"]
+    else:
+        listed = [(p.name, p) for p in folder.iterdir() if not p.is_dir()]
+    out = []
+    for name, f in sorted(listed, key=lambda t: t[0]):
+        rel = f"{prefix}{name}"
+        lower = name.lower()
+        if name.startswith("."):
+            continue
+        if lower.endswith(UNREAD_ARCHIVES):
+            skipped.append({"path": rel, "error": "compressed archive: not read (a pack is an uncompressed "
+                            "<name>.tar of <class>/<image> members; the images are compressed already)"})
+            continue
+        if not lower.endswith(PACK_SUFFIX):
+            continue
+        target = _escape(f, root_real)
+        if target is not None:
+            skipped.append({"path": rel, "error": _not_followed(target, root_real or "")})
+            continue
+        try:
+            size, stamp = _local_stamp(f.stat()) if isinstance(f, os.DirEntry) else _stat(f)
+        except OSError as exc:
+            skipped.append({"path": rel, "error": f"cannot be read: {type(exc).__name__}: {exc.strerror or exc}"})
+            continue
+        out.append(FileEntry(rel, "", f.path if isinstance(f, os.DirEntry) else f, size, stamp, pack=True))
+    return out
+
+
 def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partition_window: int | None = None,
                      io_concurrency: int = 16) -> Listing:
     """List ``root/<class>/<file>`` (or ``root/<partition>/<class>/<file>`` with
     ``partition_window``: the last N partition folders in name order, e.g. dates).
+
+    Packs: an uncompressed ``root/<name>.tar`` (or ``root/<partition>/<name>.tar``) holding
+    ``<class>/<image>`` members is one entry (``FileEntry.pack``), read with one request and
+    unpacked by the decoders -- the layout for object storage, where one GET per small image
+    costs more than decoding it. Packs and class folders may be mixed. Members are not listed
+    here, so ``class_names`` must be given when there are packs.
 
     Files are stat-ed (size and modification time or ETag) with up to
     ``io_concurrency`` requests in flight, for object storage.
@@ -188,7 +236,8 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
     warning is logged); a link that stays inside the root is followed.
 
     :raises DataError: the root is missing or empty, a class folder is not in
-        ``class_names``, or a configured class has no folder.
+        ``class_names``, or a configured class has no folder (and there are no packs).
+    :raises ConfigError: there are packs and no ``class_names``.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -227,12 +276,28 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
         skipped.extend(s for s in top_links if s["path"].rstrip("/") in window)
         class_dirs = [(f"{part.name}/", c) for part in chosen
                       for c in _subdirs(part, root_real, skipped, f"{part.name}/")]
+        try:
+            packs = [e for part in chosen for e in _packs(part, f"{part.name}/", root_s, root_real, skipped)]
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(root_s, exc) from exc
     else:
         class_dirs = [("", c) for c in top]
         skipped.extend(top_links)
+        try:
+            packs = _packs(root, "", root_s, root_real, skipped)
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise _unreadable(root_s, exc) from exc
     found = sorted({c.name for _, c in class_dirs})
     where = f"partitions {partitions} of " if partitions else ""
-    if not found:
+    if packs and class_names is None:
+        raise ConfigError(f"imagefolder source {where}{root_s!r} holds {len(packs)} pack(s) "
+                          f"({packs[0].rel}, ...): set 'classes' to the class names, in label order -- the "
+                          "classes inside packs are only known once the packs are read")
+    if not found and not packs:
         links = [s["path"] for s in skipped if s["path"].endswith("/")]
         raise DataError(f"imagefolder source {where}{root_s!r} has no class folders "
                         "(expected <root>/<class>/<image>)"
@@ -247,7 +312,7 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                 f"configured classes {class_names}: fix the folder names or the 'classes' setting"
             )
         missing = [c for c in class_names if c not in found]
-        if missing:
+        if missing and not packs:  # with packs, a class may live in them only
             links = [s["path"] for s in skipped if s["path"].endswith("/")]
             raise DataError(f"imagefolder source {where}{root_s!r} has no folder for configured class(es) "
                             f"{missing} (expected {root_s}/<class>/ for each of {class_names}): a class folder "
@@ -316,6 +381,7 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                 kept.append((t, r))
         files, stats = [t for t, _ in kept], [r for _, r in kept]
     entries = [FileEntry(rel, cls, f, size, mtime) for (rel, cls, f), (size, mtime) in zip(files, stats)]
+    entries.extend(packs)
     if not entries:
         raise DataError(f"imagefolder source {where}{root_s!r} holds no image files "
                         f"(expected {root_s}/<class>/<image>.png|jpg for the classes {class_names}; "

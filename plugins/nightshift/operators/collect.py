@@ -15,7 +15,9 @@ class CollectDataOperator(NightshiftOperator):
     :param image_shape: ``[height, width, channels]`` images are converted to; default
         by source (8×8×1 for bundled, 32×32×3 otherwise). (templated)
     :param classes: expected class names in label order; ImageFolder class folders
-        outside this list are an error. (templated)
+        outside this list are an error. Required when the source holds packs
+        (``<root>/<name>.tar`` of ``<class>/<image>`` members, read with one request
+        each: the layout for object storage). (templated)
     :param val_fraction: share of images in the validation split. (templated)
     :param test_fraction: share of images in the test split. (templated)
     :param conn_id: Airflow connection for an object-storage source. (templated)
