@@ -262,6 +262,15 @@ def test_packs_are_listed_as_one_entry_each_and_need_the_class_names(make_imagef
         sources.list_imagefolder(root, ["0", "1", "2"], partition_window=1)
 
 
+def test_a_pack_too_large_to_hold_is_reported_not_read(make_imagefolder, monkeypatch):
+    folder = make_imagefolder(classes=("0", "1"), per_class=5)
+    _tar(folder, folder / "big.tar")
+    monkeypatch.setattr(sources, "MAX_PACK_BYTES", 1024)
+    listing = sources.list_imagefolder(folder, ["0", "1"])
+    assert len(listing.entries) == 10 and not any(e.pack for e in listing.entries)
+    assert [s["path"] for s in listing.skipped] == ["big.tar"] and "split it into smaller packs" in listing.skipped[0]["error"]
+
+
 def test_packs_on_s3_collect_what_the_same_local_packs_collect(s3_server, s3_source, make_imagefolder, tmp_path):
     """One GET per pack: the layout that makes object storage as fast as local disk (docs/benchmarks.md)."""
     root, prefix = s3_source

@@ -33,6 +33,9 @@ from nightshift.errors import ConfigError, DataError
 
 #: A pack: an uncompressed tar of ``<class>/<image>`` members, read with one request.
 PACK_SUFFIX = ".tar"
+#: The largest pack read: a pack is held in memory (twice: fetched, then in its decode worker) with
+#: a few others in flight, so a bigger one is reported instead of exhausting the worker's memory.
+MAX_PACK_BYTES = 512 * 2**20
 #: Archives that are not read as packs: reported, so they are not silently left out.
 UNREAD_ARCHIVES = (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar.zst", ".zip")
 
@@ -212,6 +215,10 @@ def _packs(folder: Any, prefix: str, root_s: str, root_real: str | None,
             size, stamp = _local_stamp(f.stat()) if isinstance(f, os.DirEntry) else _stat(f)
         except OSError as exc:
             skipped.append({"path": rel, "error": f"cannot be read: {type(exc).__name__}: {exc.strerror or exc}"})
+            continue
+        if size > MAX_PACK_BYTES:
+            skipped.append({"path": rel, "error": f"pack of {size / 2**20:.0f} MiB: larger than the {MAX_PACK_BYTES >> 20} "
+                            "MiB a decode worker holds at once, not read (split it into smaller packs)"})
             continue
         out.append(FileEntry(rel, "", f.path if isinstance(f, os.DirEntry) else f, size, stamp, pack=True))
     return out
