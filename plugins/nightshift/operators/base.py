@@ -19,7 +19,12 @@ def get_connection(conn_id: str, what: str, source: str, how: str) -> Any:
     """The Airflow connection ``conn_id``, or a :class:`ConfigError` saying that ``what`` (e.g.
     ``"Docker connection"``) named by ``source`` is not defined, how to add it (``AIRFLOW_CONN_<ID>``
     or the UI), and ``how`` (its fields, or what to unset instead). Other lookup errors (a secrets
-    backend's) propagate."""
+    backend's) propagate.
+
+    Outside a task the task SDK's lookup reads the metadata DB only in a process that says it is an
+    Airflow server; elsewhere (``airflow dags test`` and its run-note listener, a script) a
+    connection added in the UI would not be found: then the metadata DB is asked directly
+    (:func:`_metadata_db_connection`)."""
     from airflow.sdk import BaseHook
 
     try:
@@ -27,8 +32,33 @@ def get_connection(conn_id: str, what: str, source: str, how: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
         if type(exc).__name__ != "AirflowNotFoundException":
             raise
-        raise ConfigError(f"{what} {conn_id!r} is not defined ({source}): add it (Admin > Connections, or "
-                          f"AIRFLOW_CONN_{conn_id.upper()}) {how}") from None
+    conn, db_error = _metadata_db_connection(conn_id)
+    if conn is not None:
+        return conn
+    unread = f"; the metadata DB could not be read ({db_error})" if db_error else ""
+    raise ConfigError(f"{what} {conn_id!r} is not defined ({source}{unread}): add it (Admin > Connections, or "
+                      f"AIRFLOW_CONN_{conn_id.upper()}) {how}") from None
+
+
+def _metadata_db_connection(conn_id: str) -> tuple[Any, str | None]:
+    """``(connection, None)`` for a connection stored in Airflow's metadata DB, ``(None, None)`` when
+    it is not there or this is a task (which never opens the DB: the SDK already asked the API
+    server, which reads it), ``(None, why)`` when the DB cannot be read (e.g. no DB configured here).
+
+    Airflow 3's SDK lookup (``Connection.get``) includes the metadata DB only under a task's
+    supervisor or in a server process (``_AIRFLOW_PROCESS_CONTEXT=server``: API server, scheduler);
+    this reads it the way the server does (``MetastoreBackend``)."""
+    import sys
+
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    if getattr(runner, "SUPERVISOR_COMMS", None) is not None:
+        return None, None
+    try:
+        from airflow.secrets.metastore import MetastoreBackend
+
+        return MetastoreBackend().get_connection(conn_id), None
+    except Exception as exc:  # noqa: BLE001 - no DB here, or not migrated: report it with "not defined"
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
