@@ -88,19 +88,54 @@ def s3_root(s3_server, request):
     return f"s3://{s3_server.bucket}/{request.node.name[:40].replace('[', '_').replace(']', '_')}-{uuid.uuid4().hex[:8]}"
 
 
-@pytest.fixture
-def s3_root_with_connection(monkeypatch, tmp_path):
-    """An s3:// artifact root whose credentials are only in the Airflow connection ``ns_artifacts``;
-    the process environment has other (wrong) keys, as a scheduler set up for another account
-    would (the view's and the run-note listener's tests)."""
-    import json
+#: The artifact connection of the ``s3_root_with_*connection`` fixtures (an ``aws`` connection).
+ARTIFACT_CONNECTION = {"conn_type": "aws", "login": "CONNECTION-KEY", "password": "connection-secret",
+                       "extra": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}
 
+
+def _s3_root_env(monkeypatch, tmp_path, conn_id: str) -> None:
+    """An s3:// artifact root named with the connection ``conn_id``; the process environment has other
+    (wrong) keys, as a scheduler set up for another account would."""
     monkeypatch.setenv("NIGHTSHIFT_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_ROOT", "s3://bucket/artifacts")
     monkeypatch.delenv("NIGHTSHIFT_ARTIFACT_CACHE", raising=False)
-    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_artifacts")
-    monkeypatch.setenv("AIRFLOW_CONN_NS_ARTIFACTS", json.dumps({
-        "conn_type": "aws", "login": "CONNECTION-KEY", "password": "connection-secret",
-        "extra": {"endpoint_url": "http://127.0.0.1:9", "region_name": "eu-west-1"}}))
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", conn_id)
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "ENVIRONMENT-KEY")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "environment-secret")
+
+
+@pytest.fixture
+def s3_root_with_connection(monkeypatch, tmp_path):
+    """An s3:// artifact root whose credentials are only in the Airflow connection ``ns_artifacts``,
+    defined in the environment (``AIRFLOW_CONN_NS_ARTIFACTS``); the process environment has other
+    (wrong) keys (the view's and the run-note listener's tests)."""
+    import json
+
+    _s3_root_env(monkeypatch, tmp_path, "ns_artifacts")
+    monkeypatch.setenv("AIRFLOW_CONN_NS_ARTIFACTS", json.dumps(ARTIFACT_CONNECTION))
+
+
+@pytest.fixture
+def s3_root_with_db_connection(monkeypatch, tmp_path):
+    """As ``s3_root_with_connection``, but the connection (its id is the value) is stored only in the
+    Airflow metadata DB, as one added under Admin > Connections is: no ``AIRFLOW_CONN_*`` variable, and
+    looked up outside a task and outside a server process (``_AIRFLOW_PROCESS_CONTEXT`` unset), as
+    ``airflow dags test``'s run-note listener or a script does. Removed again afterwards."""
+    import json
+    import uuid
+
+    from airflow.models import Connection
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    conn_id = f"ns_artifacts_db_{uuid.uuid4().hex[:8]}"
+    _s3_root_env(monkeypatch, tmp_path, conn_id)
+    monkeypatch.delenv(f"AIRFLOW_CONN_{conn_id.upper()}", raising=False)
+    monkeypatch.delenv("_AIRFLOW_PROCESS_CONTEXT", raising=False)
+    fields = dict(ARTIFACT_CONNECTION)
+    with create_session() as session:
+        session.add(Connection(conn_id=conn_id, conn_type=fields.pop("conn_type"),
+                               extra=json.dumps(fields.pop("extra")), **fields))
+    yield conn_id
+    with create_session() as session:
+        session.execute(delete(Connection).where(Connection.conn_id == conn_id))

@@ -211,3 +211,26 @@ def test_the_view_reads_the_store_through_the_artifact_connection(s3_root_with_c
     with pytest.raises(HTTPException) as err:
         app._store()
     assert err.value.status_code == 503 and "ns_nowhere" in err.value.detail
+
+
+def test_the_view_reads_the_store_through_an_artifact_connection_stored_only_in_the_metadata_db(
+        s3_root_with_db_connection, monkeypatch):
+    """A connection added under Admin > Connections (only in the metadata DB) opens the root too, also
+    where the task SDK's lookup does not read the DB (not a server process); an undefined one is
+    still the 503 naming it."""
+    from airflow.sdk import BaseHook
+    from fastapi import HTTPException
+
+    from nightshift.ui import app
+
+    with pytest.raises(Exception, match="isn't defined"):  # what the SDK alone finds here: nothing
+        BaseHook.get_connection(s3_root_with_db_connection)
+    store = app._store()
+    assert store.uri == "s3://bucket/artifacts"
+    assert (store.options.access_key, store.options.secret_key, store.options.endpoint_url,
+            store.options.region_name) == ("CONNECTION-KEY", "connection-secret", "http://127.0.0.1:9", "eu-west-1")
+    monkeypatch.setenv("NIGHTSHIFT_ARTIFACT_CONN_ID", "ns_nowhere")
+    with pytest.raises(HTTPException) as err:
+        app._store()
+    assert err.value.status_code == 503 and "ns_nowhere" in err.value.detail
+    assert "is not defined" in err.value.detail and "AIRFLOW_CONN_NS_NOWHERE" in err.value.detail

@@ -558,10 +558,14 @@ def test_access_denied_fails_at_once_naming_the_uri_and_nothing_is_promoted(own_
     _env(monkeypatch, tmp_path, own_server, root, "worker-a", AWS_SECRET_ACCESS_KEY="not-the-secret")
     with pytest.raises(AirflowFailException, match=rf"access denied .*{root}/"):
         CollectDataOperator(task_id="collect").execute(ctx)
-    inputs = {k: {"snapshot_uri": f"{root}/snapshots/collections/x"} for k in ("snapshot",)}
+    # promote reads the candidate's ONNX file from the store (and nothing else of the run folder)
+    inputs = {"snapshot": {"snapshot_uri": f"{root}/snapshots/collections/x"},
+              "training": {"run_id": "r", "metrics": {"test_accuracy": 1.0}},
+              "export": {"onnx_path": f"{root}/runs/nightly_retrain/manual__x/model/model.onnx", "onnx_sha256": "0"},
+              "image": {"image": "nightshift/faults:1"}, "system_eval": {"accuracy": 1.0}}
     with pytest.raises(AirflowFailException, match=rf"access denied .*{root}/runs/"):
         PromoteModelOperator(task_id="promote", model_name="faults", thresholds={}, gates_file="", **inputs,
-                             validation={}, training={}, export={}, image={}, system_eval={}, drift={}).execute(ctx)
+                             validation={}, drift={}).execute(ctx)
     c = registry.client(f"sqlite:///{tmp_path / 'mlflow.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert registry.get_champion(c, "faults") is None
 
@@ -591,11 +595,46 @@ def test_a_task_pulls_only_the_parts_of_the_run_folder_it_reads(tmp_path):
     for bad in ("../r2", "/etc", ""):
         with pytest.raises(ValueError, match="not a path inside the run folder"):
             RunFolderSync(Store(), folder).pull((bad,))
-    assert NightshiftOperator.run_folder_reads is None  # the default: the whole folder, as before
+    assert NightshiftOperator.run_folder_reads is None  # the default: the whole folder
     assert {cls.__name__: cls.run_folder_reads for cls in (
         ops.CollectDataOperator, ops.ValidateDataOperator, ops.TrainGPUOperator, ops.ExportONNXOperator,
         ops.BuildInferenceImageOperator, ops.SystemEvalOperator, ops.DriftCheckOperator, ops.DeployModelOperator,
-        ops.PromoteModelOperator)} == {
+        ops.PromoteModelOperator, ops.FinalizePromotionOperator, ops.SetChampionOperator,
+        ops.DriftMonitorOperator, ops.SweepTrialsOperator, ops.SelectTrialOperator)} == {
         "CollectDataOperator": (), "ValidateDataOperator": ("validation",), "TrainGPUOperator": ("train",),
         "ExportONNXOperator": ("model",), "BuildInferenceImageOperator": (), "SystemEvalOperator": ("system_eval",),
-        "DriftCheckOperator": ("drift",), "DeployModelOperator": ("deploy",), "PromoteModelOperator": None}
+        "DriftCheckOperator": ("drift",), "DeployModelOperator": ("deploy",), "PromoteModelOperator": (),
+        "FinalizePromotionOperator": (), "SetChampionOperator": (), "DriftMonitorOperator": (),
+        "SweepTrialsOperator": (), "SelectTrialOperator": ()}
+    # a sweep trial: its own trial's folder (an earlier try's last.pt), not every trial's under train/
+    assert ops.SweepTrialOperator(task_id="t", snapshot={}, trial=3).run_folder_reads == ("train/trials/003",)
+
+
+#: Operators allowed to pull their whole run folder (``run_folder_reads = None``), each with the reason.
+#: None today: every operator names what it reads, so a task on an object-store root never downloads
+#: its siblings' files (a training folder's resume checkpoint, every sweep trial's).
+WHOLE_RUN_FOLDER_ALLOWED: dict[str, str] = {}
+
+
+def test_no_operator_pulls_the_whole_run_folder():
+    """Every NightshiftOperator in nightshift.operators (the lazily imported ones too) declares what
+    of the run folder it reads; a new operator that inherits ``None`` (the whole folder, one HEAD per
+    object, every sibling's files) fails here until it does, or is allowed above with a reason."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import nightshift.operators as package
+    from nightshift.operators.base import NightshiftOperator
+
+    found = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        for name, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, NightshiftOperator) and cls is not NightshiftOperator and cls.__module__ == module.__name__:
+                found[name] = cls
+    assert {"PromoteModelOperator", "FinalizePromotionOperator", "SweepTrialOperator", "SelectTrialOperator",
+            "DriftMonitorOperator", "SetChampionOperator", "TrainGPUOperator"} <= set(found), sorted(found)
+    whole = sorted(n for n, cls in found.items() if cls.run_folder_reads is None)
+    assert [n for n in whole if n not in WHOLE_RUN_FOLDER_ALLOWED] == [], (
+        "these operators pull the whole run folder: declare run_folder_reads (what of the folder they read)")

@@ -93,7 +93,7 @@ def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(
         SweepTrialOperator(task_id="train_gpu", snapshot=snap, model_name="s3-sweep", **trials[1]).execute(
             {**ctx, "ti": SimpleNamespace(try_number=1)})
 
-    worker("d")
+    cache = worker("d")
     ti = SimpleNamespace(xcom_pull=lambda task_ids, map_indexes: results.get(map_indexes))
     out = SelectTrialOperator(task_id="select_trial", trials=trials, snapshot=snap, sweep=sweep,
                               trial_task_id="train_gpu", model_name="s3-sweep").execute({**ctx, "ti": ti})
@@ -104,6 +104,12 @@ def test_a_sweep_on_an_object_store_trials_on_two_workers_and_select_on_a_third(
     table = json.loads(body)
     assert table["trials"][1]["failed"] and "crop_pad" in table["trials"][1]["error"]  # from worker c's trial.json
     assert table["winner"]["trial"] == 0
+    # select_trial fetched only what it read: the failed trial's record, the winner's checkpoint and
+    # manifest; not the winner's resume checkpoint (last.pt) nor the rest of the trials' folders
+    trials_dir = cache / s3_server.bucket / key / "trials"
+    fetched = sorted(p.relative_to(trials_dir).as_posix() for p in trials_dir.rglob("*") if p.is_file())
+    assert fetched == sorted([results[0]["checkpoint"].rsplit("/trials/", 1)[1], "000/train_manifest.json",
+                              "001/trial.json"]), fetched
 
 
 def test_the_sweep_operators_are_loaded_lazily_and_their_links_declared_for_the_plugin():

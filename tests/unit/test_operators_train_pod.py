@@ -72,6 +72,33 @@ def test_kubernetes_pod_placement_renders_the_training_pod(pod_operator):
     assert mounts["xcom"] == "/airflow/xcom"
 
 
+def test_a_retry_s_pod_tags_its_run_with_the_try_and_ends_the_killed_try_s_run_naming_it(pod_operator, tmp_path):
+    """The pod of try 2 passes ``--tag nightshift.try_number=2`` to train_cli (as the in-worker path
+    tags its run), so the run a killed pod of try 1 left RUNNING is ended as superseded by try 2,
+    not by "unknown"."""
+    from mlflow.tracking import MlflowClient
+
+    from nightshift import train_run
+    from nightshift.train_cli import build_parser
+
+    ti = SimpleNamespace(dag_id="nightly_retrain", task_id="train_gpu", map_index=-1, try_number=2)
+    context = {"run_id": "scheduled__2026-01-02", "ti": ti, "dag": SimpleNamespace()}
+    pod = api_dict(pod_operator.build_pod_request_obj(context, dry_run=True))
+    args = next(c for c in pod["spec"]["containers"] if c["name"] == "base")["args"]
+    assert f"{train_run.TRY_TAG}=2" in [args[i + 1] for i, a in enumerate(args) if a == "--tag"]
+    # no task instance (dry run outside a task): no try tag rather than a made-up one
+    assert not any(a.startswith(train_run.TRY_TAG) for a in pod_operator.cli_arguments("dry_run"))
+
+    tags = dict(build_parser().parse_args(args).tag)  # what train_cli hands run_training
+    assert tags[train_run.TRY_TAG] == "2" and tags["nightshift.task"] == "train_gpu"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("digits", artifact_location=(tmp_path / "mlartifacts").as_uri())
+    killed = client.create_run(exp, tags={**tags, train_run.TRY_TAG: "1"}).info.run_id
+    retry = client.create_run(exp, tags=tags).info.run_id
+    assert train_run.end_superseded_tries(client, retry, tags) == [killed]
+    assert client.get_run(killed).data.tags[train_run.SUPERSEDED_BY_TRY_TAG] == "2"
+
+
 def test_pod_without_a_snapshot_fails_at_once_naming_the_upstream_task(pod_operator):
     from airflow.sdk.exceptions import AirflowFailException
 

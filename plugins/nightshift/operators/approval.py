@@ -282,6 +282,10 @@ class FinalizePromotionOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("promotion", "approval", "model_name", "deploy_target", "docker_conn_id")
+    #: Nothing by path: the promotion and the answer are values (their report URIs pass through);
+    #: it writes the run's ``promotion.json`` afresh.
+    run_folder_reads: Sequence[str] = ()
+    store_inputs: Sequence[str] = ()
     ui_color = "#ffe0b2"
 
     def __init__(self, *, promotion: Any, approval: Any = None, model_name: str, deploy_target: str | None = None,

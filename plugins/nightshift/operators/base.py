@@ -19,7 +19,12 @@ def get_connection(conn_id: str, what: str, source: str, how: str) -> Any:
     """The Airflow connection ``conn_id``, or a :class:`ConfigError` saying that ``what`` (e.g.
     ``"Docker connection"``) named by ``source`` is not defined, how to add it (``AIRFLOW_CONN_<ID>``
     or the UI), and ``how`` (its fields, or what to unset instead). Other lookup errors (a secrets
-    backend's) propagate."""
+    backend's) propagate.
+
+    Outside a task the task SDK's lookup reads the metadata DB only in a process that says it is an
+    Airflow server; elsewhere (``airflow dags test`` and its run-note listener, a script) a
+    connection added in the UI would not be found: then the metadata DB is asked directly
+    (:func:`_metadata_db_connection`)."""
     from airflow.sdk import BaseHook
 
     try:
@@ -27,8 +32,33 @@ def get_connection(conn_id: str, what: str, source: str, how: str) -> Any:
     except Exception as exc:  # noqa: BLE001 - AirflowNotFoundException (SDK or core) or a secrets backend's
         if type(exc).__name__ != "AirflowNotFoundException":
             raise
-        raise ConfigError(f"{what} {conn_id!r} is not defined ({source}): add it (Admin > Connections, or "
-                          f"AIRFLOW_CONN_{conn_id.upper()}) {how}") from None
+    conn, db_error = _metadata_db_connection(conn_id)
+    if conn is not None:
+        return conn
+    unread = f"; the metadata DB could not be read ({db_error})" if db_error else ""
+    raise ConfigError(f"{what} {conn_id!r} is not defined ({source}{unread}): add it (Admin > Connections, or "
+                      f"AIRFLOW_CONN_{conn_id.upper()}) {how}") from None
+
+
+def _metadata_db_connection(conn_id: str) -> tuple[Any, str | None]:
+    """``(connection, None)`` for a connection stored in Airflow's metadata DB, ``(None, None)`` when
+    it is not there or this is a task (which never opens the DB: the SDK already asked the API
+    server, which reads it), ``(None, why)`` when the DB cannot be read (e.g. no DB configured here).
+
+    Airflow 3's SDK lookup (``Connection.get``) includes the metadata DB only under a task's
+    supervisor or in a server process (``_AIRFLOW_PROCESS_CONTEXT=server``: API server, scheduler);
+    this reads it the way the server does (``MetastoreBackend``)."""
+    import sys
+
+    runner = sys.modules.get("airflow.sdk.execution_time.task_runner")
+    if getattr(runner, "SUPERVISOR_COMMS", None) is not None:
+        return None, None
+    try:
+        from airflow.secrets.metastore import MetastoreBackend
+
+        return MetastoreBackend().get_connection(conn_id), None
+    except Exception as exc:  # noqa: BLE001 - no DB here, or not migrated: report it with "not defined"
+        return None, f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
 
 
 def resolve_docker_client(conn_id: str | None, *, timeout_s: int = 600) -> Any:
@@ -249,6 +279,17 @@ class RunFolderSync:
                 self.store.fetch(self.store.to_uri(self.folder / rel), required=False)
         self._seen = self._files()
 
+    def note_read(self, path: Path) -> None:
+        """Note the files at or under ``path`` that the task fetched itself during ``execute`` (a file
+        chosen only then, e.g. the winning trial's checkpoint) as read, so :meth:`push` does not
+        publish them again over what their writer published."""
+        path = Path(path).resolve()
+        if not path.is_relative_to(self.folder.resolve()):
+            return
+        for f, ident in self._files().items():
+            if f.resolve().is_relative_to(path):
+                self._seen[f] = ident
+
     def push(self, path: Path | None = None) -> list[str]:
         """Publish what changed under the run folder (or only ``path``); returns the URIs."""
         out = []
@@ -308,8 +349,10 @@ class NightshiftOperator(BaseOperator):
     store_inputs: Sequence[str] | None = None
     #: What of its DAG run's folder the task reads by path (relative to the folder; its upstream
     #: results come through :attr:`store_inputs` instead): with an object-store root only these are
-    #: fetched before ``execute``. ``None``: the whole folder (one HEAD per object), for tasks that
-    #: read their siblings' files; ``()``: nothing.
+    #: fetched before ``execute``. ``()``: nothing; a file known only during ``execute`` is fetched
+    #: there (:meth:`fetch_input`). ``None``: the whole folder (one HEAD per object); every
+    #: Nightshift operator declares what it reads instead (a test holds them to it). A subclass may
+    #: make it a property of its rendered arguments (a sweep trial: its own trial's folder).
     run_folder_reads: Sequence[str] | None = None
     _run_sync: "RunFolderSync | None" = None
     #: The Airflow connection of the Docker daemon; the operators that use Docker take it as an
@@ -345,6 +388,19 @@ class NightshiftOperator(BaseOperator):
             if self.store.rel(path) and Path(path).resolve().is_relative_to(self._run_sync.folder.resolve()):
                 return self.store.to_uri(path)  # unchanged since the last push: already there
         return self.store.publish(path)
+
+    def fetch_input(self, value: str | os.PathLike, *, required: bool = True) -> Path:
+        """The local copy of ``value`` (a URI or path under the artifact root) that ``execute`` reads,
+        fetched now when the root is an object store: for an input that only ``execute`` can name, or
+        one file of an upstream result whose other files the task does not need (``store_inputs``
+        would fetch all of them). A file of the run folder fetched this way is not published again.
+
+        :raises StoreError: nothing there (``required``), or it cannot be read (names the URI).
+        """
+        path = self.store.fetch(value, required=required)
+        if self._run_sync is not None:
+            self._run_sync.note_read(path)
+        return path
 
     def run_dir(self, context: Any, *parts: str) -> Path:
         path = run_dir(self.settings.artifact_root, self.dag_id, context["run_id"]).joinpath(*parts)

@@ -33,6 +33,8 @@ class SetChampionOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("model_name", "version", "reason", "deploy_target", "port", "docker_conn_id")
+    #: Nothing of the run folder: the registry, the champion lock and the history are what it reads.
+    run_folder_reads: Sequence[str] = ()
     operator_extra_links = (ModelVersionLink(), NightshiftViewLink(),)
     ui_color = "#ffe0b2"
 

@@ -34,6 +34,9 @@ class DriftMonitorOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("model_name", "window_start", "window_end", "min_rows", "drift_share_threshold",
                                       "embedding_threshold", "request_log_dir")
+    #: Nothing of the run folder: its reports and the reference cache live under the model's drift
+    #: folder (fetched in ``execute``), the request log on the Docker host.
+    run_folder_reads: Sequence[str] = ()
     operator_extra_links = (ServedDriftReportLink(), NightshiftViewLink(),)
     ui_color = "#f8bbd0"
 

@@ -36,6 +36,12 @@ class PromoteModelOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("model_name", "snapshot", "validation", "training", "export", "image", "system_eval",
                                       "drift", "thresholds", "fail_on_reject", "gates_file", "require_approval")
+    #: Nothing of the run folder by path, and of its upstream results only the candidate's ONNX file
+    #: (fetched in ``execute``): the other results are read as values, so their files (the training
+    #: folder with its resume checkpoint, the export's model folder, the drift and validation reports)
+    #: stay where they are and are recorded by their URIs.
+    run_folder_reads: Sequence[str] = ()
+    store_inputs: Sequence[str] = ()
     ui_color = "#ffe0b2"
     operator_extra_links = (PromotionDecisionLink(), ModelVersionLink(), NightshiftViewLink(),)
 
@@ -58,15 +64,19 @@ class PromoteModelOperator(NightshiftOperator):
         self.require_approval = require_approval
 
     def execute(self, context: Any) -> dict[str, Any]:
-        from nightshift.errors import NightshiftError
+        from nightshift.errors import ConfigError, NightshiftError
         from nightshift.promotion import promote_candidate
         from nightshift.settings import to_bool
 
         train = self.require(self.training, "training", "train_gpu")
-        export = self.require(self.export, "export", "export_onnx")
+        export = dict(self.require(self.export, "export", "export_onnx"))
+        if not export.get("onnx_path"):
+            raise ConfigError(f"export names no onnx_path (keys: {sorted(export)}): expected the result of the "
+                              "'export_onnx' task (XCom)")
         image = self.require(self.image, "image", "build_inference_image")
         served = self.require(self.system_eval, "system_eval", "system_eval")
         snapshot = self.require(self.snapshot, "snapshot", "collect_data")
+        export["onnx_path"] = str(self.fetch_input(export["onnx_path"]))  # the candidate, re-scored here
         gates_file = str(self.settings.gates_file) if self.gates_file is None else (self.gates_file or None)
         outcome = promote_candidate(
             self.mlflow, model_name=self.model_name, snapshot=snapshot, training=train, export=export, image=image,

@@ -70,6 +70,8 @@ class SweepTrialsOperator(NightshiftOperator):
     """
 
     template_fields: Sequence[str] = ("hparams", "model_name")
+    #: Nothing of the run folder: the sweep entry and the base hyperparameters are values.
+    run_folder_reads: Sequence[str] = ()
     ui_color = "#dcedc8"
 
     def __init__(self, *, sweep: dict[str, Any], hparams: dict[str, Any] | None = None,
@@ -126,6 +128,12 @@ class SweepTrialOperator(TrainGPUOperator):
         super().__init__(data_parallel=data_parallel, **kwargs)
         self.trial = trial
         self.parent_run_id = parent_run_id
+
+    @property
+    def run_folder_reads(self) -> Sequence[str]:  # type: ignore[override]
+        """Its own trial's folder (an earlier try's ``last.pt``), not the other trials' nor ``train/``:
+        known once ``trial`` is rendered, which it is before the folder is pulled."""
+        return ("/".join(trial_dir_parts(int(self.trial))),)
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.artifacts import atomic_write_json
@@ -186,6 +194,10 @@ class SelectTrialOperator(NightshiftOperator):
 
     template_fields: Sequence[str] = ("trials", "snapshot", "model_name")
     store_inputs: Sequence[str] = ("snapshot",)
+    #: Nothing before ``execute``: which files it reads is known only there (the failed trials'
+    #: ``trial.json``, the winner's checkpoint and manifest), and those alone are fetched then
+    #: (:meth:`~nightshift.operators.base.NightshiftOperator.fetch_input`), not every trial's folder.
+    run_folder_reads: Sequence[str] = ()
     ui_color = "#a5d6a7"
     operator_extra_links = (MLflowRunLink(),)
 
@@ -201,7 +213,6 @@ class SelectTrialOperator(NightshiftOperator):
 
     def execute(self, context: Any) -> dict[str, Any]:
         from nightshift.errors import ConfigError
-        from nightshift.operators.base import localize
         from nightshift.sweep import SweepFailed, parse_sweep
 
         spec = parse_sweep(self.sweep)
@@ -222,9 +233,7 @@ class SelectTrialOperator(NightshiftOperator):
         except SweepFailed as exc:
             self._close(parent, table, None, spec.metric, error=str(exc), context=context)
             raise
-        winner = results[int(best["trial"])]
-        if self.store.remote:  # URIs -> this worker's copies (the run folder was fetched before execute)
-            winner = localize(self.store, winner)
+        winner = self._fetch_winner(results[int(best["trial"])])
         test = self._score_on_test(winner)
         metrics = {**winner["metrics"], **test}
         self._record_winner(context, winner, metrics)
@@ -256,9 +265,24 @@ class SelectTrialOperator(NightshiftOperator):
             records.append(rec)
         return records, results
 
+    def _fetch_winner(self, winner: dict[str, Any]) -> dict[str, Any]:
+        """The winner's result with this worker's copies of what is read of it: its checkpoint (scored
+        on the test split) and its ``train_manifest.json`` (the run's training report); the rest of
+        its folder (``last.pt``, plots) is not fetched. ``train_dir`` becomes its local path."""
+        from nightshift.contracts import TRAIN_MANIFEST_FILE
+
+        if not self.store.remote:
+            return winner
+        train_dir = self.store.to_uri(winner["train_dir"])
+        self.fetch_input(f"{train_dir.rstrip('/')}/{TRAIN_MANIFEST_FILE}", required=False)
+        return {**winner, "checkpoint": str(self.fetch_input(winner["checkpoint"])),
+                "train_dir": str(self.store.to_local(train_dir))}
+
     def _failure(self, context: Any, index: int) -> str:
         """Why trial ``index`` has no result: the error in its ``trial.json``, else a pointer to its log."""
         path = self.run_dir(context, *trial_dir_parts(index)) / TRIAL_RECORD
+        if self.store.remote:
+            self.fetch_input(self.store.to_uri(path), required=False)
         try:
             rec = json.loads(path.read_text())
         except (OSError, ValueError):

@@ -103,9 +103,14 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         self.artifact_secret = artifact_secret
         self.env = env or {}
 
-    def cli_arguments(self, run_id: str) -> list[str]:
-        """The ``train_cli`` arguments for the rendered ``snapshot``/``hparams``/``require_gpu``."""
+    def cli_arguments(self, run_id: str, context: Any = None) -> list[str]:
+        """The ``train_cli`` arguments for the rendered ``snapshot``/``hparams``/``require_gpu``.
+
+        ``context``'s task instance gives the try number (``--tag nightshift.try_number=<try>``, as
+        the in-worker path tags its run): a retry's pod then ends the MLflow run a killed pod left
+        RUNNING naming the try that superseded it, instead of ``unknown``."""
         from nightshift.artifacts import run_dir, run_path
+        from nightshift.operators.train import try_tag
         from nightshift.settings import Settings, to_bool
         from nightshift.store import is_remote
 
@@ -119,7 +124,8 @@ class TrainGPUPodOperator(KubernetesPodOperator):
                 "--hparams", json.dumps(dict(self.hparams or {}), default=str), "--model-name", str(self.model_name),
                 "--run-name", run_id, "--result-path", XCOM_RETURN_PATH,
                 "--tag", f"nightshift.dag_id={self.dag_id}", "--tag", f"nightshift.run_id={run_id}",
-                "--tag", f"nightshift.task={self.task_id}"]
+                "--tag", f"nightshift.task={self.task_id}",
+                *(a for k, v in try_tag(context or {}).items() for a in ("--tag", f"{k}={v}"))]
         if to_bool(self.require_gpu):
             args.append("--require-gpu")
         return args
@@ -155,7 +161,7 @@ class TrainGPUPodOperator(KubernetesPodOperator):
         from nightshift.store import is_remote
 
         run_id = str(context["run_id"]) if context and context.get("run_id") else "dry_run"
-        self.arguments = self.cli_arguments(run_id)
+        self.arguments = self.cli_arguments(run_id, context)
         self.env_vars = self.pod_env()
         if is_remote(Settings.from_env().artifact_uri):
             import os
