@@ -38,7 +38,7 @@ import os
 import shutil
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -420,12 +420,18 @@ def collect_imagefolder(
 
     # ---- one collection of a source at a time (overlapping runs share its staging journal);
     # the kernel releases the lock when a killed collector dies
-    with source_lock(root_dir, key, say, store=store):
+    with source_lock(root_dir, key, say, store=store), ExitStack() as cleanup:
         # ---- what can be reused: the previous collection of this source + a killed try's journal
         import pandas as pd
 
         staging = root_dir / STAGING_DIR / key
         remote = store is not None and store.remote
+        # object store: each finished shard and its journal entry are uploaded by one thread of their
+        # own, in order, while decoding goes on; the snapshot's publish waits for them
+        upload_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="collect-upload") if remote else None
+        uploads: list[Future] | None = [] if remote else None
+        if upload_pool is not None:  # a failed collection still finishes the uploads of its finished shards
+            cleanup.callback(upload_pool.shutdown)
         if incremental and remote:
             fetch_latest(store, root_dir, key)  # another worker's collection (object store)
             fetch_journal(store, root_dir, staging)  # a killed try's finished shards, from any worker
@@ -477,8 +483,8 @@ def collect_imagefolder(
             pd.DataFrame({k: v for k, v in rows.items() if k not in ("label", "split")}).assign(
                 row=np.arange(count)).to_parquet(buf, index=False)
             atomic_write_bytes(staging / f"{digest}.parquet", buf.getvalue())
-            if remote:
-                publish_journal_entry(store, root_dir, staging, digest)
+            if uploads is not None:  # off the decode loop: the upload overlaps the next shard's decoding
+                uploads.append(upload_pool.submit(publish_journal_entry, store, root_dir, staging, digest))
 
         writer = ShardWriter(root_dir, shape, cap, on_shard=journal)
 
@@ -579,6 +585,9 @@ def collect_imagefolder(
                                 "previous_collection": previous.collection_id if previous else None,
                                 "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
         set_latest(root_dir, key, snap)
+        if upload_pool is not None:
+            for fut in uploads or []:
+                fut.result()  # publish_journal_entry logs its own failures; the publish below reports them
         if store is not None:
             publish_snapshot(store, snap)  # shards, record, then the pointer: under the lock
         shutil.rmtree(staging, ignore_errors=True)
