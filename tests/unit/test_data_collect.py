@@ -147,6 +147,22 @@ def test_a_killed_collection_resumes_from_its_finished_shards(folder, tmp_path):
     assert snapshot_content(snap) == snapshot_content(fresh)
 
 
+def _die_writing_shard(monkeypatch, at: int):
+    """Make the ``at``-th shard write raise (a worker lost mid-collection); returns the real writer."""
+    from nightshift.data import shards
+
+    real, n = shards.write_shard, [0]
+
+    def dying(*args, **kwargs):
+        n[0] += 1
+        if n[0] == at:
+            raise RuntimeError("worker lost")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(shards, "write_shard", dying)
+    return real
+
+
 def test_a_retry_on_another_worker_reuses_the_killed_trys_shards_from_the_store(folder, tmp_path, s3_server,
                                                                                   s3_root, monkeypatch):
     """Artifact root in object storage: worker A's try dies in its 4th shard; worker B (an empty
@@ -156,15 +172,7 @@ def test_a_retry_on_another_worker_reuses_the_killed_trys_shards_from_the_store(
 
     a = open_store(s3_root, cache_dir=tmp_path / "worker-a", s3=s3_server.options())
     b = open_store(s3_root, cache_dir=tmp_path / "worker-b", s3=s3_server.options())
-    real, n = shards.write_shard, [0]
-
-    def dying(*args, **kwargs):
-        n[0] += 1
-        if n[0] == 4:
-            raise RuntimeError("worker lost")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(shards, "write_shard", dying)
+    real = _die_writing_shard(monkeypatch, 4)
     with pytest.raises(RuntimeError, match="worker lost"):
         collect_imagefolder(folder, SHAPE, a.local_root / "snapshots", shard_mb=SMALL_SHARD_MB, workers=1, store=a)
     monkeypatch.setattr(shards, "write_shard", real)
@@ -529,16 +537,8 @@ def test_a_killed_collection_of_packs_decodes_packs_again_rather_than_reuse_part
     root = tmp_path / "packs"
     for k, cls in enumerate(("0", "1", "2")):
         _pack(folder, root / f"p{k}.tar", classes=(cls,))
-    real, n = shards.write_shard, [0]
-
-    def dying(*args, **kwargs):
-        n[0] += 1
-        if n[0] == 3:
-            raise RuntimeError("worker lost")
-        return real(*args, **kwargs)
-
     snaps = tmp_path / "snaps"
-    monkeypatch.setattr(shards, "write_shard", dying)
+    real = _die_writing_shard(monkeypatch, 3)
     with pytest.raises(RuntimeError, match="worker lost"):
         collect_imagefolder(root, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1, class_names=["0", "1", "2"])
     monkeypatch.setattr(shards, "write_shard", real)
