@@ -548,3 +548,51 @@ def test_a_killed_collection_of_packs_decodes_packs_again_rather_than_reuse_part
     fresh, _ = collect_imagefolder(root, SHAPE, tmp_path / "fresh", shard_mb=SMALL_SHARD_MB, workers=1,
                                    class_names=["0", "1", "2"], incremental=False)
     assert snap.digest == fresh.digest
+
+
+def test_names_with_the_pack_mark_are_reused_like_any_other(folder, tmp_path):
+    """``::`` separates a pack from its member in a row's source; a file or member named with it is
+    still matched to its own listing entry and class."""
+    import io
+    import tarfile
+
+    root = tmp_path / "marks"
+    _pack(folder, root / "p.tar", classes=("0",))
+    with tarfile.open(root / "p.tar", "a") as tar:
+        data = (folder / "0" / "img_00000.png").read_bytes()
+        info = tarfile.TarInfo("0/x::y.png")
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+    (root / "1").mkdir(parents=True)
+    for f in sorted((folder / "1").iterdir())[:5]:
+        (root / "1" / f.name).write_bytes(f.read_bytes())
+        (root / "1" / f"{f.name}::copy.png").write_bytes(f.read_bytes())
+    snaps = tmp_path / "snaps"
+    first, stats = collect_imagefolder(root, SHAPE, snaps, workers=1, class_names=["0", "1"])
+    assert stats.decoded == 100 + 1 + 10 and "p.tar::0/x::y.png" in set(first.profile()["source"])
+    again, stats = collect_imagefolder(root, SHAPE, snaps, workers=1, class_names=["0", "1"])
+    assert (stats.decoded, stats.reused) == (0, 111) and again.digest == first.digest
+
+
+def test_a_reused_shard_that_cannot_be_opened_decodes_its_packs_again_once(folder, tmp_path, monkeypatch):
+    from nightshift.data import collect as collect_mod
+
+    root = tmp_path / "packs"
+    for k, cls in enumerate(("0", "1", "2")):
+        _pack(folder, root / f"p{k}.tar", classes=(cls,))
+    snaps = tmp_path / "snaps"
+    first, _ = collect_imagefolder(root, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1, class_names=["0", "1", "2"])
+    gone = first.shard_digests[1]  # holds the end of p0 and the start of p1
+    real = collect_mod.open_shard
+
+    def open_or_fail(root_dir, digest, **kw):
+        if digest == gone:
+            raise DataError(f"shard {digest} is missing")
+        return real(root_dir, digest, **kw)
+
+    monkeypatch.setattr(collect_mod, "open_shard", open_or_fail)
+    snap, stats = collect_imagefolder(root, SHAPE, snaps, shard_mb=SMALL_SHARD_MB, workers=1, class_names=["0", "1", "2"])
+    assert (stats.decoded, stats.reused) == (200, 100)  # p0 and p1 whole, once each; p2 reused
+    sources_ = snap.profile()["source"].tolist()
+    assert len(sources_) == len(set(sources_)) == 300
+    assert snapshot_content(snap) == snapshot_content(first)

@@ -115,3 +115,16 @@ def test_a_pack_that_is_not_a_readable_tar_is_one_error_and_no_rows(blob):
     chunk = decode_pack(data, (4, 4, 3), ["cat"])
     assert chunk.ok == [] and chunk.images.shape == (0, 4, 4, 3)
     assert len(chunk.errors) == 1 and chunk.errors[0][0] == -1 and "not a readable tar archive" in chunk.errors[0][1]
+
+
+def test_concatenated_packs_and_packs_too_big_to_hold_are_reported_whole(monkeypatch):
+    from nightshift.data import decode
+
+    a = _tar_bytes([("cat/1.png", _png(np.zeros((4, 4, 3), np.uint8)))])
+    b = _tar_bytes([("cat/2.png", _png(np.ones((4, 4, 3), np.uint8)))])
+    chunk = decode.decode_pack(a + b, (4, 4, 3), ["cat"])  # tarfile alone would stop after a's members
+    assert chunk.ok == [] and "concatenated archives" in chunk.errors[0][1]
+    assert decode.decode_pack(a, (4, 4, 3), ["cat"]).ok == [0]
+    monkeypatch.setattr(decode, "MAX_PACK_PIXEL_BYTES", 47)  # one 4x4x3 image is 48 bytes
+    chunk = decode.decode_pack(a, (4, 4, 3), ["cat"])
+    assert chunk.ok == [] and chunk.errors[0][0] == -1 and "split it into packs of at most 0 images" in chunk.errors[0][1]

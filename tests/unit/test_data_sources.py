@@ -249,13 +249,14 @@ def test_packs_are_listed_as_one_entry_each_and_need_the_class_names(make_imagef
     _tar(folder, root / "2026-12-02" / "shard-0000.tar")
     (root / "2026-12-02" / "old.tgz").write_bytes(b"x")
     (root / "2026-12-02" / "README.md").write_text("beside the packs: not ours")
+    _tar(folder, root / "stray.tar")  # at the root of a partitioned source: in no partition
     with pytest.raises(ConfigError, match="set 'classes'"):
         sources.list_imagefolder(root, partition_window=1)
     listing = sources.list_imagefolder(root, ["0", "1", "2"], partition_window=1)
     assert [(e.rel, e.pack, e.class_name) for e in listing.entries] == [("2026-12-02/shard-0000.tar", True, "")]
     assert listing.entries[0].size == (root / "2026-12-02" / "shard-0000.tar").stat().st_size
-    assert [s["path"] for s in listing.skipped] == ["2026-12-02/old.tgz"]
-    assert "compressed archive" in listing.skipped[0]["error"]
+    assert [s["path"] for s in listing.skipped] == ["2026-12-02/old.tgz", "stray.tar"]
+    assert "compressed archive" in listing.skipped[0]["error"] and "partition folder" in listing.skipped[1]["error"]
     # loose folders must still be configured classes; a configured class may live only in packs
     (root / "2026-12-02" / "bird").mkdir()
     with pytest.raises(DataError, match=r"class folder\(s\) \['bird'\]"):

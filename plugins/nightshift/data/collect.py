@@ -248,7 +248,7 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
                 io_pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _index(previous: Snapshot | None, staged: list[Any]):
+def _index(previous: Snapshot | None, staged: list[Any], packs: set[str]):
     """The images whose pixels we may reuse: rel path, file identity, shard digest and
     row, and their profile statistics (a DataFrame; journal rows win over the previous
     collection's)."""
@@ -262,34 +262,45 @@ def _index(previous: Snapshot | None, staged: list[Any]):
             frames.append(prof.assign(shard_digest=digests[prof["shard"].to_numpy()]))
     # a killed try's journal may hold part of a pack's members (a pack can span shards): packs are
     # reused whole, from a finished collection only
-    frames.extend(f[~f["source"].astype(str).str.contains(PACK_MARK, regex=False)] for f in staged)
+    frames.extend(f[[pack_of(str(src), packs) is None for src in f["source"]]] for f in staged)
     if not frames:
         return None
     table = pd.concat(frames, ignore_index=True).drop_duplicates(subset="source", keep="last")
-    # the listing entry a row came from: the file itself, or the pack that holds it
-    return table.assign(origin=[str(s).partition(PACK_MARK)[0] for s in table["source"]])
+    # the listing entry a row came from: the pack that holds it, else the file itself
+    return table.assign(origin=[pack_of(str(src), packs) or str(src) for src in table["source"]])
 
 
 #: Between a pack's path and its member's in a row's ``source``: ``shard-0001.tar::cat/001.jpg``.
 PACK_MARK = "::"
 
 
-def class_of(source: str) -> str:
-    """The class folder of a row's ``source`` (``[<partition>/]<class>/<image>``, or the member
-    ``<class>/<image>`` of ``[<partition>/]<pack>.tar::<class>/<image>``)."""
-    return source.rpartition(PACK_MARK)[2].rsplit("/", 2)[-2]
+def pack_of(source: str, packs: set[str]) -> str | None:
+    """The pack (one of today's listed ``packs``) a row's ``source`` is a member of, or None. Decided
+    against the listing, not by parsing: a file or member name may itself contain ``::``."""
+    i = source.find(PACK_MARK)
+    while i >= 0:
+        if source[:i] in packs:
+            return source[:i]
+        i = source.find(PACK_MARK, i + 1)
+    return None
+
+
+def member_class(source: str, pack: str) -> str:
+    """The class of the member ``source`` (``<pack>::<class>/<image>``) of ``pack``."""
+    return source[len(pack) + len(PACK_MARK):].split("/", 1)[0]
 
 
 def _whole_packs(m: Any, previous: Snapshot | None, label_of: dict[str, int]) -> Any:
     """``m`` (reusable rows) less every pack that cannot be reused whole: one of whose members the
     previous collection could not decode (its reason is today's to report again), or holding a
     class that is no longer configured (today's labels would be wrong)."""
-    packed = m["source"] != m["rel"]
+    packed = m["pack"].to_numpy(bool)
     if not packed.any():
         return m
-    bad = {str(b.get("path", "")).partition(PACK_MARK)[0]
-           for b in ((previous.manifest.get("undecodable") or []) if previous is not None else [])}
-    unknown = {r for r, src in zip(m.loc[packed, "rel"], m.loc[packed, "source"]) if class_of(src) not in label_of}
+    rels = set(m.loc[packed, "rel"])
+    bad = {r for b in ((previous.manifest.get("undecodable") or []) if previous is not None else [])
+           for r in [pack_of(str(b.get("path", "")), rels) or str(b.get("path", ""))] if r in rels}
+    unknown = {r for r, src in zip(m.loc[packed, "rel"], m.loc[packed, "source"]) if member_class(src, r) not in label_of}
     return m[~m["rel"].isin(bad | unknown) | ~packed]
 
 
@@ -443,11 +454,13 @@ def collect_imagefolder(
                     staged.append(pd.read_parquet(f).assign(shard_digest=f.stem))
                 except Exception as exc:  # noqa: BLE001 - a journal we cannot read only costs decoding
                     log.warning("ignoring unreadable collection journal %s: %s", f, exc)
-        table = _index(previous, staged) if incremental else None
+        pack_rels = {e.rel for e in listing.entries if e.pack}
+        table = _index(previous, staged, pack_rels) if incremental else None
 
         entries = listing.entries
         files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
-                              "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries))})
+                              "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries)),
+                              "pack": [e.pack for e in entries], "cls": [e.class_name for e in entries]})
         if table is not None:
             m = files.merge(table, left_on="rel", right_on="origin", how="inner")
             m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
@@ -455,6 +468,19 @@ def collect_imagefolder(
             m = _whole_packs(m, previous, label_of)
         else:
             m = files.iloc[:0].assign(shard_digest=[], row=[], source=[])
+        # every shard to reuse pixels from, opened (and verified) now: when one cannot be, the files
+        # and packs with rows in it are decoded again, each once and whole
+        opened: dict[str, Any] = {}
+        lost: set[int] = set()
+        for digest in m["shard_digest"].unique().tolist():
+            try:
+                opened[digest] = open_shard(root_dir, digest)
+            except DataError as exc:
+                grp = m[m["shard_digest"] == digest]
+                log.warning("cannot reuse shard %s (%s); decoding its %d image(s) again", digest[:12], exc, len(grp))
+                lost.update(grp["pos"].tolist())
+        if lost:
+            m = m[~m["pos"].isin(lost)]
         reused_pos = set(m["pos"].tolist())
         todo = [e for i, e in enumerate(entries) if i not in reused_pos]
         n_packs = sum(e.pack for e in entries)
@@ -494,15 +520,11 @@ def collect_imagefolder(
 
         # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
         for digest, grp in m.groupby("shard_digest", sort=False):
-            try:
-                shard = open_shard(root_dir, digest)
-            except DataError as exc:  # the shard went away: decode those files again
-                log.warning("cannot reuse shard %s (%s); decoding its %d file(s) again", digest[:12], exc, len(grp))
-                todo.extend(entries[i] for i in grp["pos"])
-                continue
+            shard = opened[digest]
             grp = grp.sort_values("row")
             idx = grp["row"].to_numpy(np.int64)
-            labels = np.asarray([label_of[class_of(src)] for src in grp["source"]], np.int64)
+            labels = np.asarray([label_of[member_class(src, rel) if packed else cls] for src, rel, packed, cls
+                                 in zip(grp["source"], grp["rel"], grp["pack"], grp["cls"])], np.int64)
             splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
             cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
                     "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
@@ -554,9 +576,11 @@ def collect_imagefolder(
                 say(f"decoded {done}/{len(todo)} {'files/packs' if n_packs else 'files'} ({rate:.0f} images/s), "
                     f"{len(writer.written)} shard(s) written")
         writer.flush()
+        for fut in uploads or []:  # before the record: publish_journal_entry logs a store's failures itself
+            fut.result()
 
         # ---- 3. the record: whole reused shards first, then the shards written now
-        del entries, files, m, todo, table, listing  # O(images) objects not needed any more
+        del entries, files, m, todo, table, listing, opened  # O(images) objects not needed any more
         offset = len(final_shards)
         for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
             part["shard"] = np.full(n, offset + i)
@@ -585,9 +609,6 @@ def collect_imagefolder(
                                 "previous_collection": previous.collection_id if previous else None,
                                 "journal_rows": int(sum(len(f) for f in staged)), **stats.to_dict()}})
         set_latest(root_dir, key, snap)
-        if upload_pool is not None:
-            for fut in uploads or []:
-                fut.result()  # publish_journal_entry logs its own failures; the publish below reports them
         if store is not None:
             publish_snapshot(store, snap)  # shards, record, then the pointer: under the lock
         shutil.rmtree(staging, ignore_errors=True)

@@ -215,11 +215,15 @@ def pack_members(blob: bytes | BaseException, classes: Sequence[str]) -> tuple[l
                     f = tar.extractfile(m)
                     found[name] = f.read() if f is not None else "cannot be read from the pack"
             # tarfile takes a header cut short after the first member for the end of the archive:
-            # a complete archive ends with zero blocks, a cut one does not (its tail would be lost)
+            # a complete archive ends with zero blocks, a cut one does not (its tail would be lost);
+            # and it stops at the first archive of several concatenated ones (`cat a.tar b.tar`)
             end = tar.offset
             if len(blob) < end + tarfile.BLOCKSIZE or any(blob[end:end + tarfile.BLOCKSIZE]):
                 raise tarfile.ReadError(f"the archive ends without its end-of-archive blocks at byte {end} of "
                                         f"{len(blob)} (cut short?)")
+            if blob[end:].strip(b"\0"):
+                raise tarfile.ReadError(f"more data follows the end of the archive at byte {end} of {len(blob)} "
+                                        "(concatenated archives? make one with `tar -A` or a single `tar -c`)")
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise ValueError(f"not a readable tar archive: {type(exc).__name__}: {exc} (packs are uncompressed "
                          ".tar files of <class>/<image> members; the images are compressed already)") from exc
@@ -227,13 +231,27 @@ def pack_members(blob: bytes | BaseException, classes: Sequence[str]) -> tuple[l
     return names, [found[n] for n in names]
 
 
+#: The most decoded pixel bytes one pack may hold: a pack is decoded as one chunk (in a worker, then
+#: sent back whole), and a few are in flight, so a pack of many large images is reported instead.
+MAX_PACK_PIXEL_BYTES = 256 * 2**20
+
+
 def decode_pack(blob: bytes | BaseException, shape: tuple[int, int, int], classes: Sequence[str]) -> Chunk:
     """Decode every image of one tar pack (:func:`pack_members`). ``names`` holds each member;
-    a pack that cannot be read at all is one error at position -1, with no rows."""
+    a pack that cannot be read at all, or would decode to more than ``MAX_PACK_PIXEL_BYTES``, is
+    one error at position -1, with no rows."""
     try:
         names, blobs = pack_members(blob, classes)
     except ValueError as exc:
         return _finish(shape, [], [], [], [(-1, str(exc))])
+    images = sum(isinstance(b, bytes) for b in blobs)
+    per_image = int(np.prod(shape))
+    if images * per_image > MAX_PACK_PIXEL_BYTES:
+        most = MAX_PACK_PIXEL_BYTES // per_image
+        return _finish(shape, [], [], [], [(-1, f"pack of {images} images decodes to {images * per_image / 2**20:.0f} "
+                                                f"MiB at {list(shape)}, more than the {MAX_PACK_PIXEL_BYTES >> 20} MiB "
+                                                f"a decode worker holds at once: split it into packs of at most "
+                                                f"{most} images")])
     return decode_blobs(blobs, shape, names)
 
 

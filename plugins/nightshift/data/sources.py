@@ -285,6 +285,10 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
                       for c in _subdirs(part, root_real, skipped, f"{part.name}/")]
         try:
             packs = [e for part in chosen for e in _packs(part, f"{part.name}/", root_s, root_real, skipped)]
+            # a pack at the root of a partitioned source belongs to no partition: reported, not read
+            skipped.extend({"path": e.rel, "error": "pack at the root of a partitioned source: not read (put it in "
+                            "a partition folder, <root>/<partition>/<name>.tar)"}
+                           for e in _packs(root, "", root_s, root_real, []))
         except DataError:
             raise
         except Exception as exc:  # noqa: BLE001
