@@ -118,7 +118,7 @@ def main() -> int:
         files = sorted(src.rglob("*.jpg"))
         t = time.perf_counter()
         with ThreadPoolExecutor(32) as pool:
-            if "s3," in args.ways + ",":
+            if "s3" in args.ways.split(","):
                 list(pool.map(lambda p: s3.put_object(Bucket=server.bucket, Key=f"{prefix}/{p.relative_to(src)}",
                                                       Body=p.read_bytes()), files))
             list(pool.map(lambda p: s3.put_object(Bucket=server.bucket, Key=f"bench-packed/{p.name}",

@@ -176,18 +176,17 @@ def _work_items(entries: list[FileEntry]) -> list[list[FileEntry]]:
     return items
 
 
-def _local_task(item: list[FileEntry], shape: tuple[int, int, int], classes: list[str]) -> tuple[Callable, tuple]:
-    """The decode function and arguments of one local work item (module-level functions of
-    :mod:`nightshift.data.decode`, so a worker process imports only that module)."""
+def _task(item: list[FileEntry], shape: tuple[int, int, int], classes: list[str],
+          blobs: list[Any] | None = None) -> tuple[Callable, tuple]:
+    """The decode function and arguments of one work item, read from local disk by the worker or
+    already fetched (``blobs``): module-level functions of :mod:`nightshift.data.decode`, so a
+    worker process imports only that module."""
     if item[0].pack:
-        return decode.decode_pack_file, (str(item[0].path), shape, classes)
-    return decode.decode_files, ([str(e.path) for e in item], shape)
-
-
-def _fetched_task(item: list[FileEntry], blobs: list[Any], shape: tuple[int, int, int],
-                  classes: list[str]) -> tuple[Callable, tuple]:
-    if item[0].pack:
+        if blobs is None:
+            return decode.decode_pack_file, (str(item[0].path), shape, classes)
         return decode.decode_pack, (blobs[0], shape, classes)
+    if blobs is None:
+        return decode.decode_files, ([str(e.path) for e in item], shape)
     return decode.decode_blobs, (blobs, shape)
 
 
@@ -200,7 +199,7 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
     local = all(isinstance(e.path, (str, Path)) for e in entries)
     if workers <= 1 and local:
         for ch in chunks:
-            fn, fn_args = _local_task(ch, shape, classes)
+            fn, fn_args = _task(ch, shape, classes)
             yield ch, fn(*fn_args)
         return
     from nightshift.data.workers import worker_context
@@ -216,17 +215,17 @@ def _iter_chunks(entries: list[FileEntry], shape: tuple[int, int, int], workers:
     def submissions(pool: ProcessPoolExecutor) -> Iterator[tuple[list[FileEntry], Future]]:
         for ch in chunks:
             if local:
-                fn, fn_args = _local_task(ch, shape, classes)
+                fn, fn_args = _task(ch, shape, classes)
                 yield ch, pool.submit(fn, *fn_args)
                 continue
             reads.append((ch, io_pool.submit(read_many, [e.path for e in ch], io_concurrency)))  # type: ignore[union-attr]
             if len(reads) > READ_AHEAD:
                 ready, fetched = reads.popleft()
-                fn, fn_args = _fetched_task(ready, fetched.result(), shape, classes)
+                fn, fn_args = _task(ready, shape, classes, fetched.result())
                 yield ready, pool.submit(fn, *fn_args)
         while reads:
             ready, fetched = reads.popleft()
-            fn, fn_args = _fetched_task(ready, fetched.result(), shape, classes)
+            fn, fn_args = _task(ready, shape, classes, fetched.result())
             yield ready, pool.submit(fn, *fn_args)
 
     pending: deque[tuple[list[FileEntry], Future]] = deque()
@@ -262,11 +261,13 @@ def _index(previous: Snapshot | None, staged: list[Any], packs: set[str]):
             frames.append(prof.assign(shard_digest=digests[prof["shard"].to_numpy()]))
     # a killed try's journal may hold part of a pack's members (a pack can span shards): packs are
     # reused whole, from a finished collection only
-    frames.extend(f[[pack_of(str(src), packs) is None for src in f["source"]]] for f in staged)
+    frames.extend(f[[pack_of(str(src), packs) is None for src in f["source"]]] if packs else f for f in staged)
     if not frames:
         return None
     table = pd.concat(frames, ignore_index=True).drop_duplicates(subset="source", keep="last")
     # the listing entry a row came from: the pack that holds it, else the file itself
+    if not packs:
+        return table.assign(origin=table["source"].astype(str))
     return table.assign(origin=[pack_of(str(src), packs) or str(src) for src in table["source"]])
 
 
@@ -298,8 +299,8 @@ def _whole_packs(m: Any, previous: Snapshot | None, label_of: dict[str, int]) ->
     if not packed.any():
         return m
     rels = set(m.loc[packed, "rel"])
-    bad = {r for b in ((previous.manifest.get("undecodable") or []) if previous is not None else [])
-           for r in [pack_of(str(b.get("path", "")), rels) or str(b.get("path", ""))] if r in rels}
+    paths = [str(b.get("path", "")) for b in (previous.manifest.get("undecodable") or [] if previous else [])]
+    bad = {pack_of(path, rels) or path for path in paths} & rels  # a member's error, or the pack's own
     unknown = {r for r, src in zip(m.loc[packed, "rel"], m.loc[packed, "source"]) if member_class(src, r) not in label_of}
     return m[~m["rel"].isin(bad | unknown) | ~packed]
 
@@ -460,7 +461,7 @@ def collect_imagefolder(
         entries = listing.entries
         files = pd.DataFrame({"rel": [e.rel for e in entries], "size": [str(e.size) for e in entries],
                               "mtime": [e.mtime for e in entries], "pos": np.arange(len(entries)),
-                              "pack": [e.pack for e in entries], "cls": [e.class_name for e in entries]})
+                              "pack": [e.pack for e in entries]})
         if table is not None:
             m = files.merge(table, left_on="rel", right_on="origin", how="inner")
             m = m[(m["file_size"].astype(str) == m["size"]) & (m["file_mtime"].astype(str) == m["mtime"])
@@ -519,12 +520,16 @@ def collect_imagefolder(
             writer.add(images, np.asarray(cols["label"], np.int64), np.asarray(cols["split"]))
 
         # ---- 1. pixels we already have, shard by shard (each opened once, memory-mapped)
+        label_arr = np.asarray([label_of.get(e.class_name, -1) for e in entries], np.int64)  # packs: per member
         for digest, grp in m.groupby("shard_digest", sort=False):
             shard = opened[digest]
             grp = grp.sort_values("row")
             idx = grp["row"].to_numpy(np.int64)
-            labels = np.asarray([label_of[member_class(src, rel) if packed else cls] for src, rel, packed, cls
-                                 in zip(grp["source"], grp["rel"], grp["pack"], grp["cls"])], np.int64)
+            labels = label_arr[grp["pos"].to_numpy(np.int64)]
+            packed = grp["pack"].to_numpy(bool)
+            if packed.any():
+                labels[packed] = [label_of[member_class(src, rel)]
+                                  for src, rel in zip(grp["source"][packed], grp["rel"][packed])]
             splits = assign_splits(grp["sha256"].tolist(), val_fraction=val_fraction, test_fraction=test_fraction)
             cols = {**{k: grp[k].to_numpy() for k in stat_cols}, "label": labels, "split": splits,
                     "orig_height": grp["orig_height"].to_numpy(np.int64), "orig_width": grp["orig_width"].to_numpy(np.int64),
@@ -580,7 +585,7 @@ def collect_imagefolder(
             fut.result()
 
         # ---- 3. the record: whole reused shards first, then the shards written now
-        del entries, files, m, todo, table, listing, opened  # O(images) objects not needed any more
+        del entries, files, m, todo, table, listing, opened, label_arr  # O(images) objects not needed any more
         offset = len(final_shards)
         for i, (part, (_digest, n)) in enumerate(zip(written.parts, writer.written)):
             part["shard"] = np.full(n, offset + i)

@@ -283,25 +283,22 @@ def list_imagefolder(root: Any, class_names: list[str] | None = None, *, partiti
         skipped.extend(s for s in top_links if s["path"].rstrip("/") in window)
         class_dirs = [(f"{part.name}/", c) for part in chosen
                       for c in _subdirs(part, root_real, skipped, f"{part.name}/")]
-        try:
-            packs = [e for part in chosen for e in _packs(part, f"{part.name}/", root_s, root_real, skipped)]
-            # a pack at the root of a partitioned source belongs to no partition: reported, not read
-            skipped.extend({"path": e.rel, "error": "pack at the root of a partitioned source: not read (put it in "
-                            "a partition folder, <root>/<partition>/<name>.tar)"}
-                           for e in _packs(root, "", root_s, root_real, []))
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _unreadable(root_s, exc) from exc
     else:
         class_dirs = [("", c) for c in top]
         skipped.extend(top_links)
-        try:
+    try:
+        if partition_window is None:
             packs = _packs(root, "", root_s, root_real, skipped)
-        except DataError:
-            raise
-        except Exception as exc:  # noqa: BLE001
-            raise _unreadable(root_s, exc) from exc
+        else:
+            packs = [e for part in chosen for e in _packs(part, f"{part.name}/", root_s, root_real, skipped)]
+            # a pack at the root belongs to no partition: reported, not read
+            skipped.extend({"path": e.rel, "error": "pack at the root of a partitioned source: not read (put it "
+                            "in a partition folder, <root>/<partition>/<name>.tar)"}
+                           for e in _packs(root, "", root_s, root_real, []))
+    except DataError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - an unreachable store, refused credentials, ...
+        raise _unreadable(root_s, exc) from exc
     found = sorted({c.name for _, c in class_dirs})
     where = f"partitions {partitions} of " if partitions else ""
     if packs and class_names is None:
